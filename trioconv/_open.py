@@ -1,0 +1,215 @@
+"""Opening images: choose the transport from the location, probe the format, stack them.
+
+``open_image("disk.img")`` opens the file transport, reads the first bytes, recognises the
+format and returns the format driver on top. Formats that trioconv recognises but cannot
+read yet are refused by name, never mistaken for raw.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+
+import attrs
+
+from ._cache import CacheMode
+from ._errors import ImageError, UnsupportedError, UsageError
+from .driver import Driver
+from .formats.raw import RAW_CREATE_OPTIONS, RawDriver, probe_raw
+from .protocols.file import create_file, open_file
+
+__all__ = [
+    "FormatInfo",
+    "create_image",
+    "format_names",
+    "open_image",
+    "probe_format",
+]
+
+_PROBE_BYTES = 4096
+_URI_RE = re.compile(r"^([a-z][a-z0-9+.-]*):", re.IGNORECASE)
+
+
+@attrs.frozen
+class FormatInfo:
+    """A registered image format.
+
+    Attributes:
+        name: the name ``-f``/``-O`` use.
+        probe: scores a header (higher is surer; 0 is no).
+        open: wraps a transport driver, or None when the format is recognised but not
+            readable yet.
+        create_options: the ``-o`` options accepted when creating, with help text; None
+            when trioconv cannot create the format yet.
+    """
+
+    name: str
+    probe: Callable[[bytes, str], int]
+    open: Callable[[Driver], Driver] | None = None
+    create_options: Mapping[str, str] | None = None
+
+
+def _magic(magic: bytes, at: int = 0, score: int = 100) -> Callable[[bytes, str], int]:
+    def probe(header: bytes, filename: str) -> int:
+        return score if header[at : at + len(magic)] == magic else 0
+
+    return probe
+
+
+def _probe_qcow(version_ok: Callable[[int], bool]) -> Callable[[bytes, str], int]:
+    def probe(header: bytes, filename: str) -> int:
+        if header[:4] != b"QFI\xfb" or len(header) < 8:
+            return 0
+        return 100 if version_ok(int.from_bytes(header[4:8], "big")) else 0
+
+    return probe
+
+
+def _probe_vmdk(header: bytes, filename: str) -> int:
+    if header[:4] in (b"KDMV", b"COWD"):
+        return 100
+    if b"# Disk DescriptorFile" in header[:1024]:
+        return 100
+    return 0
+
+
+_FORMATS: dict[str, FormatInfo] = {}
+
+
+def _register(info: FormatInfo) -> None:
+    _FORMATS[info.name] = info
+
+
+_register(FormatInfo("raw", probe_raw, RawDriver, RAW_CREATE_OPTIONS))
+for _name, _probe in [
+    ("qcow2", _probe_qcow(lambda v: v >= 2)),
+    ("qcow", _probe_qcow(lambda v: v == 1)),
+    ("vmdk", _probe_vmdk),
+    ("vpc", _magic(b"conectix")),
+    ("vhdx", _magic(b"vhdxfile")),
+    ("vdi", _magic(b"\x7f\x10\xda\xbe", at=0x40)),
+    ("qed", _magic(b"QED\x00")),
+    ("luks", _magic(b"LUKS\xba\xbe")),
+    ("parallels", _magic(b"WithoutFreeSpace")),
+    ("bochs", _magic(b"Bochs Virtual HD Image")),
+    ("cloop", _magic(b"#!/bin/sh\n#V2.0 Format")),
+]:
+    _register(FormatInfo(_name, _probe))
+
+
+def format_names() -> list[str]:
+    """Every format name trioconv recognises (not all are readable yet)."""
+    return sorted(_FORMATS)
+
+
+def _format(name: str) -> FormatInfo:
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise UsageError(f"Unknown file format '{name}'") from None
+
+
+def probe_format(header: bytes, filename: str = "") -> str:
+    """Name the format whose probe scores ``header`` highest."""
+    best = max(_FORMATS.values(), key=lambda f: f.probe(header, filename))
+    return best.name
+
+
+def _transport_path(location: str | os.PathLike[str]) -> str:
+    """The local path of a location, refusing network transports that are not built yet."""
+    text = os.fspath(location)
+    if text.startswith("file:"):
+        return text[5:]
+    match = _URI_RE.match(text)
+    if match and not os.path.exists(text):
+        scheme = match.group(1).lower()
+        raise UnsupportedError(f"Unknown protocol '{scheme}' in '{text}'")
+    return text
+
+
+async def open_image(
+    location: str | os.PathLike[str],
+    fmt: str | None = None,
+    *,
+    writable: bool = False,
+    cache: CacheMode | str = CacheMode.WRITEBACK,
+) -> Driver:
+    """Open an image and return the driver stack's top, ready for I/O.
+
+    Args:
+        location: a path (optionally ``file:``-prefixed).
+        fmt: the format; probed from the first bytes when None.
+        writable: open for writing (sources are always opened read-only).
+        cache: the cache mode (see :class:`~trioconv.CacheMode`).
+
+    The caller owns the driver: close it with ``await driver.aclose()`` or use it as an
+    async context manager.
+
+    Raises:
+        ImageError: it cannot be opened, or is in a format trioconv cannot read yet.
+        UsageError: ``fmt`` is not a format name.
+    """
+    info = _format(fmt) if fmt is not None else None
+    path = _transport_path(location)
+    transport = await open_file(path, writable=writable, cache=CacheMode.parse(cache))
+    try:
+        if info is None:
+            length = min(_PROBE_BYTES, transport.size)
+            header = await transport.pread(0, length) if length else b""
+            info = _FORMATS[probe_format(header, path)]
+        if info.open is None:
+            raise ImageError(
+                f"Could not open '{path}': image format '{info.name}' is not supported yet"
+            )
+        return info.open(transport)
+    except BaseException:
+        await transport.aclose()
+        raise
+
+
+def check_create_options(fmt: str, options: Mapping[str, str]) -> None:
+    """Validate ``-o`` options for creating an image of ``fmt``.
+
+    Raises:
+        UsageError: unknown format, a format that cannot be created, or a bad option.
+    """
+    info = _format(fmt)
+    if info.create_options is None:
+        raise UnsupportedError(f"Format '{fmt}' is not supported for writing yet")
+    for key, value in options.items():
+        if key not in info.create_options:
+            raise UsageError(f"Invalid parameter '{key}'")
+        if key == "preallocation" and value not in ("off", "falloc", "full"):
+            raise UsageError(f"Parameter 'preallocation' does not accept value '{value}'")
+
+
+def create_options_help(fmt: str) -> str:
+    """The text ``-o help`` prints for ``fmt``."""
+    info = _format(fmt)
+    if info.create_options is None:
+        raise UnsupportedError(f"Format '{fmt}' is not supported for writing yet")
+    lines = [f"Creation options for '{fmt}':"]
+    lines += [f"  {key:<22} - {text}" for key, text in sorted(info.create_options.items())]
+    return "\n".join(lines)
+
+
+async def create_image(
+    location: str | os.PathLike[str],
+    fmt: str,
+    size: int,
+    options: Mapping[str, str] | None = None,
+) -> bool:
+    """Create an image of ``fmt`` and ``size`` bytes (truncating an existing file).
+
+    Returns:
+        True when a regular file was created (the caller may remove it on failure).
+
+    Raises:
+        ImageError: it cannot be created.
+        UsageError: a bad format or option.
+    """
+    options = dict(options or {})
+    check_create_options(fmt, options)
+    path = _transport_path(location)
+    return await create_file(path, size, preallocation=options.get("preallocation", "off"))

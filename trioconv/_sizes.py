@@ -1,0 +1,45 @@
+"""Sizes as qemu-img writes them: ``4096``, ``4k``, ``1.5G``, ``10M``."""
+
+from __future__ import annotations
+
+import re
+
+from ._errors import UsageError
+
+__all__ = ["format_size", "parse_size"]
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([bkmgtpeBKMGTPE]?)\s*")
+
+
+def parse_size(text: str | int, *, what: str = "size") -> int:
+    """Parse a byte count with an optional binary suffix (b, k, M, G, T, P, E).
+
+    Raises:
+        UsageError: the text is not a size, or does not name a whole number of bytes.
+    """
+    if isinstance(text, int):
+        if text < 0:
+            raise UsageError(f"Invalid {what} specified: {text}")
+        return text
+    match = _SIZE_RE.fullmatch(text)
+    if not match:
+        raise UsageError(f"Invalid {what} specified. Must be a non-negative number "
+                         f"followed by an optional suffix of K, M, G, T, P or E: '{text}'")
+    number, unit = match.groups()
+    scale = _UNITS[unit.lower()]
+    if "." in number:
+        value = float(number) * scale
+        if scale == 1 and not value.is_integer():
+            raise UsageError(f"Invalid {what} specified: '{text}' is not a whole number of bytes")
+        return int(value)
+    return int(number) * scale
+
+
+def format_size(value: float) -> str:
+    """A size for people: ``1.5 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")

@@ -1,0 +1,301 @@
+"""The ``trioconv`` command: ``convert`` and ``info``, spoken like ``qemu-img``.
+
+Arguments are read the way qemu-img's getopt reads them - bundled flags (``-pW``),
+attached values (``-m8``, ``-Oraw``), repeated ``-o`` - and then handed to cyclopts, so
+a script written for ``qemu-img convert`` works with ``trioconv convert`` in its place.
+Every error is one line on stderr and exit status 1; SIGINT and SIGTERM cancel the
+conversion cleanly (exit 130 and 143) and SIGUSR1 prints one progress line to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Annotated, Literal
+
+import cyclopts
+import trio
+from cyclopts import Parameter
+
+from . import _open
+from ._cache import CacheMode
+from ._errors import TrioconvError, UsageError
+from ._progress_view import qemu_line, render
+from ._sizes import format_size
+from .convert import ConvertOptions, Progress, convert as run_convert
+from .convert.options import DEFAULT_BUFFER_SIZE
+
+__all__ = ["app", "main", "normalize_argv"]
+
+app = cyclopts.App(
+    name="trioconv",
+    help="Convert virtual-disk images between formats and storage back ends, fast.",
+    version=lambda: __import__("trioconv").__version__,
+    help_on_error=False,
+)
+
+#: Short options that take a value, per command (qemu-img's getopt strings).
+_VALUED = {"convert": set("fOoBbFlsStTmr"), "info": set("f")}
+_FLAGS = {"convert": set("cpqnWUCh"), "info": set("Uh")}
+
+
+def normalize_argv(argv: Sequence[str]) -> list[str]:
+    """Rewrite qemu-img style arguments into one token per option.
+
+    ``-pWm8`` becomes ``-p -W -m 8``; ``--progress=json`` becomes ``-p --progress-style json``.
+    Everything after ``--`` is left alone.
+    """
+    out: list[str] = []
+    command = argv[0] if argv else ""
+    valued, flags = _VALUED.get(command, set()), _FLAGS.get(command, set())
+    args = iter(argv)
+    seen_flags: set[str] = set()
+
+    def flag(name: str) -> None:
+        # getopt accepts a flag twice; cyclopts would not.
+        if name not in seen_flags:
+            seen_flags.add(name)
+            out.append(name)
+
+    for arg in args:
+        if arg == "--":
+            out.append(arg)
+            out.extend(args)
+            break
+        if arg.startswith("--progress="):
+            flag("-p")
+            out += ["--progress-style", arg.split("=", 1)[1]]
+            continue
+        if len(arg) == 2 and arg[0] == "-" and arg[1] in flags:
+            flag(arg)
+            continue
+        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
+            i = 1
+            while i < len(arg):
+                ch = arg[i]
+                if ch in valued:
+                    out.append("-" + ch)
+                    out.append(arg[i + 1 :] if i + 1 < len(arg) else next(args, ""))
+                    break
+                if ch not in flags:
+                    raise UsageError(f"invalid option -- '{ch}'")
+                flag("-" + ch)
+                i += 1
+            continue
+        out.append(arg)
+    return out
+
+
+def _parse_o(values: Sequence[str]) -> dict[str, str]:
+    """Parse ``-o a=b,c=d`` (repeatable) into a mapping; ``help`` maps to ``"help"``."""
+    opts: dict[str, str] = {}
+    for value in values:
+        for item in value.split(","):
+            if not item:
+                continue
+            key, _, val = item.partition("=")
+            opts[key] = val if _ else ("help" if key in ("help", "?") else "on")
+    return opts
+
+
+async def _supervise(work: Callable[[], Awaitable[None]], progress: Progress | None) -> int:
+    """Run ``work`` until it ends or a signal stops it; return the exit status."""
+    status = 0
+
+    async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal status
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as sigs:
+            task_status.started()
+            async for signum in sigs:
+                if signum == signal.SIGUSR1:
+                    if progress is not None:
+                        sys.stderr.write(qemu_line(progress) + "\n")
+                        sys.stderr.flush()
+                    continue
+                status = 128 + signum
+                nursery.cancel_scope.cancel()
+                return
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(watch_signals)
+        await work()
+        nursery.cancel_scope.cancel()
+    if status:
+        name = signal.Signals(status - 128).name
+        print(f"trioconv: interrupted by {name}", file=sys.stderr)
+    return status
+
+
+@app.command
+async def convert(
+    files: Annotated[list[str], Parameter(name="FILES", help="source image(s), then the target")],
+    /,
+    *,
+    source_format: Annotated[str | None, Parameter(name=["-f", "--source-format"])] = None,
+    target_format: Annotated[str | None, Parameter(name=["-O", "--target-format", "--output-format"])] = None,
+    options: Annotated[list[str] | None, Parameter(name=["-o", "--target-format-options", "--options"])] = None,
+    source_cache: Annotated[str, Parameter(name=["-T", "--source-cache"])] = "writeback",
+    target_cache: Annotated[str, Parameter(name=["-t", "--target-cache", "--output-cache"])] = "unsafe",
+    backing: Annotated[str | None, Parameter(name=["-B", "-b", "--backing"])] = None,
+    backing_format: Annotated[str | None, Parameter(name=["-F", "--backing-format"])] = None,
+    snapshot: Annotated[str | None, Parameter(name=["-l", "-s", "--snapshot"])] = None,
+    sparse_size: Annotated[str | None, Parameter(name=["-S", "--sparse-size"])] = None,
+    parallel: Annotated[str, Parameter(name=["-m", "--parallel"])] = "8",
+    rate_limit: Annotated[str | None, Parameter(name=["-r", "--rate-limit", "--rate"])] = None,
+    compress: Annotated[bool, Parameter(name=["-c", "--compress"], negative="")] = False,
+    progress: Annotated[bool, Parameter(name=["-p", "--progress"], negative="")] = False,
+    progress_style: Annotated[
+        Literal["auto", "qemu", "bar", "json"], Parameter(name="--progress-style")
+    ] = "auto",
+    quiet: Annotated[bool, Parameter(name=["-q", "--quiet"], negative="")] = False,
+    no_create: Annotated[bool, Parameter(name=["-n", "--no-create"], negative="")] = False,
+    oob_writes: Annotated[bool, Parameter(name=["-W", "--oob-writes"], negative="")] = False,
+    force_share: Annotated[bool, Parameter(name=["-U", "--force-share"], negative="")] = False,
+    copy_range: Annotated[bool, Parameter(name=["-C", "--copy-range-offloading"], negative="")] = False,
+    salvage: Annotated[bool, Parameter(name="--salvage", negative="")] = False,
+    target_is_zero: Annotated[bool, Parameter(name="--target-is-zero", negative="")] = False,
+    bitmaps: Annotated[bool, Parameter(name="--bitmaps", negative="")] = False,
+    skip_broken_bitmaps: Annotated[bool, Parameter(name="--skip-broken-bitmaps", negative="")] = False,
+    image_opts: Annotated[bool, Parameter(name="--image-opts", negative="")] = False,
+    target_image_opts: Annotated[bool, Parameter(name="--target-image-opts", negative="")] = False,
+    object_: Annotated[str | None, Parameter(name="--object")] = None,
+) -> int:
+    """Convert FILES (one or more sources, concatenated) into the last one, like qemu-img convert.
+
+    Same options, meanings and defaults as ``qemu-img convert``: ``-m`` copy requests in
+    flight (default 8), ``-W`` out-of-order writes, ``-S`` sparse size (default 4k),
+    ``-t`` target cache (default unsafe), ``-T`` source cache (default writeback).
+    """
+    if image_opts or target_image_opts or object_ is not None:
+        flag = "--image-opts" if image_opts else "--target-image-opts" if target_image_opts else "--object"
+        raise UsageError(f"{flag} is not supported")
+    o = _parse_o(options or [])
+    fmt = target_format or "raw"
+    if o.get("help") == "help" or "?" in o:
+        print(_open.create_options_help(fmt))
+        return 0
+    if len(files) < 2:
+        raise UsageError("Expecting a source image and a target image" if files else "Must specify image file name")
+    opts = ConvertOptions(
+        source_format=source_format,
+        target_format=fmt,
+        target_options=o,
+        source_cache=source_cache,
+        target_cache=target_cache,
+        sparse_size=sparse_size if sparse_size is not None else 4096,
+        explicit_sparse_size=sparse_size is not None,
+        no_create=no_create,
+        target_is_zero=target_is_zero,
+        compress=compress,
+        parallel=parallel,
+        oob_writes=oob_writes,
+        copy_range=copy_range,
+        rate_limit=rate_limit,
+        salvage=salvage,
+        backing_file=backing,
+        backing_format=backing_format,
+        snapshot=snapshot,
+        bitmaps=bitmaps,
+        skip_broken_bitmaps=skip_broken_bitmaps,
+        buffer_size=DEFAULT_BUFFER_SIZE,
+    )
+    show = progress and not quiet
+    style = progress_style
+    if style == "auto":
+        style = "bar" if sys.stdout.isatty() else "qemu"
+    stats = Progress()
+
+    async def work() -> None:
+        async with trio.open_nursery() as nursery:
+            if show:
+                nursery.start_soon(render, stats, style)
+            await run_convert(files[:-1], files[-1], opts, progress=stats)
+        if show and style != "json":
+            print()
+
+    return await _supervise(work, stats)
+
+
+def _info_dict(path: str, fmt: str, size: int) -> dict[str, object]:
+    st = os.stat(path)
+    return {
+        "virtual-size": size,
+        "filename": path,
+        "format": fmt,
+        "actual-size": st.st_blocks * 512,
+        "dirty-flag": False,
+    }
+
+
+@app.command
+async def info(
+    image: str,
+    /,
+    *,
+    fmt: Annotated[str | None, Parameter(name=["-f", "--format"])] = None,
+    output: Annotated[Literal["human", "json"], Parameter(name="--output")] = "human",
+    force_share: Annotated[bool, Parameter(name=["-U", "--force-share"], negative="")] = False,
+) -> int:
+    """Show an image's format, virtual size and disk size, like qemu-img info."""
+    async with await _open.open_image(image, fmt, cache=CacheMode.WRITEBACK) as drv:
+        data = _info_dict(image, drv.name, drv.size)
+    if output == "json":
+        print(json.dumps(data, indent=4))
+    else:
+        vsize, asize = int(str(data["virtual-size"])), int(str(data["actual-size"]))
+        print(f"image: {image}")
+        print(f"file format: {data['format']}")
+        print(f"virtual size: {format_size(vsize)} ({vsize} bytes)")
+        print(f"disk size: {format_size(asize)}")
+    return 0
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> TrioconvError | None:
+    for exc in group.exceptions:
+        if isinstance(exc, TrioconvError):
+            return exc
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_error(exc)
+            if found is not None:
+                return found
+    return None
+
+
+class _LineHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"trioconv: {record.getMessage()}", file=sys.stderr)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the ``trioconv`` command; exits with the command's status."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    logger = logging.getLogger("trioconv")
+    if not logger.handlers:
+        logger.addHandler(_LineHandler())
+        logger.setLevel(logging.WARNING)
+    try:
+        result = app(
+            normalize_argv(args),
+            exit_on_error=False,
+            print_error=False,
+            backend="trio",
+            result_action="return_value",
+        )
+    except TrioconvError as exc:
+        print(f"trioconv: {exc}", file=sys.stderr)
+        sys.exit(1)
+    except BaseExceptionGroup as group:
+        error = _first_error(group)
+        if error is None:
+            raise
+        print(f"trioconv: {error}", file=sys.stderr)
+        sys.exit(1)
+    except cyclopts.CycloptsError as exc:
+        message = " ".join(str(exc).split())
+        print(f"trioconv: {message}", file=sys.stderr)
+        sys.exit(1)
+    sys.exit(result if isinstance(result, int) else 0)

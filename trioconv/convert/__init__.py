@@ -1,0 +1,183 @@
+"""The conversion: :func:`convert` and what it needs."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import attrs
+import trio
+
+from .._errors import ImageError, UnsupportedError
+from .._open import check_create_options, create_image, open_image
+from ..driver import Driver
+from .options import ConvertOptions
+from .pipeline import run_pipeline
+from .progress import Progress
+
+__all__ = ["ConvertOptions", "ConvertResult", "Progress", "convert"]
+
+ImageSpec = str | os.PathLike[str] | Driver
+
+
+@attrs.frozen
+class ConvertResult:
+    """What a finished conversion did.
+
+    Attributes:
+        total: bytes covered (the sum of the source sizes).
+        written: data bytes written.
+        zeroed: bytes made zero on the target by write-zeroes or zero buffers.
+        skipped: zero bytes left alone because the target already read as zero.
+        elapsed: seconds from the first request to the last, by Trio's clock.
+        salvaged: ``(offset, length)`` source ranges that could not be read and were
+            written as zeroes (``salvage=True`` only).
+    """
+
+    total: int
+    written: int
+    zeroed: int
+    skipped: int
+    elapsed: float
+    salvaged: tuple[tuple[int, int], ...] = ()
+
+
+def _check_format_features(opts: ConvertOptions, nsources: int) -> None:
+    """Refuse, by name, what the target format cannot do (qemu-img's wording)."""
+    fmt = opts.target_format
+    if nsources > 1 and opts.snapshot is not None:
+        raise UnsupportedError("No support for concatenating multiple snapshot")
+    if nsources > 1 and opts.backing_file is not None:
+        raise UnsupportedError(
+            "Having a backing file for the target makes no sense when concatenating "
+            "multiple input images"
+        )
+    if nsources > 1 and opts.bitmaps:
+        raise UnsupportedError("Copying bitmaps only possible with single source")
+    if opts.target_is_zero and opts.backing_file is not None:
+        raise UnsupportedError(
+            "Cannot use --target-is-zero when the destination image has a backing file"
+        )
+    if opts.compress:
+        raise UnsupportedError(f"Compression not supported for this file format ('{fmt}')")
+    if opts.backing_file is not None:
+        raise UnsupportedError(f"Backing file not supported for file format '{fmt}'")
+    if opts.bitmaps:
+        raise UnsupportedError(f"Format driver '{fmt}' does not support bitmaps")
+
+
+def _same_file(a: ImageSpec, b: ImageSpec) -> bool:
+    if isinstance(a, Driver) or isinstance(b, Driver):
+        return a is b
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+async def convert(
+    sources: Sequence[ImageSpec] | ImageSpec,
+    target: ImageSpec,
+    options: ConvertOptions | None = None,
+    *,
+    progress: Progress | None = None,
+) -> ConvertResult:
+    """Convert one image, or several concatenated, into ``target``.
+
+    Runs inside the caller's Trio program: every task it starts lives in its own nursery
+    and has ended when it returns or raises, and the caller's cancel scopes cancel it.
+
+    Args:
+        sources: one or more paths (or open :class:`~trioconv.Driver` objects, which
+            stay open and owned by the caller), copied one after another.
+        target: a path to create (or, with ``no_create``, to overwrite in place), or an
+            open driver, which is written in place as with ``no_create``.
+        options: :class:`ConvertOptions`; qemu-img's defaults when None.
+        progress: a :class:`Progress` to update while copying.
+
+    Returns:
+        A :class:`ConvertResult`.
+
+    Raises:
+        UsageError: invalid options.
+        ImageError: a source or the target cannot be opened or created.
+        UnsupportedError: the formats or transports cannot do what was asked.
+        ConvertError: copying failed; ``__cause__`` holds the exception group. A target
+            file that this call created is removed.
+    """
+    opts = options if options is not None else ConvertOptions()
+    progress = progress if progress is not None else Progress()
+    specs = [sources] if isinstance(sources, (str, os.PathLike, Driver)) else list(sources)
+    try:
+        return await _convert(specs, target, opts, progress)
+    finally:
+        progress._finish()
+
+
+async def _convert(
+    specs: list[ImageSpec], target: ImageSpec, opts: ConvertOptions, progress: Progress
+) -> ConvertResult:
+    if not specs:
+        raise ImageError("Must specify image file name")
+    _check_format_features(opts, len(specs))
+    for spec in specs:
+        if _same_file(spec, target):
+            raise ImageError(f"'{os.fspath(target) if not isinstance(target, Driver) else target.location}'"
+                             " is both a source and the target")
+    async with contextlib.AsyncExitStack() as stack:
+        drivers: list[Driver] = []
+        for spec in specs:
+            if isinstance(spec, Driver):
+                drivers.append(spec)
+            else:
+                drv = await open_image(spec, opts.source_format, cache=opts.source_cache)
+                stack.push_async_callback(drv.aclose)
+                drivers.append(drv)
+        if opts.snapshot is not None:
+            raise UnsupportedError(
+                f"Failed to load snapshot: format '{drivers[0].name}' has no internal snapshots"
+            )
+        total = sum(d.size for d in drivers)
+        created: Path | None = None
+        if isinstance(target, Driver):
+            tgt, is_new = target, False
+        else:
+            is_new = not opts.no_create
+            if is_new:
+                check_create_options(opts.target_format, opts.target_options)
+                if await create_image(target, opts.target_format, total, opts.target_options):
+                    created = Path(os.fspath(target))
+            try:
+                tgt = await open_image(
+                    target, opts.target_format, writable=True, cache=opts.target_cache
+                )
+            except BaseException:
+                _remove(created)
+                raise
+            stack.push_async_callback(tgt.aclose)
+        try:
+            if tgt.size < total:
+                raise ImageError("output file is smaller than input file")
+            zero_init = opts.target_is_zero or (is_new and tgt.caps.zero_init)
+            start = trio.current_time()
+            salvaged = await run_pipeline(drivers, tgt, opts, progress, zero_init=zero_init)
+            await tgt.flush()
+        except BaseException:
+            _remove(created)
+            raise
+        return ConvertResult(
+            total=total,
+            written=progress.written,
+            zeroed=progress.zeroed,
+            skipped=progress.skipped,
+            elapsed=trio.current_time() - start,
+            salvaged=tuple(salvaged),
+        )
+
+
+def _remove(path: Path | None) -> None:
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.unlink()

@@ -1,0 +1,143 @@
+"""What a conversion should do: :class:`ConvertOptions`, with qemu-img's defaults and rules."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from types import MappingProxyType
+
+import attrs
+
+from .._cache import CacheMode
+from .._errors import UsageError
+from .._sizes import parse_size
+
+__all__ = ["ConvertOptions", "MAX_PARALLEL", "MAX_SPARSE_SIZE"]
+
+#: Upper bound of ``-m``.
+MAX_PARALLEL = 64
+#: Upper bound of ``-S`` (qemu-img's MAX_BUF_SECTORS, 16 MiB).
+MAX_SPARSE_SIZE = 32768 * 512
+#: Default copy buffer size (qemu-img's 2 MiB).
+DEFAULT_BUFFER_SIZE = 2 * 1024 * 1024
+
+
+def _sparse(value: int | str) -> int:
+    try:
+        size = parse_size(value, what="buffer size for sparse output")
+    except UsageError:
+        size = -1
+    if size < 0 or size % 512 or size > MAX_SPARSE_SIZE:
+        raise UsageError(
+            "Invalid buffer size for sparse output specified. Valid sizes are multiples of "
+            f"512 up to {MAX_SPARSE_SIZE}. Select 0 to disable sparse detection "
+            "(fully allocates output)."
+        )
+    return size
+
+
+def _parallel(value: int | str) -> int:
+    try:
+        count = int(value)
+    except ValueError:
+        count = 0
+    if not 1 <= count <= MAX_PARALLEL:
+        raise UsageError(
+            f"Invalid number of coroutines: '{value}'. Allowed number of coroutines is "
+            f"between 1 and {MAX_PARALLEL}"
+        )
+    return count
+
+
+def _rate(value: int | str | None) -> int | None:
+    if value is None:
+        return None
+    rate = parse_size(value, what="rate limit")
+    return rate or None
+
+
+def _cache_target(value: CacheMode | str) -> CacheMode:
+    return CacheMode.parse(value, what="cache")
+
+
+def _cache_source(value: CacheMode | str) -> CacheMode:
+    return CacheMode.parse(value, what="source cache")
+
+
+def _mapping(value: Mapping[str, str] | None) -> Mapping[str, str]:
+    return MappingProxyType(dict(value or {}))
+
+
+def _buffer(value: int | str) -> int:
+    size = parse_size(value, what="buffer size")
+    if size < 512 or size % 512 or size > MAX_SPARSE_SIZE:
+        raise UsageError(f"Invalid buffer size {size}: a multiple of 512 up to 16 MiB")
+    return size
+
+
+@attrs.frozen(kw_only=True)
+class ConvertOptions:
+    """Options of one conversion; each field is a ``qemu-img convert`` option.
+
+    Values are checked when the object is made, so a bad value fails early with a
+    :class:`~trioconv.UsageError` whose message says what to fix. Sizes accept qemu-img's
+    suffixes (``"4k"``, ``"10M"``).
+
+    Attributes:
+        source_format: ``-f``; probed when None.
+        target_format: ``-O``; raw by default.
+        target_options: ``-o`` as a mapping (``{"preallocation": "falloc"}``).
+        source_cache: ``-T``; ``writeback`` by default.
+        target_cache: ``-t``; ``unsafe`` by default (qemu-img's default for convert).
+        sparse_size: ``-S``; runs of at least this many zero bytes inside data are not
+            written (4 KiB by default; 0 writes a fully allocated target).
+        no_create: ``-n``; write into an existing target, which must be large enough.
+        target_is_zero: ``--target-is-zero``; the existing target already reads as zeroes.
+        compress: ``-c``.
+        parallel: ``-m``; copy tasks in flight, 1..64, 8 by default.
+        oob_writes: ``-W``; let writes start out of order.
+        copy_range: ``-C``; offload copies to the kernel where possible.
+        rate_limit: ``-r``; bytes per second of writes, None for no limit.
+        salvage: ``--salvage``; unreadable source ranges become zeroes, with a warning.
+        backing_file / backing_format: ``-B``/``-b`` and ``-F``.
+        snapshot: ``-l``/``-s``.
+        bitmaps: ``--bitmaps``.
+        buffer_size: bytes per copy request (2 MiB, as qemu-img).
+    """
+
+    source_format: str | None = None
+    target_format: str = "raw"
+    target_options: Mapping[str, str] = attrs.field(factory=dict, converter=_mapping)
+    source_cache: CacheMode = attrs.field(default=CacheMode.WRITEBACK, converter=_cache_source)
+    target_cache: CacheMode = attrs.field(default=CacheMode.UNSAFE, converter=_cache_target)
+    sparse_size: int = attrs.field(default=4096, converter=_sparse)
+    no_create: bool = False
+    target_is_zero: bool = False
+    compress: bool = False
+    parallel: int = attrs.field(default=8, converter=_parallel)
+    oob_writes: bool = False
+    copy_range: bool = False
+    rate_limit: int | None = attrs.field(default=None, converter=_rate)
+    salvage: bool = False
+    backing_file: str | None = None
+    backing_format: str | None = None
+    snapshot: str | None = None
+    bitmaps: bool = False
+    skip_broken_bitmaps: bool = False
+    buffer_size: int = attrs.field(default=DEFAULT_BUFFER_SIZE, converter=_buffer)
+    explicit_sparse_size: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        if self.skip_broken_bitmaps and not self.bitmaps:
+            raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
+        if self.compress and self.copy_range:
+            raise UsageError("Cannot enable copy offloading when -c is used")
+        if self.explicit_sparse_size and self.copy_range:
+            raise UsageError("Cannot enable copy offloading when -S is used")
+        if self.copy_range and self.salvage:
+            raise UsageError("Cannot use copy offloading in salvaging mode")
+        if self.no_create and self.target_options:
+            raise UsageError("-o has no effect when skipping image creation")
+        if self.target_is_zero and not self.no_create:
+            raise UsageError("--target-is-zero requires use of -n flag")
+        if self.backing_format and not self.backing_file:
+            raise UsageError("-F requires a backing file (-B)")

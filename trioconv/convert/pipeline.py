@@ -1,0 +1,473 @@
+"""The copy engine: one nursery, a planner, ``-m`` copy tasks and a sequencer.
+
+The shape, top to bottom::
+
+    planner --jobs--> [memory channel] --> copy task x m --tickets--> sequencer
+       |                                       |   ^                      |
+    block status                      CapacityLimiter (buffers)      releases writes
+    of the sources                     read, find zeroes, write      in job order
+
+1. The **planner** walks the sources' block status lazily (one extent at a time, never
+   a whole-image pass first), feeds the runs to a :class:`Chunker`, and sends numbered
+   jobs - data at most one buffer long, or a zero run - into an unbuffered memory
+   channel. Zero runs on a target that already reads as zero are counted as done and
+   never sent.
+2. **Copy tasks** each take a :class:`trio.CapacityLimiter` token *before* receiving a
+   job, so at most ``-m`` buffers are ever in flight and memory stays flat whatever the
+   image size. A task reads the job into a page-aligned buffer from a fixed pool, splits
+   it into data and zero pieces (``-S``), waits for its turn and writes.
+3. The **sequencer** (in-order mode, the default) hands out turns in job order. A turn
+   ends as soon as the task has *started* its first write, so writes begin in order -
+   sequential allocation on the target - yet many are in flight at once. With ``-W``
+   there is no sequencer and tasks write as soon as their data is ready.
+4. The first failure cancels the nursery; :func:`run_pipeline` turns the exception
+   group into one :class:`~trioconv.ConvertError` whose cause is the group.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+import mmap
+
+import attrs
+import trio
+
+from .._errors import ConvertError, TrioconvError, TrioconvIOError, UnsupportedError, ZeroesNotSupported
+from ..driver import Driver, ExtentKind
+from ..formats.raw import RawDriver
+from ..protocols.file import FileDriver
+from .options import ConvertOptions
+from .progress import Progress
+
+__all__ = ["Chunker", "Job", "SourceMap", "find_zero_runs", "run_pipeline"]
+
+log = logging.getLogger("trioconv")
+
+#: Largest write-zeroes request the planner sends.
+MAX_ZERO_JOB = 256 * 1024 * 1024
+#: How much block status the planner asks for at once (a hint to the driver).
+STATUS_WINDOW = 1024 * 1024 * 1024
+
+
+def _round_up(value: int, align: int) -> int:
+    return -(-value // align) * align
+
+
+def _round_down(value: int, align: int) -> int:
+    return value - value % align
+
+
+@attrs.frozen
+class Job:
+    """One unit of work: ``[offset, offset + length)`` of the target."""
+
+    index: int
+    offset: int
+    length: int
+    zero: bool
+
+
+class Chunker:
+    """Turn a stream of contiguous runs into aligned, bounded jobs (pure, no I/O).
+
+    Runs arrive in order as ``(offset, length, is_zero)``. Zero runs shrink to their
+    ``align``-aligned interior - the unaligned edges become data - so no job ever
+    straddles an alignment block; data is cut at multiples of ``max_data`` so each data
+    job fits one buffer and lines up with the target's clusters.
+
+    Returns tuples ``(offset, length, is_zero)``.
+    """
+
+    def __init__(self, total: int, *, align: int, max_data: int, max_zero: int = MAX_ZERO_JOB):
+        if max_data % align:
+            raise ValueError("max_data must be a multiple of align")
+        self.total = total
+        self.align = align
+        self.max_data = max_data
+        self.max_zero = max_zero
+        self._cur = 0  # jobs emitted up to here
+        self._known = 0  # runs received up to here
+
+    def feed(self, offset: int, length: int, zero: bool) -> list[tuple[int, int, bool]]:
+        """Add the next run; return the jobs it completes."""
+        if offset != self._known or length <= 0:
+            raise ValueError(f"runs must be contiguous and non-empty (got {offset}+{length})")
+        end = offset + length
+        out: list[tuple[int, int, bool]] = []
+        if zero:
+            zs = _round_up(offset, self.align)
+            ze = end if end == self.total else _round_down(end, self.align)
+            if ze > zs:
+                out += self._data_until(zs)
+                for z in range(zs, ze, self.max_zero):
+                    out.append((z, min(self.max_zero, ze - z), True))
+                self._cur = ze
+        self._known = end
+        while (boundary := _round_down(self._cur, self.max_data) + self.max_data) <= self._known:
+            out.append((self._cur, boundary - self._cur, False))
+            self._cur = boundary
+        return out
+
+    def finish(self) -> list[tuple[int, int, bool]]:
+        """Return the jobs still pending after the last run."""
+        return self._data_until(self._known)
+
+    def _data_until(self, stop: int) -> list[tuple[int, int, bool]]:
+        out = []
+        while self._cur < stop:
+            boundary = min(stop, _round_down(self._cur, self.max_data) + self.max_data)
+            out.append((self._cur, boundary - self._cur, False))
+            self._cur = boundary
+        return out
+
+
+class SourceMap:
+    """Several sources laid end to end, as one address space (``qemu-img convert a b c``)."""
+
+    def __init__(self, sources: list[Driver]) -> None:
+        self.sources = sources
+        self.bases: list[int] = []
+        base = 0
+        for src in sources:
+            self.bases.append(base)
+            base += src.size
+        self.total = base
+
+    def pieces(self, offset: int, length: int) -> list[tuple[Driver, int, int, int]]:
+        """Split a target range into ``(source, source_offset, length, target_offset)``."""
+        out = []
+        i = bisect.bisect_right(self.bases, offset) - 1
+        end = offset + length
+        while offset < end:
+            src, base = self.sources[i], self.bases[i]
+            n = min(end, base + src.size) - offset
+            if n > 0:
+                out.append((src, offset - base, n, offset))
+                offset += n
+            i += 1
+        return out
+
+
+def find_zero_runs(
+    buf: mmap.mmap | bytes | bytearray, length: int, base: int, granularity: int
+) -> list[tuple[int, int, bool]]:
+    """Split ``buf[:length]`` into ``(offset, length, is_zero)`` runs.
+
+    A run is zero only if it covers whole ``granularity``-sized blocks (aligned to the
+    absolute offset ``base``) that are entirely zero, as qemu-img's ``-S`` does. Each block
+    is tested with a C-level slice comparison; there is no per-byte Python loop.
+    """
+    zero_block = bytes(granularity)
+    runs: list[tuple[int, int, bool]] = []
+    pos = 0
+    while pos < length:
+        nxt = min(length, _round_down(base + pos, granularity) + granularity - base)
+        block = buf[pos:nxt]
+        is_zero = block == (zero_block if nxt - pos == granularity else bytes(nxt - pos))
+        if runs and runs[-1][2] == is_zero:
+            start, n, _ = runs[-1]
+            runs[-1] = (start, n + nxt - pos, is_zero)
+        else:
+            runs.append((base + pos, nxt - pos, is_zero))
+        pos = nxt
+    return runs
+
+
+@attrs.define(eq=False)
+class _Ticket:
+    index: int
+    release: trio.Event = attrs.field(factory=trio.Event)
+    started: trio.Event = attrs.field(factory=trio.Event)
+
+
+class _RateLimiter:
+    """Spread writes so that on average at most ``rate`` bytes per second start."""
+
+    def __init__(self, rate: int) -> None:
+        self.rate = rate
+        self._next = -math.inf
+
+    async def wait(self, nbytes: int) -> None:
+        start = max(trio.current_time(), self._next)
+        self._next = start + nbytes / self.rate
+        await trio.sleep_until(start)
+
+
+def _file_of(driver: Driver) -> FileDriver | None:
+    while isinstance(driver, RawDriver):
+        driver = driver.child
+    return driver if isinstance(driver, FileDriver) else None
+
+
+class _Engine:
+    def __init__(
+        self,
+        sources: SourceMap,
+        target: Driver,
+        opts: ConvertOptions,
+        progress: Progress,
+        *,
+        zero_init: bool,
+    ) -> None:
+        self.sources = sources
+        self.target = target
+        self.opts = opts
+        self.progress = progress
+        self.zero_init = zero_init
+        align = max([target.limits.request_alignment, 512] +
+                    [s.limits.request_alignment for s in sources.sources])
+        self.align = align
+        self.buffer_size = _round_up(max(opts.buffer_size, target.limits.opt_transfer), align)
+        self.granularity = _round_up(max(opts.sparse_size, 1), align) if opts.sparse_size else 0
+        self.limiter = trio.CapacityLimiter(opts.parallel)
+        self.pool = [mmap.mmap(-1, self.buffer_size) for _ in range(opts.parallel)]
+        self.zero_buffer = bytes(min(self.buffer_size, 4 * 1024 * 1024))
+        self.rate = _RateLimiter(opts.rate_limit) if opts.rate_limit else None
+        self.offload = opts.copy_range and _file_of(target) is not None
+        self.salvaged: list[tuple[int, int]] = []
+
+    # -- planner -----------------------------------------------------------------------
+    async def plan(self, send: trio.MemorySendChannel[Job]) -> None:
+        async with send:
+            chunker = Chunker(self.sources.total, align=self.align, max_data=self.buffer_size)
+            index = 0
+            for base, src in zip(self.sources.bases, self.sources.sources, strict=True):
+                pos = 0
+                while pos < src.size:
+                    left = src.size - pos
+                    if self.opts.sparse_size == 0:
+                        length, zero = left, False
+                    else:
+                        ext = await src.block_status(pos, min(left, STATUS_WINDOW))
+                        if ext.offset != pos or ext.length <= 0:
+                            raise TrioconvIOError(
+                                f"{src.location}: invalid block status at byte {pos}", offset=pos
+                            )
+                        length = min(ext.length, left)
+                        zero = ext.kind is not ExtentKind.DATA
+                    for offset, n, is_zero in chunker.feed(base + pos, length, zero):
+                        index = await self._send_job(send, index, offset, n, is_zero)
+                    pos += length
+            for offset, n, is_zero in chunker.finish():
+                index = await self._send_job(send, index, offset, n, is_zero)
+
+    async def _send_job(
+        self, send: trio.MemorySendChannel[Job], index: int, offset: int, n: int, zero: bool
+    ) -> int:
+        if zero and self.zero_init:
+            self.progress._advance(skipped=n)
+            return index
+        await send.send(Job(index, offset, n, zero))
+        return index + 1
+
+    # -- sequencer ---------------------------------------------------------------------
+    async def sequencer(self, tickets: trio.MemoryReceiveChannel[_Ticket]) -> None:
+        async with tickets:
+            pending: dict[int, _Ticket] = {}
+            next_index = 0
+            async for ticket in tickets:
+                pending[ticket.index] = ticket
+                while next_index in pending:
+                    turn = pending.pop(next_index)
+                    turn.release.set()
+                    await turn.started.wait()
+                    next_index += 1
+
+    async def _turn(self, job: Job, tickets: trio.MemorySendChannel[_Ticket] | None) -> None:
+        """Wait until this job may start writing (in-order mode); return just before it does."""
+        if tickets is None:
+            return
+        ticket = _Ticket(job.index)
+        tickets.send_nowait(ticket)
+        await ticket.release.wait()
+        ticket.started.set()  # the caller's write starts before this task next yields
+
+    # -- copy tasks --------------------------------------------------------------------
+    async def copy_task(
+        self,
+        jobs: trio.MemoryReceiveChannel[Job],
+        tickets: trio.MemorySendChannel[_Ticket] | None,
+    ) -> None:
+        async with jobs:
+            try:
+                while True:
+                    async with self.limiter:
+                        try:
+                            job = await jobs.receive()
+                        except trio.EndOfChannel:
+                            return
+                        if job.zero:
+                            await self._turn(job, tickets)
+                            await self._write_zeroes(job.offset, job.length)
+                            self.progress._advance(zeroed=job.length)
+                        else:
+                            await self._copy(job, tickets)
+            finally:
+                if tickets is not None:
+                    tickets.close()
+
+    async def _copy(self, job: Job, tickets: trio.MemorySendChannel[_Ticket] | None) -> None:
+        buf = self.pool.pop()
+        view = memoryview(buf)[: job.length]
+        try:
+            if self.offload and await self._offload(job, tickets):
+                self.progress._advance(written=job.length)
+                return
+            await self._read(job, view)
+            if self.granularity:
+                runs = find_zero_runs(buf, job.length, job.offset, self.granularity)
+            else:
+                runs = [(job.offset, job.length, False)]
+            if self.rate is not None:
+                await self.rate.wait(sum(n for _, n, z in runs if not z))
+            await self._turn(job, tickets)
+            for offset, n, zero in runs:
+                piece = view[offset - job.offset : offset - job.offset + n]
+                if not zero:
+                    await self.target.pwrite(offset, piece)
+                    self.progress._advance(written=n)
+                elif self.zero_init:
+                    self.progress._advance(skipped=n)
+                else:
+                    await self._write_zeroes(offset, n)
+                    self.progress._advance(zeroed=n)
+        finally:
+            view.release()
+            self.pool.append(buf)
+
+    async def _offload(self, job: Job, tickets: trio.MemorySendChannel[_Ticket] | None) -> bool:
+        target = _file_of(self.target)
+        pieces = self.sources.pieces(job.offset, job.length)
+        files = [_file_of(src) for src, *_ in pieces]
+        if target is None or any(f is None for f in files):
+            return False
+        if self.rate is not None:
+            await self.rate.wait(job.length)
+        await self._turn(job, tickets)
+        try:
+            for f, (_, soff, n, toff) in zip(files, pieces, strict=True):
+                assert f is not None
+                await target.copy_range(f, soff, toff, n)
+        except UnsupportedError as exc:
+            log.debug("copy offload disabled: %s", exc)
+            self.offload = False
+            await self._read_write_after_turn(job)
+        return True
+
+    async def _read_write_after_turn(self, job: Job) -> None:
+        buf = self.pool.pop()
+        view = memoryview(buf)[: job.length]
+        try:
+            await self._read(job, view)
+            await self.target.pwrite(job.offset, view)
+        finally:
+            view.release()
+            self.pool.append(buf)
+
+    async def _read(self, job: Job, view: memoryview) -> None:
+        for src, soff, n, toff in self.sources.pieces(job.offset, job.length):
+            part = view[toff - job.offset : toff - job.offset + n]
+            try:
+                await src.preadinto(soff, part)
+            except TrioconvIOError:
+                if not self.opts.salvage:
+                    raise
+                await self._salvage(src, soff, part)
+
+    async def _salvage(self, src: Driver, offset: int, part: memoryview) -> None:
+        """Read what can be read; unreadable units become zeroes, with a warning."""
+        unit = max(512, src.limits.request_alignment)
+        pos = 0
+        while pos < part.nbytes:
+            n = min(unit - (offset + pos) % unit, part.nbytes - pos)
+            sub = part[pos : pos + n]
+            try:
+                await src.preadinto(offset + pos, sub)
+            except TrioconvIOError as exc:
+                sub[:] = bytes(n)
+                log.warning("error while reading at byte %d: %s", offset + pos, exc)
+                if self.salvaged and sum(self.salvaged[-1]) == offset + pos:
+                    start, length = self.salvaged[-1]
+                    self.salvaged[-1] = (start, length + n)
+                else:
+                    self.salvaged.append((offset + pos, n))
+            pos += n
+
+    async def _write_zeroes(self, offset: int, length: int) -> None:
+        try:
+            await self.target.pwrite_zeroes(offset, length, may_unmap=True)
+            return
+        except ZeroesNotSupported:
+            pass
+        zeros = memoryview(self.zero_buffer)
+        pos = offset
+        while pos < offset + length:
+            n = min(len(zeros), offset + length - pos)
+            await self.target.pwrite(pos, zeros[:n])
+            pos += n
+
+    # -- the whole ---------------------------------------------------------------------
+    async def run(self) -> None:
+        jobs_send, jobs_recv = trio.open_memory_channel[Job](0)
+        tickets_send, tickets_recv = trio.open_memory_channel[_Ticket](math.inf)
+        in_order = not self.opts.oob_writes
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.plan, jobs_send)
+            if in_order:
+                nursery.start_soon(self.sequencer, tickets_recv)
+            else:
+                tickets_recv.close()
+            async with jobs_recv, tickets_send:
+                for _ in range(self.opts.parallel):
+                    nursery.start_soon(
+                        self.copy_task,
+                        jobs_recv.clone(),
+                        tickets_send.clone() if in_order else None,
+                    )
+
+    def close(self) -> None:
+        for buf in self.pool:
+            buf.close()
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return out
+
+
+async def run_pipeline(
+    sources: list[Driver],
+    target: Driver,
+    opts: ConvertOptions,
+    progress: Progress,
+    *,
+    zero_init: bool,
+) -> list[tuple[int, int]]:
+    """Copy the concatenated ``sources`` onto ``target``; return the salvaged ranges.
+
+    Raises:
+        ConvertError: the first failure, with the whole exception group as its cause.
+    """
+    smap = SourceMap(sources)
+    engine = _Engine(smap, target, opts, progress, zero_init=zero_init)
+    progress._start(smap.total)
+    try:
+        await engine.run()
+    except BaseExceptionGroup as group:
+        leaves = _leaves(group)
+        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+        if not real or any(not isinstance(e, Exception) for e in real):
+            raise
+        first = next((e for e in real if isinstance(e, TrioconvError)), real[0])
+        if isinstance(first, TrioconvError):
+            message = str(first)
+        else:
+            message = f"internal error: {type(first).__name__}: {first}"
+        raise ConvertError(message) from group
+    finally:
+        engine.close()
+    return engine.salvaged

@@ -1,0 +1,193 @@
+"""The one driver contract that every image format and every transport keeps.
+
+A *driver* is an open image: a range of ``size`` bytes that can be read, written, zeroed
+and asked which parts hold data. Formats stack on transports the way QEMU stacks a
+format driver on a protocol driver - raw over a file, later qcow2 over NBD - and the
+copy engine only ever talks to the top of the stack through this contract:
+
+==========================  ===========================================================
+member                      meaning
+==========================  ===========================================================
+``size``                    virtual size in bytes, fixed after open
+``limits``                  :class:`Limits`: alignment and transfer sizes (plain data)
+``caps``                    :class:`Caps`: what the driver can do
+``preadinto(off, buf)``     fill ``buf`` completely from ``off``; never short
+``pread(off, n)``           convenience: returns ``bytes``
+``pwrite(off, data)``       write all of ``data`` or raise
+``pwrite_zeroes(off, n)``   make the range read as zeroes; may raise
+                            :class:`~trioconv.ZeroesNotSupported`, and the caller then
+                            writes zero buffers
+``block_status(off, n)``    an :class:`Extent` starting at ``off`` that says whether it
+                            holds DATA, reads as ZERO, or is a HOLE (unallocated in this
+                            layer); its length is a hint and may be shorter or longer
+``flush()``                 make completed writes durable in the next layer down
+``aclose()``                release everything; always closes, even when cancelled
+==========================  ===========================================================
+
+Offsets and lengths given by callers are in bytes and lie inside ``[0, size)``. Every
+method may be called from many tasks at once, and cancelling one call leaves the driver
+usable. Only :class:`~trioconv.TrioconvError` subclasses escape a driver.
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import mmap
+from types import TracebackType
+from typing import Self, TypeAlias
+
+import attrs
+
+from ._errors import UnsupportedError, ZeroesNotSupported
+
+__all__ = ["Buffer", "Caps", "Driver", "Extent", "ExtentKind", "Limits"]
+
+#: What ``pwrite`` accepts: any contiguous bytes-like object.
+Buffer: TypeAlias = bytes | bytearray | memoryview | mmap.mmap
+
+#: Largest request a driver accepts unless it says otherwise.
+DEFAULT_MAX_TRANSFER = 32 * 1024 * 1024
+
+
+class ExtentKind(enum.Enum):
+    """What a range of an image holds, as far as this layer knows."""
+
+    #: Allocated data: must be read to be known.
+    DATA = "data"
+    #: Reads as zeroes (allocated or not); nothing needs to be read.
+    ZERO = "zero"
+    #: Not allocated in this layer. With no backing image it reads as zeroes.
+    HOLE = "hole"
+
+    @property
+    def reads_as_zero(self) -> bool:
+        """True when the range is known to read as zeroes (no backing image assumed)."""
+        return self is not ExtentKind.DATA
+
+
+@attrs.frozen
+class Extent:
+    """A run of bytes of one kind: ``[offset, offset + length)``."""
+
+    offset: int
+    length: int
+    kind: ExtentKind
+
+    @property
+    def end(self) -> int:
+        """First byte after the extent."""
+        return self.offset + self.length
+
+
+@attrs.frozen
+class Limits:
+    """Request geometry a driver needs, as plain data (QEMU's ``BlockLimits``).
+
+    Attributes:
+        request_alignment: offsets and lengths should be multiples of this (the driver
+            still accepts unaligned requests at the end of the image).
+        max_transfer: the largest single read or write.
+        opt_transfer: the request size that performs best; 0 when there is no preference.
+    """
+
+    request_alignment: int = 1
+    max_transfer: int = DEFAULT_MAX_TRANSFER
+    opt_transfer: int = 0
+
+
+@attrs.frozen
+class Caps:
+    """What a driver can do.
+
+    Attributes:
+        writable: opened for writing.
+        zeroes: ``pwrite_zeroes`` is efficient (no data transferred).
+        block_status: ``block_status`` returns real allocation information rather than
+            reporting everything as DATA.
+        zero_init: a newly created image of this kind reads as zeroes everywhere, so a
+            conversion can skip zero runs.
+        copy_range: the driver can offload copies from a driver of the same kind.
+        max_writers: how many concurrent writers the driver tolerates (0 = unlimited).
+    """
+
+    writable: bool = False
+    zeroes: bool = False
+    block_status: bool = False
+    zero_init: bool = False
+    copy_range: bool = False
+    max_writers: int = 0
+
+
+class Driver(abc.ABC):
+    """Base class of every format and transport driver. See the module docstring."""
+
+    #: Short name of the driver, e.g. ``"file"`` or ``"raw"``.
+    name: str = "driver"
+    #: Human-readable description of what is open (a path or URI).
+    location: str = ""
+
+    @property
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Virtual size in bytes."""
+
+    @property
+    def limits(self) -> Limits:
+        """Request geometry; see :class:`Limits`."""
+        return Limits()
+
+    @property
+    def caps(self) -> Caps:
+        """Capabilities; see :class:`Caps`."""
+        return Caps()
+
+    @abc.abstractmethod
+    async def preadinto(self, offset: int, buf: memoryview) -> None:
+        """Fill all of ``buf`` with the bytes at ``offset``."""
+
+    async def pread(self, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset`` into a new ``bytes`` object."""
+        buf = bytearray(length)
+        await self.preadinto(offset, memoryview(buf))
+        return bytes(buf)
+
+    async def pwrite(self, offset: int, data: Buffer) -> None:
+        """Write all of ``data`` at ``offset``."""
+        raise UnsupportedError(f"{self.name}: image is not writable")
+
+    async def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        """Make ``[offset, offset + length)`` read as zeroes without sending zero bytes.
+
+        Args:
+            may_unmap: the range may be deallocated (a hole) rather than written.
+
+        Raises:
+            ZeroesNotSupported: the caller should write zero buffers instead.
+        """
+        raise ZeroesNotSupported(f"{self.name}: write zeroes not supported")
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        """Say what ``[offset, ...)`` holds. The default: everything is DATA."""
+        return Extent(offset, min(length, self.size - offset), ExtentKind.DATA)
+
+    async def flush(self) -> None:
+        """Make completed writes durable in the next layer down."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release the driver's resources. Safe to call more than once."""
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.location!r} size={self.size}>"

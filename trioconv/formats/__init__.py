@@ -1,0 +1,1 @@
+"""Image formats: how the bytes of a transport map to a virtual disk."""

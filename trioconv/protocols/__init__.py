@@ -1,0 +1,1 @@
+"""Transports: where the bytes of an image live (local files, memory, later the network)."""
