@@ -8,7 +8,16 @@ from ._errors import UsageError
 
 __all__ = ["format_size", "parse_size"]
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1 << 10,
+    "m": 1 << 20,
+    "g": 1 << 30,
+    "t": 1 << 40,
+    "p": 1 << 50,
+    "e": 1 << 60,
+}
 _SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([bkmgtpeBKMGTPE]?)\s*")
 
 
@@ -24,8 +33,10 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
         return text
     match = _SIZE_RE.fullmatch(text)
     if not match:
-        raise UsageError(f"Invalid {what} specified. Must be a non-negative number "
-                         f"followed by an optional suffix of K, M, G, T, P or E: '{text}'")
+        raise UsageError(
+            f"Invalid {what} specified. Must be a non-negative number "
+            f"followed by an optional suffix of K, M, G, T, P or E: '{text}'"
+        )
     number, unit = match.groups()
     scale = _UNITS[unit.lower()]
     if "." in number:

@@ -26,7 +26,8 @@ from ._cache import CacheMode
 from ._errors import TrioconvError, UsageError
 from ._progress_view import qemu_line, render
 from ._sizes import format_size
-from .convert import ConvertOptions, Progress, convert as run_convert
+from .convert import ConvertOptions, Progress
+from .convert import convert as run_convert
 from .convert.options import DEFAULT_BUFFER_SIZE
 
 __all__ = ["app", "main", "normalize_argv"]
@@ -136,10 +137,16 @@ async def convert(
     /,
     *,
     source_format: Annotated[str | None, Parameter(name=["-f", "--source-format"])] = None,
-    target_format: Annotated[str | None, Parameter(name=["-O", "--target-format", "--output-format"])] = None,
-    options: Annotated[list[str] | None, Parameter(name=["-o", "--target-format-options", "--options"])] = None,
+    target_format: Annotated[
+        str | None, Parameter(name=["-O", "--target-format", "--output-format"])
+    ] = None,
+    options: Annotated[
+        list[str] | None, Parameter(name=["-o", "--target-format-options", "--options"])
+    ] = None,
     source_cache: Annotated[str, Parameter(name=["-T", "--source-cache"])] = "writeback",
-    target_cache: Annotated[str, Parameter(name=["-t", "--target-cache", "--output-cache"])] = "unsafe",
+    target_cache: Annotated[
+        str, Parameter(name=["-t", "--target-cache", "--output-cache"])
+    ] = "unsafe",
     backing: Annotated[str | None, Parameter(name=["-B", "-b", "--backing"])] = None,
     backing_format: Annotated[str | None, Parameter(name=["-F", "--backing-format"])] = None,
     snapshot: Annotated[str | None, Parameter(name=["-l", "-s", "--snapshot"])] = None,
@@ -155,11 +162,15 @@ async def convert(
     no_create: Annotated[bool, Parameter(name=["-n", "--no-create"], negative="")] = False,
     oob_writes: Annotated[bool, Parameter(name=["-W", "--oob-writes"], negative="")] = False,
     force_share: Annotated[bool, Parameter(name=["-U", "--force-share"], negative="")] = False,
-    copy_range: Annotated[bool, Parameter(name=["-C", "--copy-range-offloading"], negative="")] = False,
+    copy_range: Annotated[
+        bool, Parameter(name=["-C", "--copy-range-offloading"], negative="")
+    ] = False,
     salvage: Annotated[bool, Parameter(name="--salvage", negative="")] = False,
     target_is_zero: Annotated[bool, Parameter(name="--target-is-zero", negative="")] = False,
     bitmaps: Annotated[bool, Parameter(name="--bitmaps", negative="")] = False,
-    skip_broken_bitmaps: Annotated[bool, Parameter(name="--skip-broken-bitmaps", negative="")] = False,
+    skip_broken_bitmaps: Annotated[
+        bool, Parameter(name="--skip-broken-bitmaps", negative="")
+    ] = False,
     image_opts: Annotated[bool, Parameter(name="--image-opts", negative="")] = False,
     target_image_opts: Annotated[bool, Parameter(name="--target-image-opts", negative="")] = False,
     object_: Annotated[str | None, Parameter(name="--object")] = None,
@@ -171,7 +182,13 @@ async def convert(
     ``-t`` target cache (default unsafe), ``-T`` source cache (default writeback).
     """
     if image_opts or target_image_opts or object_ is not None:
-        flag = "--image-opts" if image_opts else "--target-image-opts" if target_image_opts else "--object"
+        flag = (
+            "--image-opts"
+            if image_opts
+            else "--target-image-opts"
+            if target_image_opts
+            else "--object"
+        )
         raise UsageError(f"{flag} is not supported")
     o = _parse_o(options or [])
     fmt = target_format or "raw"
@@ -179,7 +196,11 @@ async def convert(
         print(_open.create_options_help(fmt))
         return 0
     if len(files) < 2:
-        raise UsageError("Expecting a source image and a target image" if files else "Must specify image file name")
+        raise UsageError(
+            "Expecting a source image and a target image"
+            if files
+            else "Must specify image file name"
+        )
     opts = ConvertOptions(
         source_format=source_format,
         target_format=fmt,

@@ -124,8 +124,10 @@ async def _convert(
     _check_format_features(opts, len(specs))
     for spec in specs:
         if _same_file(spec, target):
-            raise ImageError(f"'{os.fspath(target) if not isinstance(target, Driver) else target.location}'"
-                             " is both a source and the target")
+            raise ImageError(
+                f"'{os.fspath(target) if not isinstance(target, Driver) else target.location}'"
+                " is both a source and the target"
+            )
     async with contextlib.AsyncExitStack() as stack:
         drivers: list[Driver] = []
         for spec in specs:

@@ -27,6 +27,7 @@ The shape, top to bottom::
 from __future__ import annotations
 
 import bisect
+import contextlib
 import logging
 import math
 import mmap
@@ -34,7 +35,13 @@ import mmap
 import attrs
 import trio
 
-from .._errors import ConvertError, TrioconvError, TrioconvIOError, UnsupportedError, ZeroesNotSupported
+from .._errors import (
+    ConvertError,
+    TrioconvError,
+    TrioconvIOError,
+    UnsupportedError,
+    ZeroesNotSupported,
+)
 from ..driver import Driver, ExtentKind
 from ..formats.raw import RawDriver
 from ..protocols.file import FileDriver
@@ -216,8 +223,10 @@ class _Engine:
         self.opts = opts
         self.progress = progress
         self.zero_init = zero_init
-        align = max([target.limits.request_alignment, 512] +
-                    [s.limits.request_alignment for s in sources.sources])
+        align = max(
+            [target.limits.request_alignment, 512]
+            + [s.limits.request_alignment for s in sources.sources]
+        )
         self.align = align
         self.buffer_size = _round_up(max(opts.buffer_size, target.limits.opt_transfer), align)
         self.granularity = _round_up(max(opts.sparse_size, 1), align) if opts.sparse_size else 0
@@ -428,8 +437,10 @@ class _Engine:
                     )
 
     def close(self) -> None:
+        # A traceback may still hold a view of a buffer; then the GC frees it later.
         for buf in self.pool:
-            buf.close()
+            with contextlib.suppress(BufferError):
+                buf.close()
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

@@ -6,7 +6,6 @@ has a format on top of a transport, as QEMU has, and so later formats have a mod
 
 from __future__ import annotations
 
-
 from ..driver import Buffer, Caps, Driver, Extent, Limits
 
 __all__ = ["RAW_CREATE_OPTIONS", "RawDriver", "probe_raw"]

@@ -285,7 +285,9 @@ class FileDriver(Driver):
         hole = os.lseek(self._fd, offset, os.SEEK_HOLE)
         return Extent(offset, min(hole, end) - offset, ExtentKind.DATA)
 
-    async def copy_range(self, source: FileDriver, src_offset: int, offset: int, length: int) -> None:
+    async def copy_range(
+        self, source: FileDriver, src_offset: int, offset: int, length: int
+    ) -> None:
         """Copy ``length`` bytes from ``source`` at ``src_offset`` to ``offset`` in the kernel.
 
         Raises:

@@ -148,7 +148,10 @@ class MemoryDriver(Driver):
         self.max_writes_in_flight = max(self.max_writes_in_flight, self.writes_in_flight)
         try:
             await self._pause(req)
-            if self.fail_write_at is not None and offset <= self.fail_write_at < offset + view.nbytes:
+            if (
+                self.fail_write_at is not None
+                and offset <= self.fail_write_at < offset + view.nbytes
+            ):
                 raise TrioconvIOError(
                     f"error while writing {self.location} at byte {offset}: Input/output error",
                     offset=offset,

@@ -1,0 +1,98 @@
+"""Shared fixtures: real qemu tools as oracles, image makers, and the CI rule on missing tools.
+
+Tests that run an external program ask for it through :func:`require_tool`. On a
+developer's machine a missing tool skips the test with the reason; under ``CI=true`` it
+fails, so a green CI always means the interop tests really ran.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str) -> str:
+    """Return the path of ``name``; skip (or fail under CI=true) when it is missing."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed (Debian: apt-get install qemu-utils)"
+        if IN_CI:
+            pytest.fail(f"CI=true and {message}")
+        pytest.skip(message)
+    return path
+
+
+def run(*args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+    """Run a command and capture its text output."""
+    return subprocess.run(
+        [os.fspath(a) for a in args], capture_output=True, text=True, check=check, timeout=120
+    )
+
+
+@pytest.fixture
+def qemu_img() -> str:
+    return require_tool("qemu-img")
+
+
+@pytest.fixture
+def qemu_io() -> str:
+    return require_tool("qemu-io")
+
+
+ImageMaker = Callable[..., Path]
+
+
+@pytest.fixture
+def make_image(tmp_path: Path, qemu_img: str, qemu_io: str) -> ImageMaker:
+    """Make a raw image with ``qemu-img create`` and fill it with ``qemu-io`` commands.
+
+    ``make_image("src.img", "8M", "write -P 0xab 0 1M", "write -z 2M 1M")``
+    """
+
+    def make(name: str, size: str, *commands: str, fmt: str = "raw") -> Path:
+        path = tmp_path / name
+        run(qemu_img, "create", "-q", "-f", fmt, path, size)
+        if commands:
+            args: list[str] = [qemu_io, "-f", fmt]
+            for command in commands:
+                args += ["-c", command]
+            run(*args, path)
+        return path
+
+    return make
+
+
+def assert_identical(a: Path, b: Path, fmt_a: str = "raw", fmt_b: str = "raw") -> None:
+    """``qemu-img compare`` must say the images are identical."""
+    result = run("qemu-img", "compare", "-f", fmt_a, "-F", fmt_b, a, b, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Images are identical" in result.stdout
+
+
+def qemu_map(path: Path, fmt: str = "raw") -> list[dict[str, Any]]:
+    """``qemu-img map --output=json``, parsed."""
+    import json
+
+    return list(json.loads(run("qemu-img", "map", "--output=json", "-f", fmt, path).stdout))
+
+
+def trioconv_cli(
+    *args: str | os.PathLike[str], timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m trioconv`` as a user would, in a separate process."""
+    return subprocess.run(
+        [sys.executable, "-m", "trioconv", *[os.fspath(a) for a in args]],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )

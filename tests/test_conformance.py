@@ -1,0 +1,96 @@
+"""Every driver passes the one conformance suite."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import trioconv
+from trioconv.protocols.file import create_file, open_file
+from trioconv.testing import check_block_status_tiles, check_driver
+
+SIZE = 4 * 1024 * 1024
+
+
+async def test_memory_driver() -> None:
+    await check_driver(trioconv.MemoryDriver(SIZE))
+
+
+async def test_memory_driver_without_zeroes() -> None:
+    await check_driver(trioconv.MemoryDriver(SIZE, zeroes=False, block_status=False))
+
+
+@pytest.mark.parametrize("cache", ["writeback", "unsafe", "none", "directsync", "writethrough"])
+async def test_file_driver(tmp_path: Path, cache: str) -> None:
+    path = tmp_path / "disk.img"
+    await create_file(path, SIZE)
+    async with await open_file(path, writable=True, cache=trioconv.CacheMode(cache)) as drv:
+        await check_driver(drv)
+
+
+async def test_raw_over_file(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    await trioconv.create_image(path, "raw", SIZE)
+    async with await trioconv.open_image(path, "raw", writable=True) as drv:
+        assert drv.name == "raw"
+        await check_driver(drv)
+
+
+async def test_file_block_status_follows_holes(tmp_path: Path) -> None:
+    path = tmp_path / "sparse.img"
+    await create_file(path, SIZE)
+    async with await open_file(path, writable=True) as drv:
+        await drv.pwrite(1 << 20, b"x" * 65536)
+        tiles = await check_block_status_tiles(drv)
+    kinds = [(off, n, kind) for off, n, kind in tiles]
+    assert kinds[0] == (0, 1 << 20, trioconv.ExtentKind.ZERO)
+    assert kinds[1][0] == 1 << 20 and kinds[1][2] is trioconv.ExtentKind.DATA
+    assert kinds[-1][2] is trioconv.ExtentKind.ZERO
+
+
+async def test_unaligned_tail_with_o_direct(tmp_path: Path) -> None:
+    path = tmp_path / "odd.img"
+    size = SIZE + 512
+    await create_file(path, size)
+    async with await open_file(path, writable=True, cache=trioconv.CacheMode.NONE) as drv:
+        assert drv.limits.request_alignment == 4096
+        await drv.pwrite(size - 512, b"t" * 512)
+        assert await drv.pread(size - 1024, 1024) == bytes(512) + b"t" * 512
+    assert path.stat().st_size == size
+
+
+async def test_sources_are_opened_read_only(tmp_path: Path) -> None:
+    path = tmp_path / "ro.img"
+    await create_file(path, SIZE)
+    async with await trioconv.open_image(path, "raw") as drv:
+        assert not drv.caps.writable
+        with pytest.raises(trioconv.TrioconvError):
+            await drv.pwrite(0, b"x")
+
+
+async def test_odirect_refusal_is_one_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    real_open = os.open
+
+    def refusing_open(path: str, flags: int, *args: int) -> int:
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *args)
+
+    path = tmp_path / "d.img"
+    await create_file(path, SIZE)
+    monkeypatch.setattr(os, "open", refusing_open)
+    with pytest.raises(trioconv.ImageError, match="does not support O_DIRECT"):
+        await open_file(path, cache=trioconv.CacheMode.NONE)
+
+
+async def test_probe_refuses_known_unsupported_formats(tmp_path: Path) -> None:
+    path = tmp_path / "fake.qcow2"
+    path.write_bytes(b"QFI\xfb\x00\x00\x00\x03" + bytes(4088))
+    with pytest.raises(trioconv.ImageError, match="qcow2"):
+        await trioconv.open_image(path)

@@ -1,0 +1,133 @@
+"""Real images made by qemu-img and qemu-io, converted by the library, checked by qemu-img."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import trio
+
+import trioconv
+from trioconv.protocols.memory import MemoryDriver
+
+from .conftest import ImageMaker, assert_identical, qemu_map
+
+MIXED = (
+    "write -P 0xab 0 3M",
+    "write -z 4M 1M",
+    "write -P 0 6M 1M",  # allocated zeroes inside data
+    "write -P 0x11 9M 5M",
+    "write -P 0x22 20M 64k",
+    "write -P 0x33 24M 1536",  # small, unaligned end
+    "write -P 0x44 31M 1M",
+)
+
+
+@pytest.fixture
+def mixed(make_image: ImageMaker) -> Path:
+    return make_image("mixed.img", "32M", *MIXED)
+
+
+VARIANTS: dict[str, dict[str, object]] = {
+    "default": {},
+    "m1": {"parallel": 1},
+    "m8-W": {"parallel": 8, "oob_writes": True},
+    "m64": {"parallel": 64},
+    "S0": {"sparse_size": 0},
+    "S64k": {"sparse_size": "64k"},
+    "copy-range": {"copy_range": True},
+    "odirect": {"source_cache": "none", "target_cache": "none"},
+    "directsync-W": {"target_cache": "directsync", "oob_writes": True},
+    "writeback": {"target_cache": "writeback"},
+    "falloc": {"target_options": {"preallocation": "falloc"}},
+    "small-buffers": {"buffer_size": "64k", "parallel": 16},
+}
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+async def test_convert_matches_source(mixed: Path, tmp_path: Path, variant: str) -> None:
+    target = tmp_path / "out.img"
+    opts = trioconv.ConvertOptions(**VARIANTS[variant])  # type: ignore[arg-type]
+    result = await trioconv.convert([mixed], target, opts)
+    assert result.total == 32 * 1024 * 1024
+    assert_identical(mixed, target)
+
+
+async def test_sparse_layout_follows_source(mixed: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out.img"
+    await trioconv.convert(mixed, target)
+    data = [(e["start"], e["length"]) for e in qemu_map(target) if e["data"]]
+    # Holes, write -z and the allocated zeroes at 6M all stay unallocated.
+    assert (0, 3 * 1024 * 1024) in data
+    assert all(not (6 * 2**20 <= int(s) < 7 * 2**20) for s, _ in data)
+    assert all(not (4 * 2**20 <= int(s) < 5 * 2**20) for s, _ in data)
+    full = tmp_path / "full.img"
+    await trioconv.convert(mixed, full, trioconv.ConvertOptions(sparse_size=0))
+    entries = qemu_map(full)
+    assert len(entries) == 1 and entries[0]["data"] is True
+
+
+async def test_concatenation_of_qemu_images(make_image: ImageMaker, tmp_path: Path) -> None:
+    a = make_image("a.img", "1M", "write -P 1 0 1M")
+    b = make_image("b.img", "1049088", "write -P 2 1048576 512")  # 1 MiB + 512
+    c = make_image("c.img", "2M", "write -P 3 1M 4k")
+    target = tmp_path / "abc.img"
+    await trioconv.convert([a, b, c], target, trioconv.ConvertOptions(target_cache="none"))
+    expected = tmp_path / "expected.img"
+    expected.write_bytes(a.read_bytes() + b.read_bytes() + c.read_bytes())
+    assert_identical(expected, target)
+
+
+async def test_no_create_overwrites_in_place(make_image: ImageMaker, mixed: Path) -> None:
+    target = make_image("existing.img", "40M", "write -P 0xff 0 40M")
+    await trioconv.convert(mixed, target, trioconv.ConvertOptions(no_create=True))
+    content = target.read_bytes()
+    assert content[: 32 * 2**20] == mixed.read_bytes()
+    assert content[32 * 2**20 :] == b"\xff" * 8 * 2**20
+
+
+def _digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+async def test_failed_conversion_removes_created_target(mixed: Path, tmp_path: Path) -> None:
+    target = tmp_path / "out.img"
+    before = _digest(mixed)
+    source = MemoryDriver(data=mixed.read_bytes(), delay=0.001)
+    source.fail_read_at = 20 * 2**20
+    with pytest.raises(trioconv.ConvertError, match="reading"):
+        await trioconv.convert([source], target)
+    assert not target.exists()
+    assert _digest(mixed) == before
+
+
+async def test_failed_conversion_keeps_existing_target(make_image: ImageMaker) -> None:
+    target = make_image("keep.img", "8M")
+    source = MemoryDriver(data=bytes([7]) * 8 * 2**20)
+    source.fail_read_at = 4 * 2**20
+    with pytest.raises(trioconv.ConvertError):
+        await trioconv.convert([source], target, trioconv.ConvertOptions(no_create=True))
+    assert target.exists()
+
+
+async def test_cancelled_conversion_removes_created_target(tmp_path: Path) -> None:
+    target = tmp_path / "out.img"
+    source = MemoryDriver(data=bytes([9]) * 64 * 2**20, delay=0.2)
+    with trio.move_on_after(0.1) as scope:
+        await trioconv.convert([source], target)
+    assert scope.cancelled_caught
+    assert not target.exists()
+
+
+async def test_same_file_refused_before_anything_is_written(mixed: Path) -> None:
+    before = _digest(mixed)
+    with pytest.raises(trioconv.ImageError, match="both a source and the target"):
+        await trioconv.convert(mixed, mixed)
+    assert _digest(mixed) == before
+
+
+async def test_info_matches_qemu(mixed: Path) -> None:
+    async with await trioconv.open_image(mixed) as drv:
+        assert drv.name == "raw"
+        assert drv.size == 32 * 2**20

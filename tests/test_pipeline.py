@@ -1,0 +1,302 @@
+"""The copy engine on in-memory drivers: order, overlap, zeroes, failure and cancellation."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+import trioconv
+from trioconv.convert.pipeline import Chunker, SourceMap, find_zero_runs
+from trioconv.protocols.memory import MemoryDriver, Request
+
+MiB = 1024 * 1024
+
+
+def mixed_image(size: int = 16 * MiB, seed: int = 1) -> bytes:
+    """Random data, zero-filled data and holes, in chunks of 64 KiB to 1 MiB."""
+    rng = random.Random(seed)
+    out = bytearray(size)
+    pos = 0
+    while pos < size:
+        n = min(size - pos, rng.choice([64, 128, 256, 512, 1024]) * 1024)
+        if rng.random() < 0.5:
+            out[pos : pos + n] = rng.randbytes(n)
+        pos += n
+    return bytes(out)
+
+
+def writes(driver: MemoryDriver) -> list[Request]:
+    return [r for r in driver.log if r.op in ("write", "zero")]
+
+
+# -- pure pieces --------------------------------------------------------------------------
+
+
+def test_chunker_aligns_and_bounds() -> None:
+    c = Chunker(10 * MiB, align=4096, max_data=2 * MiB)
+    jobs = (
+        c.feed(0, 3 * MiB, False)
+        + c.feed(3 * MiB, 100, True)
+        + c.feed(3 * MiB + 100, 7 * MiB - 100, True)
+    )
+    jobs += c.finish()
+    assert jobs[0] == (0, 2 * MiB, False)
+    # The zero run's unaligned head becomes data; the rest is one zero job.
+    assert (2 * MiB, MiB + 4096, False) in jobs
+    assert jobs[-1] == (3 * MiB + 4096, 7 * MiB - 4096, True)
+    covered = sorted(jobs)
+    assert sum(n for _, n, _ in covered) == 10 * MiB
+
+
+@given(
+    runs=st.lists(st.tuples(st.integers(1, 3 * MiB), st.booleans()), min_size=1, max_size=30),
+    align=st.sampled_from([512, 4096, 65536]),
+)
+def test_chunker_tiles_everything(runs: list[tuple[int, bool]], align: int) -> None:
+    total = sum(n for n, _ in runs)
+    c = Chunker(total, align=align, max_data=2 * MiB)
+    jobs = []
+    pos = 0
+    for n, zero in runs:
+        jobs += c.feed(pos, n, zero)
+        pos += n
+    jobs += c.finish()
+    pos = 0
+    for offset, n, _ in jobs:
+        assert offset == pos and n > 0
+        assert offset % align == 0
+        assert (offset + n) % align == 0 or offset + n == total
+        pos += n
+    assert pos == total
+    assert all(n <= 2 * MiB for _, n, zero in jobs if not zero)
+
+
+def test_find_zero_runs() -> None:
+    buf = bytearray(16384)
+    buf[5000] = 1
+    runs = find_zero_runs(buf, len(buf), 0, 4096)
+    assert runs == [(0, 4096, True), (4096, 4096, False), (8192, 8192, True)]
+    # Blocks align to the absolute offset, not to the buffer.
+    runs = find_zero_runs(bytes(6144), 6144, 2048, 4096)
+    assert runs == [(2048, 6144, True)]
+
+
+def test_source_map_splits_across_sources() -> None:
+    a, b = MemoryDriver(1000), MemoryDriver(3000)
+    smap = SourceMap([a, b])
+    assert smap.total == 4000
+    assert smap.pieces(900, 200) == [(a, 900, 100, 900), (b, 0, 100, 1000)]
+
+
+def test_options_validation() -> None:
+    with pytest.raises(trioconv.UsageError, match="coroutines"):
+        trioconv.ConvertOptions(parallel=0)
+    with pytest.raises(trioconv.UsageError, match="sparse"):
+        trioconv.ConvertOptions(sparse_size=1000)
+    with pytest.raises(trioconv.UsageError, match="-n"):
+        trioconv.ConvertOptions(target_is_zero=True)
+    with pytest.raises(trioconv.UsageError, match="copy offloading"):
+        trioconv.ConvertOptions(copy_range=True, salvage=True)
+    assert trioconv.ConvertOptions(rate_limit="10M").rate_limit == 10 * MiB
+    assert trioconv.ConvertOptions().target_cache is trioconv.CacheMode.UNSAFE
+
+
+# -- the engine ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("oob", [False, True])
+@pytest.mark.parametrize("parallel", [1, 3, 8])
+async def test_copy_is_exact(oob: bool, parallel: int) -> None:
+    data = mixed_image()
+    src = MemoryDriver(data=data, writable=False)
+    dst = MemoryDriver(len(data), zero_init=False)
+    dst.data[:] = b"\xee" * len(data)  # not zero: zero runs must be written
+    opts = trioconv.ConvertOptions(parallel=parallel, oob_writes=oob)
+    result = await trioconv.convert([src], dst, opts)
+    assert bytes(dst.data) == data
+    assert result.total == len(data)
+    assert result.written + result.zeroed + result.skipped == len(data)
+
+
+async def test_in_order_writes_start_in_order_and_overlap() -> None:
+    data = os.urandom(32 * MiB)
+    rng = random.Random(7)
+    src = MemoryDriver(data=data, delay=lambda r: rng.uniform(0, 0.01))
+    dst = MemoryDriver(len(data), delay=lambda r: rng.uniform(0.005, 0.02))
+    await trioconv.convert([src], dst, trioconv.ConvertOptions(parallel=8))
+    offsets = [r.offset for r in writes(dst)]
+    assert offsets == sorted(offsets)
+    assert dst.max_writes_in_flight > 1, "in-order mode must still overlap writes"
+    assert bytes(dst.data) == data
+
+
+async def test_oob_writes_may_start_out_of_order() -> None:
+    data = os.urandom(32 * MiB)
+    # The first extent is slow to read, so later ones overtake it.
+    src = MemoryDriver(data=data, delay=lambda r: 0.2 if r.offset == 0 else 0.001)
+    dst = MemoryDriver(len(data))
+    await trioconv.convert([src], dst, trioconv.ConvertOptions(parallel=8, oob_writes=True))
+    offsets = [r.offset for r in writes(dst)]
+    assert offsets != sorted(offsets)
+    assert offsets[-1] == 0
+    assert bytes(dst.data) == data
+
+
+async def test_zero_runs_skipped_on_zero_target_and_written_otherwise() -> None:
+    data = bytearray(8 * MiB)
+    data[3 * MiB : 4 * MiB] = os.urandom(MiB)
+    src = MemoryDriver(data=bytes(data))
+    dst = MemoryDriver(len(data))
+    opts = trioconv.ConvertOptions(no_create=True, target_is_zero=True)
+    result = await trioconv.convert([src], dst, opts)
+    assert [(r.offset, r.length) for r in writes(dst)] == [(3 * MiB, MiB)]
+    assert result.skipped == 7 * MiB
+    dst2 = MemoryDriver(len(data))
+    dst2.data[:] = b"\x01" * len(data)
+    result = await trioconv.convert([src], dst2)
+    assert bytes(dst2.data) == bytes(data)
+    assert result.zeroed == 7 * MiB
+    assert {r.op for r in writes(dst2)} == {"write", "zero"}
+
+
+async def test_zero_fallback_when_target_cannot_write_zeroes() -> None:
+    data = bytes(4 * MiB)
+    dst = MemoryDriver(len(data), zeroes=False)
+    dst.data[:] = b"\x02" * len(data)
+    await trioconv.convert([MemoryDriver(data=data)], dst)
+    assert bytes(dst.data) == data
+    assert {r.op for r in writes(dst)} == {"write"}
+
+
+async def test_sparse_zero_disables_detection() -> None:
+    data = bytes(4 * MiB)
+    dst = MemoryDriver(len(data))
+    result = await trioconv.convert(
+        [MemoryDriver(data=data)], dst, trioconv.ConvertOptions(sparse_size=0)
+    )
+    assert result.written == len(data)
+    assert all(r.op == "write" for r in writes(dst))
+
+
+async def test_memory_stays_bounded_by_parallel() -> None:
+    """However big the image, at most -m buffers are read and not yet written."""
+    size = 64 * MiB
+    src = MemoryDriver(data=os.urandom(size), delay=0.001)
+    dst = MemoryDriver(size, delay=0.003)
+    in_flight = 0
+    peak = 0
+    real_read, real_write = src.preadinto, dst.pwrite
+
+    async def counting_read(offset: int, buf: memoryview) -> None:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await real_read(offset, buf)
+
+    async def counting_write(offset: int, data: trioconv.driver.Buffer) -> None:
+        nonlocal in_flight
+        await real_write(offset, data)
+        in_flight -= 1
+
+    src.preadinto = counting_read  # type: ignore[method-assign]
+    dst.pwrite = counting_write  # type: ignore[method-assign]
+    await trioconv.convert([src], dst, trioconv.ConvertOptions(parallel=4))
+    assert peak <= 4
+    assert bytes(dst.data) == bytes(src.data)
+
+
+async def test_failure_cancels_everything_and_raises_one_error() -> None:
+    size = 32 * MiB
+    src = MemoryDriver(data=os.urandom(size), delay=0.002)
+    dst = MemoryDriver(size, delay=0.002)
+    dst.fail_write_at = 10 * MiB
+    with pytest.raises(trioconv.ConvertError, match="at byte") as info:
+        await trioconv.convert([src], dst, trioconv.ConvertOptions(parallel=8, oob_writes=True))
+    assert isinstance(info.value.__cause__, BaseExceptionGroup)
+    # No task outlives convert(): nothing touches the drivers afterwards.
+    n_src, n_dst = len(src.log), len(dst.log)
+    await trio.sleep(0.1)
+    assert (len(src.log), len(dst.log)) == (n_src, n_dst)
+    # It stopped early rather than copying everything first.
+    assert sum(r.length for r in writes(dst)) < size
+
+
+async def test_read_failure_without_and_with_salvage() -> None:
+    data = os.urandom(4 * MiB)
+    src = MemoryDriver(data=data)
+    src.fail_read_at = MiB + 100
+    with pytest.raises(trioconv.ConvertError, match="reading"):
+        await trioconv.convert([src], MemoryDriver(len(data)))
+
+    # With salvage, only the failing 512-byte unit... is zero: the driver fails any
+    # request covering the bad byte, so exactly one unit is lost.
+    dst = MemoryDriver(len(data))
+    result = await trioconv.convert([src], dst, trioconv.ConvertOptions(salvage=True))
+    assert result.salvaged == ((MiB, 512),)
+    expected = bytearray(data)
+    expected[MiB : MiB + 512] = bytes(512)
+    assert bytes(dst.data) == bytes(expected)
+
+
+async def test_caller_cancellation_stops_promptly() -> None:
+    size = 64 * MiB
+    src = MemoryDriver(data=bytes([1]) * size, delay=0.01)
+    dst = MemoryDriver(size, delay=0.01)
+    progress = trioconv.Progress()
+    with trio.move_on_after(0.1) as scope:
+        await trioconv.convert([src], dst, progress=progress)
+    assert scope.cancelled_caught
+    assert progress.finished
+    assert 0 < progress.done < size
+    n = len(dst.log)
+    await trio.sleep(0.1)
+    assert len(dst.log) == n
+
+
+async def test_progress_is_observable() -> None:
+    size = 16 * MiB
+    src = MemoryDriver(data=os.urandom(size), delay=0.001)
+    dst = MemoryDriver(size)
+    progress = trioconv.Progress()
+    seen: list[int] = []
+
+    async def watch() -> None:
+        while not progress.finished:
+            await progress.wait_changed()
+            seen.append(progress.done)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await trioconv.convert([src], dst, progress=progress)
+    assert seen == sorted(seen)
+    assert seen[-1] == size and len(seen) > 2
+    assert progress.percent == 100.0
+
+
+async def test_several_sources_concatenate() -> None:
+    parts = [os.urandom(n) for n in (MiB + 512, 3000 * 512, 2 * MiB)]
+    dst = MemoryDriver(sum(map(len, parts)))
+    await trioconv.convert([MemoryDriver(data=p) for p in parts], dst)
+    assert bytes(dst.data) == b"".join(parts)
+
+
+async def test_smaller_target_is_refused() -> None:
+    with pytest.raises(trioconv.ImageError, match="smaller"):
+        await trioconv.convert([MemoryDriver(2 * MiB)], MemoryDriver(MiB))
+
+
+async def test_rate_limit_spreads_writes(autojump_clock: trio.testing.MockClock) -> None:
+    size = 8 * MiB
+    src = MemoryDriver(data=os.urandom(size))
+    dst = MemoryDriver(size)
+    start = trio.current_time()
+    await trioconv.convert([src], dst, trioconv.ConvertOptions(rate_limit="2M"))
+    # 8 MiB at 2 MiB/s: the last 2 MiB write may start after 3 s.
+    assert trio.current_time() - start >= 3.0
+    assert bytes(dst.data) == bytes(src.data)
