@@ -82,9 +82,38 @@ def test_find_zero_runs() -> None:
     buf[5000] = 1
     runs = find_zero_runs(buf, len(buf), 0, 4096)
     assert runs == [(0, 4096, True), (4096, 4096, False), (8192, 8192, True)]
-    # Blocks align to the absolute offset, not to the buffer.
+    # Blocks align to the absolute offset, not to the buffer; partial blocks are data.
     runs = find_zero_runs(bytes(6144), 6144, 2048, 4096)
-    assert runs == [(2048, 6144, True)]
+    assert runs == [(2048, 2048, False), (4096, 4096, True)]
+
+
+@given(
+    blocks=st.lists(st.sampled_from(["zero", "data", "sparse-byte"]), min_size=1, max_size=40),
+    base=st.sampled_from([0, 512, 4096, 2 * MiB]),
+    tail=st.integers(0, 511),
+)
+def test_find_zero_runs_matches_naive_scan(blocks: list[str], base: int, tail: int) -> None:
+    g = 1024
+    buf = bytearray()
+    for kind in blocks:
+        chunk = bytearray(g) if kind != "data" else bytearray(random.randbytes(g))
+        if kind == "sparse-byte":
+            chunk[g // 2] = 1
+        buf += chunk
+    buf += bytes(tail)
+    runs = find_zero_runs(bytes(buf), len(buf), base, g)
+    pos = base
+    for offset, n, zero in runs:
+        assert offset == pos and n > 0
+        pos += n
+        if zero:
+            assert offset % g == 0 and n % g == 0
+            assert buf[offset - base : offset - base + n] == bytes(n)
+    assert pos == base + len(buf)
+    # Every aligned, whole, all-zero block lies in a zero run.
+    for start in range(-(-base // g) * g, base + len(buf) - g + 1, g):
+        if buf[start - base : start - base + g] == bytes(g):
+            assert any(z and o <= start < o + n for o, n, z in runs)
 
 
 def test_source_map_splits_across_sources() -> None:

@@ -20,7 +20,6 @@ buffer, read-modify-write for writes.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -50,7 +49,8 @@ _BLKZEROOUT = 0x127F
 _DIRECT_FILE_ALIGNMENT = 4096
 _NOT_SUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENOTTY}
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# Loading by soname avoids ctypes.util.find_library, which runs helper programs.
+_libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
