@@ -131,3 +131,13 @@ async def test_info_matches_qemu(mixed: Path) -> None:
     async with await trioconv.open_image(mixed) as drv:
         assert drv.name == "raw"
         assert drv.size == 32 * 2**20
+
+
+async def test_failed_conversion_leaves_preexisting_file(make_image: ImageMaker) -> None:
+    """Without -n an existing file is recreated; a failure does not delete the user's file."""
+    target = make_image("was-here.img", "1M")
+    source = MemoryDriver(data=bytes([5]) * 8 * 2**20)
+    source.fail_read_at = 6 * 2**20
+    with pytest.raises(trioconv.ConvertError):
+        await trioconv.convert([source], target)
+    assert target.exists()

@@ -203,7 +203,8 @@ async def create_image(
     """Create an image of ``fmt`` and ``size`` bytes (truncating an existing file).
 
     Returns:
-        True when a regular file was created (the caller may remove it on failure).
+        True when a new file was created (the caller may remove it on failure); False
+        when an existing file or device was reused.
 
     Raises:
         ImageError: it cannot be created.

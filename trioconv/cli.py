@@ -133,7 +133,9 @@ async def _supervise(work: Callable[[], Awaitable[None]], progress: Progress | N
 
 @app.command
 async def convert(
-    files: Annotated[list[str], Parameter(name="FILES", help="source image(s), then the target")],
+    files: Annotated[
+        tuple[str, ...], Parameter(name="FILES", help="source image(s), then the target")
+    ] = (),
     /,
     *,
     source_format: Annotated[str | None, Parameter(name=["-f", "--source-format"])] = None,

@@ -422,7 +422,7 @@ def _create_sync(path: str, size: int, preallocation: str) -> bool:
         Path(path).unlink(missing_ok=True)
         raise ImageError(f"Could not create '{path}': {exc.strerror}") from exc
     os.close(fd)
-    return True
+    return st is None
 
 
 async def create_file(
@@ -435,8 +435,9 @@ async def create_file(
             zeroes).
 
     Returns:
-        True when a regular file was created (and may be removed again on failure);
-        False for an existing block device, which is only checked for size.
+        True when a new regular file was created (and may be removed again on failure);
+        False when an existing file was truncated or an existing block device was only
+        checked for size.
 
     Raises:
         ImageError: the file cannot be created.

@@ -1,0 +1,588 @@
+"""The ``trioconv`` command line, run as a separate process the way a user or script would.
+
+Images are made with ``qemu-img``/``qemu-io`` and every result is checked with
+``qemu-img compare`` / ``qemu-img map`` (or plain bytes), so these tests say whether
+``trioconv convert`` really is a drop-in for ``qemu-img convert``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ImageMaker, assert_identical, qemu_map, run, trioconv_cli
+
+MiB = 1024 * 1024
+
+#: qemu-img's progress text, one record per ``\r``.
+QEMU_PROGRESS_RECORD = re.compile(rb"    \((\d+\.\d\d)/100%\)\r")
+#: What SIGUSR1 prints on stderr.
+PROGRESS_ON_STDERR = re.compile(r"\(\d+\.\d\d/100%\)")
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def trioconv_bytes(*args: str | os.PathLike[str]) -> subprocess.CompletedProcess[bytes]:
+    """Like ``trioconv_cli`` but with raw bytes: text mode would turn ``\\r`` into ``\\n``."""
+    return subprocess.run(
+        [sys.executable, "-m", "trioconv", *[os.fspath(a) for a in args]],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr
+
+
+def assert_one_error(result: subprocess.CompletedProcess[str]) -> str:
+    """Exit status 1, exactly one ``trioconv: ...`` line on stderr, no traceback."""
+    assert result.returncode == 1, f"exit {result.returncode}\n{result.stdout}\n{result.stderr}"
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("trioconv: "), result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def ranges(path: Path, *, data: bool) -> list[tuple[int, int]]:
+    """Merged ``[start, end)`` ranges of ``qemu-img map`` entries whose ``data`` is ``data``."""
+    out: list[tuple[int, int]] = []
+    for entry in qemu_map(path):
+        if entry["data"] is not data:
+            continue
+        if data is False:
+            assert entry["zero"] is True, entry
+        start = int(str(entry["start"]))
+        end = start + int(str(entry["length"]))
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], end)
+        else:
+            out.append((start, end))
+    return out
+
+
+def json_lines(stdout: str) -> list[dict[str, object]]:
+    lines = [json.loads(line) for line in stdout.splitlines()]
+    assert lines, "no JSON progress lines"
+    assert all(isinstance(line, dict) for line in lines)
+    return lines
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def src(make_image: ImageMaker) -> Path:
+    """4 MiB: data, a hole, data, a hole."""
+    return make_image("src.img", "4M", "write -P 0xab 0 1M", "write -P 0xcd 3M 512k")
+
+
+# -- 1. basic conversion and progress ----------------------------------------------------------
+
+
+def test_convert_raw_to_raw(src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "dst.img"
+    result = trioconv_cli("convert", "-f", "raw", "-O", "raw", src, dst)
+    ok(result)
+    assert result.stdout == ""
+    assert result.stderr == ""
+    assert_identical(src, dst)
+    assert dst.stat().st_size == src.stat().st_size
+
+
+def test_progress_has_qemu_img_format(src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "dst.img"
+    result = trioconv_bytes("convert", "-p", "-f", "raw", "-O", "raw", src, dst)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith(b"    (0.00/100%)\r"), out
+    assert out.endswith(b"    (100.00/100%)\r\n"), out
+    assert re.fullmatch(rb"(?:    \(\d+\.\d\d/100%\)\r)+\n", out), out
+    records = out[:-1].split(b"\r")[:-1]
+    assert all(re.fullmatch(rb"    \(\d+\.\d\d/100%\)", r) for r in records), records
+    values = [float(v) for v in QEMU_PROGRESS_RECORD.findall(out)]
+    assert values == sorted(values), values
+    assert_identical(src, dst)
+
+
+def test_quiet_silences_progress(src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "dst.img"
+    result = trioconv_bytes("convert", "-q", "-p", src, dst)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == b""
+    assert result.stderr == b""
+    assert_identical(src, dst)
+
+
+def test_progress_json(src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "dst.img"
+    result = trioconv_cli("convert", "--progress=json", src, dst)
+    ok(result)
+    lines = json_lines(result.stdout)
+    last = lines[-1]
+    assert last["finished"] is True
+    assert last["done"] == last["total"] == 4 * MiB
+    assert all(line["finished"] is False for line in lines[:-1])
+    assert_identical(src, dst)
+
+
+# -- 2. getopt-style arguments -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["-m8", "-Oraw", "-fraw"], id="attached-values"),
+        pytest.param(
+            [
+                "--source-format",
+                "raw",
+                "--target-format",
+                "raw",
+                "--parallel",
+                "2",
+                "--oob-writes",
+                "--sparse-size",
+                "8k",
+            ],
+            id="long-options",
+        ),
+        pytest.param(["--source-format=raw", "--target-format=raw", "--parallel=3"], id="long-eq"),
+    ],
+)
+def test_getopt_forms(src: Path, tmp_path: Path, args: list[str]) -> None:
+    dst = tmp_path / "dst.img"
+    result = trioconv_cli("convert", *args, src, dst)
+    ok(result)
+    assert result.stdout == ""
+    assert_identical(src, dst)
+
+
+def test_bundled_flags_with_attached_value(src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "dst.img"
+    result = trioconv_bytes("convert", "-pWm4", "-Oraw", src, dst)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(b"    (0.00/100%)\r")
+    assert result.stdout.endswith(b"    (100.00/100%)\r\n")
+    assert_identical(src, dst)
+
+
+@pytest.mark.parametrize("bundle", ["-pWm65", "-qm0"])
+def test_bundled_value_is_the_value_of_the_option(src: Path, tmp_path: Path, bundle: str) -> None:
+    """The text after ``m`` in a bundle really is ``-m``'s value: a bad one is refused."""
+    dst = tmp_path / "dst.img"
+    message = assert_one_error(trioconv_cli("convert", bundle, src, dst))
+    assert "coroutines" in message
+    assert f"'{bundle.split('m')[-1]}'" in message
+    assert not dst.exists()
+
+
+def test_default_sparse_size_is_4k(make_image: ImageMaker, tmp_path: Path) -> None:
+    """A 4 KiB zero block inside data becomes a hole with the default -S (4k)."""
+    src = make_image("src.img", "4M", "write -P 0x11 0 4M", "write -P 0 1M 4k")
+    dst = tmp_path / "dst.img"
+    ok(trioconv_cli("convert", src, dst))
+    assert ranges(dst, data=False) == [(MiB, MiB + 4096)]
+    assert_identical(src, dst)
+
+
+@pytest.mark.parametrize("form", [["--sparse-size", "8k"], ["-S8k"]], ids=["long", "attached"])
+def test_sparse_size_option_is_honoured(
+    make_image: ImageMaker, tmp_path: Path, form: list[str]
+) -> None:
+    """... but not with -S 8k: the 8 KiB block around it is not all zero."""
+    src = make_image("src.img", "4M", "write -P 0x11 0 4M", "write -P 0 1M 4k")
+    dst = tmp_path / "dst.img"
+    ok(trioconv_cli("convert", *form, src, dst))
+    assert ranges(dst, data=False) == []
+    assert_identical(src, dst)
+
+
+# -- 3. several sources ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param([], id="default"),
+        pytest.param(["-W", "-m", "3"], id="oob"),
+        pytest.param(["-t", "none", "-T", "none"], id="direct"),
+    ],
+)
+def test_sources_are_concatenated(make_image: ImageMaker, tmp_path: Path, args: list[str]) -> None:
+    a = make_image("a.img", "1M", "write -P 0xa1 0 1M")
+    b = make_image(
+        "b.img", "3146240", "write -P 0xb2 4096 64k", "write -P 0xb3 2M 4k", "write -P 0xb4 3M 512"
+    )
+    c = make_image("c.img", "2M", "write -P 0xc4 0 512", "write -P 0xc5 1M 8k")
+    expected = tmp_path / "expected.img"
+    expected.write_bytes(b"".join(p.read_bytes() for p in (a, b, c)))
+    dst = tmp_path / "dst.img"
+    ok(trioconv_cli("convert", *args, "-f", "raw", a, b, c, dst))
+    assert dst.stat().st_size == 1 * MiB + 3146240 + 2 * MiB
+    assert_identical(expected, dst)
+    assert dst.read_bytes() == expected.read_bytes()
+
+
+# -- 4. sparse output --------------------------------------------------------------------------
+
+
+def test_zero_runs_are_skipped(make_image: ImageMaker, tmp_path: Path) -> None:
+    src = make_image("sparse.img", "8M", "write -P 0xab 0 1M", "write -P 0xcd 4M 1M")
+    dst = tmp_path / "dst.img"
+    ok(trioconv_cli("convert", src, dst))
+    assert_identical(src, dst)
+    assert ranges(dst, data=True) == [(0, MiB), (4 * MiB, 5 * MiB)]
+    assert ranges(dst, data=False) == [(MiB, 4 * MiB), (5 * MiB, 8 * MiB)]
+
+
+def test_sparse_size_zero_fully_allocates(make_image: ImageMaker, tmp_path: Path) -> None:
+    src = make_image("sparse.img", "8M", "write -P 0xab 0 1M", "write -P 0xcd 4M 1M")
+    dst = tmp_path / "dst.img"
+    ok(trioconv_cli("convert", "-S", "0", src, dst))
+    assert_identical(src, dst)
+    entries = qemu_map(dst)
+    assert len(entries) == 1, entries
+    assert entries[0]["data"] is True
+    assert entries[0]["start"] == 0
+    assert entries[0]["length"] == 8 * MiB
+
+
+def test_written_zeroes_inside_data_become_a_hole(make_image: ImageMaker, tmp_path: Path) -> None:
+    src = make_image("zeroed.img", "4M", "write -P 0x11 0 4M", "write -P 0 1M 1M")
+    assert ranges(src, data=False) == [], "precondition: the zeroes are allocated data"
+    dst = tmp_path / "dst.img"
+    ok(trioconv_cli("convert", src, dst))
+    assert_identical(src, dst)
+    assert ranges(dst, data=False) == [(MiB, 2 * MiB)]
+    assert ranges(dst, data=True) == [(0, MiB), (2 * MiB, 4 * MiB)]
+
+
+# -- 5. -n: writing into an existing target ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param([], id="default"),
+        pytest.param(["-W", "-t", "none"], id="oob-direct"),
+    ],
+)
+def test_no_create_onto_larger_dirty_target(
+    make_image: ImageMaker, tmp_path: Path, args: list[str]
+) -> None:
+    src = make_image(
+        "src.img",
+        "4M",
+        "write -P 0xab 0 1M",
+        "write -P 0 256k 64k",  # written zeroes inside data
+        "write -P 0xcd 2M 512k",
+    )
+    target = make_image("target.img", "6M", "write -P 0xff 0 6M")
+    ok(trioconv_cli("convert", "-n", *args, src, target))
+    data = target.read_bytes()
+    assert len(data) == 6 * MiB
+    source = src.read_bytes()
+    assert data[: 4 * MiB] == source
+    assert data[4 * MiB :] == b"\xff" * (2 * MiB)
+    # The source's zeroes really are zeroes on the target, not left-over 0xff.
+    assert data[256 * 1024 : 320 * 1024] == bytes(64 * 1024)
+    assert data[MiB : 2 * MiB] == bytes(MiB)
+    assert data[2 * MiB + 512 * 1024 : 4 * MiB] == bytes(MiB + 512 * 1024)
+
+
+def test_no_create_writes_zeroes_without_target_is_zero(src: Path, make_image: ImageMaker) -> None:
+    target = make_image("target.img", "4M", "write -P 0xff 0 4M")
+    result = trioconv_cli("convert", "-n", "--progress=json", src, target)
+    ok(result)
+    last = json_lines(result.stdout)[-1]
+    assert last["skipped"] == 0
+    assert isinstance(last["zeroed"], int)
+    assert last["zeroed"] >= 2 * MiB + 512 * 1024
+    assert_identical(src, target)
+
+
+def test_no_create_target_is_zero(src: Path, make_image: ImageMaker) -> None:
+    target = make_image("target.img", "4M")
+    result = trioconv_cli("convert", "-n", "--target-is-zero", "--progress=json", src, target)
+    ok(result)
+    last = json_lines(result.stdout)[-1]
+    assert last["done"] == last["total"] == 4 * MiB
+    assert isinstance(last["skipped"], int)
+    assert last["skipped"] >= 2 * MiB + 512 * 1024
+    assert last["zeroed"] == 0
+    assert_identical(src, target)
+
+
+# -- 6. bad input: one line, exit 1, nothing left behind ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        pytest.param(["-m", "0"], "coroutines", id="m0"),
+        pytest.param(["-m", "65"], "coroutines", id="m65"),
+        pytest.param(["-m", "x"], "coroutines", id="mx"),
+        pytest.param(["-S", "100"], "sparse", id="S100"),
+        pytest.param(["-S", "1x"], "sparse", id="S1x"),
+        pytest.param(["--target-is-zero"], "-n", id="target-is-zero-without-n"),
+        pytest.param(["-C", "-S", "4k"], "-S", id="C-with-S"),
+        pytest.param(["-c"], "compress", id="compress-raw"),
+        pytest.param(["-B", "base.img"], "backing", id="backing-raw"),
+        pytest.param(["-O", "qcow2"], "qcow2", id="O-qcow2"),
+        pytest.param(["--bogus"], "--bogus", id="unknown-long-option"),
+        pytest.param(["-t", "bogus"], "bogus", id="t-bogus"),
+        pytest.param(["-o", "foo=bar"], "foo", id="o-foo"),
+        pytest.param(["-o", "preallocation=bogus"], "preallocation", id="o-prealloc-bogus"),
+        pytest.param(["-r", "1x"], "rate", id="r-1x"),
+        pytest.param(["-f", "nosuchformat"], "nosuchformat", id="f-unknown"),
+    ],
+)
+def test_bad_option(src: Path, tmp_path: Path, args: list[str], needle: str) -> None:
+    dst = tmp_path / "dst.img"
+    before = sha256(src)
+    message = assert_one_error(trioconv_cli("convert", *args, src, dst))
+    assert needle.lower() in message.lower()
+    assert not dst.exists()
+    assert sha256(src) == before
+
+
+def test_missing_source(tmp_path: Path) -> None:
+    dst = tmp_path / "dst.img"
+    message = assert_one_error(trioconv_cli("convert", tmp_path / "nope.img", dst))
+    assert "nope.img" in message
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("parent", ["no/such/dir", "src.img"])
+def test_target_in_unusable_folder(src: Path, tmp_path: Path, parent: str) -> None:
+    """A nonexistent folder, or a "folder" that is a regular file (unwritable even as root)."""
+    dst = tmp_path / parent / "dst.img"
+    before = sha256(src)
+    message = assert_one_error(trioconv_cli("convert", src, dst))
+    assert "dst.img" in message
+    assert not dst.exists()
+    assert sha256(src) == before
+
+
+def test_no_create_onto_smaller_target(src: Path, make_image: ImageMaker) -> None:
+    target = make_image("small.img", "1M", "write -P 0xee 0 1M")
+    before = sha256(target)
+    message = assert_one_error(trioconv_cli("convert", "-n", src, target))
+    assert "smaller" in message
+    assert target.exists()
+    assert sha256(target) == before
+
+
+def test_no_create_onto_missing_target(src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "dst.img"
+    assert_one_error(trioconv_cli("convert", "-n", src, dst))
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("same", ["same-path", "symlink"])
+def test_source_is_target(src: Path, same: str) -> None:
+    before = sha256(src)
+    target: str | Path = src
+    if same == "symlink":
+        target = src.parent / "alias.img"
+        target.symlink_to(src)
+    message = assert_one_error(trioconv_cli("convert", src, target))
+    assert "source" in message
+    assert sha256(src) == before
+    assert src.stat().st_size == 4 * MiB
+
+
+def test_qcow2_source_is_refused_by_name(qemu_img: str, tmp_path: Path) -> None:
+    source = tmp_path / "disk.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", source, "4M")
+    dst = tmp_path / "dst.img"
+    message = assert_one_error(trioconv_cli("convert", source, dst))
+    assert "qcow2" in message
+    assert not dst.exists()
+
+
+@pytest.mark.parametrize("count", [0, 1])
+def test_too_few_filenames(src: Path, count: int) -> None:
+    files = [src][:count]
+    assert_one_error(trioconv_cli("convert", *files))
+
+
+# -- 7. -o: creation options -------------------------------------------------------------------
+
+
+def test_o_help_lists_raw_creation_options(src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "dst.img"
+    result = trioconv_cli("convert", "-O", "raw", "-o", "help", src, dst)
+    ok(result)
+    assert "preallocation" in result.stdout
+    assert "falloc" in result.stdout
+    assert "full" in result.stdout
+    assert not dst.exists()
+
+
+def test_o_help_without_filenames() -> None:
+    """``qemu-img convert -O raw -o help`` needs no filenames; a drop-in must not either."""
+    result = trioconv_cli("convert", "-O", "raw", "-o", "help")
+    ok(result)
+    assert "preallocation" in result.stdout
+
+
+def test_preallocation_falloc(make_image: ImageMaker, tmp_path: Path) -> None:
+    src = make_image("sparse.img", "8M", "write -P 0xab 0 1M", "write -P 0xcd 4M 1M")
+    plain = tmp_path / "plain.img"
+    ok(trioconv_cli("convert", src, plain))
+    dst = tmp_path / "falloc.img"
+    ok(trioconv_cli("convert", "-o", "preallocation=falloc", src, dst))
+    assert_identical(src, dst)
+    assert dst.stat().st_blocks * 512 >= 8 * MiB
+    assert plain.stat().st_blocks * 512 < 8 * MiB
+
+
+def test_preallocation_full(make_image: ImageMaker, tmp_path: Path) -> None:
+    src = make_image("sparse.img", "8M", "write -P 0xab 0 1M", "write -P 0xcd 4M 1M")
+    dst = tmp_path / "full.img"
+    ok(trioconv_cli("convert", "-O", "raw", "-o", "preallocation=full", src, dst))
+    assert_identical(src, dst)
+    assert ranges(dst, data=False) == []
+    assert ranges(dst, data=True) == [(0, 8 * MiB)]
+    assert dst.stat().st_blocks * 512 >= 8 * MiB
+
+
+# -- 8. info -----------------------------------------------------------------------------------
+
+
+def test_info_human(src: Path) -> None:
+    result = trioconv_cli("info", src)
+    ok(result)
+    lines = result.stdout.splitlines()
+    assert "file format: raw" in lines
+    assert any(line.startswith("virtual size:") for line in lines), result.stdout
+    assert "(4194304 bytes)" in result.stdout
+
+
+@pytest.mark.parametrize("form", [["--output", "json"], ["--output=json"]], ids=["space", "eq"])
+def test_info_json(src: Path, form: list[str]) -> None:
+    result = trioconv_cli("info", *form, src)
+    ok(result)
+    info = json.loads(result.stdout)
+    assert isinstance(info, dict)
+    assert {"virtual-size", "format", "actual-size", "filename"} <= info.keys()
+    assert info["virtual-size"] == 4 * MiB
+    assert info["format"] == "raw"
+    assert info["filename"] == str(src)
+    assert isinstance(info["actual-size"], int)
+    assert 0 < info["actual-size"] <= 4 * MiB
+
+
+def test_info_refuses_qcow2_by_name(qemu_img: str, tmp_path: Path) -> None:
+    image = tmp_path / "disk.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", image, "4M")
+    message = assert_one_error(trioconv_cli("info", image))
+    assert "qcow2" in message
+
+
+# -- 9. signals --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("signum", "status"),
+    [
+        pytest.param(signal.SIGINT, 130, id="SIGINT"),
+        pytest.param(signal.SIGTERM, 143, id="SIGTERM"),
+    ],
+)
+def test_signals(
+    make_image: ImageMaker, tmp_path: Path, signum: signal.Signals, status: int
+) -> None:
+    src = make_image("random.img", "8M")
+    src.write_bytes(os.urandom(8 * MiB))  # nothing to skip: every byte must be written
+    dst = tmp_path / "dst.img"
+    err_path = tmp_path / "stderr.txt"
+    command = [sys.executable, "-m", "trioconv", "convert", "-r", "1M", str(src), str(dst)]
+    with (
+        err_path.open("wb") as err,
+        subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err) as proc,
+    ):
+        try:
+            # The target appears once the conversion (and its signal handling) has begun.
+            wait_for(lambda: dst.exists() or proc.poll() is not None, 20, "the target file")
+            assert proc.poll() is None, err_path.read_text()
+            time.sleep(1)
+            assert proc.poll() is None, "finished before it could be interrupted"
+            proc.send_signal(signal.SIGUSR1)
+            wait_for(
+                lambda: (
+                    PROGRESS_ON_STDERR.search(err_path.read_text()) is not None
+                    or proc.poll() is not None
+                ),
+                5,
+                "a progress line on stderr",
+            )
+            assert proc.poll() is None, err_path.read_text()
+            assert PROGRESS_ON_STDERR.search(err_path.read_text())
+            proc.send_signal(signum)
+            wait_for(lambda: proc.poll() is not None, 10, f"exit after {signum.name}")
+            code = proc.returncode
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = err_path.read_text()
+    assert code == status, stderr
+    assert "Traceback" not in stderr, stderr
+    assert not dst.exists()
+    assert src.stat().st_size == 8 * MiB
+
+
+# -- 10. copy offload and O_DIRECT -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        pytest.param(["-C"], id="copy-offload"),
+        pytest.param(["-t", "none", "-T", "none"], id="o-direct"),
+        pytest.param(["-t", "directsync", "-T", "none", "-W"], id="directsync"),
+    ],
+)
+def test_offload_and_direct_io_with_unaligned_size(
+    make_image: ImageMaker, tmp_path: Path, args: list[str]
+) -> None:
+    size = 5 * MiB + 512
+    src = make_image(
+        "odd.img",
+        str(size),
+        "write -P 0x5a 0 1M",
+        "write -P 0x6b 3M 100k",
+        f"write -P 0x77 {size - 512} 512",
+    )
+    dst = tmp_path / "dst.img"
+    ok(trioconv_cli("convert", *args, src, dst))
+    assert dst.stat().st_size == size
+    assert_identical(src, dst)
+    assert dst.read_bytes()[-512:] == b"\x77" * 512
