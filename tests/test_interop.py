@@ -141,3 +141,22 @@ async def test_failed_conversion_leaves_preexisting_file(make_image: ImageMaker)
     with pytest.raises(trioconv.ConvertError):
         await trioconv.convert([source], target)
     assert target.exists()
+
+
+async def test_copy_offload_falls_back_when_kernel_refuses(
+    mixed: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trioconv.protocols.file import FileDriver
+
+    calls = 0
+
+    async def refuse(self: FileDriver, *args: object) -> None:
+        nonlocal calls
+        calls += 1
+        raise trioconv.UnsupportedError("copy offload not possible: Invalid cross-device link")
+
+    monkeypatch.setattr(FileDriver, "copy_range", refuse)
+    target = tmp_path / "out.img"
+    await trioconv.convert(mixed, target, trioconv.ConvertOptions(copy_range=True, parallel=8))
+    assert calls >= 1
+    assert_identical(mixed, target)

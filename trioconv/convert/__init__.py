@@ -10,7 +10,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from .._errors import ImageError, UnsupportedError
+from .._errors import ConvertError, ImageError, TrioconvError, UnsupportedError
 from .._open import check_create_options, create_image, open_image
 from ..driver import Driver
 from .options import ConvertOptions
@@ -47,6 +47,8 @@ class ConvertResult:
 def _check_format_features(opts: ConvertOptions, nsources: int) -> None:
     """Refuse, by name, what the target format cannot do (qemu-img's wording)."""
     fmt = opts.target_format
+    if not opts.no_create:
+        check_create_options(fmt, opts.target_options)
     if nsources > 1 and opts.snapshot is not None:
         raise UnsupportedError("No support for concatenating multiple snapshot")
     if nsources > 1 and opts.backing_file is not None:
@@ -165,7 +167,10 @@ async def _convert(
             zero_init = opts.target_is_zero or (is_new and tgt.caps.zero_init)
             start = trio.current_time()
             salvaged = await run_pipeline(drivers, tgt, opts, progress, zero_init=zero_init)
-            await tgt.flush()
+            try:
+                await tgt.flush()
+            except TrioconvError as exc:
+                raise ConvertError(str(exc)) from exc
         except BaseException:
             _remove(created)
             raise

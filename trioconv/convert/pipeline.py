@@ -247,7 +247,8 @@ class _Engine:
         self.pool = [mmap.mmap(-1, self.buffer_size) for _ in range(opts.parallel)]
         self.zero_buffer = bytes(min(self.buffer_size, 4 * 1024 * 1024))
         self.rate = _RateLimiter(opts.rate_limit) if opts.rate_limit else None
-        self.offload = opts.copy_range and _file_of(target) is not None
+        target_file = _file_of(target)
+        self.offload = opts.copy_range and target_file is not None and target_file.caps.copy_range
         self.salvaged: list[tuple[int, int]] = []
 
     # -- planner -----------------------------------------------------------------------
@@ -334,7 +335,7 @@ class _Engine:
         buf = self.pool.pop()
         view = memoryview(buf)[: job.length]
         try:
-            if self.offload and await self._offload(job, tickets):
+            if self.offload and await self._offload(job, view, tickets):
                 self.progress._advance(written=job.length)
                 return
             await self._read(job, view)
@@ -359,11 +360,18 @@ class _Engine:
             view.release()
             self.pool.append(buf)
 
-    async def _offload(self, job: Job, tickets: trio.MemorySendChannel[_Ticket] | None) -> bool:
+    async def _offload(
+        self, job: Job, view: memoryview, tickets: trio.MemorySendChannel[_Ticket] | None
+    ) -> bool:
+        """Copy the job in the kernel; False when some piece cannot be offloaded.
+
+        When the kernel refuses part-way, offloading is switched off for the rest of the
+        conversion and this job is finished by reading into ``view`` and writing.
+        """
         target = _file_of(self.target)
         pieces = self.sources.pieces(job.offset, job.length)
         files = [_file_of(src) for src, *_ in pieces]
-        if target is None or any(f is None for f in files):
+        if target is None or any(f is None or not f.caps.copy_range for f in files):
             return False
         if self.rate is not None:
             await self.rate.wait(job.length)
@@ -375,18 +383,9 @@ class _Engine:
         except UnsupportedError as exc:
             log.debug("copy offload disabled: %s", exc)
             self.offload = False
-            await self._read_write_after_turn(job)
-        return True
-
-    async def _read_write_after_turn(self, job: Job) -> None:
-        buf = self.pool.pop()
-        view = memoryview(buf)[: job.length]
-        try:
             await self._read(job, view)
             await self.target.pwrite(job.offset, view)
-        finally:
-            view.release()
-            self.pool.append(buf)
+        return True
 
     async def _read(self, job: Job, view: memoryview) -> None:
         for src, soff, n, toff in self.sources.pieces(job.offset, job.length):
@@ -409,7 +408,7 @@ class _Engine:
                 await src.preadinto(offset + pos, sub)
             except TrioconvIOError as exc:
                 sub[:] = bytes(n)
-                log.warning("error while reading at byte %d: %s", offset + pos, exc)
+                log.warning("%s (salvaged as zeroes)", exc)
                 if self.salvaged and sum(self.salvaged[-1]) == offset + pos:
                     start, length = self.salvaged[-1]
                     self.salvaged[-1] = (start, length + n)
