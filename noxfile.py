@@ -38,7 +38,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict on everything (configured in pyproject.toml)."""
     install(session, "test")
-    session.install(*LINT_TOOLS, "nox")
+    session.install(*LINT_TOOLS, "nox", "sphinx>=7")
     session.run("mypy", *session.posargs)
 
 
