@@ -1,0 +1,66 @@
+"""Block devices: a loop device stands in for a real disk (needs root and losetup)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import trioconv
+
+from .conftest import IN_CI, ImageMaker, require_tool, trioconv_cli
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MiB loop device backed by a file full of 0xee; detached afterwards."""
+    losetup = require_tool("losetup")
+    if os.geteuid() != 0:
+        if IN_CI:
+            pytest.fail("CI=true but not root: loop devices cannot be attached")
+        pytest.skip("attaching a loop device needs root")
+    backing = tmp_path / "backing.img"
+    backing.write_bytes(b"\xee" * 8 * 2**20)
+    dev = subprocess.run(
+        [losetup, "-f", "--show", str(backing)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        yield Path(dev)
+    finally:
+        subprocess.run([losetup, "-d", dev], check=False)
+
+
+def test_convert_onto_and_from_a_block_device(
+    loop_device: Path, make_image: ImageMaker, tmp_path: Path
+) -> None:
+    src = make_image("src.img", "6M", "write -P 0xab 0 1M", "write -P 0x11 3M 2M")
+    result = trioconv_cli("convert", "-n", "-O", "raw", src, loop_device)
+    assert result.returncode == 0, result.stderr
+    head = loop_device.read_bytes()[: 6 * 2**20]
+    assert head == src.read_bytes()  # zero runs were really zeroed on the device
+    back = tmp_path / "back.img"
+    result = trioconv_cli("convert", "-f", "raw", "-T", "none", str(loop_device), back)
+    assert result.returncode == 0, result.stderr
+    assert back.stat().st_size == 8 * 2**20
+    assert back.read_bytes()[: 6 * 2**20] == src.read_bytes()
+
+
+async def test_block_device_driver(loop_device: Path) -> None:
+    from trioconv.protocols.file import open_file
+    from trioconv.testing import check_driver
+
+    async with await open_file(loop_device, writable=True, cache=trioconv.CacheMode.NONE) as drv:
+        assert drv.is_block_device
+        assert drv.size == 8 * 2**20
+        assert drv.limits.request_alignment in (512, 4096)
+        await check_driver(drv)
+
+
+def test_smaller_block_device_is_refused(loop_device: Path, make_image: ImageMaker) -> None:
+    src = make_image("big.img", "16M")
+    result = trioconv_cli("convert", "-n", src, loop_device)
+    assert result.returncode == 1
+    assert "smaller" in result.stderr
