@@ -32,7 +32,7 @@ async def test_file_driver(tmp_path: Path, cache: str) -> None:
 async def test_raw_over_file(tmp_path: Path) -> None:
     path = tmp_path / "disk.img"
     await trioconv.create_image(path, "raw", SIZE)
-    async with await trioconv.open_image(path, "raw", writable=True) as drv:
+    async with trioconv.open_image(path, "raw", writable=True) as drv:
         assert drv.name == "raw"
         await check_driver(drv)
 
@@ -63,7 +63,7 @@ async def test_unaligned_tail_with_o_direct(tmp_path: Path) -> None:
 async def test_sources_are_opened_read_only(tmp_path: Path) -> None:
     path = tmp_path / "ro.img"
     await create_file(path, SIZE)
-    async with await trioconv.open_image(path, "raw") as drv:
+    async with trioconv.open_image(path, "raw") as drv:
         assert not drv.caps.writable
         with pytest.raises(trioconv.TrioconvError):
             await drv.pwrite(0, b"x")
@@ -93,4 +93,5 @@ async def test_probe_refuses_known_unsupported_formats(tmp_path: Path) -> None:
     path = tmp_path / "fake.qcow2"
     path.write_bytes(b"QFI\xfb\x00\x00\x00\x03" + bytes(4088))
     with pytest.raises(trioconv.ImageError, match="qcow2"):
-        await trioconv.open_image(path)
+        async with trioconv.open_image(path):
+            pass

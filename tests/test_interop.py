@@ -128,7 +128,7 @@ async def test_same_file_refused_before_anything_is_written(mixed: Path) -> None
 
 
 async def test_info_matches_qemu(mixed: Path) -> None:
-    async with await trioconv.open_image(mixed) as drv:
+    async with trioconv.open_image(mixed) as drv:
         assert drv.name == "raw"
         assert drv.size == 32 * 2**20
 

@@ -7,9 +7,11 @@ read yet are refused by name, never mistaken for raw.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 
 import attrs
 
@@ -18,6 +20,7 @@ from ._errors import ImageError, UnsupportedError, UsageError
 from .driver import Driver
 from .formats.raw import RAW_CREATE_OPTIONS, RawDriver, probe_raw
 from .protocols.file import create_file, open_file
+from .protocols.nbd import is_nbd_uri, open_nbd
 
 __all__ = [
     "FormatInfo",
@@ -128,44 +131,54 @@ def _transport_path(location: str | os.PathLike[str]) -> str:
     return text
 
 
+@asynccontextmanager
 async def open_image(
     location: str | os.PathLike[str],
     fmt: str | None = None,
     *,
     writable: bool = False,
     cache: CacheMode | str = CacheMode.WRITEBACK,
-) -> Driver:
-    """Open an image and return the driver stack's top, ready for I/O.
+) -> AsyncIterator[Driver]:
+    """Open an image: an async context manager giving the driver stack's top.
+
+    ::
+
+        async with trioconv.open_image("disk.img") as image:
+            header = await image.pread(0, 512)
 
     Args:
-        location: a path (optionally ``file:``-prefixed).
+        location: a path (optionally ``file:``-prefixed) or an NBD URI
+            (``nbd://host[:port]/export``, ``nbd+unix:///export?socket=PATH``).
         fmt: the format; probed from the first bytes when None.
         writable: open for writing (sources are always opened read-only).
-        cache: the cache mode (see :class:`~trioconv.CacheMode`).
+        cache: the cache mode for local files (see :class:`~trioconv.CacheMode`).
 
-    The caller owns the driver: close it with ``await driver.aclose()`` or use it as an
-    async context manager.
+    Everything the image needs - a file descriptor, a network connection and its reader
+    task - lives inside the ``async with`` block and is released when it ends.
 
     Raises:
         ImageError: it cannot be opened, or is in a format trioconv cannot read yet.
         UsageError: ``fmt`` is not a format name.
     """
     info = _format(fmt) if fmt is not None else None
-    path = _transport_path(location)
-    transport = await open_file(path, writable=writable, cache=CacheMode.parse(cache))
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        text = os.fspath(location)
+        transport: Driver
+        if is_nbd_uri(text):
+            transport = await stack.enter_async_context(open_nbd(text, writable=writable))
+        else:
+            path = _transport_path(text)
+            transport = await open_file(path, writable=writable, cache=CacheMode.parse(cache))
+            stack.push_async_callback(transport.aclose)
         if info is None:
             length = min(_PROBE_BYTES, transport.size)
             header = await transport.pread(0, length) if length else b""
-            info = _FORMATS[probe_format(header, path)]
+            info = _FORMATS[probe_format(header, text)]
         if info.open is None:
             raise ImageError(
-                f"Could not open '{path}': image format '{info.name}' is not supported yet"
+                f"Could not open '{text}': image format '{info.name}' is not supported yet"
             )
-        return info.open(transport)
-    except BaseException:
-        await transport.aclose()
-        raise
+        yield info.open(transport)
 
 
 def check_create_options(fmt: str, options: Mapping[str, str]) -> None:
@@ -212,5 +225,10 @@ async def create_image(
     """
     options = dict(options or {})
     check_create_options(fmt, options)
+    if is_nbd_uri(os.fspath(location)):
+        raise UnsupportedError(
+            f"Protocol driver 'nbd' does not support image creation: '{os.fspath(location)}' "
+            "(use -n to write into an existing export)"
+        )
     path = _transport_path(location)
     return await create_file(path, size, preallocation=options.get("preallocation", "off"))

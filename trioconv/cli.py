@@ -9,6 +9,7 @@ conversion cleanly (exit 130 and 143) and SIGUSR1 prints one progress line to st
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -244,14 +245,11 @@ async def convert(
 
 
 def _info_dict(path: str, fmt: str, size: int) -> dict[str, object]:
-    st = os.stat(path)
-    return {
-        "virtual-size": size,
-        "filename": path,
-        "format": fmt,
-        "actual-size": st.st_blocks * 512,
-        "dirty-flag": False,
-    }
+    info: dict[str, object] = {"virtual-size": size, "filename": path, "format": fmt}
+    with contextlib.suppress(OSError):  # not a local file (an NBD export): no disk size
+        info["actual-size"] = os.stat(path).st_blocks * 512
+    info["dirty-flag"] = False
+    return info
 
 
 @app.command
@@ -264,16 +262,17 @@ async def info(
     force_share: Annotated[bool, Parameter(name=["-U", "--force-share"], negative="")] = False,
 ) -> int:
     """Show an image's format, virtual size and disk size, like qemu-img info."""
-    async with await _open.open_image(image, fmt, cache=CacheMode.WRITEBACK) as drv:
+    async with _open.open_image(image, fmt, cache=CacheMode.WRITEBACK) as drv:
         data = _info_dict(image, drv.name, drv.size)
     if output == "json":
         print(json.dumps(data, indent=4))
     else:
-        vsize, asize = int(str(data["virtual-size"])), int(str(data["actual-size"]))
+        vsize = int(str(data["virtual-size"]))
         print(f"image: {image}")
         print(f"file format: {data['format']}")
         print(f"virtual size: {format_size(vsize)} ({vsize} bytes)")
-        print(f"disk size: {format_size(asize)}")
+        if "actual-size" in data:
+            print(f"disk size: {format_size(int(str(data['actual-size'])))}")
     return 0
 
 

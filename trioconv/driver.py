@@ -103,6 +103,7 @@ class Caps:
     Attributes:
         writable: opened for writing.
         zeroes: ``pwrite_zeroes`` is efficient (no data transferred).
+        trim: the driver can discard ranges.
         block_status: ``block_status`` returns real allocation information rather than
             reporting everything as DATA.
         zero_init: a newly created image of this kind reads as zeroes everywhere, so a
@@ -113,6 +114,7 @@ class Caps:
 
     writable: bool = False
     zeroes: bool = False
+    trim: bool = False
     block_status: bool = False
     zero_init: bool = False
     copy_range: bool = False

@@ -14,7 +14,7 @@ from .._errors import ConvertError, ImageError, TrioconvError, UnsupportedError
 from .._open import check_create_options, create_image, open_image
 from ..driver import Driver
 from .options import ConvertOptions
-from .pipeline import run_pipeline
+from .pipeline import convert_error_from_group, run_pipeline
 from .progress import Progress
 
 __all__ = ["ConvertOptions", "ConvertResult", "Progress", "convert"]
@@ -73,6 +73,8 @@ def _check_format_features(opts: ConvertOptions, nsources: int) -> None:
 def _same_file(a: ImageSpec, b: ImageSpec) -> bool:
     if isinstance(a, Driver) or isinstance(b, Driver):
         return a is b
+    if os.fspath(a) == os.fspath(b):
+        return True
     try:
         return os.path.samefile(a, b)
     except OSError:
@@ -114,6 +116,12 @@ async def convert(
     specs = [sources] if isinstance(sources, (str, os.PathLike, Driver)) else list(sources)
     try:
         return await _convert(specs, target, opts, progress)
+    except BaseExceptionGroup as group:
+        # A transport's own task failed (a dropped connection), outside the pipeline.
+        error = convert_error_from_group(group)
+        if error is None:
+            raise
+        raise error from group
     finally:
         progress._finish()
 
@@ -136,8 +144,9 @@ async def _convert(
             if isinstance(spec, Driver):
                 drivers.append(spec)
             else:
-                drv = await open_image(spec, opts.source_format, cache=opts.source_cache)
-                stack.push_async_callback(drv.aclose)
+                drv = await stack.enter_async_context(
+                    open_image(spec, opts.source_format, cache=opts.source_cache)
+                )
                 drivers.append(drv)
         if opts.snapshot is not None:
             raise UnsupportedError(
@@ -154,13 +163,12 @@ async def _convert(
                 if await create_image(target, opts.target_format, total, opts.target_options):
                     created = Path(os.fspath(target))
             try:
-                tgt = await open_image(
-                    target, opts.target_format, writable=True, cache=opts.target_cache
+                tgt = await stack.enter_async_context(
+                    open_image(target, opts.target_format, writable=True, cache=opts.target_cache)
                 )
             except BaseException:
                 _remove(created)
                 raise
-            stack.push_async_callback(tgt.aclose)
         try:
             if tgt.size < total:
                 raise ImageError("output file is smaller than input file")

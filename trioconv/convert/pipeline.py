@@ -462,6 +462,21 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
+def convert_error_from_group(group: BaseExceptionGroup[BaseException]) -> ConvertError | None:
+    """One :class:`ConvertError` for what a failed nursery raised.
+
+    Returns None when the group holds only cancellations (the caller's cancel scope
+    must see them) or a ``KeyboardInterrupt``/``SystemExit``; then re-raise the group.
+    """
+    real = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+    if not real or any(not isinstance(e, Exception) for e in real):
+        return None
+    first = next((e for e in real if isinstance(e, TrioconvError)), real[0])
+    if isinstance(first, TrioconvError):
+        return ConvertError(str(first))
+    return ConvertError(f"internal error: {type(first).__name__}: {first}")
+
+
 async def run_pipeline(
     sources: list[Driver],
     target: Driver,
@@ -481,16 +496,10 @@ async def run_pipeline(
     try:
         await engine.run()
     except BaseExceptionGroup as group:
-        leaves = _leaves(group)
-        real = [e for e in leaves if not isinstance(e, trio.Cancelled)]
-        if not real or any(not isinstance(e, Exception) for e in real):
+        error = convert_error_from_group(group)
+        if error is None:
             raise
-        first = next((e for e in real if isinstance(e, TrioconvError)), real[0])
-        if isinstance(first, TrioconvError):
-            message = str(first)
-        else:
-            message = f"internal error: {type(first).__name__}: {first}"
-        raise ConvertError(message) from group
+        raise error from group
     finally:
         engine.close()
     return engine.salvaged

@@ -1,0 +1,448 @@
+"""A Trio NBD client: one connection, many requests in flight, one reader task.
+
+Requests are written under a send lock (header and payload together, shielded from
+cancellation so a half-sent request can never corrupt the stream) and wait on their own
+event. A single reader task feeds received bytes to the sans-I/O
+:class:`~trioconv.protocols.nbd._proto.ReplyParser` and routes each reply to its request
+by cookie, copying read data straight into the requester's buffer. If the connection
+drops, the reader fails every waiting request at once and raises, which cancels whatever
+runs inside :func:`open_nbd` - a conversion stops promptly instead of hanging.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import itertools
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from ..._errors import ImageError, TrioconvIOError, UnsupportedError, ZeroesNotSupported
+from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
+from . import _proto as proto
+from ._proto import Cmd, CmdFlag, TxFlag
+
+__all__ = ["NBDAddress", "NBDDriver", "is_nbd_uri", "open_nbd", "parse_nbd_uri"]
+
+DEFAULT_PORT = 10809
+_SCHEMES = ("nbd", "nbds", "nbd+tcp", "nbds+tcp", "nbd+unix", "nbds+unix")
+_MAX_ZERO = 1 << 30
+_MAX_STATUS = 1 << 30
+_HANDSHAKE_TIMEOUT = 30.0
+
+
+def is_nbd_uri(location: str) -> bool:
+    """True when ``location`` is an NBD URI."""
+    scheme, sep, _ = location.partition("://")
+    return bool(sep) and scheme.lower() in _SCHEMES
+
+
+@attrs.frozen
+class NBDAddress:
+    """Where an export lives, parsed from an NBD URI."""
+
+    export: str
+    host: str | None = None
+    port: int = DEFAULT_PORT
+    socket: str | None = None
+    tls: bool = False
+
+    @property
+    def uri(self) -> str:
+        """The address written back as a URI."""
+        quoted = urllib.parse.quote(self.export)
+        s = "s" if self.tls else ""
+        if self.socket is not None:
+            return f"nbd{s}+unix:///{quoted}?socket={self.socket}"
+        host = f"[{self.host}]" if self.host and ":" in self.host else self.host
+        return f"nbd{s}://{host}:{self.port}/{quoted}"
+
+
+def parse_nbd_uri(uri: str) -> NBDAddress:
+    """Parse ``nbd://host[:port]/export`` or ``nbd+unix:///export?socket=PATH``.
+
+    Raises:
+        UsageError-like ImageError: the URI is malformed.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme not in _SCHEMES:
+        raise ImageError(f"'{uri}' is not an NBD URI")
+    tls = scheme.startswith("nbds")
+    export = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
+    query = urllib.parse.parse_qs(parts.query)
+    if scheme.endswith("+unix"):
+        sockets = query.get("socket")
+        if not sockets:
+            raise ImageError(f"'{uri}': an nbd+unix URI needs ?socket=PATH")
+        if parts.netloc:
+            raise ImageError(f"'{uri}': an nbd+unix URI has no host")
+        return NBDAddress(export=export, socket=sockets[0], tls=tls)
+    if not parts.hostname:
+        raise ImageError(f"'{uri}': missing host")
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError:
+        raise ImageError(f"'{uri}': invalid port") from None
+    return NBDAddress(export=export, host=parts.hostname, port=port, tls=tls)
+
+
+@attrs.define(eq=False)
+class _Pending:
+    cmd: Cmd
+    offset: int
+    buf: memoryview | None = None
+    error: TrioconvIOError | None = None
+    extents: tuple[tuple[int, int], ...] = ()
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+
+class NBDDriver(Driver):
+    """An NBD export. Made by :func:`open_nbd`, which also runs its reader task."""
+
+    name = "nbd"
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        info: proto.ExportInfo,
+        address: NBDAddress,
+        *,
+        writable: bool,
+        leftover: bytes = b"",
+    ) -> None:
+        self._stream = stream
+        self.info = info
+        self.address = address
+        self.location = address.uri
+        self._writable = writable
+        self._parser = proto.ReplyParser(max_payload=info.max_block + 4096)
+        if leftover:
+            self._parser.receive_data(leftover)
+        self._pending: dict[int, _Pending] = {}
+        self._cookies = itertools.count(1)
+        self._send_lock = trio.Lock()
+        self._closing = False
+        self._broken: TrioconvIOError | None = None
+        self._status: list[Extent] = []
+        self._zero = bytes(min(info.max_block, 4 * 1024 * 1024))
+
+    # -- geometry ------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.info.size
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            request_alignment=self.info.min_block,
+            max_transfer=self.info.max_block,
+            opt_transfer=self.info.preferred_block,
+        )
+
+    @property
+    def caps(self) -> Caps:
+        flags = self.info.flags
+        return Caps(
+            writable=self._writable,
+            zeroes=bool(flags & TxFlag.SEND_WRITE_ZEROES),
+            trim=bool(flags & TxFlag.SEND_TRIM),
+            block_status=self.info.allocation_context is not None,
+            zero_init=False,
+        )
+
+    # -- the reader task -------------------------------------------------------------------
+    async def reader(self) -> None:
+        """Receive replies and route them until the connection closes."""
+        try:
+            while True:
+                data = await self._stream.receive_some(256 * 1024)
+                if not data:
+                    raise TrioconvIOError("the server closed the connection")
+                self._parser.receive_data(data)
+                while (event := self._parser.next_event()) is not None:
+                    self._dispatch(event)
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            OSError,
+            proto.NBDProtocolError,
+            TrioconvIOError,
+        ) as exc:
+            if self._closing:
+                return
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            error = TrioconvIOError(f"{self.location}: connection to the NBD server lost: {reason}")
+            self._broken = error
+            for pending in self._pending.values():
+                pending.error = error
+                pending.done.set()
+            self._pending.clear()
+            raise error from exc
+
+    def _dispatch(self, event: proto.ReplyEvent) -> None:
+        pending = self._pending.get(event.cookie)
+        if pending is None:
+            raise proto.NBDProtocolError(f"reply for unknown cookie {event.cookie}")
+        done = True
+        if isinstance(event, proto.SimpleReply):
+            if event.error:
+                pending.error = self._server_error(pending, event.error, "")
+            elif event.data is not None and pending.buf is not None:
+                pending.buf[:] = event.data
+        elif isinstance(event, proto.DataChunk):
+            start = event.offset - pending.offset
+            if pending.buf is not None:
+                if start < 0 or start + event.data.nbytes > pending.buf.nbytes:
+                    raise proto.NBDProtocolError("read chunk outside the request")
+                pending.buf[start : start + event.data.nbytes] = event.data
+            done = event.done
+        elif isinstance(event, proto.HoleChunk):
+            start = event.offset - pending.offset
+            if pending.buf is not None:
+                if start < 0 or start + event.length > pending.buf.nbytes:
+                    raise proto.NBDProtocolError("hole chunk outside the request")
+                pending.buf[start : start + event.length] = bytes(event.length)
+            done = event.done
+        elif isinstance(event, proto.StatusChunk):
+            if event.context == self.info.allocation_context:
+                pending.extents = event.extents
+            done = event.done
+        elif isinstance(event, proto.ErrorChunk):
+            pending.error = self._server_error(pending, event.error, event.message)
+            done = event.done
+        if done:
+            del self._pending[event.cookie]
+            self._parser.forget(event.cookie)
+            pending.done.set()
+
+    def _server_error(self, pending: _Pending, error: int, message: str) -> TrioconvIOError:
+        what = {
+            Cmd.READ: "reading",
+            Cmd.WRITE: "writing",
+            Cmd.WRITE_ZEROES: "zeroing",
+            Cmd.FLUSH: "flushing",
+            Cmd.BLOCK_STATUS: "querying block status of",
+            Cmd.TRIM: "trimming",
+        }.get(pending.cmd, "accessing")
+        text = proto.errno_text(error) + (f" ({message})" if message else "")
+        return TrioconvIOError(
+            f"error while {what} {self.location} at byte {pending.offset}: {text}",
+            offset=pending.offset,
+            errno=errno_mod.ENOTSUP if error == 95 else error,
+        )
+
+    # -- requests ----------------------------------------------------------------------------
+    async def _request(
+        self,
+        cmd: Cmd,
+        offset: int,
+        length: int,
+        *,
+        flags: CmdFlag = CmdFlag.NONE,
+        payload: memoryview | None = None,
+        buf: memoryview | None = None,
+    ) -> _Pending:
+        if self._broken is not None:
+            raise self._broken
+        if self._closing:
+            raise TrioconvIOError(f"{self.location}: connection is closed")
+        cookie = next(self._cookies)
+        pending = _Pending(cmd, offset, buf)
+        self._pending[cookie] = pending
+        if cmd is Cmd.READ and not self.info.structured:
+            self._parser.expect_read(cookie, length)
+        header = proto.encode_request(cmd, cookie, offset, length, flags)
+        try:
+            async with self._send_lock:
+                # A request is sent whole or the connection is unusable: never cancel
+                # half-way. The reader closes the stream if the server goes away.
+                with trio.CancelScope(shield=True):
+                    try:
+                        if payload is None:
+                            await self._stream.send_all(header)
+                        elif payload.nbytes <= 65536:
+                            await self._stream.send_all(header + payload)
+                        else:
+                            await self._stream.send_all(header)
+                            await self._stream.send_all(payload)
+                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                        raise self._broken or TrioconvIOError(
+                            f"{self.location}: connection to the NBD server lost: {exc}"
+                        ) from exc
+            await pending.done.wait()
+        except BaseException:
+            # Cancelled or failed: the reply may still come; never write into ``buf``.
+            pending.buf = None
+            raise
+        if pending.error is not None:
+            raise pending.error
+        return pending
+
+    async def _split(self, cmd: Cmd, offset: int, view: memoryview) -> None:
+        """Send one request per max-block piece, all in flight together."""
+        step = self.info.max_block
+        if view.nbytes <= step:
+            if cmd is Cmd.READ:
+                await self._request(cmd, offset, view.nbytes, buf=view)
+            else:
+                await self._request(cmd, offset, view.nbytes, payload=view)
+            return
+        async with trio.open_nursery() as nursery:
+            for start in range(0, view.nbytes, step):
+                nursery.start_soon(self._split, cmd, offset + start, view[start : start + step])
+
+    async def preadinto(self, offset: int, buf: memoryview) -> None:
+        if buf.nbytes:
+            await self._split(Cmd.READ, offset, buf.cast("B") if buf.format != "B" else buf)
+
+    async def pwrite(self, offset: int, data: Buffer) -> None:
+        if not self._writable:
+            raise UnsupportedError(f"{self.location}: opened read-only")
+        view = memoryview(data).cast("B")
+        if view.nbytes:
+            await self._split(Cmd.WRITE, offset, view)
+
+    async def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        if not self._writable:
+            raise UnsupportedError(f"{self.location}: opened read-only")
+        if not self.info.flags & TxFlag.SEND_WRITE_ZEROES:
+            raise ZeroesNotSupported(f"{self.location}: server cannot write zeroes")
+        flags = CmdFlag.NONE if may_unmap else CmdFlag.NO_HOLE
+        step = _MAX_ZERO - _MAX_ZERO % self.info.min_block
+        async with trio.open_nursery() as nursery:
+            for start in range(offset, offset + length, step):
+                n = min(step, offset + length - start)
+                nursery.start_soon(self._zero_piece, start, n, flags)
+
+    async def _zero_piece(self, offset: int, length: int, flags: CmdFlag) -> None:
+        try:
+            await self._request(Cmd.WRITE_ZEROES, offset, length, flags=flags)
+        except TrioconvIOError as exc:
+            if exc.errno in (errno_mod.ENOTSUP, errno_mod.EOPNOTSUPP):
+                raise ZeroesNotSupported(str(exc)) from exc
+            raise
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        end = min(self.size, offset + length)
+        if self.info.allocation_context is None:
+            return Extent(offset, end - offset, ExtentKind.DATA)
+        for ext in self._status:
+            if ext.offset <= offset < ext.end:
+                return Extent(offset, min(ext.end, end) - offset, ext.kind)
+        want = min(end - offset, _MAX_STATUS)
+        pending = await self._request(Cmd.BLOCK_STATUS, offset, want)
+        if not pending.extents:
+            raise TrioconvIOError(f"{self.location}: server sent no block status at byte {offset}")
+        extents: list[Extent] = []
+        pos = offset
+        for n, state in pending.extents:
+            if n == 0 or pos >= self.size:
+                break
+            n = min(n, self.size - pos)
+            kind = ExtentKind.ZERO if state & proto.STATE_ZERO else ExtentKind.DATA
+            if extents and extents[-1].kind is kind:
+                extents[-1] = Extent(extents[-1].offset, extents[-1].length + n, kind)
+            else:
+                extents.append(Extent(pos, n, kind))
+            pos += n
+        if not extents:
+            raise TrioconvIOError(f"{self.location}: empty block status at byte {offset}")
+        self._status = extents
+        first = extents[0]
+        return Extent(offset, min(first.end, end) - offset, first.kind)
+
+    async def flush(self) -> None:
+        if self._writable and self.info.flags & TxFlag.SEND_FLUSH:
+            await self._request(Cmd.FLUSH, 0, 0)
+
+    async def aclose(self) -> None:
+        if self._closing:
+            return
+        self._closing = True
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            if self._broken is None:
+                try:
+                    async with self._send_lock:
+                        await self._stream.send_all(proto.encode_request(Cmd.DISC, 0))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            await self._stream.aclose()
+
+
+async def _handshake(stream: trio.abc.Stream, export: str) -> tuple[proto.ExportInfo, bytes]:
+    gen = proto.client_handshake(export)
+    received = bytearray()
+    reply: bytes | None = None
+    while True:
+        try:
+            step = gen.send(reply)
+        except StopIteration as stop:
+            info: proto.ExportInfo = stop.value
+            return info, bytes(received)
+        if isinstance(step, proto.Send):
+            await stream.send_all(step.data)
+            reply = None
+        else:
+            while len(received) < step.size:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    raise proto.NBDProtocolError(
+                        "server closed the connection during the handshake"
+                    )
+                received += chunk
+            reply = bytes(received[: step.size])
+            del received[: step.size]
+
+
+async def _connect(address: NBDAddress) -> trio.abc.Stream:
+    if address.socket is not None:
+        return await trio.open_unix_socket(address.socket)
+    assert address.host is not None
+    return await trio.open_tcp_stream(address.host, address.port)
+
+
+@asynccontextmanager
+async def open_nbd(uri: str, *, writable: bool = False) -> AsyncIterator[NBDDriver]:
+    """Connect to an NBD export and keep its reader task running while in use.
+
+    Raises:
+        ImageError: the server cannot be reached, refuses the export, or (for a writable
+            open) exports it read-only.
+        UnsupportedError: TLS URIs (``nbds://``).
+    """
+    address = parse_nbd_uri(uri)
+    if address.tls:
+        raise UnsupportedError(f"Could not open '{uri}': NBD over TLS is not supported yet")
+    try:
+        stream = await _connect(address)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ImageError(f"Could not open '{uri}': {reason}") from exc
+    try:
+        with trio.fail_after(_HANDSHAKE_TIMEOUT):
+            info, leftover = await _handshake(stream, address.export)
+    except (proto.NBDProtocolError, proto.NBDOptionError) as exc:
+        await stream.aclose()
+        raise ImageError(f"Could not open '{uri}': {exc}") from exc
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError) as exc:
+        await stream.aclose()
+        raise ImageError(
+            f"Could not open '{uri}': handshake failed ({exc or 'timed out'})"
+        ) from exc
+    except BaseException:
+        await stream.aclose()
+        raise
+    if writable and info.flags & TxFlag.READ_ONLY:
+        await stream.aclose()
+        raise ImageError(f"Could not open '{uri}': the export is read-only")
+    driver = NBDDriver(stream, info, address, writable=writable, leftover=leftover)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(driver.reader)
+        try:
+            yield driver
+        finally:
+            await driver.aclose()
