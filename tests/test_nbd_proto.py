@@ -1,0 +1,227 @@
+"""The NBD protocol without sockets: byte-exact handshakes and reply parsing."""
+
+from __future__ import annotations
+
+import struct
+
+import attrs
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trioconv.protocols.nbd import _proto as proto
+from trioconv.protocols.nbd._proto import Cmd, CmdFlag, TxFlag
+
+GREETING = struct.pack(">QQH", proto.NBDMAGIC, proto.IHAVEOPT, 3)  # fixed newstyle, no zeroes
+
+
+def opt_reply(option: int, reply: int, payload: bytes = b"") -> bytes:
+    return struct.pack(">QIII", proto.REPLY_MAGIC, option, reply, len(payload)) + payload
+
+
+def drive(gen: proto.Handshake, server: bytes) -> tuple[proto.ExportInfo, bytes]:
+    """Run a handshake against canned server bytes; return the result and what was sent."""
+    sent = bytearray()
+    reply: bytes | None = None
+    pos = 0
+    while True:
+        try:
+            step = gen.send(reply)
+        except StopIteration as stop:
+            assert pos == len(server), "the client did not read everything the server sent"
+            return stop.value, bytes(sent)
+        if isinstance(step, proto.Send):
+            sent += step.data
+            reply = None
+        else:
+            assert pos + step.size <= len(server), "the client wants more than the server sent"
+            reply = server[pos : pos + step.size]
+            pos += step.size
+
+
+def option_sent(option: int, data: bytes = b"") -> bytes:
+    return struct.pack(">QII", proto.IHAVEOPT, option, len(data)) + data
+
+
+def test_full_handshake_is_byte_exact() -> None:
+    flags = TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH | TxFlag.SEND_WRITE_ZEROES
+    server = (
+        GREETING
+        + opt_reply(proto.OPT_STRUCTURED_REPLY, proto.REP_ACK)
+        + opt_reply(
+            proto.OPT_SET_META_CONTEXT,
+            proto.REP_META_CONTEXT,
+            struct.pack(">I", 7) + b"base:allocation",
+        )
+        + opt_reply(proto.OPT_SET_META_CONTEXT, proto.REP_ACK)
+        + opt_reply(proto.OPT_GO, proto.REP_INFO, struct.pack(">HQH", 0, 1 << 30, int(flags)))
+        + opt_reply(proto.OPT_GO, proto.REP_INFO, struct.pack(">HIII", 3, 512, 4096, 1 << 20))
+        + opt_reply(proto.OPT_GO, proto.REP_ACK)
+    )
+    info, sent = drive(proto.client_handshake("disk"), server)
+    assert info == proto.ExportInfo(
+        size=1 << 30,
+        flags=flags,
+        structured=True,
+        allocation_context=7,
+        min_block=512,
+        preferred_block=4096,
+        max_block=1 << 20,
+    )
+    meta = struct.pack(">I", 4) + b"disk" + struct.pack(">II", 1, 15) + b"base:allocation"
+    go = struct.pack(">I", 4) + b"disk" + struct.pack(">HH", 1, proto.INFO_BLOCK_SIZE)
+    assert sent == (
+        struct.pack(">I", 3)
+        + option_sent(proto.OPT_STRUCTURED_REPLY)
+        + option_sent(proto.OPT_SET_META_CONTEXT, meta)
+        + option_sent(proto.OPT_GO, go)
+    )
+
+
+def test_old_server_without_go_falls_back_to_export_name() -> None:
+    unsup = proto.REP_ERR_UNSUP
+    server = (
+        struct.pack(">QQH", proto.NBDMAGIC, proto.IHAVEOPT, 1)  # zeroes still sent
+        + opt_reply(proto.OPT_STRUCTURED_REPLY, unsup)
+        + opt_reply(proto.OPT_GO, unsup)
+        + struct.pack(">QH", 4096, 1)
+        + bytes(124)
+    )
+    info, sent = drive(proto.client_handshake(""), server)
+    assert info.size == 4096
+    assert not info.structured
+    assert info.allocation_context is None
+    assert sent.endswith(option_sent(proto.OPT_EXPORT_NAME))
+
+
+def test_unknown_export_is_refused_clearly() -> None:
+    server = (
+        GREETING
+        + opt_reply(proto.OPT_STRUCTURED_REPLY, proto.REP_ACK)
+        + opt_reply(proto.OPT_SET_META_CONTEXT, proto.REP_ACK)
+        + opt_reply(proto.OPT_GO, proto.REP_ERR | 6, b"no such export")
+    )
+    with pytest.raises(proto.NBDOptionError, match="unknown export.*no such export"):
+        drive(proto.client_handshake("nope"), server)
+
+
+@pytest.mark.parametrize(
+    "greeting",
+    [b"NOTNBD!!" + bytes(10), struct.pack(">QQH", proto.NBDMAGIC, 0x420281861253, 0)],
+)
+def test_bad_greetings(greeting: bytes) -> None:
+    with pytest.raises(proto.NBDProtocolError):
+        drive(proto.client_handshake(""), greeting)
+
+
+def test_request_encoding() -> None:
+    header = proto.encode_request(Cmd.WRITE_ZEROES, 0x1122, 4096, 8192, CmdFlag.NO_HOLE)
+    assert header == struct.pack(">IHHQQI", 0x25609513, 2, 6, 0x1122, 4096, 8192)
+
+
+def simple(cookie: int, error: int = 0, data: bytes = b"") -> bytes:
+    return struct.pack(">IIQ", proto.SIMPLE_REPLY_MAGIC, error, cookie) + data
+
+
+def chunk(cookie: int, kind: int, payload: bytes, done: bool = True) -> bytes:
+    return (
+        struct.pack(">IHHQI", proto.STRUCTURED_REPLY_MAGIC, int(done), kind, cookie, len(payload))
+        + payload
+    )
+
+
+STREAM = (
+    simple(1, data=b"abcd")
+    + simple(2, error=5)
+    + chunk(3, proto.CHUNK_OFFSET_DATA, struct.pack(">Q", 100) + b"xyz", done=False)
+    + chunk(3, proto.CHUNK_OFFSET_HOLE, struct.pack(">QI", 103, 5), done=False)
+    + chunk(3, proto.CHUNK_NONE, b"")
+    + chunk(4, proto.CHUNK_BLOCK_STATUS, struct.pack(">IIIII", 9, 4096, 3, 8192, 0))
+    + chunk(
+        5, proto.CHUNK_ERROR_OFFSET, struct.pack(">IH", 28, 4) + b"full" + struct.pack(">Q", 77)
+    )
+)
+
+
+def normal(event: proto.ReplyEvent) -> tuple[object, ...]:
+    """An event as plain values (memoryviews compared by content)."""
+    values = attrs.astuple(event, recurse=False)
+    return (type(event), *(bytes(v) if isinstance(v, memoryview) else v for v in values))
+
+
+def parse(pieces: list[bytes]) -> list[proto.ReplyEvent]:
+    parser = proto.ReplyParser()
+    parser.expect_read(1, 4)
+    events: list[proto.ReplyEvent] = []
+    for piece in pieces:
+        parser.receive_data(piece)
+        while (event := parser.next_event()) is not None:
+            events.append(event)
+    return events
+
+
+def test_reply_parser_events() -> None:
+    events = parse([STREAM])
+    assert isinstance(events[0], proto.SimpleReply)
+    assert events[0].data is not None and bytes(events[0].data) == b"abcd"
+    assert events[1] == proto.SimpleReply(2, 5, None)
+    assert isinstance(events[2], proto.DataChunk)
+    assert (events[2].offset, bytes(events[2].data), events[2].done) == (100, b"xyz", False)
+    assert events[3] == proto.HoleChunk(3, 103, 5, False)
+    assert events[4] == proto.DoneChunk(3)
+    assert events[5] == proto.StatusChunk(4, 9, ((4096, 3), (8192, 0)), True)
+    assert events[6] == proto.ErrorChunk(5, 28, "full", 77, True)
+
+
+@given(st.lists(st.integers(1, 40), max_size=60))
+def test_reply_parser_is_independent_of_chunking(cuts: list[int]) -> None:
+    pieces = []
+    pos = 0
+    for n in cuts:
+        pieces.append(STREAM[pos : pos + n])
+        pos += n
+    pieces.append(STREAM[pos:])
+    whole = parse([STREAM])
+    split = parse(pieces)
+    assert [normal(e) for e in split] == [normal(e) for e in whole]
+
+
+def test_reply_parser_rejects_garbage() -> None:
+    parser = proto.ReplyParser()
+    parser.receive_data(b"\xde\xad\xbe\xef" + bytes(20))
+    with pytest.raises(proto.NBDProtocolError, match="magic"):
+        parser.next_event()
+    parser = proto.ReplyParser(max_payload=1024)
+    parser.receive_data(chunk(1, proto.CHUNK_OFFSET_DATA, bytes(4096)))
+    with pytest.raises(proto.NBDProtocolError, match="too large"):
+        parser.next_event()
+
+
+@given(st.binary(max_size=200))
+def test_reply_parser_never_crashes_on_noise(noise: bytes) -> None:
+    parser = proto.ReplyParser(max_payload=4096)
+    parser.receive_data(noise)
+    try:
+        while parser.next_event() is not None:
+            pass
+    except proto.NBDProtocolError:
+        pass
+
+
+@given(st.binary(max_size=300))
+def test_handshake_never_crashes_on_noise(noise: bytes) -> None:
+    gen = proto.client_handshake("x")
+    reply: bytes | None = None
+    pos = 0
+    try:
+        while True:
+            step = gen.send(reply)
+            if isinstance(step, proto.Send):
+                reply = None
+                continue
+            if pos + step.size > len(noise):
+                return
+            reply = noise[pos : pos + step.size]
+            pos += step.size
+    except (proto.NBDProtocolError, proto.NBDOptionError, StopIteration):
+        pass
