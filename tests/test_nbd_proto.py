@@ -101,7 +101,7 @@ def test_unknown_export_is_refused_clearly() -> None:
         + opt_reply(proto.OPT_SET_META_CONTEXT, proto.REP_ACK)
         + opt_reply(proto.OPT_GO, proto.REP_ERR | 6, b"no such export")
     )
-    with pytest.raises(proto.NBDOptionError, match="unknown export.*no such export"):
+    with pytest.raises(proto.NBDOptionError, match=r"unknown export.*no such export"):
         drive(proto.client_handshake("nope"), server)
 
 
