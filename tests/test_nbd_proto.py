@@ -33,6 +33,8 @@ def drive(gen: proto.Handshake, server: bytes) -> tuple[proto.ExportInfo, bytes]
         if isinstance(step, proto.Send):
             sent += step.data
             reply = None
+        elif isinstance(step, proto.StartTLS):
+            raise AssertionError("no TLS in these replays")
         else:
             assert pos + step.size <= len(server), "the client wants more than the server sent"
             reply = server[pos : pos + step.size]
@@ -216,7 +218,7 @@ def test_handshake_never_crashes_on_noise(noise: bytes) -> None:
     try:
         while True:
             step = gen.send(reply)
-            if isinstance(step, proto.Send):
+            if not isinstance(step, proto.Recv):
                 reply = None
                 continue
             if pos + step.size > len(noise):
@@ -225,3 +227,21 @@ def test_handshake_never_crashes_on_noise(noise: bytes) -> None:
             pos += step.size
     except (proto.NBDProtocolError, proto.NBDOptionError, StopIteration):
         pass
+
+
+def test_starttls_comes_first_and_yields_the_switch() -> None:
+    gen = proto.client_handshake("", tls=True)
+    assert gen.send(None) == proto.Recv(18)
+    assert gen.send(GREETING) == proto.Send(struct.pack(">I", 3))
+    assert gen.send(None) == proto.Send(option_sent(proto.OPT_STARTTLS))
+    assert isinstance(gen.send(None), proto.Recv)
+    step = gen.send(opt_reply(proto.OPT_STARTTLS, proto.REP_ACK)[:20])
+    assert step == proto.StartTLS()
+    # After the switch the negotiation goes on as usual (inside TLS).
+    assert gen.send(None) == proto.Send(option_sent(proto.OPT_STRUCTURED_REPLY))
+
+
+def test_server_without_tls_is_refused_when_tls_is_asked() -> None:
+    server = GREETING + opt_reply(proto.OPT_STARTTLS, proto.REP_ERR_UNSUP)
+    with pytest.raises(proto.NBDOptionError, match="refused TLS"):
+        drive(proto.client_handshake("", tls=True), server)

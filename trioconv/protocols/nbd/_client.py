@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import errno as errno_mod
 import itertools
+import ssl
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import attrs
 import trio
@@ -42,13 +44,22 @@ def is_nbd_uri(location: str) -> bool:
 
 @attrs.frozen
 class NBDAddress:
-    """Where an export lives, parsed from an NBD URI."""
+    """Where an export lives, parsed from an NBD URI.
+
+    Attributes:
+        tls_certificates: folder holding ``ca-cert.pem`` (and optionally
+            ``client-cert.pem``/``client-key.pem``), from ``?tls-certificates=DIR``.
+        tls_hostname: the name the server certificate must carry, from
+            ``?tls-hostname=NAME``; the host of a TCP URI by default.
+    """
 
     export: str
     host: str | None = None
     port: int = DEFAULT_PORT
     socket: str | None = None
     tls: bool = False
+    tls_certificates: str | None = None
+    tls_hostname: str | None = None
 
     @property
     def uri(self) -> str:
@@ -74,20 +85,47 @@ def parse_nbd_uri(uri: str) -> NBDAddress:
     tls = scheme.startswith("nbds")
     export = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
     query = urllib.parse.parse_qs(parts.query)
+    certs = query.get("tls-certificates", [None])[0]
+    tls_hostname = query.get("tls-hostname", [None])[0]
     if scheme.endswith("+unix"):
         sockets = query.get("socket")
         if not sockets:
             raise ImageError(f"'{uri}': an nbd+unix URI needs ?socket=PATH")
         if parts.netloc:
             raise ImageError(f"'{uri}': an nbd+unix URI has no host")
-        return NBDAddress(export=export, socket=sockets[0], tls=tls)
+        return NBDAddress(
+            export=export,
+            socket=sockets[0],
+            tls=tls,
+            tls_certificates=certs,
+            tls_hostname=tls_hostname,
+        )
     if not parts.hostname:
         raise ImageError(f"'{uri}': missing host")
     try:
         port = parts.port or DEFAULT_PORT
     except ValueError:
         raise ImageError(f"'{uri}': invalid port") from None
-    return NBDAddress(export=export, host=parts.hostname, port=port, tls=tls)
+    return NBDAddress(
+        export=export,
+        host=parts.hostname,
+        port=port,
+        tls=tls,
+        tls_certificates=certs,
+        tls_hostname=tls_hostname or parts.hostname,
+    )
+
+
+def _tls_context(address: NBDAddress) -> ssl.SSLContext:
+    """A client TLS context verifying the server against the given CA."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    if address.tls_certificates is not None:
+        folder = Path(address.tls_certificates)
+        ctx.load_verify_locations(cafile=folder / "ca-cert.pem")
+        if (folder / "client-cert.pem").exists():
+            ctx.load_cert_chain(folder / "client-cert.pem", folder / "client-key.pem")
+    ctx.check_hostname = address.tls_hostname is not None
+    return ctx
 
 
 @attrs.define(eq=False)
@@ -373,8 +411,11 @@ class NBDDriver(Driver):
             await self._stream.aclose()
 
 
-async def _handshake(stream: trio.abc.Stream, export: str) -> tuple[proto.ExportInfo, bytes]:
-    gen = proto.client_handshake(export)
+async def _handshake(
+    stream: trio.abc.Stream, address: NBDAddress
+) -> tuple[trio.abc.Stream, proto.ExportInfo, bytes]:
+    """Drive the sans-I/O handshake over ``stream`` (which TLS may replace)."""
+    gen = proto.client_handshake(address.export, tls=address.tls)
     received = bytearray()
     reply: bytes | None = None
     while True:
@@ -382,10 +423,21 @@ async def _handshake(stream: trio.abc.Stream, export: str) -> tuple[proto.Export
             step = gen.send(reply)
         except StopIteration as stop:
             info: proto.ExportInfo = stop.value
-            return info, bytes(received)
+            return stream, info, bytes(received)
+        reply = None
         if isinstance(step, proto.Send):
             await stream.send_all(step.data)
-            reply = None
+        elif isinstance(step, proto.StartTLS):
+            if received:
+                raise proto.NBDProtocolError("server sent data before the TLS handshake")
+            ctx = await trio.to_thread.run_sync(_tls_context, address)
+            tls_stream = trio.SSLStream(stream, ctx, server_hostname=address.tls_hostname)
+            try:
+                await tls_stream.do_handshake()
+            except trio.BrokenResourceError as exc:
+                cause = exc.__cause__ or exc
+                raise proto.NBDOptionError(f"TLS handshake failed: {cause}") from exc
+            stream = tls_stream
         else:
             while len(received) < step.size:
                 chunk = await stream.receive_some(65536)
@@ -412,11 +464,8 @@ async def open_nbd(uri: str, *, writable: bool = False) -> AsyncIterator[NBDDriv
     Raises:
         ImageError: the server cannot be reached, refuses the export, or (for a writable
             open) exports it read-only.
-        UnsupportedError: TLS URIs (``nbds://``).
     """
     address = parse_nbd_uri(uri)
-    if address.tls:
-        raise UnsupportedError(f"Could not open '{uri}': NBD over TLS is not supported yet")
     try:
         stream = await _connect(address)
     except OSError as exc:
@@ -424,11 +473,11 @@ async def open_nbd(uri: str, *, writable: bool = False) -> AsyncIterator[NBDDriv
         raise ImageError(f"Could not open '{uri}': {reason}") from exc
     try:
         with trio.fail_after(_HANDSHAKE_TIMEOUT):
-            info, leftover = await _handshake(stream, address.export)
-    except (proto.NBDProtocolError, proto.NBDOptionError) as exc:
+            stream, info, leftover = await _handshake(stream, address)
+    except (proto.NBDProtocolError, proto.NBDOptionError, ssl.SSLError, OSError) as exc:
         await stream.aclose()
         raise ImageError(f"Could not open '{uri}': {exc}") from exc
-    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, trio.TooSlowError) as exc:
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
         await stream.aclose()
         raise ImageError(
             f"Could not open '{uri}': handshake failed ({exc or 'timed out'})"

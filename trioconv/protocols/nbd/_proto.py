@@ -185,6 +185,11 @@ class Recv:
 
 
 @attrs.frozen
+class StartTLS:
+    """Wrap the transport in TLS now (after ``NBD_OPT_STARTTLS`` was acknowledged)."""
+
+
+@attrs.frozen
 class ExportInfo:
     """What the handshake negotiated.
 
@@ -206,14 +211,15 @@ class ExportInfo:
     max_block: int = 32 * 1024 * 1024
 
 
-Handshake = Generator[Send | Recv, bytes | None, ExportInfo]
+Step = Send | Recv | StartTLS
+Handshake = Generator[Step, bytes | None, ExportInfo]
 
 
 def _option(option: int, data: bytes = b"") -> Send:
     return Send(_OPT_HEADER.pack(IHAVEOPT, option, len(data)) + data)
 
 
-def _option_reply(expected: int) -> Generator[Send | Recv, bytes | None, tuple[int, bytes]]:
+def _option_reply(expected: int) -> Generator[Step, bytes | None, tuple[int, bytes]]:
     header = yield Recv(_OPT_REPLY.size)
     assert header is not None
     magic, option, reply, length = _OPT_REPLY.unpack(header)
@@ -235,8 +241,12 @@ def client_handshake(
     *,
     structured: bool = True,
     meta_contexts: tuple[str, ...] = ("base:allocation",),
+    tls: bool = False,
 ) -> Handshake:
     """The client side of the fixed newstyle handshake, as a sans-I/O generator.
+
+    With ``tls``, the first option is ``NBD_OPT_STARTTLS``; once the server agrees the
+    generator yields :class:`StartTLS` and every later byte goes through TLS.
 
     Raises:
         NBDProtocolError: the server is not speaking NBD newstyle.
@@ -254,6 +264,14 @@ def client_handshake(
         raise NBDProtocolError("NBD server does not support fixed newstyle negotiation")
     no_zeroes = bool(server_flags & FLAG_NO_ZEROES)
     yield Send(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (FLAG_NO_ZEROES if no_zeroes else 0)))
+
+    if tls:
+        yield _option(OPT_STARTTLS)
+        reply, payload = yield from _option_reply(OPT_STARTTLS)
+        if reply != REP_ACK:
+            why = REP_ERR_NAMES.get(reply, f"error {reply:#x}")
+            raise NBDOptionError(f"server refused TLS: {why}")
+        yield StartTLS()
 
     have_structured = False
     if structured:
