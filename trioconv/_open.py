@@ -138,6 +138,7 @@ async def open_image(
     *,
     writable: bool = False,
     cache: CacheMode | str = CacheMode.WRITEBACK,
+    connections: int | None = None,
 ) -> AsyncIterator[Driver]:
     """Open an image: an async context manager giving the driver stack's top.
 
@@ -152,6 +153,8 @@ async def open_image(
         fmt: the format; probed from the first bytes when None.
         writable: open for writing (sources are always opened read-only).
         cache: the cache mode for local files (see :class:`~trioconv.CacheMode`).
+        connections: for NBD exports that allow it, how many connections to spread
+            requests over (4 by default).
 
     Everything the image needs - a file descriptor, a network connection and its reader
     task - lives inside the ``async with`` block and is released when it ends.
@@ -165,7 +168,9 @@ async def open_image(
         text = os.fspath(location)
         transport: Driver
         if is_nbd_uri(text):
-            transport = await stack.enter_async_context(open_nbd(text, writable=writable))
+            transport = await stack.enter_async_context(
+                open_nbd(text, writable=writable, connections=connections)
+            )
         else:
             path = _transport_path(text)
             transport = await open_file(path, writable=writable, cache=CacheMode.parse(cache))

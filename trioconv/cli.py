@@ -177,12 +177,16 @@ async def convert(
     image_opts: Annotated[bool, Parameter(name="--image-opts", negative="")] = False,
     target_image_opts: Annotated[bool, Parameter(name="--target-image-opts", negative="")] = False,
     object_: Annotated[str | None, Parameter(name="--object")] = None,
+    connections: Annotated[int | None, Parameter(name="--connections")] = None,
 ) -> int:
     """Convert FILES (one or more sources, concatenated) into the last one, like qemu-img convert.
 
     Same options, meanings and defaults as ``qemu-img convert``: ``-m`` copy requests in
     flight (default 8), ``-W`` out-of-order writes, ``-S`` sparse size (default 4k),
     ``-t`` target cache (default unsafe), ``-T`` source cache (default writeback).
+    Sources and target may be NBD URIs (``nbd://host/export``,
+    ``nbd+unix:///export?socket=PATH``); ``--connections N`` sets how many connections
+    to use when an NBD server allows several (default 4).
     """
     if image_opts or target_image_opts or object_ is not None:
         flag = (
@@ -226,6 +230,7 @@ async def convert(
         bitmaps=bitmaps,
         skip_broken_bitmaps=skip_broken_bitmaps,
         buffer_size=DEFAULT_BUFFER_SIZE,
+        connections=connections,
     )
     show = progress and not quiet
     style = progress_style

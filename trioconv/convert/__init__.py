@@ -145,7 +145,12 @@ async def _convert(
                 drivers.append(spec)
             else:
                 drv = await stack.enter_async_context(
-                    open_image(spec, opts.source_format, cache=opts.source_cache)
+                    open_image(
+                        spec,
+                        opts.source_format,
+                        cache=opts.source_cache,
+                        connections=opts.connections,
+                    )
                 )
                 drivers.append(drv)
         if opts.snapshot is not None:
@@ -164,7 +169,13 @@ async def _convert(
                     created = Path(os.fspath(target))
             try:
                 tgt = await stack.enter_async_context(
-                    open_image(target, opts.target_format, writable=True, cache=opts.target_cache)
+                    open_image(
+                        target,
+                        opts.target_format,
+                        writable=True,
+                        cache=opts.target_cache,
+                        connections=opts.connections,
+                    )
                 )
             except BaseException:
                 _remove(created)

@@ -102,6 +102,8 @@ class ConvertOptions:
         snapshot: ``-l``/``-s``.
         bitmaps: ``--bitmaps``.
         buffer_size: bytes per copy request (2 MiB, as qemu-img).
+        connections: NBD connections per image when the server allows several
+            (multi-conn); None means 4.
     """
 
     source_format: str | None = None
@@ -125,6 +127,7 @@ class ConvertOptions:
     skip_broken_bitmaps: bool = False
     buffer_size: int = attrs.field(default=DEFAULT_BUFFER_SIZE, converter=_buffer)
     explicit_sparse_size: bool = False
+    connections: int | None = None
 
     def __attrs_post_init__(self) -> None:
         if self.skip_broken_bitmaps and not self.bitmaps:
@@ -139,5 +142,7 @@ class ConvertOptions:
             raise UsageError("-o has no effect when skipping image creation")
         if self.target_is_zero and not self.no_create:
             raise UsageError("--target-is-zero requires use of -n flag")
+        if self.connections is not None and not 1 <= self.connections <= 64:
+            raise UsageError("Invalid number of connections: must be between 1 and 64")
         if self.backing_format and not self.backing_file:
             raise UsageError("-F requires a backing file (-B)")

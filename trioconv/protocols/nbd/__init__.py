@@ -3,6 +3,7 @@
 ``_proto`` is the protocol without I/O; ``_client`` drives it over a Trio stream.
 """
 
+from ._client import MultiConnDriver as MultiConnDriver
 from ._client import NBDAddress as NBDAddress
 from ._client import NBDDriver as NBDDriver
 from ._client import is_nbd_uri as is_nbd_uri

@@ -27,7 +27,14 @@ from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
 from . import _proto as proto
 from ._proto import Cmd, CmdFlag, TxFlag
 
-__all__ = ["NBDAddress", "NBDDriver", "is_nbd_uri", "open_nbd", "parse_nbd_uri"]
+__all__ = [
+    "MultiConnDriver",
+    "NBDAddress",
+    "NBDDriver",
+    "is_nbd_uri",
+    "open_nbd",
+    "parse_nbd_uri",
+]
 
 DEFAULT_PORT = 10809
 _SCHEMES = ("nbd", "nbds", "nbd+tcp", "nbds+tcp", "nbd+unix", "nbds+unix")
@@ -411,6 +418,68 @@ class NBDDriver(Driver):
             await self._stream.aclose()
 
 
+class MultiConnDriver(Driver):
+    """Several connections to one export, used together (``NBD_FLAG_CAN_MULTI_CONN``).
+
+    The server promises that all connections see one consistent image and that a flush
+    on any of them covers writes completed on all, so requests can go to whichever
+    connection has the fewest in flight. Block status always uses the first connection
+    (its extent cache then stays useful); flush goes to every connection.
+    """
+
+    name = "nbd"
+
+    def __init__(self, connections: list[NBDDriver]) -> None:
+        self.connections = connections
+        self.location = connections[0].location
+        self._load = [0] * len(connections)
+
+    @property
+    def size(self) -> int:
+        return self.connections[0].size
+
+    @property
+    def limits(self) -> Limits:
+        return self.connections[0].limits
+
+    @property
+    def caps(self) -> Caps:
+        return self.connections[0].caps
+
+    @asynccontextmanager
+    async def _pick(self) -> AsyncIterator[NBDDriver]:
+        i = self._load.index(min(self._load))
+        self._load[i] += 1
+        try:
+            yield self.connections[i]
+        finally:
+            self._load[i] -= 1
+
+    async def preadinto(self, offset: int, buf: memoryview) -> None:
+        async with self._pick() as conn:
+            await conn.preadinto(offset, buf)
+
+    async def pwrite(self, offset: int, data: Buffer) -> None:
+        async with self._pick() as conn:
+            await conn.pwrite(offset, data)
+
+    async def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+        async with self._pick() as conn:
+            await conn.pwrite_zeroes(offset, length, may_unmap=may_unmap)
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        return await self.connections[0].block_status(offset, length)
+
+    async def flush(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for conn in self.connections:
+                nursery.start_soon(conn.flush)
+
+    async def aclose(self) -> None:
+        for conn in self.connections:
+            await conn.aclose()
+
+
 async def _handshake(
     stream: trio.abc.Stream, address: NBDAddress
 ) -> tuple[trio.abc.Stream, proto.ExportInfo, bytes]:
@@ -457,15 +526,7 @@ async def _connect(address: NBDAddress) -> trio.abc.Stream:
     return await trio.open_tcp_stream(address.host, address.port)
 
 
-@asynccontextmanager
-async def open_nbd(uri: str, *, writable: bool = False) -> AsyncIterator[NBDDriver]:
-    """Connect to an NBD export and keep its reader task running while in use.
-
-    Raises:
-        ImageError: the server cannot be reached, refuses the export, or (for a writable
-            open) exports it read-only.
-    """
-    address = parse_nbd_uri(uri)
+async def _open_connection(uri: str, address: NBDAddress, *, writable: bool) -> NBDDriver:
     try:
         stream = await _connect(address)
     except OSError as exc:
@@ -488,9 +549,43 @@ async def open_nbd(uri: str, *, writable: bool = False) -> AsyncIterator[NBDDriv
     if writable and info.flags & TxFlag.READ_ONLY:
         await stream.aclose()
         raise ImageError(f"Could not open '{uri}': the export is read-only")
-    driver = NBDDriver(stream, info, address, writable=writable, leftover=leftover)
+    return NBDDriver(stream, info, address, writable=writable, leftover=leftover)
+
+
+#: Connections used when the server allows several and the caller does not say.
+DEFAULT_CONNECTIONS = 4
+
+
+@asynccontextmanager
+async def open_nbd(
+    uri: str, *, writable: bool = False, connections: int | None = None
+) -> AsyncIterator[Driver]:
+    """Connect to an NBD export and keep its reader tasks running while in use.
+
+    Args:
+        connections: how many connections to use when the server advertises
+            multi-conn (default 4); servers that do not get exactly one.
+
+    Raises:
+        ImageError: the server cannot be reached, refuses the export or TLS, or (for a
+            writable open) exports it read-only.
+    """
+    address = parse_nbd_uri(uri)
+    first = await _open_connection(uri, address, writable=writable)
+    conns = [first]
+    try:
+        wanted = DEFAULT_CONNECTIONS if connections is None else max(1, connections)
+        if first.info.flags & TxFlag.CAN_MULTI_CONN:
+            for _ in range(wanted - 1):
+                conns.append(await _open_connection(uri, address, writable=writable))
+    except BaseException:
+        for conn in conns:
+            await conn.aclose()
+        raise
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(driver.reader)
+        for conn in conns:
+            nursery.start_soon(conn.reader)
+        driver: Driver = first if len(conns) == 1 else MultiConnDriver(conns)
         try:
             yield driver
         finally:
