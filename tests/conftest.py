@@ -19,12 +19,23 @@ import pytest
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
+#: The Debian package that brings each external program the tests run.
+DEBIAN_PACKAGES = {
+    "nbdkit": "nbdkit",
+    "openssl": "openssl",
+    "setpriv": "util-linux",
+    "losetup": "mount",
+}
+
+pytest_plugins = ["tests.nbd_servers"]
+
 
 def require_tool(name: str) -> str:
     """Return the path of ``name``; skip (or fail under CI=true) when it is missing."""
     path = shutil.which(name)
     if path is None:
-        message = f"{name} is not installed (Debian: apt-get install qemu-utils)"
+        package = DEBIAN_PACKAGES.get(name, "qemu-utils")
+        message = f"{name} is not installed (Debian: apt-get install {package})"
         if IN_CI:
             pytest.fail(f"CI=true and {message}")
         pytest.skip(message)
