@@ -90,8 +90,8 @@ async def test_odirect_refusal_is_one_clear_error(
 
 
 async def test_probe_refuses_known_unsupported_formats(tmp_path: Path) -> None:
-    path = tmp_path / "fake.qcow2"
-    path.write_bytes(b"QFI\xfb\x00\x00\x00\x03" + bytes(4088))
-    with pytest.raises(trioconv.ImageError, match="qcow2"):
+    path = tmp_path / "fake.vhdx"
+    path.write_bytes(b"vhdxfile" + bytes(4088))
+    with pytest.raises(trioconv.ImageError, match="vhdx"):
         async with trioconv.open_image(path):
             pass

@@ -22,7 +22,6 @@ from .nbd_servers import (
     start_server,
 )
 
-
 MiB = 1024 * 1024
 
 

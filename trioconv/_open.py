@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import attrs
@@ -34,6 +34,50 @@ _PROBE_BYTES = 4096
 _URI_RE = re.compile(r"^([a-z][a-z0-9+.-]*):", re.IGNORECASE)
 
 
+@attrs.define(eq=False)
+class OpenContext:
+    """What a format driver may need while opening, beyond its transport.
+
+    Attributes:
+        location: where the image is (a path or URI), for resolving relative backing
+            file names against the image's folder.
+        chain: locations already open above this one, to refuse backing loops.
+        stack: everything opened here is closed when the image is.
+    """
+
+    location: str
+    chain: tuple[str, ...]
+    stack: contextlib.AsyncExitStack
+    cache: CacheMode = CacheMode.WRITEBACK
+
+    async def open_backing(self, location: str, fmt: str | None) -> Driver:
+        """Open a backing image read-only; it is closed together with this image.
+
+        Raises:
+            ImageError: the backing chain loops back on itself, or it cannot be opened.
+        """
+        if location in self.chain or location == self.location:
+            raise ImageError(f"Backing file '{location}' creates an infinite loop")
+        return await self.stack.enter_async_context(
+            _open_image(
+                location,
+                fmt,
+                writable=False,
+                cache=self.cache,
+                connections=None,
+                chain=(*self.chain, self.location),
+            )
+        )
+
+
+#: Wraps a transport in a format driver (async: it may read headers and tables).
+FormatOpener = Callable[[Driver, OpenContext], Awaitable[Driver]]
+
+
+async def _open_raw(transport: Driver, ctx: OpenContext) -> Driver:
+    return RawDriver(transport)
+
+
 @attrs.frozen
 class FormatInfo:
     """A registered image format.
@@ -49,7 +93,7 @@ class FormatInfo:
 
     name: str
     probe: Callable[[bytes, str], int]
-    open: Callable[[Driver], Driver] | None = None
+    open: FormatOpener | None = None
     create_options: Mapping[str, str] | None = None
 
 
@@ -84,9 +128,17 @@ def _register(info: FormatInfo) -> None:
     _FORMATS[info.name] = info
 
 
-_register(FormatInfo("raw", probe_raw, RawDriver, RAW_CREATE_OPTIONS))
+_register(FormatInfo("raw", probe_raw, _open_raw, RAW_CREATE_OPTIONS))
+
+
+async def _open_qcow2(transport: Driver, ctx: OpenContext) -> Driver:
+    from .formats.qcow2 import open_qcow2
+
+    return await open_qcow2(transport, ctx)
+
+
+_register(FormatInfo("qcow2", _probe_qcow(lambda v: v >= 2), _open_qcow2))
 for _name, _probe in [
-    ("qcow2", _probe_qcow(lambda v: v >= 2)),
     ("qcow", _probe_qcow(lambda v: v == 1)),
     ("vmdk", _probe_vmdk),
     ("vpc", _magic(b"conectix")),
@@ -163,6 +215,22 @@ async def open_image(
         ImageError: it cannot be opened, or is in a format trioconv cannot read yet.
         UsageError: ``fmt`` is not a format name.
     """
+    async with _open_image(
+        location, fmt, writable=writable, cache=cache, connections=connections, chain=()
+    ) as driver:
+        yield driver
+
+
+@asynccontextmanager
+async def _open_image(
+    location: str | os.PathLike[str],
+    fmt: str | None,
+    *,
+    writable: bool,
+    cache: CacheMode | str,
+    connections: int | None,
+    chain: tuple[str, ...],
+) -> AsyncIterator[Driver]:
     info = _format(fmt) if fmt is not None else None
     async with contextlib.AsyncExitStack() as stack:
         text = os.fspath(location)
@@ -183,7 +251,8 @@ async def open_image(
             raise ImageError(
                 f"Could not open '{text}': image format '{info.name}' is not supported yet"
             )
-        yield info.open(transport)
+        ctx = OpenContext(text, chain, stack, CacheMode.parse(cache))
+        yield await info.open(transport, ctx)
 
 
 def check_create_options(fmt: str, options: Mapping[str, str]) -> None:
