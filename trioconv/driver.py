@@ -158,11 +158,17 @@ class Driver(abc.ABC):
         """Write all of ``data`` at ``offset``."""
         raise UnsupportedError(f"{self.name}: image is not writable")
 
-    async def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+    async def pwrite_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
+    ) -> None:
         """Make ``[offset, offset + length)`` read as zeroes without sending zero bytes.
 
         Args:
             may_unmap: the range may be deallocated (a hole) rather than written.
+            fast: only do it if it is fast (metadata, not writing zeroes); otherwise
+                raise :class:`~trioconv.ZeroesNotSupported` and change nothing. The
+                engine uses this to zero a whole existing target up front, as
+                qemu-img does, when that costs next to nothing.
 
         Raises:
             ZeroesNotSupported: the caller should write zero buffers instead.

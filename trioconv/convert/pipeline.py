@@ -250,6 +250,7 @@ class _Engine:
         target_file = _file_of(target)
         self.offload = opts.copy_range and target_file is not None and target_file.caps.copy_range
         self.salvaged: list[tuple[int, int]] = []
+        self.prezeroed = False
 
     # -- planner -----------------------------------------------------------------------
     async def plan(self, send: trio.MemorySendChannel[Job]) -> None:
@@ -280,7 +281,7 @@ class _Engine:
         self, send: trio.MemorySendChannel[Job], index: int, offset: int, n: int, zero: bool
     ) -> int:
         if zero and self.zero_init:
-            self.progress._advance(skipped=n)
+            self._already_zero(n)
             return index
         await send.send(Job(index, offset, n, zero))
         return index + 1
@@ -352,13 +353,20 @@ class _Engine:
                     await self.target.pwrite(offset, piece)
                     self.progress._advance(written=n)
                 elif self.zero_init:
-                    self.progress._advance(skipped=n)
+                    self._already_zero(n)
                 else:
                     await self._write_zeroes(offset, n)
                     self.progress._advance(zeroed=n)
         finally:
             view.release()
             self.pool.append(buf)
+
+    def _already_zero(self, n: int) -> None:
+        # Zeroed up front by prezero() counts as zeroed; a zero-initialised target, skipped.
+        if self.prezeroed:
+            self.progress._advance(zeroed=n)
+        else:
+            self.progress._advance(skipped=n)
 
     async def _offload(
         self, job: Job, view: memoryview, tickets: trio.MemorySendChannel[_Ticket] | None
@@ -430,7 +438,26 @@ class _Engine:
             pos += n
 
     # -- the whole ---------------------------------------------------------------------
+    async def prezero(self) -> None:
+        """Zero the whole target range at once if the target can do it cheaply.
+
+        qemu-img does the same for targets that are not zero-initialised: one fast
+        request (a punched hole, an NBD ``WRITE_ZEROES`` with ``FAST_ZERO``) replaces a
+        write-zeroes request per zero run, and zero runs are then simply skipped.
+        """
+        if self.zero_init or self.opts.sparse_size == 0 or not self.target.caps.zeroes:
+            return
+        total = self.sources.total
+        try:
+            for start in range(0, total, MAX_ZERO_JOB):
+                n = min(MAX_ZERO_JOB, total - start)
+                await self.target.pwrite_zeroes(start, n, may_unmap=True, fast=True)
+        except ZeroesNotSupported:
+            return
+        self.zero_init = self.prezeroed = True
+
     async def run(self) -> None:
+        await self.prezero()
         jobs_send, jobs_recv = trio.open_memory_channel[Job](0)
         tickets_send, tickets_recv = trio.open_memory_channel[_Ticket](math.inf)
         in_order = not self.opts.oob_writes

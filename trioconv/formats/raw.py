@@ -49,8 +49,10 @@ class RawDriver(Driver):
     async def pwrite(self, offset: int, data: Buffer) -> None:
         await self.child.pwrite(offset, data)
 
-    async def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
-        await self.child.pwrite_zeroes(offset, length, may_unmap=may_unmap)
+    async def pwrite_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
+    ) -> None:
+        await self.child.pwrite_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
 
     async def block_status(self, offset: int, length: int) -> Extent:
         return await self.child.block_status(offset, length)

@@ -234,10 +234,15 @@ class FileDriver(Driver):
         if not self._writable:
             raise UnsupportedError(f"{self.location}: opened read-only")
 
-    async def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+    async def pwrite_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
+    ) -> None:
         self._check_writable()
         if not self._zeroes_ok:
             raise ZeroesNotSupported(f"{self.location}: write zeroes not supported")
+        if fast and (self._blockdev or not may_unmap):
+            # BLKZEROOUT and ZERO_RANGE may write zeroes; only punching holes is surely cheap.
+            raise ZeroesNotSupported(f"{self.location}: no fast zeroing")
         try:
             await trio.to_thread.run_sync(self._zero_sync, offset, length, may_unmap)
         except OSError as exc:

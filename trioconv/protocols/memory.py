@@ -161,9 +161,11 @@ class MemoryDriver(Driver):
         finally:
             self.writes_in_flight -= 1
 
-    async def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+    async def pwrite_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
+    ) -> None:
         if not self._caps.zeroes:
-            await super().pwrite_zeroes(offset, length, may_unmap=may_unmap)
+            await super().pwrite_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
         req = Request("zero", offset, length)
         self.log.append(req)
         if not self._writable:

@@ -351,12 +351,18 @@ class NBDDriver(Driver):
         if view.nbytes:
             await self._split(Cmd.WRITE, offset, view)
 
-    async def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+    async def pwrite_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
+    ) -> None:
         if not self._writable:
             raise UnsupportedError(f"{self.location}: opened read-only")
         if not self.info.flags & TxFlag.SEND_WRITE_ZEROES:
             raise ZeroesNotSupported(f"{self.location}: server cannot write zeroes")
+        if fast and not self.info.flags & TxFlag.SEND_FAST_ZERO:
+            raise ZeroesNotSupported(f"{self.location}: server cannot promise fast zeroes")
         flags = CmdFlag.NONE if may_unmap else CmdFlag.NO_HOLE
+        if fast:
+            flags |= CmdFlag.FAST_ZERO
         step = _MAX_ZERO - _MAX_ZERO % self.info.min_block
         async with trio.open_nursery() as nursery:
             for start in range(offset, offset + length, step):
@@ -463,9 +469,11 @@ class MultiConnDriver(Driver):
         async with self._pick() as conn:
             await conn.pwrite(offset, data)
 
-    async def pwrite_zeroes(self, offset: int, length: int, *, may_unmap: bool = False) -> None:
+    async def pwrite_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
+    ) -> None:
         async with self._pick() as conn:
-            await conn.pwrite_zeroes(offset, length, may_unmap=may_unmap)
+            await conn.pwrite_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
 
     async def block_status(self, offset: int, length: int) -> Extent:
         return await self.connections[0].block_status(offset, length)
