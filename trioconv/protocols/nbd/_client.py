@@ -202,12 +202,21 @@ class NBDDriver(Driver):
     # -- the reader task -------------------------------------------------------------------
     async def reader(self) -> None:
         """Receive replies and route them until the connection closes."""
+        # A plain socket is read straight into the parser's buffer; TLS goes through
+        # the stream. Either way each payload byte is then copied once, to its reader.
+        sock = getattr(self._stream, "socket", None)
         try:
             while True:
-                data = await self._stream.receive_some(256 * 1024)
-                if not data:
+                if sock is not None:
+                    with self._parser.get_buffer() as space:
+                        n = await sock.recv_into(space)
+                    self._parser.buffer_updated(n)
+                else:
+                    data = await self._stream.receive_some(256 * 1024)
+                    n = len(data)
+                    self._parser.receive_data(data)
+                if not n:
                     raise TrioconvIOError("the server closed the connection")
-                self._parser.receive_data(data)
                 while (event := self._parser.next_event()) is not None:
                     self._dispatch(event)
         except (

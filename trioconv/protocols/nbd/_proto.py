@@ -423,13 +423,24 @@ ReplyEvent = SimpleReply | DataChunk | HoleChunk | StatusChunk | ErrorChunk | Do
 class ReplyParser:
     """Turn the server's byte stream into reply events.
 
+    The parser owns one receive buffer. Data can arrive two ways: copied in with
+    :meth:`receive_data`, or - with no copy at all - received by the caller straight into
+    the space :meth:`get_buffer` hands out (``sock.recv_into(parser.get_buffer())``)
+    followed by :meth:`buffer_updated`, as asyncio's ``BufferedProtocol`` does.
+
+    Read payloads (``SimpleReply.data``, ``DataChunk.data``) are memoryviews into that
+    buffer: copy them out before receiving more data, and the bytes are then copied
+    exactly once on their way from the kernel to their destination.
+
     Simple replies to READ carry no length on the wire, so the client tells the parser
     how much a READ will return with :meth:`expect_read` before sending it.
     """
 
     def __init__(self, *, max_payload: int = 64 * 1024 * 1024 + 1024) -> None:
-        self._buf = bytearray()
-        self._pos = 0
+        self._buf = bytearray(256 * 1024)
+        self._start = 0  # first unparsed byte
+        self._end = 0  # end of received bytes
+        self._need = 0  # bytes the next frame needs in all (0: unknown yet)
         self._reads: dict[int, int] = {}
         self._max_payload = max_payload
 
@@ -441,56 +452,82 @@ class ReplyParser:
         """The request for ``cookie`` is complete."""
         self._reads.pop(cookie, None)
 
+    def get_buffer(self, min_size: int = 64 * 1024) -> memoryview:
+        """Free space at the end of the receive buffer, at least ``min_size`` bytes.
+
+        Unparsed bytes move to the front first, and the buffer grows when the frame being
+        received needs more room than it has. Release the view before the next call.
+        """
+        pending = self._end - self._start
+        if len(self._buf) - self._end < min_size or (
+            self._need and self._start + self._need > len(self._buf)
+        ):
+            size = max(len(self._buf), self._need + min_size, pending + min_size)
+            if size > len(self._buf):
+                grown = bytearray(size)
+                grown[:pending] = self._buf[self._start : self._end]
+                self._buf = grown
+            else:
+                self._buf[:pending] = self._buf[self._start : self._end]
+            self._start, self._end = 0, pending
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last :meth:`get_buffer` view."""
+        self._end += nbytes
+
     def receive_data(self, data: bytes | bytearray) -> None:
-        """Add bytes received from the server."""
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
+        """Add bytes received from the server (copying them in)."""
+        view = self.get_buffer(len(data))
+        try:
+            view[: len(data)] = data
+        finally:
+            view.release()
+        self.buffer_updated(len(data))
 
     def _available(self) -> int:
-        return len(self._buf) - self._pos
+        return self._end - self._start
 
     def next_event(self) -> ReplyEvent | None:
         """The next complete event, or None when more data is needed."""
         if self._available() < 4:
             return None
-        view = memoryview(self._buf)
-        try:
-            magic = int.from_bytes(view[self._pos : self._pos + 4], "big")
-            if magic == SIMPLE_REPLY_MAGIC:
-                return self._simple(view)
-            if magic == STRUCTURED_REPLY_MAGIC:
-                return self._structured(view)
-        finally:
-            view.release()
+        view = memoryview(self._buf)[: self._end]
+        magic = int.from_bytes(view[self._start : self._start + 4], "big")
+        if magic == SIMPLE_REPLY_MAGIC:
+            return self._simple(view)
+        if magic == STRUCTURED_REPLY_MAGIC:
+            return self._structured(view)
         raise NBDProtocolError(f"bad reply magic {magic:#x}")
 
     def _take(self, view: memoryview, n: int) -> memoryview:
-        out = memoryview(view[self._pos : self._pos + n].tobytes())
-        self._pos += n
+        out = view[self._start : self._start + n]
+        self._start += n
+        self._need = 0
         return out
 
     def _simple(self, view: memoryview) -> SimpleReply | None:
         if self._available() < _SIMPLE.size:
             return None
-        _, error, cookie = _SIMPLE.unpack_from(view, self._pos)
+        _, error, cookie = _SIMPLE.unpack_from(view, self._start)
         length = self._reads.get(cookie, 0) if error == 0 else 0
         if self._available() < _SIMPLE.size + length:
+            self._need = _SIMPLE.size + length
             return None
-        self._pos += _SIMPLE.size
+        self._start += _SIMPLE.size
         data = self._take(view, length) if length else None
         return SimpleReply(cookie, error, data)
 
     def _structured(self, view: memoryview) -> ReplyEvent | None:
         if self._available() < _STRUCTURED.size:
             return None
-        _, flags, kind, cookie, length = _STRUCTURED.unpack_from(view, self._pos)
+        _, flags, kind, cookie, length = _STRUCTURED.unpack_from(view, self._start)
         if length > self._max_payload:
             raise NBDProtocolError(f"reply chunk of {length} bytes is too large")
         if self._available() < _STRUCTURED.size + length:
+            self._need = _STRUCTURED.size + length
             return None
-        self._pos += _STRUCTURED.size
+        self._start += _STRUCTURED.size
         payload = self._take(view, length)
         done = bool(flags & REPLY_FLAG_DONE)
         if kind == CHUNK_NONE:
