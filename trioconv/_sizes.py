@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 from ._errors import UsageError
 
-__all__ = ["format_size", "parse_size"]
+__all__ = ["format_size", "parse_size", "qemu_size_str"]
 
 _UNITS = {
     "": 1,
@@ -54,3 +55,14 @@ def format_size(value: float) -> str:
             return f"{value:.0f} {unit}" if unit == "B" else f"{value:.2f} {unit}"
         value /= 1024
     raise AssertionError("unreachable")
+
+
+def qemu_size_str(value: int) -> str:
+    """A size written as ``qemu-img info`` writes it: three significant digits, and the
+    next binary unit from 1000 on (``6 MiB``, ``1.5 MiB``, ``0.977 GiB``)."""
+    suffixes = ("", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei")
+    if value <= 0:
+        return "0 B"
+    _, exponent = math.frexp(value / (1000.0 / 1024.0))
+    i = min((exponent - 1) // 10, len(suffixes) - 1)
+    return f"{value / (1 << (i * 10)):0.3g} {suffixes[i]}B"

@@ -26,7 +26,7 @@ from . import _open
 from ._cache import CacheMode
 from ._errors import TrioconvError, UsageError
 from ._progress_view import qemu_line, render
-from ._sizes import format_size
+from ._sizes import qemu_size_str
 from .convert import ConvertOptions, Progress
 from .convert import convert as run_convert
 from .convert.options import DEFAULT_BUFFER_SIZE
@@ -275,9 +275,9 @@ async def info(
         vsize = int(str(data["virtual-size"]))
         print(f"image: {image}")
         print(f"file format: {data['format']}")
-        print(f"virtual size: {format_size(vsize)} ({vsize} bytes)")
+        print(f"virtual size: {qemu_size_str(vsize)} ({vsize} bytes)")
         if "actual-size" in data:
-            print(f"disk size: {format_size(int(str(data['actual-size'])))}")
+            print(f"disk size: {qemu_size_str(int(str(data['actual-size'])))}")
     return 0
 
 

@@ -536,6 +536,18 @@ async def _handshake(
             del received[: step.size]
 
 
+def _connect_reason(exc: OSError) -> str:
+    """Why a connection failed; trio hides the errno of each attempt in ``__cause__``."""
+    if exc.strerror:
+        return exc.strerror
+    cause = exc.__cause__
+    if isinstance(cause, BaseExceptionGroup):
+        for leaf in cause.exceptions:
+            if isinstance(leaf, OSError) and leaf.strerror:
+                return leaf.strerror
+    return str(exc)
+
+
 async def _connect(address: NBDAddress) -> trio.abc.Stream:
     if address.socket is not None:
         return await trio.open_unix_socket(address.socket)
@@ -547,8 +559,7 @@ async def _open_connection(uri: str, address: NBDAddress, *, writable: bool) -> 
     try:
         stream = await _connect(address)
     except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise ImageError(f"Could not open '{uri}': {reason}") from exc
+        raise ImageError(f"Could not open '{uri}': {_connect_reason(exc)}") from exc
     try:
         with trio.fail_after(_HANDSHAKE_TIMEOUT):
             stream, info, leftover = await _handshake(stream, address)

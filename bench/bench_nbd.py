@@ -1,0 +1,506 @@
+#!/usr/bin/env python3
+"""Benchmark NBD copies: ``trioconv convert`` vs ``qemu-img convert`` vs ``nbdcopy``.
+
+What it measures: the effect of asynchronous copying over a network block
+protocol.  Every NBD server is an ``nbdkit`` process on a unix socket with the
+``delay`` filter adding ``--delay`` (default 2 ms) to every read, write, zero,
+trim and extents request; the ``delay+rate`` set also stacks the ``rate``
+filter (``--rate``, default 1G bit/s per server and direction, with
+``--burstiness``).  Three rows per set:
+
+* ``nbd-nbd``: nbdkit ``file`` plugin (read-only, serving the source image) to
+  an nbdkit ``memory`` export;
+* ``nbd-file``: the same source server to a local raw file;
+* ``file-nbd``: the local source image to an nbdkit ``memory`` export.
+
+Tools per row: trioconv and qemu-img, each with ``-m 1``, ``-m 8`` and
+``-m 8 -W`` (``convert -f raw -O raw [-n] FLAGS SRC DST``, ``-n`` for NBD
+targets), and ``nbdcopy SRC DST`` with its defaults.  Each target server is
+started fresh (a new, empty memory export of the source's size) before every
+run, and a local target file is deleted first, so runs are independent.  Runs
+are interleaved across tools, ``--warmup`` untimed runs per tool, then
+``--repeat`` timed ones; the table shows median wall time (spawn to
+``os.wait4``), the ratios of interest, and peak RSS (``ru_maxrss``).  Every
+timed output is checked with ``qemu-img compare`` against the source image
+(an NBD target while its server is still running).
+
+Run from the project root:
+
+    python bench/bench_nbd.py --output bench/results-nbd.md
+    python bench/bench_nbd.py --size 64M --repeat 1 --sets delay --rows nbd-nbd
+
+Exits non-zero if any timed run fails or any output does not verify.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+
+from bench_convert import (
+    KIB,
+    create_in_child,
+    create_source,
+    image_info,
+    machine_header,
+    parse_size,
+)
+
+
+@dataclass(frozen=True)
+class Tool:
+    key: str
+    label: str
+    program: str  # "trioconv" | "qemu-img" | "nbdcopy"
+    flags: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    key: str
+    label: str
+    src_nbd: bool
+    dst_nbd: bool
+
+
+TOOLS = [
+    Tool("trioconv-m1", "trioconv -m 1", "trioconv", ("-m", "1")),
+    Tool("trioconv-m8", "trioconv -m 8", "trioconv", ("-m", "8")),
+    Tool("trioconv-m8-W", "trioconv -m 8 -W", "trioconv", ("-m", "8", "-W")),
+    Tool("qemu-img-m1", "qemu-img -m 1", "qemu-img", ("-m", "1")),
+    Tool("qemu-img-m8", "qemu-img -m 8", "qemu-img", ("-m", "8")),
+    Tool("qemu-img-m8-W", "qemu-img -m 8 -W", "qemu-img", ("-m", "8", "-W")),
+    Tool("nbdcopy", "nbdcopy", "nbdcopy"),
+]
+TOOL_GROUPS = {"trioconv", "qemu-img"}
+ROWS = [
+    RowSpec("nbd-nbd", "nbd -> nbd", True, True),
+    RowSpec("nbd-file", "nbd -> file", True, False),
+    RowSpec("file-nbd", "file -> nbd", False, True),
+]
+SETS = ["delay", "delay+rate"]
+DELAYED_OPS = ["read", "write", "zero", "trim", "extents"]
+
+
+@dataclass
+class Result:
+    set_name: str
+    row: RowSpec
+    times: dict[str, list[float]] = field(default_factory=dict)
+    rss_kib: dict[str, int] = field(default_factory=dict)
+    failed: dict[str, int] = field(default_factory=dict)
+    runs: int = 0
+
+    def median(self, key: str) -> float | None:
+        t = self.times.get(key)
+        return statistics.median(t) if t else None
+
+
+def filter_args(set_name: str, args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """nbdkit filter options and parameters for one set (first filter = outermost)."""
+    filters, params = ["--filter=delay"], [f"delay-{op}={args.delay}" for op in DELAYED_OPS]
+    if set_name == "delay+rate":
+        filters.append("--filter=rate")
+        params += [f"rate={args.rate}", f"burstiness={args.burstiness}"]
+    return filters, params
+
+
+class NbdServer:
+    """One nbdkit process on a fresh unix socket; a context manager that always stops it."""
+
+    _ids = itertools.count()
+
+    def __init__(
+        self,
+        rundir: Path,
+        plugin: list[str],
+        filters: tuple[list[str], list[str]],
+        readonly: bool,
+    ) -> None:
+        n = next(self._ids)
+        self.sock = rundir / f"nbd{n}.sock"
+        self.pidfile = rundir / f"nbd{n}.pid"
+        self.log = rundir / f"nbd{n}.log"
+        self.argv = [
+            "nbdkit",
+            "--foreground",
+            "--exit-with-parent",
+            "-P",
+            str(self.pidfile),
+            "-U",
+            str(self.sock),
+            *(["--readonly"] if readonly else []),
+            *filters[0],
+            *plugin,
+            *filters[1],
+        ]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def uri(self) -> str:
+        return f"nbd+unix:///?socket={self.sock}"
+
+    def __enter__(self) -> NbdServer:
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log
+            )
+        try:
+            deadline = time.monotonic() + 10
+            # nbdkit writes the pidfile once the socket is listening.
+            while not (self.pidfile.exists() and self.pidfile.read_text().endswith("\n")):
+                if (code := self.proc.poll()) is not None:
+                    raise RuntimeError(
+                        f"nbdkit exited {code}: {shlex.join(self.argv)}\n{self.log.read_text()}"
+                    )
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nbdkit not ready after 10 s: {shlex.join(self.argv)}")
+                time.sleep(0.005)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 2 s (nbdkit waits for connected clients)."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for p in (self.sock, self.pidfile, self.log):
+            p.unlink(missing_ok=True)
+
+
+def run_timed(argv: list[str], timeout: float) -> tuple[int, float, int, str]:
+    """Run argv; return (exit code, wall seconds, peak RSS KiB, stderr tail).
+
+    Same measurement as bench_convert.run_timed (reset this process's peak RSS,
+    then ``os.wait4``), plus a timeout after which the child is killed.
+    """
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        try:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+            )
+        except OSError as exc:
+            return 127, 0.0, 0, str(exc)
+        lock, state = threading.Lock(), {"exited": False, "killed": False}
+
+        def expire() -> None:
+            with lock:
+                if not state["exited"]:
+                    state["killed"] = True
+                    os.kill(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout, expire)
+        timer.daemon = True
+        timer.start()
+        try:
+            # Wait without reaping, so the timer can never signal a recycled pid.
+            os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)
+            elapsed = time.perf_counter() - t0
+        except BaseException:
+            proc.kill()
+            raise
+        finally:
+            with lock:
+                state["exited"] = True
+            timer.cancel()
+            _, status, usage = os.wait4(proc.pid, 0)
+            proc.returncode = code = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        tail = err.read().decode(errors="replace")[-2000:]
+    if state["killed"]:
+        tail += f"\n(killed after the {timeout:g} s timeout)"
+    return code, elapsed, usage.ru_maxrss, tail
+
+
+def verify(src: Path, dst: str, timeout: float) -> bool:
+    argv = ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), dst]
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        print(f"    compare timed out after {timeout:g} s", file=sys.stderr)
+        return False
+    if r.returncode != 0:
+        print(f"    compare exit {r.returncode}: {r.stderr.strip()}", file=sys.stderr)
+    return r.returncode == 0
+
+
+def tool_argv(tool: Tool, trioconv: list[str], src: str, dst: str, dst_nbd: bool) -> list[str]:
+    if tool.program == "nbdcopy":
+        return ["nbdcopy", src, dst]
+    prefix = trioconv if tool.program == "trioconv" else ["qemu-img"]
+    n = ["-n"] if dst_nbd else []
+    return [*prefix, "convert", "-f", "raw", "-O", "raw", *n, *tool.flags, src, dst]
+
+
+def bench_row(
+    res: Result,
+    tools: list[Tool],
+    args: argparse.Namespace,
+    src_image: Path,
+    rundir: Path,
+) -> None:
+    row, filters, size = res.row, filter_args(res.set_name, args), args.size
+    trioconv = shlex.split(args.trioconv)
+    dst_file = args.workdir / "dst.raw"
+    print(f"== [{res.set_name}] {row.label}", flush=True)
+    with contextlib.ExitStack() as outer:
+        src, src_srv = str(src_image), None
+        if row.src_nbd:
+            plugin = ["file", str(src_image)]
+            src_srv = outer.enter_context(NbdServer(rundir, plugin, filters, readonly=True))
+            src = src_srv.uri
+        for i in range(-args.warmup, args.repeat):
+            for tool in tools:
+                if src_srv is not None and not src_srv.alive():
+                    raise RuntimeError(f"source nbdkit died: {shlex.join(src_srv.argv)}")
+                dst_file.unlink(missing_ok=True)
+                with contextlib.ExitStack() as stack:
+                    dst = str(dst_file)
+                    if row.dst_nbd:
+                        plugin = ["memory", str(size)]
+                        dst_srv = stack.enter_context(NbdServer(rundir, plugin, filters, False))
+                        dst = dst_srv.uri
+                    argv = tool_argv(tool, trioconv, src, dst, row.dst_nbd)
+                    code, secs, rss, tail = run_timed(argv, args.timeout)
+                    if i < 0:  # untimed warm-up run
+                        continue
+                    ok = code == 0 and verify(src_image, dst, args.timeout)
+                res.runs += 1
+                res.rss_kib[tool.key] = max(res.rss_kib.get(tool.key, 0), rss)
+                if ok:
+                    res.times.setdefault(tool.key, []).append(secs)
+                else:
+                    res.failed[tool.key] = res.failed.get(tool.key, 0) + 1
+                    print(f"  FAILED: {shlex.join(argv)} (exit {code})\n{tail}", file=sys.stderr)
+                status = "ok" if ok else "FAILED"
+                print(
+                    f"  [{i + 1}/{args.repeat}] {tool.label:17s} {secs:8.3f} s"
+                    f" {rss / KIB:7.1f} MiB  {status}",
+                    flush=True,
+                )
+        dst_file.unlink(missing_ok=True)
+
+
+def ratio(num: float | None, den: float | None) -> str:
+    return f"{num / den:.2f}" if num is not None and den else "-"
+
+
+def fmt_tables(results: list[Result], tools: list[Tool]) -> list[str]:
+    out: list[str] = []
+    head = ["row", *(f"{t.label} s" for t in tools)]
+    head += [
+        "trioconv/qemu-img (-m 8 -W)",
+        "trioconv in-order/-W",
+        "qemu-img in-order/-W",
+        "best trioconv/nbdcopy",
+        "verified",
+    ]
+    for set_name in dict.fromkeys(r.set_name for r in results):
+        rs = [r for r in results if r.set_name == set_name]
+        out += [
+            "",
+            f"## {set_name}",
+            "",
+            "Median wall seconds; ratios < 1 mean the first tool is faster.",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|---|" + "---:|" * (len(head) - 2) + "---|",
+        ]
+        for r in rs:
+            med = {t.key: r.median(t.key) for t in tools}
+            cells = [r.row.label]
+            for t in tools:
+                m, nf = med[t.key], r.failed.get(t.key, 0)
+                cells.append(("-" if m is None else f"{m:.3f}") + (f" ({nf} failed)" if nf else ""))
+            tri = [
+                (m, t) for t in tools if t.program == "trioconv" and (m := med[t.key]) is not None
+            ]
+            best_cell = "-"
+            if tri and med.get("nbdcopy"):
+                m, t = min(tri, key=lambda mt: mt[0])
+                best_cell = f"{ratio(m, med['nbdcopy'])} ({' '.join(t.flags)})"
+            nfail = sum(r.failed.values())
+            cells += [
+                ratio(med.get("trioconv-m8-W"), med.get("qemu-img-m8-W")),
+                ratio(med.get("trioconv-m8"), med.get("trioconv-m8-W")),
+                ratio(med.get("qemu-img-m8"), med.get("qemu-img-m8-W")),
+                best_cell,
+                "yes" if nfail == 0 else f"FAILED ({nfail}/{r.runs})",
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+        out += [
+            "",
+            "Peak RSS (MiB):",
+            "",
+            "| row | " + " | ".join(t.label for t in tools) + " |",
+            "|---|" + "---:|" * len(tools),
+        ]
+        for r in rs:
+            rss = [f"{r.rss_kib[t.key] / KIB:.1f}" if t.key in r.rss_kib else "-" for t in tools]
+            out.append(f"| {r.row.label} | " + " | ".join(rss) + " |")
+    return out
+
+
+def select(text: str, choices: list[str], what: str, ap: argparse.ArgumentParser) -> list[str]:
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if unknown := [c for c in names if c not in choices]:
+        ap.error(f"unknown {what} {unknown}; choose from {choices}")
+    return [c for c in choices if c in names]
+
+
+def version(argv: list[str]) -> str:
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True)
+    except OSError:
+        return "not found"
+    lines = (r.stdout or r.stderr).splitlines()
+    return lines[0].strip() if lines else "unknown"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(
+        description=(__doc__ or "").split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add = ap.add_argument
+    add("--size", type=parse_size, default="256M", help="source image size (K/M/G suffix)")
+    add("--repeat", type=int, default=3, help="timed runs per tool, row and set")
+    add("--warmup", type=int, default=1, help="untimed runs per tool before each row")
+    add(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp/trioconv-bench-nbd"),
+        help="source image cache + local target dir",
+    )
+    add("--sets", default=",".join(SETS), help="comma list of server sets")
+    add("--rows", default=",".join(r.key for r in ROWS), help="comma list of rows")
+    add(
+        "--tools",
+        default=",".join(t.key for t in TOOLS),
+        help="comma list of tools ('trioconv' / 'qemu-img' = their three configs)",
+    )
+    add(
+        "--trioconv",
+        default=shlex.join([sys.executable, "-m", "trioconv"]),
+        help="trioconv command ('qemu-img' gives a self-check)",
+    )
+    add("--delay", default="2ms", help="delay filter: per read/write/zero/trim/extents request")
+    add("--rate", default="1G", help="rate filter: bits/s per server and direction")
+    add("--burstiness", default="0.01", help="rate filter: bucket size in seconds")
+    add("--timeout", type=float, default=600, help="kill a copy after this many seconds")
+    add("--seed", type=int, default=1, help="layout/content seed")
+    add("--output", type=Path, help="also write the Markdown report to this file")
+    args = ap.parse_args()
+
+    sets = select(args.sets, SETS, "set(s)", ap)
+    row_keys = select(args.rows, [r.key for r in ROWS], "row(s)", ap)
+    tool_text = ",".join(
+        ",".join(t.key for t in TOOLS if t.program == n) if n in TOOL_GROUPS else n
+        for n in (s.strip() for s in args.tools.split(","))
+    )
+    tool_keys = select(tool_text, [t.key for t in TOOLS], "tool(s)", ap)
+    if args.repeat < 1 or args.warmup < 0 or args.timeout <= 0:
+        ap.error("--repeat must be >= 1, --warmup >= 0, --timeout > 0")
+    for prog in ("nbdkit", "qemu-img"):
+        if shutil.which(prog) is None:
+            sys.exit(f"{prog} not found on PATH")
+    notes: list[str] = []
+    if "nbdcopy" in tool_keys and shutil.which("nbdcopy") is None:
+        tool_keys.remove("nbdcopy")
+        notes.append("nbdcopy not found on PATH (Debian: libnbd-bin); its column is skipped.")
+        print(f"NOTE: {notes[-1]}")
+    tools = [t for t in TOOLS if t.key in tool_keys]
+    rows = [r for r in ROWS if r.key in row_keys]
+    if not tools or not rows or not sets:
+        ap.error("nothing to run")
+
+    workdir: Path = args.workdir
+    workdir.mkdir(parents=True, exist_ok=True)
+    src = workdir / f"source-v1-{args.size}-s{args.seed}.raw"
+    if not src.exists():
+        create_in_child(lambda p: create_source(p, args.size, args.seed), src)
+    print(image_info(src))
+
+    results: list[Result] = []
+    # Unix socket paths are limited to ~108 bytes: keep them short, outside workdir.
+    rundir = Path(tempfile.mkdtemp(prefix="tcbnbd-"))
+    try:
+        for set_name in sets:
+            for row in rows:
+                results.append(Result(set_name, row))
+                bench_row(results[-1], tools, args, src, rundir)
+    finally:
+        shutil.rmtree(rundir, ignore_errors=True)
+
+    filters, params = filter_args(sets[-1], args)
+    server_cmd = shlex.join(["nbdkit", "-U", "SOCKET", *filters, "PLUGIN", *params])
+    report = [
+        "# NBD convert: trioconv vs qemu-img vs nbdcopy (raw -> raw)",
+        "",
+        *machine_header(workdir),
+        f"- nbdkit: {version(['nbdkit', '--version'])};"
+        f" nbdcopy: {version(['nbdcopy', '--version'])}",
+        f"- source: {image_info(src)}",
+        f"- servers: `{server_cmd}` on a unix socket; PLUGIN is `file IMAGE` (with"
+        " `--readonly`) for NBD sources, `memory SIZE` for NBD targets, restarted fresh"
+        " for every run",
+        f"- sets: `delay` = {args.delay} per read/write/zero/trim/extents request;"
+        f" `delay+rate` adds `rate={args.rate} burstiness={args.burstiness}`"
+        " (bits/s, separately for reads and writes, per server)",
+        f"- trioconv: `{args.trioconv} convert -f raw -O raw [-n] FLAGS SRC DST`"
+        " (default --connections); qemu-img: same arguments; nbdcopy: `nbdcopy SRC DST`",
+        f"- {args.warmup} untimed warm-up + {args.repeat} timed runs per tool, row and"
+        " set, interleaved; median wall time, max peak RSS;"
+        " every timed output checked with `qemu-img compare`",
+        f"- peak RSS floor (`true` spawned the same way): "
+        f"{run_timed(['true'], 10)[2] / KIB:.1f} MiB",
+        "- in-order = `-m 8` without `-W`; best trioconv = fastest of its three configs",
+        *fmt_tables(results, tools),
+    ]
+    if notes:
+        report += ["", *(f"Note: {n}" for n in notes)]
+    text = "\n".join(report) + "\n"
+    print("\n" + text)
+    if args.output:
+        args.output.write_text(text)
+    return 1 if any(r.failed for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,779 @@
+"""trioconv's native NBD client against real servers (nbdkit and qemu-nbd).
+
+Every conversion is checked with ``qemu-img compare`` (which reads NBD URIs itself), and
+what the client did on the wire is read back from nbdkit's ``log`` filter: how many
+connections it opened, which requests it sent, how many were in flight at once. Faults
+come from nbdkit's ``error`` filter, from killing a server mid-copy, and from servers that
+refuse the export, TLS or writing; each must end the command with exit status 1 and one
+``trioconv: ...`` line, promptly.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+import trio
+
+import trioconv
+from trioconv import ConvertOptions, ExtentKind
+
+from .conftest import (
+    ImageMaker,
+    assert_identical,
+    qemu_map,
+    run,
+    trioconv_cli,
+)
+from .nbd_servers import NbdkitLauncher, NBDServer, QemuNbdLauncher, TLSCerts
+
+MiB = 1024 * 1024
+KiB = 1024
+
+#: A fault must end the command within this many seconds.
+FAULT_DEADLINE = 15.0
+
+#: What ``mixed_src`` holds: data at these ``[start, end)`` ranges, zeroes elsewhere
+#: (written zeroes at 2M..3M, holes everywhere else).
+#: (nbdkit's memory plugin allocates 32 KiB pages, so every range is a multiple of that.)
+MIXED_DATA = [(0, MiB), (3 * MiB, 3 * MiB + 512 * KiB), (5 * MiB + 64 * KiB, 5 * MiB + 96 * KiB)]
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def compare_uri(image: Path, uri: str) -> None:
+    """``qemu-img compare`` of a local raw image with an NBD export: identical."""
+    result = run("qemu-img", "compare", "-f", "raw", "-F", "raw", image, uri, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Images are identical" in result.stdout
+
+
+def compare_tls(image: Path, server: NBDServer) -> None:
+    """``qemu-img compare`` of a local raw image with a TLS export (via --image-opts)."""
+    result = run(
+        "qemu-img",
+        "compare",
+        *server.qemu_object(),
+        "--image-opts",
+        f"driver=raw,file.driver=file,file.filename={image}",
+        server.qemu_image_opts(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Images are identical" in result.stdout
+
+
+def fill_export(src: Path, uri: str) -> None:
+    """Write ``src`` into an NBD export with qemu-img (the reference client)."""
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", src, uri)
+
+
+def tls_uri(server: NBDServer) -> str:
+    """The server's ``nbds`` URI plus ``tls-certificates=`` pointing at the CA."""
+    assert server.tls is not None
+    sep = "&" if "?" in server.uri else "?"
+    return f"{server.uri}{sep}tls-certificates={quote(str(server.tls.client_dir), safe='/')}"
+
+
+def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
+    """Exit status 1 and exactly one ``trioconv: ...`` line on stderr; return it."""
+    assert result.returncode == 1, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("trioconv: "), result.stderr
+    return lines[0]
+
+
+def timed_cli(*args: str | Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    start = time.monotonic()
+    result = trioconv_cli(*args, timeout=FAULT_DEADLINE + 30)
+    return result, time.monotonic() - start
+
+
+def failing_cli(*args: str | Path) -> str:
+    """Run a conversion that must fail: one line, exit 1, within :data:`FAULT_DEADLINE`."""
+    result, elapsed = timed_cli(*args)
+    line = one_error_line(result)
+    assert elapsed < FAULT_DEADLINE, (elapsed, line)
+    return line
+
+
+def log_lines(logfile: Path) -> list[str]:
+    """nbdkit log filter lines without their timestamp (``connection=N Verb id=M ...``)."""
+    text = logfile.read_text(errors="replace")
+    return [line.split(" ", 2)[2] for line in text.splitlines() if line.count(" ") >= 2]
+
+
+_REQUEST = re.compile(
+    r"^connection=(\d+) (Read|Write|Zero|Trim|Extents|Flush|Cache) id=(\d+)"
+    r"(?: offset=0x([0-9a-f]+) count=0x([0-9a-f]+))?(.*) \.\.\.$"
+)
+_REPLY = re.compile(r"^connection=(\d+) \.\.\.(\w+) id=(\d+) ")
+
+
+def requests(logfile: Path, verb: str, *, skip: int = 0) -> list[tuple[int, int, str]]:
+    """``(offset, count, rest-of-line)`` of every ``verb`` request in an nbdkit log,
+    leaving out those of the first ``skip`` connections (other clients before ours)."""
+    found = []
+    for line in log_lines(logfile):
+        m = _REQUEST.match(line)
+        if m and m.group(2) == verb and int(m.group(1)) > skip:
+            offset = int(m.group(4) or "0", 16)
+            count = int(m.group(5) or "0", 16)
+            found.append((offset, count, m.group(6)))
+    return found
+
+
+def connections_opened(logfile: Path) -> int:
+    return sum(1 for line in log_lines(logfile) if re.match(r"^connection=\d+ Connect ", line))
+
+
+def max_in_flight(logfile: Path, verb: str) -> int:
+    """The most ``verb`` requests one connection had outstanding at the same moment."""
+    outstanding: dict[str, int] = {}
+    most = 0
+    for line in log_lines(logfile):
+        if (m := _REQUEST.match(line)) and m.group(2) == verb:
+            outstanding[m.group(1)] = outstanding.get(m.group(1), 0) + 1
+            most = max(most, outstanding[m.group(1)])
+        elif (r := _REPLY.match(line)) and r.group(2) == verb:
+            outstanding[r.group(1)] -= 1
+    return most
+
+
+def data_ranges(extents: Sequence[dict[str, object]]) -> list[tuple[int, int]]:
+    """Merged ``[start, end)`` ranges that ``qemu-img map`` reports as data."""
+    merged: list[tuple[int, int]] = []
+    for e in extents:
+        if not e["data"]:
+            continue
+        start = int(str(e["start"]))
+        end = start + int(str(e["length"]))
+        if merged and merged[-1][1] == start:
+            merged[-1] = (merged[-1][0], end)
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# -- fixtures ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def mixed_src(make_image: ImageMaker) -> Path:
+    """8 MiB: data, written zeroes, holes, and a 32 KiB island (see :data:`MIXED_DATA`)."""
+    return make_image(
+        "mixed.img",
+        "8M",
+        "write -P 0xab 0 1M",
+        "write -z 2M 1M",
+        "write -P 0xcd 3M 512k",
+        "write -P 0x11 5184k 32k",
+    )
+
+
+@pytest.fixture
+def full_src(make_image: ImageMaker) -> Path:
+    """8 MiB of data with no zero block anywhere (every 2 MiB request must be read)."""
+    return make_image(
+        "full.img", "8M", "write -P 0x5a 0 2M", "write -P 0xa5 2M 2M", "write -P 0x3c 4M 4M"
+    )
+
+
+# -- 1. reading ---------------------------------------------------------------------------------
+
+
+def test_read_pattern_export(nbdkit_server: NbdkitLauncher, tmp_path: Path) -> None:
+    server = nbdkit_server("pattern", ["size=4M"])
+    out = tmp_path / "pattern.img"
+    result = trioconv_cli("convert", "-f", "raw", "-O", "raw", server.uri, out)
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size == 4 * MiB
+    compare_uri(out, server.uri)
+
+
+def test_read_memory_export_written_by_qemu_img(
+    nbdkit_server: NbdkitLauncher, mixed_src: Path, tmp_path: Path
+) -> None:
+    log = tmp_path / "read.log"
+    server = nbdkit_server("memory", ["size=8M"], filters=["log"], filter_args=[f"logfile={log}"])
+    fill_export(mixed_src, server.uri)
+    out = tmp_path / "out.img"
+    result = trioconv_cli("convert", "-O", "raw", server.uri, out)  # format probed
+    assert result.returncode == 0, result.stderr
+    # Block status was asked, and nothing outside the data ranges was read (connection 1
+    # was qemu-img's).
+    assert requests(log, "Extents", skip=1)
+    reads = requests(log, "Read", skip=1)
+    assert reads
+    for offset, count, _ in reads:
+        assert any(s <= offset and offset + count <= e for s, e in MIXED_DATA), (offset, count)
+    assert_identical(mixed_src, out)
+    compare_uri(out, server.uri)
+
+
+# -- 2. writing into an existing export ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [[], ["-W", "-m", "16"], ["-t", "none"], ["-S", "0"]],
+    ids=["default", "oob-m16", "cache-none", "sparse-0"],
+)
+def test_write_into_memory_export(
+    nbdkit_server: NbdkitLauncher, mixed_src: Path, tmp_path: Path, flags: list[str]
+) -> None:
+    log = tmp_path / "write.log"
+    server = nbdkit_server("memory", ["size=8M"], filters=["log"], filter_args=[f"logfile={log}"])
+    # Dirty the whole export first, so zero runs really have to be written.
+    rc = run("qemu-io", "-f", "raw", "-c", "write -P 0xee 0 8M", server.uri, check=False)
+    assert rc.returncode == 0, rc.stdout + rc.stderr
+    result = trioconv_cli("convert", "-n", *flags, "-f", "raw", "-O", "raw", mixed_src, server.uri)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    compare_uri(mixed_src, server.uri)
+    if flags == ["-S", "0"]:
+        # Fully allocated: every byte goes out as data, like qemu-img -S 0.
+        # (connection 1 was qemu-io's.)
+        assert requests(log, "Zero", skip=1) == []
+        assert sum(c for _, c, _ in requests(log, "Write", skip=1)) == 8 * MiB
+
+
+# -- 3. qemu-nbd serving qcow2 as raw ------------------------------------------------------------
+
+
+@pytest.fixture
+def qcow2_src(make_image: ImageMaker) -> Path:
+    return make_image(
+        "disk.qcow2",
+        "8M",
+        "write -P 0xab 0 1M",
+        "write -P 0xcd 4M 64k",
+        "write -P 0 6M 4k",  # allocated, but zeroes
+        fmt="qcow2",
+    )
+
+
+def test_qemu_nbd_qcow2_to_file(
+    qemu_nbd_server: QemuNbdLauncher, qcow2_src: Path, tmp_path: Path
+) -> None:
+    server = qemu_nbd_server(qcow2_src, fmt="qcow2", readonly=True)
+    reference = tmp_path / "reference.img"
+    run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", qcow2_src, reference)
+    out = tmp_path / "out.img"
+    result = trioconv_cli("convert", "-f", "raw", "-O", "raw", server.uri, out)
+    assert result.returncode == 0, result.stderr
+    assert_identical(reference, out)
+    compare_uri(out, server.uri)
+    assert out.stat().st_size == 8 * MiB
+    # Unallocated clusters stay holes in the new file.
+    assert data_ranges(qemu_map(out)) == [(0, MiB), (4 * MiB, 4 * MiB + 64 * KiB)]
+
+
+async def test_qemu_nbd_block_status_reaches_the_client(
+    qemu_nbd_server: QemuNbdLauncher, qcow2_src: Path
+) -> None:
+    server = qemu_nbd_server(qcow2_src, fmt="qcow2", readonly=True)
+    async with trioconv.open_image(server.uri, "raw") as image:
+        assert image.caps.block_status
+        first = await image.block_status(0, image.size)
+        assert (first.offset, first.kind) == (0, ExtentKind.DATA)
+        assert first.length <= MiB
+        hole = await image.block_status(MiB, 3 * MiB)
+        assert hole.offset == MiB
+        assert hole.kind in (ExtentKind.ZERO, ExtentKind.HOLE)
+        assert hole.length == 3 * MiB
+
+
+# -- 4. NBD to NBD ----------------------------------------------------------------------------
+
+
+def test_nbd_to_nbd(nbdkit_server: NbdkitLauncher, mixed_src: Path) -> None:
+    source = nbdkit_server("memory", ["size=8M"])
+    target = nbdkit_server("memory", ["size=8M"])
+    fill_export(mixed_src, source.uri)
+    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "raw", source.uri, target.uri)
+    assert result.returncode == 0, result.stderr
+    compare_uri(mixed_src, target.uri)
+    compare_uri(mixed_src, source.uri)  # the source is untouched
+
+
+def test_odd_sized_exports(nbdkit_server: NbdkitLauncher, tmp_path: Path) -> None:
+    """A size that is no multiple of 512: the last partial sector is copied too."""
+    source = nbdkit_server("pattern", ["size=1000001"])
+    target = nbdkit_server("memory", ["size=1000001"])
+    out = tmp_path / "odd.img"
+    result = trioconv_cli("convert", "-f", "raw", "-O", "raw", source.uri, out)
+    assert result.returncode == 0, result.stderr
+    assert out.stat().st_size == 1000001
+    compare_uri(out, source.uri)
+    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "raw", source.uri, target.uri)
+    assert result.returncode == 0, result.stderr
+    compare_uri(out, target.uri)
+
+
+def test_concatenate_export_and_file(
+    nbdkit_server: NbdkitLauncher, mixed_src: Path, tmp_path: Path
+) -> None:
+    source = nbdkit_server("pattern", ["size=3M"])
+    head = tmp_path / "head.img"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", source.uri, head)
+    expected = tmp_path / "expected.img"
+    expected.write_bytes(head.read_bytes() + mixed_src.read_bytes())
+    out = tmp_path / "cat.img"
+    result = trioconv_cli("convert", "-f", "raw", "-O", "raw", source.uri, mixed_src, out)
+    assert result.returncode == 0, result.stderr
+    assert_identical(expected, out)
+
+
+# -- 5. filters: block sizes, no extents, no zeroes ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("filters", "filter_args"),
+    [
+        (["blocksize"], ["minblock=4096", "maxdata=65536"]),
+        (
+            ["blocksize-policy"],
+            [
+                "blocksize-minimum=4096",
+                "blocksize-preferred=65536",
+                "blocksize-maximum=65536",
+                "blocksize-error-policy=error",
+            ],
+        ),
+        (["noextents"], []),
+    ],
+    ids=["blocksize", "blocksize-policy-strict", "noextents"],
+)
+def test_filters_read_and_write(
+    nbdkit_server: NbdkitLauncher,
+    mixed_src: Path,
+    tmp_path: Path,
+    filters: list[str],
+    filter_args: list[str],
+) -> None:
+    """nbdkit 1.32's blocksize filter advertises no limits and splits requests itself;
+    blocksize-policy advertises 4 KiB..64 KiB and, with ``error``, fails any request that
+    breaks them, so there the client must split (and align) its requests itself."""
+    log = tmp_path / "requests.log"
+    server = nbdkit_server(
+        "memory",
+        ["size=8M"],
+        filters=["log", *filters],
+        filter_args=[f"logfile={log}", *filter_args],
+    )
+    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "raw", mixed_src, server.uri)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "back.img"
+    result = trioconv_cli("convert", "-f", "raw", "-O", "raw", server.uri, out)
+    assert result.returncode == 0, result.stderr
+    assert_identical(mixed_src, out)
+    if filters == ["blocksize-policy"]:
+        data = requests(log, "Read") + requests(log, "Write")
+        assert len(data) > 8  # 1.5 MiB of data went in 64 KiB pieces, and came back
+        for offset, count, _ in data:
+            assert count <= 64 * KiB, (offset, count)
+            assert offset % 4096 == 0, (offset, count)
+            assert count % 4096 == 0, (offset, count)
+    compare_uri(mixed_src, server.uri)
+
+
+def test_nozero_export_gets_real_zeroes(nbdkit_server: NbdkitLauncher, mixed_src: Path) -> None:
+    server = nbdkit_server("memory", ["size=8M"], filters=["nozero"], filter_args=["zeromode=none"])
+    rc = run("qemu-io", "-f", "raw", "-c", "write -P 0xff 0 8M", server.uri, check=False)
+    assert rc.returncode == 0, rc.stdout + rc.stderr
+    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "raw", mixed_src, server.uri)
+    assert result.returncode == 0, result.stderr
+    compare_uri(mixed_src, server.uri)
+
+
+# -- 6. faults -----------------------------------------------------------------------------------
+
+
+def test_fault_write_errors(nbdkit_server: NbdkitLauncher, mixed_src: Path, tmp_path: Path) -> None:
+    trigger = tmp_path / "fail-writes"
+    trigger.touch()
+    server = nbdkit_server(
+        "memory",
+        ["size=8M"],
+        filters=["error"],
+        filter_args=["error-pwrite=EIO", "error-pwrite-rate=100%", f"error-pwrite-file={trigger}"],
+    )
+    line = failing_cli("convert", "-n", "-f", "raw", "-O", "raw", mixed_src, server.uri)
+    assert "Input/output error" in line
+    assert "writ" in line
+
+
+def test_fault_read_errors(nbdkit_server: NbdkitLauncher, mixed_src: Path, tmp_path: Path) -> None:
+    trigger = tmp_path / "fail-reads"
+    server = nbdkit_server(
+        "memory",
+        ["size=8M"],
+        filters=["error"],
+        filter_args=["error-pread=EIO", "error-pread-rate=100%", f"error-pread-file={trigger}"],
+    )
+    fill_export(mixed_src, server.uri)
+    trigger.touch()
+    out = tmp_path / "out.img"
+    line = failing_cli("convert", "-f", "raw", "-O", "raw", server.uri, out)
+    assert "Input/output error" in line
+    assert "read" in line
+
+
+def test_fault_extents_errors(
+    nbdkit_server: NbdkitLauncher, mixed_src: Path, tmp_path: Path
+) -> None:
+    trigger = tmp_path / "fail-extents"
+    server = nbdkit_server(
+        "memory",
+        ["size=8M"],
+        filters=["error"],
+        filter_args=[
+            "error-extents=EIO",
+            "error-extents-rate=100%",
+            f"error-extents-file={trigger}",
+        ],
+    )
+    fill_export(mixed_src, server.uri)
+    trigger.touch()
+    line = failing_cli("convert", "-f", "raw", "-O", "raw", server.uri, tmp_path / "out.img")
+    assert "Input/output error" in line
+
+
+@pytest.mark.parametrize("side", ["source", "target"])
+def test_fault_server_killed_mid_copy(
+    nbdkit_server: NbdkitLauncher, full_src: Path, tmp_path: Path, side: str
+) -> None:
+    # One request at a time, each held 1 s by the server: 4 requests, about 4 s.
+    delay = "delay-read=1" if side == "source" else "delay-write=1"
+    server = nbdkit_server("memory", ["size=8M"], filters=["delay"], filter_args=[delay])
+    out = tmp_path / "out.img"
+    if side == "source":
+        fill_export(full_src, server.uri)
+        files = [server.uri, str(out)]
+    else:
+        files = ["-n", str(full_src), server.uri]
+    command = [sys.executable, "-m", "trioconv", "convert", "-m", "1", "--connections", "1"]
+    proc = subprocess.Popen(
+        [*command, "-f", "raw", "-O", "raw", *files],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.2)
+        assert proc.poll() is None, proc.communicate()
+        assert server.kill() == -9
+        killed = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=FAULT_DEADLINE)
+        elapsed = time.monotonic() - killed
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    line = one_error_line(subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr))
+    assert elapsed < 5, elapsed
+    assert "connection" in line.lower()
+    if side == "source":
+        assert not out.exists()  # the target file trioconv created is removed
+
+
+def test_fault_missing_socket(tmp_path: Path) -> None:
+    missing = tmp_path / "no-such.sock"
+    line = failing_cli(
+        "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///?socket={missing}", tmp_path / "o.img"
+    )
+    assert str(missing) in line
+    assert "No such file or directory" in line
+    assert not (tmp_path / "o.img").exists()
+
+
+def test_fault_tcp_connection_refused(mixed_src: Path) -> None:
+    """The line says why the connection failed, as qemu-img does
+    (``Failed to connect to '127.0.0.1:PORT': Connection refused``)."""
+    port = free_tcp_port()
+    line = failing_cli("convert", "-n", "-f", "raw", mixed_src, f"nbd://127.0.0.1:{port}/")
+    assert "Connection refused" in line
+    assert str(port) in line
+
+
+def test_fault_unknown_export(nbdkit_server: NbdkitLauncher, tmp_path: Path) -> None:
+    server = nbdkit_server(
+        "memory",
+        ["size=1M"],
+        filters=["exportname"],
+        filter_args=["exportname=good", "exportname-strict=true"],
+        export_name="good",
+    )
+    assert server.uri.startswith("nbd+unix:///good?")
+    ok = trioconv_cli("info", server.uri)
+    assert ok.returncode == 0, ok.stderr
+    bad = server.uri.replace("/good?", "/bad?")
+    line = failing_cli("convert", "-f", "raw", "-O", "raw", bad, tmp_path / "o.img")
+    assert "Could not open" in line
+    assert "bad" in line
+    assert not (tmp_path / "o.img").exists()
+
+
+def test_fault_nbd_target_without_n(
+    nbdkit_server: NbdkitLauncher, make_image: ImageMaker, mixed_src: Path
+) -> None:
+    server = nbdkit_server("memory", ["size=8M"])
+    line = failing_cli("convert", "-f", "raw", "-O", "raw", mixed_src, server.uri)
+    assert "-n" in line
+    assert "nbd" in line.lower()
+    compare_uri(make_image("zero.img", "8M"), server.uri)  # nothing was written
+    assert not Path("nbd+unix:").exists()  # nor a local file made from the URI
+
+
+def test_fault_read_only_export_as_target(nbdkit_server: NbdkitLauncher, mixed_src: Path) -> None:
+    server = nbdkit_server("memory", ["size=8M"], readonly=True)
+    line = failing_cli("convert", "-n", "-f", "raw", "-O", "raw", mixed_src, server.uri)
+    assert "read-only" in line
+
+
+def test_fault_target_export_too_small(nbdkit_server: NbdkitLauncher, mixed_src: Path) -> None:
+    server = nbdkit_server("memory", ["size=4M"])
+    line = failing_cli("convert", "-n", "-f", "raw", "-O", "raw", mixed_src, server.uri)
+    assert "smaller" in line
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["INT", "TERM"])
+def test_signal_during_nbd_copy(
+    nbdkit_server: NbdkitLauncher, full_src: Path, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """A signal cancels a conversion whose NBD requests are in flight: exit 128+N, one
+    line, promptly, and the target file it created is gone."""
+    server = nbdkit_server("memory", ["size=8M"], filters=["delay"], filter_args=["delay-read=2"])
+    fill_export(full_src, server.uri)
+    out = tmp_path / "out.img"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trioconv", "convert", "-f", "raw", "-O", "raw", server.uri, out],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)  # connected, reads outstanding for another second
+        assert proc.poll() is None, proc.communicate()
+        proc.send_signal(signum)
+        sent = time.monotonic()
+        _, stderr = proc.communicate(timeout=FAULT_DEADLINE)
+        elapsed = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 128 + signum, stderr
+    assert stderr.splitlines() == [f"trioconv: interrupted by {signum.name}"]
+    assert elapsed < 5, elapsed
+    assert not out.exists()
+    assert server.running
+
+
+# -- 7. TLS --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+def test_tls_nbdkit(
+    nbdkit_server: NbdkitLauncher,
+    nbd_tls_certs: TLSCerts,
+    mixed_src: Path,
+    tmp_path: Path,
+    tcp: bool,
+) -> None:
+    server = nbdkit_server("memory", ["size=8M"], tls=nbd_tls_certs, tcp=tcp)
+    uri = tls_uri(server)
+    assert uri.startswith("nbds://127.0.0.1:" if tcp else "nbds+unix:///?socket=")
+    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "raw", mixed_src, uri)
+    assert result.returncode == 0, result.stderr
+    compare_tls(mixed_src, server)
+    out = tmp_path / "back.img"
+    result = trioconv_cli("convert", "-f", "raw", "-O", "raw", uri, out)
+    assert result.returncode == 0, result.stderr
+    assert_identical(mixed_src, out)
+
+    # The same server without TLS: refused, in one line that says why.
+    plain = uri.replace("nbds", "nbd", 1)
+    line = failing_cli("convert", "-f", "raw", "-O", "raw", plain, tmp_path / "plain.img")
+    assert "TLS" in line
+    assert not (tmp_path / "plain.img").exists()
+
+
+def test_tls_untrusted_server_is_refused(
+    nbdkit_server: NbdkitLauncher, nbd_tls_certs: TLSCerts, tmp_path: Path
+) -> None:
+    server = nbdkit_server("pattern", ["size=1M"], tls=nbd_tls_certs)
+    # No tls-certificates: the system CAs do not know our throw-away CA.
+    line = failing_cli("convert", "-f", "raw", "-O", "raw", server.uri, tmp_path / "o.img")
+    assert "certificate" in line.lower()
+    assert not (tmp_path / "o.img").exists()
+
+
+def test_tls_qemu_nbd(
+    qemu_nbd_server: QemuNbdLauncher,
+    nbd_tls_certs: TLSCerts,
+    qcow2_src: Path,
+    tmp_path: Path,
+) -> None:
+    server = qemu_nbd_server(qcow2_src, fmt="qcow2", readonly=True, tls=nbd_tls_certs)
+    reference = tmp_path / "reference.img"
+    run("qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", qcow2_src, reference)
+    out = tmp_path / "out.img"
+    result = trioconv_cli("convert", "-f", "raw", "-O", "raw", tls_uri(server), out)
+    assert result.returncode == 0, result.stderr
+    assert_identical(reference, out)
+    compare_tls(out, server)
+
+
+# -- 8. multi-conn -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("flags", "expected"), [([], 4), (["--connections", "1"], 1)])
+def test_multi_conn_connection_count(
+    nbdkit_server: NbdkitLauncher,
+    mixed_src: Path,
+    tmp_path: Path,
+    flags: list[str],
+    expected: int,
+) -> None:
+    log = tmp_path / "conn.log"
+    server = nbdkit_server("memory", ["size=8M"], filters=["log"], filter_args=[f"logfile={log}"])
+    result = trioconv_cli("convert", "-n", *flags, "-f", "raw", "-O", "raw", mixed_src, server.uri)
+    assert result.returncode == 0, result.stderr
+    assert connections_opened(log) == expected, log.read_text()
+    # Each connection flushed: completed writes are durable whichever carried them.
+    flushed = {line.split()[0] for line in log_lines(log) if " Flush id=" in line}
+    assert len(flushed) == expected
+    compare_uri(mixed_src, server.uri)
+
+
+def test_no_multi_conn_means_one_connection(
+    qemu_nbd_server: QemuNbdLauncher, qcow2_src: Path, tmp_path: Path
+) -> None:
+    """qemu-nbd exporting writable does not advertise multi-conn: one connection only."""
+    target = tmp_path / "target.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", target, "8M")
+    server = qemu_nbd_server(target, fmt="qcow2", shared=1)  # a 2nd connection would hang
+    reference = tmp_path / "reference.img"
+    run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", qcow2_src, reference)
+    result, elapsed = timed_cli(
+        "convert", "-n", "--connections", "4", "-f", "raw", "-O", "raw", reference, server.uri
+    )
+    assert result.returncode == 0, result.stderr
+    assert elapsed < FAULT_DEADLINE
+    server.stop()
+    assert_identical(reference, target, fmt_b="qcow2")
+
+
+# -- 9. info -------------------------------------------------------------------------------------
+
+
+def test_info_on_export(nbdkit_server: NbdkitLauncher) -> None:
+    server = nbdkit_server("memory", ["size=6M"])
+    human = trioconv_cli("info", server.uri)
+    assert human.returncode == 0, human.stderr
+    assert human.stdout.startswith(f"image: {server.uri}\n")
+    assert "file format: raw\n" in human.stdout
+    vsize = [line for line in human.stdout.splitlines() if line.startswith("virtual size: ")]
+    assert len(vsize) == 1, human.stdout
+    assert vsize[0].endswith(" (6291456 bytes)")
+    as_json = trioconv_cli("info", "--output", "json", server.uri)
+    assert as_json.returncode == 0, as_json.stderr
+    data = json.loads(as_json.stdout)
+    assert data["format"] == "raw"
+    assert data["virtual-size"] == 6 * MiB
+    assert data["filename"] == server.uri
+
+
+# -- 10. the library -----------------------------------------------------------------------------
+
+
+async def test_open_image_reads_what_the_server_holds(
+    nbdkit_server: NbdkitLauncher, mixed_src: Path
+) -> None:
+    server = nbdkit_server("memory", ["size=8M"])
+    fill_export(mixed_src, server.uri)
+    expected = mixed_src.read_bytes()
+    for connections in (None, 1):
+        async with trioconv.open_image(server.uri, connections=connections) as image:
+            assert image.name == "raw"
+            assert image.size == 8 * MiB
+            assert await image.pread(0, image.size) == expected
+            assert await image.pread(3 * MiB - 7, 4099) == expected[3 * MiB - 7 : 3 * MiB + 4092]
+
+
+async def test_cancelled_convert_leaves_the_server_usable(
+    nbdkit_server: NbdkitLauncher, full_src: Path, tmp_path: Path
+) -> None:
+    server = nbdkit_server(
+        "memory", ["size=8M"], filters=["delay"], filter_args=["delay-read=200ms"]
+    )
+    fill_export(full_src, server.uri)
+    slow = ConvertOptions(parallel=1, buffer_size="64k", connections=1)  # ~25 s in all
+    start = trio.current_time()
+    with trio.move_on_after(0.5) as scope:
+        await trioconv.convert(server.uri, tmp_path / "cancelled.img", slow)
+    assert scope.cancelled_caught
+    assert trio.current_time() - start < 3
+
+    out = tmp_path / "out.img"
+    result = await trioconv.convert(server.uri, out)
+    assert result.total == 8 * MiB
+    assert_identical(full_src, out)
+    compare_uri(out, server.uri)
+
+
+# -- 11. requests in flight ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("parallel", "in_flight"), [("8", 4), ("1", 1)])
+def test_requests_are_pipelined(
+    nbdkit_server: NbdkitLauncher,
+    full_src: Path,
+    tmp_path: Path,
+    parallel: str,
+    in_flight: int,
+) -> None:
+    """On one connection, ``-m 8`` has all four 2 MiB reads outstanding before the first
+    reply, ``-m 1`` only ever one (nbdkit logs each request when it arrives and again when
+    it is answered). The server holds each read 200 ms, far longer than a busy machine
+    takes to schedule the client's next request."""
+    log = tmp_path / "pipe.log"
+    server = nbdkit_server(
+        "memory",
+        ["size=8M"],
+        filters=["log", "delay"],
+        filter_args=[f"logfile={log}", "delay-read=200ms"],
+    )
+    fill_export(full_src, server.uri)
+    out = tmp_path / "out.img"
+    result = trioconv_cli(
+        "convert", "-m", parallel, "--connections", "1", "-f", "raw", "-O", "raw", server.uri, out
+    )
+    assert result.returncode == 0, result.stderr
+    assert_identical(full_src, out)
+    reads = requests(log, "Read")
+    assert sum(c for _, c, _ in reads) == 8 * MiB
+    if in_flight > 1:
+        assert max_in_flight(log, "Read") >= in_flight, log.read_text()
+    else:
+        assert max_in_flight(log, "Read") == 1, log.read_text()
