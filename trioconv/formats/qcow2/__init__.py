@@ -1,18 +1,30 @@
-"""qcow2 (QEMU copy-on-write v2/v3)."""
+"""qcow2 (QEMU copy-on-write, versions 2 and 3), read-only.
+
+:func:`open_qcow2` is what the format registry calls: it reads the header and the active
+L1 table, opens the backing image and the external data file if there are any, and
+returns a :class:`~._driver.Qcow2Driver`. The on-disk structures are decoded by the
+sans-I/O functions in :mod:`._codec`.
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..._errors import ImageError
 from ...driver import Driver
+from ._driver import Qcow2Driver
+from ._driver import open_qcow2 as _open
 
 if TYPE_CHECKING:
     from ..._open import OpenContext
 
-__all__ = ["open_qcow2"]
+__all__ = ["Qcow2Driver", "open_qcow2"]
 
 
 async def open_qcow2(transport: Driver, ctx: OpenContext) -> Driver:
-    """Open a qcow2 image for reading (not available yet)."""
-    raise ImageError(f"Could not open '{ctx.location}': image format 'qcow2' is not supported yet")
+    """Open a qcow2 image for reading on top of ``transport``.
+
+    Raises:
+        ImageError: the image is not valid qcow2, uses a feature this reader does not
+            support, or its backing chain cannot be opened.
+    """
+    return await _open(transport, ctx)

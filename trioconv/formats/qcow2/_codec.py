@@ -57,6 +57,8 @@ __all__ = [
     "decode_table",
     "l1_entry_offset",
     "map_l2",
+    "merge_segments",
+    "append_segment",
     "parse_extensions",
     "parse_header",
     "parse_image",
@@ -396,8 +398,7 @@ def _check_header(h: Header) -> None:
         )
     if h.backing_file_offset and h.backing_file_size > MAX_BACKING_NAME:
         raise Qcow2FormatError(
-            f"Backing file name too long: {h.backing_file_size} bytes "
-            f"(at most {MAX_BACKING_NAME})",
+            f"Backing file name too long: {h.backing_file_size} bytes (at most {MAX_BACKING_NAME})",
             16,
         )
 
@@ -444,8 +445,8 @@ def parse_extensions(h: Header, cluster: bytes | bytearray | memoryview) -> Imag
         elif ext_type == Extension.FEATURE_NAMES:
             for at in range(0, length - length % 48, 48):
                 kind, bit = body[at], body[at + 1]
-                names[(kind, bit)] = body[at + 2 : at + 48].split(b"\0", 1)[0].decode(
-                    "utf-8", "replace"
+                names[(kind, bit)] = (
+                    body[at + 2 : at + 48].split(b"\0", 1)[0].decode("utf-8", "replace")
                 )
         elif ext_type == Extension.DATA_FILE:
             data_file = _text(body.split(b"\0", 1)[0], "external data file name", body_at)
@@ -487,11 +488,13 @@ def parse_image(cluster: bytes | bytearray | memoryview, file_size: int) -> Imag
     """
     h = parse_header(cluster)
     info = parse_extensions(h, cluster)
-    unknown = h.incompatible_features & ~KNOWN_INCOMPATIBLE
+    unknown = h.incompatible_features & ~int(KNOWN_INCOMPATIBLE)
     if unknown:
         bits = [b for b in range(64) if unknown >> b & 1]
         described = ", ".join(
-            f"bit {b} ({info.feature_names[(0, b)]})" if (0, b) in info.feature_names else f"bit {b}"
+            f"bit {b} ({info.feature_names[(0, b)]})"
+            if (0, b) in info.feature_names
+            else f"bit {b}"
             for b in bits
         )
         raise Qcow2FormatError(f"Unsupported qcow2 incompatible feature(s): {described}", 72)
@@ -653,7 +656,7 @@ class Segment:
         return self.offset + self.length
 
 
-def _append(out: list[Segment], seg: Segment) -> None:
+def append_segment(out: list[Segment], seg: Segment) -> None:
     """Add ``seg``, merging it into the previous one when they continue each other."""
     if out:
         last = out[-1]
@@ -675,7 +678,7 @@ def merge_segments(segments: list[Segment]) -> list[Segment]:
     """Merge runs that continue each other (same kind; NORMAL also host-contiguous)."""
     out: list[Segment] = []
     for seg in segments:
-        _append(out, seg)
+        append_segment(out, seg)
     return out
 
 
@@ -720,7 +723,7 @@ def map_l2(
         if entry == 0 and (not layout.extended_l2 or table[i * step + 1] == 0):
             n = max(1, _zero_entries(raw, i, last + 1, entry_size))
             stop = min(end, table_base + ((i + n) << bits))
-            _append(out, Segment(lo, stop - lo, ClusterKind.UNALLOCATED))
+            append_segment(out, Segment(lo, stop - lo, ClusterKind.UNALLOCATED))
             i += n
             continue
         try:
@@ -733,7 +736,7 @@ def map_l2(
                     f"compressed cluster at guest offset {_hex(c_start)} has a non-zero "
                     "subcluster bitmap"
                 )
-            _append(
+            append_segment(
                 out,
                 Segment(
                     lo,
@@ -747,15 +750,23 @@ def map_l2(
         elif layout.extended_l2:
             _map_subclusters(out, decoded, table[i * step + 1], layout, c_start, lo, hi)
         elif decoded.kind is ClusterKind.NORMAL:
-            _append(out, Segment(lo, hi - lo, decoded.kind, decoded.host_offset + lo - c_start))
+            append_segment(
+                out, Segment(lo, hi - lo, decoded.kind, decoded.host_offset + lo - c_start)
+            )
         else:
-            _append(out, Segment(lo, hi - lo, decoded.kind))
+            append_segment(out, Segment(lo, hi - lo, decoded.kind))
         i += 1
     return out
 
 
 def _map_subclusters(
-    out: list[Segment], decoded: L2Entry, bitmap: int, layout: Layout, c_start: int, lo: int, hi: int
+    out: list[Segment],
+    decoded: L2Entry,
+    bitmap: int,
+    layout: Layout,
+    c_start: int,
+    lo: int,
+    hi: int,
 ) -> None:
     alloc, zero = bitmap & 0xFFFF_FFFF, bitmap >> 32
     if alloc & zero:
@@ -775,9 +786,11 @@ def _map_subclusters(
         s_lo = max(lo, c_start + s * sc)
         s_hi = min(hi, c_start + (s + 1) * sc)
         if alloc >> s & 1:
-            seg = Segment(s_lo, s_hi - s_lo, ClusterKind.NORMAL, decoded.host_offset + s_lo - c_start)
+            seg = Segment(
+                s_lo, s_hi - s_lo, ClusterKind.NORMAL, decoded.host_offset + s_lo - c_start
+            )
         elif zero >> s & 1:
             seg = Segment(s_lo, s_hi - s_lo, ClusterKind.ZERO)
         else:
             seg = Segment(s_lo, s_hi - s_lo, ClusterKind.UNALLOCATED)
-        _append(out, seg)
+        append_segment(out, seg)
