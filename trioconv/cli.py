@@ -144,7 +144,8 @@ async def convert(
         str | None, Parameter(name=["-O", "--target-format", "--output-format"])
     ] = None,
     options: Annotated[
-        list[str] | None, Parameter(name=["-o", "--target-format-options", "--options"])
+        list[str] | None,
+        Parameter(name=["-o", "--target-format-options", "--options"], negative_iterable=""),
     ] = None,
     source_cache: Annotated[str, Parameter(name=["-T", "--source-cache"])] = "writeback",
     target_cache: Annotated[
