@@ -1,0 +1,442 @@
+"""The read-only qcow2 driver: the codec's tables put to work over a child driver.
+
+Opening reads the first cluster (header and extensions) and the active L1 table, which
+stays in memory (at most 32 MiB, refused beyond). L2 tables are read when first needed
+and kept in a small LRU cache, bounded in bytes whatever the image claims.
+
+A read is mapped through L1 and L2 into *segments* (:func:`~._codec.map_l2`), each of
+which is served one way:
+
+* NORMAL - one read on the data file (the image itself, or its external data file);
+  host-contiguous clusters were already merged into one segment, so a freshly
+  converted image is read in requests as large as the caller's;
+* ZERO - the buffer is cleared;
+* UNALLOCATED - read from the backing image (zeroes past its end), or cleared;
+* COMPRESSED - the stream is read and inflated; neighbouring streams are fetched in one
+  read, and big batches are inflated in a worker thread so the event loop keeps going.
+
+``block_status`` answers for what a reader sees, so the copy engine can trust it: DATA
+for normal and compressed clusters and for unallocated ones whose backing image has
+data there, ZERO for zero clusters (and unallocated ones when there is no backing
+image), HOLE for unallocated clusters that read as zeroes through the backing chain.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import re
+import zlib
+from array import array
+from typing import TYPE_CHECKING
+
+import trio
+
+from ..._errors import ImageError, TrioconvError, TrioconvIOError, UnsupportedError
+from ...driver import Caps, Driver, Extent, ExtentKind, Limits
+from . import _codec as codec
+from ._codec import ClusterKind, Segment
+
+if TYPE_CHECKING:
+    from ..._open import OpenContext
+
+__all__ = ["Qcow2Driver", "open_qcow2"]
+
+#: Bytes of L2 tables kept in memory at most (and never more than 32 tables).
+L2_CACHE_BYTES = 16 * 1024 * 1024
+L2_CACHE_TABLES = 32
+#: Compressed bytes above which a batch is inflated in a worker thread.
+THREAD_INFLATE_BYTES = 256 * 1024
+#: Largest read that fetches several neighbouring compressed streams at once.
+COMPRESSED_READ_SPAN = 4 * 1024 * 1024
+#: Most clusters one ``block_status`` call looks at.
+STATUS_CLUSTERS = 65536
+#: Zeroes to copy from when clearing parts of a buffer.
+_ZEROS = bytes(1024 * 1024)
+
+_URI_RE = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)
+
+
+def _fill_zero(view: memoryview) -> None:
+    pos = 0
+    while pos < view.nbytes:
+        n = min(len(_ZEROS), view.nbytes - pos)
+        view[pos : pos + n] = _ZEROS[:n]
+        pos += n
+
+
+def _inflate_zlib(data: bytes, cluster_size: int) -> bytes:
+    # Raw deflate with a 4 KiB window, as qemu writes it; the stream may be followed
+    # by padding up to the next sector.
+    return zlib.decompressobj(-12).decompress(data, cluster_size)
+
+
+def _inflate_zstd(data: bytes, cluster_size: int) -> bytes:
+    try:
+        import zstandard  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        raise UnsupportedError("zstd-compressed qcow2 needs the zstandard package") from None
+    # A stream reader never produces more than asked for, whatever the frame claims.
+    parts: list[bytes] = []
+    got = 0
+    with zstandard.ZstdDecompressor().stream_reader(data) as reader:
+        while got < cluster_size:
+            part = reader.read(cluster_size - got)
+            if not part:
+                break
+            parts.append(part)
+            got += len(part)
+    return b"".join(parts)
+
+
+def _inflate_all(streams: list[bytes], zstd: bool, cluster_size: int) -> list[bytes | None]:
+    """Inflate each stream to one cluster; None where a stream is broken."""
+    inflate = _inflate_zstd if zstd else _inflate_zlib
+    out: list[bytes | None] = []
+    for data in streams:
+        try:
+            plain: bytes | None = inflate(data, cluster_size)
+        except UnsupportedError:
+            raise
+        except Exception:  # zlib.error, zstandard.ZstdError: a broken stream
+            plain = None
+        out.append(plain if plain is not None and len(plain) == cluster_size else None)
+    return out
+
+
+class Qcow2Driver(Driver):
+    """A qcow2 image opened read-only. Made by :func:`open_qcow2`."""
+
+    name = "qcow2"
+
+    def __init__(
+        self,
+        child: Driver,
+        info: codec.ImageInfo,
+        l1: array[int],
+        *,
+        data: Driver | None = None,
+        backing: Driver | None = None,
+    ) -> None:
+        self.child = child
+        self.info = info
+        self.header = info.header
+        self.layout = info.layout
+        self.location = child.location
+        self.backing = backing
+        self._data = data if data is not None else child
+        self._l1 = l1
+        self._table_span = self.layout.l2_entries * self.layout.cluster_size
+        table_bytes = self.layout.cluster_size
+        self._cache_max = max(2, min(L2_CACHE_TABLES, L2_CACHE_BYTES // table_bytes))
+        self._cache: collections.OrderedDict[int, tuple[array[int], bytes]] = (
+            collections.OrderedDict()
+        )
+        self._closed = False
+
+    # -- contract ---------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self.header.size
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(request_alignment=1)
+
+    @property
+    def caps(self) -> Caps:
+        return Caps(block_status=True)
+
+    async def aclose(self) -> None:
+        # The child, the data file and the backing image belong to the opener's exit
+        # stack, which closes them; here only the caches go.
+        self._closed = True
+        self._cache.clear()
+
+    # -- metadata ---------------------------------------------------------------------
+    def _corrupt(self, problem: str, offset: int | None = None) -> TrioconvIOError:
+        return TrioconvIOError(f"{self.location}: corrupt qcow2 image: {problem}", offset=offset)
+
+    async def _l2_table(self, index: int) -> tuple[array[int], bytes] | None:
+        """The L2 table of L1 entry ``index`` (None when it has none), through the cache."""
+        cs = self.layout.cluster_size
+        try:
+            offset = codec.l1_entry_offset(self._l1[index], cs, index)
+        except codec.Qcow2FormatError as exc:
+            raise self._corrupt(str(exc), exc.offset) from None
+        if offset == 0:
+            return None
+        cached = self._cache.get(offset)
+        if cached is not None:
+            self._cache.move_to_end(offset)
+            return cached
+        if offset + cs > self.child.size:
+            raise self._corrupt(
+                f"L2 table offset {offset:#x} in L1 entry {index} lies beyond the end of "
+                f"the file ({self.child.size} bytes)",
+                offset,
+            )
+        raw = await self.child.pread(offset, cs)
+        table = codec.decode_table(raw)
+        self._cache[offset] = (table, raw)
+        while len(self._cache) > self._cache_max:
+            self._cache.popitem(last=False)
+        return table, raw
+
+    async def _segments(self, offset: int, end: int) -> list[Segment]:
+        """Map guest ``[offset, end)`` to merged segments."""
+        out: list[Segment] = []
+        pos = offset
+        while pos < end:
+            index = pos // self._table_span
+            base = index * self._table_span
+            stop = min(end, base + self._table_span)
+            loaded = await self._l2_table(index)
+            table, raw = loaded if loaded is not None else (None, b"")
+            try:
+                segs = codec.map_l2(table, raw, self.layout, base, pos, stop)
+            except codec.Qcow2FormatError as exc:
+                raise self._corrupt(str(exc), exc.offset) from None
+            for seg in segs:
+                codec.append_segment(out, seg)
+            pos = stop
+        return out
+
+    # -- reading ----------------------------------------------------------------------
+    async def preadinto(self, offset: int, buf: memoryview) -> None:
+        buf = buf.cast("B") if buf.format != "B" else buf
+        if offset < 0 or offset + buf.nbytes > self.size:
+            raise TrioconvIOError(
+                f"{self.location}: read of {buf.nbytes} bytes at {offset} is outside the "
+                f"image ({self.size} bytes)",
+                offset=offset,
+            )
+        if not buf.nbytes:
+            return
+        compressed: list[Segment] = []
+        for seg in await self._segments(offset, offset + buf.nbytes):
+            view = buf[seg.offset - offset : seg.end - offset]
+            if seg.kind is ClusterKind.NORMAL:
+                await self._read_host(self._data, seg.host_offset, view)
+            elif seg.kind is ClusterKind.UNALLOCATED and self.backing is not None:
+                await self._read_backing(seg.offset, view)
+            elif seg.kind is ClusterKind.COMPRESSED:
+                compressed.append(seg)
+            else:
+                _fill_zero(view)
+        if compressed:
+            await self._read_compressed(compressed, buf, offset)
+
+    async def _read_host(self, source: Driver, host: int, view: memoryview) -> None:
+        """Read ``view`` at ``host`` of ``source``; bytes past its end read as zeroes."""
+        n = max(0, min(view.nbytes, source.size - host))
+        if n:
+            await source.preadinto(host, view[:n])
+        if n < view.nbytes:
+            _fill_zero(view[n:])
+
+    async def _read_backing(self, guest: int, view: memoryview) -> None:
+        assert self.backing is not None
+        await self._read_host(self.backing, guest, view)
+
+    async def _read_compressed(self, segs: list[Segment], buf: memoryview, offset: int) -> None:
+        """Fetch the streams of ``segs`` (neighbours in one read) and inflate them."""
+        file_size = self.child.size
+        streams: list[bytes] = []
+        group: list[Segment] = []
+
+        async def fetch() -> None:
+            start = group[0].host_offset
+            stop = min(file_size, max(s.host_offset + s.compressed_size for s in group))
+            if start >= file_size:
+                raise self._corrupt(
+                    f"compressed cluster at guest offset {group[0].cluster_offset:#x} starts "
+                    f"at {start:#x}, beyond the end of the file ({file_size} bytes)",
+                    start,
+                )
+            raw = await self.child.pread(start, stop - start)
+            for s in group:
+                at = s.host_offset - start
+                streams.append(raw[at : at + s.compressed_size])
+
+        for seg in segs:
+            if group:
+                lo = group[0].host_offset
+                hi = max(s.host_offset + s.compressed_size for s in group)
+                near = lo <= seg.host_offset <= hi + 512
+                if not near or seg.host_offset + seg.compressed_size - lo > COMPRESSED_READ_SPAN:
+                    await fetch()
+                    group = []
+            group.append(seg)
+        await fetch()
+
+        zstd = self.header.compression_type == codec.CompressionType.ZSTD
+        cs = self.layout.cluster_size
+        if sum(len(d) for d in streams) > THREAD_INFLATE_BYTES:
+            plain = await trio.to_thread.run_sync(_inflate_all, streams, zstd, cs)
+        else:
+            plain = _inflate_all(streams, zstd, cs)
+        for seg, data in zip(segs, plain, strict=True):
+            if data is None:
+                raise self._corrupt(
+                    f"compressed cluster at guest offset {seg.cluster_offset:#x} (host offset "
+                    f"{seg.host_offset:#x}) could not be decompressed",
+                    seg.host_offset,
+                )
+            inner = seg.offset - seg.cluster_offset
+            buf[seg.offset - offset : seg.end - offset] = data[inner : inner + seg.length]
+
+    # -- block status -----------------------------------------------------------------
+    async def block_status(self, offset: int, length: int) -> Extent:
+        cs = self.layout.cluster_size
+        # Cover at least the rest of this cluster and end on a cluster boundary (or the
+        # image's end); look at most STATUS_CLUSTERS clusters ahead.
+        end = min(self.size, offset + max(length, 1), offset + STATUS_CLUSTERS * cs)
+        if end < self.size:
+            end = min(self.size, max(end // cs * cs, (offset // cs + 1) * cs))
+        kind: ExtentKind | None = None
+        stop = offset
+        pos = offset
+        while pos < end:
+            chunk_end = min(end, (pos // self._table_span + 1) * self._table_span)
+            for seg in await self._segments(pos, chunk_end):
+                for p_end, p_kind in await self._status_pieces(seg):
+                    if kind is None:
+                        kind = p_kind
+                    elif p_kind is not kind:
+                        return Extent(offset, stop - offset, kind)
+                    stop = p_end
+            pos = chunk_end
+        assert kind is not None
+        return Extent(offset, stop - offset, kind)
+
+    async def _status_pieces(self, seg: Segment) -> list[tuple[int, ExtentKind]]:
+        """``(end, kind)`` pieces that tile ``seg``, in order."""
+        if seg.kind in (ClusterKind.NORMAL, ClusterKind.COMPRESSED):
+            return [(seg.end, ExtentKind.DATA)]
+        if seg.kind is ClusterKind.ZERO or self.backing is None:
+            return [(seg.end, ExtentKind.ZERO)]
+        return await self._backing_pieces(seg.offset, seg.end)
+
+    async def _backing_pieces(self, start: int, end: int) -> list[tuple[int, ExtentKind]]:
+        """Unallocated here: DATA where the backing chain has data, else HOLE.
+
+        The answer keeps to this image's cluster grid: a cluster that is only partly
+        zero in the backing image counts as DATA (reading zeroes as data is harmless).
+        """
+        assert self.backing is not None
+        cs = self.layout.cluster_size
+        out: list[tuple[int, ExtentKind]] = []
+        pos = start
+        backing_size = self.backing.size
+        while pos < end:
+            if pos >= backing_size:
+                out.append((end, ExtentKind.HOLE))
+                break
+            ext = await self.backing.block_status(pos, min(end, backing_size) - pos)
+            ext_end = min(end, pos + max(ext.length, 1))
+            if ext.offset != pos:
+                ext_end = pos + 1  # a confused answer: treat as data, conservatively
+                data = True
+            else:
+                data = ext.kind is ExtentKind.DATA
+            if ext_end >= backing_size and backing_size < end and not data:
+                ext_end = end  # zeroes to the backing image's end, then past it
+            if data:
+                stop = min(end, -(-ext_end // cs) * cs)
+                kind = ExtentKind.DATA
+            else:
+                stop = end if ext_end >= end else ext_end // cs * cs
+                kind = ExtentKind.HOLE
+                if stop <= pos:  # a zero run shorter than the rest of this cluster
+                    stop = min(end, (pos // cs + 1) * cs)
+                    kind = ExtentKind.DATA
+            if out and out[-1][1] is kind:
+                out[-1] = (stop, kind)
+            else:
+                out.append((stop, kind))
+            pos = stop
+        return out
+
+
+def _local(location: str) -> str | None:
+    """The local path of a location, or None for a network URI."""
+    if location.startswith("file:"):
+        return location[5:]
+    if _URI_RE.match(location) and not os.path.exists(location):
+        return None
+    return location
+
+
+def _resolve(ctx: OpenContext, name: str, what: str) -> str:
+    """A file name stored in the image, made relative to the image's folder."""
+    if os.path.isabs(name) or _URI_RE.match(name):
+        return name
+    here = _local(ctx.location)
+    if here is None:
+        raise ImageError(
+            f"Could not open '{ctx.location}': cannot resolve the relative {what} name "
+            f"'{name}' of a network image"
+        )
+    return os.path.join(os.path.dirname(here), name)
+
+
+def _same_place(a: str, b: str) -> bool:
+    local_a, local_b = _local(a), _local(b)
+    if local_a is None or local_b is None:
+        return a == b
+    return os.path.realpath(local_a) == os.path.realpath(local_b)
+
+
+async def _open_backing(ctx: OpenContext, info: codec.ImageInfo) -> Driver | None:
+    if info.backing_file is None:
+        return None
+    path = _resolve(ctx, info.backing_file, "backing file")
+    if any(_same_place(path, seen) for seen in (*ctx.chain, ctx.location)):
+        raise ImageError(f"Backing file '{path}' creates an infinite loop")
+    try:
+        backing = await ctx.open_backing(path, info.backing_format)
+    except ImageError as exc:
+        raise ImageError(
+            f"Could not open '{ctx.location}': Could not open backing file: {exc}"
+        ) from None
+    if info.backing_format is None and backing.name == "raw":
+        raise ImageError(
+            f"Could not open '{ctx.location}': backing file '{path}': backing file format "
+            "not specified; probing a raw backing file is refused"
+        )
+    return backing
+
+
+async def open_qcow2(transport: Driver, ctx: OpenContext) -> Qcow2Driver:
+    """Read the header and the active L1 table; open the data file and backing image.
+
+    Raises:
+        ImageError: the image is not valid qcow2, uses something this reader does not
+            support, or its backing chain cannot be opened.
+    """
+    file_size = transport.size
+    where = f"Could not open '{ctx.location}'"
+    try:
+        first = await transport.pread(0, min(file_size, codec.HEADER_READ))
+        header = codec.parse_header(first)
+        cluster = await transport.pread(0, min(file_size, header.cluster_size))
+        info = codec.parse_image(cluster, file_size)
+    except codec.Qcow2FormatError as exc:
+        raise ImageError(f"{where}: {exc}") from None
+    except TrioconvIOError as exc:
+        raise ImageError(f"{where}: {exc}") from None
+    h = info.header
+    raw_l1 = await transport.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
+    l1 = codec.decode_table(raw_l1)
+    data: Driver | None = None
+    if info.data_file is not None:
+        path = _resolve(ctx, info.data_file, "data file")
+        try:
+            data = await ctx.open_backing(path, "raw")
+        except TrioconvError as exc:
+            raise ImageError(f"{where}: cannot open its external data file: {exc}") from None
+    backing = await _open_backing(ctx, info)
+    driver = Qcow2Driver(transport, info, l1, data=data, backing=backing)
+    driver.location = ctx.location
+    return driver
