@@ -8,9 +8,10 @@ read yet are refused by name, never mistaken for raw.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import attrs
@@ -18,6 +19,7 @@ import attrs
 from ._cache import CacheMode
 from ._errors import ImageError, UnsupportedError, UsageError
 from .driver import Driver
+from .formats._base import FormatInfo
 from .formats.raw import RAW_CREATE_OPTIONS, RawDriver, probe_raw
 from .protocols.file import create_file, open_file
 from .protocols.nbd import is_nbd_uri, open_nbd
@@ -70,31 +72,8 @@ class OpenContext:
         )
 
 
-#: Wraps a transport in a format driver (async: it may read headers and tables).
-FormatOpener = Callable[[Driver, OpenContext], Awaitable[Driver]]
-
-
 async def _open_raw(transport: Driver, ctx: OpenContext) -> Driver:
     return RawDriver(transport)
-
-
-@attrs.frozen
-class FormatInfo:
-    """A registered image format.
-
-    Attributes:
-        name: the name ``-f``/``-O`` use.
-        probe: scores a header (higher is surer; 0 is no).
-        open: wraps a transport driver, or None when the format is recognised but not
-            readable yet.
-        create_options: the ``-o`` options accepted when creating, with help text; None
-            when trioconv cannot create the format yet.
-    """
-
-    name: str
-    probe: Callable[[bytes, str], int]
-    open: FormatOpener | None = None
-    create_options: Mapping[str, str] | None = None
 
 
 def _magic(magic: bytes, at: int = 0, score: int = 100) -> Callable[[bytes, str], int]:
@@ -128,17 +107,35 @@ def _register(info: FormatInfo) -> None:
     _FORMATS[info.name] = info
 
 
-_register(FormatInfo("raw", probe_raw, _open_raw, RAW_CREATE_OPTIONS))
+_register(FormatInfo("raw", probe_raw, _open_raw, create_options=RAW_CREATE_OPTIONS))
 
 
-async def _open_qcow2(transport: Driver, ctx: OpenContext) -> Driver:
-    from .formats.qcow2 import open_qcow2
+#: Format modules under ``trioconv.formats``; each exports ``FORMAT`` when it exists.
+_FORMAT_MODULES = ("qcow2", "vmdk", "vpc", "vhdx", "vdi", "qed")
+_modules_loaded = False
 
-    return await open_qcow2(transport, ctx)
+
+def _load_format_modules() -> None:
+    """Import the format modules once; their ``FORMAT`` replaces the recognise-only entry."""
+    global _modules_loaded
+    if _modules_loaded:
+        return
+    _modules_loaded = True
+    for name in _FORMAT_MODULES:
+        module_name = f"trioconv.formats.{name}"
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue
+        info = getattr(module, "FORMAT", None)
+        if isinstance(info, FormatInfo):
+            _register(info)
 
 
-_register(FormatInfo("qcow2", _probe_qcow(lambda v: v >= 2), _open_qcow2))
 for _name, _probe in [
+    ("qcow2", _probe_qcow(lambda v: v >= 2)),
     ("qcow", _probe_qcow(lambda v: v == 1)),
     ("vmdk", _probe_vmdk),
     ("vpc", _magic(b"conectix")),
@@ -155,20 +152,45 @@ for _name, _probe in [
 
 def format_names() -> list[str]:
     """Every format name trioconv recognises (not all are readable yet)."""
+    _load_format_modules()
     return sorted(_FORMATS)
 
 
 def _format(name: str) -> FormatInfo:
+    _load_format_modules()
     try:
         return _FORMATS[name]
     except KeyError:
         raise UsageError(f"Unknown file format '{name}'") from None
 
 
-def probe_format(header: bytes, filename: str = "") -> str:
-    """Name the format whose probe scores ``header`` highest."""
-    best = max(_FORMATS.values(), key=lambda f: f.probe(header, filename))
-    return best.name
+def probe_format(header: bytes, filename: str = "", tail: bytes = b"") -> str:
+    """Name the format whose probe scores highest.
+
+    Args:
+        header: the image's first bytes (up to 4 KiB).
+        tail: its last bytes; formats with ``probe_tail`` see ``header + tail``.
+    """
+    _load_format_modules()
+
+    def score(info: FormatInfo) -> int:
+        data = header + tail[-info.probe_tail :] if info.probe_tail and tail else header
+        return info.probe(data, filename)
+
+    return max(_FORMATS.values(), key=score).name
+
+
+async def _probe_transport(transport: Driver, filename: str) -> str:
+    _load_format_modules()
+    size = transport.size
+    length = min(_PROBE_BYTES, size)
+    header = await transport.pread(0, length) if length else b""
+    want_tail = max((f.probe_tail for f in _FORMATS.values()), default=0)
+    tail = b""
+    if want_tail and size > length:
+        n = min(want_tail, size)
+        tail = await transport.pread(size - n, n)
+    return probe_format(header, filename, tail)
 
 
 def _transport_path(location: str | os.PathLike[str]) -> str:
@@ -244,9 +266,7 @@ async def _open_image(
             transport = await open_file(path, writable=writable, cache=CacheMode.parse(cache))
             stack.push_async_callback(transport.aclose)
         if info is None:
-            length = min(_PROBE_BYTES, transport.size)
-            header = await transport.pread(0, length) if length else b""
-            info = _FORMATS[probe_format(header, text)]
+            info = _FORMATS[await _probe_transport(transport, text)]
         if info.open is None:
             raise ImageError(
                 f"Could not open '{text}': image format '{info.name}' is not supported yet"
@@ -262,7 +282,7 @@ def check_create_options(fmt: str, options: Mapping[str, str]) -> None:
         UsageError: unknown format, a format that cannot be created, or a bad option.
     """
     info = _format(fmt)
-    if info.create_options is None:
+    if info.create_options is None or (info.create is None and info.name != "raw"):
         raise UnsupportedError(f"Format '{fmt}' is not supported for writing yet")
     for key, value in options.items():
         if key not in info.create_options:
@@ -305,4 +325,20 @@ async def create_image(
             "(use -n to write into an existing export)"
         )
     path = _transport_path(location)
-    return await create_file(path, size, preallocation=options.get("preallocation", "off"))
+    info = _format(fmt)
+    if info.create is None:
+        return await create_file(path, size, preallocation=options.get("preallocation", "off"))
+    created = await create_file(path, 0)
+    try:
+        transport = await open_file(path, writable=True)
+        try:
+            await info.create(transport, size, options)
+            await transport.flush()
+        finally:
+            await transport.aclose()
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    return created

@@ -11,13 +11,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ...driver import Driver
+from .._base import FormatInfo
 from ._driver import Qcow2Driver
 from ._driver import open_qcow2 as _open
 
 if TYPE_CHECKING:
     from ..._open import OpenContext
 
-__all__ = ["Qcow2Driver", "open_qcow2"]
+__all__ = ["FORMAT", "Qcow2Driver", "open_qcow2", "probe_qcow2"]
 
 
 async def open_qcow2(transport: Driver, ctx: OpenContext) -> Driver:
@@ -28,3 +29,13 @@ async def open_qcow2(transport: Driver, ctx: OpenContext) -> Driver:
             support, or its backing chain cannot be opened.
     """
     return await _open(transport, ctx)
+
+
+def probe_qcow2(header: bytes, filename: str) -> int:
+    """qcow2 magic ``QFI\\xfb`` with a version from 2 on (later ones are refused by name)."""
+    if header[:4] != b"QFI\xfb" or len(header) < 8:
+        return 0
+    return 100 if int.from_bytes(header[4:8], "big") >= 2 else 0
+
+
+FORMAT = FormatInfo("qcow2", probe_qcow2, open_qcow2)
