@@ -15,6 +15,8 @@ many copy requests in flight::
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ._cache import CacheMode as CacheMode
 from ._errors import ConvertError as ConvertError
 from ._errors import ImageError as ImageError
@@ -35,6 +37,17 @@ from .driver import Driver as Driver
 from .driver import Extent as Extent
 from .driver import ExtentKind as ExtentKind
 from .driver import Limits as Limits
-from .protocols.memory import MemoryDriver as MemoryDriver
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .protocols.memory import MemoryDriver as MemoryDriver
+
+
+def __getattr__(name: str) -> object:
+    # The in-memory driver is for tests and programs; the CLI does not import it.
+    if name == "MemoryDriver":
+        from .protocols.memory import MemoryDriver
+
+        return MemoryDriver
+    raise AttributeError(f"module 'trioconv' has no attribute {name!r}")

@@ -22,7 +22,6 @@ from .driver import Driver
 from .formats._base import FormatInfo
 from .formats.raw import RAW_CREATE_OPTIONS, RawDriver, probe_raw
 from .protocols.file import create_file, open_file
-from .protocols.nbd import is_nbd_uri, open_nbd
 
 __all__ = [
     "FormatInfo",
@@ -33,6 +32,15 @@ __all__ = [
 ]
 
 _PROBE_BYTES = 4096
+_NBD_SCHEMES = ("nbd", "nbds", "nbd+tcp", "nbds+tcp", "nbd+unix", "nbds+unix")
+
+
+def is_nbd_uri(location: str) -> bool:
+    """True when ``location`` is an NBD URI (``nbd://``, ``nbd+unix://``, TLS forms)."""
+    scheme, sep, _ = location.partition("://")
+    return bool(sep) and scheme.lower() in _NBD_SCHEMES
+
+
 _URI_RE = re.compile(r"^([a-z][a-z0-9+.-]*):", re.IGNORECASE)
 
 
@@ -258,6 +266,8 @@ async def _open_image(
         text = os.fspath(location)
         transport: Driver
         if is_nbd_uri(text):
+            from .protocols.nbd import open_nbd  # only programs that use NBD pay for it
+
             transport = await stack.enter_async_context(
                 open_nbd(text, writable=writable, connections=connections)
             )

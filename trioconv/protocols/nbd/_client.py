@@ -23,6 +23,7 @@ import attrs
 import trio
 
 from ..._errors import ImageError, TrioconvIOError, UnsupportedError, ZeroesNotSupported
+from ..._open import is_nbd_uri as is_nbd_uri
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
 from . import _proto as proto
 from ._proto import Cmd, CmdFlag, TxFlag
@@ -41,12 +42,6 @@ _SCHEMES = ("nbd", "nbds", "nbd+tcp", "nbds+tcp", "nbd+unix", "nbds+unix")
 _MAX_ZERO = 1 << 30
 _MAX_STATUS = 1 << 30
 _HANDSHAKE_TIMEOUT = 30.0
-
-
-def is_nbd_uri(location: str) -> bool:
-    """True when ``location`` is an NBD URI."""
-    scheme, sep, _ = location.partition("://")
-    return bool(sep) and scheme.lower() in _SCHEMES
 
 
 @attrs.frozen
