@@ -342,3 +342,30 @@ async def test_rate_limit_spreads_writes(autojump_clock: trio.testing.MockClock)
     # 8 MiB at 2 MiB/s: the last 2 MiB write may start after 3 s.
     assert trio.current_time() - start >= 3.0
     assert bytes(dst.data) == bytes(src.data)
+
+
+@pytest.mark.parametrize("oob", [False, True])
+async def test_compressed_writes(oob: bool) -> None:
+    cluster = 64 * 1024
+    data = bytearray(mixed_image(8 * MiB, seed=3))
+    data[cluster * 5 : cluster * 6] = bytes(cluster)  # a whole zero cluster inside data
+    src = MemoryDriver(data=bytes(data))
+    dst = MemoryDriver(len(data), cluster_size=cluster, delay=lambda r: random.uniform(0, 0.003))
+    opts = trioconv.ConvertOptions(
+        compress=True, oob_writes=oob, no_create=True, target_is_zero=True
+    )
+    await trioconv.convert([src], dst, opts)
+    assert bytes(dst.data) == bytes(data)
+    written = [r for r in dst.log if r.op == "compressed"]
+    assert all(r.offset % cluster == 0 for r in written)
+    assert not any(r.offset <= cluster * 5 < r.offset + r.length for r in written)
+    if not oob:
+        offsets = [r.offset for r in written]
+        assert offsets == sorted(offsets)
+
+
+async def test_compression_refused_for_a_target_without_it() -> None:
+    with pytest.raises(trioconv.UnsupportedError, match="Compression not supported"):
+        await trioconv.convert(
+            [MemoryDriver(MiB)], MemoryDriver(MiB), trioconv.ConvertOptions(compress=True)
+        )

@@ -164,6 +164,15 @@ def format_names() -> list[str]:
     return sorted(_FORMATS)
 
 
+def format_info(name: str) -> FormatInfo:
+    """The registered :class:`FormatInfo` of ``name``.
+
+    Raises:
+        UsageError: no such format.
+    """
+    return _format(name)
+
+
 def _format(name: str) -> FormatInfo:
     _load_format_modules()
     try:

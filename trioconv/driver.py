@@ -89,11 +89,14 @@ class Limits:
             still accepts unaligned requests at the end of the image).
         max_transfer: the largest single read or write.
         opt_transfer: the request size that performs best; 0 when there is no preference.
+        cluster_size: the format's allocation unit (qcow2 clusters, VHD blocks); 0 when
+            there is none. Compressed writes come in whole clusters.
     """
 
     request_alignment: int = 1
     max_transfer: int = DEFAULT_MAX_TRANSFER
     opt_transfer: int = 0
+    cluster_size: int = 0
 
 
 @attrs.frozen
@@ -109,6 +112,8 @@ class Caps:
         zero_init: a newly created image of this kind reads as zeroes everywhere, so a
             conversion can skip zero runs.
         copy_range: the driver can offload copies from a driver of the same kind.
+        compress: the driver takes compressed writes (:meth:`Driver.compress` and
+            :meth:`Driver.pwrite_compressed`).
         max_writers: how many concurrent writers the driver tolerates (0 = unlimited).
     """
 
@@ -118,6 +123,7 @@ class Caps:
     block_status: bool = False
     zero_init: bool = False
     copy_range: bool = False
+    compress: bool = False
     max_writers: int = 0
 
 
@@ -174,6 +180,23 @@ class Driver(abc.ABC):
             ZeroesNotSupported: the caller should write zero buffers instead.
         """
         raise ZeroesNotSupported(f"{self.name}: write zeroes not supported")
+
+    async def compress(self, offset: int, data: memoryview) -> object:
+        """Compress whole clusters of data bound for ``offset``; no I/O happens here.
+
+        Compressed writes come in two steps so that the CPU work runs in parallel, in
+        worker threads, *before* the copy engine hands out the turn to write, and the
+        space for the result is then allocated in turn order:
+        ``prepared = await target.compress(off, data)``, later
+        ``await target.pwrite_compressed(off, prepared)``. ``offset`` is cluster-aligned
+        and ``data`` covers whole clusters, except at the end of the image. The result
+        is opaque to the caller; it must not refer to ``data``, which is reused.
+        """
+        raise UnsupportedError(f"{self.name}: compressed writes are not supported")
+
+    async def pwrite_compressed(self, offset: int, prepared: object) -> None:
+        """Write what :meth:`compress` prepared for ``offset``."""
+        raise UnsupportedError(f"{self.name}: compressed writes are not supported")
 
     async def block_status(self, offset: int, length: int) -> Extent:
         """Say what ``[offset, ...)`` holds. The default: everything is DATA."""

@@ -11,7 +11,7 @@ import attrs
 import trio
 
 from .._errors import ConvertError, ImageError, TrioconvError, UnsupportedError
-from .._open import check_create_options, create_image, open_image
+from .._open import check_create_options, create_image, format_info, open_image
 from ..driver import Driver
 from .options import ConvertOptions
 from .pipeline import convert_error_from_group, run_pipeline
@@ -44,10 +44,12 @@ class ConvertResult:
     salvaged: tuple[tuple[int, int], ...] = ()
 
 
-def _check_format_features(opts: ConvertOptions, nsources: int) -> None:
+def _check_format_features(
+    opts: ConvertOptions, nsources: int, *, target_is_driver: bool = False
+) -> None:
     """Refuse, by name, what the target format cannot do (qemu-img's wording)."""
     fmt = opts.target_format
-    if not opts.no_create:
+    if not opts.no_create and not target_is_driver:
         check_create_options(fmt, opts.target_options)
     if nsources > 1 and opts.snapshot is not None:
         raise UnsupportedError("No support for concatenating multiple snapshot")
@@ -62,7 +64,7 @@ def _check_format_features(opts: ConvertOptions, nsources: int) -> None:
         raise UnsupportedError(
             "Cannot use --target-is-zero when the destination image has a backing file"
         )
-    if opts.compress:
+    if opts.compress and not target_is_driver and not format_info(fmt).can_compress:
         raise UnsupportedError(f"Compression not supported for this file format ('{fmt}')")
     if opts.backing_file is not None:
         raise UnsupportedError(f"Backing file not supported for file format '{fmt}'")
@@ -131,7 +133,7 @@ async def _convert(
 ) -> ConvertResult:
     if not specs:
         raise ImageError("Must specify image file name")
-    _check_format_features(opts, len(specs))
+    _check_format_features(opts, len(specs), target_is_driver=isinstance(target, Driver))
     for spec in specs:
         if _same_file(spec, target):
             raise ImageError(

@@ -236,13 +236,19 @@ class _Engine:
         self.opts = opts
         self.progress = progress
         self.zero_init = zero_init
+        self.compress = opts.compress
+        if self.compress and not target.caps.compress:
+            raise UnsupportedError("Compression not supported for this file format")
+        cluster = target.limits.cluster_size if self.compress else 0
         align = max(
-            [target.limits.request_alignment, 512]
+            [target.limits.request_alignment, 512, cluster]
             + [s.limits.request_alignment for s in sources.sources]
         )
         self.align = align
         self.buffer_size = _round_up(max(opts.buffer_size, target.limits.opt_transfer), align)
         self.granularity = _round_up(max(opts.sparse_size, 1), align) if opts.sparse_size else 0
+        if self.compress and opts.sparse_size:
+            self.granularity = align  # whole zero clusters stay unallocated
         self.limiter = trio.CapacityLimiter(opts.parallel)
         self.pool = [mmap.mmap(-1, self.buffer_size) for _ in range(opts.parallel)]
         self.zero_buffer = bytes(min(self.buffer_size, 4 * 1024 * 1024))
@@ -344,12 +350,22 @@ class _Engine:
                 runs = find_zero_runs(buf, job.length, job.offset, self.granularity)
             else:
                 runs = [(job.offset, job.length, False)]
+            prepared: dict[int, object] = {}
+            if self.compress:
+                # The CPU work happens here, before the turn, in parallel across tasks.
+                for offset, n, zero in runs:
+                    if not zero:
+                        piece = view[offset - job.offset : offset - job.offset + n]
+                        prepared[offset] = await self.target.compress(offset, piece)
             if self.rate is not None:
                 await self.rate.wait(sum(n for _, n, z in runs if not z))
             await self._turn(job, tickets)
             for offset, n, zero in runs:
                 piece = view[offset - job.offset : offset - job.offset + n]
-                if not zero:
+                if not zero and self.compress:
+                    await self.target.pwrite_compressed(offset, prepared.pop(offset))
+                    self.progress._advance(written=n)
+                elif not zero:
                     await self.target.pwrite(offset, piece)
                     self.progress._advance(written=n)
                 elif self.zero_init:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import zlib
+
 import attrs
 import trio
 
@@ -57,6 +59,7 @@ class MemoryDriver(Driver):
         delay: float | Callable[[Request], float] = 0.0,
         request_alignment: int = 1,
         location: str = "memory:",
+        cluster_size: int = 0,
     ) -> None:
         if data is not None:
             size = len(data)
@@ -72,9 +75,13 @@ class MemoryDriver(Driver):
         self.location = location
         self._writable = writable
         self._caps = Caps(
-            writable=writable, zeroes=zeroes, block_status=block_status, zero_init=zero_init
+            writable=writable,
+            zeroes=zeroes,
+            block_status=block_status,
+            zero_init=zero_init,
+            compress=bool(cluster_size),
         )
-        self._limits = Limits(request_alignment=request_alignment)
+        self._limits = Limits(request_alignment=request_alignment, cluster_size=cluster_size)
         self._delay = delay
         self.fail_read_at: int | None = None
         self.fail_write_at: int | None = None
@@ -174,6 +181,24 @@ class MemoryDriver(Driver):
         await self._pause(req)
         self.data[offset : offset + length] = bytes(length)
         self._mark(offset, length, 0 if may_unmap else 1)
+
+    async def compress(self, offset: int, data: memoryview) -> object:
+        """zlib in a worker thread (with ``cluster_size`` set); see :meth:`Driver.compress`."""
+        if not self._caps.compress:
+            return await super().compress(offset, data)
+        self.log.append(Request("compress", offset, data.nbytes))
+        payload = data.tobytes()
+        return await trio.to_thread.run_sync(zlib.compress, payload)
+
+    async def pwrite_compressed(self, offset: int, prepared: object) -> None:
+        if not isinstance(prepared, bytes):
+            raise TypeError("pwrite_compressed takes what compress() returned")
+        data = zlib.decompress(prepared)
+        self.log.append(Request("compressed", offset, len(data)))
+        self._check("write", offset, len(data))
+        await self._pause(Request("compressed", offset, len(data)))
+        self.data[offset : offset + len(data)] = data
+        self._mark(offset, len(data), 1)
 
     async def block_status(self, offset: int, length: int) -> Extent:
         self._check("block status", offset, 0)
