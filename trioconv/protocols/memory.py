@@ -9,9 +9,8 @@ and look at what happened: ``log`` records every request as it *starts*, and
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import zlib
+from collections.abc import Callable
 
 import attrs
 import trio
