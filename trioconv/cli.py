@@ -30,6 +30,7 @@ from ._sizes import qemu_size_str
 from .convert import ConvertOptions, Progress
 from .convert import convert as run_convert
 from .convert.options import DEFAULT_BUFFER_SIZE
+from .driver import Driver
 
 __all__ = ["app", "main", "normalize_argv"]
 
@@ -250,12 +251,56 @@ async def convert(
     return await _supervise(work, stats)
 
 
-def _info_dict(path: str, fmt: str, size: int) -> dict[str, object]:
-    info: dict[str, object] = {"virtual-size": size, "filename": path, "format": fmt}
-    with contextlib.suppress(OSError):  # not a local file (an NBD export): no disk size
-        info["actual-size"] = os.stat(path).st_blocks * 512
+def _local_path(location: str) -> str | None:
+    if "://" in location:
+        return None
+    return location[5:] if location.startswith("file:") else location
+
+
+def _info_dict(drv: Driver) -> dict[str, object]:
+    """qemu-img info's JSON for one image (keys in qemu's order where it matters)."""
+    info: dict[str, object] = {
+        "virtual-size": drv.size,
+        "filename": drv.location,
+        "format": drv.name,
+    }
+    path = _local_path(drv.location)
+    if path is not None:
+        with contextlib.suppress(OSError):
+            info["actual-size"] = os.stat(path).st_blocks * 512
     info["dirty-flag"] = False
+    info.update(drv.describe())
     return info
+
+
+_HUMAN_KEYS = {
+    "backing-filename": "backing file",
+    "backing-filename-format": "backing file format",
+}
+
+
+def _print_human(data: dict[str, object]) -> None:
+    vsize = int(str(data["virtual-size"]))
+    print(f"image: {data['filename']}")
+    print(f"file format: {data['format']}")
+    print(f"virtual size: {qemu_size_str(vsize)} ({vsize} bytes)")
+    if "actual-size" in data:
+        print(f"disk size: {qemu_size_str(int(str(data['actual-size'])))}")
+    if "cluster-size" in data:
+        print(f"cluster_size: {data['cluster-size']}")
+    for key, label in _HUMAN_KEYS.items():
+        if key in data:
+            suffix = ""
+            if key == "backing-filename" and "full-backing-filename" in data:
+                full = data["full-backing-filename"]
+                suffix = f" (actual path: {full})" if full != data[key] else ""
+            print(f"{label}: {data[key]}{suffix}")
+    specific = data.get("format-specific")
+    if isinstance(specific, dict) and isinstance(specific.get("data"), dict):
+        print("Format specific information:")
+        for key, value in specific["data"].items():
+            text = str(value).lower() if isinstance(value, bool) else value
+            print(f"    {key.replace('-', ' ')}: {text}")
 
 
 @app.command
@@ -265,20 +310,27 @@ async def info(
     *,
     fmt: Annotated[str | None, Parameter(name=["-f", "--format"])] = None,
     output: Annotated[Literal["human", "json"], Parameter(name="--output")] = "human",
+    backing_chain: Annotated[bool, Parameter(name="--backing-chain", negative="")] = False,
     force_share: Annotated[bool, Parameter(name=["-U", "--force-share"], negative="")] = False,
 ) -> int:
-    """Show an image's format, virtual size and disk size, like qemu-img info."""
+    """Show an image's format, sizes and format details, like qemu-img info.
+
+    With ``--backing-chain``, every image of the backing chain, top first.
+    """
+    chain: list[dict[str, object]] = []
     async with _open.open_image(image, fmt, cache=CacheMode.WRITEBACK) as drv:
-        data = _info_dict(image, drv.name, drv.size)
+        layer: Driver | None = drv
+        while layer is not None:
+            chain.append(_info_dict(layer))
+            layer = layer.backing if backing_chain else None
+    chain[0]["filename"] = image
     if output == "json":
-        print(json.dumps(data, indent=4))
+        print(json.dumps(chain if backing_chain else chain[0], indent=4))
     else:
-        vsize = int(str(data["virtual-size"]))
-        print(f"image: {image}")
-        print(f"file format: {data['format']}")
-        print(f"virtual size: {qemu_size_str(vsize)} ({vsize} bytes)")
-        if "actual-size" in data:
-            print(f"disk size: {qemu_size_str(int(str(data['actual-size'])))}")
+        for i, data in enumerate(chain):
+            if i:
+                print()
+            _print_human(data)
     return 0
 
 

@@ -202,6 +202,18 @@ class Driver(abc.ABC):
         """Say what ``[offset, ...)`` holds. The default: everything is DATA."""
         return Extent(offset, min(length, self.size - offset), ExtentKind.DATA)
 
+    #: The backing image this image falls through to, when it has one.
+    backing: Driver | None = None
+
+    def describe(self) -> dict[str, object]:
+        """Format details as ``qemu-img info --output json`` names them.
+
+        The CLI's ``info`` adds these keys to the common ones (``virtual-size``,
+        ``filename``, ``format``, ...): e.g. ``cluster-size``, ``backing-filename``,
+        ``format-specific``. The default has nothing to add.
+        """
+        return {}
+
     async def flush(self) -> None:
         """Make completed writes durable in the next layer down."""
 

@@ -139,6 +139,34 @@ class Qcow2Driver(Driver):
     def size(self) -> int:
         return self.header.size
 
+    def describe(self) -> dict[str, object]:
+        """qemu-img info's qcow2 keys: cluster size, backing file, format-specific data."""
+        h = self.header
+        out: dict[str, object] = {"cluster-size": self.layout.cluster_size}
+        if self.info.backing_file is not None:
+            out["backing-filename"] = self.info.backing_file
+            if self.backing is not None:
+                out["full-backing-filename"] = self.backing.location
+            if self.info.backing_format is not None:
+                out["backing-filename-format"] = self.info.backing_format
+        data: dict[str, object] = {"compat": "0.10" if h.version == 2 else "1.1"}
+        if h.version >= 3:
+            data["compression-type"] = (
+                "zstd" if h.compression_type == codec.CompressionType.ZSTD else "zlib"
+            )
+            data["lazy-refcounts"] = bool(h.compatible_features & codec.Compatible.LAZY_REFCOUNTS)
+            data["refcount-bits"] = 1 << h.refcount_order
+            data["corrupt"] = bool(h.incompatible_features & codec.Incompatible.CORRUPT)
+            data["extended-l2"] = bool(h.incompatible_features & codec.Incompatible.EXTENDED_L2)
+        else:
+            data["compression-type"] = "zlib"
+            data["refcount-bits"] = 16
+        if self.info.data_file is not None:
+            data["data-file"] = self.info.data_file
+        out["format-specific"] = {"type": "qcow2", "data": data}
+        out["dirty-flag"] = bool(h.incompatible_features & codec.Incompatible.DIRTY)
+        return out
+
     @property
     def limits(self) -> Limits:
         return Limits(request_alignment=1)

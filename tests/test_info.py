@@ -1,0 +1,80 @@
+"""``trioconv info`` against ``qemu-img info``: same keys, same values."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from .conftest import run, trioconv_cli
+
+
+def both(*args: str | Path) -> tuple[object, object]:
+    ours = trioconv_cli("info", "--output", "json", *args)
+    assert ours.returncode == 0, ours.stderr
+    theirs = run("qemu-img", "info", "--output", "json", *args)
+    return json.loads(ours.stdout), json.loads(theirs.stdout)
+
+
+def same_keys(ours: dict[str, object], theirs: dict[str, object]) -> None:
+    """Every key qemu-img reports (and trioconv knows) has the same value."""
+    for key in (
+        "virtual-size",
+        "filename",
+        "format",
+        "actual-size",
+        "dirty-flag",
+        "cluster-size",
+        "backing-filename",
+        "backing-filename-format",
+        "format-specific",
+    ):
+        if key in theirs:
+            assert ours.get(key) == theirs[key], key
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        "compat=1.1",
+        "compat=0.10",
+        "cluster_size=4096,refcount_bits=64,lazy_refcounts=on",
+        "extended_l2=on,cluster_size=128k",
+    ],
+)
+def test_qcow2_info_matches_qemu(tmp_path: Path, qemu_img: str, options: str) -> None:
+    image = tmp_path / "disk.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-o", options, image, "64M")
+    ours, theirs = both(image)
+    assert isinstance(ours, dict) and isinstance(theirs, dict)
+    same_keys(ours, theirs)
+
+
+def test_backing_chain_matches_qemu(tmp_path: Path, qemu_img: str) -> None:
+    base = tmp_path / "base.raw"
+    run(qemu_img, "create", "-q", "-f", "raw", base, "32M")
+    mid = tmp_path / "mid.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", mid)
+    top = tmp_path / "top.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", top)
+    ours, theirs = both("--backing-chain", top)
+    assert isinstance(ours, list) and isinstance(theirs, list)
+    assert len(ours) == len(theirs) == 3
+    for a, b in zip(ours, theirs, strict=True):
+        assert a["format"] == b["format"]
+        assert a["virtual-size"] == b["virtual-size"]
+        assert a.get("backing-filename") == b.get("backing-filename")
+    human = trioconv_cli("info", "--backing-chain", top)
+    assert human.returncode == 0, human.stderr
+    assert human.stdout.count("image: ") == 3
+    assert "backing file: mid.qcow2" in human.stdout
+    assert "compression type: zlib" in human.stdout
+
+
+def test_raw_info_matches_qemu(tmp_path: Path, qemu_img: str) -> None:
+    image = tmp_path / "disk.img"
+    run(qemu_img, "create", "-q", "-f", "raw", image, "10M")
+    ours, theirs = both(image)
+    assert isinstance(ours, dict) and isinstance(theirs, dict)
+    same_keys(ours, theirs)
