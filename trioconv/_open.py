@@ -59,6 +59,10 @@ class OpenContext:
     chain: tuple[str, ...]
     stack: contextlib.AsyncExitStack
     cache: CacheMode = CacheMode.WRITEBACK
+    #: ``-l``: the internal snapshot to open instead of the active layer (top image only).
+    snapshot: str | None = None
+    #: Set by a format opener that honoured ``snapshot``.
+    snapshot_loaded: bool = False
 
     async def open_backing(self, location: str, fmt: str | None) -> Driver:
         """Open a backing image read-only; it is closed together with this image.
@@ -230,6 +234,7 @@ async def open_image(
     writable: bool = False,
     cache: CacheMode | str = CacheMode.WRITEBACK,
     connections: int | None = None,
+    snapshot: str | None = None,
 ) -> AsyncIterator[Driver]:
     """Open an image: an async context manager giving the driver stack's top.
 
@@ -246,6 +251,8 @@ async def open_image(
         cache: the cache mode for local files (see :class:`~trioconv.CacheMode`).
         connections: for NBD exports that allow it, how many connections to spread
             requests over (4 by default).
+        snapshot: open this internal snapshot read-only instead of the active layer
+            (``-l``: ``NAME``, ``snapshot.id=ID`` or ``snapshot.name=NAME``).
 
     Everything the image needs - a file descriptor, a network connection and its reader
     task - lives inside the ``async with`` block and is released when it ends.
@@ -255,7 +262,13 @@ async def open_image(
         UsageError: ``fmt`` is not a format name.
     """
     async with _open_image(
-        location, fmt, writable=writable, cache=cache, connections=connections, chain=()
+        location,
+        fmt,
+        writable=writable,
+        cache=cache,
+        connections=connections,
+        chain=(),
+        snapshot=snapshot,
     ) as driver:
         yield driver
 
@@ -269,6 +282,7 @@ async def _open_image(
     cache: CacheMode | str,
     connections: int | None,
     chain: tuple[str, ...],
+    snapshot: str | None = None,
 ) -> AsyncIterator[Driver]:
     info = _format(fmt) if fmt is not None else None
     async with contextlib.AsyncExitStack() as stack:
@@ -290,8 +304,14 @@ async def _open_image(
             raise ImageError(
                 f"Could not open '{text}': image format '{info.name}' is not supported yet"
             )
-        ctx = OpenContext(text, chain, stack, CacheMode.parse(cache))
-        yield await info.open(transport, ctx)
+        ctx = OpenContext(text, chain, stack, CacheMode.parse(cache), snapshot=snapshot)
+        driver = await info.open(transport, ctx)
+        if snapshot is not None and not ctx.snapshot_loaded:
+            raise UnsupportedError(
+                f"Failed to load snapshot: Device '{text}' (format '{info.name}') does not "
+                "support internal snapshots"
+            )
+        yield driver
 
 
 def check_create_options(fmt: str, options: Mapping[str, str]) -> None:

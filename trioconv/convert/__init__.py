@@ -152,13 +152,10 @@ async def _convert(
                         opts.source_format,
                         cache=opts.source_cache,
                         connections=opts.connections,
+                        snapshot=opts.snapshot,
                     )
                 )
                 drivers.append(drv)
-        if opts.snapshot is not None:
-            raise UnsupportedError(
-                f"Failed to load snapshot: format '{drivers[0].name}' has no internal snapshots"
-            )
         total = sum(d.size for d in drivers)
         created: Path | None = None
         if isinstance(target, Driver):

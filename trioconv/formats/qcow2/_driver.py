@@ -30,11 +30,13 @@ import zlib
 from array import array
 from typing import TYPE_CHECKING
 
+import attrs
 import trio
 
 from ..._errors import ImageError, TrioconvError, TrioconvIOError, UnsupportedError
 from ...driver import Caps, Driver, Extent, ExtentKind, Limits
 from . import _codec as codec
+from . import _snapshot as snapshots
 from ._codec import ClusterKind, Segment
 
 if TYPE_CHECKING:
@@ -436,6 +438,45 @@ async def _open_backing(ctx: OpenContext, info: codec.ImageInfo) -> Driver | Non
     return backing
 
 
+async def _load_snapshot(
+    transport: Driver, ctx: OpenContext, info: codec.ImageInfo
+) -> codec.ImageInfo:
+    """The image as of the snapshot ``ctx.snapshot`` names: its L1 table and size."""
+    assert ctx.snapshot is not None
+    where = f"Failed to load snapshot '{ctx.snapshot}'"
+    try:
+        spec = snapshots.parse_snapshot_spec(ctx.snapshot)
+    except ValueError as exc:
+        raise ImageError(str(exc)) from None
+    h = info.header
+    table: list[snapshots.Snapshot] = []
+    if h.nb_snapshots:
+        length = min(
+            snapshots.table_bytes_bound(h.nb_snapshots), transport.size - h.snapshots_offset
+        )
+        if length <= 0:
+            raise ImageError(f"{where}: the snapshot table lies beyond the end of the file")
+        try:
+            table = snapshots.parse_snapshots(
+                await transport.pread(h.snapshots_offset, length), h.nb_snapshots
+            )
+        except codec.Qcow2FormatError as exc:
+            raise ImageError(f"{where}: {exc}") from None
+    snap = snapshots.find_snapshot(table, spec)
+    if snap is None:
+        raise ImageError(f"{where}: Can't find snapshot")
+    if snap.l1_table_offset % info.layout.cluster_size or (
+        snap.l1_size and snap.l1_table_offset + snap.l1_size * 8 > transport.size
+    ):
+        raise ImageError(f"{where}: its L1 table at {snap.l1_table_offset:#x} is invalid")
+    size = snap.disk_size if snap.disk_size is not None else h.size
+    if snap.l1_size * info.layout.l2_entries * info.layout.cluster_size < size:
+        raise ImageError(f"{where}: its L1 table is too small for {size} bytes")
+    ctx.snapshot_loaded = True
+    header = attrs.evolve(h, l1_table_offset=snap.l1_table_offset, l1_size=snap.l1_size, size=size)
+    return attrs.evolve(info, header=header)
+
+
 async def open_qcow2(transport: Driver, ctx: OpenContext) -> Qcow2Driver:
     """Read the header and the active L1 table; open the data file and backing image.
 
@@ -454,6 +495,8 @@ async def open_qcow2(transport: Driver, ctx: OpenContext) -> Qcow2Driver:
         raise ImageError(f"{where}: {exc}") from None
     except TrioconvIOError as exc:
         raise ImageError(f"{where}: {exc}") from None
+    if ctx.snapshot is not None:
+        info = await _load_snapshot(transport, ctx, info)
     h = info.header
     raw_l1 = await transport.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
     l1 = codec.decode_table(raw_l1)
