@@ -78,3 +78,19 @@ def test_raw_info_matches_qemu(tmp_path: Path, qemu_img: str) -> None:
     ours, theirs = both(image)
     assert isinstance(ours, dict) and isinstance(theirs, dict)
     same_keys(ours, theirs)
+
+
+def test_snapshots_listed_like_qemu(tmp_path: Path, qemu_img: str, qemu_io: str) -> None:
+    image = tmp_path / "snap.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", image, "8M")
+    run(qemu_io, "-f", "qcow2", "-c", "write -P 1 0 1M", image)
+    run(qemu_img, "snapshot", "-c", "before", image)
+    run(qemu_img, "snapshot", "-c", "after", image)
+    ours, theirs = both(image)
+    assert isinstance(ours, dict) and isinstance(theirs, dict)
+    assert ours["snapshots"] == theirs["snapshots"]
+    human = trioconv_cli("info", image).stdout
+    qemu_human = run(qemu_img, "info", image).stdout
+    ours_table = human[human.index("Snapshot list:") :].splitlines()[:4]
+    theirs_table = qemu_human[qemu_human.index("Snapshot list:") :].splitlines()[:4]
+    assert ours_table == theirs_table

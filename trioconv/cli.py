@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Annotated, Literal
 
@@ -273,6 +274,17 @@ def _info_dict(drv: Driver) -> dict[str, object]:
     return info
 
 
+def _snapshot_line(snap: dict[str, object]) -> str:
+    """One row of qemu-img info's snapshot table."""
+    date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(str(snap["date-sec"]))))
+    secs = int(str(snap["vm-clock-sec"]))
+    clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
+    clock += f"{int(str(snap['vm-clock-nsec'])) // 1_000_000:03d}"
+    icount = snap.get("icount", "")
+    vm_size = qemu_size_str(int(str(snap["vm-state-size"])))
+    return f"{snap['id']!s:<10}{snap['name']!s:<18}{vm_size:>7}{date:>20}{clock:>13}{icount!s:>11}"
+
+
 _HUMAN_KEYS = {
     "backing-filename": "backing file",
     "backing-filename-format": "backing file format",
@@ -288,6 +300,12 @@ def _print_human(data: dict[str, object]) -> None:
         print(f"disk size: {qemu_size_str(int(str(data['actual-size'])))}")
     if "cluster-size" in data:
         print(f"cluster_size: {data['cluster-size']}")
+    snaps = data.get("snapshots")
+    if isinstance(snaps, list) and snaps:
+        print("Snapshot list:")
+        print(f"{'ID':<10}{'TAG':<18}{'VM SIZE':>7}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
+        for snap in snaps:
+            print(_snapshot_line(snap))
     for key, label in _HUMAN_KEYS.items():
         if key in data:
             suffix = ""

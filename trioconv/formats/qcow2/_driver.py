@@ -135,6 +135,7 @@ class Qcow2Driver(Driver):
             collections.OrderedDict()
         )
         self._closed = False
+        self.snapshots: list[snapshots.Snapshot] = []
 
     # -- contract ---------------------------------------------------------------------
     @property
@@ -145,6 +146,8 @@ class Qcow2Driver(Driver):
         """qemu-img info's qcow2 keys: cluster size, backing file, format-specific data."""
         h = self.header
         out: dict[str, object] = {"cluster-size": self.layout.cluster_size}
+        if self.snapshots:
+            out["snapshots"] = [snap.describe() for snap in self.snapshots]
         if self.info.backing_file is not None:
             out["backing-filename"] = self.info.backing_file
             if self.backing is not None:
@@ -438,8 +441,26 @@ async def _open_backing(ctx: OpenContext, info: codec.ImageInfo) -> Driver | Non
     return backing
 
 
-async def _load_snapshot(
-    transport: Driver, ctx: OpenContext, info: codec.ImageInfo
+async def _read_snapshot_table(
+    transport: Driver, info: codec.ImageInfo, where: str
+) -> list[snapshots.Snapshot]:
+    """The snapshot table, parsed (empty when there are no snapshots)."""
+    h = info.header
+    if not h.nb_snapshots:
+        return []
+    length = min(snapshots.table_bytes_bound(h.nb_snapshots), transport.size - h.snapshots_offset)
+    if length <= 0:
+        raise ImageError(f"{where}: the snapshot table lies beyond the end of the file")
+    try:
+        return snapshots.parse_snapshots(
+            await transport.pread(h.snapshots_offset, length), h.nb_snapshots
+        )
+    except codec.Qcow2FormatError as exc:
+        raise ImageError(f"{where}: {exc}") from None
+
+
+def _load_snapshot(
+    ctx: OpenContext, info: codec.ImageInfo, table: list[snapshots.Snapshot], file_size: int
 ) -> codec.ImageInfo:
     """The image as of the snapshot ``ctx.snapshot`` names: its L1 table and size."""
     assert ctx.snapshot is not None
@@ -449,24 +470,11 @@ async def _load_snapshot(
     except ValueError as exc:
         raise ImageError(str(exc)) from None
     h = info.header
-    table: list[snapshots.Snapshot] = []
-    if h.nb_snapshots:
-        length = min(
-            snapshots.table_bytes_bound(h.nb_snapshots), transport.size - h.snapshots_offset
-        )
-        if length <= 0:
-            raise ImageError(f"{where}: the snapshot table lies beyond the end of the file")
-        try:
-            table = snapshots.parse_snapshots(
-                await transport.pread(h.snapshots_offset, length), h.nb_snapshots
-            )
-        except codec.Qcow2FormatError as exc:
-            raise ImageError(f"{where}: {exc}") from None
     snap = snapshots.find_snapshot(table, spec)
     if snap is None:
         raise ImageError(f"{where}: Can't find snapshot")
     if snap.l1_table_offset % info.layout.cluster_size or (
-        snap.l1_size and snap.l1_table_offset + snap.l1_size * 8 > transport.size
+        snap.l1_size and snap.l1_table_offset + snap.l1_size * 8 > file_size
     ):
         raise ImageError(f"{where}: its L1 table at {snap.l1_table_offset:#x} is invalid")
     size = snap.disk_size if snap.disk_size is not None else h.size
@@ -495,8 +503,9 @@ async def open_qcow2(transport: Driver, ctx: OpenContext) -> Qcow2Driver:
         raise ImageError(f"{where}: {exc}") from None
     except TrioconvIOError as exc:
         raise ImageError(f"{where}: {exc}") from None
+    table = await _read_snapshot_table(transport, info, where)
     if ctx.snapshot is not None:
-        info = await _load_snapshot(transport, ctx, info)
+        info = _load_snapshot(ctx, info, table, file_size)
     h = info.header
     raw_l1 = await transport.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
     l1 = codec.decode_table(raw_l1)
@@ -510,4 +519,5 @@ async def open_qcow2(transport: Driver, ctx: OpenContext) -> Qcow2Driver:
     backing = await _open_backing(ctx, info)
     driver = Qcow2Driver(transport, info, l1, data=data, backing=backing)
     driver.location = ctx.location
+    driver.snapshots = table
     return driver

@@ -36,6 +36,26 @@ class Snapshot:
     l1_table_offset: int
     l1_size: int
     disk_size: int | None
+    date_sec: int = 0
+    date_nsec: int = 0
+    vm_clock_nsec: int = 0
+    vm_state_size: int = 0
+    icount: int | None = None
+
+    def describe(self) -> dict[str, object]:
+        """The snapshot as ``qemu-img info --output json`` lists it."""
+        out: dict[str, object] = {
+            "id": self.id,
+            "name": self.name,
+            "vm-state-size": self.vm_state_size,
+            "date-sec": self.date_sec,
+            "date-nsec": self.date_nsec,
+            "vm-clock-sec": self.vm_clock_nsec // 1_000_000_000,
+            "vm-clock-nsec": self.vm_clock_nsec % 1_000_000_000,
+        }
+        if self.icount is not None:
+            out["icount"] = self.icount
+        return out
 
 
 @attrs.frozen
@@ -76,7 +96,7 @@ def parse_snapshots(data: bytes, count: int) -> list[Snapshot]:
     for i in range(count):
         if pos + _ENTRY.size > len(data):
             raise Qcow2FormatError(f"Snapshot table entry {i} is truncated")
-        (l1_offset, l1_size, id_len, name_len, _sec, _nsec, _clock, _vmstate, extra_len) = (
+        l1_offset, l1_size, id_len, name_len, sec, nsec, clock, vmstate, extra_len = (
             _ENTRY.unpack_from(data, pos)
         )
         if extra_len > _MAX_EXTRA:
@@ -91,7 +111,14 @@ def parse_snapshots(data: bytes, count: int) -> list[Snapshot]:
         name = data[pos + id_len : end].decode(errors="replace")
         pos = -(-end // 8) * 8
         disk_size = int.from_bytes(extra[8:16], "big") if len(extra) >= 16 else None
-        out.append(Snapshot(ident, name, l1_offset, l1_size, disk_size))
+        if len(extra) >= 8:
+            vmstate = int.from_bytes(extra[:8], "big")
+        icount = int.from_bytes(extra[16:24], "big") if len(extra) >= 24 else None
+        if icount == (1 << 64) - 1:
+            icount = None
+        out.append(
+            Snapshot(ident, name, l1_offset, l1_size, disk_size, sec, nsec, clock, vmstate, icount)
+        )
     return out
 
 
