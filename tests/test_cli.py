@@ -353,7 +353,7 @@ def test_no_create_target_is_zero(src: Path, make_image: ImageMaker) -> None:
         pytest.param(["-C", "-S", "4k"], "-S", id="C-with-S"),
         pytest.param(["-c"], "compress", id="compress-raw"),
         pytest.param(["-B", "base.img"], "backing", id="backing-raw"),
-        pytest.param(["-O", "qcow2"], "qcow2", id="O-qcow2"),
+        pytest.param(["-O", "qcow"], "qcow", id="O-qcow"),
         pytest.param(["--bogus"], "--bogus", id="unknown-long-option"),
         pytest.param(["-t", "bogus"], "bogus", id="t-bogus"),
         pytest.param(["-o", "foo=bar"], "foo", id="o-foo"),
@@ -418,11 +418,11 @@ def test_source_is_target(src: Path, same: str) -> None:
 
 
 def test_unreadable_format_source_is_refused_by_name(qemu_img: str, tmp_path: Path) -> None:
-    source = tmp_path / "disk.vdi"
-    run(qemu_img, "create", "-q", "-f", "vdi", source, "4M")
+    source = tmp_path / "disk.qcow"
+    run(qemu_img, "create", "-q", "-f", "qcow", source, "4M")
     dst = tmp_path / "dst.img"
     message = assert_one_error(trioconv_cli("convert", source, dst))
-    assert "vdi" in message
+    assert "'qcow'" in message
     assert not dst.exists()
 
 
@@ -500,10 +500,10 @@ def test_info_json(src: Path, form: list[str]) -> None:
 
 
 def test_info_refuses_unreadable_format_by_name(qemu_img: str, tmp_path: Path) -> None:
-    image = tmp_path / "disk.vdi"
-    run(qemu_img, "create", "-q", "-f", "vdi", image, "4M")
+    image = tmp_path / "disk.qcow"
+    run(qemu_img, "create", "-q", "-f", "qcow", image, "4M")
     message = assert_one_error(trioconv_cli("info", image))
-    assert "vdi" in message
+    assert "'qcow'" in message
 
 
 # -- 9. signals --------------------------------------------------------------------------------

@@ -90,8 +90,8 @@ async def test_odirect_refusal_is_one_clear_error(
 
 
 async def test_probe_refuses_known_unsupported_formats(tmp_path: Path) -> None:
-    path = tmp_path / "fake.vhdx"
-    path.write_bytes(b"vhdxfile" + bytes(4088))
-    with pytest.raises(trioconv.ImageError, match="vhdx"):
+    path = tmp_path / "fake.img"
+    path.write_bytes(b"WithouFreSpacExt" + bytes(4080))
+    with pytest.raises(trioconv.ImageError, match="'parallels' is not supported"):
         async with trioconv.open_image(path):
             pass

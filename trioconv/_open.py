@@ -155,7 +155,7 @@ for _name, _probe in [
     ("vdi", _magic(b"\x7f\x10\xda\xbe", at=0x40)),
     ("qed", _magic(b"QED\x00")),
     ("luks", _magic(b"LUKS\xba\xbe")),
-    ("parallels", _magic(b"WithoutFreeSpace")),
+    ("parallels", lambda h, f: 100 if h[:16] in (b"WithoutFreeSpace", b"WithouFreSpacExt") else 0),
     ("bochs", _magic(b"Bochs Virtual HD Image")),
     ("cloop", _magic(b"#!/bin/sh\n#V2.0 Format")),
 ]:
