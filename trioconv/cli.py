@@ -270,6 +270,8 @@ def _info_dict(drv: Driver) -> dict[str, object]:
         with contextlib.suppress(OSError):
             info["actual-size"] = os.stat(path).st_blocks * 512
     info["dirty-flag"] = False
+    if drv.limits.cluster_size:
+        info["cluster-size"] = drv.limits.cluster_size
     info.update(drv.describe())
     return info
 
