@@ -223,7 +223,11 @@ def test_read_memory_export_written_by_qemu_img(
     assert requests(log, "Extents", skip=1)
     reads = requests(log, "Read", skip=1)
     assert reads
+    # Probing reads the last 512 bytes too (a VHD keeps its footer there).
+    probe_tail = (8 * 1024 * 1024 - 512, 512)
     for offset, count, _ in reads:
+        if (offset, count) == probe_tail:
+            continue
         assert any(s <= offset and offset + count <= e for s, e in MIXED_DATA), (offset, count)
     assert_identical(mixed_src, out)
     compare_uri(out, server.uri)

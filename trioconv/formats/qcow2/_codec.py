@@ -794,3 +794,160 @@ def _map_subclusters(
         else:
             seg = Segment(s_lo, s_hi - s_lo, ClusterKind.UNALLOCATED)
         append_segment(out, seg)
+
+
+# -- encoders (writing) ----------------------------------------------------------------
+
+#: The feature name table qemu writes into every version 3 header: ``(type, bit, name)``.
+FEATURE_NAMES: tuple[tuple[int, int, str], ...] = (
+    (0, 0, "dirty bit"),
+    (0, 1, "corrupt bit"),
+    (0, 2, "external data file"),
+    (0, 3, "compression type"),
+    (0, 4, "extended L2 entries"),
+    (1, 0, "lazy refcounts"),
+    (2, 0, "bitmaps"),
+    (2, 1, "raw external data"),
+)
+
+
+def encode_header(h: Header) -> bytes:
+    """The fixed header as bytes: 72 in version 2; in version 3, 104 plus, when the header
+    is at least 112 bytes long, the compression type byte and its 7 bytes of padding.
+
+    Fields past byte 112 of a longer header (a future version's) are not produced, so
+    rewriting the header with these bytes leaves them alone.
+    """
+    base = _HEADER_V2.pack(
+        MAGIC,
+        h.version,
+        h.backing_file_offset,
+        h.backing_file_size,
+        h.cluster_bits,
+        h.size,
+        h.crypt_method,
+        h.l1_size,
+        h.l1_table_offset,
+        h.refcount_table_offset,
+        h.refcount_table_clusters,
+        h.nb_snapshots,
+        h.snapshots_offset,
+    )
+    if h.version < 3:
+        return base
+    v3 = _HEADER_V3.pack(
+        h.incompatible_features,
+        h.compatible_features,
+        h.autoclear_features,
+        h.refcount_order,
+        h.header_length,
+    )
+    tail = bytes([h.compression_type]) + bytes(7) if h.header_length >= 112 else b""
+    return base + v3 + tail
+
+
+def encode_extension(ext_type: int, body: bytes) -> bytes:
+    """One header extension: type, length, body padded to a multiple of 8 bytes."""
+    return _EXT_HEADER.pack(ext_type, len(body)) + body + bytes(-len(body) % 8)
+
+
+def encode_feature_names(names: tuple[tuple[int, int, str], ...] = FEATURE_NAMES) -> bytes:
+    """The feature name table extension (48 bytes per feature)."""
+    body = b"".join(
+        bytes([kind, bit]) + name.encode("utf-8")[:46].ljust(46, b"\0") for kind, bit, name in names
+    )
+    return encode_extension(Extension.FEATURE_NAMES, body)
+
+
+def encode_table(table: array[int]) -> bytes:
+    """An ``array('Q')`` of native integers as a big-endian table (inverse of decode)."""
+    if sys.byteorder == "little":
+        swapped = array("Q", table)
+        swapped.byteswap()
+        return swapped.tobytes()
+    return table.tobytes()
+
+
+#: array typecodes for whole-byte refcount widths (in memory, one item per cluster).
+_REFCOUNT_CODES = {3: "B", 4: "H", 5: "I", 6: "Q"}
+
+
+def refcount_array(order: int, count: int) -> array[int]:
+    """A zeroed in-memory refcount block of ``count`` entries for refcount order ``order``.
+
+    Widths under 8 bits are kept one byte per entry in memory and packed on encoding.
+    """
+    code = _REFCOUNT_CODES.get(order, "B")
+    if array(code).itemsize * 8 < max(8, 1 << order):  # pragma: no cover - odd platforms
+        code = "Q"
+    return array(code, bytes(count * array(code).itemsize))
+
+
+def decode_refblock(raw: bytes | bytearray | memoryview, order: int) -> array[int]:
+    """A refcount block from disk as an in-memory array (see :func:`refcount_array`).
+
+    Entries narrower than a byte are packed least significant bits first, as qemu does.
+    """
+    data = bytes(raw)
+    if order >= 3:
+        out = refcount_array(order, 0)
+        if out.itemsize * 8 == 1 << order:
+            out.frombytes(data)
+            if sys.byteorder == "little" and out.itemsize > 1:
+                out.byteswap()
+            return out
+        # Wider in-memory items than on disk (only on odd platforms).
+        width = (1 << order) // 8
+        return array(
+            "Q", [int.from_bytes(data[i : i + width], "big") for i in range(0, len(data), width)]
+        )
+    bits = 1 << order
+    per_byte = 8 // bits
+    mask = (1 << bits) - 1
+    planes = []
+    for j in range(per_byte):
+        table = bytes(((b >> (j * bits)) & mask) for b in range(256))
+        planes.append(data.translate(table))
+    out = array("B", bytes(len(data) * per_byte))
+    for j, plane in enumerate(planes):
+        out[j::per_byte] = array("B", plane)
+    return out
+
+
+def encode_refblock(block: array[int], order: int) -> bytes:
+    """An in-memory refcount block as bytes on disk (inverse of :func:`decode_refblock`)."""
+    if order >= 3:
+        width = (1 << order) // 8
+        if block.itemsize == width:
+            out = array(block.typecode, block)
+            if sys.byteorder == "little" and width > 1:
+                out.byteswap()
+            return out.tobytes()
+        return b"".join(v.to_bytes(width, "big") for v in block)  # pragma: no cover
+    bits = 1 << order
+    per_byte = 8 // bits
+    raw = block.tobytes()
+    acc = 0
+    for j in range(per_byte):
+        plane = raw[j::per_byte]
+        shifted = plane.translate(bytes(((v << (j * bits)) & 0xFF) for v in range(256)))
+        acc |= int.from_bytes(shifted, "big")
+    return acc.to_bytes(len(raw) // per_byte, "big")
+
+
+def compressed_l2_entry(host: int, size: int, cluster_bits: int) -> int:
+    """The L2 entry of a compressed cluster whose stream is ``size`` bytes at ``host``.
+
+    The sector count field holds the number of 512-byte sectors the stream touches,
+    minus one, as qemu writes it.
+    """
+    shift = 62 - (cluster_bits - 8)
+    sectors = ((host + size - 1) >> 9) - (host >> 9)
+    return COMPRESSED | (sectors << shift) | host
+
+
+def l1_entries_for(size: int, cluster_bits: int, extended_l2: bool = False) -> int:
+    """How many L1 entries a virtual size needs (qemu's ``size_to_l1``)."""
+    l2_entries = (1 << cluster_bits) // (16 if extended_l2 else 8)
+    span = l2_entries << cluster_bits
+    return -(-size // span)

@@ -1,0 +1,164 @@
+"""``-o`` options for creating qcow2 images, checked the way ``qemu-img create`` checks them.
+
+:func:`parse_create_options` turns the option strings into a :class:`CreateOptions`
+record and refuses invalid values and combinations with qemu-img's own messages, so a
+script that works with ``qemu-img create -f qcow2 -o ...`` gets the same answers here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import attrs
+
+from ..._errors import UnsupportedError, UsageError
+from ..._sizes import parse_size
+from . import _codec as codec
+
+__all__ = ["QCOW2_CREATE_OPTIONS", "CreateOptions", "parse_create_options"]
+
+#: ``-o`` options a qcow2 target accepts, with the help text ``-o help`` prints.
+QCOW2_CREATE_OPTIONS: dict[str, str] = {
+    "backing_file": "File name of a base image",
+    "backing_fmt": "Image format of the base image",
+    "cluster_size": "qcow2 cluster size",
+    "compat": "Compatibility level (v2 [0.10] or v3 [1.1])",
+    "compression_type": "Compression method used for image cluster compression",
+    "extended_l2": "Extended L2 tables",
+    "lazy_refcounts": "Postpone refcount updates",
+    "preallocation": "Preallocation mode (allowed values: off, metadata, falloc, full)",
+    "refcount_bits": "Width of a reference count entry in bits",
+    "size": "Virtual disk size",
+}
+
+_TRUE = ("on", "yes", "true", "y")
+_FALSE = ("off", "no", "false", "n")
+_LEVEL_HINT = "(use version=v3 or greater)"
+
+
+@attrs.frozen
+class CreateOptions:
+    """What a new qcow2 image looks like; the defaults are ``qemu-img create``'s.
+
+    Attributes:
+        version: 2 (compat 0.10) or 3 (compat 1.1).
+        cluster_bits: log2 of the cluster size (9..21).
+        refcount_order: log2 of the refcount width in bits (0..6).
+        lazy_refcounts: set the lazy refcounts compatible feature bit.
+        compression_type: :class:`~._codec.CompressionType`.
+        extended_l2: 128-bit L2 entries with subcluster bitmaps.
+        preallocation: off, metadata, falloc or full.
+    """
+
+    version: int = 3
+    cluster_bits: int = 16
+    refcount_order: int = 4
+    lazy_refcounts: bool = False
+    compression_type: int = codec.CompressionType.ZLIB
+    extended_l2: bool = False
+    preallocation: str = "off"
+
+    @property
+    def cluster_size(self) -> int:
+        """Bytes per cluster."""
+        return 1 << self.cluster_bits
+
+
+def _bool(name: str, value: str) -> bool:
+    low = value.lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
+
+
+def parse_create_options(options: Mapping[str, str]) -> CreateOptions:
+    """Check the ``-o`` options of a new qcow2 image and decode them.
+
+    Raises:
+        UsageError: an invalid value or combination (qemu-img's message).
+        UnsupportedError: a valid request trioconv cannot do yet (backing files).
+    """
+    if options.get("backing_file") or options.get("backing_fmt"):
+        raise UnsupportedError("backing files for qcow2 targets are not supported yet")
+    compat = options.get("compat", "1.1")
+    if compat in ("0.10", "v2"):
+        version = 2
+    elif compat in ("1.1", "v3"):
+        version = 3
+    else:
+        raise UsageError(f"Parameter 'version' does not accept value '{compat}'")
+
+    cluster_size = parse_size(options.get("cluster_size", "64k"), what="cluster size")
+    if (
+        cluster_size & (cluster_size - 1)
+        or not 1 << codec.MIN_CLUSTER_BITS <= cluster_size <= 1 << codec.MAX_CLUSTER_BITS
+    ):
+        raise UsageError(
+            f"Cluster size must be a power of two between {1 << codec.MIN_CLUSTER_BITS} and "
+            f"{1 << (codec.MAX_CLUSTER_BITS - 10)}k"
+        )
+    cluster_bits = cluster_size.bit_length() - 1
+
+    text = options.get("refcount_bits", "16")
+    try:
+        refcount_bits = int(text, 10)
+    except ValueError:
+        raise UsageError(
+            "Parameter 'refcount_bits' expects a non-negative number below 2^64"
+        ) from None
+    if refcount_bits <= 0 or refcount_bits > 64 or refcount_bits & (refcount_bits - 1):
+        raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
+
+    lazy = _bool("lazy_refcounts", options.get("lazy_refcounts", "off"))
+    extended_l2 = _bool("extended_l2", options.get("extended_l2", "off"))
+
+    ctype_name = options.get("compression_type", "zlib")
+    if ctype_name == "zlib":
+        ctype = codec.CompressionType.ZLIB
+    elif ctype_name == "zstd":
+        ctype = codec.CompressionType.ZSTD
+    else:
+        raise UsageError(f"Parameter 'compression-type' does not accept value '{ctype_name}'")
+
+    prealloc = options.get("preallocation", "off")
+    if prealloc not in ("off", "metadata", "falloc", "full"):
+        raise UsageError(f"Parameter 'preallocation' does not accept value '{prealloc}'")
+
+    if version < 3:
+        if lazy:
+            raise UsageError(
+                "Lazy refcounts only supported with compatibility level 1.1 and above "
+                + _LEVEL_HINT
+            )
+        if refcount_bits != 16:
+            raise UsageError(
+                "Different refcount widths than 16 bits require compatibility level 1.1 or "
+                "above " + _LEVEL_HINT
+            )
+        if ctype != codec.CompressionType.ZLIB:
+            raise UsageError(
+                "Non-zlib compression type is only supported with compatibility level 1.1 "
+                "and above " + _LEVEL_HINT
+            )
+        if extended_l2:
+            raise UsageError(
+                "Extended L2 entries are only supported with compatibility level 1.1 and "
+                "above " + _LEVEL_HINT
+            )
+    if extended_l2 and cluster_bits < 14:
+        raise UsageError(
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+        )
+    if extended_l2:
+        raise UnsupportedError("extended_l2 is not supported for qcow2 targets yet")
+    return CreateOptions(
+        version=version,
+        cluster_bits=cluster_bits,
+        refcount_order=refcount_bits.bit_length() - 1,
+        lazy_refcounts=lazy,
+        compression_type=ctype,
+        extended_l2=extended_l2,
+        preallocation=prealloc,
+    )

@@ -1,0 +1,977 @@
+"""Writing qcow2: new images (:func:`create_qcow2`) and the writable driver.
+
+A qcow2 file only ever grows here. Every host cluster - data, L2 table, refcount block,
+a new refcount table - is taken from the *end* of the file, so a new cluster reads as
+zeroes (the file is sparse there) and a partial write needs no read-modify-write. Freed
+clusters (zeroed with ``may_unmap``, a moved refcount table) get refcount 0 and are not
+reused; ``qemu-img check`` counts them as free space, not as leaks.
+
+Metadata lives in memory while the image is written and goes to disk on
+:meth:`Qcow2Writer.flush` (and on close):
+
+* the **L1 table** - always in memory (at most 32 MiB, qemu's limit too);
+* **L2 tables** - in a small LRU cache bounded in bytes; a full cache writes back its
+  least recently used table, so a multi-terabyte image needs only a few MiB;
+* the **refcount table** and the **refcount blocks** - in memory once touched (a 64 KiB
+  block of 16-bit counts covers 2 GiB of file).
+
+Allocation decisions are made under one :class:`trio.Lock`, which Trio hands out in
+the order tasks ask for it. A write takes it on entry, decides where every cluster
+goes, updates the tables, releases it and only then sends its data - so concurrent
+writers never get the same cluster, and writes started in guest order (the copy
+engine's default) lay clusters out in guest order.
+
+On flush, version 3 images first get the *dirty* bit (qemu repairs the refcounts of a
+dirty image when it opens it), then refcount blocks, refcount table, L2 tables and L1
+are written, the file is flushed, and the header is rewritten clean.
+
+Compressed clusters (``-c``) are deflated in worker threads by :meth:`compress` and
+packed byte by byte by :meth:`pwrite_compressed` the way qemu packs them: a stream
+starts where the previous one ended and may run into the next cluster when that one is
+next in the file; every host cluster a stream touches gets one reference for it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import zlib
+from array import array
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from ..._errors import (
+    ImageError,
+    TrioconvError,
+    TrioconvIOError,
+    UnsupportedError,
+    UsageError,
+    ZeroesNotSupported,
+)
+from ...driver import Buffer, Caps, Driver, Limits
+from . import _codec as codec
+from ._codec import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG
+from ._driver import Qcow2Driver, _inflate_all
+from ._driver import open_qcow2 as _open_reader
+from ._options import CreateOptions, parse_create_options
+
+if TYPE_CHECKING:
+    from ..._open import OpenContext
+
+__all__ = ["CompressedClusters", "Qcow2Writer", "create_qcow2", "open_qcow2_writable"]
+
+log = logging.getLogger("trioconv")
+
+#: Bytes of L2 tables kept in memory at most (and never more than 64 tables, at least 2).
+L2_CACHE_BYTES = 4 * 1024 * 1024
+L2_CACHE_TABLES = 64
+#: Refcount table entries hold a cluster-aligned offset in these bits.
+REFTABLE_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
+#: zlib settings qemu uses for compressed clusters: raw deflate, 4 KiB window.
+ZLIB_WBITS = -12
+ZLIB_MEMLEVEL = 9
+#: zstd level qemu uses (ZSTD_CLEVEL_DEFAULT).
+ZSTD_LEVEL = 3
+_ZEROS = bytes(1024 * 1024)
+
+
+class _GrowingFile(Driver):
+    """The transport, with a size that includes the clusters allocated but not yet written.
+
+    The reader clips host reads at its child's size; the writer allocates past the end
+    of the file, so it raises :attr:`end` as it goes. A local file reads zeroes past its
+    end, which is exactly what a newly allocated, not yet written cluster holds.
+    """
+
+    name = "qcow2-file"
+
+    def __init__(self, child: Driver) -> None:
+        self.child = child
+        self.location = child.location
+        self.end = child.size
+
+    @property
+    def size(self) -> int:
+        return max(self.child.size, self.end)
+
+    @property
+    def caps(self) -> Caps:
+        return self.child.caps
+
+    async def preadinto(self, offset: int, buf: memoryview) -> None:
+        await self.child.preadinto(offset, buf)
+
+    async def pwrite(self, offset: int, data: Buffer) -> None:
+        await self.child.pwrite(offset, data)
+        self.end = max(self.end, offset + memoryview(data).nbytes)
+
+    async def pwrite_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
+    ) -> None:
+        await self.child.pwrite_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
+
+    async def flush(self) -> None:
+        await self.child.flush()
+
+    async def aclose(self) -> None:
+        pass  # the transport belongs to the opener
+
+
+@attrs.define(eq=False)
+class _L2:
+    """A cached L2 table: where it lives, its entries, and whether the disk copy is stale."""
+
+    host: int
+    table: array[int]
+    dirty: bool = False
+    raw: bytes | None = None
+
+    def touch(self) -> None:
+        self.dirty = True
+        self.raw = None
+
+    def encoded(self) -> bytes:
+        if self.raw is None:
+            self.raw = codec.encode_table(self.table)
+        return self.raw
+
+
+@attrs.frozen
+class _Run:
+    """One host write a guest write turns into.
+
+    ``fill`` is set for a new cluster whose old content (a compressed cluster, or the
+    backing image) must be kept around the written bytes: ``(guest cluster start, old
+    L2 entry)``.
+    """
+
+    guest: int
+    length: int
+    host: int
+    fill: tuple[int, int] | None = None
+    wait: trio.Event | None = None
+
+
+@attrs.frozen
+class CompressedClusters:
+    """What :meth:`Qcow2Writer.compress` prepares: per cluster, compressed or not, and bytes."""
+
+    offset: int
+    clusters: tuple[tuple[bool, bytes], ...]
+
+
+def _compress_clusters(
+    payload: bytes, cluster_size: int, zstd: bool
+) -> tuple[tuple[bool, bytes], ...]:
+    """Compress each cluster of ``payload`` (the last one zero-padded), as qemu does.
+
+    A cluster whose stream would not fit in ``cluster_size - 1`` bytes is kept as is
+    (unpadded) and written as a normal cluster.
+    """
+    out: list[tuple[bool, bytes]] = []
+    compressor = None
+    if zstd:
+        import zstandard  # type: ignore[import-not-found,unused-ignore]
+
+        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=False)
+    for start in range(0, len(payload), cluster_size):
+        chunk = payload[start : start + cluster_size]
+        padded = chunk if len(chunk) == cluster_size else chunk + bytes(cluster_size - len(chunk))
+        if compressor is not None:
+            stream = compressor.compress(padded)
+        else:
+            c = zlib.compressobj(
+                zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, ZLIB_WBITS, ZLIB_MEMLEVEL
+            )
+            stream = c.compress(padded) + c.flush()
+        if len(stream) <= cluster_size - 1:
+            out.append((True, stream))
+        else:
+            out.append((False, chunk))
+    return tuple(out)
+
+
+class Qcow2Writer(Qcow2Driver):
+    """A qcow2 image opened for writing. Made by :func:`open_qcow2_writable`.
+
+    Reads, block status and compressed-cluster decoding are the reader's; this class
+    serves the reader its L2 tables from the write cache and adds allocation.
+    """
+
+    name = "qcow2"
+
+    def __init__(
+        self,
+        child: _GrowingFile,
+        info: codec.ImageInfo,
+        l1: array[int],
+        reftable: array[int],
+        *,
+        backing: Driver | None = None,
+    ) -> None:
+        super().__init__(child, info, l1, backing=backing)
+        self.file = child
+        h = info.header
+        self._cs = h.cluster_size
+        self._bits = h.cluster_bits
+        self._order = h.refcount_order
+        self._rpb = (self._cs * 8) >> h.refcount_order  # refcounts per block
+        self._refmax = (1 << (1 << h.refcount_order)) - 1
+        self._reftable = reftable
+        self._refblocks: dict[int, array[int]] = {}
+        self._dirty_refblocks: set[int] = set()
+        self._reftable_dirty = False
+        self._l1_dirty = False
+        self._header_dirty = False
+        self._dirty_on_disk = False
+        self._l2: collections.OrderedDict[int, _L2] = collections.OrderedDict()
+        self._l2_max = max(2, min(L2_CACHE_TABLES, L2_CACHE_BYTES // self._cs))
+        self._end = -(-child.size // self._cs) * self._cs
+        child.end = max(child.end, self._end)
+        self._free_byte_offset = 0
+        self._pending: dict[int, trio.Event] = {}
+        self._lock = trio.Lock()
+        self._failed = False
+        self._zstd = h.compression_type == codec.CompressionType.ZSTD
+
+    # -- contract ---------------------------------------------------------------------
+    @property
+    def limits(self) -> Limits:
+        return Limits(request_alignment=1, cluster_size=self._cs)
+
+    @property
+    def caps(self) -> Caps:
+        return Caps(
+            writable=True,
+            zeroes=True,
+            block_status=True,
+            zero_init=self.backing is None,
+            compress=True,
+        )
+
+    def _check_range(self, what: str, offset: int, length: int) -> None:
+        if self._closed:
+            raise TrioconvIOError(f"{self.location}: image is closed")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise TrioconvIOError(
+                f"{self.location}: {what} of {length} bytes at {offset} is outside the image "
+                f"({self.size} bytes)",
+                offset=offset,
+            )
+
+    def _set_end(self, end: int) -> None:
+        self._end = end
+        self.file.end = max(self.file.end, end)
+
+    # -- refcounts --------------------------------------------------------------------
+    async def _refblock(self, ri: int) -> array[int] | None:
+        """The refcount block of range ``ri``, loaded when needed; None when it has none."""
+        blk = self._refblocks.get(ri)
+        if blk is not None:
+            return blk
+        if ri >= len(self._reftable):
+            return None
+        host = self._reftable[ri] & REFTABLE_OFFSET_MASK
+        if not host:
+            return None
+        raw = await self.file.pread(host, self._cs)
+        blk = codec.decode_refblock(raw, self._order)
+        self._refblocks[ri] = blk
+        return blk
+
+    async def _new_refblock(self, ri: int) -> array[int]:
+        """Make the refcount block of range ``ri``: one cluster at the end of the file."""
+        if ri >= len(self._reftable):
+            await self._grow_reftable(ri)
+            # Growing took clusters, which may have made this very block already.
+            made = self._refblocks.get(ri)
+            if made is not None:
+                return made
+        host = self._end
+        self._set_end(host + self._cs)
+        blk = codec.refcount_array(self._order, self._rpb)
+        self._refblocks[ri] = blk
+        self._dirty_refblocks.add(ri)
+        self._reftable[ri] = host
+        self._reftable_dirty = True
+        await self._add_refs(host >> self._bits, 1, 1)
+        return blk
+
+    async def _grow_reftable(self, ri: int) -> None:
+        """Move the refcount table to the end of the file, large enough for ``ri``."""
+        entries = max(ri + 1, 2 * len(self._reftable))
+        clusters = -(-entries * 8 // self._cs)
+        if clusters * self._cs > codec.MAX_REFTABLE_BYTES:
+            raise TrioconvIOError(
+                f"{self.location}: the refcount table would exceed "
+                f"{codec.MAX_REFTABLE_BYTES} bytes (the image file is too large for its "
+                "cluster size)"
+            )
+        h = self.header
+        old_host, old_clusters = h.refcount_table_offset, h.refcount_table_clusters
+        self._reftable.extend(array("Q", bytes(clusters * self._cs - len(self._reftable) * 8)))
+        host = self._end
+        self._set_end(host + clusters * self._cs)
+        self.header = attrs.evolve(h, refcount_table_offset=host, refcount_table_clusters=clusters)
+        self._header_dirty = self._reftable_dirty = True
+        await self._add_refs(host >> self._bits, clusters, 1)
+        await self._add_refs(old_host >> self._bits, old_clusters, -1)
+
+    async def _add_refs(self, first: int, count: int, delta: int) -> None:
+        """Add ``delta`` to the refcounts of ``count`` clusters from cluster ``first``."""
+        pos, stop = first, first + count
+        while pos < stop:
+            ri, i = divmod(pos, self._rpb)
+            n = min(stop - pos, self._rpb - i)
+            blk = await self._refblock(ri)
+            if blk is None:
+                if delta < 0:
+                    raise self._corrupt(f"freeing cluster {pos} that has no refcount block")
+                blk = await self._new_refblock(ri)
+            if n == 1:
+                value = blk[i] + delta
+                if not 0 <= value <= self._refmax:
+                    raise self._refcount_error(pos, value)
+                blk[i] = value
+            else:
+                part = blk[i : i + n]
+                if delta > 0 and part.count(0) == n:
+                    blk[i : i + n] = array(blk.typecode, [delta]) * n
+                else:
+                    values = [v + delta for v in part]
+                    bad = next((v for v in values if not 0 <= v <= self._refmax), None)
+                    if bad is not None:
+                        raise self._refcount_error(pos, bad)
+                    blk[i : i + n] = array(blk.typecode, values)
+            self._dirty_refblocks.add(ri)
+            pos += n
+
+    def _refcount_error(self, cluster: int, value: int) -> TrioconvIOError:
+        if value < 0:
+            return self._corrupt(f"refcount of host cluster {cluster} would drop below zero")
+        return TrioconvIOError(
+            f"{self.location}: refcount of host cluster {cluster} would exceed the "
+            f"maximum {self._refmax} of {1 << self._order}-bit refcounts",
+            offset=cluster << self._bits,
+        )
+
+    async def _alloc_clusters(self, count: int, *, ref: bool = True) -> int:
+        """Take ``count`` contiguous clusters at the end of the file; their host offset."""
+        host = self._end
+        self._set_end(host + count * self._cs)
+        if ref:
+            await self._add_refs(host >> self._bits, count, 1)
+        return host
+
+    async def _alloc_bytes(self, size: int) -> int:
+        """Host space for a compressed stream of ``size`` bytes (qemu's ``alloc_bytes``)."""
+        cs = self._cs
+        offset = self._free_byte_offset
+        if offset:
+            blk = await self._refblock((offset >> self._bits) // self._rpb)
+            if blk is not None and blk[(offset >> self._bits) % self._rpb] >= self._refmax:
+                offset = 0
+        free = cs - offset % cs if offset else 0
+        if not offset or free < size:
+            new = await self._alloc_clusters(1, ref=False)
+            if offset and -(-offset // cs) * cs == new:
+                free += cs
+            else:
+                offset, free = new, cs
+        first = offset >> self._bits
+        last = (offset + size - 1) >> self._bits
+        await self._add_refs(first, last - first + 1, 1)
+        self._free_byte_offset = (offset + size) % cs and offset + size
+        return offset
+
+    async def _free_entry(self, entry: int) -> None:
+        """Drop the reference an L2 entry holds (normal, preallocated zero, compressed)."""
+        if entry & COMPRESSED:
+            dec = codec.decode_l2_entry(entry, self.layout)
+            start = dec.host_offset & ~511
+            end = dec.host_offset + dec.compressed_size
+            first, last = start >> self._bits, (end - 1) >> self._bits
+            await self._add_refs(first, last - first + 1, -1)
+            return
+        host = entry & OFFSET_MASK
+        if host:
+            await self._add_refs(host >> self._bits, 1, -1)
+
+    # -- L2 tables --------------------------------------------------------------------
+    async def _get_l2(self, index: int, *, create: bool) -> _L2 | None:
+        """The L2 table of L1 entry ``index`` (under the lock); made when ``create``."""
+        t = self._l2.get(index)
+        if t is not None:
+            self._l2.move_to_end(index)
+            return t
+        host = self._l1[index] & OFFSET_MASK
+        if not host and not create:
+            return None
+        await self._make_room()
+        if host:
+            if host % self._cs or host + self._cs > self.file.size:
+                raise self._corrupt(f"invalid L2 table offset {host:#x} in L1 entry {index}")
+            raw = await self.file.pread(host, self._cs)
+            t = _L2(host, codec.decode_table(raw), raw=raw)
+        else:
+            host = await self._alloc_clusters(1)
+            t = _L2(host, array("Q", bytes(self._cs)), dirty=True)
+            self._l1[index] = host | COPIED
+            self._l1_dirty = True
+        self._l2[index] = t
+        return t
+
+    async def _make_room(self) -> None:
+        while len(self._l2) >= self._l2_max:
+            _, old = self._l2.popitem(last=False)
+            if old.dirty:
+                await self._mark_dirty_on_disk()
+                await self._write_meta(old.host, old.encoded())
+                old.dirty = False
+
+    async def _l2_table(self, index: int) -> tuple[array[int], bytes] | None:
+        # The reader's hook: serve tables from the write cache.
+        t = self._l2.get(index)
+        if t is None:
+            if not self._l1[index] & OFFSET_MASK:
+                return None
+            async with self._lock:
+                t = await self._get_l2(index, create=False)
+            if t is None:
+                return None
+        return t.table, t.encoded()
+
+    # -- writing data -----------------------------------------------------------------
+    async def pwrite(self, offset: int, data: Buffer) -> None:
+        view = memoryview(data).cast("B")
+        self._check_range("write", offset, view.nbytes)
+        if not view.nbytes:
+            return
+        async with self._lock:
+            runs = await self._allocate(offset, view.nbytes)
+        try:
+            for run in runs:
+                piece = view[run.guest - offset : run.guest - offset + run.length]
+                if run.wait is not None:
+                    await run.wait.wait()
+                if run.fill is not None:
+                    await self._write_filled(run, piece)
+                else:
+                    await self.file.pwrite(run.host, piece)
+        except TrioconvError:
+            self._failed = True
+            raise
+
+    async def _allocate(self, offset: int, length: int) -> list[_Run]:
+        """Map guest ``[offset, offset + length)`` to host runs, allocating what is missing."""
+        cs, bits, span = self._cs, self._bits, self._table_span
+        end = offset + length
+        runs: list[_Run] = []
+        pos = offset
+        while pos < end:
+            index = pos // span
+            t = await self._get_l2(index, create=True)
+            assert t is not None
+            base = index * span
+            stop = min(end, base + span)
+            while pos < stop:
+                i = (pos - base) >> bits
+                c_start = base + (i << bits)
+                hi = min(stop, c_start + cs)
+                entry = t.table[i]
+                host = entry & OFFSET_MASK
+                if host and not entry & (COMPRESSED | ZERO_FLAG):
+                    run = _Run(pos, hi - pos, host + pos - c_start, wait=self._pending.get(host))
+                else:
+                    whole = pos == c_start and hi >= min(c_start + cs, self.size)
+                    old_matters = entry & COMPRESSED or (
+                        self.backing is not None and not entry & ZERO_FLAG
+                    )
+                    new = await self._alloc_clusters(1)
+                    if entry & (COMPRESSED | ZERO_FLAG):
+                        await self._free_entry(entry)
+                    t.table[i] = new | COPIED
+                    t.touch()
+                    fill = None
+                    if old_matters and not whole:
+                        fill = (c_start, entry)
+                        self._pending[new] = trio.Event()
+                    run = _Run(pos, hi - pos, new + pos - c_start, fill=fill)
+                last = runs[-1] if runs else None
+                if (
+                    last is not None
+                    and last.fill is None
+                    and run.fill is None
+                    and run.wait is None
+                    and last.host + last.length == run.host
+                ):
+                    runs[-1] = attrs.evolve(last, length=last.length + run.length)
+                else:
+                    runs.append(run)
+                pos = hi
+        return runs
+
+    async def _write_filled(self, run: _Run, piece: memoryview) -> None:
+        """Write a whole new cluster: its old content with ``piece`` laid over it."""
+        assert run.fill is not None
+        c_start, entry = run.fill
+        cs = self._cs
+        n = min(cs, self.size - c_start)
+        buf = bytearray(n)
+        view = memoryview(buf)
+        try:
+            if entry & COMPRESSED:
+                dec = codec.decode_l2_entry(entry, self.layout)
+                raw = await self.file.pread(dec.host_offset, dec.compressed_size)
+                (plain,) = _inflate_all([raw], self._zstd, cs)
+                if plain is None:
+                    raise self._corrupt(
+                        f"compressed cluster at guest offset {c_start:#x} could not be "
+                        "decompressed",
+                        dec.host_offset,
+                    )
+                view[:] = plain[:n]
+            elif self.backing is not None:
+                await self._read_backing(c_start, view)
+            at = run.guest - c_start
+            view[at : at + run.length] = piece
+            host = run.host - at
+            await self.file.pwrite(host, view)
+        finally:
+            view.release()
+            event = self._pending.pop(run.host - (run.guest - c_start), None)
+            if event is not None:
+                event.set()
+
+    # -- zeroes -----------------------------------------------------------------------
+    async def pwrite_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
+    ) -> None:
+        self._check_range("write zeroes", offset, length)
+        if not length:
+            return
+        cs = self._cs
+        end = offset + length
+        first = -(-offset // cs) * cs
+        last = end if end == self.size else end // cs * cs
+        partial: list[tuple[int, int]] = []
+        if first >= last:
+            partial.append((offset, length))
+            first = last = offset
+        else:
+            if offset < first:
+                partial.append((offset, first - offset))
+            if last < end:
+                partial.append((last, end - last))
+        writes: list[tuple[int, int]] = []
+        async with self._lock:
+            for start, n in partial:
+                if not await self._reads_as_zero(start):
+                    writes.append((start, n))
+            if fast and writes:
+                raise ZeroesNotSupported(f"{self.location}: zeroing part of a cluster is not fast")
+            if first < last:
+                writes += await self._zero_clusters(first, last, may_unmap=may_unmap, fast=fast)
+        for start, n in writes:
+            pos = start
+            while pos < start + n:
+                k = min(len(_ZEROS), start + n - pos)
+                await self.pwrite(pos, memoryview(_ZEROS)[:k])
+                pos += k
+
+    async def _entry(self, guest: int) -> int:
+        """The L2 entry of the cluster holding ``guest`` (0 when it has no table)."""
+        index = guest // self._table_span
+        t = await self._get_l2(index, create=False)
+        if t is None:
+            return 0
+        return t.table[(guest - index * self._table_span) >> self._bits]
+
+    async def _reads_as_zero(self, guest: int) -> bool:
+        entry = await self._entry(guest)
+        if entry & COMPRESSED:
+            return False
+        if entry & ZERO_FLAG and self.header.version >= 3:
+            return True
+        return not entry & OFFSET_MASK and self.backing is None
+
+    async def _zero_clusters(
+        self, first: int, last: int, *, may_unmap: bool, fast: bool
+    ) -> list[tuple[int, int]]:
+        """Make whole clusters ``[first, last)`` read as zeroes in the tables.
+
+        Returns the ranges that must be written with zero bytes instead (version 2
+        images, where there is no zero flag). With ``fast``, raises
+        :class:`ZeroesNotSupported` before changing anything if there would be any.
+        """
+        v3 = self.header.version >= 3
+        no_backing = self.backing is None
+        span = self._table_span
+
+        def plan(entry: int) -> int | None:
+            """The new entry; None: write zero bytes; -1: leave it."""
+            host = entry & OFFSET_MASK
+            if entry & COMPRESSED:
+                return 0 if no_backing else (ZERO_FLAG if v3 else None)
+            if not host:
+                if no_backing or entry & ZERO_FLAG:
+                    return -1
+                return ZERO_FLAG if v3 else None
+            if may_unmap:
+                return 0 if no_backing else (ZERO_FLAG if v3 else None)
+            if entry & ZERO_FLAG:
+                return -1
+            return entry | ZERO_FLAG if v3 else None
+
+        cs = self._cs
+        if fast:
+            pos = first
+            while pos < last:
+                index = pos // span
+                stop = min(last, (index + 1) * span)
+                if self._l1[index] & OFFSET_MASK or not no_backing:
+                    for c in range(pos, stop, cs):
+                        if plan(await self._entry(c)) is None:
+                            raise ZeroesNotSupported(f"{self.location}: zeroing is not fast here")
+                pos = stop
+        writes: list[tuple[int, int]] = []
+        pos = first
+        while pos < last:
+            index = pos // span
+            stop = min(last, (index + 1) * span)
+            if not self._l1[index] & OFFSET_MASK and no_backing:
+                pos = stop
+                continue
+            t = await self._get_l2(index, create=True)
+            assert t is not None
+            for c in range(pos, stop, cs):
+                i = (c - index * span) >> self._bits
+                entry = t.table[i]
+                new = plan(entry)
+                if new is None:
+                    writes.append((c, min(cs, last - c)))
+                elif new != -1 and new != entry:
+                    if not new & OFFSET_MASK:
+                        await self._free_entry(entry)
+                    t.table[i] = new
+                    t.touch()
+            pos = stop
+        merged: list[tuple[int, int]] = []
+        for start, n in writes:
+            if merged and sum(merged[-1]) == start:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((start, n))
+        return merged
+
+    # -- compressed writes ------------------------------------------------------------
+    async def compress(self, offset: int, data: memoryview) -> object:
+        cs = self._cs
+        last = (self.size - 1) // cs  # the image's last cluster may be partial
+        if offset % cs or (data.nbytes % cs and (offset + data.nbytes - 1) // cs != last):
+            raise UnsupportedError(
+                f"{self.location}: compressed writes must cover whole clusters of {cs} bytes "
+                f"(got {data.nbytes} bytes at {offset})"
+            )
+        self._check_range("compressed write", offset, data.nbytes)
+        payload = data.tobytes()
+        clusters = await trio.to_thread.run_sync(_compress_clusters, payload, cs, self._zstd)
+        return CompressedClusters(offset, clusters)
+
+    async def pwrite_compressed(self, offset: int, prepared: object) -> None:
+        if not isinstance(prepared, CompressedClusters) or prepared.offset != offset:
+            raise TypeError("pwrite_compressed takes what compress() returned for this offset")
+        cs, span = self._cs, self._table_span
+        plan: list[tuple[int, bytes]] = []
+        async with self._lock:
+            for k, (is_compressed, payload) in enumerate(prepared.clusters):
+                guest = offset + k * cs
+                index = guest // span
+                t = await self._get_l2(index, create=True)
+                assert t is not None
+                i = (guest - index * span) >> self._bits
+                if t.table[i] & OFFSET_MASK:
+                    raise TrioconvIOError(
+                        f"{self.location}: cannot write a compressed cluster at guest offset "
+                        f"{guest:#x}: the cluster is already allocated",
+                        offset=guest,
+                    )
+                if is_compressed:
+                    host = await self._alloc_bytes(len(payload))
+                    t.table[i] = codec.compressed_l2_entry(host, len(payload), self._bits)
+                else:
+                    host = await self._alloc_clusters(1)
+                    t.table[i] = host | COPIED
+                t.touch()
+                if plan and plan[-1][0] + len(plan[-1][1]) == host:
+                    plan[-1] = (plan[-1][0], plan[-1][1] + payload)
+                else:
+                    plan.append((host, payload))
+        try:
+            for host, payload in plan:
+                await self.file.pwrite(host, payload)
+        except TrioconvError:
+            self._failed = True
+            raise
+
+    # -- metadata to disk ----------------------------------------------------------------
+    async def _write_meta(self, host: int, data: bytes) -> None:
+        try:
+            await self.file.pwrite(host, data)
+        except TrioconvError:
+            self._failed = True
+            raise
+
+    async def _mark_dirty_on_disk(self) -> None:
+        """Set the dirty bit in the header on disk before metadata changes (version 3)."""
+        if self._dirty_on_disk or self.header.version < 3:
+            return
+        bits = self._disk_incompatible | codec.Incompatible.DIRTY
+        await self._write_meta(72, int(bits).to_bytes(8, "big"))
+        self._dirty_on_disk = True
+
+    @property
+    def _disk_incompatible(self) -> int:
+        return self.header.incompatible_features & ~int(codec.Incompatible.DIRTY)
+
+    @property
+    def _metadata_dirty(self) -> bool:
+        return bool(
+            self._dirty_refblocks
+            or self._reftable_dirty
+            or self._l1_dirty
+            or self._header_dirty
+            or self._dirty_on_disk
+            or any(t.dirty for t in self._l2.values())
+        )
+
+    async def _write_metadata(self) -> None:
+        """Refcounts, then L2 and L1 tables, then a clean header (under the lock)."""
+        if not self._metadata_dirty:
+            return
+        await self._mark_dirty_on_disk()
+        for ri in sorted(self._dirty_refblocks):
+            raw = codec.encode_refblock(self._refblocks[ri], self._order)
+            await self._write_meta(self._reftable[ri] & REFTABLE_OFFSET_MASK, raw)
+        self._dirty_refblocks.clear()
+        if self._reftable_dirty:
+            await self._write_meta(
+                self.header.refcount_table_offset, codec.encode_table(self._reftable)
+            )
+            self._reftable_dirty = False
+        for t in self._l2.values():
+            if t.dirty:
+                await self._write_meta(t.host, t.encoded())
+                t.dirty = False
+        if self._l1_dirty and self.header.l1_size:
+            await self._write_meta(self.header.l1_table_offset, codec.encode_table(self._l1))
+        self._l1_dirty = False
+        await self.file.flush()
+        self.header = attrs.evolve(self.header, incompatible_features=self._disk_incompatible)
+        await self._write_meta(0, codec.encode_header(self.header))
+        self._header_dirty = self._dirty_on_disk = False
+
+    async def flush(self) -> None:
+        if self._closed:
+            return
+        async with self._lock:
+            await self._write_metadata()
+        await self.file.flush()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        try:
+            if not self._failed:
+                with trio.CancelScope(shield=True):
+                    async with self._lock:
+                        await self._write_metadata()
+        except TrioconvError as exc:
+            log.warning("%s: could not write qcow2 metadata on close: %s", self.location, exc)
+        finally:
+            self._closed = True
+            self._l2.clear()
+            self._refblocks.clear()
+
+    # -- creation helpers -------------------------------------------------------------
+    async def _init_l1(self) -> None:
+        """Give a new image its L1 table (qemu puts it right after the first refblock)."""
+        h = self.header
+        entries = codec.l1_entries_for(h.size, h.cluster_bits, h.extended_l2)
+        if entries * 8 > codec.MAX_L1_BYTES:
+            raise UsageError(
+                "The image size is too large for file format 'qcow2' (try using a larger "
+                "cluster size)"
+            )
+        if not entries:
+            return
+        clusters = -(-entries * 8 // self._cs)
+        host = await self._alloc_clusters(clusters)
+        await self.file.pwrite(host, bytes(entries * 8))
+        self._l1.extend(array("Q", bytes(entries * 8)))
+        self.header = attrs.evolve(h, l1_size=entries, l1_table_offset=host)
+        self._header_dirty = self._l1_dirty = True
+
+    async def _preallocate(self, mode: str) -> None:
+        """Give every cluster a host cluster (``metadata``), zeroed on disk for falloc/full."""
+        cs, span = self._cs, self._table_span
+        runs: list[tuple[int, int]] = []
+        for index in range(self.header.l1_size):
+            base = index * span
+            count = -(-min(span, self.size - base) // cs)
+            t = await self._get_l2(index, create=True)
+            assert t is not None
+            host = await self._alloc_clusters(count)
+            first = host | COPIED
+            t.table[:count] = array("Q", range(first, first + count * cs, cs))
+            t.touch()
+            if runs and sum(runs[-1]) == host:
+                runs[-1] = (runs[-1][0], runs[-1][1] + count * cs)
+            else:
+                runs.append((host, count * cs))
+        for host, n in runs:
+            if mode == "full":
+                for pos in range(host, host + n, len(_ZEROS)):
+                    await self.file.pwrite(
+                        pos, memoryview(_ZEROS)[: min(len(_ZEROS), host + n - pos)]
+                    )
+            elif mode == "falloc":
+                with contextlib.suppress(ZeroesNotSupported):
+                    await self.file.pwrite_zeroes(host, n)
+        if runs:
+            # The file reaches the end of the last data cluster, as qemu makes it.
+            await self.file.pwrite(self._end - 1, b"\0")
+
+
+async def _open_writer(file: _GrowingFile, ctx: OpenContext | None) -> Qcow2Writer:
+    if ctx is not None:
+        reader = await _open_reader(file, ctx)
+    else:
+        reader = await _open_bare(file)
+    h = reader.header
+    where = f"Could not open '{reader.location}' for writing"
+    if reader._data is not file:
+        raise UnsupportedError(f"{where}: qcow2 images with an external data file")
+    if h.nb_snapshots:
+        raise UnsupportedError(f"{where}: qcow2 images with internal snapshots")
+    if h.extended_l2:
+        raise UnsupportedError(f"{where}: qcow2 images with extended L2 entries")
+    if h.incompatible_features & codec.Incompatible.CORRUPT:
+        raise ImageError(f"{where}: the image is marked corrupt (run 'qemu-img check -r all')")
+    if h.incompatible_features & codec.Incompatible.DIRTY:
+        raise ImageError(
+            f"{where}: the image is marked dirty, its refcounts need repair (run "
+            "'qemu-img check -r all')"
+        )
+    raw = await file.pread(h.refcount_table_offset, h.refcount_table_clusters * h.cluster_size)
+    reftable = codec.decode_table(raw)
+    writer = Qcow2Writer(file, reader.info, reader._l1, reftable, backing=reader.backing)
+    writer.location = reader.location
+    if h.autoclear_features:
+        # Writers that do not keep them up to date must clear autoclear bits (bitmaps).
+        writer.header = attrs.evolve(h, autoclear_features=0)
+        writer._header_dirty = True
+    return writer
+
+
+async def _open_bare(file: _GrowingFile) -> Qcow2Driver:
+    """Open an image we just made (no backing, no data file) without an OpenContext."""
+    cluster = await file.pread(0, min(file.size, 1 << codec.MAX_CLUSTER_BITS))
+    try:
+        info = codec.parse_image(cluster, file.size)
+    except codec.Qcow2FormatError as exc:  # pragma: no cover - we just wrote it
+        raise ImageError(f"Could not open '{file.location}': {exc}") from None
+    h = info.header
+    l1 = codec.decode_table(
+        await file.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
+    )
+    return Qcow2Driver(file, info, l1)
+
+
+async def open_qcow2_writable(transport: Driver, ctx: OpenContext) -> Qcow2Writer:
+    """Open a qcow2 image for writing on top of a writable ``transport``.
+
+    The metadata is written on :meth:`~Qcow2Writer.flush` and when the image is closed
+    (the opener's exit stack closes it).
+
+    Raises:
+        ImageError: not valid qcow2, or marked dirty or corrupt.
+        UnsupportedError: snapshots, external data files, extended L2 entries.
+    """
+    writer = await _open_writer(_GrowingFile(transport), ctx)
+    ctx.stack.push_async_callback(writer.aclose)
+    return writer
+
+
+def _first_cluster(opts: CreateOptions, size: int) -> bytes:
+    incompat = 0
+    if opts.compression_type != codec.CompressionType.ZLIB:
+        incompat |= codec.Incompatible.COMPRESSION_TYPE
+    if opts.extended_l2:
+        incompat |= codec.Incompatible.EXTENDED_L2
+    v3 = opts.version >= 3
+    header = codec.Header(
+        version=opts.version,
+        backing_file_offset=0,
+        backing_file_size=0,
+        cluster_bits=opts.cluster_bits,
+        size=size,
+        crypt_method=0,
+        l1_size=0,
+        l1_table_offset=0,
+        refcount_table_offset=opts.cluster_size,
+        refcount_table_clusters=1,
+        nb_snapshots=0,
+        snapshots_offset=0,
+        incompatible_features=int(incompat),
+        compatible_features=int(codec.Compatible.LAZY_REFCOUNTS) if opts.lazy_refcounts else 0,
+        refcount_order=opts.refcount_order,
+        header_length=112 if v3 else codec.V2_HEADER_LENGTH,
+        compression_type=opts.compression_type,
+    )
+    data = codec.encode_header(header)
+    if v3:
+        data += codec.encode_feature_names()
+    return data
+
+
+async def create_qcow2(transport: Driver, size: int, options: Mapping[str, str]) -> None:
+    """Write a new, empty qcow2 image of virtual size ``size`` onto an empty transport.
+
+    The virtual size is rounded up to a multiple of 512 bytes, as qemu does. The
+    layout is qemu-img's: the header (and, in version 3, the feature name table) in
+    cluster 0, the refcount table in cluster 1, the first refcount block in cluster 2,
+    the L1 table from cluster 3.
+
+    Raises:
+        UsageError: invalid ``-o`` options (qemu-img's messages).
+        UnsupportedError: backing files, extended L2 entries.
+    """
+    opts = parse_create_options(options)
+    cs = opts.cluster_size
+    size = -(-size // 512) * 512  # qemu rounds the virtual size up to whole sectors
+    if size >= 1 << 63:
+        raise UsageError(f"Image size {size} is too large for qcow2")
+    # The header says size 0 until the L1 table exists (a reader refuses anything else).
+    first = _first_cluster(opts, 0)
+    reftable = array("Q", bytes(cs))
+    reftable[0] = 2 * cs
+    refblock = codec.refcount_array(opts.refcount_order, (cs * 8) >> opts.refcount_order)
+    refblock[0:3] = array(refblock.typecode, [1, 1, 1])
+    file = _GrowingFile(transport)
+    await file.pwrite(0, first)
+    await file.pwrite(cs, codec.encode_table(reftable))
+    await file.pwrite(2 * cs, codec.encode_refblock(refblock, opts.refcount_order))
+    writer = await _open_writer(file, None)
+    try:
+        writer.header = attrs.evolve(writer.header, size=size)
+        await writer._init_l1()
+        if opts.preallocation != "off":
+            await writer._preallocate(opts.preallocation)
+        await writer.flush()
+    finally:
+        writer._closed = True
