@@ -1,0 +1,114 @@
+"""VHD, qemu's ``vpc`` format: fixed and dynamic disks, read and write.
+
+:func:`open_vpc` is what the format registry calls; :func:`create_vpc` writes a new,
+empty image exactly as ``qemu-img create -f vpc`` 7.2 does - the same layout, the same
+CHS rounding of the size, the same ``subformat`` and ``force_size`` options. The
+on-disk structures live in :mod:`._codec`, the driver in :mod:`._driver`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from ..._errors import ImageError, UsageError
+from ...driver import Driver
+from .._base import FormatInfo
+from . import _codec as codec
+from ._driver import DynamicVpcDriver, FixedVpcDriver, open_vpc
+
+__all__ = [
+    "FORMAT",
+    "VPC_CREATE_OPTIONS",
+    "DynamicVpcDriver",
+    "FixedVpcDriver",
+    "create_vpc",
+    "open_vpc",
+    "parse_bool",
+    "probe_vpc",
+]
+
+#: ``-o`` options for creating a VHD, with qemu's help text.
+VPC_CREATE_OPTIONS: dict[str, str] = {
+    "size": "Virtual disk size",
+    "subformat": "Type of virtual hard disk format. Supported formats are "
+    "{dynamic (default) | fixed}",
+    "force_size": "Force disk size calculation to use the actual size specified, rather "
+    "than using the nearest CHS-based calculation",
+}
+
+
+def parse_bool(name: str, value: str) -> bool:
+    """A qemu boolean option value (``on``/``off``, ``yes``/``no``, ``true``/``false``)."""
+    text = value.strip().lower()
+    if text in ("on", "yes", "true", "y"):
+        return True
+    if text in ("off", "no", "false", "n"):
+        return False
+    raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
+
+
+def probe_vpc(data: bytes, filename: str) -> int:
+    """``conectix`` at offset 0 (dynamic disks), or a valid fixed-disk footer at the end.
+
+    The registry appends the file's last 512 bytes (``probe_tail``) to the header, so
+    the last 512 bytes of ``data`` are the end of the file. (qemu probes only the start,
+    so it takes a fixed VHD for raw; a correct footer checksum keeps raw images that
+    merely end in ``conectix`` from being taken for VHD.)
+    """
+    if data[:8] == codec.FOOTER_COOKIE:
+        return 100
+    if len(data) >= codec.FOOTER_SIZE:
+        try:
+            footer = codec.parse_footer(data[-codec.FOOTER_SIZE :])
+        except codec.VpcFormatError:
+            return 0
+        if footer.disk_type == codec.DiskType.FIXED:
+            return 100
+    return 0
+
+
+async def create_vpc(transport: Driver, size: int, options: Mapping[str, str]) -> None:
+    """Write an empty VHD of at least ``size`` bytes, as ``qemu-img create -f vpc`` does.
+
+    Dynamic (the default): footer copy, dynamic header at 512, the BAT at 1536 (all
+    entries absent, padded with 0xFF to a sector), footer. Fixed: a sparse data area and
+    the footer after it. Without ``force_size`` the size grows to a CHS geometry.
+
+    Raises:
+        UsageError: a bad option value.
+        ImageError: the size is over 2040 GiB.
+    """
+    subformat = options.get("subformat", "dynamic")
+    if subformat not in ("dynamic", "fixed"):
+        raise UsageError(f"Invalid subformat '{subformat}'")
+    force = parse_bool("force_size", options.get("force_size", "off"))
+    try:
+        chs, total = codec.create_geometry(size, force)
+    except codec.VpcFormatError as exc:
+        raise ImageError(str(exc)) from None
+    if subformat == "fixed":
+        footer = codec.new_footer(total, chs, codec.DiskType.FIXED, force)
+        await transport.pwrite(total, footer.encode())
+        return
+    footer = codec.new_footer(total, chs, codec.DiskType.DYNAMIC, force)
+    bs = codec.DEFAULT_BLOCK_SIZE
+    entries = -(-(total // codec.SECTOR) // (bs // codec.SECTOR))
+    bat_bytes = -(-entries * 4 // codec.SECTOR) * codec.SECTOR
+    header = codec.DynamicHeader(max_table_entries=entries, block_size=bs)
+    raw = footer.encode()
+    await transport.pwrite(0, raw)
+    await transport.pwrite(codec.SECTOR, header.encode())
+    if bat_bytes:
+        await transport.pwrite(3 * codec.SECTOR, b"\xff" * bat_bytes)
+    await transport.pwrite(3 * codec.SECTOR + bat_bytes, raw)
+
+
+FORMAT = FormatInfo(
+    "vpc",
+    probe_vpc,
+    open_vpc,
+    create_vpc,
+    VPC_CREATE_OPTIONS,
+    can_compress=False,
+    probe_tail=codec.FOOTER_SIZE,
+)
