@@ -398,4 +398,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         message = " ".join(str(exc).split())
         print(f"trioconv: {message}", file=sys.stderr)
         sys.exit(1)
+    except BrokenPipeError:
+        # stdout went away (``trioconv ... | head``): stop quietly, as C tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        sys.exit(1)
     sys.exit(result if isinstance(result, int) else 0)
