@@ -1,0 +1,414 @@
+"""The VMDK driver: extents laid end to end, opened from a descriptor or a sparse file.
+
+Opening follows qemu's ``vmdk_open``: a file that starts with ``KDMV`` is a monolithic
+sparse extent (``monolithicSparse``, or ``streamOptimized`` when its grains are
+compressed) whose descriptor is embedded; anything else is read as a descriptor file
+whose extents are opened relative to the descriptor's folder, through the same kind of
+transport (local files). The extra files are closed with the image.
+
+Every request is cut at extent boundaries and handed to the extents
+(:mod:`._extents`). ``block_status`` answers per extent: unallocated and zeroed grains
+are ZERO (backing images are refused, so nothing shows through), FLAT extents report
+their file's holes as ZERO.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import os
+import re
+from typing import TYPE_CHECKING
+
+import attrs
+import trio
+
+from ..._errors import (
+    ImageError,
+    TrioconvError,
+    TrioconvIOError,
+    UnsupportedError,
+)
+from ...driver import Buffer, Caps, Driver, Extent, Limits
+from ...protocols.file import open_file
+from . import _codec as codec
+from ._codec import SECTOR, VmdkFormatError
+from ._extents import FlatExtent, SparseExtent
+
+if TYPE_CHECKING:
+    from ..._open import OpenContext
+
+__all__ = ["VmdkDriver", "open_vmdk"]
+
+AnyExtent = FlatExtent | SparseExtent
+_URI_RE = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)
+
+
+@attrs.frozen
+class VmdkInfo:
+    """What ``qemu-img info`` shows under format-specific: create type, CIDs."""
+
+    create_type: str
+    cid: int
+    parent_cid: int
+    #: The extents were listed in a separate descriptor file (not monolithic).
+    from_descriptor: bool = False
+
+
+class VmdkDriver(Driver):
+    """An open VMDK image. Made by :func:`open_vmdk`."""
+
+    name = "vmdk"
+
+    def __init__(self, extents: list[AnyExtent], info: VmdkInfo, *, writable: bool) -> None:
+        self.extents = extents
+        self.info = info
+        self._starts = [e.start for e in extents]
+        self._size = extents[-1].end if extents else 0
+        self._writable = writable
+        self._closed = False
+
+    # -- contract ---------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def limits(self) -> Limits:
+        sparse = [e for e in self.extents if isinstance(e, SparseExtent)]
+        grain = sparse[0].grain if sparse else 0
+        align = 1
+        if self._writable:
+            # A stream extent takes whole grains best: the engine then cuts its jobs on
+            # grain boundaries and no grain has to wait in memory for its other half.
+            align = grain if any(e.compressed for e in sparse) else SECTOR
+        return Limits(request_alignment=align, cluster_size=grain)
+
+    @property
+    def caps(self) -> Caps:
+        zero_init = all(
+            not isinstance(e, FlatExtent) or e.file.caps.zero_init for e in self.extents
+        )
+        return Caps(
+            writable=self._writable,
+            zeroes=self._writable,
+            block_status=True,
+            zero_init=zero_init,
+            compress=self._writable,
+        )
+
+    def describe(self) -> dict[str, object]:
+        """qemu-img info's vmdk keys: CIDs, create type and one entry per extent."""
+        extents: list[dict[str, object]] = []
+        for ext in self.extents:
+            item: dict[str, object] = {}
+            if ext.compressed:
+                item["compressed"] = True
+            item["virtual-size"] = ext.length
+            item["filename"] = ext.file.location
+            if isinstance(ext, SparseExtent):
+                item["cluster-size"] = ext.grain
+            # qemu names the extent type only for extents listed in a descriptor file.
+            item["format"] = ext.kind if self.info.from_descriptor else ""
+            extents.append(item)
+        data: dict[str, object] = {
+            "cid": self.info.cid,
+            "parent-cid": self.info.parent_cid,
+            "create-type": self.info.create_type,
+            "extents": extents,
+        }
+        out: dict[str, object] = {"format-specific": {"type": "vmdk", "data": data}}
+        actual = self._allocated_bytes()
+        if actual is not None:
+            out["actual-size"] = actual
+        return out
+
+    def _allocated_bytes(self) -> int | None:
+        """Disk space of the descriptor and every extent file, as qemu adds them up."""
+        paths = {self.location}
+        paths.update(ext.file.location for ext in self.extents)
+        total = 0
+        for path in paths:
+            local = _local(path)
+            if local is None:
+                return None
+            try:
+                total += os.stat(local).st_blocks * 512
+            except OSError:
+                return None
+        return total
+
+    def _pieces(self, offset: int, length: int) -> list[tuple[AnyExtent, int, int, int]]:
+        """``(extent, extent_offset, length, buffer_offset)`` covering the request."""
+        if offset < 0 or offset + length > self._size:
+            raise TrioconvIOError(
+                f"{self.location}: request of {length} bytes at {offset} is outside the "
+                f"image ({self._size} bytes)",
+                offset=offset,
+            )
+        out = []
+        i = bisect.bisect_right(self._starts, offset) - 1
+        pos = offset
+        while pos < offset + length:
+            ext = self.extents[i]
+            n = min(ext.end, offset + length) - pos
+            if n > 0:
+                out.append((ext, pos - ext.start, n, pos - offset))
+                pos += n
+            i += 1
+        return out
+
+    async def preadinto(self, offset: int, buf: memoryview) -> None:
+        buf = buf.cast("B") if buf.format != "B" else buf
+        for ext, rel, n, at in self._pieces(offset, buf.nbytes):
+            await ext.read(rel, buf[at : at + n])
+
+    def _check_writable(self) -> None:
+        if not self._writable:
+            raise UnsupportedError(f"{self.location}: image is opened read-only")
+
+    async def pwrite(self, offset: int, data: Buffer) -> None:
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        for ext, rel, n, at in self._pieces(offset, view.nbytes):
+            await ext.write(rel, view[at : at + n])
+
+    async def pwrite_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
+    ) -> None:
+        self._check_writable()
+        for ext, rel, n, _ in self._pieces(offset, length):
+            await ext.write_zeroes(rel, n, may_unmap, fast)
+
+    async def compress(self, offset: int, data: memoryview) -> object:
+        """Deflate whole grains for a stream extent; a plain copy for other sparse extents.
+
+        qemu-img takes ``-c`` for every sparse VMDK subformat and writes uncompressed
+        data to those that are not streamOptimized; so does trioconv. Flat extents have
+        no grains, and qemu-img refuses them with "invalid cluster size".
+        """
+        pieces = self._pieces(offset, data.nbytes)
+        if any(isinstance(ext, FlatExtent) for ext in self.extents):
+            raise UnsupportedError(
+                "invalid cluster size (compressed writes need a sparse VMDK subformat)"
+            )
+        if len(pieces) == 1 and isinstance(pieces[0][0], SparseExtent):
+            ext = pieces[0][0]
+            if ext.compressed:
+                grains = ext.prepare(pieces[0][1], data)
+                if grains is not None:
+                    return await ext.compress(grains)
+        return bytes(data)
+
+    async def pwrite_compressed(self, offset: int, prepared: object) -> None:
+        self._check_writable()
+        if isinstance(prepared, bytes):
+            await self.pwrite(offset, prepared)
+            return
+        assert isinstance(prepared, tuple)
+        grains, records = prepared
+        (ext, _, _, _), *_ = self._pieces(offset, 1)
+        assert isinstance(ext, SparseExtent)
+        await ext.write_compressed(grains, records)
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        (ext, rel, _, _), *_ = self._pieces(offset, 1)
+        want = min(max(length, 1), ext.length - rel)
+        got, kind = await ext.status(rel, want)
+        return Extent(offset, max(1, min(got, ext.length - rel)), kind)
+
+    async def flush(self) -> None:
+        if not self._writable:
+            return
+        for ext in self.extents:
+            await ext.flush()
+
+    async def aclose(self) -> None:
+        """Write back metadata (best effort, shielded) and drop caches; files close with
+        the opener's exit stack."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._writable:
+            with trio.CancelScope(shield=True), contextlib.suppress(TrioconvError):
+                await self.flush()
+
+
+# -- opening ----------------------------------------------------------------------------
+
+
+def _local(location: str) -> str | None:
+    if location.startswith("file:"):
+        return location[5:]
+    if _URI_RE.match(location) and not os.path.exists(location):
+        return None
+    return location
+
+
+async def _open_extent_file(ctx: OpenContext, name: str, writable: bool, where: str) -> Driver:
+    if os.path.isabs(name):
+        path = name
+    else:
+        here = _local(ctx.location)
+        if here is None:
+            raise ImageError(
+                f"{where}: Cannot use relative paths with VMDK descriptor file "
+                f"'{ctx.location}': extent '{name}'"
+            )
+        path = os.path.join(os.path.dirname(here), name)
+    try:
+        drv = await open_file(path, writable=writable, cache=ctx.cache)
+    except TrioconvError as exc:
+        raise ImageError(f"{where}: Could not open extent file '{path}': {exc}") from None
+    ctx.stack.push_async_callback(drv.aclose)
+    return drv
+
+
+async def _read_header(file: Driver, name: str) -> tuple[codec.SparseHeader, bool]:
+    """The extent's header, and whether it came from a footer (GD at the end)."""
+    size = file.size
+    head = await file.pread(0, min(size, SECTOR))
+    header = codec.parse_header(head)
+    footer = header.gd_offset == codec.GD_AT_END
+    if footer:
+        if size < 3 * SECTOR + SECTOR:
+            raise VmdkFormatError("Invalid footer: the file is too short", size)
+        at = size // SECTOR * SECTOR - 3 * SECTOR
+        header = codec.parse_footer(await file.pread(at, 3 * SECTOR), at)
+    return header, footer
+
+
+async def _open_sparse(
+    file: Driver, start: int, name: str, writable: bool, header: tuple[codec.SparseHeader, bool]
+) -> SparseExtent:
+    layout = codec.sparse_layout(header[0], file.size, writable=writable)
+    if writable and header[1]:
+        raise UnsupportedError(
+            f"{name}: a streamOptimized extent with its grain directory at the end can only be read"
+        )
+    gd_bytes = layout.gd_entries * 4
+    gd = codec.decode_table(await file.pread(layout.gd_offset, gd_bytes))
+    rgd = None
+    if writable and layout.rgd_offset:
+        rgd = codec.decode_table(await file.pread(layout.rgd_offset, gd_bytes))
+    ext = SparseExtent(file, start, layout, gd, rgd, writable=writable, name=name)
+    if writable:
+        await ext.load_all_tables()
+    return ext
+
+
+def _refuse_backing(desc: codec.Descriptor, where: str) -> None:
+    if desc.parent_hint is not None:
+        raise UnsupportedError(
+            f"{where}: VMDK images with a backing file (parentFileNameHint="
+            f"'{desc.parent_hint}') are not supported"
+        )
+
+
+async def open_vmdk(transport: Driver, ctx: OpenContext) -> VmdkDriver:
+    """Open a VMDK image: a sparse file or a descriptor and its extent files.
+
+    Raises:
+        ImageError: not a VMDK image trioconv can read, or an extent cannot be opened.
+        UnsupportedError: a backing file, VMFS sparse or seSparse extents.
+    """
+    where = f"Could not open '{ctx.location}'"
+    writable = transport.caps.writable
+    try:
+        driver = await _open(transport, ctx, where, writable)
+    except VmdkFormatError as exc:
+        raise ImageError(f"{where}: {exc}") from None
+    except TrioconvIOError as exc:
+        raise ImageError(f"{where}: {exc}") from None
+    driver.location = ctx.location
+    ctx.stack.push_async_callback(driver.aclose)
+    return driver
+
+
+def _embedded_descriptor(raw: bytes) -> codec.Descriptor | None:
+    text = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+    try:
+        return codec.parse_descriptor(text)
+    except VmdkFormatError:
+        return None
+
+
+async def _open(transport: Driver, ctx: OpenContext, where: str, writable: bool) -> VmdkDriver:
+    size = transport.size
+    if size < 4:
+        raise ImageError(f"{where}: File is too small, not a valid image")
+    magic = await transport.pread(0, 4)
+    if magic == codec.VMDK3_MAGIC:
+        raise UnsupportedError(f"{where}: VMDK3 ('COWD') sparse extents are not supported")
+    if magic == codec.MAGIC:
+        found = await _read_header(transport, ctx.location)
+        header = found[0]
+        if header.capacity == 0 and header.desc_offset:
+            raw = await transport.pread(
+                header.desc_offset * SECTOR, min(size, codec.MAX_DESCRIPTOR)
+            )
+            return await _open_descriptor(raw, transport, ctx, where, writable)
+        ext = await _open_sparse(transport, 0, ctx.location, writable, found)
+        desc = None
+        if header.desc_offset and header.desc_size:
+            n = min(header.desc_size * SECTOR, codec.MAX_DESCRIPTOR)
+            desc = _embedded_descriptor(await transport.pread(header.desc_offset * SECTOR, n))
+        if desc is not None:
+            _refuse_backing(desc, where)
+        create_type = "streamOptimized" if ext.compressed else "monolithicSparse"
+        info = VmdkInfo(
+            create_type,
+            desc.cid if desc else 0,
+            desc.parent_cid if desc else 0xFFFFFFFF,
+        )
+        return VmdkDriver([ext], info, writable=writable)
+    raw = await transport.pread(0, min(size, codec.MAX_DESCRIPTOR))
+    return await _open_descriptor(raw, transport, ctx, where, writable)
+
+
+async def _open_descriptor(
+    raw: bytes, transport: Driver, ctx: OpenContext, where: str, writable: bool
+) -> VmdkDriver:
+    text = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+    try:
+        desc = codec.parse_descriptor(text)
+    except VmdkFormatError as exc:
+        raise ImageError(f"{where}: {exc}") from None
+    if desc.create_type not in codec.DESCRIPTOR_CREATE_TYPES:
+        raise ImageError(f"{where}: Unsupported image type '{desc.create_type}'")
+    _refuse_backing(desc, where)
+    extents: list[AnyExtent] = []
+    start = 0
+    for line in desc.extents:
+        if line.kind in ("FLAT", "VMFS"):
+            file = await _open_extent_file(ctx, line.filename, writable, where)
+            length = line.sectors * SECTOR
+            offset = (line.offset or 0) * SECTOR
+            extents.append(FlatExtent(file, start, length, offset, line.kind))
+        elif line.kind == "SPARSE":
+            file = await _open_extent_file(ctx, line.filename, writable, where)
+            if file.size < 4:
+                raise ImageError(f"{where}: extent '{line.filename}': File is too small")
+            magic = await file.pread(0, 4)
+            if magic == codec.VMDK3_MAGIC:
+                raise UnsupportedError(
+                    f"{where}: extent '{line.filename}': VMDK3 ('COWD') sparse extents are "
+                    "not supported"
+                )
+            if magic != codec.MAGIC:
+                raise ImageError(f"{where}: extent '{line.filename}': Image not in VMDK format")
+            try:
+                header = await _read_header(file, line.filename)
+                ext = await _open_sparse(file, start, line.filename, writable, header)
+            except VmdkFormatError as exc:
+                raise ImageError(f"{where}: extent '{line.filename}': {exc}") from None
+            extents.append(ext)
+        elif line.kind in ("VMFSSPARSE", "SESPARSE"):
+            raise UnsupportedError(f"{where}: {line.kind} extents are not supported")
+        else:
+            raise ImageError(f"{where}: Unsupported extent type '{line.kind}'")
+        start = extents[-1].end
+    if not extents:
+        raise ImageError(f"{where}: the VMDK descriptor lists no usable (RW) extent")
+    info = VmdkInfo(desc.create_type, desc.cid, desc.parent_cid, from_descriptor=True)
+    return VmdkDriver(extents, info, writable=writable)
