@@ -15,9 +15,10 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import attrs
+import trio
 
 from ._cache import CacheMode
-from ._errors import ImageError, UnsupportedError, UsageError
+from ._errors import ImageError, TrioconvError, UnsupportedError, UsageError
 from .driver import Driver
 from .formats._base import FormatInfo
 from .formats.raw import RAW_CREATE_OPTIONS, RawDriver, probe_raw
@@ -39,6 +40,21 @@ def is_nbd_uri(location: str) -> bool:
     """True when ``location`` is an NBD URI (``nbd://``, ``nbd+unix://``, TLS forms)."""
     scheme, sep, _ = location.partition("://")
     return bool(sep) and scheme.lower() in _NBD_SCHEMES
+
+
+def is_nfs_uri(location: str) -> bool:
+    """True when ``location`` is an NFS URL (``nfs://host[:port]/export/path``)."""
+    scheme, sep, _ = location.partition("://")
+    return bool(sep) and scheme.lower() == "nfs"
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The first trioconv error in what a transport's nursery raised, if any."""
+    for exc in group.exceptions:
+        found = _first_error(exc) if isinstance(exc, BaseExceptionGroup) else exc
+        if isinstance(found, TrioconvError):
+            return found
+    return None
 
 
 _URI_RE = re.compile(r"^([a-z][a-z0-9+.-]*):", re.IGNORECASE)
@@ -294,6 +310,10 @@ async def _open_image(
             transport = await stack.enter_async_context(
                 open_nbd(text, writable=writable, connections=connections)
             )
+        elif is_nfs_uri(text):
+            from .protocols.nfs import open_nfs  # only programs that use NFS pay for it
+
+            transport = await stack.enter_async_context(open_nfs(text, writable=writable))
         else:
             path = _transport_path(text)
             transport = await open_file(path, writable=writable, cache=CacheMode.parse(cache))
@@ -306,6 +326,9 @@ async def _open_image(
             )
         ctx = OpenContext(text, chain, stack, CacheMode.parse(cache), snapshot=snapshot)
         driver = await info.open(transport, ctx)
+        # Closed first (the stack unwinds in reverse), so a format writes its metadata
+        # while its transport is still open.
+        stack.push_async_callback(driver.aclose)
         if snapshot is not None and not ctx.snapshot_loaded:
             raise UnsupportedError(
                 f"Failed to load snapshot: Device '{text}' (format '{info.name}') does not "
@@ -326,7 +349,7 @@ def check_create_options(fmt: str, options: Mapping[str, str]) -> None:
     for key, value in options.items():
         if key not in info.create_options:
             raise UsageError(f"Invalid parameter '{key}'")
-        if key == "preallocation" and value not in ("off", "falloc", "full"):
+        if key == "preallocation" and info.create is None and value not in ("off", "falloc", "full"):
             raise UsageError(f"Parameter 'preallocation' does not accept value '{value}'")
 
 
@@ -363,6 +386,8 @@ async def create_image(
             f"Protocol driver 'nbd' does not support image creation: '{os.fspath(location)}' "
             "(use -n to write into an existing export)"
         )
+    if is_nfs_uri(os.fspath(location)):
+        return await _create_nfs_image(os.fspath(location), fmt, size, options)
     path = _transport_path(location)
     info = _format(fmt)
     if info.create is None:
@@ -379,5 +404,37 @@ async def create_image(
         if created:
             with contextlib.suppress(OSError):
                 os.unlink(path)
+        raise
+    return created
+
+
+async def _create_nfs_image(uri: str, fmt: str, size: int, options: Mapping[str, str]) -> bool:
+    """:func:`create_image` on an NFS server: create or truncate, then format it."""
+    from .protocols.nfs import create_nfs_file, open_nfs, remove_nfs_file
+
+    if options.get("preallocation", "off") != "off":
+        raise UnsupportedError(f"Protocol driver 'nfs' does not support preallocation: '{uri}'")
+    info = _format(fmt)
+    if info.create is None:
+        return await create_nfs_file(uri, size)
+    created = await create_nfs_file(uri, 0)
+    try:
+        try:
+            async with open_nfs(uri, writable=True) as transport:
+                await info.create(transport, size, options)
+                await transport.flush()
+        except BaseExceptionGroup as group:  # from the transport's reader nursery
+            first = _first_error(group)
+            if first is None:
+                raise
+            raise first from group
+    except BaseException:
+        if created:
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(10),
+                contextlib.suppress(TrioconvError),
+            ):
+                await remove_nfs_file(uri)
         raise
     return created

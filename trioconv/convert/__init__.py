@@ -11,7 +11,7 @@ import attrs
 import trio
 
 from .._errors import ConvertError, ImageError, TrioconvError, UnsupportedError
-from .._open import check_create_options, create_image, format_info, open_image
+from .._open import check_create_options, create_image, format_info, is_nfs_uri, open_image
 from ..driver import Driver
 from .options import ConvertOptions
 from .pipeline import convert_error_from_group, run_pipeline
@@ -157,7 +157,7 @@ async def _convert(
                 )
                 drivers.append(drv)
         total = sum(d.size for d in drivers)
-        created: Path | None = None
+        created: Path | str | None = None
         if isinstance(target, Driver):
             tgt, is_new = target, False
         else:
@@ -165,7 +165,8 @@ async def _convert(
             if is_new:
                 check_create_options(opts.target_format, opts.target_options)
                 if await create_image(target, opts.target_format, total, opts.target_options):
-                    created = Path(os.fspath(target))
+                    text = os.fspath(target)
+                    created = text if is_nfs_uri(text) else Path(text)
             try:
                 tgt = await stack.enter_async_context(
                     open_image(
@@ -177,7 +178,7 @@ async def _convert(
                     )
                 )
             except BaseException:
-                _remove(created)
+                await _remove(created)
                 raise
         try:
             if tgt.size < total:
@@ -190,7 +191,7 @@ async def _convert(
             except TrioconvError as exc:
                 raise ConvertError(str(exc)) from exc
         except BaseException:
-            _remove(created)
+            await _remove(created)
             raise
         return ConvertResult(
             total=total,
@@ -202,7 +203,27 @@ async def _convert(
         )
 
 
-def _remove(path: Path | None) -> None:
-    if path is not None:
-        with contextlib.suppress(OSError):
-            path.unlink()
+async def _remove(path: Path | str | None) -> None:
+    """Remove a target this conversion created; never raises, even when cancelled.
+
+    A local file is unlinked at once; an ``nfs://`` target (given as its URI) needs a
+    few calls to the server, which run shielded from cancellation for at most 10 s.
+    """
+    if path is None:
+        return
+    if isinstance(path, str):
+        from ..protocols.nfs import remove_nfs_file
+
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(10),
+            contextlib.suppress(TrioconvError),
+        ):
+            await remove_nfs_file(path)
+        return
+    _unlink(path)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()

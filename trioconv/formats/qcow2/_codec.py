@@ -750,9 +750,17 @@ def map_l2(
         elif layout.extended_l2:
             _map_subclusters(out, decoded, table[i * step + 1], layout, c_start, lo, hi)
         elif decoded.kind is ClusterKind.NORMAL:
+            # The common case: a run of host-contiguous clusters maps as one segment.
+            # Entries that go up by exactly one cluster each keep the same flags.
+            j = i + 1
+            while j <= last and table[j] == entry + ((j - i) << bits):
+                j += 1
+            stop = min(end, table_base + (j << bits))
             append_segment(
-                out, Segment(lo, hi - lo, decoded.kind, decoded.host_offset + lo - c_start)
+                out, Segment(lo, stop - lo, decoded.kind, decoded.host_offset + lo - c_start)
             )
+            i = j
+            continue
         else:
             append_segment(out, Segment(lo, hi - lo, decoded.kind))
         i += 1
