@@ -25,6 +25,9 @@ DEBIAN_PACKAGES = {
     "openssl": "openssl",
     "setpriv": "util-linux",
     "losetup": "mount",
+    "ganesha.nfsd": "nfs-ganesha nfs-ganesha-vfs",
+    "rpcbind": "rpcbind",
+    "rpcinfo": "rpcbind",
 }
 
 pytest_plugins = ["tests.nbd_servers"]

@@ -349,7 +349,8 @@ def check_create_options(fmt: str, options: Mapping[str, str]) -> None:
     for key, value in options.items():
         if key not in info.create_options:
             raise UsageError(f"Invalid parameter '{key}'")
-        if key == "preallocation" and info.create is None and value not in ("off", "falloc", "full"):
+        own_checks = info.create is not None  # a format with a creator checks its own values
+        if key == "preallocation" and not own_checks and value not in ("off", "falloc", "full"):
             raise UsageError(f"Parameter 'preallocation' does not accept value '{value}'")
 
 

@@ -1,0 +1,208 @@
+"""A real NFSv3 server for tests: nfs-ganesha (VFS backend) behind rpcbind, on loopback.
+
+The session fixture :func:`nfs_server` starts ``rpcbind`` (unless a portmapper already
+answers on 127.0.0.1) and ``ganesha.nfsd`` with a configuration written to a temporary
+folder that exports a temporary folder as ``/export``. It is handed out only once
+``rpcinfo`` sees both NFS v3 (100003) and MOUNT v3 (100005) over TCP, and at teardown it
+always stops ganesha (SIGTERM, then SIGKILL) and rpcbind if it started it. There can be
+only one such server per machine (one portmapper registration), hence the session scope.
+
+::
+
+    def test_read(nfs_server: NFSServer) -> None:
+        (nfs_server.export_dir / "disk.img").write_bytes(data)
+        nfs_server.url("disk.img")   # 'nfs://127.0.0.1/export/disk.img'
+        nfs_server.stop(kill=True)   # the server vanishes mid-test
+        nfs_server.start()           # and comes back for the next test
+
+A test module binds the fixture with ``nfs_server = nfs_server_mod.nfs_server`` after
+``from . import nfs_server as nfs_server_mod`` (importing the fixture by name trips
+ruff's F811 on the test arguments).
+
+Servers are started under ``setpriv --pdeathsig KILL`` when available, so they die with
+pytest even if pytest itself is killed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import require_tool
+
+__all__ = ["NFSServer", "nfs_server"]
+
+#: Seconds to wait for the server to register with the portmapper.
+START_TIMEOUT = 30.0
+#: Seconds to wait after SIGTERM before SIGKILL (ganesha takes 2-8 s to exit).
+STOP_TIMEOUT = 15.0
+
+_CONFIG = """\
+NFS_CORE_PARAM {{
+    Protocols = 3, 4;
+    Bind_addr = 127.0.0.1;
+    NFS_Port = 2049;
+    MNT_Port = 20048;
+    Enable_NLM = false;
+    Enable_RQUOTA = false;
+    Enable_UDP = false;
+    # Without this an NFSv3 MOUNT of the pseudo path /export fails with MNT3ERR_ACCES.
+    Mount_Path_Pseudo = true;
+}}
+NFSV4 {{
+    Graceless = true;
+    RecoveryRoot = "{dir}/ganesha-recov";
+    Allow_Numeric_Owners = true;
+    Only_Numeric_Owners = true;
+}}
+NFS_KRB5 {{ Active_krb5 = false; }}
+# Else files made outside NFS (by the tests, locally) stay invisible for a while.
+MDCACHE {{ Dir_Chunk = 0; }}
+EXPORT {{
+    Export_Id = 1;
+    Path = "{dir}/export";
+    Pseudo = "/export";
+    Access_Type = RW;
+    Squash = No_Root_Squash;
+    SecType = sys;
+    Protocols = 3, 4;
+    Transports = TCP;
+    # Else sizes changed outside NFS are stale.
+    Attr_Expiration_Time = 0;
+    FSAL {{ Name = VFS; }}
+}}
+LOG {{ Default_Log_Level = EVENT; }}
+"""
+
+
+def _answers(rpcinfo: str, program: str, version: str) -> bool:
+    result = subprocess.run(
+        [rpcinfo, "-T", "tcp", "127.0.0.1", program, version],
+        capture_output=True,
+        timeout=10,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+def _guarded(args: list[str]) -> list[str]:
+    """``args`` under ``setpriv --pdeathsig KILL`` when setpriv exists."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "KILL", *args] if setpriv else args
+
+
+def _stop(proc: subprocess.Popen[bytes], *, kill: bool = False) -> None:
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGKILL if kill else signal.SIGTERM)
+    try:
+        proc.wait(timeout=STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=STOP_TIMEOUT)
+
+
+class NFSServer:
+    """A running ganesha exporting :attr:`export_dir` as ``/export`` on 127.0.0.1."""
+
+    def __init__(self, root: Path, ganesha: str, rpcinfo: str) -> None:
+        self.root = root
+        self.export_dir = root / "export"
+        self.export_dir.mkdir(exist_ok=True)
+        self.export_dir.chmod(0o777)
+        (root / "ganesha-recov").mkdir(exist_ok=True)
+        self.config = root / "ganesha.conf"
+        self.config.write_text(_CONFIG.format(dir=root))
+        self.log = root / "ganesha.log"
+        self._ganesha = ganesha
+        self._rpcinfo = rpcinfo
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, name: str, query: str = "") -> str:
+        """The ``nfs://`` URL of ``name`` in the export (``query`` without the ``?``)."""
+        return f"nfs://127.0.0.1/export/{name}" + (f"?{query}" if query else "")
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Start ganesha and wait until NFS v3 and MOUNT v3 answer over TCP."""
+        if self.running:
+            return
+        if _answers(self._rpcinfo, "100003", "3"):
+            pytest.fail("an NFS server is already registered with the portmapper on 127.0.0.1")
+        pidfile = self.root / "ganesha.pid"
+        self._proc = subprocess.Popen(
+            _guarded(
+                [
+                    self._ganesha,
+                    "-F",
+                    "-f",
+                    str(self.config),
+                    "-L",
+                    str(self.log),
+                    "-p",
+                    str(pidfile),
+                ]
+            ),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+                pytest.fail(f"ganesha.nfsd exited with status {self._proc.returncode}:\n{log}")
+            if _answers(self._rpcinfo, "100003", "3") and _answers(self._rpcinfo, "100005", "3"):
+                return
+            time.sleep(0.2)
+        self.stop(kill=True)
+        pytest.fail(f"ganesha.nfsd did not register NFS v3 and MOUNT v3 in {START_TIMEOUT} s")
+
+    def stop(self, *, kill: bool = False) -> None:
+        """Stop ganesha: SIGTERM (SIGKILL with ``kill``, or when it lingers)."""
+        if self._proc is not None:
+            _stop(self._proc, kill=kill)
+            self._proc = None
+
+
+@pytest.fixture(scope="session")
+def nfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NFSServer]:
+    """nfs-ganesha exporting a temporary folder as ``/export``; see the module docstring."""
+    ganesha = require_tool("ganesha.nfsd")
+    rpcinfo = require_tool("rpcinfo")
+    rpcbind_proc: subprocess.Popen[bytes] | None = None
+    if not _answers(rpcinfo, "100000", "2"):
+        rpcbind = require_tool("rpcbind")
+        os.makedirs("/run/rpcbind", exist_ok=True)
+        rpcbind_proc = subprocess.Popen(
+            _guarded([rpcbind, "-f"]),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    server: NFSServer | None = None
+    try:
+        if rpcbind_proc is not None:
+            deadline = time.monotonic() + START_TIMEOUT
+            while not _answers(rpcinfo, "100000", "2"):
+                if rpcbind_proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("rpcbind did not start")
+                time.sleep(0.1)
+        server = NFSServer(tmp_path_factory.mktemp("nfs"), ganesha, rpcinfo)
+        server.start()
+        yield server
+    finally:
+        if server is not None:
+            server.stop()
+        if rpcbind_proc is not None:
+            _stop(rpcbind_proc)

@@ -1,0 +1,300 @@
+"""trioconv's native NFSv3 client against a real server (nfs-ganesha on loopback).
+
+Images are put into (and checked in) the exported folder locally, and converted through
+``nfs://127.0.0.1/export/NAME``; every result is checked with ``qemu-img compare``.
+Faults - a missing file, a refused mount, a file our uid may not read, the server
+killed mid-copy, a source failing mid-copy - must end with one clear line, promptly,
+and a target the conversion created must not stay behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+import trioconv
+from trioconv import ConvertError, ConvertOptions, TrioconvIOError
+from trioconv.protocols.memory import MemoryDriver
+
+from . import nfs_server as nfs_server_mod
+from .conftest import ImageMaker, assert_identical, run, trioconv_cli
+from .nfs_server import NFSServer
+
+nfs_server = nfs_server_mod.nfs_server
+
+MiB = 1024 * 1024
+
+#: A fault must end the conversion within this many seconds.
+FAULT_DEADLINE = 15.0
+
+_names = itertools.count()
+
+
+def unique(stem: str) -> str:
+    """A name no other test uses in the shared export."""
+    return f"{stem}-{os.getpid()}-{next(_names)}"
+
+
+@pytest.fixture
+def mixed_src(make_image: ImageMaker) -> Path:
+    """8 MiB raw: data, written zeroes, holes, a data run that ends unaligned."""
+    return make_image(
+        "src.img",
+        "8M",
+        "write -P 0xab 0 1M",
+        "write -z 2M 1M",
+        "write -P 0x5c 3M 512k",
+        "write -P 0x17 7M 4k",
+        "write -P 0x99 8386560 1536",
+    )
+
+
+def put(nfs: NFSServer, local: Path, name: str) -> Path:
+    """Copy ``local`` into the export as ``name``; return its local path there."""
+    dest = nfs.export_dir / name
+    dest.write_bytes(local.read_bytes())
+    return dest
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The single ``trioconv: ...`` line of a failed CLI run."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("trioconv: ")
+    return lines[0]
+
+
+# -- reading and writing -----------------------------------------------------------------
+
+
+def test_read_from_nfs(nfs_server: NFSServer, mixed_src: Path, tmp_path: Path) -> None:
+    name = unique("read") + ".img"
+    put(nfs_server, mixed_src, name)
+    out = tmp_path / "out.img"
+    result = trioconv_cli("convert", "-O", "raw", nfs_server.url(name), out)
+    assert result.returncode == 0, result.stderr
+    assert_identical(mixed_src, out)
+
+
+def test_write_into_existing_file_with_n(
+    nfs_server: NFSServer, mixed_src: Path, qemu_img: str
+) -> None:
+    name = unique("existing") + ".img"
+    target = nfs_server.export_dir / name
+    target.write_bytes(b"\xee" * (8 * MiB))  # garbage that must be overwritten with zeroes
+    result = trioconv_cli("convert", "-n", "-O", "raw", mixed_src, nfs_server.url(name))
+    assert result.returncode == 0, result.stderr
+    assert_identical(mixed_src, target)
+
+
+def test_create_new_target(nfs_server: NFSServer, mixed_src: Path) -> None:
+    name = unique("new") + ".img"
+    target = nfs_server.export_dir / name
+    result = trioconv_cli("convert", "-O", "raw", mixed_src, nfs_server.url(name))
+    assert result.returncode == 0, result.stderr
+    assert target.stat().st_size == mixed_src.stat().st_size
+    assert_identical(mixed_src, target)
+    # Converting again truncates and rewrites the file that now exists.
+    target.write_bytes(b"\xee" * (9 * MiB))
+    result = trioconv_cli("convert", "-O", "raw", mixed_src, nfs_server.url(name))
+    assert result.returncode == 0, result.stderr
+    assert target.stat().st_size == mixed_src.stat().st_size
+    assert_identical(mixed_src, target)
+
+
+def test_create_qcow2_target(nfs_server: NFSServer, mixed_src: Path, qemu_img: str) -> None:
+    name = unique("new") + ".qcow2"
+    target = nfs_server.export_dir / name
+    result = trioconv_cli("convert", "-O", "qcow2", mixed_src, nfs_server.url(name))
+    assert result.returncode == 0, result.stderr
+    run(qemu_img, "check", target)
+    assert_identical(mixed_src, target, fmt_b="qcow2")
+
+
+def test_parallel_out_of_order(nfs_server: NFSServer, tmp_path: Path, qemu_img: str) -> None:
+    src = tmp_path / "random.img"
+    src.write_bytes(os.urandom(24 * MiB + 12345))
+    name = unique("wm8") + ".img"
+    result = trioconv_cli("convert", "-W", "-m", "8", "-O", "raw", src, nfs_server.url(name))
+    assert result.returncode == 0, result.stderr
+    assert_identical(src, nfs_server.export_dir / name)
+    back = tmp_path / "back.img"
+    result = trioconv_cli("convert", "-W", "-m", "8", "-O", "raw", nfs_server.url(name), back)
+    assert result.returncode == 0, result.stderr
+    assert_identical(src, back)
+
+
+def test_qcow2_image_on_nfs(
+    nfs_server: NFSServer, mixed_src: Path, tmp_path: Path, qemu_img: str
+) -> None:
+    name = unique("qemu") + ".qcow2"
+    run(qemu_img, "convert", "-O", "qcow2", mixed_src, nfs_server.export_dir / name)
+    for fmt in ([], ["-f", "qcow2"]):
+        out = tmp_path / f"out{len(fmt)}.img"
+        result = trioconv_cli("convert", *fmt, "-O", "raw", nfs_server.url(name), out)
+        assert result.returncode == 0, result.stderr
+        assert_identical(mixed_src, out)
+
+
+async def test_api_reports_limits_and_caps(nfs_server: NFSServer, mixed_src: Path) -> None:
+    name = unique("api") + ".img"
+    put(nfs_server, mixed_src, name)
+    async with trioconv.open_image(nfs_server.url(name), "raw") as image:
+        assert image.size == 8 * MiB
+        assert 4096 <= image.limits.max_transfer <= MiB
+        assert image.limits.opt_transfer <= image.limits.max_transfer
+        assert not image.caps.block_status and not image.caps.writable
+        assert await image.pread(8386560, 1536) == b"\x99" * 1536
+        # Many reads in flight on one connection, each routed to its own buffer.
+        results: dict[int, bytes] = {}
+
+        async def read(off: int) -> None:
+            results[off] = await image.pread(off, 4096)
+
+        async with trio.open_nursery() as nursery:
+            for off in range(0, 4 * MiB, 64 * 1024):
+                nursery.start_soon(read, off)
+    data = mixed_src.read_bytes()
+    assert all(results[off] == data[off : off + 4096] for off in results)
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_missing_file(nfs_server: NFSServer, tmp_path: Path) -> None:
+    url = nfs_server.url("no-such-dir/missing.img")
+    line = one_line_error(trioconv_cli("convert", "-O", "raw", url, tmp_path / "out.img"))
+    assert "No such file or directory" in line
+    assert "no-such-dir" in line and url in line
+
+
+def test_refused_export(nfs_server: NFSServer, tmp_path: Path) -> None:
+    url = "nfs://127.0.0.1/not-exported/disk.img"
+    line = one_line_error(trioconv_cli("convert", "-O", "raw", url, tmp_path / "out.img"))
+    assert url in line and "mounting '/not-exported' failed" in line
+
+
+def test_permission_denied_for_other_uid(
+    nfs_server: NFSServer, mixed_src: Path, tmp_path: Path
+) -> None:
+    name = unique("secret") + ".img"
+    path = put(nfs_server, mixed_src, name)
+    path.chmod(0o644)
+    ok = trioconv_cli(
+        "convert", "-O", "raw", nfs_server.url(name, "uid=1000&gid=1000"), tmp_path / "ok.img"
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert_identical(mixed_src, tmp_path / "ok.img")
+    path.chmod(0o000)
+    url = nfs_server.url(name, "uid=1000&gid=1000")
+    line = one_line_error(trioconv_cli("convert", "-O", "raw", url, tmp_path / "out.img"))
+    assert "Permission denied" in line and name in line
+    # Writing as that uid is refused as well, before anything is written.
+    path.chmod(0o444)
+    line = one_line_error(trioconv_cli("convert", "-n", "-O", "raw", mixed_src, url))
+    assert "Permission denied" in line
+    assert path.read_bytes() == mixed_src.read_bytes()
+
+
+def test_connection_refused(tmp_path: Path) -> None:
+    url = "nfs://127.0.0.1/export/disk.img?nfsport=1&mountport=1"
+    line = one_line_error(trioconv_cli("convert", "-O", "raw", url, tmp_path / "out.img"))
+    assert "Connection refused" in line and url in line
+
+
+async def test_failed_conversion_removes_created_file(nfs_server: NFSServer) -> None:
+    name = unique("failed") + ".img"
+    source = MemoryDriver(data=os.urandom(8 * MiB), block_status=False)
+    source.fail_read_at = 6 * MiB
+    with pytest.raises(ConvertError):
+        await trioconv.convert(source, nfs_server.url(name), ConvertOptions(parallel=2))
+    assert not (nfs_server.export_dir / name).exists()
+    # Cancelled from outside: also removed (the removal is shielded).
+    slow = MemoryDriver(data=os.urandom(8 * MiB), block_status=False, delay=2.0)
+    seen: list[bool] = []
+
+    async def look() -> None:
+        await trio.sleep(0.5)
+        seen.append((nfs_server.export_dir / name).exists())
+
+    with trio.move_on_after(1.0) as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(look)
+            await trioconv.convert(slow, nfs_server.url(name))
+    assert scope.cancelled_caught
+    assert seen == [True]  # it was created, and is gone again
+    assert not (nfs_server.export_dir / name).exists()
+    # A file that existed before is left in place.
+    existing = nfs_server.export_dir / name
+    existing.write_bytes(b"x" * 100)
+    source.fail_read_at = 6 * MiB
+    with pytest.raises(ConvertError):
+        await trioconv.convert(source, nfs_server.url(name))
+    assert existing.exists()
+
+
+async def kill_when_copying(nfs: NFSServer, mem: MemoryDriver, killed_at: list[float]) -> None:
+    """Kill the server once the copy is under way; note when."""
+    for _ in range(1000):
+        if mem.log:
+            break
+        await trio.sleep(0.01)
+    await trio.sleep(0.1)
+    nfs.stop(kill=True)
+    killed_at.append(trio.current_time())
+
+
+async def test_server_stopped_mid_copy(nfs_server: NFSServer) -> None:
+    """Killing the server fails the conversion promptly, reading or writing."""
+    name = unique("killed") + ".img"
+    nfs_server.export_dir.joinpath(name).write_bytes(os.urandom(64 * MiB))
+    try:
+        for direction in ("read", "write"):
+            memory: MemoryDriver
+            if direction == "read":
+                memory = MemoryDriver(64 * MiB, delay=0.02)
+                source: str | MemoryDriver = nfs_server.url(name)
+                target: str | MemoryDriver = memory
+                opts = ConvertOptions()
+            else:
+                memory = MemoryDriver(data=os.urandom(64 * MiB), delay=0.02, block_status=False)
+                source, target = memory, nfs_server.url(name)
+                opts = ConvertOptions(no_create=True)
+            killed_at: list[float] = []
+
+            errors: list[ConvertError] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(kill_when_copying, nfs_server, memory, killed_at)
+                try:
+                    await trioconv.convert(source, target, opts)
+                except ConvertError as exc:
+                    errors.append(exc)
+            assert killed_at, "the copy ended before the server was stopped"
+            assert errors, "the conversion succeeded although the server was killed"
+            assert trio.current_time() - killed_at[0] < FAULT_DEADLINE
+            message = str(errors[0])
+            assert "\n" not in message and "NFS server" in message, message
+            nfs_server.start()
+    finally:
+        nfs_server.start()
+
+
+async def test_driver_after_connection_loss_raises(nfs_server: NFSServer) -> None:
+    name = unique("lost") + ".img"
+    nfs_server.export_dir.joinpath(name).write_bytes(bytes(MiB))
+    try:
+        with pytest.raises(BaseExceptionGroup) as info:  # noqa: PT012
+            async with trioconv.open_image(nfs_server.url(name), "raw") as image:
+                await image.pread(0, 4096)
+                nfs_server.stop(kill=True)
+                await trio.sleep(FAULT_DEADLINE)  # the reader's failure cancels this
+        errors = info.value.split(TrioconvIOError)[0]
+        assert errors is not None
+    finally:
+        nfs_server.start()

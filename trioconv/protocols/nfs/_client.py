@@ -1,0 +1,787 @@
+"""A Trio NFSv3 client: ONC RPC over TCP, many calls in flight, one reader task.
+
+Opening ``nfs://host/export/dir/file`` asks the portmapper for the MOUNT and NFS ports,
+mounts the export (the longest leading directory the server agrees to mount, as libnfs
+tries the URL's directory first), then LOOKUPs the remaining names, GETATTRs the size,
+FSINFOs the transfer sizes and checks ACCESS - all one call at a time, before any task
+starts, so an open fails with one plain :class:`~trioconv.ImageError`.
+
+After that the NFS connection works like the NBD client: each call is written whole
+under a send lock (shielded from cancellation, so a half-sent record can never corrupt
+the stream) and waits on its own event; a single reader task reassembles records and
+routes each reply to its caller by ``xid``. The caller decodes its own reply and copies
+READ data straight into its buffer. If the connection drops, the reader fails every
+waiting call at once and raises, which cancels whatever runs inside :func:`open_nfs`.
+
+Writes are UNSTABLE and kept (a copy) until a COMMIT covers them with the same write
+verifier; if the verifier changed - the server restarted and may have lost them - they
+are written again and committed once more. Writes block for a COMMIT whenever more than
+:data:`COMMIT_THRESHOLD` bytes are waiting, which bounds the memory held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import functools
+import itertools
+import os
+import random
+import socket
+import urllib.parse
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import TypeVar
+
+import attrs
+import trio
+
+from ..._errors import ImageError, TrioconvIOError, UnsupportedError
+from ..._open import is_nfs_uri as is_nfs_uri
+from ...driver import Buffer, Caps, Driver, Limits
+from . import _proto as proto
+from . import _rpc as rpc
+from ._proto import Proc, Stable
+from ._xdr import Unpacker, XDRError, pad
+
+__all__ = [
+    "NFSAddress",
+    "NFSDriver",
+    "create_nfs_file",
+    "is_nfs_uri",
+    "open_nfs",
+    "parse_nfs_uri",
+    "remove_nfs_file",
+]
+
+_T = TypeVar("_T")
+
+#: Bytes of UNSTABLE writes held for rewriting before a COMMIT is forced.
+COMMIT_THRESHOLD = 64 * 1024 * 1024
+#: Seconds allowed for opening (portmapper, MOUNT, LOOKUPs) and for closing.
+OPEN_TIMEOUT = 30.0
+#: READ/WRITE sizes are clamped to this range whatever FSINFO says (libnfs: 1 MiB at most,
+#: which also keeps many calls in flight).
+_MIN_TRANSFER = 4096
+_MAX_TRANSFER = 1024 * 1024
+#: Retries of a call the server answers with NFS3ERR_JUKEBOX ("busy, try later").
+_JUKEBOX_RETRIES = 20
+_JUKEBOX_DELAY = 0.5
+#: Rounds of rewrite-and-commit before a changing write verifier is an error.
+_MAX_REWRITE_ROUNDS = 5
+_SEND_WHOLE = 65536
+
+
+@attrs.frozen
+class NFSAddress:
+    """Where a file lives, parsed from ``nfs://host[:port]/export/path?uid=N&gid=N``.
+
+    Attributes:
+        path: the absolute path of the file on the server, ``/export/dir/file``.
+        port: the NFS port (from the URL or ``?nfsport=``); None asks the portmapper.
+        mount_port: ``?mountport=``; None asks the portmapper.
+    """
+
+    host: str
+    path: str
+    uid: int
+    gid: int
+    port: int | None = None
+    mount_port: int | None = None
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n in self.path.split("/") if n]
+
+
+def parse_nfs_uri(uri: str) -> NFSAddress:
+    """Parse an ``nfs://`` URL as libnfs and QEMU do.
+
+    Raises:
+        ImageError: the URL is malformed.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme.lower() != "nfs":
+        raise ImageError(f"'{uri}' is not an NFS URL")
+    if not parts.hostname:
+        raise ImageError(f"'{uri}': missing host")
+    path = urllib.parse.unquote(parts.path)
+    names = [n for n in path.split("/") if n]
+    if len(names) < 1 or path.endswith("/"):
+        raise ImageError(f"'{uri}': the URL must name a file (nfs://host/export/file)")
+    if any(n in (".", "..") for n in names):
+        raise ImageError(f"'{uri}': '.' and '..' are not allowed in the path")
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    ints: dict[str, int] = {}
+    for key, values in query.items():
+        if key not in ("uid", "gid", "nfsport", "mountport"):
+            raise ImageError(f"'{uri}': unknown URL parameter '{key}'")
+        try:
+            ints[key] = int(values[-1])
+        except ValueError:
+            raise ImageError(f"'{uri}': parameter '{key}' must be a number") from None
+        limit = 0xFFFF if key.endswith("port") else 0xFFFFFFFF
+        if not 0 <= ints[key] <= limit:
+            raise ImageError(f"'{uri}': parameter '{key}' out of range")
+    try:
+        port = parts.port or ints.get("nfsport")
+    except ValueError:
+        raise ImageError(f"'{uri}': invalid port") from None
+    return NFSAddress(
+        host=parts.hostname,
+        path="/" + "/".join(names),
+        uid=ints.get("uid", os.getuid()),
+        gid=ints.get("gid", os.getgid()),
+        port=port,
+        mount_port=ints.get("mountport"),
+    )
+
+
+def _credential(address: NFSAddress) -> rpc.AuthSys:
+    default = address.uid == os.getuid() and address.gid == os.getgid()
+    gids = tuple(g for g in os.getgroups() if g != address.gid)[:16] if default else ()
+    return rpc.AuthSys(
+        uid=address.uid,
+        gid=address.gid,
+        gids=gids,
+        machine=socket.gethostname()[:255],
+        stamp=random.getrandbits(32),
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """Readable cause of a connection failure (trio hides errnos in ``__cause__``)."""
+    todo: list[BaseException] = [exc]
+    while todo:
+        item = todo.pop(0)
+        if isinstance(item, OSError) and item.errno:
+            return os.strerror(item.errno)
+        if isinstance(item, BaseExceptionGroup):
+            todo.extend(item.exceptions)
+        if item.__cause__ is not None:
+            todo.append(item.__cause__)
+    return str(exc) or type(exc).__name__
+
+
+@attrs.define(eq=False)
+class _Pending:
+    record: bytes | None = None
+    error: TrioconvIOError | None = None
+    done: trio.Event = attrs.field(factory=trio.Event)
+
+
+class RPCClient:
+    """One TCP connection to one RPC server, any number of calls in flight.
+
+    Until :meth:`reader` runs, :meth:`call` reads its own reply (one call at a time):
+    that is how the short portmapper and MOUNT sessions and the opening LOOKUPs run.
+    """
+
+    def __init__(
+        self, stream: trio.SocketStream, what: str, cred: rpc.AuthSys | None, max_record: int
+    ) -> None:
+        self._stream = stream
+        self.what = what
+        self._cred = cred
+        self._records = rpc.RecordReader(max_record)
+        self._pending: dict[int, _Pending] = {}
+        self._xids = itertools.count(random.getrandbits(31))
+        self._send_lock = trio.Lock()
+        self._reading = False
+        self._closing = False
+        self.broken: TrioconvIOError | None = None
+
+    @classmethod
+    async def connect(
+        cls, host: str, port: int, what: str, cred: rpc.AuthSys | None, max_record: int
+    ) -> RPCClient:
+        stream = await trio.open_tcp_stream(host, port)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(stream, what, cred, max_record)
+
+    def set_max_record(self, size: int) -> None:
+        self._records.max_record = size
+
+    async def call(
+        self, prog: int, vers: int, proc: int, args: bytes, payload: memoryview | None = None
+    ) -> Unpacker:
+        """Make a call; return an unpacker at its results.
+
+        Raises:
+            TrioconvIOError: the connection is gone, or the server refused the call.
+        """
+        if self.broken is not None:
+            raise self.broken
+        if self._closing:
+            raise TrioconvIOError(f"{self.what}: connection is closed")
+        xid = next(self._xids) & 0xFFFFFFFF
+        message = rpc.encode_call(xid, prog, vers, proc, self._cred, args)
+        extra = payload.nbytes if payload is not None else 0
+        head = rpc.frame(len(message) + extra + (-extra % 4)) + message
+        pending = _Pending()
+        self._pending[xid] = pending
+        try:
+            async with self._send_lock:
+                # A record is sent whole or the connection is unusable: never cancel
+                # half-way. The reader notices when the server goes away.
+                with trio.CancelScope(shield=True):
+                    try:
+                        if payload is None:
+                            await self._stream.send_all(head)
+                        elif extra <= _SEND_WHOLE:
+                            await self._stream.send_all(head + payload + pad(extra))
+                        else:
+                            await self._stream.send_all(head)
+                            await self._stream.send_all(payload)
+                            if extra % 4:
+                                await self._stream.send_all(pad(extra))
+                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                        raise self.broken or TrioconvIOError(
+                            f"{self.what}: connection to the NFS server lost: {_reason(exc)}"
+                        ) from exc
+            if self._reading:
+                await pending.done.wait()
+            else:
+                await self._read_inline(xid, pending)
+        finally:
+            self._pending.pop(xid, None)
+        if pending.error is not None:
+            raise pending.error
+        assert pending.record is not None
+        try:
+            return rpc.decode_reply(pending.record).unpacker()
+        except (rpc.RPCError, rpc.RPCProtocolError) as exc:
+            raise TrioconvIOError(f"{self.what}: {exc}") from exc
+
+    async def _read_inline(self, xid: int, pending: _Pending) -> None:
+        while pending.record is None:
+            record = self._records.next_record()
+            if record is None:
+                data = await self._stream.receive_some(256 * 1024)
+                if not data:
+                    raise TrioconvIOError(f"{self.what}: the server closed the connection")
+                self._records.receive_data(data)
+            elif rpc.reply_xid(record) == xid:
+                pending.record = record
+
+    async def reader(self) -> None:
+        """Receive replies and route them by xid until the connection closes."""
+        self._reading = True
+        try:
+            while True:
+                while (record := self._records.next_record()) is not None:
+                    pending = self._pending.get(rpc.reply_xid(record))
+                    if pending is not None:  # else its caller was cancelled
+                        pending.record = record
+                        pending.done.set()
+                data = await self._stream.receive_some(256 * 1024)
+                if not data:
+                    raise TrioconvIOError("the server closed the connection")
+                self._records.receive_data(data)
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            OSError,
+            rpc.RPCProtocolError,
+            TrioconvIOError,
+        ) as exc:
+            if self._closing:
+                return
+            error = TrioconvIOError(
+                f"{self.what}: connection to the NFS server lost: {_reason(exc)}"
+            )
+            self.broken = error
+            for pending in self._pending.values():
+                pending.error = error
+                pending.done.set()
+            self._pending.clear()
+            raise error from exc
+
+    async def aclose(self) -> None:
+        self._closing = True
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose()
+
+
+# -- opening -------------------------------------------------------------------------------
+
+
+async def _connect(
+    address: NFSAddress, port: int, label: str, uri: str, what: str | None = None
+) -> RPCClient:
+    """Connect to the ``label`` server (errors are about ``uri``, calls say ``what``)."""
+    try:
+        return await RPCClient.connect(
+            address.host, port, what or label, _credential(address), 64 * 1024
+        )
+    except OSError as exc:
+        raise ImageError(
+            f"Could not open '{uri}': {_reason(exc)} ({label} at {address.host}:{port})"
+        ) from exc
+
+
+async def _ports(address: NFSAddress, uri: str) -> tuple[int, int]:
+    """The MOUNT and NFS TCP ports, from the URL or the portmapper."""
+    if address.port is not None and address.mount_port is not None:
+        return address.mount_port, address.port
+    pmap = await _connect(address, proto.PMAP_PORT, "portmapper", uri)
+    try:
+        found: list[int] = []
+        for prog, given, name in (
+            (proto.MOUNT_PROG, address.mount_port, "MOUNT v3"),
+            (proto.NFS_PROG, address.port, "NFS v3"),
+        ):
+            if given is not None:
+                found.append(given)
+                continue
+            vers = proto.MOUNT_VERS if prog == proto.MOUNT_PROG else proto.NFS_VERS
+            u = await pmap.call(
+                proto.PMAP_PROG, proto.PMAP_VERS, proto.PMAPPROC_GETPORT,
+                proto.encode_getport(prog, vers),
+            )  # fmt: skip
+            port = proto.decode_getport(u)
+            if port == 0:
+                raise ImageError(
+                    f"Could not open '{uri}': no {name} server over TCP is registered "
+                    f"with the portmapper at {address.host}"
+                )
+            found.append(port)
+        return found[0], found[1]
+    finally:
+        await pmap.aclose()
+
+
+async def _mount(address: NFSAddress, port: int, uri: str) -> tuple[bytes, str, list[str]]:
+    """Mount the export: its root handle, its path and the names to LOOKUP below it.
+
+    The URL does not say where the export ends and the path inside it begins. libnfs
+    mounts the file's directory; so does this, then each shorter leading directory in
+    turn until the server accepts one. The first refusal is the one reported.
+    """
+    names = address.names
+    client = await _connect(address, port, "MOUNT", uri)
+    first_error: proto.MountError | None = None
+    try:
+        for depth in range(len(names) - 1, -1, -1):
+            export = "/" + "/".join(names[:depth])
+            u = await client.call(
+                proto.MOUNT_PROG, proto.MOUNT_VERS, proto.MOUNTPROC_MNT,
+                proto.encode_dirpath(export),
+            )  # fmt: skip
+            try:
+                fh = proto.decode_mnt(u, export)
+            except proto.MountError as exc:
+                first_error = first_error or exc
+                continue
+            # The mount list is advisory; NFSv3 handles stay valid without it.
+            with contextlib.suppress(TrioconvIOError):
+                await client.call(
+                    proto.MOUNT_PROG, proto.MOUNT_VERS, proto.MOUNTPROC_UMNT,
+                    proto.encode_dirpath(export),
+                )  # fmt: skip
+            return fh, export, names[depth:]
+    finally:
+        await client.aclose()
+    assert first_error is not None
+    raise ImageError(f"Could not open '{uri}': mounting '{first_error.path}' failed: {first_error}")
+
+
+@attrs.define(eq=False)
+class _Session:
+    """An NFS connection with the root handle of the mounted export."""
+
+    client: RPCClient
+    root: bytes
+    export: str
+    names: list[str]
+    uri: str
+
+    async def nfs(
+        self,
+        proc: Proc,
+        args: bytes,
+        decode: Callable[[Unpacker], _T],
+        payload: memoryview | None = None,
+    ) -> _T:
+        """Call an NFS procedure, retrying while the server says JUKEBOX.
+
+        Raises:
+            NFSStatusError: the procedure failed.
+            TrioconvIOError: the connection failed or the reply is malformed.
+        """
+        for attempt in itertools.count():
+            u = await self.client.call(proto.NFS_PROG, proto.NFS_VERS, proc, args, payload)
+            try:
+                return decode(u)
+            except proto.NFSStatusError as exc:
+                if exc.status != proto.NFS3ERR_JUKEBOX or attempt >= _JUKEBOX_RETRIES:
+                    raise
+            except XDRError as exc:
+                raise TrioconvIOError(f"{self.uri}: malformed {proc.name} reply: {exc}") from exc
+            await trio.sleep(_JUKEBOX_DELAY)
+        raise AssertionError("unreachable")
+
+    async def lookup(self, names: list[str]) -> tuple[bytes, proto.FileAttr | None]:
+        fh, attr = self.root, None
+        for i, name in enumerate(names):
+            try:
+                fh, attr = await self.nfs(
+                    Proc.LOOKUP, proto.encode_diropargs(fh, name), proto.decode_lookup
+                )
+            except proto.NFSStatusError as exc:
+                where = "/".join([self.export.rstrip("/"), *names[: i + 1]])
+                raise ImageError(f"Could not open '{self.uri}': {exc} at '{where}'") from exc
+        return fh, attr
+
+
+@asynccontextmanager
+async def _session(uri: str) -> AsyncIterator[_Session]:
+    """Find the ports, mount, and connect to NFS (no reader task yet)."""
+    address = parse_nfs_uri(uri)
+    try:
+        with trio.fail_after(OPEN_TIMEOUT):
+            mount_port, nfs_port = await _ports(address, uri)
+            root, export, names = await _mount(address, mount_port, uri)
+            client = await _connect(address, nfs_port, "NFS", uri, uri)
+    except trio.TooSlowError:
+        raise ImageError(f"Could not open '{uri}': the server did not answer in time") from None
+    except TrioconvIOError as exc:
+        raise ImageError(f"Could not open '{uri}': {exc}") from exc
+    except XDRError as exc:
+        raise ImageError(f"Could not open '{uri}': malformed reply: {exc}") from exc
+    try:
+        yield _Session(client, root, export, names, uri)
+    finally:
+        await client.aclose()
+
+
+def _open_error(uri: str, exc: Exception) -> ImageError:
+    if isinstance(exc, ImageError):
+        return exc
+    return ImageError(f"Could not open '{uri}': {exc}")
+
+
+# -- the driver ----------------------------------------------------------------------------
+
+
+class NFSDriver(Driver):
+    """A regular file on an NFSv3 server. Made by :func:`open_nfs`, which runs its reader."""
+
+    name = "nfs"
+
+    def __init__(
+        self,
+        session: _Session,
+        fh: bytes,
+        size: int,
+        fsinfo: proto.FSInfo,
+        *,
+        writable: bool,
+    ) -> None:
+        self._session = session
+        self._fh = fh
+        self._size = size
+        self.location = session.uri
+        self._writable = writable
+        self._rsize = min(max(fsinfo.rtmax, _MIN_TRANSFER), _MAX_TRANSFER)
+        self._wsize = min(max(fsinfo.wtmax, _MIN_TRANSFER), _MAX_TRANSFER)
+        self._rpref = min(fsinfo.rtpref or self._rsize, self._rsize)
+        self._wpref = min(fsinfo.wtpref or self._wsize, self._wsize)
+        self._log = proto.WriteBackLog()
+        self._commit_lock = trio.Lock()
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def limits(self) -> Limits:
+        if self._writable:
+            most = min(self._rsize, self._wsize)
+            return Limits(max_transfer=most, opt_transfer=min(self._wpref, most))
+        return Limits(max_transfer=self._rsize, opt_transfer=self._rpref)
+
+    @property
+    def caps(self) -> Caps:
+        # NFSv3 has no block status and no write-zeroes. A file is zero-initialised
+        # when created or truncated and extended, which is what a new target is.
+        return Caps(writable=self._writable, zero_init=True)
+
+    def _io_error(self, exc: proto.NFSStatusError, what: str, offset: int) -> TrioconvIOError:
+        return TrioconvIOError(
+            f"error while {what} {self.location} at byte {offset}: {exc}",
+            offset=offset,
+            errno=exc.errno,
+        )
+
+    async def _split(
+        self,
+        fn: Callable[[int, memoryview], Awaitable[None]],
+        step: int,
+        offset: int,
+        view: memoryview,
+    ) -> None:
+        """One call per ``step`` bytes, all in flight together."""
+        if view.nbytes <= step:
+            await fn(offset, view)
+            return
+        async with trio.open_nursery() as nursery:
+            for start in range(0, view.nbytes, step):
+                nursery.start_soon(fn, offset + start, view[start : start + step])
+
+    # -- reads ---------------------------------------------------------------------------------
+    async def preadinto(self, offset: int, buf: memoryview) -> None:
+        if buf.nbytes:
+            view = buf.cast("B") if buf.format != "B" else buf
+            await self._split(self._read_piece, self._rsize, offset, view)
+
+    async def _read_piece(self, offset: int, buf: memoryview) -> None:
+        while buf.nbytes:
+            n = buf.nbytes
+            try:
+                result = await self._session.nfs(
+                    Proc.READ,
+                    proto.encode_read(self._fh, offset, n),
+                    functools.partial(proto.decode_read, count=n),
+                )
+            except proto.NFSStatusError as exc:
+                raise self._io_error(exc, "reading", offset) from exc
+            got = result.data.nbytes
+            buf[:got] = result.data
+            if got < n and (result.eof or not got):
+                if not result.eof:
+                    raise TrioconvIOError(
+                        f"error while reading {self.location} at byte {offset}: "
+                        "the server returned no data",
+                        offset=offset,
+                        errno=errno_mod.EIO,
+                    )
+                buf[got:] = bytes(n - got)  # past the end of the file
+                return
+            buf = buf[got:]
+            offset += got
+
+    # -- writes --------------------------------------------------------------------------------
+    async def pwrite(self, offset: int, data: Buffer) -> None:
+        if not self._writable:
+            raise UnsupportedError(f"{self.location}: opened read-only")
+        view = memoryview(data).cast("B")
+        if view.nbytes:
+            await self._split(self._write_piece, self._wsize, offset, view)
+        if self._log.nbytes >= COMMIT_THRESHOLD:
+            await self._commit(COMMIT_THRESHOLD)
+
+    async def _write(self, offset: int, data: bytes) -> bytes | None:
+        """WRITE UNSTABLE all of ``data``; return the verifier, None when already stable."""
+        verf: bytes | None = None
+        pos = 0
+        while pos < len(data):
+            chunk = memoryview(data)[pos:]
+            try:
+                result = await self._session.nfs(
+                    Proc.WRITE,
+                    proto.encode_write_head(self._fh, offset + pos, chunk.nbytes, Stable.UNSTABLE),
+                    proto.decode_write,
+                    payload=chunk,
+                )
+            except proto.NFSStatusError as exc:
+                raise self._io_error(exc, "writing", offset + pos) from exc
+            if not 0 < result.count <= chunk.nbytes:
+                raise TrioconvIOError(
+                    f"error while writing {self.location} at byte {offset + pos}: the "
+                    f"server wrote {result.count} of {chunk.nbytes} bytes",
+                    offset=offset + pos,
+                    errno=errno_mod.EIO,
+                )
+            if result.committed is Stable.UNSTABLE:
+                if verf is not None and verf != result.verf:
+                    # The server restarted between two parts: write it all again.
+                    pos, verf = 0, None
+                    continue
+                verf = result.verf
+            pos += result.count
+        return verf
+
+    async def _write_piece(self, offset: int, data: memoryview) -> None:
+        # The copy is kept until a COMMIT with the same verifier makes it durable.
+        copy = bytes(data)
+        verf = await self._write(offset, copy)
+        if verf is not None:
+            self._log.add(offset, copy, verf)
+
+    async def _commit(self, min_bytes: int = 0) -> None:
+        """COMMIT what was written; rewrite what a server restart may have lost."""
+        async with self._commit_lock:
+            if not self._log or self._log.nbytes < min_bytes:
+                return
+            for _ in range(_MAX_REWRITE_ROUNDS):
+                ids = self._log.snapshot()
+                try:
+                    verf = await self._session.nfs(
+                        Proc.COMMIT, proto.encode_commit(self._fh), proto.decode_commit
+                    )
+                except proto.NFSStatusError as exc:
+                    raise self._io_error(exc, "flushing", 0) from exc
+                stale = self._log.committed(ids, verf)
+                if not stale:
+                    return
+                async with trio.open_nursery() as nursery:
+                    for entry in stale:
+                        nursery.start_soon(self._rewrite, entry)
+            raise TrioconvIOError(
+                f"error while flushing {self.location}: the server's write verifier "
+                f"changed {_MAX_REWRITE_ROUNDS} times in a row (is it restarting?)",
+                errno=errno_mod.EIO,
+            )
+
+    async def _rewrite(self, entry: proto.Dirty) -> None:
+        verf = await self._write(entry.offset, entry.data)
+        self._log.rewritten(entry, verf)
+
+    async def flush(self) -> None:
+        if self._writable:
+            await self._commit()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._session.client.aclose()
+
+
+async def _open_file(
+    session: _Session, *, writable: bool
+) -> tuple[bytes, proto.FileAttr, proto.FSInfo]:
+    """LOOKUP the file, check its type and our access, read its size and FSINFO."""
+    uri = session.uri
+    fh, attr = await session.lookup(session.names)
+    try:
+        attr = await session.nfs(Proc.GETATTR, proto.encode_fh(fh), proto.decode_getattr)
+        if attr.type == proto.FileType.DIR:
+            raise ImageError(f"Could not open '{uri}': Is a directory")
+        if attr.type != proto.FileType.REG:
+            raise ImageError(f"Could not open '{uri}': not a regular file")
+        want = proto.ACCESS_READ | (proto.ACCESS_MODIFY if writable else 0)
+        granted = await session.nfs(Proc.ACCESS, proto.encode_access(fh, want), proto.decode_access)
+        if granted & want != want:
+            raise ImageError(
+                f"Could not open '{uri}': Permission denied (uid {attr.uid} owns the file "
+                f"with mode {attr.mode & 0o7777:04o})"
+            )
+        fsinfo = await session.nfs(Proc.FSINFO, proto.encode_fh(fh), proto.decode_fsinfo)
+    except proto.NFSStatusError as exc:
+        raise ImageError(f"Could not open '{uri}': {exc}") from exc
+    return fh, attr, fsinfo
+
+
+@asynccontextmanager
+async def open_nfs(uri: str, *, writable: bool = False) -> AsyncIterator[Driver]:
+    """Open a file on an NFSv3 server and keep its reader task running while in use.
+
+    Raises:
+        ImageError: the server cannot be reached, refuses the mount, the file does not
+            exist, is not a regular file, or our credential may not read (or write) it.
+    """
+    async with _session(uri) as session:
+        try:
+            with trio.fail_after(OPEN_TIMEOUT):
+                fh, attr, fsinfo = await _open_file(session, writable=writable)
+        except trio.TooSlowError:
+            raise ImageError(f"Could not open '{uri}': the server did not answer in time") from None
+        except TrioconvIOError as exc:
+            raise _open_error(uri, exc) from exc
+        driver = NFSDriver(session, fh, attr.size, fsinfo, writable=writable)
+        session.client.set_max_record(max(driver._rsize, driver._wsize) + 64 * 1024)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.client.reader)
+            try:
+                yield driver
+            finally:
+                await driver.aclose()
+
+
+# -- creating and removing -----------------------------------------------------------------
+
+
+async def _parent(session: _Session) -> tuple[bytes, str]:
+    """The handle of the file's directory, and the file's name."""
+    *dirs, name = session.names
+    if not dirs and not name:
+        raise ImageError(f"'{session.uri}': the URL must name a file")
+    fh, _attr = await session.lookup(dirs)
+    return fh, name
+
+
+async def create_nfs_file(uri: str, size: int) -> bool:
+    """Create ``uri`` (or truncate it) as an empty file of ``size`` bytes.
+
+    Returns:
+        True when the file did not exist before (the caller may remove it on failure).
+
+    Raises:
+        ImageError: it cannot be created.
+    """
+    async with _session(uri) as session:
+        try:
+            with trio.fail_after(OPEN_TIMEOUT):
+                dir_fh, name = await _parent(session)
+                created = True
+                try:
+                    fh = await session.nfs(
+                        Proc.CREATE,
+                        proto.encode_create(dir_fh, name, proto.CreateMode.GUARDED),
+                        proto.decode_create,
+                    )
+                except proto.NFSStatusError as exc:
+                    if exc.status != proto.NFS3ERR_EXIST:
+                        raise
+                    created, fh = False, None
+                if fh is None:
+                    fh, _attr = await session.lookup(session.names)
+                if not created:  # what a new file reads as: zeroes
+                    await session.nfs(
+                        Proc.SETATTR,
+                        proto.encode_setattr_size(fh, 0),
+                        lambda u: proto.decode_wcc_status(u, "SETATTR"),
+                    )
+                if size:
+                    await session.nfs(
+                        Proc.SETATTR,
+                        proto.encode_setattr_size(fh, size),
+                        lambda u: proto.decode_wcc_status(u, "SETATTR"),
+                    )
+                return created
+        except proto.NFSStatusError as exc:
+            raise ImageError(f"Could not create '{uri}': {exc}") from exc
+        except trio.TooSlowError:
+            raise ImageError(
+                f"Could not create '{uri}': the server did not answer in time"
+            ) from None
+        except TrioconvIOError as exc:
+            raise ImageError(f"Could not create '{uri}': {exc}") from exc
+
+
+async def remove_nfs_file(uri: str) -> None:
+    """Remove ``uri`` from the server.
+
+    Raises:
+        ImageError: it cannot be removed.
+    """
+    async with _session(uri) as session:
+        try:
+            with trio.fail_after(OPEN_TIMEOUT):
+                dir_fh, name = await _parent(session)
+                await session.nfs(
+                    Proc.REMOVE,
+                    proto.encode_diropargs(dir_fh, name),
+                    lambda u: proto.decode_wcc_status(u, "REMOVE"),
+                )
+        except proto.NFSStatusError as exc:
+            raise ImageError(f"Could not remove '{uri}': {exc}") from exc
+        except trio.TooSlowError:
+            raise ImageError(
+                f"Could not remove '{uri}': the server did not answer in time"
+            ) from None
+        except TrioconvIOError as exc:
+            raise ImageError(f"Could not remove '{uri}': {exc}") from exc
