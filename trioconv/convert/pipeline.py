@@ -54,6 +54,8 @@ log = logging.getLogger("trioconv")
 
 #: Largest write-zeroes request the planner sends.
 MAX_ZERO_JOB = 256 * 1024 * 1024
+#: Data job size with -c (compression needs no large requests, and saves memory).
+COMPRESS_JOB = 512 * 1024
 #: How much block status the planner asks for at once (a hint to the driver).
 STATUS_WINDOW = 1024 * 1024 * 1024
 
@@ -246,6 +248,10 @@ class _Engine:
         )
         self.align = align
         self.buffer_size = _round_up(max(opts.buffer_size, target.limits.opt_transfer), align)
+        if self.compress:
+            # Each task holds its buffer and its compressed result until its turn comes:
+            # smaller jobs keep that memory small without costing parallelism.
+            self.buffer_size = _round_up(min(self.buffer_size, COMPRESS_JOB), align)
         self.granularity = _round_up(max(opts.sparse_size, 1), align) if opts.sparse_size else 0
         if self.compress and opts.sparse_size:
             self.granularity = align  # whole zero clusters stay unallocated

@@ -156,7 +156,7 @@ class _Run:
     wait: trio.Event | None = None
 
 
-@attrs.frozen
+@attrs.define(eq=False)
 class CompressedClusters:
     """What :meth:`Qcow2Writer.compress` prepares: per cluster, compressed or not, and bytes."""
 
@@ -165,7 +165,7 @@ class CompressedClusters:
 
 
 def _compress_clusters(
-    payload: bytes, cluster_size: int, zstd: bool
+    payload: memoryview, cluster_size: int, zstd: bool
 ) -> tuple[tuple[bool, bytes], ...]:
     """Compress each cluster of ``payload`` (the last one zero-padded), as qemu does.
 
@@ -178,9 +178,10 @@ def _compress_clusters(
         import zstandard  # type: ignore[import-not-found,unused-ignore]
 
         compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=False)
-    for start in range(0, len(payload), cluster_size):
+    for start in range(0, payload.nbytes, cluster_size):
         chunk = payload[start : start + cluster_size]
-        padded = chunk if len(chunk) == cluster_size else chunk + bytes(cluster_size - len(chunk))
+        full = chunk.nbytes == cluster_size
+        padded = chunk if full else bytes(chunk) + bytes(cluster_size - chunk.nbytes)
         if compressor is not None:
             stream = compressor.compress(padded)
         else:
@@ -191,7 +192,7 @@ def _compress_clusters(
         if len(stream) <= cluster_size - 1:
             out.append((True, stream))
         else:
-            out.append((False, chunk))
+            out.append((False, bytes(chunk)))  # the caller's buffer is reused: copy
     return tuple(out)
 
 
@@ -678,15 +679,16 @@ class Qcow2Writer(Qcow2Driver):
                 f"(got {data.nbytes} bytes at {offset})"
             )
         self._check_range("compressed write", offset, data.nbytes)
-        payload = data.tobytes()
-        clusters = await trio.to_thread.run_sync(_compress_clusters, payload, cs, self._zstd)
+        # The buffer stays the caller's until this returns: compress it in place, no copy.
+        clusters = await trio.to_thread.run_sync(_compress_clusters, data, cs, self._zstd)
         return CompressedClusters(offset, clusters)
 
     async def pwrite_compressed(self, offset: int, prepared: object) -> None:
         if not isinstance(prepared, CompressedClusters) or prepared.offset != offset:
             raise TypeError("pwrite_compressed takes what compress() returned for this offset")
         cs, span = self._cs, self._table_span
-        plan: list[tuple[int, bytes]] = []
+        # Runs of host-contiguous streams: (host offset, total length, pieces), joined once.
+        plan: list[tuple[int, int, list[bytes]]] = []
         async with self._lock:
             for k, (is_compressed, payload) in enumerate(prepared.clusters):
                 guest = offset + k * cs
@@ -707,13 +709,19 @@ class Qcow2Writer(Qcow2Driver):
                     host = await self._alloc_clusters(1)
                     t.table[i] = host | COPIED
                 t.touch()
-                if plan and plan[-1][0] + len(plan[-1][1]) == host:
-                    plan[-1] = (plan[-1][0], plan[-1][1] + payload)
+                if plan and plan[-1][0] + plan[-1][1] == host:
+                    start, length, pieces = plan[-1]
+                    pieces.append(payload)
+                    plan[-1] = (start, length + len(payload), pieces)
                 else:
-                    plan.append((host, payload))
+                    plan.append((host, len(payload), [payload]))
+        prepared.clusters = ()  # let the streams go as soon as they are joined
         try:
-            for host, payload in plan:
-                await self.file.pwrite(host, payload)
+            for host, _, pieces in plan:
+                data = b"".join(pieces)
+                pieces.clear()
+                await self.file.pwrite(host, data)
+                del data
         except TrioconvError:
             self._failed = True
             raise
