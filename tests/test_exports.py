@@ -1,0 +1,50 @@
+"""The public surface of ``import trioconv``: pinned, typed and documented."""
+
+from __future__ import annotations
+
+import inspect
+
+import trioconv
+
+PUBLIC = {
+    "CacheMode",
+    "Caps",
+    "ConvertError",
+    "ConvertOptions",
+    "ConvertResult",
+    "Driver",
+    "Extent",
+    "ExtentKind",
+    "ImageError",
+    "Limits",
+    "MemoryDriver",
+    "Progress",
+    "TrioconvError",
+    "TrioconvIOError",
+    "UnsupportedError",
+    "UsageError",
+    "ZeroesNotSupported",
+    "convert",
+    "create_image",
+    "open_image",
+    "parse_size",
+}
+
+
+def test_public_names_are_exactly_these() -> None:
+    names = {n for n in dir(trioconv) if not n.startswith("_")}
+    modules = {n for n in names if inspect.ismodule(getattr(trioconv, n))}
+    assert names - modules - {"annotations", "TYPE_CHECKING"} == PUBLIC - {"MemoryDriver"}
+    assert trioconv.MemoryDriver.__name__ == "MemoryDriver"  # loaded on first use
+
+
+def test_public_names_are_documented() -> None:
+    for name in PUBLIC:
+        obj = getattr(trioconv, name)
+        assert inspect.getdoc(obj), f"trioconv.{name} has no docstring"
+
+
+def test_package_is_typed() -> None:
+    from importlib.resources import files
+
+    assert files("trioconv").joinpath("py.typed").is_file()
