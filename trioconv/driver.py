@@ -34,6 +34,7 @@ from __future__ import annotations
 import abc
 import enum
 import mmap
+from collections.abc import Sequence
 from types import TracebackType
 from typing import Self, TypeAlias
 
@@ -153,6 +154,15 @@ class Driver(abc.ABC):
     @abc.abstractmethod
     async def preadinto(self, offset: int, buf: memoryview) -> None:
         """Fill all of ``buf`` with the bytes at ``offset``."""
+
+    async def preadinto_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
+        """Fill several buffers from several offsets (a format's scattered clusters).
+
+        The default reads them one after another; transports override it to batch them
+        (one worker-thread hand-off for a local file, pipelined requests over a network).
+        """
+        for offset, buf in requests:
+            await self.preadinto(offset, buf)
 
     async def pread(self, offset: int, length: int) -> bytes:
         """Read ``length`` bytes at ``offset`` into a new ``bytes`` object."""

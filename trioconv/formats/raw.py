@@ -6,6 +6,8 @@ has a format on top of a transport, as QEMU has, and so later formats have a mod
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from ..driver import Buffer, Caps, Driver, Extent, Limits
 
 __all__ = ["RAW_CREATE_OPTIONS", "RawDriver", "probe_raw"]
@@ -45,6 +47,9 @@ class RawDriver(Driver):
 
     async def preadinto(self, offset: int, buf: memoryview) -> None:
         await self.child.preadinto(offset, buf)
+
+    async def preadinto_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
+        await self.child.preadinto_many(requests)
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
         await self.child.pwrite(offset, data)

@@ -26,7 +26,7 @@ import mmap
 import os
 import stat
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -189,6 +189,20 @@ class FileDriver(Driver):
                 buf[:] = view[offset - start : offset - start + buf.nbytes]
             finally:
                 view.release()
+
+    async def preadinto_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
+        """All the reads in one worker-thread hand-off (unless O_DIRECT needs bouncing)."""
+        views = [(off, b.cast("B") if b.format != "B" else b) for off, b in requests]
+        if not all(self._is_direct_ok(off, b) for off, b in views):
+            await super().preadinto_many(views)
+            return
+
+        def read_all() -> None:
+            for off, b in views:
+                _read_full(self._fd, b, off)
+
+        first = views[0][0] if views else 0
+        await self._run("reading", first, read_all)
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
         self._check_writable()

@@ -247,16 +247,24 @@ class Qcow2Driver(Driver):
         if not buf.nbytes:
             return
         compressed: list[Segment] = []
+        host_reads: list[tuple[int, memoryview]] = []
         for seg in await self._segments(offset, offset + buf.nbytes):
             view = buf[seg.offset - offset : seg.end - offset]
             if seg.kind is ClusterKind.NORMAL:
-                await self._read_host(self._data, seg.host_offset, view)
+                # Gathered and read in one batch: scattered clusters cost one hand-off.
+                n = max(0, min(view.nbytes, self._data.size - seg.host_offset))
+                if n:
+                    host_reads.append((seg.host_offset, view[:n]))
+                if n < view.nbytes:
+                    _fill_zero(view[n:])
             elif seg.kind is ClusterKind.UNALLOCATED and self.backing is not None:
                 await self._read_backing(seg.offset, view)
             elif seg.kind is ClusterKind.COMPRESSED:
                 compressed.append(seg)
             else:
                 _fill_zero(view)
+        if host_reads:
+            await self._data.preadinto_many(host_reads)
         if compressed:
             await self._read_compressed(compressed, buf, offset)
 
@@ -330,8 +338,12 @@ class Qcow2Driver(Driver):
         kind: ExtentKind | None = None
         stop = offset
         pos = offset
+        # Map in small steps and stop at the first change of kind: mapping far ahead
+        # only to return a short extent would make a walk over a mixed image quadratic.
+        step = 256 * cs
         while pos < end:
-            chunk_end = min(end, (pos // self._table_span + 1) * self._table_span)
+            chunk_end = min(end, (pos // self._table_span + 1) * self._table_span, pos + step)
+            step = min(step * 2, STATUS_CLUSTERS * cs)
             for seg in await self._segments(pos, chunk_end):
                 for p_end, p_kind in await self._status_pieces(seg):
                     if kind is None:

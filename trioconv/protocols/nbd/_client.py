@@ -15,7 +15,7 @@ import errno as errno_mod
 import itertools
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -347,6 +347,12 @@ class NBDDriver(Driver):
     async def preadinto(self, offset: int, buf: memoryview) -> None:
         if buf.nbytes:
             await self._split(Cmd.READ, offset, buf.cast("B") if buf.format != "B" else buf)
+
+    async def preadinto_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
+        """All the reads in flight at once."""
+        async with trio.open_nursery() as nursery:
+            for offset, buf in requests:
+                nursery.start_soon(self.preadinto, offset, buf)
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
         if not self._writable:
