@@ -429,13 +429,20 @@ class SparseExtent:
         end = min(self.length, offset + max(length, 1), offset + STATUS_GRAINS * g)
         kind: ExtentKind | None = None
         stop = offset
-        for seg in await self._segments(offset, end):
-            k = ExtentKind.ZERO if seg.kind == "zero" else ExtentKind.DATA
-            if kind is None:
-                kind = k
-            elif k is not kind:
-                break
-            stop = seg.end
+        # Map in growing steps and stop at the first change of kind, so walking a mixed
+        # image does not map the same grains over and over.
+        pos, step = offset, 256 * g
+        while pos < end:
+            chunk_end = min(end, pos + step)
+            step *= 2
+            for seg in await self._segments(pos, chunk_end):
+                k = ExtentKind.ZERO if seg.kind == "zero" else ExtentKind.DATA
+                if kind is None:
+                    kind = k
+                elif k is not kind:
+                    return stop - offset, kind
+                stop = seg.end
+            pos = chunk_end
         assert kind is not None
         return stop - offset, kind
 
