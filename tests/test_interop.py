@@ -160,3 +160,16 @@ async def test_copy_offload_falls_back_when_kernel_refuses(
     await trioconv.convert(mixed, target, trioconv.ConvertOptions(copy_range=True, parallel=8))
     assert calls >= 1
     assert_identical(mixed, target)
+
+
+@pytest.mark.parametrize("subformat", ["monolithicFlat", "twoGbMaxExtentSparse"])
+async def test_failed_conversion_removes_extent_files_too(tmp_path: Path, subformat: str) -> None:
+    """A multi-file target (vmdk descriptor + extents) leaves nothing behind on failure."""
+    keep = tmp_path / "out-unrelated.txt"
+    keep.write_text("not ours")
+    source = MemoryDriver(data=bytes([3]) * 8 * 2**20)
+    source.fail_read_at = 6 * 2**20
+    opts = trioconv.ConvertOptions(target_format="vmdk", target_options={"subformat": subformat})
+    with pytest.raises(trioconv.ConvertError):
+        await trioconv.convert([source], tmp_path / "out.vmdk", opts)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out-unrelated.txt"]

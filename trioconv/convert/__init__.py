@@ -158,15 +158,19 @@ async def _convert(
                 drivers.append(drv)
         total = sum(d.size for d in drivers)
         created: Path | str | None = None
+        extra_files: list[Path] = []
         if isinstance(target, Driver):
             tgt, is_new = target, False
         else:
             is_new = not opts.no_create
             if is_new:
                 check_create_options(opts.target_format, opts.target_options)
+                before = _siblings(target)
                 if await create_image(target, opts.target_format, total, opts.target_options):
                     text = os.fspath(target)
                     created = text if is_nfs_uri(text) else Path(text)
+                    # Formats with several files (vmdk extents) create them beside it.
+                    extra_files = sorted(_siblings(target) - before)
             try:
                 tgt = await stack.enter_async_context(
                     open_image(
@@ -178,7 +182,7 @@ async def _convert(
                     )
                 )
             except BaseException:
-                await _remove(created)
+                await _remove(created, extra_files)
                 raise
         try:
             if tgt.size < total:
@@ -191,7 +195,7 @@ async def _convert(
             except TrioconvError as exc:
                 raise ConvertError(str(exc)) from exc
         except BaseException:
-            await _remove(created)
+            await _remove(created, extra_files)
             raise
         return ConvertResult(
             total=total,
@@ -203,7 +207,18 @@ async def _convert(
         )
 
 
-async def _remove(path: Path | str | None) -> None:
+def _siblings(target: ImageSpec) -> set[Path]:
+    """Files next to a local target whose names start with its stem (``disk*``)."""
+    if isinstance(target, Driver) or is_nfs_uri(os.fspath(target)):
+        return set()
+    path = Path(os.fspath(target))
+    try:
+        return {p for p in path.parent.iterdir() if p.name.startswith(path.stem) and p != path}
+    except OSError:
+        return set()
+
+
+async def _remove(path: Path | str | None, extra_files: list[Path] | None = None) -> None:
     """Remove a target this conversion created; never raises, even when cancelled.
 
     A local file is unlinked at once; an ``nfs://`` target (given as its URI) needs a
@@ -222,6 +237,8 @@ async def _remove(path: Path | str | None) -> None:
             await remove_nfs_file(path)
         return
     _unlink(path)
+    for extra in extra_files or ():
+        _unlink(extra)
 
 
 def _unlink(path: Path) -> None:
