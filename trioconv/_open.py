@@ -140,26 +140,34 @@ _register(FormatInfo("raw", probe_raw, _open_raw, create_options=RAW_CREATE_OPTI
 
 #: Format modules under ``trioconv.formats``; each exports ``FORMAT`` when it exists.
 _FORMAT_MODULES = ("qcow2", "vmdk", "vpc", "vhdx", "vdi", "qed")
-_modules_loaded = False
+_loaded: set[str] = set()
+
+
+def _load_format_module(name: str) -> None:
+    """Import one format module once; its ``FORMAT`` replaces the recognise-only entry.
+
+    Formats are imported when they are named (``-f``/``-O``) or when probing needs every
+    probe, so ``convert -f raw -O raw`` pays for none of them.
+    """
+    if name in _loaded or name not in _FORMAT_MODULES:
+        return
+    _loaded.add(name)
+    module_name = f"trioconv.formats.{name}"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name != module_name:
+            raise
+        return
+    info = getattr(module, "FORMAT", None)
+    if isinstance(info, FormatInfo):
+        _register(info)
 
 
 def _load_format_modules() -> None:
-    """Import the format modules once; their ``FORMAT`` replaces the recognise-only entry."""
-    global _modules_loaded
-    if _modules_loaded:
-        return
-    _modules_loaded = True
+    """Import every format module (for probing and listings)."""
     for name in _FORMAT_MODULES:
-        module_name = f"trioconv.formats.{name}"
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name != module_name:
-                raise
-            continue
-        info = getattr(module, "FORMAT", None)
-        if isinstance(info, FormatInfo):
-            _register(info)
+        _load_format_module(name)
 
 
 for _name, _probe in [
@@ -194,7 +202,7 @@ def format_info(name: str) -> FormatInfo:
 
 
 def _format(name: str) -> FormatInfo:
-    _load_format_modules()
+    _load_format_module(name)
     try:
         return _FORMATS[name]
     except KeyError:
