@@ -32,21 +32,13 @@ import trio
 
 from .._errors import TrioconvIOError, UnsupportedError, ZeroesNotSupported
 from ..driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
+from ._common import ZEROS as _ZEROS
+from ._common import fill_zero
 
 __all__ = ["BlockTableDriver", "fill_zero"]
 
 #: Most blocks one ``block_status`` call looks at.
 STATUS_BLOCKS = 4096
-_ZEROS = bytes(1024 * 1024)
-
-
-def fill_zero(view: memoryview) -> None:
-    """Clear ``view``."""
-    pos = 0
-    while pos < view.nbytes:
-        n = min(len(_ZEROS), view.nbytes - pos)
-        view[pos : pos + n] = _ZEROS[:n]
-        pos += n
 
 
 class BlockTableDriver(Driver):

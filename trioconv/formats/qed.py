@@ -30,7 +30,9 @@ import attrs
 from .._errors import ImageError, TrioconvIOError, UnsupportedError
 from ..driver import Caps, Driver, Extent, ExtentKind, Limits
 from ._base import FormatInfo
-from .qcow2._driver import _fill_zero, _resolve, _same_place
+from ._common import fill_zero as _fill_zero
+from ._common import resolve_name as _resolve
+from ._common import same_place as _same_place
 
 if TYPE_CHECKING:
     from .._open import OpenContext

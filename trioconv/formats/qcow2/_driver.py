@@ -24,8 +24,6 @@ image), HOLE for unallocated clusters that read as zeroes through the backing ch
 from __future__ import annotations
 
 import collections
-import os
-import re
 import zlib
 from array import array
 from typing import TYPE_CHECKING
@@ -35,6 +33,9 @@ import trio
 
 from ..._errors import ImageError, TrioconvError, TrioconvIOError, UnsupportedError
 from ...driver import Caps, Driver, Extent, ExtentKind, Limits
+from .._common import fill_zero as _fill_zero
+from .._common import resolve_name as _resolve
+from .._common import same_place as _same_place
 from . import _codec as codec
 from . import _snapshot as snapshots
 from ._codec import ClusterKind, Segment
@@ -54,17 +55,6 @@ COMPRESSED_READ_SPAN = 4 * 1024 * 1024
 #: Most clusters one ``block_status`` call looks at.
 STATUS_CLUSTERS = 65536
 #: Zeroes to copy from when clearing parts of a buffer.
-_ZEROS = bytes(1024 * 1024)
-
-_URI_RE = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)
-
-
-def _fill_zero(view: memoryview) -> None:
-    pos = 0
-    while pos < view.nbytes:
-        n = min(len(_ZEROS), view.nbytes - pos)
-        view[pos : pos + n] = _ZEROS[:n]
-        pos += n
 
 
 def _inflate_zlib(data: bytes, cluster_size: int) -> bytes:
@@ -402,35 +392,6 @@ class Qcow2Driver(Driver):
                 out.append((stop, kind))
             pos = stop
         return out
-
-
-def _local(location: str) -> str | None:
-    """The local path of a location, or None for a network URI."""
-    if location.startswith("file:"):
-        return location[5:]
-    if _URI_RE.match(location) and not os.path.exists(location):
-        return None
-    return location
-
-
-def _resolve(ctx: OpenContext, name: str, what: str) -> str:
-    """A file name stored in the image, made relative to the image's folder."""
-    if os.path.isabs(name) or _URI_RE.match(name):
-        return name
-    here = _local(ctx.location)
-    if here is None:
-        raise ImageError(
-            f"Could not open '{ctx.location}': cannot resolve the relative {what} name "
-            f"'{name}' of a network image"
-        )
-    return os.path.join(os.path.dirname(here), name)
-
-
-def _same_place(a: str, b: str) -> bool:
-    local_a, local_b = _local(a), _local(b)
-    if local_a is None or local_b is None:
-        return a == b
-    return os.path.realpath(local_a) == os.path.realpath(local_b)
 
 
 async def _open_backing(ctx: OpenContext, info: codec.ImageInfo) -> Driver | None:

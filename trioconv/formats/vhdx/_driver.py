@@ -34,6 +34,8 @@ import trio
 from ..._errors import ImageError, TrioconvIOError, UnsupportedError, UsageError, ZeroesNotSupported
 from ..._sizes import parse_size
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
+from .._common import ZEROS as _ZEROS
+from .._common import fill_zero as _fill_zero
 from . import _codec as codec
 from ._codec import BlockState, MiB, VhdxFormatError
 
@@ -48,7 +50,6 @@ MAX_BAT_BYTES = 128 * MiB
 STATUS_BLOCKS = 65536
 #: Log bytes read at once while looking for entries to replay.
 LOG_READ_CHUNK = 1 * MiB
-_ZEROS = bytes(1024 * 1024)
 
 VHDX_CREATE_OPTIONS: dict[str, str] = {
     "size": "Virtual disk size; max of 64TB.",
@@ -59,14 +60,6 @@ VHDX_CREATE_OPTIONS: dict[str, str] = {
 }
 
 REPLAY_MESSAGE = "vhdx log replay is not supported: open the image with qemu-img check -r all first"
-
-
-def _fill_zero(view: memoryview) -> None:
-    pos = 0
-    while pos < view.nbytes:
-        n = min(len(_ZEROS), view.nbytes - pos)
-        view[pos : pos + n] = _ZEROS[:n]
-        pos += n
 
 
 class VhdxDriver(Driver):

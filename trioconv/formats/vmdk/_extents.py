@@ -32,6 +32,7 @@ import trio
 
 from ..._errors import TrioconvIOError, UnsupportedError, ZeroesNotSupported
 from ...driver import Driver, ExtentKind
+from .._common import fill_zero
 from . import _codec as codec
 from ._codec import SECTOR, SparseLayout
 
@@ -53,17 +54,6 @@ TABLE_READAHEAD = 64
 STATUS_GRAINS = 65536
 #: Most bytes of partly written grains a stream extent holds while waiting for the rest.
 MAX_PARTIAL_BYTES = 256 * 1024 * 1024
-
-_ZEROS = bytes(1024 * 1024)
-
-
-def fill_zero(view: memoryview) -> None:
-    """Clear ``view`` without allocating per call."""
-    pos = 0
-    while pos < view.nbytes:
-        n = min(len(_ZEROS), view.nbytes - pos)
-        view[pos : pos + n] = _ZEROS[:n]
-        pos += n
 
 
 class FlatExtent:
