@@ -18,7 +18,7 @@ import pytest
 import trio
 
 import trioconv
-from trioconv import ExtentKind, UnsupportedError, UsageError, ZeroesNotSupported
+from trioconv import ExtentKind, UsageError, ZeroesNotSupported
 from trioconv._open import create_image
 from trioconv.formats.qcow2 import Qcow2Writer, create_qcow2
 from trioconv.formats.qcow2 import _codec as codec
@@ -195,11 +195,6 @@ async def test_invalid_options_use_qemu_messages(
     opt = ",".join(f"{k}={v}" for k, v in options.items())
     qemu = run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opt, path, "1M", check=False)
     assert qemu.returncode != 0 and message in qemu.stderr
-
-
-async def test_backing_file_option_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(UnsupportedError, match="backing files for qcow2 targets"):
-        await create_image(tmp_path / "b.qcow2", "qcow2", MiB, {"backing_file": "base.img"})
 
 
 def test_options_help_lists_qcow2_options() -> None:

@@ -20,6 +20,12 @@ member                      meaning
 ``block_status(off, n)``    an :class:`Extent` starting at ``off`` that says whether it
                             holds DATA, reads as ZERO, or is a HOLE (unallocated in this
                             layer); its length is a hint and may be shorter or longer
+``layer_status(off, n)``    like ``block_status``, but only for this layer, ignoring
+                            what a backing image holds: DATA (held here), ZERO (reads
+                            as zeroes because of this layer) or HOLE (not held here:
+                            reads fall through to the backing image). The default
+                            derives it from ``block_status``; formats with backing
+                            images override it
 ``flush()``                 make completed writes durable in the next layer down
 ``aclose()``                release everything; always closes, even when cancelled
 ==========================  ===========================================================
@@ -211,6 +217,30 @@ class Driver(abc.ABC):
     async def block_status(self, offset: int, length: int) -> Extent:
         """Say what ``[offset, ...)`` holds. The default: everything is DATA."""
         return Extent(offset, min(length, self.size - offset), ExtentKind.DATA)
+
+    async def layer_status(self, offset: int, length: int) -> Extent:
+        """Say what *this layer* holds at ``[offset, ...)`` (``qemu-img convert -B``).
+
+        DATA: this layer holds data there (the copy engine copies it). ZERO: this layer
+        makes the range read as zeroes - zero clusters, or an unallocated range with no
+        backing image or past the backing image's end (the engine writes zeroes). HOLE:
+        not held here, reads come from the backing image (the engine leaves the range
+        unallocated in a target that has a backing file of its own).
+
+        The default asks :meth:`block_status`. Without a backing image a HOLE reads as
+        zeroes, so it becomes ZERO; with one, DATA may come from a lower layer (it is
+        copied: correct, only larger) and a HOLE past the backing image's end becomes
+        ZERO. Formats with backing images override this with their own allocation.
+        """
+        ext = await self.block_status(offset, length)
+        if ext.kind is not ExtentKind.HOLE:
+            return ext
+        backing = self.backing
+        if backing is None or offset >= backing.size:
+            return Extent(ext.offset, ext.length, ExtentKind.ZERO)
+        if ext.end > backing.size:
+            return Extent(ext.offset, backing.size - ext.offset, ExtentKind.HOLE)
+        return ext
 
     #: The backing image this image falls through to, when it has one.
     backing: Driver | None = None

@@ -10,7 +10,7 @@ from pathlib import Path
 import attrs
 import trio
 
-from .._errors import ConvertError, ImageError, TrioconvError, UnsupportedError
+from .._errors import ConvertError, ImageError, TrioconvError, UnsupportedError, UsageError
 from .._open import check_create_options, create_image, format_info, is_nfs_uri, open_image
 from ..driver import Driver
 from .options import ConvertOptions
@@ -49,27 +49,46 @@ def _check_format_features(
 ) -> None:
     """Refuse, by name, what the target format cannot do (qemu-img's wording)."""
     fmt = opts.target_format
-    if not opts.no_create and not target_is_driver:
+    creating = not opts.no_create and not target_is_driver
+    if creating:
         check_create_options(fmt, opts.target_options)
     if nsources > 1 and opts.snapshot is not None:
         raise UnsupportedError("No support for concatenating multiple snapshot")
-    if nsources > 1 and opts.backing_file is not None:
+    if creating:
+        known = format_info(fmt).create_options or {}
+        if opts.backing_file and "backing_file" not in known:
+            raise UnsupportedError(f"Backing file not supported for file format '{fmt}'")
+        if opts.backing_format and "backing_fmt" not in known:
+            raise UnsupportedError(f"Backing file format not supported for file format '{fmt}'")
+    backing = _target_backing(opts, target_is_driver=target_is_driver)
+    if opts.target_is_zero and backing is not None:
+        raise UnsupportedError(
+            "Cannot use --target-is-zero when the destination image has a backing file"
+        )
+    if nsources > 1 and backing is not None:
         raise UnsupportedError(
             "Having a backing file for the target makes no sense when concatenating "
             "multiple input images"
         )
+    if creating and backing is not None and opts.target_backing_format is None:
+        raise UsageError("Use of backing file requires explicit backing format")
     if nsources > 1 and opts.bitmaps:
         raise UnsupportedError("Copying bitmaps only possible with single source")
-    if opts.target_is_zero and opts.backing_file is not None:
-        raise UnsupportedError(
-            "Cannot use --target-is-zero when the destination image has a backing file"
-        )
     if opts.compress and not target_is_driver and not format_info(fmt).can_compress:
         raise UnsupportedError(f"Compression not supported for this file format ('{fmt}')")
-    if opts.backing_file is not None:
-        raise UnsupportedError(f"Backing file not supported for file format '{fmt}'")
     if opts.bitmaps:
         raise UnsupportedError(f"Format driver '{fmt}' does not support bitmaps")
+
+
+def _target_backing(opts: ConvertOptions, *, target_is_driver: bool) -> str | None:
+    """The target's backing file, as qemu-img decides it (``-B`` wins over ``-o``).
+
+    With ``-n`` (or an open target) ``-B`` only says that the existing target has a
+    backing file: the target's header is left alone.
+    """
+    if opts.no_create or target_is_driver:
+        return opts.backing_file or None
+    return opts.target_backing_file
 
 
 def _same_file(a: ImageSpec, b: ImageSpec) -> bool:
@@ -164,9 +183,9 @@ async def _convert(
         else:
             is_new = not opts.no_create
             if is_new:
-                check_create_options(opts.target_format, opts.target_options)
+                check_create_options(opts.target_format, opts.create_options())
                 before = _siblings(target)
-                if await create_image(target, opts.target_format, total, opts.target_options):
+                if await create_image(target, opts.target_format, total, opts.create_options()):
                     text = os.fspath(target)
                     created = text if is_nfs_uri(text) else Path(text)
                     # Formats with several files (vmdk extents) create them beside it.
@@ -187,9 +206,21 @@ async def _convert(
         try:
             if tgt.size < total:
                 raise ImageError("output file is smaller than input file")
-            zero_init = opts.target_is_zero or (is_new and tgt.caps.zero_init)
+            backing = _target_backing(opts, target_is_driver=isinstance(target, Driver))
+            zero_init = backing is None and (opts.target_is_zero or (is_new and tgt.caps.zero_init))
+            # Past the end of a new target's backing file, untouched ranges read as
+            # zeroes (qemu-img's target_backing_sectors).
+            backing_end = tgt.backing.size if is_new and tgt.backing is not None else None
             start = trio.current_time()
-            salvaged = await run_pipeline(drivers, tgt, opts, progress, zero_init=zero_init)
+            salvaged = await run_pipeline(
+                drivers,
+                tgt,
+                opts,
+                progress,
+                zero_init=zero_init,
+                backing=backing is not None,
+                backing_end=backing_end,
+            )
             try:
                 await tgt.flush()
             except TrioconvError as exc:

@@ -98,7 +98,9 @@ class ConvertOptions:
         copy_range: ``-C``; offload copies to the kernel where possible.
         rate_limit: ``-r``; bytes per second of writes, None for no limit.
         salvage: ``--salvage``; unreadable source ranges become zeroes, with a warning.
-        backing_file / backing_format: ``-B``/``-b`` and ``-F``.
+        backing_file / backing_format: ``-B``/``-b`` and ``-F``: the target is made an
+            overlay on this file (stored as given, relative to the target's folder),
+            as with ``-o backing_file=...,backing_fmt=...``, which they override.
         snapshot: ``-l``/``-s``.
         bitmaps: ``--bitmaps``.
         buffer_size: bytes per copy request (2 MiB, as qemu-img).
@@ -129,6 +131,25 @@ class ConvertOptions:
     explicit_sparse_size: bool = False
     connections: int | None = None
 
+    @property
+    def target_backing_file(self) -> str | None:
+        """The target's backing file: ``-B``, else ``-o backing_file`` (None: none)."""
+        return self.backing_file or self.target_options.get("backing_file") or None
+
+    @property
+    def target_backing_format(self) -> str | None:
+        """The backing file's format: ``-F``, else ``-o backing_fmt`` (None: not given)."""
+        return self.backing_format or self.target_options.get("backing_fmt") or None
+
+    def create_options(self) -> dict[str, str]:
+        """``-o`` for creating the target, with ``-B``/``-F`` folded in (they win)."""
+        out = dict(self.target_options)
+        if self.backing_file:
+            out["backing_file"] = self.backing_file
+        if self.backing_format:
+            out["backing_fmt"] = self.backing_format
+        return out
+
     def __attrs_post_init__(self) -> None:
         if self.skip_broken_bitmaps and not self.bitmaps:
             raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
@@ -144,5 +165,3 @@ class ConvertOptions:
             raise UsageError("--target-is-zero requires use of -n flag")
         if self.connections is not None and not 1 <= self.connections <= 64:
             raise UsageError("Invalid number of connections: must be between 1 and 64")
-        if self.backing_format and not self.backing_file:
-            raise UsageError("-F requires a backing file (-B)")

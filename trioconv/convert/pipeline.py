@@ -11,7 +11,9 @@ The shape, top to bottom::
    a whole-image pass first), feeds the runs to a :class:`Chunker`, and sends numbered
    jobs - data at most one buffer long, or a zero run - into an unbuffered memory
    channel. Zero runs on a target that already reads as zero are counted as done and
-   never sent.
+   never sent. With a backing file for the target (``-B``) the planner asks only the
+   sources' top layer (:meth:`~trioconv.Driver.layer_status`): what it does not hold
+   is left alone for the backing file to show, and its zeroes are written.
 2. **Copy tasks** each take a :class:`trio.CapacityLimiter` token *before* receiving a
    job, so at most ``-m`` buffers are ever in flight and memory stays flat whatever the
    image size. A task reads the job into a page-aligned buffer from a fixed pool, splits
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import enum
 import logging
 import math
 import mmap
@@ -48,7 +51,7 @@ from ..protocols.file import FileDriver
 from .options import ConvertOptions
 from .progress import Progress
 
-__all__ = ["Chunker", "Job", "SourceMap", "find_zero_runs", "run_pipeline"]
+__all__ = ["Chunker", "Job", "RunKind", "SourceMap", "find_zero_runs", "run_pipeline"]
 
 log = logging.getLogger("trioconv")
 
@@ -68,6 +71,17 @@ def _round_down(value: int, align: int) -> int:
     return value - value % align
 
 
+class RunKind(enum.IntEnum):
+    """What the planner does with a run of the source (equal to the old ``is_zero`` bool)."""
+
+    #: Read it and write it.
+    DATA = 0
+    #: Make it read as zeroes on the target.
+    ZERO = 1
+    #: Leave it alone: the target's backing file shows through (``-B``).
+    BACKING = 2
+
+
 @attrs.frozen
 class Job:
     """One unit of work: ``[offset, offset + length)`` of the target."""
@@ -81,12 +95,14 @@ class Job:
 class Chunker:
     """Turn a stream of contiguous runs into aligned, bounded jobs (pure, no I/O).
 
-    Runs arrive in order as ``(offset, length, is_zero)``. Zero runs shrink to their
-    ``align``-aligned interior - the unaligned edges become data - so no job ever
-    straddles an alignment block; data is cut at multiples of ``max_data`` so each data
-    job fits one buffer and lines up with the target's clusters.
+    Runs arrive in order as ``(offset, length, kind)``, ``kind`` a :class:`RunKind` or a
+    bool (True: zero). Zero and backing runs shrink to their ``align``-aligned interior
+    - the unaligned edges become data - so no job ever straddles an alignment block;
+    data is cut at multiples of ``max_data`` so each data job fits one buffer and lines
+    up with the target's clusters.
 
-    Returns tuples ``(offset, length, is_zero)``.
+    Returns tuples ``(offset, length, kind)``; ``kind`` compares equal to the bool
+    ``is_zero`` for data and zero runs.
     """
 
     def __init__(self, total: int, *, align: int, max_data: int, max_zero: int = MAX_ZERO_JOB):
@@ -99,35 +115,41 @@ class Chunker:
         self._cur = 0  # jobs emitted up to here
         self._known = 0  # runs received up to here
 
-    def feed(self, offset: int, length: int, zero: bool) -> list[tuple[int, int, bool]]:
+    def feed(
+        self, offset: int, length: int, zero: bool | RunKind
+    ) -> list[tuple[int, int, RunKind]]:
         """Add the next run; return the jobs it completes."""
         if offset != self._known or length <= 0:
             raise ValueError(f"runs must be contiguous and non-empty (got {offset}+{length})")
+        kind = RunKind(int(zero))
         end = offset + length
-        out: list[tuple[int, int, bool]] = []
-        if zero:
+        out: list[tuple[int, int, RunKind]] = []
+        if kind is not RunKind.DATA:
             zs = _round_up(offset, self.align)
             ze = end if end == self.total else _round_down(end, self.align)
             if ze > zs:
                 out += self._data_until(zs)
-                for z in range(zs, ze, self.max_zero):
-                    out.append((z, min(self.max_zero, ze - z), True))
+                if kind is RunKind.BACKING:
+                    out.append((zs, ze - zs, kind))
+                else:
+                    for z in range(zs, ze, self.max_zero):
+                        out.append((z, min(self.max_zero, ze - z), kind))
                 self._cur = ze
         self._known = end
         while (boundary := _round_down(self._cur, self.max_data) + self.max_data) <= self._known:
-            out.append((self._cur, boundary - self._cur, False))
+            out.append((self._cur, boundary - self._cur, RunKind.DATA))
             self._cur = boundary
         return out
 
-    def finish(self) -> list[tuple[int, int, bool]]:
+    def finish(self) -> list[tuple[int, int, RunKind]]:
         """Return the jobs still pending after the last run."""
         return self._data_until(self._known)
 
-    def _data_until(self, stop: int) -> list[tuple[int, int, bool]]:
+    def _data_until(self, stop: int) -> list[tuple[int, int, RunKind]]:
         out = []
         while self._cur < stop:
             boundary = min(stop, _round_down(self._cur, self.max_data) + self.max_data)
-            out.append((self._cur, boundary - self._cur, False))
+            out.append((self._cur, boundary - self._cur, RunKind.DATA))
             self._cur = boundary
         return out
 
@@ -232,12 +254,18 @@ class _Engine:
         progress: Progress,
         *,
         zero_init: bool,
+        backing: bool = False,
+        backing_end: int | None = None,
     ) -> None:
         self.sources = sources
         self.target = target
         self.opts = opts
         self.progress = progress
-        self.zero_init = zero_init
+        # With a backing file the target does not read as zeroes where nothing is
+        # written: zeroes must be written (except past the backing file's end).
+        self.backing = backing
+        self.backing_end = backing_end if backing else None
+        self.zero_init = zero_init and not backing
         self.compress = opts.compress
         if self.compress and not target.caps.compress:
             raise UnsupportedError("Compression not supported for this file format")
@@ -272,30 +300,57 @@ class _Engine:
             for base, src in zip(self.sources.bases, self.sources.sources, strict=True):
                 pos = 0
                 while pos < src.size:
-                    left = src.size - pos
-                    if self.opts.sparse_size == 0:
-                        length, zero = left, False
-                    else:
-                        ext = await src.block_status(pos, min(left, STATUS_WINDOW))
-                        if ext.offset != pos or ext.length <= 0:
-                            raise TrioconvIOError(
-                                f"{src.location}: invalid block status at byte {pos}", offset=pos
-                            )
-                        length = min(ext.length, left)
-                        zero = ext.kind is not ExtentKind.DATA
-                    for offset, n, is_zero in chunker.feed(base + pos, length, zero):
-                        index = await self._send_job(send, index, offset, n, is_zero)
+                    length, kind = await self._status(src, base, pos)
+                    for offset, n, k in chunker.feed(base + pos, length, kind):
+                        index = await self._send_job(send, index, offset, n, k)
                     pos += length
-            for offset, n, is_zero in chunker.finish():
-                index = await self._send_job(send, index, offset, n, is_zero)
+            for offset, n, k in chunker.finish():
+                index = await self._send_job(send, index, offset, n, k)
+
+    async def _status(self, src: Driver, base: int, pos: int) -> tuple[int, RunKind]:
+        """The next run of ``src`` from ``pos``: its length and what to do with it.
+
+        With a backing file for the target (``-B``) only the source's top layer is
+        asked, as qemu-img does: what it does not hold is left to the backing file,
+        and its zero ranges are written as zeroes - except past the end of the
+        target's backing file, where an untouched range reads as zeroes anyway.
+        """
+        left = src.size - pos
+        if self.opts.sparse_size == 0 and not self.backing:
+            return left, RunKind.DATA
+        window = min(left, STATUS_WINDOW)
+        if self.backing:
+            ext = await src.layer_status(pos, window)
+        else:
+            ext = await src.block_status(pos, window)
+        if ext.offset != pos or ext.length <= 0:
+            raise TrioconvIOError(f"{src.location}: invalid block status at byte {pos}", offset=pos)
+        length = min(ext.length, left)
+        if ext.kind is ExtentKind.DATA:
+            return length, RunKind.DATA
+        if not self.backing:
+            return length, RunKind.ZERO
+        if ext.kind is ExtentKind.HOLE:
+            return length, RunKind.BACKING
+        # ZERO in the top layer: split at the end of the target's backing file.
+        end = self.backing_end
+        if end is not None:
+            if base + pos >= end:
+                return length, RunKind.BACKING
+            length = min(length, end - base - pos)
+        # -S 0: a fully allocated target; the zeroes are read and written as data.
+        return length, RunKind.ZERO if self.opts.sparse_size else RunKind.DATA
 
     async def _send_job(
-        self, send: trio.MemorySendChannel[Job], index: int, offset: int, n: int, zero: bool
+        self, send: trio.MemorySendChannel[Job], index: int, offset: int, n: int, kind: RunKind
     ) -> int:
-        if zero and self.zero_init:
+        if kind is RunKind.BACKING:
+            self.progress._advance(skipped=n)  # the target's backing file shows through
+            return index
+        if kind is RunKind.ZERO and self.zero_init:
             self._already_zero(n)
             return index
-        await send.send(Job(index, offset, n, zero))
+        await send.send(Job(index, offset, n, kind is RunKind.ZERO))
         return index + 1
 
     # -- sequencer ---------------------------------------------------------------------
@@ -467,7 +522,12 @@ class _Engine:
         request (a punched hole, an NBD ``WRITE_ZEROES`` with ``FAST_ZERO``) replaces a
         write-zeroes request per zero run, and zero runs are then simply skipped.
         """
-        if self.zero_init or self.opts.sparse_size == 0 or not self.target.caps.zeroes:
+        if (
+            self.zero_init
+            or self.backing
+            or self.opts.sparse_size == 0
+            or not self.target.caps.zeroes
+        ):
             return
         total = self.sources.total
         try:
@@ -533,14 +593,31 @@ async def run_pipeline(
     progress: Progress,
     *,
     zero_init: bool,
+    backing: bool = False,
+    backing_end: int | None = None,
 ) -> list[tuple[int, int]]:
     """Copy the concatenated ``sources`` onto ``target``; return the salvaged ranges.
+
+    Args:
+        zero_init: the target reads as zeroes where nothing is written.
+        backing: the target has a backing file (``-B``): ranges the source's top layer
+            does not hold are left alone, zero ranges are written as zeroes.
+        backing_end: the size of the target's backing file, when known (a new
+            target): past it, the source's zero ranges are left alone too.
 
     Raises:
         ConvertError: the first failure, with the whole exception group as its cause.
     """
     smap = SourceMap(sources)
-    engine = _Engine(smap, target, opts, progress, zero_init=zero_init)
+    engine = _Engine(
+        smap,
+        target,
+        opts,
+        progress,
+        zero_init=zero_init,
+        backing=backing,
+        backing_end=backing_end,
+    )
     progress._start(smap.total)
     try:
         await engine.run()

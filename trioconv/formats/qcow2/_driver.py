@@ -19,6 +19,8 @@ which is served one way:
 for normal and compressed clusters and for unallocated ones whose backing image has
 data there, ZERO for zero clusters (and unallocated ones when there is no backing
 image), HOLE for unallocated clusters that read as zeroes through the backing chain.
+``layer_status`` answers for this image alone (``convert -B``): HOLE wherever a cluster
+is unallocated and the backing image shows through.
 """
 
 from __future__ import annotations
@@ -319,6 +321,14 @@ class Qcow2Driver(Driver):
 
     # -- block status -----------------------------------------------------------------
     async def block_status(self, offset: int, length: int) -> Extent:
+        return await self._status(offset, length, layer=False)
+
+    async def layer_status(self, offset: int, length: int) -> Extent:
+        """This image's own clusters: DATA, ZERO (zero clusters, or unallocated with no
+        backing image or past its end) or HOLE (unallocated: the backing image shows)."""
+        return await self._status(offset, length, layer=True)
+
+    async def _status(self, offset: int, length: int, *, layer: bool) -> Extent:
         cs = self.layout.cluster_size
         # Cover at least the rest of this cluster and end on a cluster boundary (or the
         # image's end); look at most STATUS_CLUSTERS clusters ahead.
@@ -335,7 +345,8 @@ class Qcow2Driver(Driver):
             chunk_end = min(end, (pos // self._table_span + 1) * self._table_span, pos + step)
             step = min(step * 2, STATUS_CLUSTERS * cs)
             for seg in await self._segments(pos, chunk_end):
-                for p_end, p_kind in await self._status_pieces(seg):
+                pieces = self._layer_pieces(seg) if layer else await self._status_pieces(seg)
+                for p_end, p_kind in pieces:
                     if kind is None:
                         kind = p_kind
                     elif p_kind is not kind:
@@ -344,6 +355,17 @@ class Qcow2Driver(Driver):
             pos = chunk_end
         assert kind is not None
         return Extent(offset, stop - offset, kind)
+
+    def _layer_pieces(self, seg: Segment) -> list[tuple[int, ExtentKind]]:
+        """``(end, kind)`` pieces that tile ``seg``, for this layer alone."""
+        if seg.kind in (ClusterKind.NORMAL, ClusterKind.COMPRESSED):
+            return [(seg.end, ExtentKind.DATA)]
+        backing_end = self.backing.size if self.backing is not None else 0
+        if seg.kind is ClusterKind.ZERO or seg.offset >= backing_end:
+            return [(seg.end, ExtentKind.ZERO)]
+        if seg.end > backing_end:
+            return [(backing_end, ExtentKind.HOLE), (seg.end, ExtentKind.ZERO)]
+        return [(seg.end, ExtentKind.HOLE)]
 
     async def _status_pieces(self, seg: Segment) -> list[tuple[int, ExtentKind]]:
         """``(end, kind)`` pieces that tile ``seg``, in order."""

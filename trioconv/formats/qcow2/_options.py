@@ -31,6 +31,59 @@ QCOW2_CREATE_OPTIONS: dict[str, str] = {
     "size": "Virtual disk size",
 }
 
+#: What ``backing_fmt`` accepts: qemu's block driver names (its ``BlockdevDriver``).
+BACKING_FORMATS = frozenset(
+    [
+        "blkdebug",
+        "blklogwrites",
+        "blkreplay",
+        "blkverify",
+        "bochs",
+        "cloop",
+        "compress",
+        "copy-before-write",
+        "copy-on-read",
+        "dmg",
+        "file",
+        "snapshot-access",
+        "ftp",
+        "ftps",
+        "gluster",
+        "host_cdrom",
+        "host_device",
+        "http",
+        "https",
+        "io_uring",
+        "iscsi",
+        "luks",
+        "nbd",
+        "nfs",
+        "null-aio",
+        "null-co",
+        "nvme",
+        "nvme-io_uring",
+        "parallels",
+        "preallocate",
+        "qcow",
+        "qcow2",
+        "qed",
+        "quorum",
+        "raw",
+        "rbd",
+        "replication",
+        "ssh",
+        "throttle",
+        "vdi",
+        "vhdx",
+        "virtio-blk-vfio-pci",
+        "virtio-blk-vhost-user",
+        "virtio-blk-vhost-vdpa",
+        "vmdk",
+        "vpc",
+        "vvfat",
+    ]
+)
+
 _TRUE = ("on", "yes", "true", "y")
 _FALSE = ("off", "no", "false", "n")
 _LEVEL_HINT = "(use version=v3 or greater)"
@@ -48,6 +101,8 @@ class CreateOptions:
         compression_type: :class:`~._codec.CompressionType`.
         extended_l2: 128-bit L2 entries with subcluster bitmaps.
         preallocation: off, metadata, falloc or full.
+        backing_file: the backing file's name, stored as given (``-B``); None for none.
+        backing_format: its format, stored in a header extension (``-F``).
     """
 
     version: int = 3
@@ -57,6 +112,8 @@ class CreateOptions:
     compression_type: int = codec.CompressionType.ZLIB
     extended_l2: bool = False
     preallocation: str = "off"
+    backing_file: str | None = None
+    backing_format: str | None = None
 
     @property
     def cluster_size(self) -> int:
@@ -78,10 +135,16 @@ def parse_create_options(options: Mapping[str, str]) -> CreateOptions:
 
     Raises:
         UsageError: an invalid value or combination (qemu-img's message).
-        UnsupportedError: a valid request trioconv cannot do yet (backing files).
+        UnsupportedError: a valid request trioconv cannot do yet (extended L2 entries).
     """
-    if options.get("backing_file") or options.get("backing_fmt"):
-        raise UnsupportedError("backing files for qcow2 targets are not supported yet")
+    backing_file = options.get("backing_file") or None
+    backing_fmt = options.get("backing_fmt") or None
+    if backing_fmt is not None and backing_file is None:
+        raise UsageError("Backing format cannot be used without backing file")
+    if backing_fmt is not None and backing_fmt not in BACKING_FORMATS:
+        raise UsageError(f"Parameter 'backing-fmt' does not accept value '{backing_fmt}'")
+    if backing_file is not None and len(backing_file.encode("utf-8")) > codec.MAX_BACKING_NAME:
+        raise UsageError("Backing file name too long")
     compat = options.get("compat", "1.1")
     if compat in ("0.10", "v2"):
         version = 2
@@ -151,6 +214,10 @@ def parse_create_options(options: Mapping[str, str]) -> CreateOptions:
         raise UsageError(
             "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
         )
+    if backing_file is not None and prealloc != "off" and not extended_l2:
+        raise UsageError(
+            "Backing file and preallocation can only be used at the same time if extended_l2 is on"
+        )
     if extended_l2:
         raise UnsupportedError("extended_l2 is not supported for qcow2 targets yet")
     return CreateOptions(
@@ -161,4 +228,6 @@ def parse_create_options(options: Mapping[str, str]) -> CreateOptions:
         compression_type=ctype,
         extended_l2=extended_l2,
         preallocation=prealloc,
+        backing_file=backing_file,
+        backing_format=backing_fmt,
     )

@@ -941,23 +941,42 @@ def _first_cluster(opts: CreateOptions, size: int) -> bytes:
         header_length=112 if v3 else codec.V2_HEADER_LENGTH,
         compression_type=opts.compression_type,
     )
-    data = codec.encode_header(header)
-    if v3:
-        data += codec.encode_feature_names()
-    return data
+    # qemu's order: backing format, feature names (version 3), the end marker, and the
+    # backing file's name right after it, where backing_file_offset points.
+    extensions = b""
+    if opts.backing_format is not None:
+        extensions += codec.encode_extension(
+            codec.Extension.BACKING_FORMAT, opts.backing_format.encode("utf-8")
+        )
+    name = opts.backing_file.encode("utf-8") if opts.backing_file is not None else b""
+    fixed = len(codec.encode_header(header))
+    # The feature name table is optional; qemu writes it only with clusters above 4 KiB.
+    if v3 and opts.cluster_size > 4096:
+        extensions += codec.encode_feature_names()
+    if fixed + len(extensions) + 8 + len(name) > opts.cluster_size:
+        raise UsageError("Backing file name too long for the cluster size")
+    if opts.backing_file is None:
+        return codec.encode_header(header) + extensions
+    header = attrs.evolve(
+        header,
+        backing_file_offset=fixed + len(extensions) + 8,
+        backing_file_size=len(name),
+    )
+    return codec.encode_header(header) + extensions + bytes(8) + name
 
 
 async def create_qcow2(transport: Driver, size: int, options: Mapping[str, str]) -> None:
     """Write a new, empty qcow2 image of virtual size ``size`` onto an empty transport.
 
     The virtual size is rounded up to a multiple of 512 bytes, as qemu does. The
-    layout is qemu-img's: the header (and, in version 3, the feature name table) in
-    cluster 0, the refcount table in cluster 1, the first refcount block in cluster 2,
-    the L1 table from cluster 3.
+    layout is qemu-img's: the header (the backing format extension, in version 3 with
+    clusters above 4 KiB the feature name table, then the backing file's name, as
+    given) in cluster 0, the refcount table in cluster 1, the first refcount block in
+    cluster 2, the L1 table from cluster 3.
 
     Raises:
         UsageError: invalid ``-o`` options (qemu-img's messages).
-        UnsupportedError: backing files, extended L2 entries.
+        UnsupportedError: extended L2 entries.
     """
     opts = parse_create_options(options)
     cs = opts.cluster_size
