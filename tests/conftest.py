@@ -28,9 +28,13 @@ DEBIAN_PACKAGES = {
     "ganesha.nfsd": "nfs-ganesha nfs-ganesha-vfs",
     "rpcbind": "rpcbind",
     "rpcinfo": "rpcbind",
+    "tgtd": "tgt",
+    "tgtadm": "tgt",
+    # Not a program: qemu-img's iscsi:// driver module (tests/iscsi_target.require_qemu_iscsi).
+    "qemu-img-iscsi": "qemu-block-extra",
 }
 
-pytest_plugins = ["tests.nbd_servers"]
+pytest_plugins = ["tests.nbd_servers", "tests.iscsi_target"]
 
 
 def require_tool(name: str) -> str:

@@ -48,6 +48,12 @@ def is_nfs_uri(location: str) -> bool:
     return bool(sep) and scheme.lower() == "nfs"
 
 
+def is_iscsi_uri(location: str) -> bool:
+    """True when ``location`` is an iSCSI URL (``iscsi://host[:port]/target-iqn/lun``)."""
+    scheme, sep, _ = location.partition("://")
+    return bool(sep) and scheme.lower() == "iscsi"
+
+
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     """The first trioconv error in what a transport's nursery raised, if any."""
     for exc in group.exceptions:
@@ -268,8 +274,10 @@ async def open_image(
             header = await image.pread(0, 512)
 
     Args:
-        location: a path (optionally ``file:``-prefixed) or an NBD URI
-            (``nbd://host[:port]/export``, ``nbd+unix:///export?socket=PATH``).
+        location: a path (optionally ``file:``-prefixed), an NBD URI
+            (``nbd://host[:port]/export``, ``nbd+unix:///export?socket=PATH``), an NFS
+            URL (``nfs://host/export/path``) or an iSCSI URL
+            (``iscsi://[user%password@]host[:port]/target-iqn/lun``).
         fmt: the format; probed from the first bytes when None.
         writable: open for writing (sources are always opened read-only).
         cache: the cache mode for local files (see :class:`~trioconv.CacheMode`).
@@ -322,6 +330,10 @@ async def _open_image(
             from .protocols.nfs import open_nfs  # only programs that use NFS pay for it
 
             transport = await stack.enter_async_context(open_nfs(text, writable=writable))
+        elif is_iscsi_uri(text):
+            from .protocols.iscsi import open_iscsi  # only programs that use iSCSI pay for it
+
+            transport = await stack.enter_async_context(open_iscsi(text, writable=writable))
         else:
             path = _transport_path(text)
             transport = await open_file(path, writable=writable, cache=CacheMode.parse(cache))
@@ -395,6 +407,8 @@ async def create_image(
             f"Protocol driver 'nbd' does not support image creation: '{os.fspath(location)}' "
             "(use -n to write into an existing export)"
         )
+    if is_iscsi_uri(os.fspath(location)):
+        return await _create_iscsi_image(os.fspath(location), fmt, size, options)
     if is_nfs_uri(os.fspath(location)):
         return await _create_nfs_image(os.fspath(location), fmt, size, options)
     path = _transport_path(location)
@@ -447,3 +461,36 @@ async def _create_nfs_image(uri: str, fmt: str, size: int, options: Mapping[str,
                 await remove_nfs_file(uri)
         raise
     return created
+
+
+async def _create_iscsi_image(uri: str, fmt: str, size: int, options: Mapping[str, str]) -> bool:
+    """:func:`create_image` on an iSCSI LUN, which exists already and cannot grow.
+
+    As with QEMU's iscsi driver, "creating" a raw image checks that the LUN is large
+    enough. The LUN is never new, so the result is always False (a failed conversion
+    leaves it, rather than removing it).
+    """
+    from .protocols.iscsi import open_iscsi
+
+    if options.get("preallocation", "off") != "off":
+        raise UnsupportedError(f"Protocol driver 'iscsi' does not support preallocation: '{uri}'")
+    info = _format(fmt)
+    try:
+        async with open_iscsi(uri, writable=True) as lun:
+            if lun.size < size:
+                raise ImageError(
+                    f"Could not create '{lun.location}': Cannot grow iSCSI devices (the LUN "
+                    f"has {lun.size} bytes, the image needs {size})"
+                )
+            if info.create is not None:
+                # Format drivers grow their file as they allocate; a LUN cannot grow.
+                raise UnsupportedError(
+                    f"Creating a '{fmt}' image on an iSCSI LUN is not supported yet: "
+                    f"'{lun.location}' (write a raw image with -O raw)"
+                )
+    except BaseExceptionGroup as group:  # from the transport's reader nursery
+        first = _first_error(group)
+        if first is None:
+            raise
+        raise first from group
+    return False

@@ -1,0 +1,322 @@
+"""trioconv's native iSCSI initiator against a real target (tgt on loopback).
+
+Each test gets its own target with a file-backed LUN from the ``iscsi_target`` fixture;
+results are checked with ``qemu-img compare`` against the LUN's backing file. Thin LUNs
+(tgt's ``thin_provisioning=1``: UNMAP, WRITE SAME with UNMAP, GET LBA STATUS, unmapped
+blocks read as zeroes) must end with holes where the image has zeroes; thick LUNs must
+have every zero really written. Faults - a wrong IQN, LUN or password, a LUN too small,
+the target killed mid-copy - end with one clear line, promptly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+
+import trioconv
+from trioconv import ConvertError, ConvertOptions, ExtentKind, TrioconvIOError
+from trioconv.protocols.iscsi import ISCSIDriver, open_iscsi, parse_iscsi_uri
+from trioconv.protocols.memory import MemoryDriver
+from trioconv.testing import check_block_status_tiles, check_driver
+
+from .conftest import ImageMaker, assert_identical, qemu_map, run, trioconv_cli
+from .iscsi_target import ISCSITarget
+
+MiB = 1024 * 1024
+#: A fault must end the conversion within this many seconds.
+FAULT_DEADLINE = 15.0
+
+
+@pytest.fixture
+def mixed_src(make_image: ImageMaker) -> Path:
+    """8 MiB raw: data, written zeroes, holes, a data run that ends unaligned."""
+    return make_image(
+        "src.img",
+        "8M",
+        "write -P 0xab 0 1M",
+        "write -z 2M 1M",
+        "write -P 0x5c 3M 512k",
+        "write -P 0x17 7M 4k",
+        "write -P 0x99 8386560 1536",
+    )
+
+
+def garbage_lun(
+    iscsi_target: ISCSITarget, tmp_path: Path, size: int, *, thin: bool
+) -> tuple[str, Path]:
+    """A LUN of ``size`` bytes whose backing file is full of random bytes."""
+    backing = tmp_path / f"lun-{'thin' if thin else 'thick'}.img"
+    url = iscsi_target.add_lun(backing, size, thin=thin)
+    with backing.open("r+b") as f:
+        f.write(os.urandom(size))
+    return url, backing
+
+
+def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
+    """The single ``trioconv: ...`` line of a failed CLI run."""
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("trioconv: ")
+    return lines[0]
+
+
+def allocated(path: Path) -> int:
+    """Bytes the backing file really occupies on disk."""
+    return os.stat(path).st_blocks * 512
+
+
+# -- writing and reading ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("thin", [False, True], ids=["thick", "thin"])
+@pytest.mark.parametrize("flags", [(), ("-m", "1"), ("-W", "-m", "8")], ids=["default", "m1", "W"])
+def test_write_into_lun(
+    iscsi_target: ISCSITarget, mixed_src: Path, tmp_path: Path, thin: bool, flags: tuple[str, ...]
+) -> None:
+    """Every zero run of the image ends up zero on a LUN that held random bytes."""
+    url, backing = garbage_lun(iscsi_target, tmp_path, 8 * MiB, thin=thin)
+    result = trioconv_cli("convert", "-n", *flags, "-f", "raw", "-O", "raw", mixed_src, url)
+    assert result.returncode == 0, result.stderr
+    assert_identical(mixed_src, backing)
+    if thin:
+        # The zero runs were deallocated, not written: only the data takes space.
+        assert allocated(backing) < 4 * MiB, allocated(backing)
+
+
+def test_create_checks_the_lun_size(
+    iscsi_target: ISCSITarget, mixed_src: Path, tmp_path: Path, make_image: ImageMaker
+) -> None:
+    """Without -n the LUN is used as it is (QEMU's behaviour), but it cannot grow."""
+    url, backing = garbage_lun(iscsi_target, tmp_path, 8 * MiB, thin=True)
+    result = trioconv_cli("convert", "-f", "raw", "-O", "raw", mixed_src, url)
+    assert result.returncode == 0, result.stderr
+    assert_identical(mixed_src, backing)
+
+    big = make_image("big.img", "9M", "write -P 0x42 8M 1M")
+    line = one_line_error(trioconv_cli("convert", "-f", "raw", "-O", "raw", big, url))
+    assert "Cannot grow iSCSI devices" in line
+    line = one_line_error(trioconv_cli("convert", "-n", "-f", "raw", "-O", "raw", big, url))
+    assert "smaller than input" in line
+    assert_identical(mixed_src, backing)  # neither failure touched the LUN
+
+    line = one_line_error(trioconv_cli("convert", "-f", "raw", "-O", "qcow2", mixed_src, url))
+    assert "iSCSI LUN is not supported" in line
+
+
+def test_image_smaller_than_lun_unaligned_tail(
+    iscsi_target: ISCSITarget, make_image: ImageMaker, tmp_path: Path
+) -> None:
+    """An image whose size is not a multiple of the block size: the tail is merged."""
+    src = make_image("odd.img", "4097k", "write -P 0x33 0 4097k")
+    with src.open("r+b") as f:
+        f.truncate(4 * MiB + 1000)
+    backing = tmp_path / "lun.img"
+    url = iscsi_target.add_lun(backing, 5 * MiB)
+    with backing.open("r+b") as f:
+        f.seek(4 * MiB + 1000)
+        f.write(b"\x77" * 600)  # past the image: must survive the read-merge-write
+    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "raw", src, url)
+    assert result.returncode == 0, result.stderr
+    data = backing.read_bytes()
+    assert data[: 4 * MiB + 1000] == src.read_bytes()
+    assert data[4 * MiB + 1000 : 4 * MiB + 1600] == b"\x77" * 600
+
+
+def test_read_from_lun(iscsi_target: ISCSITarget, mixed_src: Path, tmp_path: Path) -> None:
+    backing = tmp_path / "lun.img"
+    url = iscsi_target.add_lun(backing, 8 * MiB, thin=True)
+    backing.write_bytes(mixed_src.read_bytes())
+    for flags in ((), ("-W",), ("-m", "1")):
+        out = tmp_path / "out.img"
+        result = trioconv_cli("convert", *flags, "-O", "raw", url, out)
+        assert result.returncode == 0, result.stderr
+        assert_identical(mixed_src, out)
+        out.unlink()
+
+
+def test_qcow2_image_on_a_lun(
+    iscsi_target: ISCSITarget, mixed_src: Path, tmp_path: Path, qemu_img: str
+) -> None:
+    """A format driver on top of the LUN: a qcow2 image QEMU wrote into it, probed."""
+    backing = tmp_path / "lun.img"
+    url = iscsi_target.add_lun(backing, 8 * MiB)
+    run(qemu_img, "convert", "-f", "raw", "-O", "qcow2", mixed_src, tmp_path / "tmp.qcow2")
+    data = (tmp_path / "tmp.qcow2").read_bytes()
+    with backing.open("r+b") as f:
+        f.write(data)
+    out = tmp_path / "out.img"
+    result = trioconv_cli("convert", "-O", "raw", url, out)
+    assert result.returncode == 0, result.stderr
+    assert_identical(mixed_src, out)
+
+
+# -- the driver -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("thin", [False, True], ids=["thick", "thin"])
+async def test_driver_contract(iscsi_target: ISCSITarget, tmp_path: Path, thin: bool) -> None:
+    url = iscsi_target.add_lun(tmp_path / "lun.img", 4 * MiB, thin=thin)
+    async with open_iscsi(url, writable=True) as lun:
+        assert isinstance(lun, ISCSIDriver)
+        assert lun.size == 4 * MiB
+        assert lun.limits.request_alignment == 512
+        assert lun.caps.trim is thin and lun.caps.block_status is thin
+        assert not lun.caps.zero_init
+        await check_driver(lun)
+
+
+async def test_thin_block_status_and_discard(
+    iscsi_target: ISCSITarget, mixed_src: Path, tmp_path: Path
+) -> None:
+    """GET LBA STATUS: holes where the backing file has holes, as qemu-img map sees it."""
+    backing = tmp_path / "lun.img"
+    url = iscsi_target.add_lun(backing, 8 * MiB, thin=True)
+    async with open_iscsi(url, writable=True) as lun:
+        await lun.pwrite_zeroes(0, lun.size, may_unmap=True, fast=True)
+        data = os.urandom(MiB)
+        await lun.pwrite(2 * MiB, data)
+        await lun.pwrite(5 * MiB, data)
+        await lun.flush()
+        tiles = await check_block_status_tiles(lun)
+        expected = [
+            (0, 2 * MiB, ExtentKind.HOLE),
+            (2 * MiB, MiB, ExtentKind.DATA),
+            (3 * MiB, 2 * MiB, ExtentKind.HOLE),
+            (5 * MiB, MiB, ExtentKind.DATA),
+            (6 * MiB, 2 * MiB, ExtentKind.HOLE),
+        ]
+        assert tiles == expected
+        await lun.discard(5 * MiB, MiB)
+        assert (await lun.block_status(5 * MiB, MiB)).kind is ExtentKind.HOLE
+        assert await lun.pread(5 * MiB, 4096) == bytes(4096)
+    holes = [m for m in qemu_map(backing) if not m["data"]]
+    assert sum(m["length"] for m in holes) == 7 * MiB
+
+
+async def test_thick_lun_refuses_fast_zeroes(iscsi_target: ISCSITarget, tmp_path: Path) -> None:
+    url = iscsi_target.add_lun(tmp_path / "lun.img", MiB)
+    async with open_iscsi(url, writable=True) as lun:
+        with pytest.raises(trioconv.ZeroesNotSupported):
+            await lun.pwrite_zeroes(0, MiB, may_unmap=True, fast=True)
+        await lun.pwrite(0, b"\xff" * MiB)
+        await lun.pwrite_zeroes(4096, 8192)  # WRITE SAME, written by the target
+        assert await lun.pread(0, 16384) == b"\xff" * 4096 + bytes(8192) + b"\xff" * 4096
+
+
+async def test_read_only_lun_refuses_writes(iscsi_target: ISCSITarget, tmp_path: Path) -> None:
+    url = iscsi_target.add_lun(tmp_path / "lun.img", MiB)
+    async with open_iscsi(url) as lun:
+        with pytest.raises(trioconv.UnsupportedError):
+            await lun.pwrite(0, bytes(512))
+
+
+# -- login and addressing ---------------------------------------------------------------------
+
+
+def test_chap(iscsi_target: ISCSITarget, mixed_src: Path, tmp_path: Path) -> None:
+    backing = tmp_path / "lun.img"
+    url = iscsi_target.add_lun(backing, 8 * MiB, chap=("alice", "s3cret-passw0rd"))
+    assert "alice%s3cret-passw0rd@" in url
+    result = trioconv_cli("convert", "-n", "-O", "raw", mixed_src, url)
+    assert result.returncode == 0, result.stderr
+    assert_identical(mixed_src, backing)
+
+    wrong = url.replace("s3cret-passw0rd", "wrong-password1")
+    line = one_line_error(trioconv_cli("convert", "-n", "-O", "raw", mixed_src, wrong))
+    assert "authentication failed" in line
+    assert "wrong-password1" not in line  # passwords never reach messages
+
+    address = parse_iscsi_uri(url)
+    anonymous = f"iscsi://{address.host}:{address.port}/{address.target}/{address.lun}"
+    line = one_line_error(trioconv_cli("convert", "-n", "-O", "raw", mixed_src, anonymous))
+    assert "authentication" in line
+
+
+def test_wrong_iqn_lun_and_port(iscsi_target: ISCSITarget, mixed_src: Path, tmp_path: Path) -> None:
+    url = iscsi_target.add_lun(tmp_path / "lun.img", 8 * MiB)
+    address = parse_iscsi_uri(url)
+    base = f"iscsi://{address.host}:{address.port}"
+    cases = [
+        (f"{base}/iqn.2024-01.nowhere:nothing/1", "target not found"),
+        (f"{base}/{address.target}/7", "LUN 7 of target"),
+        (f"{base}/{address.target}/0", "not a disk"),
+        (f"iscsi://127.0.0.1:1/{address.target}/1", "Connection refused"),
+        (f"{base}/{address.target}", "target-iqn/lun"),
+    ]
+    for bad, expected in cases:
+        line = one_line_error(trioconv_cli("convert", "-n", "-O", "raw", mixed_src, bad))
+        assert expected in line, (bad, line)
+        line = one_line_error(trioconv_cli("convert", "-O", "raw", bad, tmp_path / "out.img"))
+        assert expected in line, (bad, line)
+        assert not (tmp_path / "out.img").exists()
+
+
+# -- faults -------------------------------------------------------------------------------------
+
+
+async def kill_when_copying(
+    target: ISCSITarget, memory: MemoryDriver, killed_at: list[float]
+) -> None:
+    """Kill the target once the copy is under way; note when."""
+    for _ in range(1000):
+        if memory.log:
+            break
+        await trio.sleep(0.01)
+    await trio.sleep(0.1)
+    target.stop(kill=True)
+    killed_at.append(trio.current_time())
+
+
+@pytest.mark.parametrize("direction", ["read", "write"])
+async def test_target_killed_mid_copy(
+    iscsi_target: ISCSITarget, tmp_path: Path, direction: str
+) -> None:
+    """Killing the target fails the conversion promptly, with one line naming it."""
+    url = iscsi_target.add_lun(tmp_path / "lun.img", 64 * MiB)
+    try:
+        memory: MemoryDriver
+        if direction == "read":
+            (tmp_path / "lun.img").write_bytes(os.urandom(64 * MiB))
+            memory = MemoryDriver(64 * MiB, delay=0.02)
+            source: str | MemoryDriver = url
+            target: str | MemoryDriver = memory
+            opts = ConvertOptions()
+        else:
+            memory = MemoryDriver(data=os.urandom(64 * MiB), delay=0.02, block_status=False)
+            source, target = memory, url
+            opts = ConvertOptions(no_create=True)
+        killed_at: list[float] = []
+        errors: list[ConvertError] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(kill_when_copying, iscsi_target, memory, killed_at)
+            try:
+                await trioconv.convert(source, target, opts)
+            except ConvertError as exc:
+                errors.append(exc)
+        assert killed_at, "the copy ended before the target was stopped"
+        assert errors, "the conversion succeeded although the target was killed"
+        assert trio.current_time() - killed_at[0] < FAULT_DEADLINE
+        message = str(errors[0])
+        assert "\n" not in message and "iSCSI target" in message, message
+    finally:
+        iscsi_target.start()
+
+
+async def test_driver_after_connection_loss_raises(
+    iscsi_target: ISCSITarget, tmp_path: Path
+) -> None:
+    url = iscsi_target.add_lun(tmp_path / "lun.img", MiB)
+    try:
+        with pytest.raises(BaseExceptionGroup) as info:  # noqa: PT012
+            async with trioconv.open_image(url, "raw") as image:
+                await image.pread(0, 4096)
+                iscsi_target.stop(kill=True)
+                await trio.sleep(FAULT_DEADLINE)  # the reader's failure cancels this
+        assert info.value.split(TrioconvIOError)[0] is not None
+    finally:
+        iscsi_target.start()

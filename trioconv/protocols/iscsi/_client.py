@@ -1,0 +1,1075 @@
+"""A Trio iSCSI initiator: one session, one connection, many SCSI commands in flight.
+
+Opening ``iscsi://[user%password@]host[:port]/target-iqn/lun`` connects, logs in
+(:mod:`._login`), starts the reader task and then asks the LUN, one command at a time,
+whether it is a disk, how large it is and how it is provisioned. After that any number of
+tasks may issue commands at once:
+
+* Each command gets an *initiator task tag* (ITT) and, when it is sent, the next
+  *CmdSN*. The target says how far it will accept commands (MaxCmdSN, in every
+  response); a command waits while the window is closed. Commands go out whole under a
+  send lock, shielded from cancellation, so a half-sent PDU can never corrupt the stream
+  and CmdSNs reach the target in order.
+* One reader task frames PDUs and routes them by ITT. Data-In segments are received
+  straight into the reader's buffer of the task that asked (``recv_into``: at most one
+  copy, often none); a SCSI Response or a Data-In with status completes the task;
+  an R2T (ready to transfer) wakes a writing task, which answers it with Data-Out PDUs
+  sent in one vectored ``sendmsg``.
+* Writes use what login allowed: the first part goes as *immediate data* inside the
+  command PDU and, when InitialR2T is No, more follows *unsolicited* up to
+  FirstBurstLength; the rest waits for R2Ts.
+
+If the connection drops, the reader fails every waiting command at once and raises,
+which cancels whatever runs inside :func:`open_iscsi`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno as errno_mod
+import itertools
+import os
+import socket
+import urllib.parse
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from ..._errors import ImageError, TrioconvIOError, UnsupportedError, ZeroesNotSupported
+from ..._open import is_iscsi_uri as is_iscsi_uri
+from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
+from . import _login as login_mod
+from . import _pdu as pdu
+from . import _scsi as scsi
+from ._pdu import BHS, Opcode
+from ._scsi import SCSIStatus, SenseKey
+
+__all__ = [
+    "ISCSIAddress",
+    "ISCSIDriver",
+    "is_iscsi_uri",
+    "open_iscsi",
+    "parse_iscsi_uri",
+]
+
+DEFAULT_PORT = 3260
+#: The initiator's name unless ``?initiator-name=`` says otherwise.
+DEFAULT_INITIATOR = "iqn.2024-01.io.trioconv:initiator"
+#: Seconds allowed for connecting, logging in and the opening commands; and for logout.
+OPEN_TIMEOUT = 30.0
+CLOSE_TIMEOUT = 5.0
+#: The largest READ/WRITE sent whatever the LUN allows.
+_MAX_TRANSFER = 8 * 1024 * 1024
+#: The largest range one WRITE SAME or GET LBA STATUS covers.
+_MAX_ZERO_BLOCKS = 0x400000  # 2 GiB of 512-byte blocks
+_STATUS_ALLOC = 8 + 16 * 64
+#: Retries of a command the target answers with UNIT ATTENTION, BUSY or TASK SET FULL.
+_RETRIES = 10
+_BUSY_DELAY = 0.01
+_RECV_BUFFER = 256 * 1024
+_MAX_IOV = 512
+
+
+@attrs.frozen
+class ISCSIAddress:
+    """Where a LUN lives, parsed from ``iscsi://[user[%password]@]host[:port]/iqn/lun``."""
+
+    host: str
+    target: str
+    lun: int
+    port: int = DEFAULT_PORT
+    user: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+    initiator: str = DEFAULT_INITIATOR
+
+    @property
+    def uri(self) -> str:
+        """The address as a URL, without the password (for messages)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        port = f":{self.port}" if self.port != DEFAULT_PORT else ""
+        user = f"{urllib.parse.quote(self.user)}@" if self.user else ""
+        return f"iscsi://{user}{host}{port}/{self.target}/{self.lun}"
+
+
+def parse_iscsi_uri(uri: str) -> ISCSIAddress:
+    """Parse an ``iscsi://`` URL as libiscsi and QEMU do.
+
+    The password, when the URL carries one, follows the user after a ``%``
+    (``iscsi://admin%secret@host/iqn.2024-01.example:disk/1``); LUN 0 is usually the
+    target's controller, so disks start at LUN 1 on most targets.
+
+    Raises:
+        ImageError: the URL is malformed.
+    """
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme.lower() != "iscsi":
+        raise ImageError(f"'{uri}' is not an iSCSI URL")
+    userinfo, at, _host = parts.netloc.rpartition("@")
+    shown = uri.replace(userinfo, userinfo.partition("%")[0] + "%***") if "%" in userinfo else uri
+    if not parts.hostname:
+        raise ImageError(f"'{shown}': missing host")
+    user = password = None
+    if at:
+        name, pct, secret = userinfo.partition("%")
+        user = urllib.parse.unquote(name)
+        password = urllib.parse.unquote(secret) if pct else os.environ.get("LIBISCSI_CHAP_PASSWORD")
+        if not user:
+            raise ImageError(f"'{shown}': empty user name")
+        if password is None:
+            raise ImageError(f"'{shown}': the URL names a CHAP user but no password")
+    try:
+        port = parts.port or DEFAULT_PORT
+    except ValueError:
+        raise ImageError(f"'{shown}': invalid port") from None
+    names = [n for n in urllib.parse.unquote(parts.path).split("/") if n]
+    if len(names) != 2:
+        raise ImageError(f"'{shown}': the URL must be iscsi://host[:port]/target-iqn/lun")
+    target, lun_text = names
+    try:
+        lun = int(lun_text)
+    except ValueError:
+        raise ImageError(f"'{shown}': the LUN must be a number, not '{lun_text}'") from None
+    if not 0 <= lun < 16384:
+        raise ImageError(f"'{shown}': LUN {lun} out of range")
+    initiator = DEFAULT_INITIATOR
+    for key, values in urllib.parse.parse_qs(parts.query, keep_blank_values=True).items():
+        if key != "initiator-name" or not values[-1]:
+            raise ImageError(f"'{shown}': unknown URL parameter '{key}'")
+        initiator = values[-1]
+    return ISCSIAddress(
+        host=parts.hostname,
+        target=target,
+        lun=lun,
+        port=port,
+        user=user,
+        password=password,
+        initiator=initiator,
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """Readable cause of a connection failure (trio hides errnos in ``__cause__``)."""
+    todo: list[BaseException] = [exc]
+    while todo:
+        item = todo.pop(0)
+        if isinstance(item, OSError) and item.errno:
+            return os.strerror(item.errno)
+        if isinstance(item, BaseExceptionGroup):
+            todo.extend(item.exceptions)
+        if item.__cause__ is not None:
+            todo.append(item.__cause__)
+    return str(exc) or type(exc).__name__
+
+
+class CommandError(Exception):
+    """A SCSI command ended with a status other than GOOD."""
+
+    def __init__(self, status: int, sense: scsi.Sense | None) -> None:
+        self.status = status
+        self.sense = sense
+        if sense is not None:
+            text = sense.text
+        else:
+            try:
+                text = f"SCSI status {SCSIStatus(status).name.replace('_', ' ').lower()}"
+            except ValueError:
+                text = f"SCSI status 0x{status:02x}"
+        super().__init__(text)
+
+    @property
+    def unsupported(self) -> bool:
+        """ILLEGAL REQUEST for the opcode or a CDB field: the LUN does not do this."""
+        s = self.sense
+        return s is not None and s.key == SenseKey.ILLEGAL_REQUEST and s.asc in (0x20, 0x24)
+
+
+@attrs.define(eq=False)
+class _Task:
+    """One command in flight, as the reader sees it."""
+
+    itt: int
+    data_in: memoryview | None = None
+    received: int = 0
+    header: BHS | None = None
+    segment: bytes = b""
+    error: TrioconvIOError | None = None
+    done: trio.Event = attrs.field(factory=trio.Event)
+    r2ts: list[tuple[int, int, int]] = attrs.field(factory=list)
+    r2t_ready: trio.Event = attrs.field(factory=trio.Event)
+
+    def finish(self) -> None:
+        """The command is over (status, error or rejection): wake whoever waits."""
+        self.done.set()
+        self.r2t_ready.set()
+
+
+class Connection:
+    """A logged-in iSCSI connection: sequence numbers, the reader, and commands."""
+
+    def __init__(self, stream: trio.SocketStream, what: str) -> None:
+        self._stream = stream
+        self._sock = stream.socket
+        self.what = what
+        self._buf = bytearray(_RECV_BUFFER)
+        self._start = 0
+        self._end = 0
+        self._pending: dict[int, _Task] = {}
+        self._itts = itertools.count(1)
+        self._send_lock = trio.Lock()
+        self._window = trio.Event()
+        self.cmd_sn = 0
+        self.max_cmd_sn = 0
+        self.exp_stat_sn = 0
+        self.params = login_mod.Params()
+        self.broken: TrioconvIOError | None = None
+        self._closing = False
+        self._nursery: trio.Nursery | None = None
+
+    @classmethod
+    async def connect(cls, address: ISCSIAddress) -> Connection:
+        stream = await trio.open_tcp_stream(address.host, address.port)
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return cls(stream, address.uri)
+
+    # -- receiving ---------------------------------------------------------------------
+    async def _fill(self, want: int) -> None:
+        """Make at least ``want`` bytes available in the receive buffer."""
+        if self._end - self._start >= want:
+            return
+        if self._start:
+            remaining = self._end - self._start
+            self._buf[:remaining] = self._buf[self._start : self._end]
+            self._start, self._end = 0, remaining
+        if want > len(self._buf):
+            self._buf.extend(bytes(want - len(self._buf)))
+        view = memoryview(self._buf)
+        while self._end < want:
+            n = await self._sock.recv_into(view[self._end :])
+            if not n:
+                raise TrioconvIOError("the target closed the connection")
+            self._end += n
+
+    async def _recv_exact(self, n: int) -> bytes:
+        await self._fill(n)
+        data = bytes(self._buf[self._start : self._start + n])
+        self._start += n
+        return data
+
+    async def _recv_into(self, dest: memoryview) -> None:
+        """Fill ``dest`` from the buffer, then straight from the socket."""
+        have = min(self._end - self._start, dest.nbytes)
+        if have:
+            dest[:have] = self._buf[self._start : self._start + have]
+            self._start += have
+        pos = have
+        while pos < dest.nbytes:
+            n = await self._sock.recv_into(dest[pos:])
+            if not n:
+                raise TrioconvIOError("the target closed the connection")
+            pos += n
+
+    async def _skip(self, n: int) -> None:
+        while n:
+            await self._fill(min(n, len(self._buf)))
+            step = min(n, self._end - self._start)
+            self._start += step
+            n -= step
+
+    async def read_pdu(self) -> tuple[BHS, bytes]:
+        """Receive one whole PDU (login phase and tests; the reader has its own loop)."""
+        header = pdu.decode_bhs(await self._recv_exact(pdu.BHS_SIZE))
+        await self._skip(header.ahs_length)
+        data = await self._recv_exact(header.data_length + pdu.pad_length(header.data_length))
+        return header, data[: header.data_length]
+
+    # -- sending -------------------------------------------------------------------------
+    async def _sendv(self, parts: list[Buffer]) -> None:
+        """Send ``parts`` in order with vectored writes (no joining of the buffers)."""
+        views = [memoryview(p).cast("B") for p in parts if len(p)]
+        while views:
+            batch = views[:_MAX_IOV]
+            sent = await self._sock.sendmsg(batch)
+            while sent and views:
+                first = views[0]
+                if sent >= first.nbytes:
+                    sent -= first.nbytes
+                    views.pop(0)
+                else:
+                    views[0] = first[sent:]
+                    sent = 0
+
+    async def send(self, parts: list[Buffer]) -> None:
+        """Send PDUs whole, shielded from cancellation, under the send lock."""
+        if self.broken is not None:
+            raise self.broken
+        async with self._send_lock:
+            with trio.CancelScope(shield=True):
+                await self._send_locked(parts)
+
+    async def _send_locked(self, parts: list[Buffer]) -> None:
+        try:
+            await self._sendv(parts)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self.broken or TrioconvIOError(
+                f"{self.what}: connection to the iSCSI target lost: {_reason(exc)}"
+            ) from exc
+
+    def _note_sequence(self, header: BHS) -> None:
+        """Advance ExpStatSN and the command window from a target response."""
+        op = header.opcode
+        if op is Opcode.NOP_IN and header.itt == pdu.RESERVED_TAG:
+            # A ping from the target carries the *next* StatSN without using it up.
+            if pdu.sn_lt(self.exp_stat_sn, header.stat_sn):
+                self.exp_stat_sn = header.stat_sn
+        elif op is not Opcode.R2T and (op is not Opcode.DATA_IN or header.has_status):
+            self.exp_stat_sn = (header.stat_sn + 1) & 0xFFFFFFFF
+        exp, most = header.exp_cmd_sn, header.max_cmd_sn
+        # RFC 7143 4.2.2.1: ignore MaxCmdSN < ExpCmdSN - 1 (a stale or bogus window).
+        if pdu.sn_lt(most, (exp - 1) & 0xFFFFFFFF):
+            return
+        if pdu.sn_lt(self.max_cmd_sn, most):
+            self.max_cmd_sn = most
+            window, self._window = self._window, trio.Event()
+            window.set()
+
+    async def reader(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Receive PDUs and route them to their commands until the connection closes."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                await self._read_loop()
+            except (
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+                OSError,
+                pdu.ProtocolError,
+                TrioconvIOError,
+            ) as exc:
+                nursery.cancel_scope.cancel()
+                if self._closing:
+                    return
+                error = TrioconvIOError(
+                    f"{self.what}: connection to the iSCSI target lost: {_reason(exc)}",
+                    errno=errno_mod.EIO,
+                )
+                self.broken = error
+                for task in self._pending.values():
+                    task.error = error
+                    task.finish()
+                self._pending.clear()
+                window, self._window = self._window, trio.Event()
+                window.set()
+                raise error from exc
+
+    async def _read_loop(self) -> None:
+        while True:
+            header = pdu.decode_bhs(await self._recv_exact(pdu.BHS_SIZE))
+            await self._skip(header.ahs_length)
+            n = header.data_length
+            padding = pdu.pad_length(n)
+            self._note_sequence(header)
+            op = header.opcode
+            task = self._pending.get(header.itt)
+            if op is Opcode.DATA_IN:
+                offset = header.word40
+                if task is not None and task.data_in is not None:
+                    if offset + n > task.data_in.nbytes:
+                        raise pdu.ProtocolError(
+                            f"Data-In at offset {offset}+{n} beyond the "
+                            f"{task.data_in.nbytes} bytes asked for"
+                        )
+                    await self._recv_into(task.data_in[offset : offset + n])
+                    task.received += n
+                    await self._skip(padding)
+                else:
+                    await self._skip(n + padding)
+                if header.has_status and task is not None:
+                    task.header = header
+                    task.finish()
+                continue
+            data = await self._recv_exact(n + padding) if n + padding else b""
+            if op is Opcode.R2T:
+                if task is not None:
+                    task.r2ts.append((header.ttt, header.word40, header.word44))
+                    task.r2t_ready.set()
+            elif op is Opcode.NOP_IN:
+                if header.ttt != pdu.RESERVED_TAG and self._nursery is not None:
+                    # The target pings: answer with the same TTT and its data.
+                    self._nursery.start_soon(self._answer_ping, header, data[:n])
+                elif task is not None:
+                    task.header = header
+                    task.finish()
+            elif op is Opcode.ASYNC_MESSAGE:
+                event = header.async_event
+                if event in (1, 2, 3):
+                    what = "asked to log out" if event == 1 else "is dropping the connection"
+                    raise TrioconvIOError(f"the target {what}")
+            elif op is Opcode.REJECT:
+                rejected = data[16:20]
+                itt = int.from_bytes(rejected, "big") if len(rejected) == 4 else -1
+                victim = self._pending.get(itt)
+                if victim is None:
+                    raise pdu.ProtocolError(f"the target rejected a PDU (reason 0x{header.b2:02x})")
+                victim.error = TrioconvIOError(
+                    f"{self.what}: the target rejected the command (reason 0x{header.b2:02x})",
+                    errno=errno_mod.EIO,
+                )
+                victim.finish()
+            elif task is not None:
+                # SCSI Response, Logout/Text/Task management responses.
+                task.header = header
+                task.segment = data[:n]
+                task.finish()
+
+    async def _answer_ping(self, header: BHS, data: bytes) -> None:
+        reply = pdu.encode_nop_out(
+            lun=pdu.decode_lun(header.field8),
+            itt=pdu.RESERVED_TAG,
+            ttt=header.ttt,
+            cmd_sn=self.cmd_sn,
+            exp_stat_sn=self.exp_stat_sn,
+            data=data,
+        )
+        async with self._send_lock:
+            with trio.CancelScope(shield=True):
+                await self._send_locked([reply])
+
+    # -- commands -------------------------------------------------------------------------
+    def _new_task(self, data_in: memoryview | None = None) -> _Task:
+        if self.broken is not None:
+            raise self.broken
+        if self._closing:
+            raise TrioconvIOError(f"{self.what}: connection is closed")
+        while True:
+            itt = next(self._itts) & 0x7FFFFFFF
+            if itt and itt not in self._pending:
+                break
+        task = _Task(itt, data_in)
+        self._pending[itt] = task
+        return task
+
+    async def command(
+        self,
+        lun: int,
+        cdb: bytes,
+        *,
+        data_in: memoryview | None = None,
+        data_out: memoryview | None = None,
+    ) -> _Task:
+        """Run one SCSI command; return its task once the status is in.
+
+        Raises:
+            CommandError: the status was not GOOD (after retrying unit attentions and a
+                busy target).
+            TrioconvIOError: the connection failed.
+        """
+        for attempt in itertools.count():
+            task = self._new_task(data_in)
+            try:
+                await self._issue(task, lun, cdb, data_in, data_out)
+                await task.done.wait()
+            finally:
+                self._pending.pop(task.itt, None)
+            if task.error is not None:
+                raise task.error
+            header = task.header
+            assert header is not None
+            status = header.status
+            if header.opcode is Opcode.SCSI_RESPONSE and header.b2 != 0:
+                raise TrioconvIOError(
+                    f"{self.what}: the target failed the command (iSCSI response "
+                    f"0x{header.b2:02x})",
+                    errno=errno_mod.EIO,
+                )
+            if status == SCSIStatus.GOOD or status == SCSIStatus.CONDITION_MET:
+                return task
+            sense = scsi.sense_of_response(task.segment) if task.segment else None
+            if attempt < _RETRIES:
+                if status in (SCSIStatus.BUSY, SCSIStatus.TASK_SET_FULL):
+                    await trio.sleep(_BUSY_DELAY * (attempt + 1))
+                    continue
+                if sense is not None and sense.key == SenseKey.UNIT_ATTENTION:
+                    continue
+            raise CommandError(status, sense)
+        raise AssertionError("unreachable")
+
+    async def _issue(
+        self,
+        task: _Task,
+        lun: int,
+        cdb: bytes,
+        data_in: memoryview | None,
+        data_out: memoryview | None,
+    ) -> None:
+        """Send the command (and, for writes, all its data) once the window allows."""
+        total = data_out.nbytes if data_out is not None else 0
+        params = self.params
+        immediate = unsolicited = 0
+        if total:
+            burst = min(total, params.first_burst)
+            if params.immediate_data:
+                immediate = min(burst, params.max_send_segment)
+            if not params.initial_r2t:
+                unsolicited = burst - immediate
+        expected = data_in.nbytes if data_in is not None else total
+        while True:
+            async with self._send_lock:
+                if self.broken is not None:
+                    raise self.broken
+                if pdu.sn_le(self.cmd_sn, self.max_cmd_sn):
+                    cmd_sn = self.cmd_sn
+                    self.cmd_sn = (cmd_sn + 1) & 0xFFFFFFFF
+                    head = pdu.encode_scsi_command(
+                        lun=lun,
+                        itt=task.itt,
+                        cdb=cdb,
+                        expected_length=expected,
+                        cmd_sn=cmd_sn,
+                        exp_stat_sn=self.exp_stat_sn,
+                        read=data_in is not None,
+                        write=data_out is not None,
+                        final=unsolicited == 0,
+                        immediate_length=immediate,
+                    )
+                    parts: list[Buffer] = [head]
+                    if immediate:
+                        assert data_out is not None
+                        parts += [data_out[:immediate], bytes(pdu.pad_length(immediate))]
+                    if unsolicited:
+                        assert data_out is not None
+                        self._data_out(parts, task.itt, lun, pdu.RESERVED_TAG, data_out,
+                                       immediate, unsolicited)  # fmt: skip
+                    with trio.CancelScope(shield=True):
+                        await self._send_locked(parts)
+                    break
+                window = self._window
+            await window.wait()
+        remaining = total - immediate - unsolicited
+        if data_out is None or remaining <= 0:
+            return
+        # The rest goes when the target asks for it. Shielded: a write whose data never
+        # comes would hold the target's task (and our CmdSN slot) forever.
+        with trio.CancelScope(shield=True):
+            while remaining > 0 and not task.done.is_set():
+                await task.r2t_ready.wait()
+                if task.done.is_set():
+                    break
+                task.r2t_ready = trio.Event()
+                while task.r2ts:
+                    ttt, offset, length = task.r2ts.pop(0)
+                    if offset + length > total or not length:
+                        raise pdu.ProtocolError(
+                            f"R2T for {length} bytes at {offset} of a {total}-byte write"
+                        )
+                    parts = []
+                    self._data_out(parts, task.itt, lun, ttt, data_out, offset, length)
+                    await self.send(parts)
+                    remaining -= length
+
+    def _data_out(
+        self,
+        parts: list[Buffer],
+        itt: int,
+        lun: int,
+        ttt: int,
+        data: memoryview,
+        offset: int,
+        length: int,
+    ) -> None:
+        """Append the Data-Out PDUs of one sequence (``length`` bytes from ``offset``)."""
+        step = self.params.max_send_segment
+        end = offset + length
+        for data_sn, pos in enumerate(range(offset, end, step)):
+            n = min(step, end - pos)
+            parts.append(
+                pdu.encode_data_out(
+                    lun=lun,
+                    itt=itt,
+                    ttt=ttt,
+                    exp_stat_sn=self.exp_stat_sn,
+                    data_sn=data_sn,
+                    buffer_offset=pos,
+                    length=n,
+                    final=pos + n >= end,
+                )
+            )
+            parts.append(data[pos : pos + n])
+            if n % 4:
+                parts.append(bytes(pdu.pad_length(n)))
+
+    async def logout(self) -> None:
+        """Log out (reason: close the session) and wait briefly for the answer."""
+        task = self._new_task()
+        self._closing = True  # the target closes the connection after answering
+        try:
+            request = pdu.encode_logout(
+                itt=task.itt, cid=0, cmd_sn=self.cmd_sn, exp_stat_sn=self.exp_stat_sn
+            )
+            await self.send([request])
+            await task.done.wait()
+        finally:
+            self._pending.pop(task.itt, None)
+
+    async def aclose(self) -> None:
+        self._closing = True
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose()
+
+
+# -- opening ---------------------------------------------------------------------------------
+
+
+async def _login(conn: Connection, address: ISCSIAddress) -> None:
+    chap = (address.user, address.password or "") if address.user else None
+    state = login_mod.Login(address.initiator, address.target, login_mod.new_isid(), chap=chap)
+    request: bytes | None = state.start()
+    while request is not None:
+        await conn.send([request])
+        header, data = await conn.read_pdu()
+        if header.opcode is Opcode.REJECT:
+            raise login_mod.LoginError("the target rejected the login request")
+        if header.opcode is not Opcode.LOGIN_RESPONSE:
+            raise login_mod.LoginError(f"unexpected {header.opcode.name} during login")
+        request = state.receive(header, data)
+    conn.params = state.params
+    conn.cmd_sn = state.cmd_sn
+    conn.exp_stat_sn = state.exp_stat_sn
+    conn.max_cmd_sn = state.max_cmd_sn
+
+
+@attrs.frozen
+class _Geometry:
+    capacity: scsi.Capacity
+    limits: scsi.BlockLimits
+    provisioning: scsi.Provisioning
+    vendor: str
+    product: str
+
+
+async def _probe(conn: Connection, address: ISCSIAddress) -> _Geometry:
+    """Check that the LUN is a ready disk; read its size, limits and provisioning."""
+    lun = address.lun
+    where = f"LUN {lun} of target '{address.target}'"
+    inquiry_buf = memoryview(bytearray(96))
+    try:
+        await conn.command(lun, scsi.cdb_inquiry(None, 96), data_in=inquiry_buf)
+    except CommandError as exc:
+        sense = exc.sense
+        if sense is not None and sense.asc == 0x25:  # LOGICAL UNIT NOT SUPPORTED
+            raise ImageError(f"Could not open '{address.uri}': {where} does not exist") from exc
+        raise ImageError(f"Could not open '{address.uri}': INQUIRY failed: {exc}") from exc
+    inquiry = scsi.decode_inquiry(inquiry_buf)
+    if not inquiry.connected:
+        raise ImageError(f"Could not open '{address.uri}': {where} does not exist")
+    if inquiry.device_type != scsi.TYPE_DISK:
+        raise ImageError(
+            f"Could not open '{address.uri}': {where} is not a disk (peripheral device "
+            f"type 0x{inquiry.device_type:02x}; LUN 0 is usually the target's controller)"
+        )
+    for attempt in range(_RETRIES):
+        try:
+            await conn.command(lun, scsi.cdb_test_unit_ready())
+            break
+        except CommandError as exc:
+            sense = exc.sense
+            becoming = sense is not None and (sense.asc, sense.ascq) == (0x04, 0x01)
+            if not becoming or attempt == _RETRIES - 1:
+                raise ImageError(
+                    f"Could not open '{address.uri}': {where} is not ready: {exc}"
+                ) from exc
+            await trio.sleep(0.2)
+    cap_buf = memoryview(bytearray(32))
+    try:
+        await conn.command(lun, scsi.cdb_read_capacity_16(32), data_in=cap_buf)
+        capacity = scsi.decode_read_capacity_16(cap_buf)
+    except (CommandError, scsi.DecodeError) as exc:
+        raise ImageError(f"Could not open '{address.uri}': READ CAPACITY failed: {exc}") from exc
+    limits = scsi.BlockLimits()
+    provisioning = scsi.Provisioning()
+    pages: set[int] = set()
+    page_buf = memoryview(bytearray(255))
+    try:
+        await conn.command(lun, scsi.cdb_inquiry(scsi.VPD_SUPPORTED_PAGES), data_in=page_buf)
+        pages = scsi.decode_supported_pages(page_buf)
+        if scsi.VPD_BLOCK_LIMITS in pages:
+            buf = memoryview(bytearray(64))
+            await conn.command(lun, scsi.cdb_inquiry(scsi.VPD_BLOCK_LIMITS, 64), data_in=buf)
+            limits = scsi.decode_block_limits(buf)
+        if scsi.VPD_LOGICAL_BLOCK_PROVISIONING in pages and capacity.lbpme:
+            buf = memoryview(bytearray(64))
+            page = scsi.VPD_LOGICAL_BLOCK_PROVISIONING
+            await conn.command(lun, scsi.cdb_inquiry(page, 64), data_in=buf)
+            provisioning = scsi.decode_provisioning(buf)
+    except (CommandError, scsi.DecodeError):
+        pass  # VPD pages are optional: keep the defaults
+    return _Geometry(capacity, limits, provisioning, inquiry.vendor, inquiry.product)
+
+
+# -- the driver ------------------------------------------------------------------------------
+
+
+class ISCSIDriver(Driver):
+    """A LUN behind an iSCSI target. Made by :func:`open_iscsi`, which runs its reader.
+
+    Reads and writes are READ(16)/WRITE(16) of whole logical blocks (unaligned ends are
+    read, merged and written back). On a thin-provisioned LUN (LBPME) zeroes go as WRITE
+    SAME with UNMAP, which deallocates instead of writing, and GET LBA STATUS answers
+    block status; on a thick LUN zeroes go as plain WRITE SAME, which the target expands
+    without the zeroes crossing the network.
+    """
+
+    name = "iscsi"
+
+    def __init__(
+        self, conn: Connection, address: ISCSIAddress, geometry: _Geometry, *, writable: bool
+    ) -> None:
+        self._conn = conn
+        self._lun = address.lun
+        self.location = address.uri
+        self._geometry = geometry
+        self._writable = writable
+        cap = geometry.capacity
+        self._bs = cap.block_size
+        self._size = cap.size
+        most = _MAX_TRANSFER
+        if geometry.limits.max_transfer:
+            most = min(most, geometry.limits.max_transfer * self._bs)
+        self._max_transfer = max(self._bs, most - most % self._bs)
+        opt = geometry.limits.opt_transfer * self._bs
+        self._opt_transfer = min(opt, self._max_transfer) if opt else 0
+        self._thin = cap.lbpme
+        self._zeroes = writable  # WRITE SAME, until the LUN says it has none
+        self._unmap = cap.lbpme and (geometry.provisioning.write_same_16 or cap.lbprz)
+        self._status = cap.lbpme
+        ws = geometry.limits.max_write_same
+        self._max_same = min(ws, _MAX_ZERO_BLOCKS) if ws else _MAX_ZERO_BLOCKS
+        self._rmw_lock = trio.Lock()
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def block_size(self) -> int:
+        return self._bs
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(
+            request_alignment=self._bs,
+            max_transfer=self._max_transfer,
+            opt_transfer=self._opt_transfer,
+        )
+
+    @property
+    def caps(self) -> Caps:
+        return Caps(
+            writable=self._writable,
+            zeroes=self._writable and self._zeroes,
+            trim=self._writable and self._thin,
+            block_status=self._status,
+            zero_init=False,  # a LUN holds whatever it held before
+        )
+
+    def describe(self) -> dict[str, object]:
+        cap = self._geometry.capacity
+        return {
+            "iscsi": {
+                "block-size": cap.block_size,
+                "thin-provisioned": cap.lbpme,
+                "unmapped-reads-as-zero": cap.lbprz,
+                "vendor": self._geometry.vendor,
+                "product": self._geometry.product,
+            }
+        }
+
+    def _error(self, exc: Exception, what: str, offset: int) -> TrioconvIOError:
+        if isinstance(exc, TrioconvIOError):
+            return exc
+        return TrioconvIOError(
+            f"error while {what} {self.location} at byte {offset}: {exc}",
+            offset=offset,
+            errno=errno_mod.EIO,
+        )
+
+    async def _run(
+        self,
+        cdb: bytes,
+        what: str,
+        offset: int,
+        *,
+        data_in: memoryview | None = None,
+        data_out: memoryview | None = None,
+    ) -> _Task:
+        try:
+            return await self._conn.command(self._lun, cdb, data_in=data_in, data_out=data_out)
+        except (CommandError, pdu.ProtocolError) as exc:
+            raise self._error(exc, what, offset) from exc
+
+    # -- reads -----------------------------------------------------------------------------
+    async def preadinto(self, offset: int, buf: memoryview) -> None:
+        view = buf.cast("B") if buf.format != "B" else buf
+        if not view.nbytes:
+            return
+        bs = self._bs
+        end = offset + view.nbytes
+        if offset % bs or end % bs:
+            start = offset - offset % bs
+            stop = end + (-end % bs)
+            scratch = memoryview(bytearray(stop - start))
+            await self._read_aligned(start, scratch)
+            view[:] = scratch[offset - start : end - start]
+            return
+        await self._read_aligned(offset, view)
+
+    async def preadinto_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
+        async with trio.open_nursery() as nursery:
+            for offset, buf in requests:
+                nursery.start_soon(self.preadinto, offset, buf)
+
+    async def _read_aligned(self, offset: int, view: memoryview) -> None:
+        step = self._max_transfer
+        if view.nbytes <= step:
+            await self._read_piece(offset, view)
+            return
+        async with trio.open_nursery() as nursery:
+            for pos in range(0, view.nbytes, step):
+                nursery.start_soon(self._read_piece, offset + pos, view[pos : pos + step])
+
+    async def _read_piece(self, offset: int, view: memoryview) -> None:
+        if offset + view.nbytes > self._size:
+            raise TrioconvIOError(
+                f"error while reading {self.location} at byte {offset}: beyond the end "
+                f"of the LUN ({self._size} bytes)",
+                offset=offset,
+                errno=errno_mod.EINVAL,
+            )
+        cdb = scsi.cdb_read_16(offset // self._bs, view.nbytes // self._bs)
+        task = await self._run(cdb, "reading", offset, data_in=view)
+        if task.received < view.nbytes:
+            raise TrioconvIOError(
+                f"error while reading {self.location} at byte {offset}: the target sent "
+                f"{task.received} of {view.nbytes} bytes",
+                offset=offset,
+                errno=errno_mod.EIO,
+            )
+
+    # -- writes -----------------------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if not self._writable:
+            raise UnsupportedError(f"{self.location}: opened read-only")
+
+    async def pwrite(self, offset: int, data: Buffer) -> None:
+        self._check_writable()
+        view = memoryview(data).cast("B")
+        if not view.nbytes:
+            return
+        bs = self._bs
+        end = offset + view.nbytes
+        if offset % bs or end % bs:
+            await self._write_unaligned(offset, view)
+            return
+        await self._write_aligned(offset, view)
+
+    async def _write_unaligned(self, offset: int, view: memoryview) -> None:
+        """Read the blocks the ends fall in, merge, write back (one at a time)."""
+        bs = self._bs
+        end = offset + view.nbytes
+        start = offset - offset % bs
+        stop = end + (-end % bs)
+        async with self._rmw_lock:
+            scratch = memoryview(bytearray(stop - start))
+            await self._read_aligned(start, scratch[:bs])
+            if stop - bs > start:
+                await self._read_aligned(stop - bs, scratch[-bs:])
+            scratch[offset - start : end - start] = view
+            await self._write_aligned(start, scratch)
+
+    async def _write_aligned(self, offset: int, view: memoryview) -> None:
+        step = self._max_transfer
+        if view.nbytes <= step:
+            await self._write_piece(offset, view)
+            return
+        async with trio.open_nursery() as nursery:
+            for pos in range(0, view.nbytes, step):
+                nursery.start_soon(self._write_piece, offset + pos, view[pos : pos + step])
+
+    async def _write_piece(self, offset: int, view: memoryview) -> None:
+        if offset + view.nbytes > self._size:
+            raise TrioconvIOError(
+                f"error while writing {self.location} at byte {offset}: beyond the end "
+                f"of the LUN ({self._size} bytes)",
+                offset=offset,
+                errno=errno_mod.ENOSPC,
+            )
+        cdb = scsi.cdb_write_16(offset // self._bs, view.nbytes // self._bs)
+        await self._run(cdb, "writing", offset, data_out=view)
+
+    async def pwrite_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
+    ) -> None:
+        self._check_writable()
+        unmap = may_unmap and self._unmap
+        if fast and not unmap:
+            raise ZeroesNotSupported(f"{self.location}: zeroing is not fast on this LUN")
+        if not self._zeroes:
+            raise ZeroesNotSupported(f"{self.location}: the LUN has no WRITE SAME")
+        bs = self._bs
+        end = offset + length
+        head = min(end, offset + (-offset % bs))
+        tail = max(head, end - end % bs)
+        if head > offset:
+            await self._write_unaligned(offset, memoryview(bytes(head - offset)))
+        if tail > head:
+            block = memoryview(bytes(bs))
+            step = self._max_same * bs
+            async with trio.open_nursery() as nursery:
+                for pos in range(head, tail, step):
+                    n = min(step, tail - pos)
+                    nursery.start_soon(self._write_same, pos, n, block, unmap)
+        if end > tail:
+            await self._write_unaligned(tail, memoryview(bytes(end - tail)))
+
+    async def _write_same(self, offset: int, length: int, block: memoryview, unmap: bool) -> None:
+        cdb = scsi.cdb_write_same_16(offset // self._bs, length // self._bs, unmap=unmap)
+        try:
+            await self._conn.command(self._lun, cdb, data_out=block)
+        except CommandError as exc:
+            if exc.unsupported:
+                if unmap:
+                    self._unmap = False
+                else:
+                    self._zeroes = False
+                raise ZeroesNotSupported(f"{self.location}: WRITE SAME refused: {exc}") from exc
+            raise self._error(exc, "zeroing", offset) from exc
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Deallocate whole blocks of ``[offset, offset + length)`` with UNMAP (thin LUNs).
+
+        Unlike :meth:`pwrite_zeroes` this promises nothing about what the range reads as
+        afterwards, unless the LUN reports that unmapped blocks read as zeroes.
+        """
+        self._check_writable()
+        if not self._thin:
+            raise UnsupportedError(f"{self.location}: the LUN is not thin-provisioned")
+        bs = self._bs
+        first = -(-offset // bs)
+        last = (offset + length) // bs
+        most = self._geometry.limits.max_unmap or 0xFFFFFFFF
+        lba = first
+        while lba < last:
+            count = min(last - lba, most, 0xFFFFFFFF)
+            params = scsi.unmap_parameters([(lba, count)])
+            await self._run(
+                scsi.cdb_unmap(len(params)), "discarding", lba * bs, data_out=memoryview(params)
+            )
+            lba += count
+
+    # -- block status -----------------------------------------------------------------------
+    async def block_status(self, offset: int, length: int) -> Extent:
+        length = min(length, self._size - offset)
+        if not self._status:
+            return Extent(offset, length, ExtentKind.DATA)
+        bs = self._bs
+        lba = offset // bs
+        buf = memoryview(bytearray(_STATUS_ALLOC))
+        try:
+            await self._conn.command(
+                self._lun, scsi.cdb_get_lba_status(lba, _STATUS_ALLOC), data_in=buf
+            )
+            descriptors = scsi.decode_get_lba_status(buf)
+        except (CommandError, scsi.DecodeError):
+            self._status = False  # the LUN cannot tell: everything is data
+            return Extent(offset, length, ExtentKind.DATA)
+        for d in descriptors:
+            if d.lba <= lba < d.lba + d.blocks:
+                end = min((d.lba + d.blocks) * bs, offset + length)
+                if end <= offset:
+                    break
+                mapped = d.status is scsi.Provision.MAPPED
+                kind = (
+                    ExtentKind.DATA
+                    if mapped or not self._geometry.capacity.lbprz
+                    else (ExtentKind.HOLE)
+                )
+                return Extent(offset, end - offset, kind)
+        return Extent(offset, min(length, bs - offset % bs), ExtentKind.DATA)
+
+    async def flush(self) -> None:
+        if self._writable:
+            try:
+                await self._conn.command(self._lun, scsi.cdb_synchronize_cache_16())
+            except CommandError as exc:
+                if not exc.unsupported:
+                    raise self._error(exc, "flushing", 0) from exc
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+            if self._conn.broken is None:
+                with contextlib.suppress(TrioconvIOError):
+                    await self._conn.logout()
+        await self._conn.aclose()
+
+
+@asynccontextmanager
+async def open_iscsi(uri: str, *, writable: bool = False) -> AsyncIterator[ISCSIDriver]:
+    """Log in to an iSCSI target and open one of its LUNs as a driver.
+
+    The session (its connection and reader task) lives inside the ``async with``
+    block; leaving it logs out.
+
+    Raises:
+        ImageError: the target cannot be reached, refuses the login, or the LUN does
+            not exist or is not a disk.
+    """
+    address = parse_iscsi_uri(uri)
+    try:
+        with trio.fail_after(OPEN_TIMEOUT):
+            conn = await Connection.connect(address)
+    except OSError as exc:
+        raise ImageError(
+            f"Could not open '{address.uri}': {_reason(exc)} (iSCSI target at "
+            f"{address.host}:{address.port})"
+        ) from exc
+    except trio.TooSlowError:
+        raise ImageError(
+            f"Could not open '{address.uri}': the target did not answer in time"
+        ) from None
+    try:
+        try:
+            with trio.fail_after(OPEN_TIMEOUT):
+                await _login(conn, address)
+        except login_mod.LoginError as exc:
+            raise ImageError(f"Could not open '{address.uri}': login failed: {exc}") from exc
+        except (TrioconvIOError, pdu.ProtocolError) as exc:
+            raise ImageError(f"Could not open '{address.uri}': login failed: {exc}") from exc
+        except trio.TooSlowError:
+            raise ImageError(
+                f"Could not open '{address.uri}': the login did not finish in time"
+            ) from None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(conn.reader)
+            try:
+                with trio.fail_after(OPEN_TIMEOUT):
+                    geometry = await _probe(conn, address)
+            except trio.TooSlowError:
+                raise ImageError(
+                    f"Could not open '{address.uri}': the LUN did not answer in time"
+                ) from None
+            except TrioconvIOError as exc:
+                raise ImageError(f"Could not open '{address.uri}': {exc}") from exc
+            driver = ISCSIDriver(conn, address, geometry, writable=writable)
+            try:
+                yield driver
+            finally:
+                await driver.aclose()
+                nursery.cancel_scope.cancel()
+    finally:
+        await conn.aclose()
