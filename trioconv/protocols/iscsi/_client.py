@@ -889,8 +889,17 @@ class ISCSIDriver(Driver):
             scratch[offset - start : end - start] = view
             await self._write_aligned(start, scratch)
 
+    def _write_step(self) -> int:
+        """How much one WRITE carries: what the target takes without waiting for a second
+        R2T. Every further burst of a write costs a round trip (the target sends one R2T
+        at a time), so a large write goes as several WRITEs in flight together."""
+        params = self._conn.params
+        bs = self._bs
+        step = max(params.max_burst, params.first_burst, bs)
+        return max(bs, min(self._max_transfer, step - step % bs))
+
     async def _write_aligned(self, offset: int, view: memoryview) -> None:
-        step = self._max_transfer
+        step = self._write_step()
         if view.nbytes <= step:
             await self._write_piece(offset, view)
             return
