@@ -25,7 +25,7 @@ import trioconv
 from trioconv import ExtentKind, ImageError
 from trioconv.formats.vhdx import VhdxDriver
 from trioconv.formats.vhdx import _codec as codec
-from trioconv.formats.vhdx._driver import REPLAY_MESSAGE, plan_options
+from trioconv.formats.vhdx._driver import plan_options
 from trioconv.testing import check_block_status_tiles, check_driver
 
 from .conftest import assert_identical, require_tool, run, trioconv_cli
@@ -367,22 +367,129 @@ def make_log_entry(log_guid: bytes, sequence: int = 1) -> bytes:
     return bytes(buf)
 
 
-async def test_dirty_log_refused(tmp_path: Path) -> None:
-    img = qemu_vhdx(tmp_path / "a.vhdx", "4M", "write -P 7 0 4k")
-    guid = uuid.uuid4().bytes_le
-    patch(img, codec.HEADER_SECTION_END + 8 * codec.LOG_SECTOR, make_log_entry(guid))
+def dirty_qemu_image(tmp_path: Path, name: str, *writes: str) -> Path:
+    """A VHDX that qemu left with a log to replay: its writes to the BAT fail (blkdebug),
+    so the BAT updates stay in the log, and ``abort`` ends qemu-io before it cleans up."""
+    img = qemu_vhdx(tmp_path / name, "64M")
+    regions = codec.decode_region_table(img.read_bytes()[codec.REGION1_OFFSET :])
+    bat = next(r for r in regions if r.guid == codec.BAT_GUID)
+    conf = tmp_path / "blkdebug.conf"
+    conf.write_text(
+        f'[inject-error]\nevent = "pwritev"\nsector = "{bat.file_offset // 512}"\nerrno = "5"\n'
+    )
+    args: list[str | os.PathLike[str]] = [require_tool("qemu-io"), "--image-opts"]
+    for w in writes:
+        args += ["-c", w]
+    args += ["-c", "abort"]
+    opts = f"driver=vhdx,file.driver=blkdebug,file.config={conf},file.image.filename={img}"
+    run(*args, opts, check=False)
+    header = codec.decode_header(img.read_bytes()[codec.HEADER1_OFFSET :][: codec.HEADER_SIZE])
+    assert header is not None and header.log_guid != codec.ZERO_GUID, "qemu left no dirty log"
+    return img
+
+
+def qemu_replayed_raw(img: Path, tmp_path: Path) -> Path:
+    """What qemu makes of a dirty image: replay on a copy (check -r all), convert."""
+    copy = tmp_path / ("qemu-" + img.name)
+    copy.write_bytes(img.read_bytes())
+    run("qemu-img", "check", "-r", "all", "-f", "vhdx", copy, check=False)
+    out = tmp_path / ("qemu-" + img.name + ".raw")
+    run("qemu-img", "convert", "-f", "vhdx", "-O", "raw", copy, out)
+    return out
+
+
+async def test_dirty_log_is_replayed_in_memory(tmp_path: Path) -> None:
+    img = dirty_qemu_image(tmp_path, "d.vhdx", "write -P 0x5a 0 1M", "write -P 0x6b 9M 64k")
+    before = img.read_bytes()
+    # qemu refuses it read-only; trioconv replays the log in memory.
+    assert "needs to be replayed" in run("qemu-img", "info", img, check=False).stderr
+    out = tmp_path / "ours.raw"
+    result = trioconv_cli("convert", "-O", "raw", img, out)
+    assert result.returncode == 0, result.stderr
+    assert_identical(out, qemu_replayed_raw(img, tmp_path))
+    assert out.read_bytes()[:2] == b"\x5a\x5a"
+    assert img.read_bytes() == before  # a source is never written
+
+
+async def test_dirty_log_is_replayed_into_a_writable_image(tmp_path: Path) -> None:
+    img = dirty_qemu_image(tmp_path, "w.vhdx", "write -P 0x5a 0 1M")
+    expected = qemu_replayed_raw(img, tmp_path)
+    async with trioconv.open_image(img, "vhdx", writable=True) as drv:
+        assert await drv.pread(0, 2) == b"\x5a\x5a"
+    for at in (codec.HEADER1_OFFSET, codec.HEADER2_OFFSET):
+        h = codec.decode_header(img.read_bytes()[at : at + codec.HEADER_SIZE])
+        assert h is not None and h.log_guid == codec.ZERO_GUID
+    qemu_check(img)  # qemu now opens it read-only: nothing left to replay
+    assert_identical(img, expected, "vhdx", "raw")
+
+
+def _bat_page(img: Path) -> tuple[int, bytes]:
+    regions = codec.decode_region_table(img.read_bytes()[codec.REGION1_OFFSET :])
+    bat = next(r for r in regions if r.guid == codec.BAT_GUID)
+    return bat.file_offset, img.read_bytes()[bat.file_offset : bat.file_offset + codec.LOG_SECTOR]
+
+
+def write_log(img: Path, entries: list[bytes]) -> None:
+    """Put entries at the start of the log and name their GUID in both headers."""
+    guid = codec.decode_log_entry_header(entries[0])
+    assert guid is not None
+    pos = codec.HEADER_SECTION_END
+    for e in entries:
+        patch(img, pos, e)
+        pos += len(e)
     for offset in (codec.HEADER1_OFFSET, codec.HEADER2_OFFSET):
-        reseal_header(img, offset, log_guid=guid)
+        reseal_header(img, offset, log_guid=guid.log_guid)
+
+
+def two_entry_log(img: Path) -> list[bytes]:
+    """Entry 1 moves block 0 to data written at the file's end; entry 2 zeroes the
+    first 4 KiB of that data area's page in the BAT region... and re-points block 1."""
+    bat_at, page = _bat_page(img)
+    end = img.stat().st_size
+    data_at = -(-end // MiB) * MiB
+    patch(img, data_at, b"\x3c" * (8 * MiB))  # block 0's new data (8 MiB blocks)
+    guid = uuid.uuid4().bytes_le
+    new = bytearray(page)
+    struct.pack_into("<Q", new, 0, codec.encode_bat_entry(codec.BlockState.FULLY_PRESENT, data_at))
+    e1 = codec.encode_log_entry(
+        guid, 5, 0, [codec.LogWrite(bat_at, codec.LOG_SECTOR, bytes(new))], data_at, data_at
+    )
+    zero = codec.LogWrite(data_at, codec.LOG_SECTOR)  # first 4 KiB of block 0 -> zeroes
+    e2 = codec.encode_log_entry(guid, 6, 0, [zero], data_at + 8 * MiB, data_at + 8 * MiB)
+    return [e1, e2]
+
+
+async def test_data_and_zero_descriptors_match_qemu(tmp_path: Path) -> None:
+    img = qemu_vhdx(tmp_path / "s.vhdx", "16M")
+    write_log(img, two_entry_log(img))
+    out = tmp_path / "ours.raw"
+    result = trioconv_cli("convert", "-O", "raw", img, out)
+    assert result.returncode == 0, result.stderr
+    data = out.read_bytes()
+    assert data[:4096] == bytes(4096) and data[4096 : 8 * MiB] == b"\x3c" * (8 * MiB - 4096)
+    assert_identical(out, qemu_replayed_raw(img, tmp_path))
+
+
+async def test_damaged_log_sequence_is_refused(tmp_path: Path) -> None:
+    img = qemu_vhdx(tmp_path / "c.vhdx", "16M")
+    e1, e2 = two_entry_log(img)
+    broken = bytearray(e1)
+    broken[200] ^= 1  # entry 1's checksum no longer matches; entry 2 still needs it
+    write_log(img, [bytes(broken), e2])
     message = await open_error(img)
-    assert REPLAY_MESSAGE in message
+    assert "log" in message and "bad checksum" in message and "damaged" in message
     result = trioconv_cli("convert", "-O", "raw", img, tmp_path / "o.raw")
     assert result.returncode == 1
-    assert "log replay is not supported" in result.stderr
-    # qemu agrees that it needs replaying, and after qemu replays it, it opens.
-    assert run("qemu-img", "info", img, check=False).returncode != 0
-    run("qemu-img", "check", "-r", "all", img, check=False)
-    async with trioconv.open_image(img) as drv:
-        assert await drv.pread(0, 2) == b"\x07\x07"
+    assert "bad checksum" in result.stderr
+
+
+async def test_truncated_dirty_image_is_refused(tmp_path: Path) -> None:
+    img = qemu_vhdx(tmp_path / "t.vhdx", "16M")
+    e1, e2 = two_entry_log(img)
+    write_log(img, [e1, e2])
+    with img.open("r+b") as f:
+        f.truncate(img.stat().st_size - 4 * MiB)
+    assert "truncated" in await open_error(img)
 
 
 async def test_log_guid_without_valid_entries_opens(tmp_path: Path) -> None:
@@ -430,6 +537,26 @@ guids = st.binary(min_size=16, max_size=16)
 u64 = st.integers(0, 2**64 - 1)
 u32 = st.integers(0, 2**32 - 1)
 u16 = st.integers(0, 2**16 - 1)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(0, 2**40), st.one_of(st.none(), st.binary(min_size=4096, max_size=4096))
+        ),
+        max_size=5,
+    ),
+    st.integers(1, 2**64 - 1),
+    guids,
+)
+def test_log_entry_round_trip(items: list[tuple[int, bytes | None]], seq: int, guid: bytes) -> None:
+    writes = [codec.LogWrite(pages * 4096, 4096, data) for pages, data in items]
+    raw = codec.encode_log_entry(guid, seq, 0, writes, MiB, MiB)
+    entry = codec.decode_log_entry(raw, guid, 64 * MiB, 0)
+    assert list(entry.writes) == writes
+    assert entry.header.sequence_number == seq
+    with pytest.raises(codec.VhdxFormatError, match="bad checksum"):
+        codec.decode_log_entry(raw[:-1] + bytes([raw[-1] ^ 1]), guid, 64 * MiB, 0)
 
 
 def test_crc32c_known_values() -> None:

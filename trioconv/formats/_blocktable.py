@@ -17,6 +17,14 @@ Writes from many tasks at once
     trailing garbage) does the allocating task zero the rest of the block first; other
     writers to that block wait for it.
 
+Block status and reads, a run at a time
+    ``block_status`` answers for a run of blocks at once: absent blocks with no I/O,
+    and whole blocks that lie back to back in the file (each ``block_size +
+    _block_gap`` after the previous one) with one question to the layer below, mapped
+    back to guest bytes. Per-block metadata a format needs first (VHD sector bitmaps) is
+    loaded in bulk by :meth:`~BlockTableDriver._prefetch`. A read that spans several
+    pieces of the file is one ``preadinto_many``.
+
 Metadata
     Tables are updated in memory and written back by :meth:`flush` (only the sectors
     that changed), so the image is consistent after ``flush``, which the copy engine
@@ -85,6 +93,19 @@ class BlockTableDriver(Driver):
         """Which bytes ``[start, end)`` of allocated block ``index`` hold data (VHD
         sector bitmaps say some do not)."""
         return [(start, end, True)]
+
+    #: Bytes between one block's data and the next block's data when the format stores
+    #: consecutive blocks back to back (VHD: the next block's sector bitmap).
+    _block_gap = 0
+
+    async def _prefetch(self, first: int, stop: int) -> None:
+        """Load, in bulk, whatever per-block metadata blocks ``[first, stop)`` need
+        (VHD: their sector bitmaps), so that :meth:`_all_present` can answer."""
+
+    def _all_present(self, index: int) -> bool:
+        """True when every byte of allocated block ``index`` is present - known without
+        I/O. False sends the block through :meth:`_present_runs`."""
+        return True
 
     async def _write_piece(self, index: int, host: int, start: int, data: memoryview) -> None:
         """Write ``data`` at byte ``start`` of allocated block ``index`` (file offset
@@ -168,6 +189,8 @@ class BlockTableDriver(Driver):
     async def preadinto(self, offset: int, buf: memoryview) -> None:
         buf = buf.cast("B") if buf.format != "B" else buf
         self._check_range(offset, buf.nbytes, "read")
+        bs = self.block_size
+        await self._prefetch(offset // bs, -(-(offset + buf.nbytes) // bs))
         # Segments (buffer offset, length, file offset or -1), merged when contiguous.
         segs: list[list[int]] = []
 
@@ -188,39 +211,72 @@ class BlockTableDriver(Driver):
                 add(pos, end - start, -1)
             else:
                 await self._wait_ready(index)
-                for s, e, present in await self._present_runs(index, start, end):
-                    add(pos + s - start, e - s, host + s if present else -1)
+                if self._all_present(index):
+                    add(pos, end - start, host + start)
+                else:
+                    for s, e, present in await self._present_runs(index, start, end):
+                        add(pos + s - start, e - s, host + s if present else -1)
             pos += end - start
+        reads: list[tuple[int, memoryview]] = []
         for at, n, host in segs:
             view = buf[at : at + n]
             if host < 0:
                 fill_zero(view)
             else:
-                await self.child.preadinto(host, view)
+                reads.append((host, view))
+        if len(reads) == 1:
+            await self.child.preadinto(*reads[0])
+        elif reads:
+            # Pieces of several blocks (or around absent sectors): one batch below.
+            await self.child.preadinto_many(reads)
 
     # -- block status -------------------------------------------------------------------
     async def block_status(self, offset: int, length: int) -> Extent:
+        """One extent, found a run of blocks at a time.
+
+        A run of absent blocks is ZERO without any I/O. A run of whole allocated blocks
+        that lie back to back in the file (each ``block_size + _block_gap`` after the
+        previous one) is one question to the layer below - which parts are holes - and
+        its answer is mapped back to guest bytes. Only a block with absent sectors is
+        looked at on its own.
+        """
         self._check_range(offset, 1, "block status")
         end = min(self._size, offset + max(length, 1))
-        kind: ExtentKind | None = None
-        pos = offset
-        for count, (index, start, stop) in enumerate(self._pieces(offset, end)):
-            if count >= STATUS_BLOCKS:
-                break
-            host = self._lookup(index)
-            if host < 0:
-                k, n = ExtentKind.ZERO, stop - start
-            else:
-                k, n = await self._allocated_status(index, host, start, stop)
-            if kind is None:
-                kind = k
-            elif k is not kind:
-                break
-            pos += n
-            if n < stop - start:
-                break
-        assert kind is not None
-        return Extent(offset, pos - offset, kind)
+        bs = self.block_size
+        index, start = divmod(offset, bs)
+        stop = min(-(-end // bs), index + STATUS_BLOCKS)
+        host = self._lookup(index)
+        if host < 0:
+            i = index + 1
+            while i < stop and self._lookup(i) < 0:
+                i += 1
+            return Extent(offset, min(end, i * bs) - offset, ExtentKind.ZERO)
+        await self._prefetch(index, stop)
+        if not self._all_present(index):
+            kind, n = await self._allocated_status(index, host, start, min(bs, end - index * bs))
+            return Extent(offset, n, kind)
+        stride = bs + self._block_gap
+        last = index
+        while (
+            last + 1 < stop
+            and self._lookup(last + 1) == host + (last + 1 - index) * stride
+            and self._all_present(last + 1)
+        ):
+            last += 1
+        n = min(end, (last + 1) * bs) - offset
+        first = host + start
+        if not self.child.caps.block_status or first >= self._old_end:
+            return Extent(offset, n, ExtentKind.DATA)
+        # Guest bytes [start, start + n) of the run lie at host + _to_host(...) in the file.
+        rel_end = start + n
+        k = (rel_end - 1) // bs
+        host_end = host + k * stride + rel_end - k * bs
+        ext = await self.child.block_status(first, min(host_end, self._old_end) - first)
+        # The answer ends somewhere in a block's data or in the gap after it.
+        k, r = divmod(start + ext.length, stride)
+        got = min(n, k * bs + min(r, bs) - start)
+        kind = ExtentKind.DATA if ext.kind is ExtentKind.DATA else ExtentKind.ZERO
+        return Extent(offset, max(1, got), kind)
 
     async def _allocated_status(
         self, index: int, host: int, start: int, stop: int

@@ -28,7 +28,8 @@ PARTIALLY_PRESENT (7) defers to a parent image through the sector bitmap.
 The **log** is a circular buffer of 4 KiB sectors holding metadata updates that were
 not yet applied. A non-zero log GUID in the current header with a valid sequence of
 entries means the file is *dirty*: those entries must be replayed before the metadata
-can be trusted. :func:`find_log_entries` says whether that is so.
+can be trusted. :func:`decode_log_entry` checks one entry and :func:`active_sequence`
+finds the entries to replay.
 
 This module encodes and decodes all of this from bytes and refuses, with a
 :class:`VhdxFormatError` naming the problem and offset, whatever would make a reader
@@ -650,3 +651,169 @@ def check_header_log(h: Header, file_size: int) -> bool:
     if h.log_length % MiB:
         raise VhdxFormatError(f"invalid log length {h.log_length} in the VHDX header")
     return True
+
+
+# -- log replay ------------------------------------------------------------------------
+#
+# A log entry is a run of 4 KiB sectors: first the *descriptor sectors* - the 64-byte
+# entry header, then ``descriptor_count`` 32-byte descriptors - then one *data sector*
+# for each data descriptor. A data descriptor ("desc") says which 4 KiB of the file to
+# overwrite; its data sector ("data") carries bytes 8..4091 of the update between two
+# halves of the sequence number, and the descriptor keeps the 8 leading and 4 trailing
+# bytes. A zero descriptor ("zero") says a 4 KiB-aligned range becomes zeroes. Every
+# descriptor and data sector repeats the entry's sequence number, and a CRC-32C covers
+# the whole entry, so torn or misdirected writes are caught.
+#
+# Entries written one after another form a *sequence*: each entry's number is one more
+# than the previous one's, and the newest entry (the head) names in ``tail`` the oldest
+# entry whose updates may not have reached the file yet. The newest complete sequence is
+# the *active* one; replaying it means applying its descriptors in order.
+
+_ZERO_DESC = struct.Struct("<4sIQQQ")
+_DATA_DESC = struct.Struct("<4s4s8sQQ")
+_DATA_SECTOR = struct.Struct("<4sI")
+
+
+@attrs.frozen
+class LogWrite:
+    """One update from the log: ``data`` at ``offset``, or ``length`` zero bytes."""
+
+    offset: int
+    length: int
+    data: bytes | None = None
+
+
+@attrs.frozen
+class LogEntry:
+    """A valid log entry: its header and its updates, in order."""
+
+    header: LogEntryHeader
+    writes: tuple[LogWrite, ...]
+
+
+def decode_log_entry(
+    raw: bytes | bytearray | memoryview, log_guid: bytes, log_length: int, offset: int
+) -> LogEntry:
+    """Check and decode one whole log entry (``raw`` is ``entry_length`` bytes).
+
+    Raises:
+        VhdxFormatError: the entry is not valid; the message says why (``offset``, the
+            entry's place in the file, is for messages).
+    """
+    raw = bytes(raw)
+    h = decode_log_entry_header(raw)
+    if h is None or not log_entry_plausible(h, log_guid, log_length) or len(raw) < h.entry_length:
+        raise VhdxFormatError(f"no valid log entry header at {offset:#x}", offset)
+    if checksum_with_zeroed_field(raw[: h.entry_length]) != h.checksum:
+        raise VhdxFormatError(f"log entry at {offset:#x} has a bad checksum", offset)
+    seq = h.sequence_number
+    desc_sectors = -(-(64 + 32 * h.descriptor_count) // LOG_SECTOR)
+    data_at = desc_sectors * LOG_SECTOR
+    writes: list[LogWrite] = []
+    for i in range(h.descriptor_count):
+        at = 64 + 32 * i
+        sig = raw[at : at + 4]
+        if sig == b"zero":
+            _, _, length, file_offset, dseq = _ZERO_DESC.unpack_from(raw, at)
+            if dseq != seq or length % LOG_SECTOR or file_offset % LOG_SECTOR:
+                raise VhdxFormatError(f"log entry at {offset:#x}: bad zero descriptor {i}", offset)
+            writes.append(LogWrite(file_offset, length))
+        elif sig == b"desc":
+            _, trailing, leading, file_offset, dseq = _DATA_DESC.unpack_from(raw, at)
+            sector = raw[data_at : data_at + LOG_SECTOR]
+            if dseq != seq or file_offset % LOG_SECTOR or len(sector) < LOG_SECTOR:
+                raise VhdxFormatError(f"log entry at {offset:#x}: bad data descriptor {i}", offset)
+            dsig, high = _DATA_SECTOR.unpack_from(sector)
+            (low,) = struct.unpack_from("<I", sector, LOG_SECTOR - 4)
+            if dsig != b"data" or (high << 32 | low) != seq:
+                raise VhdxFormatError(
+                    f"log entry at {offset:#x}: data sector {len(writes)} does not match", offset
+                )
+            writes.append(LogWrite(file_offset, LOG_SECTOR, leading + sector[8:-4] + trailing))
+            data_at += LOG_SECTOR
+        else:
+            raise VhdxFormatError(f"log entry at {offset:#x}: unknown descriptor {i}", offset)
+    if data_at > h.entry_length:
+        raise VhdxFormatError(f"log entry at {offset:#x} is shorter than its data", offset)
+    return LogEntry(h, tuple(writes))
+
+
+def encode_log_entry(
+    log_guid: bytes,
+    sequence: int,
+    tail: int,
+    writes: list[LogWrite],
+    flushed_file_offset: int,
+    last_file_offset: int,
+) -> bytes:
+    """A log entry with the given updates (data writes must be 4 KiB), checksummed."""
+    desc_sectors = -(-(64 + 32 * len(writes)) // LOG_SECTOR)
+    datas = [w for w in writes if w.data is not None]
+    buf = bytearray((desc_sectors + len(datas)) * LOG_SECTOR)
+    _LOG_ENTRY.pack_into(
+        buf, 0, LOG_SIGNATURE, 0, len(buf), tail, sequence, len(writes), 0, log_guid,
+        flushed_file_offset, last_file_offset,
+    )  # fmt: skip
+    data_at = desc_sectors * LOG_SECTOR
+    for i, w in enumerate(writes):
+        at = 64 + 32 * i
+        if w.data is None:
+            _ZERO_DESC.pack_into(buf, at, b"zero", 0, w.length, w.offset, sequence)
+            continue
+        d = w.data
+        assert len(d) == LOG_SECTOR
+        _DATA_DESC.pack_into(buf, at, b"desc", d[-4:], d[:8], w.offset, sequence)
+        head = b"data" + struct.pack("<I", sequence >> 32)
+        buf[data_at : data_at + LOG_SECTOR - 4] = head + d[8:-4]
+        struct.pack_into("<I", buf, data_at + LOG_SECTOR - 4, sequence & 0xFFFF_FFFF)
+        data_at += LOG_SECTOR
+    return bytes(_seal(buf))
+
+
+def active_sequence(
+    entries: dict[int, LogEntry], invalid: dict[int, str], log_length: int
+) -> list[LogEntry]:
+    """The entries to replay, oldest first; empty when the log holds no sequence.
+
+    ``entries`` maps log offsets to the valid entries found there, ``invalid`` maps
+    offsets to why a plausible entry header there did not make a valid entry. A chain
+    is entries each followed, right after it (circularly), by the one numbered one
+    higher; it is a sequence when its head's ``tail`` lies in it. The sequence with the
+    highest head number is active.
+
+    Raises:
+        VhdxFormatError: the newest chain's head names a tail that is not a valid entry
+            of it: an entry the log still needs is damaged.
+    """
+    nxt: dict[int, int] = {}
+    for pos, e in entries.items():
+        p = (pos + e.header.entry_length) % log_length
+        following = entries.get(p)
+        if following is not None and following.header.sequence_number == (
+            e.header.sequence_number + 1
+        ):
+            nxt[pos] = p
+    starts = set(entries) - set(nxt.values())
+    best: list[int] = []
+    broken: tuple[int, int] | None = None  # (head sequence number, tail offset)
+    for start in starts:
+        chain = [start]
+        while chain[-1] in nxt and len(chain) <= len(entries):
+            chain.append(nxt[chain[-1]])
+        head = entries[chain[-1]].header
+        if head.tail not in chain:
+            if broken is None or head.sequence_number > broken[0]:
+                broken = (head.sequence_number, head.tail)
+            continue
+        chain = chain[chain.index(head.tail) :]
+        if not best or head.sequence_number > entries[best[-1]].header.sequence_number:
+            best = chain
+    best_seq = entries[best[-1]].header.sequence_number if best else 0
+    if broken is not None and broken[0] > best_seq:
+        why = invalid.get(broken[1], "not a valid entry of its sequence")
+        raise VhdxFormatError(
+            f"the newest log entry (sequence {broken[0]}) needs the entry at log offset "
+            f"{broken[1]:#x}, which is damaged: {why}",
+            broken[1],
+        )
+    return [entries[p] for p in best]

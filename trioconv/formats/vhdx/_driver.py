@@ -1,14 +1,22 @@
 """The VHDX driver: reading dynamic and fixed images, writing new ones.
 
 Opening reads the header section (file identifier, both headers, the region table),
-makes sure the log holds nothing to replay, reads the metadata items and loads the BAT
-(one 64-bit entry per payload block; refused beyond :data:`MAX_BAT_BYTES`).
+replays the log if the image is dirty, reads the metadata items and loads the BAT (one
+64-bit entry per payload block; refused beyond :data:`MAX_BAT_BYTES`).
+
+A dirty log (a log GUID in the current header and a valid sequence of entries) is
+replayed as the specification says: the active sequence is found, and its updates are
+written into the file and the log GUID cleared when the image is writable (as qemu
+does), or, for a read-only image, laid over the file in memory (:class:`_ReplayedFile`,
+at most :data:`MAX_REPLAY_BYTES` of log), so that a source is never modified. A log
+entry that the active sequence needs but that is damaged is refused by name.
 
 A read maps guest bytes through the BAT block by block: FULLY_PRESENT blocks are read
 from their file offset (neighbouring blocks that are contiguous in the file in one
-request), every other non-differencing state reads as zeroes. ``block_status`` reports
-DATA for FULLY_PRESENT blocks and ZERO for the rest; PARTIALLY_PRESENT blocks belong to
-differencing images, which are refused.
+request), every other non-differencing state reads as zeroes. ``block_status`` answers
+for a run of blocks at once: ZERO for blocks that read as zeroes, and for FULLY_PRESENT
+blocks stored back to back what the file below says (holes read as zeroes);
+PARTIALLY_PRESENT blocks belong to differencing images, which are refused.
 
 Writing follows qemu: a block that is not FULLY_PRESENT gets a new 1 MiB-aligned place
 at the end of the file when it is first written. The place is chosen synchronously when
@@ -50,6 +58,8 @@ MAX_BAT_BYTES = 128 * MiB
 STATUS_BLOCKS = 65536
 #: Log bytes read at once while looking for entries to replay.
 LOG_READ_CHUNK = 1 * MiB
+#: Most bytes of valid log entries kept in memory for a replay.
+MAX_REPLAY_BYTES = 64 * MiB
 
 VHDX_CREATE_OPTIONS: dict[str, str] = {
     "size": "Virtual disk size; max of 64TB.",
@@ -58,8 +68,6 @@ VHDX_CREATE_OPTIONS: dict[str, str] = {
     "subformat": "VHDX format type, can be either 'dynamic' or 'fixed'. Default is 'dynamic'.",
     "block_state_zero": "Force use of payload blocks of type 'ZERO'. Non-standard, but default.",
 }
-
-REPLAY_MESSAGE = "vhdx log replay is not supported: open the image with qemu-img check -r all first"
 
 
 class VhdxDriver(Driver):
@@ -192,30 +200,44 @@ class VhdxDriver(Driver):
     async def preadinto(self, offset: int, buf: memoryview) -> None:
         buf = buf.cast("B") if buf.format != "B" else buf
         self._check_range(offset, buf.nbytes)
+        reads: list[tuple[int, memoryview]] = []
         for off, n, host in self._pieces(offset, buf.nbytes):
             view = buf[off - offset : off - offset + n]
             if host is None:
                 _fill_zero(view)
             else:
-                await self.child.preadinto(host, view)
+                reads.append((host, view))
+        if len(reads) == 1:
+            await self.child.preadinto(*reads[0])
+        elif reads:
+            await self.child.preadinto_many(reads)
 
     async def block_status(self, offset: int, length: int) -> Extent:
+        """One extent: a run of blocks that read as zeroes (no I/O), or a run of present
+        blocks that lie back to back in the file, of which the layer below says which
+        part is data and which a hole (as qemu asks the file under a vhdx image)."""
+        self._check_range(offset, 1)
         bs = self.block_size
         end = min(self.size, offset + max(length, 1), offset + STATUS_BLOCKS * bs)
-        if end < self.size:
-            end = min(self.size, max(end // bs * bs, (offset // bs + 1) * bs))
-        kind: ExtentKind | None = None
-        pos = offset
-        while pos < end:
-            block = pos // bs
-            k = ExtentKind.ZERO if self._host_block(block) is None else ExtentKind.DATA
-            if kind is None:
-                kind = k
-            elif k is not kind:
-                break
-            pos = min(end, (block + 1) * bs)
-        assert kind is not None
-        return Extent(offset, pos - offset, kind)
+        block = offset // bs
+        stop = -(-end // bs)
+        base = self._host_block(block)
+        if base is None:
+            b = block + 1
+            while b < stop and self._host_block(b) is None:
+                b += 1
+            return Extent(offset, min(end, b * bs) - offset, ExtentKind.ZERO)
+        b = block + 1
+        while b < stop and self._host_block(b) == base + (b - block) * bs:
+            b += 1
+        n = min(end, b * bs) - offset
+        first = base + offset - block * bs
+        child = self.child
+        if not child.caps.block_status or first >= child.size:
+            return Extent(offset, n, ExtentKind.DATA)
+        ext = await child.block_status(first, min(first + n, child.size) - first)
+        kind = ExtentKind.DATA if ext.kind is ExtentKind.DATA else ExtentKind.ZERO
+        return Extent(offset, max(1, min(n, ext.length)), kind)
 
     # -- writing ----------------------------------------------------------------------
     def _check_writable(self) -> None:
@@ -307,8 +329,77 @@ def _overlaps(a: tuple[int, int], b: tuple[int, int]) -> bool:
     return a[0] < b[1] and b[0] < a[1]
 
 
-async def _log_is_dirty(transport: Driver, header: codec.Header) -> bool:
-    """True when the log holds a valid entry (one that would be replayed)."""
+class _ReplayedFile(Driver):
+    """A read-only view of a file with the log's updates laid over it, in memory.
+
+    A dirty image opened read-only must not be changed, so the replayed 4 KiB sectors
+    and zeroed ranges (at most :data:`MAX_REPLAY_BYTES` of log) are kept here and patched
+    into every read that touches them, last update winning. Beyond the end of the file,
+    up to the size the log asks for, the file reads as zeroes.
+    """
+
+    name = "vhdx-log"
+
+    def __init__(self, child: Driver, writes: list[codec.LogWrite], size: int) -> None:
+        self.child = child
+        self.location = child.location
+        self._writes = writes
+        self._size = size
+        self._lo = min((w.offset for w in writes), default=0)
+        self._hi = max((w.offset + w.length for w in writes), default=0)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def limits(self) -> Limits:
+        return self.child.limits
+
+    @property
+    def caps(self) -> Caps:
+        return attrs.evolve(self.child.caps, writable=False, zeroes=False, copy_range=False)
+
+    async def preadinto(self, offset: int, buf: memoryview) -> None:
+        buf = buf.cast("B") if buf.format != "B" else buf
+        end = offset + buf.nbytes
+        inside = max(0, min(end, self.child.size) - offset)
+        if inside:
+            await self.child.preadinto(offset, buf[:inside])
+        if inside < buf.nbytes:
+            _fill_zero(buf[inside:])
+        if end <= self._lo or offset >= self._hi:
+            return
+        for w in self._writes:
+            lo, hi = max(offset, w.offset), min(end, w.offset + w.length)
+            if lo >= hi:
+                continue
+            if w.data is None:
+                _fill_zero(buf[lo - offset : hi - offset])
+            else:
+                buf[lo - offset : hi - offset] = w.data[lo - w.offset : hi - w.offset]
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        end = min(self._size, offset + max(length, 1))
+        if offset < self._hi and end > self._lo:
+            if offset >= self._lo:
+                return Extent(offset, min(end, self._hi) - offset, ExtentKind.DATA)
+            end = self._lo
+        if offset >= self.child.size:
+            return Extent(offset, end - offset, ExtentKind.ZERO)
+        ext = await self.child.block_status(offset, min(end, self.child.size) - offset)
+        return Extent(offset, max(1, min(ext.length, end - offset)), ext.kind)
+
+    async def aclose(self) -> None:
+        """The file belongs to whoever opened it."""
+
+
+async def _read_log(transport: Driver, header: codec.Header) -> list[codec.LogEntry]:
+    """The active log sequence, oldest entry first (empty when nothing is to replay).
+
+    The log is scanned 4 KiB sector by sector (in :data:`LOG_READ_CHUNK` reads); every
+    plausible entry header with this log's GUID is read whole and checked.
+    """
     start, length = header.log_offset, header.log_length
     if start + length > transport.size:
         raise VhdxFormatError(
@@ -324,16 +415,81 @@ async def _log_is_dirty(transport: Driver, header: codec.Header) -> bool:
             data += await transport.pread(start, n - first)
         return data
 
+    entries: dict[int, codec.LogEntry] = {}
+    invalid: dict[int, str] = {}
+    kept = 0
     for chunk_at in range(0, length, LOG_READ_CHUNK):
         chunk = await transport.pread(start + chunk_at, min(LOG_READ_CHUNK, length - chunk_at))
         for sector in range(0, len(chunk), codec.LOG_SECTOR):
             h = codec.decode_log_entry_header(chunk[sector : sector + 64])
             if h is None or not codec.log_entry_plausible(h, header.log_guid, length):
                 continue
-            entry = await read_circular(chunk_at + sector, h.entry_length)
-            if codec.checksum_with_zeroed_field(entry) == h.checksum:
-                return True
-    return False
+            at = chunk_at + sector
+            if kept + h.entry_length > MAX_REPLAY_BYTES:
+                raise VhdxFormatError(
+                    f"the log holds more than the {MAX_REPLAY_BYTES} bytes of entries "
+                    "trioconv replays",
+                    start + at,
+                )
+            raw = await read_circular(at, h.entry_length)
+            try:
+                entries[at] = codec.decode_log_entry(raw, header.log_guid, length, start + at)
+                kept += h.entry_length
+            except VhdxFormatError as exc:
+                invalid[at] = str(exc)
+    return codec.active_sequence(entries, invalid, length)
+
+
+async def _replay_log(
+    transport: Driver, header: codec.Header, header_index: int
+) -> tuple[Driver, codec.Header]:
+    """Replay a dirty log: into the file when it is writable (then the log GUID is
+    cleared, as qemu does), else into an in-memory view. Returns the transport to read
+    through and the current header."""
+    sequence = await _read_log(transport, header)
+    if not sequence:
+        return transport, header  # a GUID but no valid sequence: nothing to replay (qemu)
+    head = sequence[-1].header
+    file_size = transport.size
+    if file_size < head.flushed_file_offset:
+        raise VhdxFormatError(
+            f"the file ({file_size} bytes) is shorter than the {head.flushed_file_offset} "
+            "bytes its log says it had: the image has been truncated"
+        )
+    writes = [w for e in sequence for w in e.writes]
+    size = max(file_size, head.last_file_offset)
+    for w in writes:
+        if w.offset < codec.HEADER_SECTION_END or w.offset + w.length > size:
+            raise VhdxFormatError(
+                f"a log entry writes {w.length} bytes at {w.offset:#x}, outside the file's "
+                f"structures (1 MiB .. {size:#x})",
+                w.offset,
+            )
+    if not transport.caps.writable:
+        return _ReplayedFile(transport, writes, size), header
+    for w in writes:
+        if w.data is not None:
+            await transport.pwrite(w.offset, w.data)
+            continue
+        try:
+            await transport.pwrite_zeroes(w.offset, w.length)
+        except ZeroesNotSupported:
+            for pos in range(w.offset, w.offset + w.length, len(_ZEROS)):
+                n = min(len(_ZEROS), w.offset + w.length - pos)
+                await transport.pwrite(pos, memoryview(_ZEROS)[:n])
+    if transport.size < size:
+        await transport.pwrite(size - 512, _ZEROS[:512])
+    await transport.flush()
+    # Both headers, the inactive one first, each with a higher sequence number.
+    clean = header
+    for i in (1 - header_index, header_index):
+        clean = attrs.evolve(
+            header, log_guid=codec.ZERO_GUID, sequence_number=clean.sequence_number + 1
+        )
+        at = (codec.HEADER1_OFFSET, codec.HEADER2_OFFSET)[i]
+        await transport.pwrite(at, codec.encode_header(clean))
+        await transport.flush()
+    return transport, clean
 
 
 async def open_vhdx(transport: Driver, ctx: OpenContext) -> VhdxDriver:
@@ -363,10 +519,13 @@ async def _open(transport: Driver, ctx: OpenContext) -> VhdxDriver:
         raise VhdxFormatError("no 'vhdxfile' signature at offset 0", 0)
     h1 = codec.decode_header(section[codec.HEADER1_OFFSET : codec.HEADER1_OFFSET + 4096])
     h2 = codec.decode_header(section[codec.HEADER2_OFFSET : codec.HEADER2_OFFSET + 4096])
-    _, header = codec.current_header(h1, h2)
+    header_index, header = codec.current_header(h1, h2)
 
-    if codec.check_header_log(header, file_size) and await _log_is_dirty(transport, header):
-        raise UnsupportedError(f"Could not open '{ctx.location}': {REPLAY_MESSAGE}")
+    if codec.check_header_log(header, file_size):
+        transport, header = await _replay_log(transport, header, header_index)
+        file_size = transport.size
+        # The log may have updated the region table too.
+        section = await transport.pread(0, codec.REGION2_OFFSET)
 
     regions = codec.decode_region_table(section[codec.REGION1_OFFSET :], codec.REGION1_OFFSET)
     reserved: list[tuple[int, int]] = [(0, codec.HEADER_SECTION_END)]

@@ -39,6 +39,7 @@ import attrs
 
 __all__ = [
     "BAT_UNUSED",
+    "absent_mask",
     "DynamicHeader",
     "DiskType",
     "Footer",
@@ -302,6 +303,24 @@ def decode_bat(raw: bytes) -> array[int]:
     if sys.byteorder == "little":
         table.byteswap()
     return table
+
+
+_FF_TO_ONE = bytes(255) + b"\x01"
+
+
+def absent_mask(table: array[int]) -> bytes:
+    """One byte per BAT entry: 1 where it is :data:`BAT_UNUSED`, 0 elsewhere.
+
+    Done with C-level operations, not a loop over entries: an entry is unused exactly
+    when its four bytes are all 0xFF, so each of the four byte lanes (every fourth byte)
+    is translated to 1/0 and the lanes are ANDed together as big integers.
+    """
+    raw = table.tobytes()
+    n = len(table)
+    acc = -1
+    for lane in range(4):
+        acc &= int.from_bytes(raw[lane::4].translate(_FF_TO_ONE), "big")
+    return acc.to_bytes(n, "big") if n else b""
 
 
 def encode_bat(table: array[int], start: int = 0, stop: int | None = None) -> bytes:

@@ -18,6 +18,8 @@ import collections
 from array import array
 from typing import TYPE_CHECKING
 
+import trio
+
 from ..._errors import ImageError, TrioconvIOError, UnsupportedError
 from ...driver import Driver, Limits
 from .._blocktable import BlockTableDriver
@@ -34,8 +36,12 @@ MAX_BAT_BYTES = 128 * 1024 * 1024
 BITMAP_CACHE_BYTES = 8 * 1024 * 1024
 #: Block-size stride of a fixed disk (it has no blocks; this only bounds requests).
 FIXED_STRIDE = 2 * 1024 * 1024
+#: Bytes of sector bitmaps read in one batch when blocks are first looked at.
+BITMAP_BATCH_BYTES = 1024 * 1024
 
-_UNKNOWN, _FULL, _PARTIAL = 0, 1, 2
+#: What is known of a block's sector bitmap (one byte a block).
+_UNKNOWN, _FULL, _PARTIAL, _ABSENT = 0, 1, 2, 3
+_ONE_TO_ABSENT = bytes([0, _ABSENT]) + bytes(254)
 
 
 class FixedVpcDriver(BlockTableDriver):
@@ -95,9 +101,16 @@ class DynamicVpcDriver(BlockTableDriver):
         self._bat = bat
         self._bitmap_size = codec.bitmap_size(header.block_size)
         self._sectors = header.block_size // codec.SECTOR
-        self._bitmap_state = bytearray(len(bat))
+        # Absent blocks are marked so that the unknown ones are found with ``find``.
+        self._bitmap_state = bytearray(codec.absent_mask(bat).translate(_ONE_TO_ABSENT))
         self._bitmaps: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._bitmap_cache_max = max(4, BITMAP_CACHE_BYTES // self._bitmap_size)
+        self._bitmap_batch = max(1, BITMAP_BATCH_BYTES // self._bitmap_size)
+        #: Bumped whenever a bitmap on disk changes: a read that raced it is discarded.
+        self._bitmap_gen = 0
+        self._prefetch_lock = trio.Lock()
+        # Consecutive blocks are stored [bitmap][data][bitmap][data]...
+        self._block_gap = self._bitmap_size
         self._footer_raw = footer.encode()
         # Where the next block goes: past the BAT and past every block.
         bat_end = header.table_offset + len(bat) * 4
@@ -146,18 +159,11 @@ class DynamicVpcDriver(BlockTableDriver):
             self._footer_at = self._free
 
     # -- sector bitmaps ------------------------------------------------------------------
-    async def _bitmap(self, index: int) -> bytes | None:
-        """The bitmap of allocated block ``index``; None when all its sectors are present."""
-        state = self._bitmap_state[index]
-        if state == _FULL:
-            return None
-        cached = self._bitmaps.get(index)
-        if cached is not None:
-            self._bitmaps.move_to_end(index)
-            return cached
-        at = self._bat[index] * codec.SECTOR
-        raw = await self.child.pread(at, self._bitmap_size) if at < self.child.size else b""
-        raw = raw.ljust(self._bitmap_size, b"\0")
+    def _all_present(self, index: int) -> bool:
+        return self._bitmap_state[index] == _FULL
+
+    def _remember(self, index: int, raw: bytes) -> bytes | None:
+        """Record what bitmap ``raw`` of block ``index`` says; None when it is all ones."""
         used = raw[: -(-self._sectors // 8)]
         if used.count(0xFF) == len(used):
             self._bitmap_state[index] = _FULL
@@ -167,6 +173,63 @@ class DynamicVpcDriver(BlockTableDriver):
         while len(self._bitmaps) > self._bitmap_cache_max:
             self._bitmaps.popitem(last=False)
         return raw
+
+    async def _prefetch(self, first: int, stop: int) -> None:
+        """Read the unknown bitmaps of blocks from ``first`` on in one batch.
+
+        When some block in ``[first, stop)`` has a bitmap not yet looked at, the bitmaps
+        of up to :data:`BITMAP_BATCH_BYTES` worth of allocated blocks from ``first`` on
+        are read with one ``preadinto_many``: the planner walks the image in order, so
+        the next blocks are needed next.
+        """
+        state, bat = self._bitmap_state, self._bat
+        if state.find(_UNKNOWN, first, stop) < 0:
+            return
+        async with self._prefetch_lock:
+            size, limit = self._bitmap_size, self.child.size
+            wanted: list[int] = []
+            i = state.find(_UNKNOWN, first)
+            while i >= 0 and len(wanted) < self._bitmap_batch:
+                if bat[i] * codec.SECTOR + size <= limit:
+                    wanted.append(i)
+                else:
+                    self._remember(i, bytes(size))  # cut off by the end of the file
+                i = state.find(_UNKNOWN, i + 1)
+            if not wanted:
+                return
+            buf = bytearray(len(wanted) * size)
+            view = memoryview(buf)
+            gen = self._bitmap_gen
+            try:
+                await self.child.preadinto_many(
+                    [
+                        (bat[i] * codec.SECTOR, view[k * size : (k + 1) * size])
+                        for k, i in enumerate(wanted)
+                    ]
+                )
+            finally:
+                view.release()
+            if gen != self._bitmap_gen:
+                return  # a bitmap changed meanwhile: look again when needed
+            for k, i in enumerate(wanted):
+                if state[i] == _UNKNOWN:
+                    self._remember(i, bytes(buf[k * size : (k + 1) * size]))
+
+    async def _bitmap(self, index: int) -> bytes | None:
+        """The bitmap of allocated block ``index``; None when all its sectors are present."""
+        while True:
+            state = self._bitmap_state[index]
+            if state == _FULL:
+                return None
+            cached = self._bitmaps.get(index)
+            if cached is not None:
+                self._bitmaps.move_to_end(index)
+                return cached
+            at = self._bat[index] * codec.SECTOR
+            gen = self._bitmap_gen
+            raw = await self.child.pread(at, self._bitmap_size) if at < self.child.size else b""
+            if gen == self._bitmap_gen:
+                return self._remember(index, raw.ljust(self._bitmap_size, b"\0"))
 
     async def _present_runs(self, index: int, start: int, end: int) -> list[tuple[int, int, bool]]:
         bitmap = await self._bitmap(index)
@@ -194,6 +257,7 @@ class DynamicVpcDriver(BlockTableDriver):
             if bitmap is not None:
                 new = codec.set_sector_bits(bitmap, first // s, last // s)
                 await self._child_write(self._bat[index] * s, new)
+                self._bitmap_gen += 1
                 self._bitmaps.pop(index, None)
                 self._bitmap_state[index] = _UNKNOWN
 
