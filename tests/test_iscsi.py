@@ -127,6 +127,50 @@ def test_image_smaller_than_lun_unaligned_tail(
     assert data[4 * MiB + 1000 : 4 * MiB + 1600] == b"\x77" * 600
 
 
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"InitialR2T": "No", "FirstBurstLength": "262144", "MaxRecvDataSegmentLength": "65536"},
+        {"ImmediateData": "No", "MaxBurstLength": "65536", "MaxRecvDataSegmentLength": "4096"},
+    ],
+    ids=["unsolicited", "r2t-only"],
+)
+async def test_negotiated_data_transfer(
+    iscsi_target: ISCSITarget, tmp_path: Path, settings: dict[str, str]
+) -> None:
+    """Writes follow what login settled: immediate and unsolicited Data-Out when the
+    target allows them, many small R2T bursts when it does not."""
+    backing = tmp_path / "lun.img"
+    url = iscsi_target.add_lun(backing, 8 * MiB)
+    tid = str(iscsi_target.lun(url).tid)
+    for key, value in settings.items():
+        iscsi_target.tgtadm(
+            "--lld", "iscsi", "--mode", "target", "--op", "update", "--tid", tid,
+            "--name", key, "--value", value,
+        )  # fmt: skip
+    data = os.urandom(3 * MiB + 4096)
+    async with open_iscsi(url, writable=True) as lun:
+        params = lun._conn.params
+        if "InitialR2T" in settings:
+            assert not params.initial_r2t and params.first_burst == 262144
+            assert params.immediate_data and params.max_send_segment == 65536
+        else:
+            assert params.initial_r2t and not params.immediate_data
+            assert params.max_burst == 65536 and params.max_send_segment == 4096
+        async with trio.open_nursery() as nursery:
+            for i in range(4):
+                nursery.start_soon(lun.pwrite, i * 2 * MiB, memoryview(data)[: 2 * MiB - 4096])
+        await lun.pwrite(512, data[:4096])
+        await lun.flush()
+        assert await lun.pread(2 * MiB, 2 * MiB - 4096) == data[: 2 * MiB - 4096]
+    piece = data[: 2 * MiB - 4096]
+    expected = bytearray(8 * MiB)
+    for i in range(4):
+        expected[i * 2 * MiB : i * 2 * MiB + len(piece)] = piece
+    expected[512 : 512 + 4096] = data[:4096]
+    assert backing.read_bytes() == bytes(expected)
+
+
 def test_read_from_lun(iscsi_target: ISCSITarget, mixed_src: Path, tmp_path: Path) -> None:
     backing = tmp_path / "lun.img"
     url = iscsi_target.add_lun(backing, 8 * MiB, thin=True)
