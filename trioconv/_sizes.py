@@ -19,7 +19,8 @@ _UNITS = {
     "p": 1 << 50,
     "e": 1 << 60,
 }
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?)\s*([bkmgtpeBKMGTPE]?)\s*")
+#: Compiled on first use (by ``re``'s cache), not at import: most runs never parse a size.
+_SIZE_PATTERN = r"\s*(\d+(?:\.\d*)?)\s*([bkmgtpeBKMGTPE]?)\s*"
 
 
 def parse_size(text: str | int, *, what: str = "size") -> int:
@@ -32,7 +33,7 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
         if text < 0:
             raise UsageError(f"Invalid {what} specified: {text}")
         return text
-    match = _SIZE_RE.fullmatch(text)
+    match = re.fullmatch(_SIZE_PATTERN, text)
     if not match:
         raise UsageError(
             f"Invalid {what} specified. Must be a non-negative number "
