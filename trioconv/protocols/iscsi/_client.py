@@ -65,6 +65,8 @@ _MAX_TRANSFER = 8 * 1024 * 1024
 #: The largest range one WRITE SAME or GET LBA STATUS covers.
 _MAX_ZERO_BLOCKS = 0x400000  # 2 GiB of 512-byte blocks
 _STATUS_ALLOC = 8 + 16 * 64
+#: The largest WRITE SAME that writes (rather than unmaps) zeroes.
+_WRITE_SAME_PIECE = 8 * 1024 * 1024
 #: Retries of a command the target answers with UNIT ATTENTION, BUSY or TASK SET FULL.
 _RETRIES = 10
 _BUSY_DELAY = 0.01
@@ -936,6 +938,11 @@ class ISCSIDriver(Driver):
         if tail > head:
             block = memoryview(bytes(bs))
             step = self._max_same * bs
+            if not unmap:
+                # The target writes every block itself (tgt: one pwrite per block, in
+                # one of its I/O threads per command): pieces in flight together use
+                # all of its threads instead of one.
+                step = min(step, _WRITE_SAME_PIECE)
             async with trio.open_nursery() as nursery:
                 for pos in range(head, tail, step):
                     n = min(step, tail - pos)
