@@ -29,6 +29,12 @@ Run from the project root:
     python bench/bench_nbd.py --output bench/results-nbd.md
     python bench/bench_nbd.py --size 64M --repeat 1 --sets delay --rows nbd-nbd
 
+``--baseline CMD`` adds a second trioconv (``base -m 8``, ``base -m 8 -W``: e.g. a
+checkout of an older version) to the same interleaved runs, for before/after
+comparisons.  trioconv runs get a bytecode cache of their own
+(``--bytecode-cache``), as an installed copy has compiled bytecode, even when the
+environment sets ``PYTHONDONTWRITEBYTECODE``.
+
 Exits non-zero if any timed run fails or any output does not verify.
 """
 
@@ -201,7 +207,9 @@ class NbdServer:
             p.unlink(missing_ok=True)
 
 
-def run_timed(argv: list[str], timeout: float) -> tuple[int, float, int, str]:
+def run_timed(
+    argv: list[str], timeout: float, env: dict[str, str] | None = None
+) -> tuple[int, float, int, str]:
     """Run argv; return (exit code, wall seconds, peak RSS KiB, stderr tail).
 
     Same measurement as bench_convert.run_timed (reset this process's peak RSS,
@@ -213,7 +221,7 @@ def run_timed(argv: list[str], timeout: float) -> tuple[int, float, int, str]:
         t0 = time.perf_counter()
         try:
             proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err, env=env
             )
         except OSError as exc:
             return 127, 0.0, 0, str(exc)
@@ -260,10 +268,12 @@ def verify(src: Path, dst: str, timeout: float) -> bool:
     return r.returncode == 0
 
 
-def tool_argv(tool: Tool, trioconv: list[str], src: str, dst: str, dst_nbd: bool) -> list[str]:
+def tool_argv(
+    tool: Tool, trioconv: list[str], baseline: list[str], src: str, dst: str, dst_nbd: bool
+) -> list[str]:
     if tool.program == "nbdcopy":
         return ["nbdcopy", src, dst]
-    prefix = trioconv if tool.program == "trioconv" else ["qemu-img"]
+    prefix = {"trioconv": trioconv, "baseline": baseline}.get(tool.program, ["qemu-img"])
     n = ["-n"] if dst_nbd else []
     return [*prefix, "convert", "-f", "raw", "-O", "raw", *n, *tool.flags, src, dst]
 
@@ -277,6 +287,7 @@ def bench_row(
 ) -> None:
     row, filters, size = res.row, filter_args(res.set_name, args), args.size
     trioconv = shlex.split(args.trioconv)
+    baseline = shlex.split(args.baseline or "")
     dst_file = args.workdir / "dst.raw"
     print(f"== [{res.set_name}] {row.label}", flush=True)
     with contextlib.ExitStack() as outer:
@@ -296,8 +307,9 @@ def bench_row(
                         plugin = ["memory", str(size)]
                         dst_srv = stack.enter_context(NbdServer(rundir, plugin, filters, False))
                         dst = dst_srv.uri
-                    argv = tool_argv(tool, trioconv, src, dst, row.dst_nbd)
-                    code, secs, rss, tail = run_timed(argv, args.timeout)
+                    argv = tool_argv(tool, trioconv, baseline, src, dst, row.dst_nbd)
+                    env = args.trioconv_env if tool.program in ("trioconv", "baseline") else None
+                    code, secs, rss, tail = run_timed(argv, args.timeout, env)
                     if i < 0:  # untimed warm-up run
                         continue
                     ok = code == 0 and verify(src_image, dst, args.timeout)
@@ -326,6 +338,7 @@ def fmt_tables(results: list[Result], tools: list[Tool]) -> list[str]:
     head = ["row", *(f"{t.label} s" for t in tools)]
     head += [
         "trioconv/qemu-img (-m 8 -W)",
+        *(["trioconv/base (-m 8 -W)"] if any(t.program == "baseline" for t in tools) else []),
         "trioconv in-order/-W",
         "qemu-img in-order/-W",
         "best trioconv/nbdcopy",
@@ -358,6 +371,11 @@ def fmt_tables(results: list[Result], tools: list[Tool]) -> list[str]:
             nfail = sum(r.failed.values())
             cells += [
                 ratio(med.get("trioconv-m8-W"), med.get("qemu-img-m8-W")),
+                *(
+                    [ratio(med.get("trioconv-m8-W"), med.get("base-m8-W"))]
+                    if any(t.program == "baseline" for t in tools)
+                    else []
+                ),
                 ratio(med.get("trioconv-m8"), med.get("trioconv-m8-W")),
                 ratio(med.get("qemu-img-m8"), med.get("qemu-img-m8-W")),
                 best_cell,
@@ -420,11 +438,18 @@ def main() -> int:
         default=shlex.join([sys.executable, "-m", "trioconv"]),
         help="trioconv command ('qemu-img' gives a self-check)",
     )
+    add("--baseline", help="a second trioconv command to compare with (adds 'base' columns)")
     add("--delay", default="2ms", help="delay filter: per read/write/zero/trim/extents request")
     add("--rate", default="1G", help="rate filter: bits/s per server and direction")
     add("--burstiness", default="0.01", help="rate filter: bucket size in seconds")
     add("--timeout", type=float, default=600, help="kill a copy after this many seconds")
     add("--seed", type=int, default=1, help="layout/content seed")
+    add(
+        "--bytecode-cache",
+        type=Path,
+        help="PYTHONPYCACHEPREFIX for trioconv runs (default: WORKDIR/pycache); 'none'"
+        " keeps the environment as it is",
+    )
     add("--output", type=Path, help="also write the Markdown report to this file")
     args = ap.parse_args()
 
@@ -446,12 +471,26 @@ def main() -> int:
         notes.append("nbdcopy not found on PATH (Debian: libnbd-bin); its column is skipped.")
         print(f"NOTE: {notes[-1]}")
     tools = [t for t in TOOLS if t.key in tool_keys]
+    if args.baseline:
+        tools += [
+            Tool("base-m8", "base -m 8", "baseline", ("-m", "8")),
+            Tool("base-m8-W", "base -m 8 -W", "baseline", ("-m", "8", "-W")),
+        ]
     rows = [r for r in ROWS if r.key in row_keys]
     if not tools or not rows or not sets:
         ap.error("nothing to run")
 
     workdir: Path = args.workdir
     workdir.mkdir(parents=True, exist_ok=True)
+    # An installed trioconv runs from compiled bytecode; with PYTHONDONTWRITEBYTECODE
+    # set (as in some CI and container images) every run would compile its modules from
+    # source again (~0.1 s). Give trioconv a bytecode cache of its own outside the tree;
+    # the warm-up run fills it.
+    args.trioconv_env = None
+    cache = args.bytecode_cache or workdir / "pycache"
+    if str(cache) != "none":
+        args.trioconv_env = {**os.environ, "PYTHONPYCACHEPREFIX": str(cache)}
+        args.trioconv_env.pop("PYTHONDONTWRITEBYTECODE", None)
     src = workdir / f"source-v1-{args.size}-s{args.seed}.raw"
     if not src.exists():
         create_in_child(lambda p: create_source(p, args.size, args.seed), src)
@@ -484,7 +523,19 @@ def main() -> int:
         f" `delay+rate` adds `rate={args.rate} burstiness={args.burstiness}`"
         " (bits/s, separately for reads and writes, per server)",
         f"- trioconv: `{args.trioconv} convert -f raw -O raw [-n] FLAGS SRC DST`"
-        " (default --connections); qemu-img: same arguments; nbdcopy: `nbdcopy SRC DST`",
+        " (default --connections); qemu-img: same arguments; nbdcopy: `nbdcopy SRC DST`"
+        + (f"; base: `{args.baseline}`, same arguments" if args.baseline else ""),
+        "- trioconv bytecode: "
+        + (
+            f"compiled once into `PYTHONPYCACHEPREFIX={args.trioconv_env['PYTHONPYCACHEPREFIX']}`"
+            if args.trioconv_env
+            else "environment unchanged"
+            + (
+                " (PYTHONDONTWRITEBYTECODE set)"
+                if os.environ.get("PYTHONDONTWRITEBYTECODE")
+                else ""
+            )
+        ),
         f"- {args.warmup} untimed warm-up + {args.repeat} timed runs per tool, row and"
         " set, interleaved; median wall time, max peak RSS;"
         " every timed output checked with `qemu-img compare`",

@@ -10,6 +10,7 @@ refuse the export, TLS or writing; each must end the command with exit status 1 
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import signal
@@ -26,6 +27,7 @@ import trio
 
 import trioconv
 from trioconv import ConvertOptions, ExtentKind
+from trioconv.protocols.nbd import MultiConnDriver, NBDDriver, open_nbd
 
 from .conftest import (
     ImageMaker,
@@ -781,3 +783,70 @@ def test_requests_are_pipelined(
         assert max_in_flight(log, "Read") >= in_flight, log.read_text()
     else:
         assert max_in_flight(log, "Read") == 1, log.read_text()
+
+
+# -- 12. discard ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("connections", [1, None], ids=["one-connection", "multi-conn"])
+async def test_discard_punches_a_hole_in_max_block_pieces(
+    nbdkit_server: NbdkitLauncher, tmp_path: Path, connections: int | None
+) -> None:
+    """``discard`` sends NBD_CMD_TRIM, split at the server's maximum request size (1 MiB
+    here) and all in flight at once; the memory plugin then holds a hole there."""
+    log = tmp_path / "trim.log"
+    server = nbdkit_server(
+        "memory",
+        ["size=8M"],
+        filters=["log", "blocksize-policy"],
+        filter_args=[f"logfile={log}", "blocksize-maximum=1M", "blocksize-error-policy=error"],
+    )
+    rc = run("qemu-io", "-f", "raw", "-c", "write -P 0xab 0 8M", server.uri, check=False)
+    assert rc.returncode == 0, rc.stdout + rc.stderr
+    async with open_nbd(server.uri, writable=True, connections=connections) as nbd:
+        assert nbd.caps.trim
+        assert isinstance(nbd, NBDDriver | MultiConnDriver)
+        await nbd.discard(MiB, 3 * MiB + 64 * KiB)
+        await nbd.discard(0, 0)  # nothing to do
+    trims = requests(log, "Trim", skip=1)  # connection 1 was qemu-io's
+    assert sorted((o, c) for o, c, _ in trims) == [
+        (MiB, MiB),
+        (2 * MiB, MiB),
+        (3 * MiB, MiB),
+        (4 * MiB, 64 * KiB),
+    ]
+    mapped = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", server.uri).stdout)
+    assert data_ranges(mapped) == [(0, MiB), (4 * MiB + 64 * KiB, 8 * MiB)]
+    for check in ("read -P 0xab 0 1M", "read -P 0 1M 3136k", "read -P 0xab 4160k 3968k"):
+        rc = run("qemu-io", "-f", "raw", "-c", check, server.uri, check=False)
+        assert rc.returncode == 0 and "Pattern verification failed" not in rc.stdout, rc.stdout
+
+
+async def test_discard_errors(nbdkit_server: NbdkitLauncher, tmp_path: Path) -> None:
+    """A failed trim is an I/O error naming the offset; a read-only connection or a server
+    without trim refuses before sending anything."""
+    failing = nbdkit_server(
+        "memory",
+        ["size=8M"],
+        filters=["error"],
+        filter_args=["error-trim=EIO", "error-trim-rate=1"],
+    )
+    async with open_nbd(failing.uri, writable=True, connections=1) as nbd:
+        assert isinstance(nbd, NBDDriver)
+        with pytest.raises(trioconv.TrioconvIOError, match=r"trimming .* at byte 4096") as info:
+            await nbd.discard(4096, 4096)
+        assert info.value.errno == errno.EIO
+        await nbd.pwrite(0, b"still usable")  # the connection survives the error
+    async with open_nbd(failing.uri, connections=1) as nbd:
+        assert isinstance(nbd, NBDDriver)
+        with pytest.raises(trioconv.UnsupportedError, match="read-only"):
+            await nbd.discard(0, 4096)
+    no_trim = nbdkit_server(
+        "eval",
+        ["get_size=echo 1048576", "pread=head -c $3 /dev/zero", "pwrite=cat >/dev/null"],
+    )
+    async with open_nbd(no_trim.uri, writable=True) as nbd:
+        assert isinstance(nbd, NBDDriver)
+        assert not nbd.caps.trim
+        with pytest.raises(trioconv.UnsupportedError, match="cannot discard"):
+            await nbd.discard(0, 4096)

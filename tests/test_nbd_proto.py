@@ -260,3 +260,39 @@ def test_server_without_tls_is_refused_when_tls_is_asked() -> None:
     server = GREETING + opt_reply(proto.OPT_STARTTLS, proto.REP_ERR_UNSUP)
     with pytest.raises(proto.NBDOptionError, match="refused TLS"):
         drive(proto.client_handshake("", tls=True), server)
+
+
+def test_reply_parser_hands_over_a_read_payload() -> None:
+    """``direct_payload`` gives up a partly received read payload: the caller receives its
+    rest itself (into the requester's buffer), then parsing goes on after it."""
+    parser = proto.ReplyParser()
+    payload = bytes(range(256)) * 1024
+    wire = (
+        chunk(7, proto.CHUNK_OFFSET_DATA, struct.pack(">Q", 4096) + payload, done=False)
+        + chunk(7, proto.CHUNK_NONE, b"")
+        + simple(8, data=payload)
+        + simple(9)
+    )
+    parser.expect_read(8, len(payload))
+    head = 20 + 8 + 1000  # the chunk header, its offset and 1000 payload bytes
+    parser.receive_data(wire[:head])
+    assert parser.next_event() is None
+    assert parser.direct_payload(min_remaining=len(payload)) is None  # not worth it
+    direct = parser.direct_payload(min_remaining=4096)
+    assert direct is not None
+    assert normal(direct.event) == (proto.DataChunk, 7, 4096, payload[:1000], False)
+    assert direct.remaining == len(payload) - 1000
+    assert parser.direct_payload() is None  # the parser holds nothing more of it
+    pos = head + direct.remaining  # the caller took those bytes off the wire
+    parser.receive_data(wire[pos : pos + 16 + 20])
+    assert normal(parser.next_event()) == (proto.DoneChunk, 7)  # type: ignore[arg-type]
+    assert parser.next_event() is None
+    direct = parser.direct_payload()
+    assert direct is not None  # a simple reply to a READ, with nothing of its data here yet
+    assert normal(direct.event) == (proto.SimpleReply, 8, 0, b"")
+    assert direct.remaining == len(payload)
+    parser.receive_data(wire[pos + 16 + 20 + len(payload) :])
+    assert normal(parser.next_event()) == (proto.SimpleReply, 9, 0, None)  # type: ignore[arg-type]
+    # Other frames, and complete ones, are left to next_event().
+    parser.receive_data(chunk(10, proto.CHUNK_BLOCK_STATUS, struct.pack(">III", 9, 4096, 0))[:30])
+    assert parser.direct_payload() is None

@@ -12,17 +12,25 @@ runs inside :func:`open_nbd` - a conversion stops promptly instead of hanging.
 from __future__ import annotations
 
 import errno as errno_mod
+import functools
 import itertools
+import os
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
 import attrs
 import trio
 
-from ..._errors import ImageError, TrioconvIOError, UnsupportedError, ZeroesNotSupported
+from ..._errors import (
+    ImageError,
+    TrioconvError,
+    TrioconvIOError,
+    UnsupportedError,
+    ZeroesNotSupported,
+)
 from ..._open import is_nbd_uri as is_nbd_uri
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
 from . import _proto as proto
@@ -41,6 +49,9 @@ DEFAULT_PORT = 10809
 _SCHEMES = ("nbd", "nbds", "nbd+tcp", "nbds+tcp", "nbd+unix", "nbds+unix")
 _MAX_ZERO = 1 << 30
 _MAX_STATUS = 1 << 30
+#: Read payloads with at least this much still to come are received straight into the
+#: requester's buffer rather than through the parser's.
+_DIRECT_MIN = 64 * 1024
 _HANDSHAKE_TIMEOUT = 30.0
 
 
@@ -130,6 +141,30 @@ def _tls_context(address: NBDAddress) -> ssl.SSLContext:
     return ctx
 
 
+async def _together(calls: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Run ``calls`` at the same time; the first failure cancels the rest.
+
+    The failure comes out as itself, not in an exception group, so that callers can
+    catch :class:`~trioconv.ZeroesNotSupported` or :class:`~trioconv.TrioconvIOError`
+    whether a request was split or not.
+    """
+    if len(calls) == 1:
+        await calls[0]()
+        return
+    try:
+        async with trio.open_nursery() as nursery:
+            for call in calls:
+                nursery.start_soon(call)
+    except BaseExceptionGroup as group:
+        ours, rest = group.split(TrioconvError)
+        if ours is None or rest is not None:
+            raise
+        first: BaseException = ours
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from group
+
+
 @attrs.define(eq=False)
 class _Pending:
     cmd: Cmd
@@ -168,7 +203,8 @@ class NBDDriver(Driver):
         self._closing = False
         self._broken: TrioconvIOError | None = None
         self._status: list[Extent] = []
-        self._zero = bytes(min(info.max_block, 4 * 1024 * 1024))
+        self._zero = bytes(min(info.max_block, 256 * 1024))
+        self._scratch = bytearray(256 * 1024)
 
     # -- geometry ------------------------------------------------------------------------
     @property
@@ -197,8 +233,9 @@ class NBDDriver(Driver):
     # -- the reader task -------------------------------------------------------------------
     async def reader(self) -> None:
         """Receive replies and route them until the connection closes."""
-        # A plain socket is read straight into the parser's buffer; TLS goes through
-        # the stream. Either way each payload byte is then copied once, to its reader.
+        # A plain socket is read into the parser's buffer, and the bulk of each read
+        # payload straight into the requester's buffer; TLS goes through the stream.
+        # Either way each payload byte is copied at most once in user space.
         sock = getattr(self._stream, "socket", None)
         try:
             while True:
@@ -212,8 +249,17 @@ class NBDDriver(Driver):
                     self._parser.receive_data(data)
                 if not n:
                     raise TrioconvIOError("the server closed the connection")
-                while (event := self._parser.next_event()) is not None:
-                    self._dispatch(event)
+                while True:
+                    event = self._parser.next_event()
+                    if event is not None:
+                        self._dispatch(event)
+                        continue
+                    if sock is None:
+                        break
+                    direct = self._parser.direct_payload(_DIRECT_MIN)
+                    if direct is None:
+                        break
+                    await self._receive_direct(sock, direct)
         except (
             trio.BrokenResourceError,
             trio.ClosedResourceError,
@@ -231,6 +277,55 @@ class NBDDriver(Driver):
                 pending.done.set()
             self._pending.clear()
             raise error from exc
+
+    async def _receive_direct(
+        self, sock: trio.socket.SocketType, direct: proto.DirectPayload
+    ) -> None:
+        """Receive the rest of a read payload straight into the requester's buffer.
+
+        The bytes are read with ``os.readv`` right after checking that the request still
+        wants them - with no checkpoint in between - so a requester that was cancelled
+        (and may already reuse its buffer) never gets written to; its bytes are
+        received into scratch space and dropped.
+        """
+        event = direct.event
+        pending = self._pending.get(event.cookie)
+        if pending is None:
+            raise proto.NBDProtocolError(f"reply for unknown cookie {event.cookie}")
+        data = event.data
+        assert data is not None  # a direct payload always has its (maybe empty) start
+        have = data.nbytes
+        start = event.offset - pending.offset if isinstance(event, proto.DataChunk) else 0
+        end = start + have + direct.remaining
+        if pending.buf is not None:
+            if start < 0 or end > pending.buf.nbytes:
+                raise proto.NBDProtocolError("read chunk outside the request")
+            pending.buf[start : start + have] = data
+        pos = start + have
+        fd = sock.fileno()
+        while pos < end:
+            buf = pending.buf
+            if buf is None:
+                target = memoryview(self._scratch)[: min(end - pos, len(self._scratch))]
+            else:
+                target = buf[pos:end]
+            try:
+                n = os.readv(fd, [target])
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            finally:
+                target.release()
+            if not n:
+                raise TrioconvIOError("the server closed the connection")
+            pos += n
+        if isinstance(event, proto.SimpleReply) or event.done:
+            self._complete(event.cookie, pending)
+
+    def _complete(self, cookie: int, pending: _Pending) -> None:
+        del self._pending[cookie]
+        self._parser.forget(cookie)
+        pending.done.set()
 
     def _dispatch(self, event: proto.ReplyEvent) -> None:
         pending = self._pending.get(event.cookie)
@@ -254,7 +349,10 @@ class NBDDriver(Driver):
             if pending.buf is not None:
                 if start < 0 or start + event.length > pending.buf.nbytes:
                     raise proto.NBDProtocolError("hole chunk outside the request")
-                pending.buf[start : start + event.length] = bytes(event.length)
+                zero = memoryview(self._zero)
+                for pos in range(start, start + event.length, zero.nbytes):
+                    n = min(zero.nbytes, start + event.length - pos)
+                    pending.buf[pos : pos + n] = zero[:n]
             done = event.done
         elif isinstance(event, proto.StatusChunk):
             if event.context == self.info.allocation_context:
@@ -264,9 +362,7 @@ class NBDDriver(Driver):
             pending.error = self._server_error(pending, event.error, event.message)
             done = event.done
         if done:
-            del self._pending[event.cookie]
-            self._parser.forget(event.cookie)
-            pending.done.set()
+            self._complete(event.cookie, pending)
 
     def _server_error(self, pending: _Pending, error: int, message: str) -> TrioconvIOError:
         what = {
@@ -340,9 +436,12 @@ class NBDDriver(Driver):
             else:
                 await self._request(cmd, offset, view.nbytes, payload=view)
             return
-        async with trio.open_nursery() as nursery:
-            for start in range(0, view.nbytes, step):
-                nursery.start_soon(self._split, cmd, offset + start, view[start : start + step])
+        await _together(
+            [
+                functools.partial(self._split, cmd, offset + start, view[start : start + step])
+                for start in range(0, view.nbytes, step)
+            ]
+        )
 
     async def preadinto(self, offset: int, buf: memoryview) -> None:
         if buf.nbytes:
@@ -350,9 +449,8 @@ class NBDDriver(Driver):
 
     async def preadinto_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
         """All the reads in flight at once."""
-        async with trio.open_nursery() as nursery:
-            for offset, buf in requests:
-                nursery.start_soon(self.preadinto, offset, buf)
+        if requests:
+            await _together([functools.partial(self.preadinto, off, buf) for off, buf in requests])
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
         if not self._writable:
@@ -374,10 +472,15 @@ class NBDDriver(Driver):
         if fast:
             flags |= CmdFlag.FAST_ZERO
         step = _MAX_ZERO - _MAX_ZERO % self.info.min_block
-        async with trio.open_nursery() as nursery:
-            for start in range(offset, offset + length, step):
-                n = min(step, offset + length - start)
-                nursery.start_soon(self._zero_piece, start, n, flags)
+        pieces = range(offset, offset + length, step)
+        await _together(
+            [
+                functools.partial(
+                    self._zero_piece, start, min(step, offset + length - start), flags
+                )
+                for start in pieces
+            ]
+        )
 
     async def _zero_piece(self, offset: int, length: int, flags: CmdFlag) -> None:
         try:
@@ -386,6 +489,38 @@ class NBDDriver(Driver):
             if exc.errno in (errno_mod.ENOTSUP, errno_mod.EOPNOTSUPP):
                 raise ZeroesNotSupported(str(exc)) from exc
             raise
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Tell the server that ``[offset, offset + length)`` is no longer needed
+        (``NBD_CMD_TRIM``): it may deallocate the range, which then reads as zeroes or
+        as what it held before - the protocol promises neither.
+
+        Requests larger than the server's maximum are split and sent together.
+
+        Raises:
+            UnsupportedError: opened read-only, or the server does not take trims.
+            TrioconvIOError: the server failed a trim.
+        """
+        if not self._writable:
+            raise UnsupportedError(f"{self.location}: opened read-only")
+        if not self.info.flags & TxFlag.SEND_TRIM:
+            raise UnsupportedError(f"{self.location}: server cannot discard")
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise TrioconvIOError(
+                f"{self.location}: discard of {length} bytes at {offset} is outside the export",
+                offset=offset,
+            )
+        step = self.info.max_block - self.info.max_block % self.info.min_block
+        pieces = range(offset, offset + length, step)
+        await _together(
+            [
+                functools.partial(self._trim_piece, start, min(step, offset + length - start))
+                for start in pieces
+            ]
+        )
+
+    async def _trim_piece(self, offset: int, length: int) -> None:
+        await self._request(Cmd.TRIM, offset, length)
 
     async def block_status(self, offset: int, length: int) -> Extent:
         end = min(self.size, offset + length)
@@ -484,6 +619,11 @@ class MultiConnDriver(Driver):
     ) -> None:
         async with self._pick() as conn:
             await conn.pwrite_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
+
+    async def discard(self, offset: int, length: int) -> None:
+        """See :meth:`NBDDriver.discard`."""
+        async with self._pick() as conn:
+            await conn.discard(offset, length)
 
     async def block_status(self, offset: int, length: int) -> Extent:
         return await self.connections[0].block_status(offset, length)

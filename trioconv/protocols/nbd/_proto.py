@@ -30,6 +30,7 @@ __all__ = [
     "Cmd",
     "CmdFlag",
     "DataChunk",
+    "DirectPayload",
     "DoneChunk",
     "ErrorChunk",
     "ExportInfo",
@@ -420,6 +421,21 @@ class DoneChunk:
 ReplyEvent = SimpleReply | DataChunk | HoleChunk | StatusChunk | ErrorChunk | DoneChunk
 
 
+@attrs.frozen
+class DirectPayload:
+    """A read payload whose rest the caller receives itself (see
+    :meth:`ReplyParser.direct_payload`).
+
+    Attributes:
+        event: a :class:`SimpleReply` or :class:`DataChunk` whose ``data`` is the part of
+            the payload already received (possibly empty).
+        remaining: how many more payload bytes follow on the wire.
+    """
+
+    event: SimpleReply | DataChunk
+    remaining: int
+
+
 class ReplyParser:
     """Turn the server's byte stream into reply events.
 
@@ -484,6 +500,56 @@ class ReplyParser:
         finally:
             view.release()
         self.buffer_updated(len(data))
+
+    def direct_payload(self, min_remaining: int = 1) -> DirectPayload | None:
+        """Hand the rest of a partly received read payload over to the caller.
+
+        Call it when :meth:`next_event` returned None. If the frame being received is a
+        read payload - a simple reply to a READ, or an ``OFFSET_DATA`` chunk - whose header
+        is complete and of which at least ``min_remaining`` bytes are still to come, the
+        parser gives up the frame: it returns the event with the payload bytes it already
+        holds, and the next :attr:`DirectPayload.remaining` bytes of the stream are the
+        rest of that payload, which the caller receives itself - straight into their
+        destination (``recv_into``), so even the one copy out of the receive buffer is
+        saved. Only after that does it feed the parser again. Otherwise returns None and
+        changes nothing.
+        """
+        available = self._available()
+        if available < 4:
+            return None
+        view = memoryview(self._buf)[: self._end]
+        magic = int.from_bytes(view[self._start : self._start + 4], "big")
+        event: SimpleReply | DataChunk
+        if magic == SIMPLE_REPLY_MAGIC:
+            if available < _SIMPLE.size:
+                return None
+            _, error, cookie = _SIMPLE.unpack_from(view, self._start)
+            length = self._reads.get(cookie, 0) if error == 0 else 0
+            head = _SIMPLE.size
+        elif magic == STRUCTURED_REPLY_MAGIC:
+            if available < _STRUCTURED.size + 8:
+                return None
+            _, flags, kind, cookie, length = _STRUCTURED.unpack_from(view, self._start)
+            if kind != CHUNK_OFFSET_DATA or not 8 <= length <= self._max_payload:
+                return None  # next_event() deals with it (and with its errors)
+            head = _STRUCTURED.size + 8
+            length -= 8
+            offset = int.from_bytes(
+                view[self._start + _STRUCTURED.size : self._start + head], "big"
+            )
+        else:
+            return None
+        remaining = length - (available - head)
+        if remaining < max(1, min_remaining):
+            return None
+        data = view[self._start + head : self._end]
+        self._start = self._end
+        self._need = 0
+        if magic == SIMPLE_REPLY_MAGIC:
+            event = SimpleReply(cookie, 0, data)
+        else:
+            event = DataChunk(cookie, offset, data, bool(flags & REPLY_FLAG_DONE))
+        return DirectPayload(event, remaining)
 
     def _available(self) -> int:
         return self._end - self._start
