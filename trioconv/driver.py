@@ -26,6 +26,9 @@ member                      meaning
                             reads fall through to the backing image). The default
                             derives it from ``block_status``; formats with backing
                             images override it
+``discard(off, n)``         deallocate the range (TRIM/UNMAP); what it reads as
+                            afterwards is unspecified; may raise
+                            :class:`~trioconv.UnsupportedError`
 ``flush()``                 make completed writes durable in the next layer down
 ``aclose()``                release everything; always closes, even when cancelled
 ==========================  ===========================================================
@@ -113,7 +116,7 @@ class Caps:
     Attributes:
         writable: opened for writing.
         zeroes: ``pwrite_zeroes`` is efficient (no data transferred).
-        trim: the driver can discard ranges.
+        trim: the driver can discard ranges (:meth:`Driver.discard`).
         block_status: ``block_status`` returns real allocation information rather than
             reporting everything as DATA.
         zero_init: a newly created image of this kind reads as zeroes everywhere, so a
@@ -196,6 +199,18 @@ class Driver(abc.ABC):
             ZeroesNotSupported: the caller should write zero buffers instead.
         """
         raise ZeroesNotSupported(f"{self.name}: write zeroes not supported")
+
+    async def discard(self, offset: int, length: int) -> None:
+        """Deallocate ``[offset, offset + length)`` (NBD TRIM, SCSI UNMAP).
+
+        A hint to thin storage that the range is no longer needed: unlike
+        :meth:`pwrite_zeroes` it promises nothing about what the range reads as
+        afterwards. Transports that can discard override it.
+
+        Raises:
+            UnsupportedError: this driver cannot discard.
+        """
+        raise UnsupportedError(f"{self.name}: discard is not supported")
 
     async def compress(self, offset: int, data: memoryview) -> object:
         """Compress whole clusters of data bound for ``offset``; no I/O happens here.
