@@ -248,7 +248,7 @@ class Connection:
             self._buf.extend(bytes(want - len(self._buf)))
         view = memoryview(self._buf)
         while self._end < want:
-            n = await self._sock.recv_into(view[self._end :])
+            n = await self._sock.recv_into(view[self._end :], want - self._end)
             if not n:
                 raise TrioconvIOError("the target closed the connection")
             self._end += n
