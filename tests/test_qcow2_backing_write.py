@@ -13,16 +13,19 @@ identical to the source's when read through the target's chain.
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 import trioconv
 from trioconv import ExtentKind
 from trioconv._open import create_image
 from trioconv.convert.pipeline import Chunker, RunKind
+from trioconv.formats.qcow2 import Qcow2Writer
 
 from .conftest import assert_identical, qemu_map, require_tool, run, trioconv_cli
 
@@ -159,6 +162,58 @@ def test_compat_v2_overlay(tmp_path: Path) -> None:
     top = make_chain(tmp_path)
     theirs, ours = both(top, "-O", "qcow2", "-o", "compat=0.10", "-B", "base.qcow2", "-F", "qcow2")
     assert_like_qemu(top, theirs, ours, offsets=False)
+
+
+@pytest.mark.parametrize("m", ["8", "16"])
+def test_compat_v2_overlay_layout_is_qemus(tmp_path: Path, m: str) -> None:
+    """Zeroes written as data take their clusters in turn, as data does: same file."""
+    require_tool("qemu-io")
+    base, top = tmp_path / "base.qcow2", tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, "8M")
+    run("qemu-io", "-c", "write -P 0x11 0 8M", base)
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", top, "8M")
+    # Many small data runs, each followed by a zero run: every zero job is queued on
+    # the writer's lock together with the data job after it.
+    args: list[str | Path] = ["qemu-io"]
+    for i in range(32):
+        args += ["-c", f"write -P {i + 1} {i * 256}k 64k", "-c", f"write -z {i * 256 + 64}k 128k"]
+    run(*args, top)
+    opts = ["-m", m, "-O", "qcow2", "-o", "compat=0.10", "-B", base.name, "-F", "qcow2"]
+    theirs, ours = both(top, *opts)
+    assert_like_qemu(top, theirs, ours)
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+async def test_v2_zeroes_allocate_in_call_order(tmp_path: Path) -> None:
+    """pwrite_zeroes that writes zero bytes allocates on entry, before a later pwrite."""
+    require_tool("qemu-img")
+    run("qemu-img", "create", "-q", "-f", "raw", tmp_path / "base.raw", "1M")
+    path = tmp_path / "v2.qcow2"
+    opts = {"compat": "0.10", "backing_file": "base.raw", "backing_fmt": "raw"}
+    await create_image(path, "qcow2", MiB, opts)
+    async with trioconv.open_image(path, "qcow2", writable=True) as drv:
+        assert isinstance(drv, Qcow2Writer)
+        # Both calls queue on the allocation lock, the zeroes first; the lock is let go
+        # (and the nursery waits for them) once both wait.
+        async with trio.open_nursery() as nursery, drv._lock:
+            nursery.start_soon(partial(drv.pwrite_zeroes, 0, 64 * 1024, may_unmap=True))
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(drv.pwrite, 64 * 1024, b"\x55" * (64 * 1024))
+            await trio.testing.wait_all_tasks_blocked()
+        await drv.flush()
+    entries = [e for e in qemu_map(path, "qcow2") if e["depth"] == 0 and e["present"]]
+    assert entries == [
+        {
+            "start": 0,
+            "length": 128 * 1024,
+            "depth": 0,
+            "present": True,
+            "zero": False,
+            "data": True,
+            "offset": entries[0]["offset"],
+        }
+    ], entries
+    assert_check_clean(path)
 
 
 def test_o_backing_file_is_like_B(tmp_path: Path) -> None:

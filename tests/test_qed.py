@@ -8,6 +8,7 @@ writing QED is refused.
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 from pathlib import Path
@@ -147,6 +148,153 @@ async def test_backing_file(tmp_path: Path, backing_fmt: str) -> None:
             assert kind is ExtentKind.DATA
         if off <= 2 * MiB < off + n:
             assert kind is ExtentKind.ZERO
+
+
+# -- the top layer alone: convert -B ---------------------------------------------------
+
+KiB = 1024
+
+#: A qed overlay (64 KiB clusters) on a base of 5600 KiB (not a whole number of
+#: clusters) with data in [0, 3M) and [5M, 5600K): data over the base's data, over its
+#: zeroes and past its end (partial writes copy whole clusters), zero clusters over
+#: data, over zeroes and past the end, and unallocated runs inside the base, straddling
+#: its end and past it.
+OVERLAY = (
+    "write -P 0x22 1M 100k",
+    "write -z 2M 64k",
+    "write -P 0x33 3584k 4k",
+    "write -z 4M 128k",
+    "write -P 0x44 5M 64k",
+    "write -z 6M 64k",
+    "write -P 0x55 7M 4k",
+)
+
+
+def make_overlay(folder: Path, base_fmt: str = "raw", options: str = "") -> Path:
+    base = make_raw(folder / "base.raw", "5600k", "write -P 0x11 0 3M", "write -P 0x12 5M 480k")
+    if base_fmt == "qcow2":
+        q = folder / "base.qcow2"
+        run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", base, q)
+        base = q
+    return make_qed(
+        folder / "top.qed",
+        "8M",
+        *OVERLAY,
+        options=options,
+        backing=base.name,
+        backing_fmt=base_fmt,
+    )
+
+
+def qemu_map(path: Path, fmt: str) -> list[dict[str, object]]:
+    out: list[dict[str, object]] = json.loads(
+        run("qemu-img", "map", "--output=json", "-f", fmt, path).stdout
+    )
+    return out
+
+
+async def layer_tiles(drv: trioconv.Driver) -> list[tuple[int, int, ExtentKind]]:
+    out = []
+    pos = 0
+    while pos < drv.size:
+        ext = await drv.layer_status(pos, drv.size - pos)
+        assert ext.offset == pos and ext.length > 0, (pos, ext)
+        out.append((ext.offset, ext.length, ext.kind))
+        pos = ext.end
+    assert pos == drv.size
+    return out
+
+
+async def test_layer_status(tmp_path: Path) -> None:
+    img = make_overlay(tmp_path)
+    async with trioconv.open_image(img) as drv:
+        tiles = await layer_tiles(drv)
+        # Asked from inside a run, for less than the run: the answer starts there.
+        ext = await drv.layer_status(100 * KiB, 10)
+        assert (ext.offset, ext.kind) == (100 * KiB, ExtentKind.HOLE)
+        assert ext.length >= 10
+        # block_status, for the whole chain, calls the base's data DATA.
+        assert (await drv.block_status(0, MiB)).kind is ExtentKind.DATA
+        assert drv.backing is not None
+    hole, data, zero = ExtentKind.HOLE, ExtentKind.DATA, ExtentKind.ZERO
+    assert tiles == [
+        (0, 1024 * KiB, hole),
+        (1024 * KiB, 128 * KiB, data),  # 100k written: two whole clusters
+        (1152 * KiB, 896 * KiB, hole),
+        (2048 * KiB, 64 * KiB, zero),  # a zero cluster over the base's data
+        (2112 * KiB, 1472 * KiB, hole),  # the base's zeroes are the base's too
+        (3584 * KiB, 64 * KiB, data),
+        (3648 * KiB, 448 * KiB, hole),
+        (4096 * KiB, 128 * KiB, zero),  # zero clusters over the base's zeroes
+        (4224 * KiB, 896 * KiB, hole),
+        (5120 * KiB, 64 * KiB, data),
+        (5184 * KiB, 416 * KiB, hole),  # up to the base's end, inside a cluster
+        (5600 * KiB, 1568 * KiB, zero),  # past it: unallocated and a zero cluster
+        (7168 * KiB, 64 * KiB, data),
+        (7232 * KiB, 960 * KiB, zero),
+    ]
+
+
+async def test_layer_status_without_backing(tmp_path: Path) -> None:
+    img = make_qed(tmp_path / "a.qed", "4M", *MIXED)
+    async with trioconv.open_image(img) as drv:
+        tiles = await layer_tiles(drv)
+        assert tiles == await check_block_status_tiles(drv)
+    assert ExtentKind.HOLE not in {k for _, _, k in tiles}
+
+
+@pytest.mark.parametrize(
+    ("qed_options", "extra"),
+    [
+        pytest.param("", [], id="default"),
+        pytest.param("", ["-o", "compat=0.10"], id="compat-0.10"),
+        pytest.param("", ["-S", "0"], id="S0"),
+        pytest.param("", ["-o", "cluster_size=4k"], id="target-4k"),
+        pytest.param("", ["-o", "cluster_size=2M"], id="target-2M"),
+        pytest.param("", ["-m", "1"], id="m1"),
+        pytest.param("cluster_size=4k", [], id="qed-4k"),
+        # 1 MiB clusters: the top layer holds big runs of data with zeroes inside, so
+        # one copy job makes several writes. In-order mode orders only a job's first
+        # write against the next job's, so host offsets match qemu-img's with -m 1.
+        pytest.param("cluster_size=1M,table_size=2", ["-m", "1"], id="qed-1M"),
+    ],
+)
+@pytest.mark.parametrize("base_fmt", ["raw", "qcow2"])
+def test_convert_overlay_like_qemu(
+    tmp_path: Path, base_fmt: str, qed_options: str, extra: list[str]
+) -> None:
+    """``convert -B`` of a qed overlay: what the top layer does not hold stays with the
+    backing file, exactly as qemu-img leaves it (same map, same host offsets)."""
+    img = make_overlay(tmp_path, base_fmt, qed_options)
+    base = f"base.{base_fmt}"
+    args = ["-O", "qcow2", *extra, "-B", base, "-F", base_fmt]
+    theirs, ours = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
+    run("qemu-img", "convert", *args, img, theirs)
+    result = trioconv_cli("convert", *args, img, ours)
+    assert result.returncode == 0, result.stderr
+    assert_identical(img, ours, "qed", "qcow2")
+    check = run("qemu-img", "check", "--output=json", "-f", "qcow2", ours, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert qemu_map(ours, "qcow2") == qemu_map(theirs, "qcow2")
+    info = json.loads(run("qemu-img", "info", "--output=json", ours).stdout)
+    assert (info["backing-filename"], info["backing-filename-format"]) == (base, base_fmt)
+    if extra != ["-o", "cluster_size=2M"] and qed_options != "cluster_size=1M,table_size=2":
+        # The base shows through where the overlay holds nothing.
+        assert any(e["depth"] == 1 and e["data"] for e in qemu_map(ours, "qcow2"))
+
+
+def test_convert_overlay_onto_other_base(tmp_path: Path) -> None:
+    """A target backing file shorter than the source's: past its end the top layer's
+    zeroes are left alone too, as qemu-img does."""
+    img = make_overlay(tmp_path)
+    short = make_raw(tmp_path / "short.raw", "3M", "write -P 0x11 0 3M")
+    args = ["-O", "qcow2", "-B", short.name, "-F", "raw"]
+    theirs, ours = tmp_path / "theirs.qcow2", tmp_path / "ours.qcow2"
+    run("qemu-img", "convert", *args, img, theirs)
+    result = trioconv_cli("convert", *args, img, ours)
+    assert result.returncode == 0, result.stderr
+    assert qemu_map(ours, "qcow2") == qemu_map(theirs, "qcow2")
+    assert ours.read_bytes() == theirs.read_bytes()
 
 
 async def test_backing_missing(tmp_path: Path) -> None:

@@ -16,6 +16,11 @@ cluster-aligned offset inside the file, past the header.
 Feature bits: BACKING_FILE (the name is stored in the header cluster), NEED_CHECK (the
 image was not closed cleanly - harmless when reading, as qemu also allows), and
 BACKING_FORMAT_NO_PROBE (the backing file is raw). Other feature bits are refused.
+
+``block_status`` answers for what a reader sees (unallocated clusters ask the backing
+chain); ``layer_status`` answers from this image's tables alone (``convert -B``): DATA
+for allocated clusters, ZERO for zero clusters and for unallocated ones with no backing
+file or past its end, HOLE for unallocated ones the backing file shows through.
 """
 
 from __future__ import annotations
@@ -317,6 +322,15 @@ class QedDriver(Driver):
             _fill_zero(view[n:])
 
     async def block_status(self, offset: int, length: int) -> Extent:
+        return await self._status(offset, length, layer=False)
+
+    async def layer_status(self, offset: int, length: int) -> Extent:
+        """This image's own clusters: DATA (allocated), ZERO (zero clusters, or
+        unallocated with no backing image or past its end) or HOLE (unallocated: the
+        backing image shows through)."""
+        return await self._status(offset, length, layer=True)
+
+    async def _status(self, offset: int, length: int, *, layer: bool) -> Extent:
         cs = self.header.cluster_size
         end = min(self.size, offset + max(length, 1), offset + STATUS_CLUSTERS * cs)
         if end < self.size:
@@ -324,21 +338,37 @@ class QedDriver(Driver):
         kind: ExtentKind | None = None
         stop = offset
         for off, n, entry in await self._runs(offset, end):
-            if entry > ZERO_CLUSTER:
-                k, run_end = ExtentKind.DATA, off + n
+            run_end = off + n
+            if layer:
+                pieces = self._layer_pieces(off, run_end, entry)
+            elif entry > ZERO_CLUSTER:
+                pieces = [(run_end, ExtentKind.DATA)]
             elif entry == ZERO_CLUSTER or self.backing is None:
-                k, run_end = ExtentKind.ZERO, off + n
+                pieces = [(run_end, ExtentKind.ZERO)]
             else:
-                k, run_end = await self._backing_status(off, off + n)
-            if kind is None:
-                kind = k
-            elif k is not kind:
-                break
-            stop = run_end
-            if run_end < off + n:
+                k, k_end = await self._backing_status(off, run_end)
+                pieces = [(k_end, k)]
+            for p_end, p_kind in pieces:
+                if kind is None:
+                    kind = p_kind
+                elif p_kind is not kind:
+                    return Extent(offset, stop - offset, kind)
+                stop = p_end
+            if stop < run_end:
                 break
         assert kind is not None
         return Extent(offset, stop - offset, kind)
+
+    def _layer_pieces(self, start: int, end: int, entry: int) -> list[tuple[int, ExtentKind]]:
+        """``(end, kind)`` pieces that tile the run ``[start, end)``, for this layer."""
+        if entry > ZERO_CLUSTER:
+            return [(end, ExtentKind.DATA)]
+        backing_end = self.backing.size if self.backing is not None else 0
+        if entry == ZERO_CLUSTER or start >= backing_end:
+            return [(end, ExtentKind.ZERO)]
+        if end > backing_end:
+            return [(backing_end, ExtentKind.HOLE), (end, ExtentKind.ZERO)]
+        return [(end, ExtentKind.HOLE)]
 
     async def _backing_status(self, start: int, end: int) -> tuple[ExtentKind, int]:
         """Unallocated here: DATA where the backing chain has data, else HOLE."""

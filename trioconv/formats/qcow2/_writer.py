@@ -19,7 +19,9 @@ Allocation decisions are made under one :class:`trio.Lock`, which Trio hands out
 the order tasks ask for it. A write takes it on entry, decides where every cluster
 goes, updates the tables, releases it and only then sends its data - so concurrent
 writers never get the same cluster, and writes started in guest order (the copy
-engine's default) lay clusters out in guest order.
+engine's default) lay clusters out in guest order. ``pwrite_zeroes`` does the same for
+the zero bytes it must send (parts of clusters; whole clusters in version 2 images,
+which have no zero flag), so its clusters come before those of a write that asked later.
 
 On flush, version 3 images first get the *dirty* bit (qemu repairs the refcounts of a
 dirty image when it opens it), then refcount blocks, refcount table, L2 tables and L1
@@ -454,11 +456,22 @@ class Qcow2Writer(Qcow2Driver):
             return
         async with self._lock:
             runs = await self._allocate(offset, view.nbytes)
+        await self._write_runs(runs, offset, view)
+
+    async def _write_runs(self, runs: list[_Run], offset: int, view: memoryview | None) -> None:
+        """Send the bytes of runs :meth:`_allocate` made for a write at ``offset``:
+        ``view``'s, or zero bytes when it is None."""
         try:
             for run in runs:
-                piece = view[run.guest - offset : run.guest - offset + run.length]
                 if run.wait is not None:
                     await run.wait.wait()
+                if view is not None:
+                    piece = view[run.guest - offset : run.guest - offset + run.length]
+                elif run.fill is not None:
+                    piece = memoryview(bytes(run.length))
+                else:
+                    await self._write_zero_bytes(run.host, run.length)
+                    continue
                 if run.fill is not None:
                     await self._write_filled(run, piece)
                 else:
@@ -466,6 +479,13 @@ class Qcow2Writer(Qcow2Driver):
         except TrioconvError:
             self._failed = True
             raise
+
+    async def _write_zero_bytes(self, host: int, length: int) -> None:
+        pos, end = host, host + length
+        while pos < end:
+            k = min(len(_ZEROS), end - pos)
+            await self.file.pwrite(pos, memoryview(_ZEROS)[:k])
+            pos += k
 
     async def _allocate(self, offset: int, length: int) -> list[_Run]:
         """Map guest ``[offset, offset + length)`` to host runs, allocating what is missing."""
@@ -569,6 +589,7 @@ class Qcow2Writer(Qcow2Driver):
             if last < end:
                 partial.append((last, end - last))
         writes: list[tuple[int, int]] = []
+        runs: list[tuple[int, list[_Run]]] = []
         async with self._lock:
             for start, n in partial:
                 if not await self._reads_as_zero(start):
@@ -577,12 +598,13 @@ class Qcow2Writer(Qcow2Driver):
                 raise ZeroesNotSupported(f"{self.location}: zeroing part of a cluster is not fast")
             if first < last:
                 writes += await self._zero_clusters(first, last, may_unmap=may_unmap, fast=fast)
-        for start, n in writes:
-            pos = start
-            while pos < start + n:
-                k = min(len(_ZEROS), start + n - pos)
-                await self.pwrite(pos, memoryview(_ZEROS)[:k])
-                pos += k
+            # Zero bytes (parts of clusters, version 2 images) get their clusters now, in
+            # guest order and in the order the calls came, as pwrite's data does; a later
+            # writer must not take the host clusters that come next in the file first.
+            for start, n in sorted(writes):
+                runs.append((start, await self._allocate(start, n)))
+        for start, allocated in runs:
+            await self._write_runs(allocated, start, None)
 
     async def _entry(self, guest: int) -> int:
         """The L2 entry of the cluster holding ``guest`` (0 when it has no table)."""
