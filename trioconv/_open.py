@@ -127,11 +127,17 @@ def _probe_qcow(version_ok: Callable[[int], bool]) -> Callable[[bytes, str], int
 
 
 def _probe_vmdk(header: bytes, filename: str) -> int:
+    # Wider than vmdk's own probe (a descriptor's first statement is ``version=N``):
+    # this one only decides whether the vmdk module is worth importing.
     if header[:4] in (b"KDMV", b"COWD"):
         return 100
-    if b"# Disk DescriptorFile" in header[:1024]:
-        return 100
-    return 0
+    return 100 if b"version=" in header[:4096] else 0
+
+
+def _probe_vpc(data: bytes, filename: str) -> int:
+    # ``conectix`` at the start (dynamic) or at the start of the last 512 bytes (fixed
+    # disks keep only a footer); the vpc module's probe then checks the footer.
+    return 100 if data[:8] == b"conectix" or data[-512:][:8] == b"conectix" else 0
 
 
 _FORMATS: dict[str, FormatInfo] = {}
@@ -180,7 +186,7 @@ for _name, _probe in [
     ("qcow2", _probe_qcow(lambda v: v >= 2)),
     ("qcow", _probe_qcow(lambda v: v == 1)),
     ("vmdk", _probe_vmdk),
-    ("vpc", _magic(b"conectix")),
+    ("vpc", _probe_vpc),
     ("vhdx", _magic(b"vhdxfile")),
     ("vdi", _magic(b"\x7f\x10\xda\xbe", at=0x40)),
     ("qed", _magic(b"QED\x00")),
@@ -189,7 +195,7 @@ for _name, _probe in [
     ("bochs", _magic(b"Bochs Virtual HD Image")),
     ("cloop", _magic(b"#!/bin/sh\n#V2.0 Format")),
 ]:
-    _register(FormatInfo(_name, _probe))
+    _register(FormatInfo(_name, _probe, probe_tail=512 if _name == "vpc" else 0))
 
 
 def format_names() -> list[str]:
@@ -223,16 +229,28 @@ def probe_format(header: bytes, filename: str = "", tail: bytes = b"") -> str:
         tail: its last bytes; formats with ``probe_tail`` see ``header + tail``.
     """
     _load_format_modules()
+    return _best_format(header, filename, tail)
 
-    def score(info: FormatInfo) -> int:
-        data = header + tail[-info.probe_tail :] if info.probe_tail and tail else header
-        return info.probe(data, filename)
 
-    return max(_FORMATS.values(), key=score).name
+def _score(info: FormatInfo, header: bytes, filename: str, tail: bytes) -> int:
+    data = header + tail[-info.probe_tail :] if info.probe_tail and tail else header
+    return info.probe(data, filename)
+
+
+def _best_format(header: bytes, filename: str, tail: bytes) -> str:
+    """The best-scoring registered format, after importing the modules that may match.
+
+    A format module not imported yet is represented by a recognise-only probe that fires
+    whenever the module's own probe could; only those modules are imported, so probing
+    a raw image imports no format module at all.
+    """
+    for name in _FORMAT_MODULES:
+        if name not in _loaded and _score(_FORMATS[name], header, filename, tail) > 0:
+            _load_format_module(name)
+    return max(_FORMATS.values(), key=lambda f: _score(f, header, filename, tail)).name
 
 
 async def _probe_transport(transport: Driver, filename: str) -> str:
-    _load_format_modules()
     size = transport.size
     length = min(_PROBE_BYTES, size)
     header = await transport.pread(0, length) if length else b""
@@ -241,7 +259,7 @@ async def _probe_transport(transport: Driver, filename: str) -> str:
     if want_tail and size > length:
         n = min(want_tail, size)
         tail = await transport.pread(size - n, n)
-    return probe_format(header, filename, tail)
+    return _best_format(header, filename, tail)
 
 
 def _transport_path(location: str | os.PathLike[str]) -> str:
