@@ -404,6 +404,13 @@ def main() -> int:
     add("--output", type=Path, help="also write the Markdown report to this file")
     args = ap.parse_args()
 
+    # An installed trioconv runs from compiled bytecode; a source tree under
+    # PYTHONDONTWRITEBYTECODE would compile its modules again in every run. Python reads
+    # existing .pyc files even then, so compile them once here.
+    package = Path(__file__).resolve().parent.parent / "trioconv"
+    if package.is_dir():
+        subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=False)
+
     paths = choose(args.paths, list(PATHS), "path(s)", ap)
     lun_kinds = choose(args.lun, LUN_KINDS, "LUN kind(s)", ap)
     names = {n.strip() for n in args.tools.split(",") if n.strip()}
