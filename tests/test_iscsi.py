@@ -171,6 +171,35 @@ async def test_negotiated_data_transfer(
     assert backing.read_bytes() == bytes(expected)
 
 
+async def test_target_pings_are_answered(
+    iscsi_target: ISCSITarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A target that pings (NOP-In) and drops sessions that stay silent keeps ours."""
+    from trioconv.protocols.iscsi import _client
+
+    url = iscsi_target.add_lun(tmp_path / "lun.img", MiB)
+    tid = str(iscsi_target.lun(url).tid)
+    for key, value in (("nop_interval", "1"), ("nop_count", "2")):
+        iscsi_target.tgtadm(
+            "--lld", "iscsi", "--mode", "target", "--op", "update", "--tid", tid,
+            "--name", key, "--value", value,
+        )  # fmt: skip
+    answered: list[int] = []
+    answer = _client.Connection._answer_ping
+
+    async def spy(self: _client.Connection, header: object, data: bytes) -> None:
+        answered.append(1)
+        await answer(self, header, data)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(_client.Connection, "_answer_ping", spy)
+    async with open_iscsi(url, writable=True) as lun:
+        for i in range(5):
+            await lun.pwrite(i * 4096, bytes([i + 1]) * 4096)
+            await trio.sleep(1)
+        assert answered, "the target sent no NOP-In in 5 s"
+        assert await lun.pread(4 * 4096, 4096) == b"\x05" * 4096
+
+
 def test_read_from_lun(iscsi_target: ISCSITarget, mixed_src: Path, tmp_path: Path) -> None:
     backing = tmp_path / "lun.img"
     url = iscsi_target.add_lun(backing, 8 * MiB, thin=True)
