@@ -329,6 +329,48 @@ def test_wrong_iqn_lun_and_port(iscsi_target: ISCSITarget, mixed_src: Path, tmp_
         assert not (tmp_path / "out.img").exists()
 
 
+async def test_login_redirect(iscsi_target: ISCSITarget, tmp_path: Path) -> None:
+    """A portal that redirects the login (status class 1, TargetAddress) is followed."""
+    iqn = "iqn.2024-01.trioconv.test:redirected"
+    backing = tmp_path / "lun.img"
+    backing.write_bytes(bytes(MiB))
+    admin = ("--lld", "iscsi", "--mode", "target")
+    # The LUN lives on a second tgtd on 127.0.0.3; the session's tgtd answers logins to
+    # the same name with "moved temporarily" (tgt does not redirect initiators that
+    # connect from the redirect address itself, hence a different loopback address).
+    back = ISCSITarget(tmp_path, iscsi_target._tgtd, iscsi_target._tgtadm)
+    back.host = "127.0.0.3"
+    back.port, back.control_port = iscsi_target.port + 1, iscsi_target.control_port + 1
+    back.start()
+    tid = "999"
+    try:
+        back.tgtadm(*admin, "--op", "new", "--tid", "1", "--targetname", iqn)
+        back.tgtadm(
+            "--lld", "iscsi", "--mode", "logicalunit", "--op", "new", "--tid", "1",
+            "--lun", "1", "--backing-store", str(backing),
+        )  # fmt: skip
+        back.tgtadm(*admin, "--op", "bind", "--tid", "1", "--initiator-address", "ALL")
+        iscsi_target.tgtadm(*admin, "--op", "new", "--tid", tid, "--targetname", iqn)
+        iscsi_target.tgtadm(*admin, "--op", "bind", "--tid", tid, "--initiator-address", "ALL")
+        for key, value in (
+            ("RedirectAddress", back.host),
+            ("RedirectPort", str(back.port)),
+            ("RedirectReason", "Temporary"),
+        ):
+            iscsi_target.tgtadm(
+                *admin, "--op", "update", "--tid", tid, "--name", key, "--value", value
+            )
+        url = f"iscsi://{iscsi_target.host}:{iscsi_target.port}/{iqn}/1"
+        async with open_iscsi(url, writable=True) as lun:
+            assert lun.size == MiB
+            await lun.pwrite(4096, b"\xa5" * 4096)
+            await lun.flush()
+        assert backing.read_bytes()[4096:8192] == b"\xa5" * 4096
+    finally:
+        iscsi_target.tgtadm(*admin, "--op", "delete", "--force", "--tid", tid, check=False)
+        back.stop(kill=True)
+
+
 # -- faults -------------------------------------------------------------------------------------
 
 

@@ -1387,3 +1387,46 @@ def test_password_stays_out_of_url_errors() -> None:
         parse_iscsi_uri("iscsi://admin%hunter2@host/iqn.2003-01.org.example:disk1")
     assert "hunter2" not in str(info.value)
     assert "admin%***" in str(info.value)
+
+
+# -- login redirection -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("192.0.2.7:3261,1", ("192.0.2.7", 3261)),
+        ("192.0.2.7", ("192.0.2.7", 3260)),
+        ("[2001:db8::1]:3262,2", ("2001:db8::1", 3262)),
+        ("[2001:db8::1]", ("2001:db8::1", 3260)),
+        ("array.example:3260", ("array.example", 3260)),
+    ],
+)
+def test_parse_target_address(value: str, expected: tuple[str, int]) -> None:
+    assert login.parse_target_address(value) == expected
+
+
+@pytest.mark.parametrize("value", ["", ":3260", "host:port", "host:0", "host:70000", "[::1"])
+def test_parse_target_address_refuses(value: str) -> None:
+    with pytest.raises(login.LoginError, match="TargetAddress"):
+        login.parse_target_address(value)
+
+
+def test_redirect_carries_the_new_address() -> None:
+    """Status class 1 (RFC 7143 11.13.5) with TargetAddress: where to log in instead."""
+    state = new_login()
+    state.start()
+    answer = login_response(0x00, b"TargetAddress=192.0.2.9:3270,1\0", stat_sn=0, status=(1, 1))
+    with pytest.raises(login.LoginError, match="moved temporarily") as info:
+        state.receive(pdu.decode_bhs(answer), answer[pdu.BHS_SIZE :].rstrip(b"\0") + b"\0")
+    assert info.value.status_class == 1
+    assert info.value.redirect == ("192.0.2.9", 3270)
+
+
+def test_redirect_without_address_is_an_error() -> None:
+    state = new_login()
+    state.start()
+    answer = login_response(0x00, stat_sn=0, status=(1, 2))
+    with pytest.raises(login.LoginError, match="did not say where") as info:
+        state.receive(pdu.decode_bhs(answer), b"")
+    assert info.value.redirect is None

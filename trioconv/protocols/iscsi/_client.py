@@ -71,6 +71,8 @@ _WRITE_SAME_PIECE = 8 * 1024 * 1024
 _RETRIES = 10
 _BUSY_DELAY = 0.01
 _RECV_BUFFER = 256 * 1024
+#: Login redirections (status class 1, TargetAddress) followed before giving up.
+_MAX_REDIRECTS = 5
 _MAX_IOV = 512
 
 
@@ -1034,6 +1036,49 @@ class ISCSIDriver(Driver):
         await self._conn.aclose()
 
 
+async def _connect_and_login(address: ISCSIAddress) -> Connection:
+    """Connect and log in, following the target's redirections (a few at most)."""
+    where = address
+    for _ in range(_MAX_REDIRECTS + 1):
+        try:
+            with trio.fail_after(OPEN_TIMEOUT):
+                conn = await Connection.connect(where)
+        except OSError as exc:
+            raise ImageError(
+                f"Could not open '{address.uri}': {_reason(exc)} (iSCSI target at "
+                f"{where.host}:{where.port})"
+            ) from exc
+        except trio.TooSlowError:
+            raise ImageError(
+                f"Could not open '{address.uri}': the target did not answer in time"
+            ) from None
+        try:
+            with trio.fail_after(OPEN_TIMEOUT):
+                await _login(conn, address)
+            return conn
+        except login_mod.LoginError as exc:
+            await conn.aclose()
+            if exc.redirect is not None:
+                host, port = exc.redirect
+                where = attrs.evolve(where, host=host, port=port)
+                continue
+            raise ImageError(f"Could not open '{address.uri}': login failed: {exc}") from exc
+        except (TrioconvIOError, pdu.ProtocolError) as exc:
+            await conn.aclose()
+            raise ImageError(f"Could not open '{address.uri}': login failed: {exc}") from exc
+        except trio.TooSlowError:
+            await conn.aclose()
+            raise ImageError(
+                f"Could not open '{address.uri}': the login did not finish in time"
+            ) from None
+        except BaseException:
+            await conn.aclose()
+            raise
+    raise ImageError(
+        f"Could not open '{address.uri}': login failed: redirected more than {_MAX_REDIRECTS} times"
+    )
+
+
 @asynccontextmanager
 async def open_iscsi(uri: str, *, writable: bool = False) -> AsyncIterator[ISCSIDriver]:
     """Log in to an iSCSI target and open one of its LUNs as a driver.
@@ -1046,30 +1091,8 @@ async def open_iscsi(uri: str, *, writable: bool = False) -> AsyncIterator[ISCSI
             not exist or is not a disk.
     """
     address = parse_iscsi_uri(uri)
+    conn = await _connect_and_login(address)
     try:
-        with trio.fail_after(OPEN_TIMEOUT):
-            conn = await Connection.connect(address)
-    except OSError as exc:
-        raise ImageError(
-            f"Could not open '{address.uri}': {_reason(exc)} (iSCSI target at "
-            f"{address.host}:{address.port})"
-        ) from exc
-    except trio.TooSlowError:
-        raise ImageError(
-            f"Could not open '{address.uri}': the target did not answer in time"
-        ) from None
-    try:
-        try:
-            with trio.fail_after(OPEN_TIMEOUT):
-                await _login(conn, address)
-        except login_mod.LoginError as exc:
-            raise ImageError(f"Could not open '{address.uri}': login failed: {exc}") from exc
-        except (TrioconvIOError, pdu.ProtocolError) as exc:
-            raise ImageError(f"Could not open '{address.uri}': login failed: {exc}") from exc
-        except trio.TooSlowError:
-            raise ImageError(
-                f"Could not open '{address.uri}': the login did not finish in time"
-            ) from None
         async with trio.open_nursery() as nursery:
             await nursery.start(conn.reader)
             try:

@@ -94,12 +94,46 @@ class LoginError(Exception):
 
     Attributes:
         status_class / status_detail: the target's login status, when it sent one.
+        redirect: for a redirection (status class 1), where to log in instead: the
+            ``TargetAddress`` as ``(host, port)``.
     """
 
-    def __init__(self, message: str, status_class: int = 0, status_detail: int = 0) -> None:
+    def __init__(
+        self,
+        message: str,
+        status_class: int = 0,
+        status_detail: int = 0,
+        redirect: tuple[str, int] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status_class = status_class
         self.status_detail = status_detail
+        self.redirect = redirect
+
+
+def parse_target_address(value: str) -> tuple[str, int]:
+    """``host[:port][,portal-group]`` (an IPv6 host in brackets) as ``(host, port)``.
+
+    Raises:
+        LoginError: the address is malformed.
+    """
+    address = value.split(",", 1)[0].strip()
+    port = 3260
+    if address.startswith("["):
+        host, bracket, rest = address[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise LoginError(f"malformed TargetAddress {value[:64]!r}")
+        port_text = rest[1:]
+    else:
+        host, _, port_text = address.partition(":")
+    try:
+        if port_text:
+            port = int(port_text)
+    except ValueError:
+        raise LoginError(f"malformed TargetAddress {value[:64]!r}") from None
+    if not host or not 0 < port < 65536:
+        raise LoginError(f"malformed TargetAddress {value[:64]!r}")
+    return host, port
 
 
 def encode_text(pairs: dict[str, str]) -> bytes:
@@ -275,7 +309,17 @@ class Login:
         if header.status_class != 0:
             key = (header.status_class, header.status_detail)
             text = _STATUS.get(key) or _STATUS.get((key[0], 0), "login refused")
-            raise LoginError(f"{text} (login status 0x{key[0]:02x}{key[1]:02x})", key[0], key[1])
+            redirect = None
+            if header.status_class == 1:
+                address = decode_text(data).get("TargetAddress")
+                if address is None:
+                    text = f"{text}, but the target did not say where"
+                else:
+                    redirect = parse_target_address(address)
+                    text = f"{text} to {address}"
+            raise LoginError(
+                f"{text} (login status 0x{key[0]:02x}{key[1]:02x})", key[0], key[1], redirect
+            )
         self.exp_stat_sn = (header.stat_sn + 1) & 0xFFFFFFFF
         self.cmd_sn = header.exp_cmd_sn
         self.max_cmd_sn = header.max_cmd_sn
