@@ -45,6 +45,7 @@ import argparse
 import asyncio
 import contextlib
 import os
+import resource
 import shlex
 import shutil
 import signal
@@ -128,6 +129,12 @@ TOOLS = [
     Tool("qemu-img-m1", "qemu-img -m 1", "qemu-img", ("-m", "1")),
     Tool("qemu-img-m8-W", "qemu-img -m 8 -W", "qemu-img", ("-m", "8", "-W")),
 ]
+#: With ``--baseline CMD``: the same trioconv runs through another trioconv command (an
+#: older tree), in the same interleaved rounds, for before/after numbers.
+BASELINE_TOOLS = [
+    Tool("baseline-m8-W", "baseline -m 8 -W", "baseline", ("-m", "8", "-W")),
+    Tool("baseline-default", "baseline default (-m 8)", "baseline"),
+]
 
 
 @dataclass
@@ -135,6 +142,7 @@ class Result:
     delay_ms: float
     times: dict[str, list[float]] = field(default_factory=dict)
     rss_kib: dict[str, int] = field(default_factory=dict)
+    cpu: dict[str, list[float]] = field(default_factory=dict)
     failed: dict[str, int] = field(default_factory=dict)
     failures: list[str] = field(default_factory=list)
     runs: int = 0
@@ -353,16 +361,21 @@ def bench_delay(
     image: Path,
     urls: dict[str, str],
 ) -> None:
-    trioconv = shlex.split(args.trioconv)
+    prefixes = {"trioconv": shlex.split(args.trioconv), "qemu-img": ["qemu-img"]}
+    if args.baseline:
+        prefixes["baseline"] = shlex.split(args.baseline)
     dst = args.workdir / "dst.raw"
     print(f"== nfs -> file, {res.delay_ms:g} ms one-way delay", flush=True)
     for i in range(-args.warmup, args.repeat):
         for tool in tools:
-            prefix = trioconv if tool.program == "trioconv" else ["qemu-img"]
-            src = urls[tool.program]
+            prefix = prefixes[tool.program]
+            src = urls["trioconv" if tool.program == "baseline" else tool.program]
             argv = [*prefix, "convert", "-f", "raw", "-O", "raw", *tool.flags, src, str(dst)]
             dst.unlink(missing_ok=True)
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
             code, secs, rss, tail = run_timed(argv, args.timeout)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
             if i < 0:  # untimed warm-up run
                 dst.unlink(missing_ok=True)
                 continue
@@ -371,6 +384,7 @@ def bench_delay(
             res.rss_kib[tool.key] = max(res.rss_kib.get(tool.key, 0), rss)
             if ok:
                 res.times.setdefault(tool.key, []).append(secs)
+                res.cpu.setdefault(tool.key, []).append(cpu)
             else:
                 res.failed[tool.key] = res.failed.get(tool.key, 0) + 1
                 msg = f"`{shlex.join(argv)}` (exit {code})\n\n```\n{tail.strip()}\n```"
@@ -378,7 +392,7 @@ def bench_delay(
                 print(f"  FAILED: {shlex.join(argv)} (exit {code})\n{tail}", file=sys.stderr)
             print(
                 f"  [{i + 1}/{args.repeat}] {tool.label:24s} {secs:8.3f} s"
-                f" {rss / KIB:7.1f} MiB  {'ok' if ok else 'FAILED'}",
+                f" {rss / KIB:7.1f} MiB {cpu:7.3f} s CPU  {'ok' if ok else 'FAILED'}",
                 flush=True,
             )
             dst.unlink(missing_ok=True)
@@ -419,6 +433,34 @@ def fmt_table(results: list[Result], tools: list[Tool]) -> list[str]:
     for r in results:
         rss = [f"{r.rss_kib[t.key] / KIB:.1f}" if t.key in r.rss_kib else "-" for t in tools]
         out.append(f"| nfs -> file, {r.delay_ms:g} ms | " + " | ".join(rss) + " |")
+    out += [
+        "",
+        "Median CPU seconds of the copy process (user + sys, from its rusage):",
+        "",
+        "| row | " + " | ".join(t.label for t in tools) + " |",
+        "|---|" + "---:|" * len(tools),
+    ]
+    for r in results:
+        cpu = [f"{statistics.median(r.cpu[t.key]):.3f}" if r.cpu.get(t.key) else "-" for t in tools]
+        out.append(f"| nfs -> file, {r.delay_ms:g} ms | " + " | ".join(cpu) + " |")
+    if any(t.program == "baseline" for t in tools):
+        out += ["", "Against the baseline (ratios < 1: faster than the baseline):", ""]
+        out += ["| row | -m 8 -W wall | default wall | -m 8 -W CPU | default CPU |"]
+        out += ["|---|---:|---:|---:|---:|"]
+        for r in results:
+            cells = []
+            for kind in ("times", "cpu"):
+                for flags in ("m8-W", "default"):
+                    new, old = (
+                        getattr(r, kind).get(f"trioconv-{flags}"),
+                        getattr(r, kind).get(f"baseline-{flags}"),
+                    )
+                    cells.append(
+                        ratio(statistics.median(new), statistics.median(old))
+                        if new and old
+                        else "-"
+                    )
+            out.append(f"| nfs -> file, {r.delay_ms:g} ms | " + " | ".join(cells) + " |")
     return out
 
 
@@ -472,15 +514,23 @@ def main() -> int:
     add(
         "--proxy-port", type=int, default=12049, help="127.0.0.1 proxy port for --trioconv-url port"
     )
+    add(
+        "--baseline",
+        help="another trioconv command (e.g. an older tree: 'env -C /tmp/old python -m "
+        "trioconv') run as baseline -m 8 -W and baseline default beside the others",
+    )
     add("--timeout", type=float, default=600, help="kill a copy after this many seconds")
     add("--seed", type=int, default=1, help="layout/content seed")
     add("--output", type=Path, help="also write the Markdown report to this file")
     args = ap.parse_args()
 
     keys = [k.strip() for k in args.tools.split(",") if k.strip()]
-    if unknown := [k for k in keys if k not in {t.key for t in TOOLS}]:
-        ap.error(f"unknown tool(s) {unknown}; choose from {[t.key for t in TOOLS]}")
-    tools = [t for t in TOOLS if t.key in keys]
+    known = TOOLS + (BASELINE_TOOLS if args.baseline else [])
+    if args.baseline and args.tools == ap.get_default("tools"):
+        keys += [t.key for t in BASELINE_TOOLS]
+    if unknown := [k for k in keys if k not in {t.key for t in known}]:
+        ap.error(f"unknown tool(s) {unknown}; choose from {[t.key for t in known]}")
+    tools = [t for t in known if t.key in keys]
     if not tools or args.repeat < 1 or args.warmup < 0 or args.timeout <= 0:
         ap.error("need tools, --repeat >= 1, --warmup >= 0, --timeout > 0")
     for prog in ("qemu-img", "ganesha.nfsd", "rpcbind", "rpcinfo"):
@@ -526,6 +576,11 @@ def main() -> int:
         " held for the row's delay per direction (timestamp queue, order kept, pipelining"
         " unchanged); the portmapper itself is not delayed",
         f"- qemu-img source: `{urls['qemu-img']}`; trioconv source: `{urls['trioconv']}`",
+        *(
+            [f"- baseline: `{args.baseline} convert -f raw -O raw FLAGS SRC DST`"]
+            if args.baseline
+            else []
+        ),
         f"- commands: `{args.trioconv} convert -f raw -O raw FLAGS SRC DST`,"
         " `qemu-img convert -f raw -O raw FLAGS SRC DST`; DST a local file in the workdir",
         f"- {args.warmup} untimed warm-up + {args.repeat} timed runs per tool and delay,"

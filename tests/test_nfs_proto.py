@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
+from collections.abc import AsyncIterator
 from typing import Any, cast
 
 import pytest
+import trio
+import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
 
 from trioconv import ImageError
 from trioconv.protocols.nfs import NFSDriver, parse_nfs_uri
+from trioconv.protocols.nfs import _client as nfs_client
 from trioconv.protocols.nfs import _proto as proto
 from trioconv.protocols.nfs import _rpc as rpc
 from trioconv.protocols.nfs._xdr import Packer, Unpacker, XDRError, pad
@@ -151,18 +156,91 @@ def test_record_marking_any_chunking(
     records: list[tuple[bytes, list[int]]], chunk_sizes: list[int]
 ) -> None:
     stream = b"".join(fragments(body, cuts) for body, cuts in records)
+    for zero_copy in (False, True):
+        # A small buffer, so that it must move its bytes and grow.
+        reader = rpc.RecordReader(max_record=1000, buffer_size=16)
+        got: list[bytes] = []
+        pos = 0
+        sizes = iter(chunk_sizes)
+        while pos < len(stream):
+            n = next(sizes, len(stream))
+            chunk = stream[pos : pos + n]
+            if zero_copy:  # as sock.recv_into(reader.get_buffer()) does
+                with reader.get_buffer(1) as space:
+                    k = min(len(chunk), space.nbytes)
+                    space[:k] = chunk[:k]
+                reader.buffer_updated(k)
+                n = k
+            else:
+                reader.receive_data(chunk)
+            pos += n
+            while (record := reader.next_record()) is not None:
+                got.append(bytes(record))
+        assert got == [body for body, _ in records]
+        assert reader.buffered == 0
+
+
+def read_reply(xid: int, data: bytes, *, eof: bool = False, attrs: bool = True) -> bytes:
+    """A successful READ reply message (no record mark), with or without attributes."""
+    post_op = u32(1) + fattr3(1 << 20) if attrs else u32(0)
+    return accepted(xid, 0, u32(0) + post_op + u32(len(data), eof) + opaque(data))
+
+
+@given(
+    st.binary(min_size=0, max_size=300),
+    st.integers(0, 400),
+    st.lists(st.integers(1, 200), max_size=20),
+)
+def test_record_hand_over_any_split(data: bytes, received: int, chunk_sizes: list[int]) -> None:
+    """A READ reply's data taken over part-way: the caller gets exactly the data, the
+    reader drops the padding and goes on with the next record."""
+    message = read_reply(7, data, eof=True, attrs=bool(len(data) % 2))
+    nxt = accepted(8, 0, u32(2049))
+    stream = rpc.frame(len(message)) + message + rpc.frame(len(nxt)) + nxt
+    head = proto.read_head(message, rpc.success_offset(message) or 0, len(data))
+    assert head is not None and head.length == len(data) and head.eof
+    received = max(received, 4 + head.start)  # the head must have arrived
     reader = rpc.RecordReader(max_record=1000)
-    got: list[bytes] = []
-    pos = 0
+    reader.receive_data(stream[:received])
+    found = reader.current()
+    assert found is not None and found[0] == len(message)
+    view, remaining = reader.hand_over(head.start, head.length)
+    got = bytes(view)
+    view.release()
+    pos = received
+    # The caller receives its ``remaining`` bytes itself, then feeds the reader again.
+    got += stream[pos : pos + remaining]
+    pos += remaining
+    assert got == data
+    records: list[bytes] = []
     sizes = iter(chunk_sizes)
     while pos < len(stream):
         n = next(sizes, len(stream))
         reader.receive_data(stream[pos : pos + n])
         pos += n
         while (record := reader.next_record()) is not None:
-            got.append(record)
-    assert got == [body for body, _ in records]
+            records.append(bytes(record))
+    while (record := reader.next_record()) is not None:
+        records.append(bytes(record))
+    assert records == [nxt]
     assert reader.buffered == 0
+
+
+def test_record_current_only_for_single_fragments() -> None:
+    reader = rpc.RecordReader(max_record=1000)
+    reader.receive_data(u32(10) + bytes(10) + u32(rpc.LAST_FRAGMENT | 10) + bytes(3))
+    assert reader.current() is None  # a record in several fragments
+    assert reader.next_record() is None
+    assert reader.current() is None  # its first fragment is buffered
+    reader = rpc.RecordReader(max_record=1000)
+    reader.receive_data(u32(rpc.LAST_FRAGMENT | 10) + b"abc")
+    found = reader.current()
+    assert found is not None and found[0] == 10 and bytes(found[1]) == b"abc"
+    found[1].release()
+    with pytest.raises(ValueError, match="outside"):
+        reader.hand_over(4, 7)
+    with pytest.raises(ValueError, match="not all arrived"):
+        reader.hand_over(4, 2)
 
 
 def test_record_too_large_is_refused_before_buffering() -> None:
@@ -223,6 +301,17 @@ def test_reply_success_positions_at_results() -> None:
 def test_reply_errors(message: bytes, error: type[Exception], text: str) -> None:
     with pytest.raises(error, match=text):
         rpc.decode_reply(message)
+    assert rpc.success_offset(message) is None
+
+
+def test_success_offset_of_partial_replies() -> None:
+    message = accepted(5, 0, u32(2049))
+    assert rpc.success_offset(message) == 24
+    assert all(rpc.success_offset(message[:n]) is None for n in range(24))
+    # A verifier with a body (padded to 4 bytes) moves the results.
+    with_verf = u32(5, 1, 0, 1, 5) + b"abcde\0\0\0" + u32(0)
+    assert rpc.success_offset(with_verf) == 32
+    assert rpc.decode_reply(with_verf).offset == 32
 
 
 # -- PORTMAP, MOUNT and NFS3 calls, byte-exact ----------------------------------------------
@@ -296,6 +385,25 @@ def test_nfs3_status_errors_are_readable() -> None:
     with pytest.raises(proto.NFSStatusError, match="NFS3ERR_JUKEBOX"):
         proto.decode_write(Unpacker(u32(10008) + u32(0, 0)))
     assert proto.status_text(99999) == "NFS error (status 99999)"
+
+
+def test_read_head() -> None:
+    for attrs in (True, False):
+        message = read_reply(1, b"hello", attrs=attrs)
+        pos = rpc.success_offset(message)
+        assert pos == 24
+        head = proto.read_head(message, pos, 8)
+        assert head is not None and not head.eof
+        assert message[head.start : head.start + head.length] == b"hello"
+        assert len(message) == head.start + 8  # data and padding end the message
+        # Any beginning that stops short of the data's length is not enough yet.
+        assert all(proto.read_head(message[:n], pos, 8) is None for n in range(head.start))
+        assert proto.read_head(message, pos, 4) is None  # more than was asked for
+    # Anything but a plain success is left to decode_read, which says what it is.
+    assert proto.read_head(u32(13, 0), 0, 10) is None  # an error status
+    assert proto.read_head(u32(0, 2), 0, 10) is None  # not a bool
+    assert proto.read_head(u32(0, 0, 5, 0, 6) + b"hello\0\0\0", 0, 10) is None  # 5 != 6
+    assert proto.read_head(u32(0, 0, 5, 2, 5) + b"hello\0\0\0", 0, 10) is None  # eof 2
 
 
 def test_read_reply_larger_than_asked_is_refused() -> None:
@@ -427,3 +535,166 @@ async def test_commit_rewrites_what_a_server_restart_lost() -> None:
     await driver.flush()
     assert fake.disk == expected
     assert fake.calls == ["WRITE", "COMMIT", "WRITE", "COMMIT"]
+
+
+# -- the client's reader against a scripted server over a socket pair -------------------------
+
+
+class ScriptedServer:
+    """The server end of a socket pair: reads calls, sends whatever a test scripts."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.stream = trio.SocketStream(sock)
+        self.records = rpc.RecordReader(max_record=1 << 20)
+
+    async def next_call(self) -> tuple[int, int, bytes]:
+        """The next call's xid, procedure and arguments."""
+        while (record := self.records.next_record()) is None:
+            data = await self.stream.receive_some(65536)
+            assert data, "the client closed the connection"
+            self.records.receive_data(data)
+        u = Unpacker(bytes(record))
+        xid, _call, _rpcvers, _prog, _vers, proc = (u.unpack_uint() for _ in range(6))
+        for _ in range(2):  # credential and verifier
+            u.unpack_uint()
+            u.unpack_opaque(400)
+        return xid, proc, bytes(record[u.pos :])
+
+    async def send(self, message: bytes, cuts: list[int] | None = None) -> None:
+        await self.stream.send_all(fragments(message, cuts or []))
+
+
+@contextlib.asynccontextmanager
+async def scripted_session() -> AsyncIterator[tuple[Any, ScriptedServer, list[int]]]:
+    """An NFS session whose reader runs, the server it talks to, and the sizes of the
+    READ data stretches the reader received straight into callers' buffers."""
+    a, b = trio.socket.socketpair()
+    client = nfs_client.RPCClient(trio.SocketStream(a), "test", None, 4 << 20)
+    direct: list[int] = []
+    hand_over = client._records.hand_over
+
+    def spy(skip: int, length: int) -> tuple[memoryview, int]:
+        direct.append(length)
+        return hand_over(skip, length)
+
+    client._records.hand_over = spy  # type: ignore[method-assign]
+    session = nfs_client._Session(client, FH, "/export", [], "nfs://fake/export/disk.img")
+    server = ScriptedServer(b)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(client.reader)
+        try:
+            yield session, server, direct
+        finally:
+            await client.aclose()
+            await server.stream.aclose()
+
+
+def read_args(args: bytes) -> tuple[int, int]:
+    u = Unpacker(args)
+    assert u.unpack_opaque(64) == FH
+    return u.unpack_uhyper(), u.unpack_uint()
+
+
+@pytest.mark.parametrize(
+    ("size", "cuts", "direct"),
+    [
+        (1 << 20, None, True),  # the bulk straight into the caller's buffer
+        (1000, None, False),  # small: the whole record, then one copy
+        (1 << 20, [70000, 300000], False),  # several fragments: the plain decode
+    ],
+)
+async def test_reader_puts_read_data_into_the_callers_buffer(
+    size: int, cuts: list[int] | None, direct: bool
+) -> None:
+    data = os.urandom(size - 3)  # padded on the wire
+    async with scripted_session() as (session, server, directs):
+        buf = bytearray(b"\xee" * size)
+        result: list[tuple[int, bool]] = []
+
+        async def read() -> None:
+            result.append(await session.read(FH, 4096, memoryview(buf)))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(read)
+            xid, proc, args = await server.next_call()
+            assert proc == proto.Proc.READ and read_args(args) == (4096, size)
+            await server.send(read_reply(xid, data, eof=True), cuts)
+        assert result == [(size - 3, True)]
+        assert buf[: size - 3] == data and buf[size - 3 :] == b"\xee" * 3
+        assert bool(directs) == direct
+
+
+async def test_reader_read_errors_and_jukebox(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nfs_client, "_JUKEBOX_DELAY", 0)
+    async with scripted_session() as (session, server, _directs):
+        buf = bytearray(1 << 20)
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+
+                async def failing() -> None:
+                    with pytest.raises(proto.NFSStatusError, match="NFS3ERR_IO"):
+                        await session.read(FH, 0, memoryview(buf))
+
+                nursery.start_soon(failing)
+                xid, _proc, _args = await server.next_call()
+                await server.send(accepted(xid, 0, u32(5, 0)))
+            result: list[tuple[int, bool]] = []
+
+            async def busy_then_ok() -> None:
+                result.append(await session.read(FH, 0, memoryview(buf)))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(busy_then_ok)
+                xid, _proc, _args = await server.next_call()
+                await server.send(accepted(xid, 0, u32(10008, 0)))  # JUKEBOX: again
+                xid, _proc, _args = await server.next_call()
+                await server.send(read_reply(xid, b"x" * 200000))
+            assert result == [(200000, False)] and buf[:200000] == b"x" * 200000
+
+
+async def test_cancelled_read_never_writes_into_its_buffer() -> None:
+    """The reply of a cancelled READ may already be half received straight into the
+    caller's buffer: the rest goes to scratch space, and the stream stays in sync."""
+    size = 1 << 20
+    data = os.urandom(size)
+    async with scripted_session() as (session, server, directs):
+        buf = bytearray(b"\xee" * size)
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.read, FH, 0, memoryview(buf))
+                xid, _proc, _args = await server.next_call()
+                message = rpc.frame(len(read_reply(xid, data))) + read_reply(xid, data)
+                cut = len(message) - len(data) + 100000
+                await server.stream.send_all(message[:cut])
+                await trio.testing.wait_all_tasks_blocked()
+                assert directs == [size]  # handed over, 100000 bytes in
+                scope.cancel()
+        await server.stream.send_all(message[cut:])
+        # The next call gets its own reply, not the rest of the old one.
+        other = bytearray(size)
+        async with trio.open_nursery() as nursery:
+
+            async def read() -> None:
+                assert await session.read(FH, 0, memoryview(other)) == (size, True)
+
+            nursery.start_soon(read)
+            xid, _proc, _args = await server.next_call()
+            await server.send(read_reply(xid, data[::-1], eof=True))
+        assert other == data[::-1]
+        assert buf[:100000] == data[:100000]
+        assert buf[100000:] == b"\xee" * (size - 100000)
+        # A reply to a call nobody waits for any more is dropped whole.
+        with trio.move_on_after(0.01):
+            await session.read(FH, 0, memoryview(buf))
+        xid, _proc, _args = await server.next_call()
+        await server.send(read_reply(xid, data))
+        async with trio.open_nursery() as nursery:
+
+            async def read_again() -> None:
+                assert await session.read(FH, 0, memoryview(other)) == (6, False)
+
+            nursery.start_soon(read_again)
+            xid, _proc, _args = await server.next_call()
+            await server.send(read_reply(xid, b"again!"))
+        assert other[:6] == b"again!"
+        assert buf[100000:] == b"\xee" * (size - 100000)

@@ -8,10 +8,16 @@ starts, so an open fails with one plain :class:`~trioconv.ImageError`.
 
 After that the NFS connection works like the NBD client: each call is written whole
 under a send lock (shielded from cancellation, so a half-sent record can never corrupt
-the stream) and waits on its own event; a single reader task reassembles records and
-routes each reply to its caller by ``xid``. The caller decodes its own reply and copies
-READ data straight into its buffer. If the connection drops, the reader fails every
-waiting call at once and raises, which cancels whatever runs inside :func:`open_nfs`.
+the stream) and waits for its reply; a single reader task receives into one reusable
+buffer, reassembles records and routes each reply to its caller by ``xid``. A READ
+reply's data does not go through that buffer: once the reader has parsed the record
+mark, the RPC reply header and the READ results up to the data, it receives the data
+straight into the caller's buffer (checking right before every receive that the caller
+still waits, so a cancelled call's buffer is never written), and drops the padding.
+Small READ replies are copied from the buffer once; anything unusual (an error status,
+a reply in several fragments) goes to the caller, which decodes it the ordinary way. If
+the connection drops, the reader fails every waiting call at once and raises, which
+cancels whatever runs inside :func:`open_nfs`.
 
 Writes are UNSTABLE and kept (a copy) until a COMMIT covers them with the same write
 verifier; if the verifier changed - the server restarted and may have lost them - they
@@ -23,7 +29,6 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
-import functools
 import itertools
 import os
 import random
@@ -70,6 +75,15 @@ _JUKEBOX_DELAY = 0.5
 #: Rounds of rewrite-and-commit before a changing write verifier is an error.
 _MAX_REWRITE_ROUNDS = 5
 _SEND_WHOLE = 65536
+#: The most one receive asks for, and the size of the scratch space.
+_RECEIVE_SIZE = 256 * 1024
+#: READ data with at least this much still to come is received straight into the
+#: caller's buffer rather than through the record reader's.
+_DIRECT_MIN = 64 * 1024
+#: A READ reply's record mark and head (the RPC reply header and READ3resok up to the
+#: data) take about 130 bytes; a receive between records asks for this much.
+_HEAD_SIZE = 512
+_HEAD_RECEIVE = 4096
 
 
 @attrs.frozen
@@ -163,11 +177,47 @@ def _reason(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-@attrs.define(eq=False)
 class _Pending:
-    record: bytes | None = None
-    error: TrioconvIOError | None = None
-    done: trio.Event = attrs.field(factory=trio.Event)
+    """A call waiting for its reply.
+
+    A READ carries the caller's buffer (``buf``, None once the caller stopped waiting:
+    then nothing may be written there) and how much it asked for (``count``; -1 for
+    other calls). The reader puts a successful READ's data there itself and sets ``got``
+    and ``eof``; any other reply is kept whole in ``record`` for the caller to decode.
+    """
+
+    __slots__ = ("buf", "count", "done", "eof", "error", "got", "record", "task")
+
+    def __init__(self, buf: memoryview | None = None) -> None:
+        self.buf = buf
+        self.count = -1 if buf is None else buf.nbytes
+        self.record: bytes | None = None
+        self.error: TrioconvIOError | None = None
+        self.got = -1
+        self.eof = False
+        self.done = False
+        self.task: trio.lowlevel.Task | None = None
+
+    def finish(self) -> None:
+        """The reply (or an error) is in: wake the caller."""
+        self.done = True
+        task, self.task = self.task, None
+        if task is not None:
+            trio.lowlevel.reschedule(task)
+
+    def _abort(self, _raise_cancel: object) -> trio.lowlevel.Abort:
+        # From now on the caller no longer waits: its buffer is not ours any more.
+        self.task = None
+        self.buf = None
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    async def wait(self) -> None:
+        """Until :meth:`finish` (a trio.Event without its own allocation and set)."""
+        if self.done:
+            await trio.lowlevel.checkpoint()
+            return
+        self.task = trio.lowlevel.current_task()
+        await trio.lowlevel.wait_task_rescheduled(self._abort)
 
 
 class RPCClient:
@@ -182,13 +232,14 @@ class RPCClient:
     ) -> None:
         self._stream = stream
         self.what = what
-        self._cred = cred
+        self._cred = cred.encode() if cred is not None else None
         self._records = rpc.RecordReader(max_record)
         self._pending: dict[int, _Pending] = {}
         self._xids = itertools.count(random.getrandbits(31))
         self._send_lock = trio.Lock()
         self._reading = False
         self._closing = False
+        self._scratch = bytearray(_RECEIVE_SIZE)
         self.broken: TrioconvIOError | None = None
 
     @classmethod
@@ -202,14 +253,16 @@ class RPCClient:
     def set_max_record(self, size: int) -> None:
         self._records.max_record = size
 
-    async def call(
-        self, prog: int, vers: int, proc: int, args: bytes, payload: memoryview | None = None
-    ) -> Unpacker:
-        """Make a call; return an unpacker at its results.
-
-        Raises:
-            TrioconvIOError: the connection is gone, or the server refused the call.
-        """
+    async def _call(
+        self,
+        prog: int,
+        vers: int,
+        proc: int,
+        args: bytes,
+        payload: memoryview | None = None,
+        buf: memoryview | None = None,
+    ) -> _Pending:
+        """Send a call and wait for its reply (``buf``: a READ's destination)."""
         if self.broken is not None:
             raise self.broken
         if self._closing:
@@ -218,7 +271,7 @@ class RPCClient:
         message = rpc.encode_call(xid, prog, vers, proc, self._cred, args)
         extra = payload.nbytes if payload is not None else 0
         head = rpc.frame(len(message) + extra + (-extra % 4)) + message
-        pending = _Pending()
+        pending = _Pending(buf)
         self._pending[xid] = pending
         try:
             async with self._send_lock:
@@ -240,44 +293,168 @@ class RPCClient:
                             f"{self.what}: connection to the NFS server lost: {_reason(exc)}"
                         ) from exc
             if self._reading:
-                await pending.done.wait()
+                await pending.wait()
             else:
                 await self._read_inline(xid, pending)
+        except BaseException:
+            # Cancelled or failed: the reply may still come; never write into ``buf``.
+            pending.buf = None
+            raise
         finally:
             self._pending.pop(xid, None)
         if pending.error is not None:
             raise pending.error
+        return pending
+
+    def _unpack(self, pending: _Pending) -> Unpacker:
         assert pending.record is not None
         try:
             return rpc.decode_reply(pending.record).unpacker()
         except (rpc.RPCError, rpc.RPCProtocolError) as exc:
             raise TrioconvIOError(f"{self.what}: {exc}") from exc
 
+    async def call(
+        self, prog: int, vers: int, proc: int, args: bytes, payload: memoryview | None = None
+    ) -> Unpacker:
+        """Make a call; return an unpacker at its results.
+
+        Raises:
+            TrioconvIOError: the connection is gone, or the server refused the call.
+        """
+        return self._unpack(await self._call(prog, vers, proc, args, payload))
+
+    async def call_read(self, args: bytes, buf: memoryview) -> tuple[int, bool] | Unpacker:
+        """Make an NFSv3 READ call of ``buf.nbytes`` bytes (``args`` ask for that many).
+
+        Returns the bytes received into the start of ``buf`` and ``eof`` when the reply
+        was a plain success - or, for anything else (an error status, a reply in several
+        fragments), an unpacker at its results, for :func:`~._proto.decode_read`. Nothing
+        is written into ``buf`` once this call was cancelled.
+
+        Raises:
+            TrioconvIOError: the connection is gone, or the server refused the call.
+        """
+        pending = await self._call(proto.NFS_PROG, proto.NFS_VERS, Proc.READ, args, buf=buf)
+        if pending.got >= 0:
+            return pending.got, pending.eof
+        return self._unpack(pending)
+
     async def _read_inline(self, xid: int, pending: _Pending) -> None:
         while pending.record is None:
             record = self._records.next_record()
             if record is None:
-                data = await self._stream.receive_some(256 * 1024)
+                data = await self._stream.receive_some(_RECEIVE_SIZE)
                 if not data:
                     raise TrioconvIOError(f"{self.what}: the server closed the connection")
                 self._records.receive_data(data)
             elif rpc.reply_xid(record) == xid:
-                pending.record = record
+                pending.record = bytes(record)
+
+    def _dispatch(self, record: memoryview) -> None:
+        """Hand a complete reply to its caller (a READ's data straight into its buffer)."""
+        pending = self._pending.pop(rpc.reply_xid(record), None)
+        if pending is None:  # its caller was cancelled
+            return
+        if pending.count >= 0:
+            pos = rpc.success_offset(record)
+            head = proto.read_head(record, pos, pending.count) if pos is not None else None
+            if head is not None and head.start + head.length + (-head.length % 4) == len(record):
+                if pending.buf is not None:
+                    pending.buf[: head.length] = record[head.start : head.start + head.length]
+                pending.got, pending.eof = head.length, head.eof
+                pending.finish()
+                return
+        pending.record = bytes(record)
+        pending.finish()
+
+    async def _receive_direct(self, fd: int) -> bool:
+        """Receive the data of the READ reply being received straight into its caller's
+        buffer, if that is what it is and enough of it is still to come.
+
+        The bytes are read with ``os.readv`` right after checking that the caller still
+        wants them - with no checkpoint in between - so a caller that was cancelled (and
+        may already reuse its buffer) never gets written to; its bytes are received into
+        scratch space and dropped.
+        """
+        found = self._records.current()
+        if found is None:
+            return False
+        size, have = found
+        with have:
+            if have.nbytes < 4:
+                return False
+            xid = rpc.reply_xid(have)
+            pending = self._pending.get(xid)
+            if pending is None or pending.count < 0:
+                return False
+            pos = rpc.success_offset(have)
+            head = proto.read_head(have, pos, pending.count) if pos is not None else None
+            if (
+                head is None
+                or head.start + head.length + (-head.length % 4) != size
+                or head.start + head.length - have.nbytes < _DIRECT_MIN
+            ):
+                return False
+        del self._pending[xid]
+        view, _remaining = self._records.hand_over(head.start, head.length)
+        with view:
+            pos = view.nbytes
+            if pending.buf is not None:
+                pending.buf[:pos] = view
+        end = head.length
+        scratch = self._scratch
+        while pos < end:
+            buf = pending.buf
+            if buf is None:
+                target = memoryview(scratch)[: min(end - pos, len(scratch))]
+            else:
+                target = buf[pos:end]
+            try:
+                n = os.readv(fd, [target])
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(fd)
+                continue
+            finally:
+                target.release()
+            if not n:
+                raise TrioconvIOError("the server closed the connection")
+            pos += n
+        pending.got, pending.eof = head.length, head.eof
+        pending.finish()
+        return True
 
     async def reader(self) -> None:
-        """Receive replies and route them by xid until the connection closes."""
+        """Receive replies and route them by xid until the connection closes.
+
+        A plain socket is read into the record reader's buffer, and the bulk of each
+        READ reply's data straight into its caller's buffer: each byte of data is copied
+        at most once in user space.
+        """
         self._reading = True
+        records = self._records
+        sock = getattr(self._stream, "socket", None)
         try:
+            fd = sock.fileno() if sock is not None else -1
             while True:
-                while (record := self._records.next_record()) is not None:
-                    pending = self._pending.get(rpc.reply_xid(record))
-                    if pending is not None:  # else its caller was cancelled
-                        pending.record = record
-                        pending.done.set()
-                data = await self._stream.receive_some(256 * 1024)
-                if not data:
-                    raise TrioconvIOError("the server closed the connection")
-                self._records.receive_data(data)
+                while (record := records.next_record()) is not None:
+                    self._dispatch(record)
+                if fd >= 0 and await self._receive_direct(fd):
+                    continue
+                if sock is not None:
+                    # Between records, ask for little: the next READ reply's data
+                    # should go straight to its caller, not through this buffer.
+                    limit = _RECEIVE_SIZE if records.buffered >= _HEAD_SIZE else _HEAD_RECEIVE
+                    space = records.get_buffer()
+                    with space:
+                        n = await sock.recv_into(space, min(space.nbytes, limit))
+                    if not n:
+                        raise TrioconvIOError("the server closed the connection")
+                    records.buffer_updated(n)
+                else:
+                    data = await self._stream.receive_some(_RECEIVE_SIZE)
+                    if not data:
+                        raise TrioconvIOError("the server closed the connection")
+                    records.receive_data(data)
         except (
             trio.BrokenResourceError,
             trio.ClosedResourceError,
@@ -293,7 +470,8 @@ class RPCClient:
             self.broken = error
             for pending in self._pending.values():
                 pending.error = error
-                pending.done.set()
+                pending.buf = None
+                pending.finish()
             self._pending.clear()
             raise error from exc
 
@@ -421,6 +599,34 @@ class _Session:
             await trio.sleep(_JUKEBOX_DELAY)
         raise AssertionError("unreachable")
 
+    async def read(self, fh: bytes, offset: int, buf: memoryview) -> tuple[int, bool]:
+        """READ ``buf.nbytes`` bytes at ``offset`` into ``buf``, retrying while the server
+        says JUKEBOX: the bytes received (at the start of ``buf``) and ``eof``.
+
+        Raises:
+            NFSStatusError: the READ failed.
+            TrioconvIOError: the connection failed or the reply is malformed.
+        """
+        count = buf.nbytes
+        args = proto.encode_read(fh, offset, count)
+        for attempt in itertools.count():
+            done = await self.client.call_read(args, buf)
+            if isinstance(done, tuple):
+                return done
+            try:
+                result = proto.decode_read(done, count)
+            except proto.NFSStatusError as exc:
+                if exc.status != proto.NFS3ERR_JUKEBOX or attempt >= _JUKEBOX_RETRIES:
+                    raise
+            except XDRError as exc:
+                raise TrioconvIOError(f"{self.uri}: malformed READ reply: {exc}") from exc
+            else:
+                got = result.data.nbytes
+                buf[:got] = result.data
+                return got, result.eof
+            await trio.sleep(_JUKEBOX_DELAY)
+        raise AssertionError("unreachable")
+
     async def lookup(self, names: list[str]) -> tuple[bytes, proto.FileAttr | None]:
         fh, attr = self.root, None
         for i, name in enumerate(names):
@@ -540,17 +746,11 @@ class NFSDriver(Driver):
         while buf.nbytes:
             n = buf.nbytes
             try:
-                result = await self._session.nfs(
-                    Proc.READ,
-                    proto.encode_read(self._fh, offset, n),
-                    functools.partial(proto.decode_read, count=n),
-                )
+                got, eof = await self._session.read(self._fh, offset, buf)
             except proto.NFSStatusError as exc:
                 raise self._io_error(exc, "reading", offset) from exc
-            got = result.data.nbytes
-            buf[:got] = result.data
-            if got < n and (result.eof or not got):
-                if not result.eof:
+            if got < n and (eof or not got):
+                if not eof:
                     raise TrioconvIOError(
                         f"error while reading {self.location} at byte {offset}: "
                         "the server returned no data",

@@ -27,16 +27,19 @@ from __future__ import annotations
 
 import enum
 import itertools
+import struct
+from typing import NamedTuple
 
 import attrs
 
-from ._xdr import Packer, Unpacker, XDRError
+from ._xdr import Packer, Unpacker, XDRError, pad
 
 __all__ = [
     "FileAttr",
     "FSInfo",
     "MountError",
     "NFSStatusError",
+    "ReadHead",
     "ReadResult",
     "Stable",
     "WriteBackLog",
@@ -342,12 +345,17 @@ def decode_fsinfo(u: Unpacker) -> FSInfo:
     return FSInfo(rtmax, rtpref, rtmult, wtmax, wtpref, wtmult, maxfilesize)
 
 
+_READ_ARGS = struct.Struct(">QI")
+
+
 def encode_read(fh: bytes, offset: int, count: int) -> bytes:
-    p = Packer()
-    _pack_fh(p, fh)
-    p.pack_uhyper(offset)
-    p.pack_uint(count)
-    return p.get_buffer()
+    if len(fh) > FHSIZE3:
+        raise XDRError(f"opaque of {len(fh)} bytes exceeds its maximum {FHSIZE3}")
+    try:
+        tail = _READ_ARGS.pack(offset, count)
+    except struct.error:
+        raise XDRError(f"READ of {count} bytes at {offset} out of range") from None
+    return b"".join((len(fh).to_bytes(4, "big"), fh, pad(len(fh)), tail))
 
 
 @attrs.frozen
@@ -370,6 +378,42 @@ def decode_read(u: Unpacker, count: int) -> ReadResult:
     if data.nbytes != n:
         raise XDRError(f"READ reply says {n} bytes but carries {data.nbytes}")
     return ReadResult(data, eof)
+
+
+_READ_OK_HEAD = struct.Struct(">II")
+_READ_COUNTS = struct.Struct(">III")
+#: ``fattr3`` is fixed-size: 84 bytes.
+_FATTR3_SIZE = 84
+
+
+def read_head(message: bytes | bytearray | memoryview, pos: int, count: int) -> ReadHead | None:
+    """The start of successful ``READ`` results at ``message[pos:]``, for receiving the
+    data elsewhere: where the data starts, its length, and ``eof``.
+
+    ``message`` may be just the beginning of a reply. None when the results are not
+    (yet) known to be a well-formed success returning at most ``count`` bytes - too
+    short, an error status, or anything odd: :func:`decode_read` then says what it is.
+    """
+    if len(message) < pos + 8:
+        return None
+    status, follows = _READ_OK_HEAD.unpack_from(message, pos)
+    if status != NFS3_OK or follows > 1:
+        return None
+    pos += 8 + (_FATTR3_SIZE if follows else 0)
+    if len(message) < pos + 12:
+        return None
+    n, eof, length = _READ_COUNTS.unpack_from(message, pos)
+    if n != length or length > count or eof > 1:
+        return None
+    return ReadHead(pos + 12, length, eof == 1)
+
+
+class ReadHead(NamedTuple):
+    """Where a READ reply's data starts in the message, how long it is, and ``eof``."""
+
+    start: int
+    length: int
+    eof: bool
 
 
 def encode_write_head(fh: bytes, offset: int, count: int, stable: Stable) -> bytes:

@@ -10,7 +10,9 @@ On a stream, messages are framed by *record marking*: each record is one or more
 fragments, each preceded by a 4-byte header whose top bit marks the last fragment and
 whose low 31 bits give the fragment's length. :func:`frame` builds that header and
 :class:`RecordReader` reassembles records from arbitrary chunks of received bytes,
-refusing any record longer than its limit before buffering it.
+refusing any record longer than its limit before buffering it; it can also hand a
+stretch of a record (a READ reply's data, found with :func:`success_offset` and
+``_proto.read_head``) over to the caller to receive straight into its destination.
 
 Errors are split by blame: :class:`RPCProtocolError` when the peer sends something the
 protocol does not allow, :class:`RPCError` when it refuses a well-formed call
@@ -35,6 +37,7 @@ __all__ = [
     "decode_reply",
     "encode_call",
     "frame",
+    "success_offset",
 ]
 
 RPC_VERSION = 2
@@ -132,12 +135,22 @@ class AuthSys:
 _AUTH_NONE = b"\0\0\0\0\0\0\0\0"
 
 
+_CALL_HEAD = struct.Struct(">IIIIII")
+
+
 def encode_call(
-    xid: int, prog: int, vers: int, proc: int, cred: AuthSys | None, args: bytes = b""
+    xid: int, prog: int, vers: int, proc: int, cred: AuthSys | bytes | None, args: bytes = b""
 ) -> bytes:
-    """One call message (without record marking): header, credential, verifier, args."""
-    header = struct.pack(">IIIIII", xid, CALL, RPC_VERSION, prog, vers, proc)
-    return header + (cred.encode() if cred is not None else _AUTH_NONE) + _AUTH_NONE + args
+    """One call message (without record marking): header, credential, verifier, args.
+
+    ``cred`` may also be a credential already encoded by :meth:`AuthSys.encode`.
+    """
+    header = _CALL_HEAD.pack(xid, CALL, RPC_VERSION, prog, vers, proc)
+    if cred is None:
+        cred = _AUTH_NONE
+    elif isinstance(cred, AuthSys):
+        cred = cred.encode()
+    return b"".join((header, cred, _AUTH_NONE, args))
 
 
 def frame(length: int) -> bytes:
@@ -152,7 +165,7 @@ class Reply:
     """An accepted, successful reply: ``body[offset:]`` holds the procedure's results."""
 
     xid: int
-    body: bytes
+    body: bytes | memoryview
     offset: int
 
     def unpacker(self) -> Unpacker:
@@ -160,14 +173,35 @@ class Reply:
         return Unpacker(self.body, self.offset)
 
 
-def reply_xid(record: bytes) -> int:
+def reply_xid(record: bytes | memoryview) -> int:
     """The ``xid`` of a received message (routing needs nothing else)."""
     if len(record) < 4:
         raise RPCProtocolError(f"message of {len(record)} bytes has no xid")
-    return int.from_bytes(record[:4], "big")
+    return int(_U32.unpack_from(record)[0])
 
 
-def decode_reply(record: bytes) -> Reply:
+_REPLY_HEAD = struct.Struct(">IIIII")
+
+
+def success_offset(message: bytes | bytearray | memoryview) -> int | None:
+    """Where the results of an accepted, successful reply start in ``message``.
+
+    ``message`` may be just the beginning of a reply. None when it is not (yet) known
+    to be a successful reply - too short, or anything else: :func:`decode_reply` then
+    says what it is.
+    """
+    if len(message) < 24:
+        return None
+    _xid, mtype, stat, _flavour, vlen = _REPLY_HEAD.unpack_from(message)
+    if mtype != REPLY or stat != MSG_ACCEPTED or vlen > MAX_AUTH_BODY:
+        return None
+    pos: int = 20 + vlen + (-vlen % 4)
+    if len(message) < pos + 4 or _U32.unpack_from(message, pos)[0] != AcceptStat.SUCCESS:
+        return None
+    return pos + 4
+
+
+def decode_reply(record: bytes | memoryview) -> Reply:
     """Decode a reply message; raise :class:`RPCError` unless it was accepted and ran.
 
     Raises:
@@ -214,53 +248,156 @@ def decode_reply(record: bytes) -> Reply:
 class RecordReader:
     """Reassembles record-marked messages from a byte stream, in any chunking.
 
-    ``receive_data(chunk)`` as bytes arrive, then ``next_record()`` until it returns
-    None. A record longer than ``max_record`` is refused as soon as a fragment header
-    announces it, before its bytes are buffered.
+    The reader owns one receive buffer. Bytes arrive two ways: copied in with
+    :meth:`receive_data`, or - with no copy - received by the caller straight into the
+    space :meth:`get_buffer` hands out (``sock.recv_into(reader.get_buffer())``) followed
+    by :meth:`buffer_updated`. Then ``next_record()`` until it returns None. A record
+    longer than ``max_record`` is refused as soon as a fragment header announces it,
+    before its bytes are buffered.
+
+    A one-fragment record can also be handed over part-way (:meth:`current` and
+    :meth:`hand_over`): the caller receives a stretch of it - a READ reply's data -
+    straight into its destination, and the reader skips what follows that stretch.
     """
 
-    def __init__(self, max_record: int) -> None:
+    def __init__(self, max_record: int, buffer_size: int = 256 * 1024) -> None:
         self.max_record = max_record
-        self._buf = bytearray()
-        self._pos = 0
+        self._buf = bytearray(buffer_size)
+        self._start = 0
+        self._end = 0
+        #: Bytes of the stream still to be dropped (the tail of a handed-over record).
+        self._discard = 0
         self._fragments: list[bytes] = []
         self._fragments_size = 0
 
-    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        if self._pos:
-            del self._buf[: self._pos]
-            self._pos = 0
-        self._buf += data
-
     @property
     def buffered(self) -> int:
-        """Bytes received but not yet returned in a record."""
-        return len(self._buf) - self._pos + self._fragments_size
+        """Bytes received but not yet returned in a record (or dropped)."""
+        return self._end - self._start + self._fragments_size
 
-    def next_record(self) -> bytes | None:
-        """The next complete record, or None until more bytes arrive."""
+    def get_buffer(self, min_size: int = 64 * 1024) -> memoryview:
+        """Free space at the end of the receive buffer, at least ``min_size`` bytes.
+
+        Unparsed bytes move to the front first, and the buffer grows when the fragment
+        being received needs more room. Views of earlier records become invalid; release
+        the returned view before the next call.
+        """
+        pending = self._end - self._start
+        need = min_size
+        if pending >= 4 and not self._discard:
+            (header,) = _U32.unpack_from(self._buf, self._start)
+            # Room for the whole fragment (capped: the limit is checked when parsed).
+            need = max(need, min(4 + (header & MAX_FRAGMENT), 4 + self.max_record) - pending)
+        if len(self._buf) - self._end < need:
+            if pending + need > len(self._buf):
+                grown = bytearray(pending + need)
+                grown[:pending] = self._buf[self._start : self._end]
+                self._buf = grown
+            elif pending:
+                self._buf[:pending] = self._buf[self._start : self._end]
+            self._start, self._end = 0, pending
+        elif self._start == self._end:
+            self._start = self._end = 0
+        return memoryview(self._buf)[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """``nbytes`` were written at the start of the last :meth:`get_buffer` view."""
+        self._end += nbytes
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Add received bytes (copying them in)."""
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        view = self.get_buffer(n)
+        try:
+            view[:n] = data
+        finally:
+            view.release()
+        self.buffer_updated(n)
+
+    def _drop(self) -> None:
+        if self._discard:
+            n = min(self._discard, self._end - self._start)
+            self._start += n
+            self._discard -= n
+
+    def next_record(self) -> memoryview | None:
+        """The next complete record, or None until more bytes arrive.
+
+        A one-fragment record is a view of the receive buffer, valid until the next
+        :meth:`get_buffer` or :meth:`receive_data`: copy what must be kept.
+        """
+        self._drop()
+        if self._discard:
+            return None
         while True:
-            if len(self._buf) - self._pos < 4:
+            if self._end - self._start < 4:
                 return None
-            (header,) = _U32.unpack_from(self._buf, self._pos)
+            (header,) = _U32.unpack_from(self._buf, self._start)
             size = header & MAX_FRAGMENT
             if self._fragments_size + size > self.max_record:
                 raise RPCProtocolError(
                     f"record of at least {self._fragments_size + size} bytes exceeds the "
                     f"limit of {self.max_record}"
                 )
-            start = self._pos + 4
-            if len(self._buf) - start < size:
+            start = self._start + 4
+            if self._end - start < size:
                 return None
-            fragment = bytes(self._buf[start : start + size])
-            self._pos = start + size
+            self._start = start + size
             if not header & LAST_FRAGMENT:
-                self._fragments.append(fragment)
+                self._fragments.append(bytes(self._buf[start : start + size]))
                 self._fragments_size += size
                 continue
             if self._fragments:
-                self._fragments.append(fragment)
-                fragment = b"".join(self._fragments)
+                self._fragments.append(bytes(self._buf[start : start + size]))
+                record = b"".join(self._fragments)
                 self._fragments.clear()
                 self._fragments_size = 0
-            return fragment
+                return memoryview(record)
+            return memoryview(self._buf)[start : start + size]
+
+    def current(self) -> tuple[int, memoryview] | None:
+        """The record being received, when it can be handed over: its size and a view
+        of its bytes received so far.
+
+        Only a record that is one (last) fragment qualifies, and only when
+        :meth:`next_record` has nothing complete to return. None otherwise. The view is
+        valid until the next :meth:`get_buffer`, :meth:`receive_data` or
+        :meth:`hand_over`.
+        """
+        if self._discard or self._fragments or self._end - self._start < 4:
+            return None
+        (header,) = _U32.unpack_from(self._buf, self._start)
+        size = header & MAX_FRAGMENT
+        if not header & LAST_FRAGMENT or size > self.max_record:
+            return None
+        start = self._start + 4
+        return size, memoryview(self._buf)[start : min(self._end, start + size)]
+
+    def hand_over(self, skip: int, length: int) -> tuple[memoryview, int]:
+        """Give the caller ``length`` bytes of the :meth:`current` record from byte
+        ``skip``; the reader drops the record's other bytes.
+
+        Returns the part of that stretch already received (a view of the buffer, valid
+        until the next :meth:`get_buffer` or :meth:`receive_data`: copy it out first)
+        and how many more of its bytes follow on the stream. The caller must receive
+        exactly those itself before it feeds the reader again.
+        """
+        found = self.current()
+        if found is None:
+            raise ValueError("no record to hand over")
+        size, have = found
+        if skip < 0 or length < 0 or skip + length > size:
+            raise ValueError(f"bytes {skip}+{length} are outside a record of {size}")
+        received = have.nbytes
+        have.release()
+        if skip > received:
+            raise ValueError("the bytes before the stretch have not all arrived")
+        start = self._start + 4
+        end = min(received, skip + length)
+        view = memoryview(self._buf)[start + skip : start + end]
+        # Everything buffered up to the stretch's end is consumed; what follows it in
+        # the record is dropped as it arrives.
+        self._start = start + end
+        self._discard = size - (skip + length)
+        self._drop()
+        return view, skip + length - end
