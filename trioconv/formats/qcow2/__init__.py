@@ -32,8 +32,7 @@ async def open_qcow2(transport: Driver, ctx: OpenContext) -> Driver:
     Raises:
         ImageError: the image is not valid qcow2, uses a feature this reader does not
             support, or its backing chain cannot be opened.
-        UnsupportedError: writing into an image with snapshots, an external data file
-            or extended L2 entries.
+        UnsupportedError: writing into an image with internal snapshots.
     """
     if transport.caps.writable:
         return await open_qcow2_writable(transport, ctx)

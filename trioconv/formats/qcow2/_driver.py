@@ -160,6 +160,7 @@ class Qcow2Driver(Driver):
             data["refcount-bits"] = 16
         if self.info.data_file is not None:
             data["data-file"] = self.info.data_file
+            data["data-file-raw"] = bool(h.autoclear_features & codec.Autoclear.DATA_FILE_RAW)
         out["format-specific"] = {"type": "qcow2", "data": data}
         out["dirty-flag"] = bool(h.incompatible_features & codec.Incompatible.DIRTY)
         return out
@@ -480,8 +481,12 @@ def _load_snapshot(
     return attrs.evolve(info, header=header)
 
 
-async def open_qcow2(transport: Driver, ctx: OpenContext) -> Qcow2Driver:
+async def open_qcow2(
+    transport: Driver, ctx: OpenContext, *, writable_data: bool = False
+) -> Qcow2Driver:
     """Read the header and the active L1 table; open the data file and backing image.
+
+    ``writable_data`` opens the external data file (if there is one) for writing.
 
     Raises:
         ImageError: the image is not valid qcow2, uses something this reader does not
@@ -508,7 +513,14 @@ async def open_qcow2(transport: Driver, ctx: OpenContext) -> Qcow2Driver:
     if info.data_file is not None:
         path = _resolve(ctx, info.data_file, "data file")
         try:
-            data = await ctx.open_backing(path, "raw")
+            if writable_data:
+                from ..._open import open_image
+
+                data = await ctx.stack.enter_async_context(
+                    open_image(path, "raw", writable=True, cache=ctx.cache)
+                )
+            else:
+                data = await ctx.open_backing(path, "raw")
         except TrioconvError as exc:
             raise ImageError(f"{where}: cannot open its external data file: {exc}") from None
     backing = await _open_backing(ctx, info)

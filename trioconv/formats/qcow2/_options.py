@@ -11,7 +11,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from ..._errors import UnsupportedError, UsageError
+from ..._errors import UsageError
 from ..._sizes import parse_size
 from . import _codec as codec
 
@@ -24,6 +24,8 @@ QCOW2_CREATE_OPTIONS: dict[str, str] = {
     "cluster_size": "qcow2 cluster size",
     "compat": "Compatibility level (v2 [0.10] or v3 [1.1])",
     "compression_type": "Compression method used for image cluster compression",
+    "data_file": "File name of an external data file",
+    "data_file_raw": "The external data file must stay valid as a raw image",
     "extended_l2": "Extended L2 tables",
     "lazy_refcounts": "Postpone refcount updates",
     "preallocation": "Preallocation mode (allowed values: off, metadata, falloc, full)",
@@ -103,6 +105,10 @@ class CreateOptions:
         preallocation: off, metadata, falloc or full.
         backing_file: the backing file's name, stored as given (``-B``); None for none.
         backing_format: its format, stored in a header extension (``-F``).
+        data_file: the external data file's name, stored as given (relative names are
+            relative to the image's folder); None: the data lives in the image.
+        data_file_raw: the data file stays a valid raw image (autoclear bit); implies
+            ``preallocation=metadata`` at least, as in qemu.
     """
 
     version: int = 3
@@ -114,6 +120,8 @@ class CreateOptions:
     preallocation: str = "off"
     backing_file: str | None = None
     backing_format: str | None = None
+    data_file: str | None = None
+    data_file_raw: bool = False
 
     @property
     def cluster_size(self) -> int:
@@ -135,7 +143,6 @@ def parse_create_options(options: Mapping[str, str]) -> CreateOptions:
 
     Raises:
         UsageError: an invalid value or combination (qemu-img's message).
-        UnsupportedError: a valid request trioconv cannot do yet (extended L2 entries).
     """
     backing_file = options.get("backing_file") or None
     backing_fmt = options.get("backing_fmt") or None
@@ -214,12 +221,24 @@ def parse_create_options(options: Mapping[str, str]) -> CreateOptions:
         raise UsageError(
             "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
         )
+    data_file = options.get("data_file") or None
+    data_file_raw = _bool("data_file_raw", options.get("data_file_raw", "off"))
+    if data_file is not None and version < 3:
+        raise UsageError(
+            "External data files are only supported with compatibility level 1.1 and above "
+            + _LEVEL_HINT
+        )
+    if data_file_raw and data_file is None:
+        raise UsageError("data-file-raw requires data-file")
+    if data_file_raw and backing_file is not None:
+        raise UsageError("Backing file and data-file-raw cannot be used at the same time")
+    if data_file_raw and prealloc == "off":
+        # Without mapped clusters the data file could not mirror the guest (qemu too).
+        prealloc = "metadata"
     if backing_file is not None and prealloc != "off" and not extended_l2:
         raise UsageError(
             "Backing file and preallocation can only be used at the same time if extended_l2 is on"
         )
-    if extended_l2:
-        raise UnsupportedError("extended_l2 is not supported for qcow2 targets yet")
     return CreateOptions(
         version=version,
         cluster_bits=cluster_bits,
@@ -230,4 +249,6 @@ def parse_create_options(options: Mapping[str, str]) -> CreateOptions:
         preallocation=prealloc,
         backing_file=backing_file,
         backing_format=backing_fmt,
+        data_file=data_file,
+        data_file_raw=data_file_raw,
     )

@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import logging
+import os
 import zlib
 from array import array
 from collections.abc import Mapping
@@ -55,6 +56,8 @@ from ..._errors import (
     ZeroesNotSupported,
 )
 from ...driver import Buffer, Caps, Driver, Limits
+from ...protocols.file import create_file, open_file
+from .._common import local_path, same_place
 from . import _codec as codec
 from ._codec import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG
 from ._driver import Qcow2Driver, _inflate_all
@@ -79,6 +82,9 @@ ZLIB_MEMLEVEL = 9
 #: zstd level qemu uses (ZSTD_CLEVEL_DEFAULT).
 ZSTD_LEVEL = 3
 _ZEROS = bytes(1024 * 1024)
+#: Extended L2 subcluster bitmaps: every subcluster allocated / every one reads as zeroes.
+ALL_ALLOC = 0xFFFF_FFFF
+ALL_ZEROES = 0xFFFF_FFFF << 32
 
 
 class _GrowingFile(Driver):
@@ -143,19 +149,35 @@ class _L2:
 
 
 @attrs.frozen
+class _Fill:
+    """A region (a whole cluster, or with extended L2 one subcluster) whose old content
+    must be kept around the bytes a write puts into it.
+
+    ``entry`` is the old L2 entry (a compressed cluster is inflated); otherwise the
+    old content is the backing image's when ``from_backing``, else zeroes.
+    """
+
+    start: int
+    length: int
+    entry: int
+    from_backing: bool
+
+
+@attrs.frozen
 class _Run:
     """One host write a guest write turns into.
 
-    ``fill`` is set for a new cluster whose old content (a compressed cluster, or the
-    backing image) must be kept around the written bytes: ``(guest cluster start, old
-    L2 entry)``.
+    ``fill`` is set when the written bytes only partly cover a region that must be
+    written whole (see :class:`_Fill`). ``waits`` are the fills of earlier writes into
+    the same regions, which must land first.
     """
 
     guest: int
     length: int
     host: int
-    fill: tuple[int, int] | None = None
-    wait: trio.Event | None = None
+    fill: _Fill | None = None
+    waits: tuple[trio.Event, ...] = ()
+    done: trio.Event | None = None
 
 
 @attrs.define(eq=False)
@@ -215,9 +237,16 @@ class Qcow2Writer(Qcow2Driver):
         reftable: array[int],
         *,
         backing: Driver | None = None,
+        data: Driver | None = None,
     ) -> None:
-        super().__init__(child, info, l1, backing=backing)
+        super().__init__(child, info, l1, data=data, backing=backing)
         self.file = child
+        #: Guest data lives in an external data file, at host offset == guest offset.
+        self._external = self._data is not child
+        #: ... which must stay a valid raw image of the guest (``data_file_raw``).
+        self._raw = self._external and bool(
+            info.header.autoclear_features & codec.Autoclear.DATA_FILE_RAW
+        )
         h = info.header
         self._cs = h.cluster_size
         self._bits = h.cluster_bits
@@ -240,6 +269,10 @@ class Qcow2Writer(Qcow2Driver):
         self._lock = trio.Lock()
         self._failed = False
         self._zstd = h.compression_type == codec.CompressionType.ZSTD
+        self._ext = h.extended_l2
+        self._sc = self.layout.subcluster_size
+        #: Entries per L2 table slot: 2 with extended L2 (entry, subcluster bitmap).
+        self._step = 2 if self._ext else 1
 
     # -- contract ---------------------------------------------------------------------
     @property
@@ -253,7 +286,7 @@ class Qcow2Writer(Qcow2Driver):
             zeroes=True,
             block_status=True,
             zero_init=self.backing is None,
-            compress=True,
+            compress=not self._external,
         )
 
     def _check_range(self, what: str, offset: int, length: int) -> None:
@@ -391,8 +424,22 @@ class Qcow2Writer(Qcow2Driver):
         self._free_byte_offset = (offset + size) % cs and offset + size
         return offset
 
+    def _mapped(self, entry: int) -> bool:
+        """The L2 entry has a host cluster (offset 0 is one in an external data file,
+        where the COPIED bit marks it)."""
+        return bool(entry & OFFSET_MASK) or (self._external and bool(entry & COPIED))
+
+    async def _alloc_data(self, guest: int) -> int:
+        """A host cluster for the guest cluster at ``guest``: in an external data file
+        the same offset (not refcounted), else a new cluster at the end of the image."""
+        if self._external:
+            return guest
+        return await self._alloc_clusters(1)
+
     async def _free_entry(self, entry: int) -> None:
         """Drop the reference an L2 entry holds (normal, preallocated zero, compressed)."""
+        if self._external and not entry & COMPRESSED:
+            return  # data file clusters have no refcounts
         if entry & COMPRESSED:
             dec = codec.decode_l2_entry(entry, self.layout)
             start = dec.host_offset & ~511
@@ -463,8 +510,8 @@ class Qcow2Writer(Qcow2Driver):
         ``view``'s, or zero bytes when it is None."""
         try:
             for run in runs:
-                if run.wait is not None:
-                    await run.wait.wait()
+                for event in run.waits:
+                    await event.wait()
                 if view is not None:
                     piece = view[run.guest - offset : run.guest - offset + run.length]
                 elif run.fill is not None:
@@ -475,17 +522,40 @@ class Qcow2Writer(Qcow2Driver):
                 if run.fill is not None:
                     await self._write_filled(run, piece)
                 else:
-                    await self.file.pwrite(run.host, piece)
+                    await self._data.pwrite(run.host, piece)
         except TrioconvError:
             self._failed = True
             raise
+        finally:
+            for run in runs:  # never leave a later writer waiting on a fill that failed
+                if run.done is not None:
+                    run.done.set()
 
     async def _write_zero_bytes(self, host: int, length: int) -> None:
         pos, end = host, host + length
         while pos < end:
             k = min(len(_ZEROS), end - pos)
-            await self.file.pwrite(pos, memoryview(_ZEROS)[:k])
+            await self._data.pwrite(pos, memoryview(_ZEROS)[:k])
             pos += k
+
+    def _add_run(self, runs: list[_Run], run: _Run) -> None:
+        last = runs[-1] if runs else None
+        if (
+            last is not None
+            and last.fill is None
+            and run.fill is None
+            and not run.waits
+            and last.host + last.length == run.host
+        ):
+            runs[-1] = attrs.evolve(last, length=last.length + run.length)
+        else:
+            runs.append(run)
+
+    def _new_fill(self, host: int) -> tuple[tuple[trio.Event, ...], trio.Event]:
+        """Register a fill of the region at ``host``: (older fills there, its own event)."""
+        old = self._pending.get(host)
+        done = self._pending[host] = trio.Event()
+        return ((old,) if old is not None else ()), done
 
     async def _allocate(self, offset: int, length: int) -> list[_Run]:
         """Map guest ``[offset, offset + length)`` to host runs, allocating what is missing."""
@@ -503,70 +573,147 @@ class Qcow2Writer(Qcow2Driver):
                 i = (pos - base) >> bits
                 c_start = base + (i << bits)
                 hi = min(stop, c_start + cs)
+                if self._ext:
+                    await self._allocate_ext(runs, t, i, c_start, pos, hi)
+                    pos = hi
+                    continue
                 entry = t.table[i]
                 host = entry & OFFSET_MASK
-                if host and not entry & (COMPRESSED | ZERO_FLAG):
-                    run = _Run(pos, hi - pos, host + pos - c_start, wait=self._pending.get(host))
+                if self._mapped(entry) and not entry & (COMPRESSED | ZERO_FLAG):
+                    pending = self._pending.get(host)
+                    run = _Run(
+                        pos,
+                        hi - pos,
+                        host + pos - c_start,
+                        waits=(pending,) if pending is not None else (),
+                    )
                 else:
                     whole = pos == c_start and hi >= min(c_start + cs, self.size)
-                    old_matters = entry & COMPRESSED or (
-                        self.backing is not None and not entry & ZERO_FLAG
-                    )
-                    new = await self._alloc_clusters(1)
+                    from_backing = self.backing is not None and not entry & ZERO_FLAG
+                    # A data file's cluster may hold old bytes: zeroes go around the write.
+                    old_matters = entry & COMPRESSED or from_backing or self._external
+                    new = await self._alloc_data(c_start)
                     if entry & (COMPRESSED | ZERO_FLAG):
                         await self._free_entry(entry)
                     t.table[i] = new | COPIED
                     t.touch()
-                    fill = None
+                    fill: _Fill | None = None
+                    waits: tuple[trio.Event, ...] = ()
+                    done: trio.Event | None = None
                     if old_matters and not whole:
-                        fill = (c_start, entry)
-                        self._pending[new] = trio.Event()
-                    run = _Run(pos, hi - pos, new + pos - c_start, fill=fill)
-                last = runs[-1] if runs else None
-                if (
-                    last is not None
-                    and last.fill is None
-                    and run.fill is None
-                    and run.wait is None
-                    and last.host + last.length == run.host
-                ):
-                    runs[-1] = attrs.evolve(last, length=last.length + run.length)
-                else:
-                    runs.append(run)
+                        fill = _Fill(c_start, cs, entry, from_backing)
+                        waits, done = self._new_fill(new)
+                    run = _Run(pos, hi - pos, new + pos - c_start, fill, waits, done)
+                self._add_run(runs, run)
                 pos = hi
         return runs
 
+    async def _allocate_ext(
+        self, runs: list[_Run], t: _L2, i: int, c_start: int, pos: int, hi: int
+    ) -> None:
+        """:meth:`_allocate` for one cluster of an image with extended L2 entries.
+
+        As qemu does: a cluster gets a host cluster on its first write; the subclusters
+        a write touches become allocated (and stop being zero), and where it covers one
+        only partly, the rest of that subcluster is written with what it read as
+        before (zeroes, or the backing image's bytes).
+        """
+        cs, sc = self._cs, self._sc
+        entry, bitmap = t.table[2 * i], t.table[2 * i + 1]
+        host = entry & OFFSET_MASK
+        if entry & COMPRESSED:
+            # A compressed cluster becomes a normal one, all of it allocated.
+            whole = pos == c_start and hi >= min(c_start + cs, self.size)
+            new = await self._alloc_clusters(1)
+            await self._free_entry(entry)
+            t.table[2 * i], t.table[2 * i + 1] = new | COPIED, ALL_ALLOC
+            t.touch()
+            fill: _Fill | None = None
+            waits: tuple[trio.Event, ...] = ()
+            done: trio.Event | None = None
+            if not whole:
+                fill = _Fill(c_start, cs, entry, False)
+                waits, done = self._new_fill(new)
+            self._add_run(runs, _Run(pos, hi - pos, new + pos - c_start, fill, waits, done))
+            return
+        fresh = not self._mapped(entry)
+        if fresh:
+            host = await self._alloc_data(c_start)
+            t.table[2 * i] = host | COPIED
+        first, last = (pos - c_start) // sc, (hi - 1 - c_start) // sc
+        alloc, zero = bitmap & ALL_ALLOC, bitmap >> 32
+        # Partly written subclusters that are not allocated yet need their old content.
+        fills: dict[int, _Fill] = {}
+        head = pos > c_start + first * sc
+        tail = hi < min(c_start + (last + 1) * sc, self.size)
+        for s, partial in ((first, head), (last, tail)):
+            s_start = c_start + s * sc
+            if not partial or alloc >> s & 1:
+                continue
+            from_backing = self.backing is not None and not zero >> s & 1
+            if fresh and not from_backing and not self._external:
+                continue  # a new cluster at the end of the image reads as zeroes already
+            fills[s] = _Fill(s_start, sc, entry, from_backing)
+        mask = ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
+        new_bitmap = (alloc | mask) | ((zero & ~mask) << 32)
+        if fresh or new_bitmap != bitmap:
+            t.table[2 * i + 1] = new_bitmap
+            t.touch()
+        s = first
+        while s <= last:
+            s_start = c_start + s * sc
+            lo, s_hi = max(pos, s_start), min(hi, s_start + sc)
+            fill = fills.get(s)
+            if fill is not None:
+                waits, done = self._new_fill(host + s * sc)
+                self._add_run(runs, _Run(lo, s_hi - lo, host + lo - c_start, fill, waits, done))
+                s += 1
+                continue
+            # A run of subclusters without fills: one write, after the fills pending there.
+            t_end = s
+            while t_end + 1 <= last and t_end + 1 not in fills:
+                t_end += 1
+            r_hi = min(hi, c_start + (t_end + 1) * sc)
+            waits = tuple(
+                ev
+                for k in range(s, t_end + 1)
+                if (ev := self._pending.get(host + k * sc)) is not None
+            )
+            self._add_run(runs, _Run(lo, r_hi - lo, host + lo - c_start, waits=waits))
+            s = t_end + 1
+
     async def _write_filled(self, run: _Run, piece: memoryview) -> None:
-        """Write a whole new cluster: its old content with ``piece`` laid over it."""
-        assert run.fill is not None
-        c_start, entry = run.fill
+        """Write a whole region: its old content with ``piece`` laid over it."""
+        fill = run.fill
+        assert fill is not None
         cs = self._cs
-        n = min(cs, self.size - c_start)
+        n = min(fill.length, self.size - fill.start)
         buf = bytearray(n)
         view = memoryview(buf)
+        region_host = run.host - (run.guest - fill.start)
         try:
-            if entry & COMPRESSED:
-                dec = codec.decode_l2_entry(entry, self.layout)
+            if fill.entry & COMPRESSED:
+                dec = codec.decode_l2_entry(fill.entry, self.layout)
                 raw = await self.file.pread(dec.host_offset, dec.compressed_size)
                 (plain,) = _inflate_all([raw], self._zstd, cs)
                 if plain is None:
                     raise self._corrupt(
-                        f"compressed cluster at guest offset {c_start:#x} could not be "
+                        f"compressed cluster at guest offset {fill.start:#x} could not be "
                         "decompressed",
                         dec.host_offset,
                     )
                 view[:] = plain[:n]
-            elif self.backing is not None:
-                await self._read_backing(c_start, view)
-            at = run.guest - c_start
+            elif fill.from_backing:
+                await self._read_backing(fill.start, view)
+            at = run.guest - fill.start
             view[at : at + run.length] = piece
-            host = run.host - at
-            await self.file.pwrite(host, view)
+            await self._data.pwrite(region_host, view)
         finally:
             view.release()
-            event = self._pending.pop(run.host - (run.guest - c_start), None)
-            if event is not None:
-                event.set()
+            if run.done is not None:
+                run.done.set()
+                if self._pending.get(region_host) is run.done:
+                    del self._pending[region_host]
 
     # -- zeroes -----------------------------------------------------------------------
     async def pwrite_zeroes(
@@ -575,7 +722,11 @@ class Qcow2Writer(Qcow2Driver):
         self._check_range("write zeroes", offset, length)
         if not length:
             return
-        cs = self._cs
+        if self._raw:
+            # The data file must read as the guest does: zero it there first (qemu too).
+            await self._zero_data_file(offset, length, may_unmap=may_unmap, fast=fast)
+        # The unit the tables can mark as zeroes: a cluster, or a subcluster.
+        cs = self._sc
         end = offset + length
         first = -(-offset // cs) * cs
         last = end if end == self.size else end // cs * cs
@@ -596,7 +747,9 @@ class Qcow2Writer(Qcow2Driver):
                     writes.append((start, n))
             if fast and writes:
                 raise ZeroesNotSupported(f"{self.location}: zeroing part of a cluster is not fast")
-            if first < last:
+            if first < last and self._ext:
+                writes += await self._zero_subclusters(first, last, may_unmap=may_unmap, fast=fast)
+            elif first < last:
                 writes += await self._zero_clusters(first, last, may_unmap=may_unmap, fast=fast)
             # Zero bytes (parts of clusters, version 2 images) get their clusters now, in
             # guest order and in the order the calls came, as pwrite's data does; a later
@@ -606,21 +759,45 @@ class Qcow2Writer(Qcow2Driver):
         for start, allocated in runs:
             await self._write_runs(allocated, start, None)
 
+    async def _zero_data_file(
+        self, offset: int, length: int, *, may_unmap: bool, fast: bool
+    ) -> None:
+        try:
+            await self._data.pwrite_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
+        except ZeroesNotSupported:
+            if fast:
+                raise
+            try:
+                await self._write_zero_bytes(offset, length)
+            except TrioconvError:
+                self._failed = True
+                raise
+
     async def _entry(self, guest: int) -> int:
         """The L2 entry of the cluster holding ``guest`` (0 when it has no table)."""
+        return (await self._entry_and_bitmap(guest))[0]
+
+    async def _entry_and_bitmap(self, guest: int) -> tuple[int, int]:
+        """The L2 entry and subcluster bitmap (0 without extended L2) holding ``guest``."""
         index = guest // self._table_span
         t = await self._get_l2(index, create=False)
         if t is None:
-            return 0
-        return t.table[(guest - index * self._table_span) >> self._bits]
+            return 0, 0
+        i = ((guest - index * self._table_span) >> self._bits) * self._step
+        return t.table[i], (t.table[i + 1] if self._ext else 0)
 
     async def _reads_as_zero(self, guest: int) -> bool:
-        entry = await self._entry(guest)
+        entry, bitmap = await self._entry_and_bitmap(guest)
         if entry & COMPRESSED:
             return False
+        if self._ext:
+            s = (guest % self._cs) // self._sc
+            if bitmap >> (32 + s) & 1:
+                return True
+            return not bitmap >> s & 1 and self.backing is None
         if entry & ZERO_FLAG and self.header.version >= 3:
             return True
-        return not entry & OFFSET_MASK and self.backing is None
+        return not self._mapped(entry) and self.backing is None
 
     async def _zero_clusters(
         self, first: int, last: int, *, may_unmap: bool, fast: bool
@@ -637,14 +814,13 @@ class Qcow2Writer(Qcow2Driver):
 
         def plan(entry: int) -> int | None:
             """The new entry; None: write zero bytes; -1: leave it."""
-            host = entry & OFFSET_MASK
             if entry & COMPRESSED:
                 return 0 if no_backing else (ZERO_FLAG if v3 else None)
-            if not host:
+            if not self._mapped(entry):
                 if no_backing or entry & ZERO_FLAG:
                     return -1
                 return ZERO_FLAG if v3 else None
-            if may_unmap:
+            if may_unmap and not self._external:  # a data file keeps its mapping
                 return 0 if no_backing else (ZERO_FLAG if v3 else None)
             if entry & ZERO_FLAG:
                 return -1
@@ -691,8 +867,77 @@ class Qcow2Writer(Qcow2Driver):
                 merged.append((start, n))
         return merged
 
+    async def _zero_subclusters(
+        self, first: int, last: int, *, may_unmap: bool, fast: bool
+    ) -> list[tuple[int, int]]:
+        """:meth:`_zero_clusters` with extended L2 entries: ``[first, last)`` is made of
+        whole subclusters, marked zero in the bitmaps as qemu marks them.
+
+        A whole cluster gets every zero bit, and loses its host cluster when it was
+        compressed or ``may_unmap`` allows it; in part of a cluster, the subclusters get
+        their zero bits and lose their allocation bits. Only part of a compressed
+        cluster must be written with zero bytes instead (returned). Where there is no L2
+        table and no backing image, nothing changes (the range reads as zeroes); where
+        there is one, unallocated clusters get their zero bits too, as in qemu.
+        """
+        cs, sc, span = self._cs, self._sc, self._table_span
+        no_backing = self.backing is None
+        writes: list[tuple[int, int]] = []
+        if fast:
+            c = first // cs * cs
+            while c < last:
+                lo, hi = max(first, c), min(last, c + cs)
+                whole = lo == c and (hi == c + cs or hi == self.size)
+                if not whole and (await self._entry(c)) & COMPRESSED:
+                    raise ZeroesNotSupported(f"{self.location}: zeroing is not fast here")
+                c += cs
+        pos = first
+        while pos < last:
+            index = pos // span
+            base = index * span
+            stop = min(last, base + span)
+            if not self._l1[index] & OFFSET_MASK and no_backing:
+                pos = stop
+                continue
+            t = await self._get_l2(index, create=True)
+            assert t is not None
+            c = pos // cs * cs
+            while c < stop:
+                lo, hi = max(pos, c), min(stop, c + cs)
+                i = 2 * ((c - base) >> self._bits)
+                entry, bitmap = t.table[i], t.table[i + 1]
+                mapped = self._mapped(entry)
+                whole = lo == c and (hi == c + cs or hi == self.size)
+                if whole:
+                    unmap = bool(entry & COMPRESSED) or (
+                        may_unmap and mapped and not self._external
+                    )
+                    new_entry, new_bitmap = (0 if unmap else entry), ALL_ZEROES
+                    if (new_entry, new_bitmap) != (entry, bitmap):
+                        if unmap:
+                            await self._free_entry(entry)
+                        t.table[i], t.table[i + 1] = new_entry, new_bitmap
+                        t.touch()
+                elif entry & COMPRESSED:
+                    writes.append((lo, hi - lo))
+                else:
+                    a, b = (lo - c) // sc, -(-(hi - c) // sc)
+                    mask = ((1 << b) - 1) ^ ((1 << a) - 1)
+                    new_bitmap = (bitmap & ~mask & ALL_ALLOC) | (bitmap & ALL_ZEROES) | mask << 32
+                    if new_bitmap != bitmap:
+                        t.table[i + 1] = new_bitmap
+                        t.touch()
+                c += cs
+            pos = stop
+        return writes
+
     # -- compressed writes ------------------------------------------------------------
     async def compress(self, offset: int, data: memoryview) -> object:
+        if self._external:
+            raise UnsupportedError(
+                f"{self.location}: compressed clusters cannot be written into an image with "
+                "an external data file"
+            )
         cs = self._cs
         last = (self.size - 1) // cs  # the image's last cluster may be partial
         if offset % cs or (data.nbytes % cs and (offset + data.nbytes - 1) // cs != last):
@@ -717,7 +962,7 @@ class Qcow2Writer(Qcow2Driver):
                 index = guest // span
                 t = await self._get_l2(index, create=True)
                 assert t is not None
-                i = (guest - index * span) >> self._bits
+                i = ((guest - index * span) >> self._bits) * self._step
                 if t.table[i] & OFFSET_MASK:
                     raise TrioconvIOError(
                         f"{self.location}: cannot write a compressed cluster at guest offset "
@@ -727,9 +972,13 @@ class Qcow2Writer(Qcow2Driver):
                 if is_compressed:
                     host = await self._alloc_bytes(len(payload))
                     t.table[i] = codec.compressed_l2_entry(host, len(payload), self._bits)
+                    if self._ext:
+                        t.table[i + 1] = 0  # compressed clusters have no subcluster bits
                 else:
                     host = await self._alloc_clusters(1)
                     t.table[i] = host | COPIED
+                    if self._ext:
+                        t.table[i + 1] = ALL_ALLOC
                 t.touch()
                 if plan and plan[-1][0] + plan[-1][1] == host:
                     start, length, pieces = plan[-1]
@@ -808,6 +1057,8 @@ class Qcow2Writer(Qcow2Driver):
     async def flush(self) -> None:
         if self._closed:
             return
+        if self._external:
+            await self._data.flush()  # data before the metadata that points at it
         async with self._lock:
             await self._write_metadata()
         await self.file.flush()
@@ -855,41 +1106,50 @@ class Qcow2Writer(Qcow2Driver):
             count = -(-min(span, self.size - base) // cs)
             t = await self._get_l2(index, create=True)
             assert t is not None
-            host = await self._alloc_clusters(count)
+            # An external data file maps every guest cluster to the same offset.
+            host = base if self._external else await self._alloc_clusters(count)
             first = host | COPIED
-            t.table[:count] = array("Q", range(first, first + count * cs, cs))
+            # With extended L2 the subclusters stay unallocated (bitmap 0), as in qemu:
+            # they read as zeroes, or as the backing image.
+            t.table[: count * self._step : self._step] = array(
+                "Q", range(first, first + count * cs, cs)
+            )
             t.touch()
             if runs and sum(runs[-1]) == host:
                 runs[-1] = (runs[-1][0], runs[-1][1] + count * cs)
             else:
                 runs.append((host, count * cs))
         for host, n in runs:
+            if self._external:
+                n = min(n, self.size - host)  # the data file is as large as the guest
             if mode == "full":
                 for pos in range(host, host + n, len(_ZEROS)):
-                    await self.file.pwrite(
+                    await self._data.pwrite(
                         pos, memoryview(_ZEROS)[: min(len(_ZEROS), host + n - pos)]
                     )
             elif mode == "falloc":
                 with contextlib.suppress(ZeroesNotSupported):
-                    await self.file.pwrite_zeroes(host, n)
-        if runs:
-            # The file reaches the end of the last data cluster, as qemu makes it.
-            await self.file.pwrite(self._end - 1, b"\0")
+                    await self._data.pwrite_zeroes(host, n)
+        if runs and not self._external:
+            # The file reaches the end of the last data cluster, as qemu makes it - with
+            # extended L2, the end of the subcluster that holds the image's last byte.
+            # (falloc and full: of the last cluster).
+            unit = self._sc if mode == "metadata" else cs
+            tail = -(-((self.size - 1) % cs + 1) // unit) * unit
+            await self.file.pwrite(self._end - cs + tail - 1, b"\0")
 
 
-async def _open_writer(file: _GrowingFile, ctx: OpenContext | None) -> Qcow2Writer:
+async def _open_writer(
+    file: _GrowingFile, ctx: OpenContext | None, data: Driver | None = None
+) -> Qcow2Writer:
     if ctx is not None:
-        reader = await _open_reader(file, ctx)
+        reader = await _open_reader(file, ctx, writable_data=True)
     else:
-        reader = await _open_bare(file)
+        reader = await _open_bare(file, data)
     h = reader.header
     where = f"Could not open '{reader.location}' for writing"
-    if reader._data is not file:
-        raise UnsupportedError(f"{where}: qcow2 images with an external data file")
     if h.nb_snapshots:
         raise UnsupportedError(f"{where}: qcow2 images with internal snapshots")
-    if h.extended_l2:
-        raise UnsupportedError(f"{where}: qcow2 images with extended L2 entries")
     if h.incompatible_features & codec.Incompatible.CORRUPT:
         raise ImageError(f"{where}: the image is marked corrupt (run 'qemu-img check -r all')")
     if h.incompatible_features & codec.Incompatible.DIRTY:
@@ -899,17 +1159,27 @@ async def _open_writer(file: _GrowingFile, ctx: OpenContext | None) -> Qcow2Writ
         )
     raw = await file.pread(h.refcount_table_offset, h.refcount_table_clusters * h.cluster_size)
     reftable = codec.decode_table(raw)
-    writer = Qcow2Writer(file, reader.info, reader._l1, reftable, backing=reader.backing)
+    writer = Qcow2Writer(
+        file,
+        reader.info,
+        reader._l1,
+        reftable,
+        backing=reader.backing,
+        data=reader._data if reader._data is not file else None,
+    )
     writer.location = reader.location
-    if h.autoclear_features:
-        # Writers that do not keep them up to date must clear autoclear bits (bitmaps).
-        writer.header = attrs.evolve(h, autoclear_features=0)
+    keep = int(codec.Autoclear.DATA_FILE_RAW) if writer._external else 0
+    if h.autoclear_features & ~keep:
+        # Writers that do not keep them up to date must clear autoclear bits (bitmaps);
+        # the raw data file one is kept up to date here.
+        writer.header = attrs.evolve(h, autoclear_features=h.autoclear_features & keep)
         writer._header_dirty = True
     return writer
 
 
-async def _open_bare(file: _GrowingFile) -> Qcow2Driver:
-    """Open an image we just made (no backing, no data file) without an OpenContext."""
+async def _open_bare(file: _GrowingFile, data: Driver | None = None) -> Qcow2Driver:
+    """Open an image we just made (no backing; ``data``: its data file) without an
+    OpenContext."""
     cluster = await file.pread(0, min(file.size, 1 << codec.MAX_CLUSTER_BITS))
     try:
         info = codec.parse_image(cluster, file.size)
@@ -919,7 +1189,7 @@ async def _open_bare(file: _GrowingFile) -> Qcow2Driver:
     l1 = codec.decode_table(
         await file.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
     )
-    return Qcow2Driver(file, info, l1)
+    return Qcow2Driver(file, info, l1, data=data)
 
 
 async def open_qcow2_writable(transport: Driver, ctx: OpenContext) -> Qcow2Writer:
@@ -930,7 +1200,8 @@ async def open_qcow2_writable(transport: Driver, ctx: OpenContext) -> Qcow2Write
 
     Raises:
         ImageError: not valid qcow2, or marked dirty or corrupt.
-        UnsupportedError: snapshots, external data files, extended L2 entries.
+        UnsupportedError: internal snapshots (their clusters are shared, and copying
+            them on write is not done here).
     """
     writer = await _open_writer(_GrowingFile(transport), ctx)
     ctx.stack.push_async_callback(writer.aclose)
@@ -943,6 +1214,8 @@ def _first_cluster(opts: CreateOptions, size: int) -> bytes:
         incompat |= codec.Incompatible.COMPRESSION_TYPE
     if opts.extended_l2:
         incompat |= codec.Incompatible.EXTENDED_L2
+    if opts.data_file is not None:
+        incompat |= codec.Incompatible.DATA_FILE
     v3 = opts.version >= 3
     header = codec.Header(
         version=opts.version,
@@ -959,6 +1232,7 @@ def _first_cluster(opts: CreateOptions, size: int) -> bytes:
         snapshots_offset=0,
         incompatible_features=int(incompat),
         compatible_features=int(codec.Compatible.LAZY_REFCOUNTS) if opts.lazy_refcounts else 0,
+        autoclear_features=int(codec.Autoclear.DATA_FILE_RAW) if opts.data_file_raw else 0,
         refcount_order=opts.refcount_order,
         header_length=112 if v3 else codec.V2_HEADER_LENGTH,
         compression_type=opts.compression_type,
@@ -969,6 +1243,10 @@ def _first_cluster(opts: CreateOptions, size: int) -> bytes:
     if opts.backing_format is not None:
         extensions += codec.encode_extension(
             codec.Extension.BACKING_FORMAT, opts.backing_format.encode("utf-8")
+        )
+    if opts.data_file is not None:
+        extensions += codec.encode_extension(
+            codec.Extension.DATA_FILE, opts.data_file.encode("utf-8")
         )
     name = opts.backing_file.encode("utf-8") if opts.backing_file is not None else b""
     fixed = len(codec.encode_header(header))
@@ -996,15 +1274,55 @@ async def create_qcow2(transport: Driver, size: int, options: Mapping[str, str])
     given) in cluster 0, the refcount table in cluster 1, the first refcount block in
     cluster 2, the L1 table from cluster 3.
 
+    With ``data_file``, the external data file is created (or truncated) with the
+    image's virtual size; a relative name is relative to the image's folder, where it
+    is looked for when the image is opened. It is removed again if creating fails.
+
     Raises:
         UsageError: invalid ``-o`` options (qemu-img's messages).
-        UnsupportedError: extended L2 entries.
+        UnsupportedError: a data file for an image that is not a local file.
+        ImageError: the data file cannot be created.
     """
     opts = parse_create_options(options)
-    cs = opts.cluster_size
     size = -(-size // 512) * 512  # qemu rounds the virtual size up to whole sectors
     if size >= 1 << 63:
         raise UsageError(f"Image size {size} is too large for qcow2")
+    if opts.data_file is None:
+        await _create(transport, size, opts, None)
+        return
+    path = _data_file_path(transport, opts.data_file)
+    created = await create_file(path, size)
+    try:
+        data = await open_file(path, writable=True)
+        try:
+            await _create(transport, size, opts, data)
+            await data.flush()
+        finally:
+            await data.aclose()
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+
+
+def _data_file_path(transport: Driver, name: str) -> str:
+    """Where a new image's data file goes: ``name`` relative to the image's folder."""
+    location = transport.location
+    here = local_path(location) if location else None
+    if transport.name != "file" or here is None:
+        raise UnsupportedError(
+            f"qcow2 images with an external data file can only be created as local files "
+            f"('{location}')"
+        )
+    path = name if os.path.isabs(name) else os.path.join(os.path.dirname(here), name)
+    if same_place(path, here):
+        raise UsageError(f"The data file '{name}' cannot be the image itself")
+    return path
+
+
+async def _create(transport: Driver, size: int, opts: CreateOptions, data: Driver | None) -> None:
+    cs = opts.cluster_size
     # The header says size 0 until the L1 table exists (a reader refuses anything else).
     first = _first_cluster(opts, 0)
     reftable = array("Q", bytes(cs))
@@ -1015,7 +1333,7 @@ async def create_qcow2(transport: Driver, size: int, options: Mapping[str, str])
     await file.pwrite(0, first)
     await file.pwrite(cs, codec.encode_table(reftable))
     await file.pwrite(2 * cs, codec.encode_refblock(refblock, opts.refcount_order))
-    writer = await _open_writer(file, None)
+    writer = await _open_writer(file, None, data)
     try:
         writer.header = attrs.evolve(writer.header, size=size)
         await writer._init_l1()
