@@ -425,6 +425,30 @@ def test_compression_refused_with_data_file(tmp_path: Path, raw_source: Path) ->
     assert not (tmp_path / "t.data").exists()  # beside it, with its stem: removed too
 
 
+def test_failed_conversion_removes_a_data_file_of_any_name(
+    tmp_path: Path, raw_source: Path
+) -> None:
+    """The data file the conversion created goes with the target; one that was there
+    before stays."""
+    (tmp_path / "sub").mkdir()
+    target = tmp_path / "t.qcow2"
+    result = trioconv_cli(
+        "convert", "-c", "-O", "qcow2", "-o", "data_file=sub/other.raw", raw_source, target
+    )
+    assert result.returncode == 1
+    assert not target.exists()
+    assert not (tmp_path / "sub" / "other.raw").exists()
+
+    kept = tmp_path / "sub" / "kept.raw"
+    kept.write_bytes(b"precious")
+    result = trioconv_cli(
+        "convert", "-c", "-O", "qcow2", "-o", "data_file=sub/kept.raw", raw_source, target
+    )
+    assert result.returncode == 1
+    assert not target.exists()
+    assert kept.exists()
+
+
 # -- internal snapshots --------------------------------------------------------------------
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import attrs
@@ -184,12 +184,14 @@ async def _convert(
             is_new = not opts.no_create
             if is_new:
                 check_create_options(opts.target_format, opts.create_options())
-                before = _siblings(target)
+                before = _side_files(target, opts.create_options())
                 if await create_image(target, opts.target_format, total, opts.create_options()):
                     text = os.fspath(target)
                     created = text if is_nfs_uri(text) else Path(text)
-                    # Formats with several files (vmdk extents) create them beside it.
-                    extra_files = sorted(_siblings(target) - before)
+                    # Formats with several files (vmdk extents, a qcow2 data file)
+                    # create them too: remove them with the target on failure.
+                    after = _side_files(target, opts.create_options())
+                    extra_files = sorted(p for p in after - before if p.exists())
             try:
                 tgt = await stack.enter_async_context(
                     open_image(
@@ -238,15 +240,22 @@ async def _convert(
         )
 
 
-def _siblings(target: ImageSpec) -> set[Path]:
-    """Files next to a local target whose names start with its stem (``disk*``)."""
-    if isinstance(target, Driver) or is_nfs_uri(os.fspath(target)):
+def _side_files(target: ImageSpec, options: Mapping[str, str]) -> set[Path]:
+    """Existing files a local target's creation may add: files next to it whose names
+    start with its stem (``disk*``, vmdk extents) and a qcow2 ``data_file``, resolved
+    against the target's folder."""
+    if isinstance(target, Driver) or "://" in os.fspath(target):
         return set()
     path = Path(os.fspath(target))
-    try:
-        return {p for p in path.parent.iterdir() if p.name.startswith(path.stem) and p != path}
-    except OSError:
-        return set()
+    found: set[Path] = set()
+    with contextlib.suppress(OSError):
+        found = {p for p in path.parent.iterdir() if p.name.startswith(path.stem) and p != path}
+    named = options.get("data_file")
+    if named:
+        data = path.parent / named
+        if data.exists() and data.resolve() != path.resolve():
+            found.add(data)
+    return found
 
 
 async def _remove(path: Path | str | None, extra_files: list[Path] | None = None) -> None:
