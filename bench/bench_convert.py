@@ -12,10 +12,17 @@ written zeros, and holes in a seeded pseudo-random layout.  An extra row
 converts a 1 TiB sparse image holding 100 MiB of data.  The page cache is
 never dropped, so the numbers are warm-cache.
 
+With ``--in-process`` each row also times the copy without Python's start-up:
+a child process imports trioconv, runs the same command line once through
+``trioconv.cli.main`` untimed, then ``--repeat`` times timed (the target
+removed before each run, outside the timing); the median is reported next to
+qemu-img's whole run.  Those outputs are verified too.
+
 Run from the project root:
 
     python bench/bench_convert.py --size 2G --repeat 3 --output bench/results.md
     python bench/bench_convert.py --size 256M --repeat 1 --skip-huge --trioconv qemu-img
+    python bench/bench_convert.py --configs m8,m8-W --skip-huge --in-process
 
 The last form runs qemu-img on both sides as a self-check of the script.
 Exits non-zero if any run fails or any output does not verify.
@@ -62,6 +69,7 @@ class Row:
     rss_kib: dict[str, int] = field(default_factory=lambda: {"qemu-img": 0, "trioconv": 0})
     failures: int = 0
     runs: int = 0
+    in_process: list[float] = field(default_factory=list)
 
 
 def parse_size(text: str) -> int:
@@ -177,6 +185,38 @@ def run_timed(argv: list[str]) -> tuple[int, float, int, str]:
     return code, elapsed, usage.ru_maxrss, tail
 
 
+#: Run by ``--in-process`` in a child: argv = repeat, then a convert command line.
+IN_PROCESS = """
+import json, os, sys, time
+import trioconv.cli
+repeat, argv = int(sys.argv[1]), sys.argv[2:]
+times = []
+for i in range(repeat + 1):
+    if os.path.exists(argv[-1]):
+        os.unlink(argv[-1])
+    t0 = time.perf_counter()
+    try:
+        trioconv.cli.main(argv)
+    except SystemExit as exc:
+        if exc.code:
+            raise
+    if i:
+        times.append(time.perf_counter() - t0)
+print(json.dumps(times))
+"""
+
+
+def run_in_process(args: list[str], repeat: int) -> list[float] | None:
+    """Time ``trioconv convert`` inside one Python process; None when it failed."""
+    argv = [sys.executable, "-c", IN_PROCESS, str(repeat), *args]
+    r = subprocess.run(argv, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(f"  FAILED in-process: {r.stderr.strip()[-2000:]}", file=sys.stderr)
+        return None
+    times: list[float] = json.loads(r.stdout.strip().splitlines()[-1])
+    return times
+
+
 def verify(src: Path, dst: Path) -> bool:
     argv = ["qemu-img", "compare", "-f", "raw", "-F", "raw", str(src), str(dst)]
     r = subprocess.run(argv, capture_output=True, text=True)
@@ -186,7 +226,12 @@ def verify(src: Path, dst: Path) -> bool:
 
 
 def bench_row(
-    row: Row, tools: dict[str, list[str]], repeat: int, warmup: int, workdir: Path
+    row: Row,
+    tools: dict[str, list[str]],
+    repeat: int,
+    warmup: int,
+    workdir: Path,
+    in_process: bool = False,
 ) -> None:
     print(f"== {row.label}", flush=True)
     for i in range(-warmup, repeat):
@@ -213,6 +258,19 @@ def bench_row(
                 flush=True,
             )
             dst.unlink(missing_ok=True)
+    if in_process:
+        dst = workdir / "dst-in-process.raw"
+        args = ["convert", "-f", "raw", "-O", "raw", *row.flags, str(row.src), str(dst)]
+        times = run_in_process(args, repeat)
+        ok = times is not None and verify(row.src, dst)
+        row.runs += 1
+        if times is not None and ok:
+            row.in_process = times
+        else:
+            row.failures += 1
+        shown = " ".join(f"{t:.3f}" for t in times or [])
+        print(f"  in-process trioconv: {shown} s  {'ok' if ok else 'FAILED'}", flush=True)
+        dst.unlink(missing_ok=True)
 
 
 def fs_type(path: Path) -> str:
@@ -260,7 +318,7 @@ def machine_header(workdir: Path) -> list[str]:
     ]
 
 
-def fmt_row(row: Row) -> str:
+def fmt_row(row: Row, in_process: bool = False) -> str:
     q, t = row.times["qemu-img"], row.times["trioconv"]
     qm = statistics.median(q) if q else None
     tm = statistics.median(t) if t else None
@@ -270,6 +328,14 @@ def fmt_row(row: Row) -> str:
         f"{qm:.3f}" if qm is not None else "-",
         f"{tm:.3f}" if tm is not None else "-",
         ratio,
+    ]
+    if in_process:
+        im = statistics.median(row.in_process) if row.in_process else None
+        cells += [
+            f"{im:.3f}" if im is not None else "-",
+            f"{im / qm:.2f}" if qm and im is not None else "-",
+        ]
+    cells += [
         f"{row.rss_kib['trioconv'] / KIB:.1f}",
         f"{row.rss_kib['qemu-img'] / KIB:.1f}",
         "yes" if row.failures == 0 else f"FAILED ({row.failures}/{row.runs})",
@@ -296,6 +362,11 @@ def main() -> int:
     add("--skip-huge", action="store_true", help=f"skip the '{HUGE_LABEL}' row")
     add("--seed", type=int, default=1, help="layout/content seed")
     add("--output", type=Path, help="also write the Markdown report to this file")
+    add(
+        "--in-process",
+        action="store_true",
+        help="also time trioconv inside one Python process (no start-up), per row",
+    )
     args = ap.parse_args()
 
     names = [c.strip() for c in args.configs.split(",") if c.strip()]
@@ -329,7 +400,7 @@ def main() -> int:
         notes.append(f"`{HUGE_LABEL}` uses default flags (no -m/-W/-t).")
 
     for row in rows:
-        bench_row(row, tools, args.repeat, args.warmup, workdir)
+        bench_row(row, tools, args.repeat, args.warmup, workdir, args.in_process)
 
     report = [
         "# trioconv vs qemu-img convert (raw -> raw)",
@@ -343,10 +414,20 @@ def main() -> int:
         f"{run_timed(['true'])[2] / KIB:.1f} MiB",
         "",
         "| config | qemu-img median s | trioconv median s | ratio (trioconv/qemu-img) "
-        "| trioconv peak RSS MiB | qemu-img peak RSS MiB | verified |",
-        "|---|---:|---:|---:|---:|---:|---|",
-        *(fmt_row(r) for r in rows),
+        + (
+            "| trioconv in-process median s | ratio (in-process/qemu-img) "
+            if args.in_process
+            else ""
+        )
+        + "| trioconv peak RSS MiB | qemu-img peak RSS MiB | verified |",
+        "|---|---:|---:|---:|" + ("---:|---:|" if args.in_process else "") + "---:|---:|---|",
+        *(fmt_row(r, args.in_process) for r in rows),
     ]
+    if args.in_process:
+        notes.append(
+            "in-process: `trioconv.cli.main` called in one Python process after an untimed"
+            " run; Python start-up and imports excluded, qemu-img's time is its whole run."
+        )
     if notes:
         report += ["", *(f"Note: {n}" for n in notes)]
     text = "\n".join(report) + "\n"

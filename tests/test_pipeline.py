@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -12,6 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import trioconv
+from trioconv import ExtentKind
 from trioconv.convert.pipeline import Chunker, SourceMap, find_zero_runs
 from trioconv.protocols.memory import MemoryDriver, Request
 
@@ -114,6 +117,93 @@ def test_find_zero_runs_matches_naive_scan(blocks: list[str], base: int, tail: i
     for start in range(-(-base // g) * g, base + len(buf) - g + 1, g):
         if buf[start - base : start - base + g] == bytes(g):
             assert any(z and o <= start < o + n for o, n, z in runs)
+
+
+def test_find_zero_runs_checks_every_byte_of_a_candidate_run() -> None:
+    g = 4096
+    buf = bytearray(8 * g)
+    buf[2 * g + 100] = 7  # block 2: first and last byte zero, yet not a zero block
+    buf[5 * g : 6 * g] = b"\xff" * g  # block 5: data
+    buf[7 * g - 1] = 1  # block 6 ends with a non-zero byte
+    runs = find_zero_runs(buf, len(buf), 0, g)
+    assert runs == [
+        (0, 2 * g, True),
+        (2 * g, g, False),
+        (3 * g, 2 * g, True),
+        (5 * g, 2 * g, False),
+        (7 * g, g, True),
+    ]
+    # Too short for one whole block, or no bytes at all.
+    assert find_zero_runs(bytes(g), g - 512, 512, g) == [(512, g - 512, False)]
+    assert find_zero_runs(b"", 0, 0, g) == []
+
+
+def _sparse_file(path: Path, size: int, data_at: list[int], chunk: int) -> bool:
+    """Write ``chunk`` bytes at each offset, holes elsewhere; False: holes not reported."""
+    with open(path, "wb") as f:
+        for offset in data_at:
+            f.seek(offset)
+            f.write(b"\x5a" * chunk)
+        f.truncate(size)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        first_hole = chunk if data_at and data_at[0] == 0 else 0
+        return os.lseek(fd, 0, os.SEEK_HOLE) == first_hole
+    finally:
+        os.close(fd)
+
+
+async def test_file_block_status_maps_a_window_in_one_thread_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trioconv.protocols.file import open_file
+
+    path = tmp_path / "sparse.img"
+    chunk = 64 * 1024
+    data_at = [i * 4 * chunk for i in range(40)] + [200 * chunk]
+    if not _sparse_file(path, 256 * chunk, data_at, chunk):
+        pytest.skip("this filesystem does not report holes")
+    calls = []
+    start_thread_soon = trio.lowlevel.start_thread_soon
+
+    def counting(fn: Any, deliver: Any, name: str | None = None) -> None:
+        calls.append(fn)
+        start_thread_soon(fn, deliver, name)
+
+    async with await open_file(path) as drv:
+        monkeypatch.setattr(trio.lowlevel, "start_thread_soon", counting)
+        seen = []
+        pos = 0
+        while pos < drv.size:
+            ext = await drv.block_status(pos, drv.size - pos)
+            assert ext.offset == pos and ext.length > 0
+            seen.append((ext.offset, ext.length, ext.kind))
+            pos = ext.end
+        assert len(calls) == 1  # 83 extents, one worker-thread call
+        want_data = [(o, chunk) for o in data_at]
+        assert [(o, n) for o, n, k in seen if k is ExtentKind.DATA] == want_data
+        assert all(k is ExtentKind.ZERO for o, n, k in seen if (o, n) not in want_data)
+        # A query inside a known extent starts where it was asked.
+        ext = await drv.block_status(chunk + 100, 4096)
+        assert (ext.offset, ext.end, ext.kind) == (chunk + 100, 4 * chunk, ExtentKind.ZERO)
+        assert len(calls) == 1
+
+
+async def test_file_block_status_map_is_dropped_by_writes(tmp_path: Path) -> None:
+    from trioconv.protocols.file import open_file
+
+    path = tmp_path / "target.img"
+    if not _sparse_file(path, 4 * MiB, [], 0):
+        pytest.skip("this filesystem does not report holes")
+    async with await open_file(path, writable=True) as drv:
+        ext = await drv.block_status(0, drv.size)
+        assert (ext.length, ext.kind) == (4 * MiB, ExtentKind.ZERO)
+        await drv.pwrite(MiB, b"\x01" * 65536)
+        ext = await drv.block_status(MiB, drv.size - MiB)
+        assert ext.kind is ExtentKind.DATA and ext.length >= 65536
+        await drv.pwrite_zeroes(0, 4 * MiB, may_unmap=True)
+        ext = await drv.block_status(MiB, drv.size - MiB)
+        assert (ext.offset, ext.end, ext.kind) == (MiB, 4 * MiB, ExtentKind.ZERO)
 
 
 def test_source_map_splits_across_sources() -> None:

@@ -1,15 +1,23 @@
 """The file transport: regular files and block devices on the local host.
 
 Every request is one positioned system call (``preadv``/``pwritev``/``fallocate``/
-``lseek``/``copy_file_range``) run in a Trio worker thread, where the GIL is released
-while the kernel works. Reads land directly in the caller's buffer: no per-request
-allocation, no extra copy.
+``copy_file_range``) run in a worker thread, where the GIL is released while the kernel
+works. Reads land directly in the caller's buffer: no per-request allocation, no extra
+copy. The hand-off to the thread uses Trio's thread cache directly
+(:func:`trio.lowlevel.start_thread_soon`), without what :func:`trio.to_thread.run_sync`
+adds around it - a capacity limiter, a copied context, renaming the thread twice,
+``trio.from_thread`` support - which a system call does not need and which made each
+hand-off cost about twice the CPU time. The number of threads is bounded by the callers
+(the copy engine has at most ``-m`` requests in flight).
 
 Block status comes from ``SEEK_DATA``/``SEEK_HOLE``, so a sparse file is copied in time
-proportional to its data. Zeroes are written with ``fallocate`` (punch hole when the range
-may be unmapped, zero range otherwise) or ``BLKZEROOUT`` on a block device; when the
-filesystem cannot, :class:`~trioconv.ZeroesNotSupported` tells the caller to write zero
-buffers instead.
+proportional to its data. One query maps a whole window - up to :data:`STATUS_EXTENTS`
+extents, one ``lseek`` each - in one worker-thread call, and the driver keeps that map to
+answer the next queries without a system call; its own writes drop the map.
+
+Zeroes are written with ``fallocate`` (punch hole when the range may be unmapped, zero
+range otherwise) or ``BLKZEROOUT`` on a block device; when the filesystem cannot,
+:class:`~trioconv.ZeroesNotSupported` tells the caller to write zero buffers instead.
 
 With cache mode ``none`` or ``directsync`` the file is opened with ``O_DIRECT``. Aligned
 requests into aligned buffers (the engine's buffers are page-aligned) go straight
@@ -19,18 +27,24 @@ buffer, read-modify-write for writes.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 import stat
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
+
+if TYPE_CHECKING:
+    import outcome
 
 from .._cache import CacheMode
 from .._errors import ImageError, TrioconvIOError, UnsupportedError, ZeroesNotSupported
@@ -48,6 +62,8 @@ _BLKSSZGET = 0x1268
 _BLKZEROOUT = 0x127F
 _DIRECT_FILE_ALIGNMENT = 4096
 _NOT_SUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENOTTY}
+#: Most extents one block-status query maps (in one worker-thread call) and keeps.
+STATUS_EXTENTS = 1024
 
 # Loading by soname avoids ctypes.util.find_library, which runs helper programs.
 _libc = ctypes.CDLL("libc.so.6", use_errno=True)
@@ -60,6 +76,29 @@ def _fallocate_or_raise(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def _abort_failed(raise_cancel: object) -> trio.lowlevel.Abort:
+    return trio.lowlevel.Abort.FAILED
+
+
+async def _in_thread(fn: Callable[..., _T], *args: object) -> _T:
+    """``fn(*args)`` in a worker thread; Trio's ``to_thread.run_sync`` without its extras.
+
+    Cancellation is checked on entry; once the call runs it is waited for, as with
+    ``to_thread.run_sync(abandon_on_cancel=False)``: a system call cannot be abandoned.
+    """
+    await trio.lowlevel.checkpoint_if_cancelled()
+    task = trio.lowlevel.current_task()
+    token = trio.lowlevel.current_trio_token()
+
+    def deliver(result: outcome.Outcome[_T]) -> None:
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+
+    trio.lowlevel.start_thread_soon(functools.partial(fn, *args), deliver)
+    result: _T = await trio.lowlevel.wait_task_rescheduled(_abort_failed)
+    return result
 
 
 def _buffer_address(buf: memoryview) -> int | None:
@@ -125,6 +164,12 @@ class FileDriver(Driver):
         self._alignment = alignment
         self._zeroes_ok = True
         self._rmw_lock = trio.Lock()
+        # Block status map: contiguous extents, their start offsets for bisect, and
+        # what keeps it honest - writes in flight and a count of writes started.
+        self._extents: list[Extent] = []
+        self._starts: list[int] = []
+        self._writing = 0
+        self._generation = 0
 
     # -- contract ---------------------------------------------------------------------
     @property
@@ -157,7 +202,7 @@ class FileDriver(Driver):
 
     async def _run(self, what: str, offset: int, fn: Callable[..., _T], *args: object) -> _T:
         try:
-            return await trio.to_thread.run_sync(fn, *args)
+            return await _in_thread(fn, *args)
         except OSError as exc:
             raise TrioconvIOError(
                 f"error while {what} {self.location} at byte {offset}: {exc.strerror}",
@@ -204,8 +249,24 @@ class FileDriver(Driver):
         first = views[0][0] if views else 0
         await self._run("reading", first, read_all)
 
+    @contextlib.contextmanager
+    def _changing(self) -> Iterator[None]:
+        """Around every write: the block status map is dropped and not refilled meanwhile."""
+        self._writing += 1
+        self._generation += 1
+        self._extents, self._starts = [], []
+        try:
+            yield
+        finally:
+            self._writing -= 1
+            self._generation += 1
+
     async def pwrite(self, offset: int, data: Buffer) -> None:
         self._check_writable()
+        with self._changing():
+            await self._pwrite(offset, data)
+
+    async def _pwrite(self, offset: int, data: Buffer) -> None:
         view = memoryview(data).cast("B")
         if self._is_direct_ok(offset, view):
             await self._run("writing", offset, _write_full, self._fd, view, offset)
@@ -258,7 +319,8 @@ class FileDriver(Driver):
             # BLKZEROOUT and ZERO_RANGE may write zeroes; only punching holes is surely cheap.
             raise ZeroesNotSupported(f"{self.location}: no fast zeroing")
         try:
-            await trio.to_thread.run_sync(self._zero_sync, offset, length, may_unmap)
+            with self._changing():
+                await _in_thread(self._zero_sync, offset, length, may_unmap)
         except OSError as exc:
             if exc.errno in _NOT_SUPPORTED:
                 self._zeroes_ok = False
@@ -287,22 +349,48 @@ class FileDriver(Driver):
     async def block_status(self, offset: int, length: int) -> Extent:
         if self._blockdev:
             return Extent(offset, min(length, self._size - offset), ExtentKind.DATA)
-        return await self._run("querying", offset, self._seek_status, offset, length)
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if i >= 0 and offset < (ext := self._extents[i]).end:
+            return ext if ext.offset == offset else Extent(offset, ext.end - offset, ext.kind)
+        generation = self._generation
+        extents = await self._run("querying", offset, self._map_status, offset, length)
+        if generation == self._generation and not self._writing:
+            self._extents, self._starts = extents, [e.offset for e in extents]
+        return extents[0]
 
-    def _seek_status(self, offset: int, length: int) -> Extent:
+    def _map_status(self, offset: int, length: int) -> list[Extent]:
+        """Extents from ``offset`` on, at least ``length`` bytes, at most STATUS_EXTENTS.
+
+        Holes and data alternate, so each ``lseek`` ends one extent: ``SEEK_DATA`` from
+        the start of a hole finds its end, ``SEEK_HOLE`` from the start of data finds
+        its end.
+        """
         end = self._size
-        try:
-            data = os.lseek(self._fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # only a hole up to end of file
-                return Extent(offset, end - offset, ExtentKind.ZERO)
-            if exc.errno in _NOT_SUPPORTED:
-                return Extent(offset, min(length, end - offset), ExtentKind.DATA)
-            raise
-        if data > offset:
-            return Extent(offset, min(data, end) - offset, ExtentKind.ZERO)
-        hole = os.lseek(self._fd, offset, os.SEEK_HOLE)
-        return Extent(offset, min(hole, end) - offset, ExtentKind.DATA)
+        stop = min(end, offset + max(length, 1))
+        out: list[Extent] = []
+        pos = offset
+        while pos < stop and len(out) < STATUS_EXTENTS:
+            try:
+                data = os.lseek(self._fd, pos, os.SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:  # only a hole up to end of file
+                    out.append(Extent(pos, end - pos, ExtentKind.ZERO))
+                    break
+                if out:
+                    break  # asked again, and answered, by the next query
+                if exc.errno in _NOT_SUPPORTED:
+                    return [Extent(pos, min(length, end - pos), ExtentKind.DATA)]
+                raise
+            if data > pos:
+                out.append(Extent(pos, min(data, end) - pos, ExtentKind.ZERO))
+                pos = data
+                if pos >= stop or len(out) >= STATUS_EXTENTS:
+                    break
+            hole = min(os.lseek(self._fd, pos, os.SEEK_HOLE), end)
+            if hole > pos:  # else the data went away between the two calls: ask again
+                out.append(Extent(pos, hole - pos, ExtentKind.DATA))
+                pos = hole
+        return out
 
     async def copy_range(
         self, source: FileDriver, src_offset: int, offset: int, length: int
@@ -325,7 +413,8 @@ class FileDriver(Driver):
                 left -= n
 
         try:
-            await trio.to_thread.run_sync(copy)
+            with self._changing():
+                await _in_thread(copy)
         except OSError as exc:
             if exc.errno in _NOT_SUPPORTED or exc.errno == errno.EXDEV:
                 raise UnsupportedError(f"copy offload not possible: {exc.strerror}") from exc
