@@ -418,14 +418,25 @@ class _Engine:
                     await turn.started.wait()
                     next_index += 1
 
-    async def _turn(self, job: Job, tickets: trio.MemorySendChannel[_Ticket] | None) -> None:
-        """Wait until this job may start writing (in-order mode); return just before it does."""
+    async def _turn(
+        self, job: Job, tickets: trio.MemorySendChannel[_Ticket] | None, *, hold: bool = False
+    ) -> _Ticket | None:
+        """Wait until this job may start writing (in-order mode); return just before it does.
+
+        The next job's turn comes once this one has *started* writing: at once, or with
+        ``hold`` when the caller sets the returned ticket's ``started`` itself, just
+        before its last write (a job split into several writes by ``-S`` keeps them all
+        ahead of the next job's, so a format allocates them in guest order as qemu-img
+        does).
+        """
         if tickets is None:
-            return
+            return None
         ticket = _Ticket(job.index)
         tickets.send_nowait(ticket)
         await ticket.release.wait()
-        ticket.started.set()  # the caller's write starts before this task next yields
+        if not hold:
+            ticket.started.set()  # the caller's write starts before this task next yields
+        return ticket
 
     # -- copy tasks --------------------------------------------------------------------
     async def copy_task(
@@ -472,8 +483,11 @@ class _Engine:
                         prepared[offset] = await self.target.compress(offset, piece)
             if self.rate is not None:
                 await self.rate.wait(sum(n for _, n, z in runs if not z))
-            await self._turn(job, tickets)
-            for offset, n, zero in runs:
+            ticket = await self._turn(job, tickets, hold=len(runs) > 1)
+            last = len(runs) - 1
+            for i, (offset, n, zero) in enumerate(runs):
+                if ticket is not None and i == last:
+                    ticket.started.set()
                 piece = view[offset - job.offset : offset - job.offset + n]
                 if not zero and self.compress:
                     await self.target.pwrite_compressed(offset, prepared.pop(offset))
