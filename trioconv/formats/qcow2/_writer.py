@@ -27,10 +27,11 @@ On flush, version 3 images first get the *dirty* bit (qemu repairs the refcounts
 dirty image when it opens it), then refcount blocks, refcount table, L2 tables and L1
 are written, the file is flushed, and the header is rewritten clean.
 
-Compressed clusters (``-c``) are deflated in worker threads by :meth:`compress` and
-packed byte by byte by :meth:`pwrite_compressed` the way qemu packs them: a stream
-starts where the previous one ended and may run into the next cluster when that one is
-next in the file; every host cluster a stream touches gets one reference for it.
+Compressed clusters (``-c``) are compressed in worker threads by :meth:`compress` (the
+encoders are in ``_compress.py``) and packed byte by byte by :meth:`pwrite_compressed`
+the way qemu packs them: a stream starts where the previous one ended and may run into
+the next cluster when that one is next in the file; every host cluster a stream touches
+gets one reference for it.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ import collections
 import contextlib
 import logging
 import os
-import zlib
 from array import array
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -60,6 +60,7 @@ from ...protocols.file import create_file, open_file
 from .._common import local_path, same_place
 from . import _codec as codec
 from ._codec import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG
+from ._compress import compress_clusters, deflate_backend
 from ._driver import Qcow2Driver, _inflate_all
 from ._driver import open_qcow2 as _open_reader
 from ._options import CreateOptions, parse_create_options
@@ -76,11 +77,6 @@ L2_CACHE_BYTES = 4 * 1024 * 1024
 L2_CACHE_TABLES = 64
 #: Refcount table entries hold a cluster-aligned offset in these bits.
 REFTABLE_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
-#: zlib settings qemu uses for compressed clusters: raw deflate, 4 KiB window.
-ZLIB_WBITS = -12
-ZLIB_MEMLEVEL = 9
-#: zstd level qemu uses (ZSTD_CLEVEL_DEFAULT).
-ZSTD_LEVEL = 3
 _ZEROS = bytes(1024 * 1024)
 #: Extended L2 subcluster bitmaps: every subcluster allocated / every one reads as zeroes.
 ALL_ALLOC = 0xFFFF_FFFF
@@ -186,38 +182,6 @@ class CompressedClusters:
 
     offset: int
     clusters: tuple[tuple[bool, bytes], ...]
-
-
-def _compress_clusters(
-    payload: memoryview, cluster_size: int, zstd: bool
-) -> tuple[tuple[bool, bytes], ...]:
-    """Compress each cluster of ``payload`` (the last one zero-padded), as qemu does.
-
-    A cluster whose stream would not fit in ``cluster_size - 1`` bytes is kept as is
-    (unpadded) and written as a normal cluster.
-    """
-    out: list[tuple[bool, bytes]] = []
-    compressor = None
-    if zstd:
-        import zstandard  # type: ignore[import-not-found,unused-ignore]
-
-        compressor = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=False)
-    for start in range(0, payload.nbytes, cluster_size):
-        chunk = payload[start : start + cluster_size]
-        full = chunk.nbytes == cluster_size
-        padded = chunk if full else bytes(chunk) + bytes(cluster_size - chunk.nbytes)
-        if compressor is not None:
-            stream = compressor.compress(padded)
-        else:
-            c = zlib.compressobj(
-                zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, ZLIB_WBITS, ZLIB_MEMLEVEL
-            )
-            stream = c.compress(padded) + c.flush()
-        if len(stream) <= cluster_size - 1:
-            out.append((True, stream))
-        else:
-            out.append((False, bytes(chunk)))  # the caller's buffer is reused: copy
-    return tuple(out)
 
 
 class Qcow2Writer(Qcow2Driver):
@@ -947,7 +911,8 @@ class Qcow2Writer(Qcow2Driver):
             )
         self._check_range("compressed write", offset, data.nbytes)
         # The buffer stays the caller's until this returns: compress it in place, no copy.
-        clusters = await trio.to_thread.run_sync(_compress_clusters, data, cs, self._zstd)
+        deflate = None if self._zstd else deflate_backend()[1]
+        clusters = await trio.to_thread.run_sync(compress_clusters, data, cs, self._zstd, deflate)
         return CompressedClusters(offset, clusters)
 
     async def pwrite_compressed(self, offset: int, prepared: object) -> None:
