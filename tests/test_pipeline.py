@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import trioconv
 from trioconv import ExtentKind
-from trioconv.convert.pipeline import Chunker, SourceMap, find_zero_runs
+from trioconv.convert.pipeline import Chunker, RunKind, SourceMap, find_zero_runs
 from trioconv.protocols.memory import MemoryDriver, Request
 
 MiB = 1024 * 1024
@@ -49,10 +49,10 @@ def test_chunker_aligns_and_bounds() -> None:
         + c.feed(3 * MiB + 100, 7 * MiB - 100, True)
     )
     jobs += c.finish()
-    assert jobs[0] == (0, 2 * MiB, False)
+    assert jobs[0] == (0, 2 * MiB, RunKind.DATA)
     # The zero run's unaligned head becomes data; the rest is one zero job.
-    assert (2 * MiB, MiB + 4096, False) in jobs
-    assert jobs[-1] == (3 * MiB + 4096, 7 * MiB - 4096, True)
+    assert (2 * MiB, MiB + 4096, RunKind.DATA) in jobs
+    assert jobs[-1] == (3 * MiB + 4096, 7 * MiB - 4096, RunKind.ZERO)
     covered = sorted(jobs)
     assert sum(n for _, n, _ in covered) == 10 * MiB
 
