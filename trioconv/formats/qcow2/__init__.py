@@ -32,7 +32,8 @@ async def open_qcow2(transport: Driver, ctx: OpenContext) -> Driver:
     Raises:
         ImageError: the image is not valid qcow2, uses a feature this reader does not
             support, or its backing chain cannot be opened.
-        UnsupportedError: writing into an image with internal snapshots.
+        UnsupportedError: writing into an image with internal snapshots and an external
+            data file, or into a snapshot.
     """
     if transport.caps.writable:
         return await open_qcow2_writable(transport, ctx)

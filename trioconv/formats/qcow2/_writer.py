@@ -23,6 +23,14 @@ engine's default) lay clusters out in guest order. ``pwrite_zeroes`` does the sa
 the zero bytes it must send (parts of clusters; whole clusters in version 2 images,
 which have no zero flag), so its clusters come before those of a write that asked later.
 
+Internal snapshots share clusters with the active layer: an L2 table or data cluster
+whose L1/L2 entry lacks the COPIED flag and whose refcount is above 1 is never written in
+place. As in qemu, a write copies it to a new cluster first (a shared L2 table whole; a
+data cluster with its old content around a partial write), points the entry at the copy
+with COPIED, and takes the active layer's reference off the old cluster. Zeroing changes
+only the active layer's own tables (copied first when shared) and never a shared data
+cluster. The snapshot table and the snapshots' L1 tables are left as they are.
+
 On flush, version 3 images first get the *dirty* bit (qemu repairs the refcounts of a
 dirty image when it opens it), then refcount blocks, refcount table, L2 tables and L1
 are written, the file is flushed, and the header is rewritten clean.
@@ -149,14 +157,19 @@ class _Fill:
     """A region (a whole cluster, or with extended L2 one subcluster) whose old content
     must be kept around the bytes a write puts into it.
 
-    ``entry`` is the old L2 entry (a compressed cluster is inflated); otherwise the
-    old content is the backing image's when ``from_backing``, else zeroes.
+    ``entry`` is the old L2 entry (a compressed cluster is inflated); with ``copy``,
+    its host cluster is shared with a snapshot and the old content is read from there
+    (with extended L2, ``bitmap`` is the old subcluster bitmap: subclusters it does
+    not allocate read as zeroes, or as the backing image); otherwise the old content is
+    the backing image's when ``from_backing``, else zeroes.
     """
 
     start: int
     length: int
     entry: int
     from_backing: bool
+    copy: bool = False
+    bitmap: int = 0
 
 
 @attrs.frozen
@@ -359,6 +372,55 @@ class Qcow2Writer(Qcow2Driver):
             offset=cluster << self._bits,
         )
 
+    async def _refcount(self, cluster: int) -> int:
+        """The refcount of host cluster number ``cluster``."""
+        ri, i = divmod(cluster, self._rpb)
+        blk = await self._refblock(ri)
+        return 0 if blk is None else blk[i]
+
+    async def _shared(self, host: int, what: str) -> bool:
+        """Whether the host cluster at ``host`` (in use by the active layer, its L1 or
+        L2 entry without the COPIED flag) is shared with a snapshot: its refcount is
+        above 1. Refcount 0 means the image is corrupt."""
+        count = await self._refcount(host >> self._bits)
+        if not count:
+            raise self._corrupt(f"{what} at {host:#x} in use but its refcount is 0", host)
+        return count > 1
+
+    async def _own_l2(self, index: int, t: _L2) -> None:
+        """Make the L2 table of L1 entry ``index`` the active layer's own before it changes.
+
+        A table shared with a snapshot (no COPIED flag, refcount above 1) is copied on
+        write, as qemu does: the copy goes to a new cluster (the in-memory table simply
+        moves there), L1 points at it with COPIED, and the old table loses the active
+        layer's reference. The data clusters it maps keep their refcounts - both tables
+        now map them. A table with refcount 1 just gets its missing COPIED flag.
+        """
+        entry = self._l1[index]
+        if entry & COPIED:
+            return
+        if await self._shared(t.host, "L2 table"):
+            old = t.host
+            t.host = await self._alloc_clusters(1)
+            await self._add_refs(old >> self._bits, 1, -1)
+            t.dirty = True  # the table's bytes, unchanged, now go to the new cluster
+        self._l1[index] = t.host | COPIED
+        self._l1_dirty = True
+
+    async def _own_data(self, t: _L2, i: int) -> bool:
+        """Whether the active layer may write the data cluster of slot ``i`` of ``t`` (a
+        mapped, normal entry) in place: it has COPIED, or refcount 1 (then it gets the
+        flag). False: it is shared with a snapshot and must be copied on write."""
+        entry = t.table[i]
+        if entry & COPIED or self._external:
+            return True
+        host = entry & OFFSET_MASK
+        if await self._shared(host, "data cluster"):
+            return False
+        t.table[i] = entry | COPIED
+        t.touch()
+        return True
+
     async def _alloc_clusters(self, count: int, *, ref: bool = True) -> int:
         """Take ``count`` contiguous clusters at the end of the file; their host offset."""
         host = self._end
@@ -531,6 +593,7 @@ class Qcow2Writer(Qcow2Driver):
             index = pos // span
             t = await self._get_l2(index, create=True)
             assert t is not None
+            await self._own_l2(index, t)
             base = index * span
             stop = min(end, base + span)
             while pos < stop:
@@ -543,7 +606,23 @@ class Qcow2Writer(Qcow2Driver):
                     continue
                 entry = t.table[i]
                 host = entry & OFFSET_MASK
-                if self._mapped(entry) and not entry & (COMPRESSED | ZERO_FLAG):
+                normal = self._mapped(entry) and not entry & (COMPRESSED | ZERO_FLAG)
+                if normal and not await self._own_data(t, i):
+                    # Shared with a snapshot: a new cluster, with the old content
+                    # around a partial write; the old one loses our reference.
+                    whole = pos == c_start and hi >= min(c_start + cs, self.size)
+                    new = await self._alloc_clusters(1)
+                    await self._free_entry(entry)
+                    t.table[i] = new | COPIED
+                    t.touch()
+                    fill: _Fill | None = None
+                    waits: tuple[trio.Event, ...] = ()
+                    done: trio.Event | None = None
+                    if not whole:
+                        fill = _Fill(c_start, cs, entry, False, copy=True)
+                        waits, done = self._new_fill(new)
+                    run = _Run(pos, hi - pos, new + pos - c_start, fill, waits, done)
+                elif normal:
                     pending = self._pending.get(host)
                     run = _Run(
                         pos,
@@ -561,9 +640,9 @@ class Qcow2Writer(Qcow2Driver):
                         await self._free_entry(entry)
                     t.table[i] = new | COPIED
                     t.touch()
-                    fill: _Fill | None = None
-                    waits: tuple[trio.Event, ...] = ()
-                    done: trio.Event | None = None
+                    fill = None
+                    waits = ()
+                    done = None
                     if old_matters and not whole:
                         fill = _Fill(c_start, cs, entry, from_backing)
                         waits, done = self._new_fill(new)
@@ -585,8 +664,12 @@ class Qcow2Writer(Qcow2Driver):
         cs, sc = self._cs, self._sc
         entry, bitmap = t.table[2 * i], t.table[2 * i + 1]
         host = entry & OFFSET_MASK
-        if entry & COMPRESSED:
-            # A compressed cluster becomes a normal one, all of it allocated.
+        shared = (
+            self._mapped(entry) and not entry & COMPRESSED and not await self._own_data(t, 2 * i)
+        )
+        if entry & COMPRESSED or shared:
+            # A compressed cluster becomes a normal one, all of it allocated; so does
+            # one shared with a snapshot, copied with what each subcluster read as.
             whole = pos == c_start and hi >= min(c_start + cs, self.size)
             new = await self._alloc_clusters(1)
             await self._free_entry(entry)
@@ -596,7 +679,7 @@ class Qcow2Writer(Qcow2Driver):
             waits: tuple[trio.Event, ...] = ()
             done: trio.Event | None = None
             if not whole:
-                fill = _Fill(c_start, cs, entry, False)
+                fill = _Fill(c_start, cs, entry, False, copy=shared, bitmap=bitmap)
                 waits, done = self._new_fill(new)
             self._add_run(runs, _Run(pos, hi - pos, new + pos - c_start, fill, waits, done))
             return
@@ -667,6 +750,8 @@ class Qcow2Writer(Qcow2Driver):
                         dec.host_offset,
                     )
                 view[:] = plain[:n]
+            elif fill.copy:
+                await self._read_shared(fill, view)
             elif fill.from_backing:
                 await self._read_backing(fill.start, view)
             at = run.guest - fill.start
@@ -678,6 +763,22 @@ class Qcow2Writer(Qcow2Driver):
                 run.done.set()
                 if self._pending.get(region_host) is run.done:
                     del self._pending[region_host]
+
+    async def _read_shared(self, fill: _Fill, view: memoryview) -> None:
+        """The old content of a cluster copied on write: its host cluster's bytes; with
+        extended L2, what each subcluster read as (zeroes, the backing image's)."""
+        await self._read_host(self._data, fill.entry & OFFSET_MASK, view)
+        if not self._ext:
+            return
+        sc = self._sc
+        for s in range(-(-view.nbytes // sc)):
+            if fill.bitmap >> s & 1:
+                continue
+            part = view[s * sc : (s + 1) * sc]
+            if self.backing is not None and not fill.bitmap >> (32 + s) & 1:
+                await self._read_backing(fill.start + s * sc, part)
+            else:
+                part[:] = bytes(part.nbytes)
 
     # -- zeroes -----------------------------------------------------------------------
     async def pwrite_zeroes(
@@ -818,6 +919,7 @@ class Qcow2Writer(Qcow2Driver):
                 if new is None:
                     writes.append((c, min(cs, last - c)))
                 elif new != -1 and new != entry:
+                    await self._own_l2(index, t)
                     if not new & OFFSET_MASK:
                         await self._free_entry(entry)
                     t.table[i] = new
@@ -878,6 +980,7 @@ class Qcow2Writer(Qcow2Driver):
                     )
                     new_entry, new_bitmap = (0 if unmap else entry), ALL_ZEROES
                     if (new_entry, new_bitmap) != (entry, bitmap):
+                        await self._own_l2(index, t)
                         if unmap:
                             await self._free_entry(entry)
                         t.table[i], t.table[i + 1] = new_entry, new_bitmap
@@ -889,6 +992,7 @@ class Qcow2Writer(Qcow2Driver):
                     mask = ((1 << b) - 1) ^ ((1 << a) - 1)
                     new_bitmap = (bitmap & ~mask & ALL_ALLOC) | (bitmap & ALL_ZEROES) | mask << 32
                     if new_bitmap != bitmap:
+                        await self._own_l2(index, t)
                         t.table[i + 1] = new_bitmap
                         t.touch()
                 c += cs
@@ -927,6 +1031,7 @@ class Qcow2Writer(Qcow2Driver):
                 index = guest // span
                 t = await self._get_l2(index, create=True)
                 assert t is not None
+                await self._own_l2(index, t)
                 i = ((guest - index * span) >> self._bits) * self._step
                 if t.table[i] & OFFSET_MASK:
                     raise TrioconvIOError(
@@ -1113,8 +1218,13 @@ async def _open_writer(
         reader = await _open_bare(file, data)
     h = reader.header
     where = f"Could not open '{reader.location}' for writing"
-    if h.nb_snapshots:
-        raise UnsupportedError(f"{where}: qcow2 images with internal snapshots")
+    if ctx is not None and ctx.snapshot is not None:
+        raise UnsupportedError(f"{where}: a snapshot ('{ctx.snapshot}') cannot be written")
+    if h.nb_snapshots and h.incompatible_features & codec.Incompatible.DATA_FILE:
+        # qemu makes no internal snapshots of such images; their data is not refcounted.
+        raise UnsupportedError(
+            f"{where}: qcow2 images with internal snapshots and an external data file"
+        )
     if h.incompatible_features & codec.Incompatible.CORRUPT:
         raise ImageError(f"{where}: the image is marked corrupt (run 'qemu-img check -r all')")
     if h.incompatible_features & codec.Incompatible.DIRTY:
@@ -1165,8 +1275,7 @@ async def open_qcow2_writable(transport: Driver, ctx: OpenContext) -> Qcow2Write
 
     Raises:
         ImageError: not valid qcow2, or marked dirty or corrupt.
-        UnsupportedError: internal snapshots (their clusters are shared, and copying
-            them on write is not done here).
+        UnsupportedError: internal snapshots together with an external data file.
     """
     writer = await _open_writer(_GrowingFile(transport), ctx)
     ctx.stack.push_async_callback(writer.aclose)
