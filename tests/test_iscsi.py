@@ -299,6 +299,10 @@ def test_chap(iscsi_target: ISCSITarget, mixed_src: Path, tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     assert_identical(mixed_src, backing)
 
+    shown = trioconv_cli("info", url)
+    assert shown.returncode == 0, shown.stderr
+    assert "image: iscsi://alice@" in shown.stdout and "s3cret" not in shown.stdout
+
     wrong = url.replace("s3cret-passw0rd", "wrong-password1")
     line = one_line_error(trioconv_cli("convert", "-n", "-O", "raw", mixed_src, wrong))
     assert "authentication failed" in line

@@ -54,6 +54,17 @@ def is_iscsi_uri(location: str) -> bool:
     return bool(sep) and scheme.lower() == "iscsi"
 
 
+def redact_location(location: str) -> str:
+    """``location`` fit to show: an iSCSI URL's CHAP password is left out."""
+    if not is_iscsi_uri(location):
+        return location
+    scheme, _, rest = location.partition("://")
+    userinfo, at, hostpath = rest.partition("@")
+    if not at or "/" in userinfo or "%" not in userinfo:
+        return location
+    return f"{scheme}://{userinfo.partition('%')[0]}@{hostpath}"
+
+
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
     """The first trioconv error in what a transport's nursery raised, if any."""
     for exc in group.exceptions:

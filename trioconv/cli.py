@@ -351,7 +351,7 @@ async def info(
         while layer is not None:
             chain.append(_info_dict(layer))
             layer = layer.backing if backing_chain else None
-    chain[0]["filename"] = image
+    chain[0]["filename"] = _open.redact_location(image)
     if output == "json":
         import json
 
