@@ -318,3 +318,28 @@ def test_new_header_parses(size: int, static: bool) -> None:
     parsed = codec.parse_header(header.encode())
     assert parsed.disk_size >= size and parsed.disk_size % 512 == 0
     assert parsed.blocks_allocated == (parsed.blocks_in_image if static else 0)
+
+
+async def test_write_across_new_blocks_is_one_file_write(tmp_path: Path) -> None:
+    path = tmp_path / "img.vdi"
+    run("qemu-img", "create", "-q", "-f", "vdi", path, "8M")
+    data = bytes(range(256)) * (3 * MiB // 256)
+    async with trioconv.open_image(path, "vdi", writable=True) as img:
+        child = img.child  # type: ignore[attr-defined]
+        calls: list[tuple[int, int]] = []
+        write = child.pwrite
+
+        async def counting(offset: int, buf: Any) -> None:
+            calls.append((offset, memoryview(buf).nbytes))
+            await write(offset, buf)
+
+        child.pwrite = counting
+        await img.pwrite(MiB // 2, data)  # four new blocks, appended back to back
+        assert len(calls) == 1, calls
+        await img.flush()
+    raw = make_raw(tmp_path / "expected.raw", "8M")
+    with raw.open("r+b") as f:
+        f.seek(MiB // 2)
+        f.write(data)
+    assert_identical(path, raw, "vdi", "raw")
+    check_clean(path)

@@ -904,3 +904,41 @@ async def test_block_status_of_a_big_empty_image(tmp_path: Path) -> None:
 )
 def test_probe(text: bytes, score: int) -> None:
     assert codec.probe(text) == score
+
+
+async def test_partial_new_grains_are_one_write_and_match_qemu(tmp_path: Path) -> None:
+    # A write that starts and ends inside new grains of a local file is one file write:
+    # the rest of those grains lies past the file's old end and reads as zeroes already.
+    path = tmp_path / "img.vmdk"
+    run(require_tool("qemu-img"), "create", "-q", "-f", "vmdk", path, "4M")
+    data = b"\x5a" * (200 * 1024)
+    grain = 64 * 1024
+    first_grain = -(-path.stat().st_size // grain) * grain
+    async with trioconv.open_image(path, "vmdk", writable=True) as img:
+        assert isinstance(img, VmdkDriver)
+        file = img.extents[0].file
+        calls: list[tuple[int, int]] = []
+        write = file.pwrite
+
+        async def counting(offset: int, buf: Any) -> None:
+            calls.append((offset, memoryview(buf).nbytes))
+            await write(offset, buf)
+
+        file.pwrite = counting  # type: ignore[method-assign]
+        await img.pwrite(4096, data)  # grains 0..3, the first and last in part
+        assert len(calls) == 1, calls
+        await img.flush()
+    assert path.stat().st_size == first_grain + 4 * grain  # the last grain is whole
+    qemu_check(path)
+    raw = make_raw(tmp_path / "expected.raw", "4M", f"write -P 0x5a 4096 {len(data)}")
+    assert_identical(raw, path, "raw", "vmdk")
+    # Converted, the file is the same as qemu-img's (the last grain reaches its end).
+    src = make_raw(tmp_path / "src.raw", "4M", *MIXED, "write -P 0x77 3900k 1000")
+    ours, theirs = tmp_path / "ours.vmdk", tmp_path / "theirs.vmdk"
+    await trioconv.convert([src], ours, trioconv.ConvertOptions(target_format="vmdk"))
+    run(require_tool("qemu-img"), "convert", "-f", "raw", "-O", "vmdk", src, theirs)
+    assert ours.stat().st_size == theirs.stat().st_size
+    assert_identical(src, ours, "raw", "vmdk")
+    qemu_check(ours)
+    a, b = ours.read_bytes(), theirs.read_bytes()
+    assert a[65536:] == b[65536:]  # all but the header and descriptor (CID, UUIDs)

@@ -505,3 +505,38 @@ async def test_concurrent_writers_to_one_block(tmp_path: Path) -> None:
     assert len(qemu_map(path, "vpc")) >= 1
     # Footer copy, header, one BAT sector, two blocks (bitmap + data), the footer.
     assert path.stat().st_size == 512 + 1024 + 512 + 2 * (512 + 2 * MiB) + 512
+
+
+async def test_block_edges_beside_bitmaps_are_zero(tmp_path: Path) -> None:
+    # The zeroes at the start and end of a block share a file page with a sector bitmap,
+    # so the file calls them data; read with the bitmaps, they are ZERO, not a few KiB
+    # of "data" for a copy to read and write.
+    written = [(MiB, MiB + MiB // 2), (3 * MiB, 5 * MiB), (7 * MiB, 8 * MiB)]
+    src = make_raw(
+        tmp_path / "src.raw",
+        "10M",
+        *(f"write -P 0x{k + 0x41:x} {lo} {hi - lo}" for k, (lo, hi) in enumerate(written)),
+    )
+    vhd = tmp_path / "src.vhd"
+    run("qemu-img", "convert", "-f", "raw", "-O", "vpc", src, vhd)
+    tiles = await check_status_agrees(vhd)
+    data = [(o, o + n) for o, n, k in tiles if k is ExtentKind.DATA]
+    assert data
+    for lo, hi in data:
+        assert any(a < hi and lo < b for a, b in written), (lo, hi, data)
+    out = tmp_path / "out.raw"
+    cli_ok("convert", "-f", "vpc", "-O", "raw", vhd, out)
+    assert_identical(src, out)
+    # Opened for writing, nothing is assumed about bytes a write may change.
+    async with trioconv.open_image(vhd, "vpc", writable=True) as img:
+        assert isinstance(img, DynamicVpcDriver)
+        assert img._zones is None
+        await img.pwrite(0, b"\x77" * 512)
+        ext = await img.block_status(0, img.size)
+        assert (ext.offset, ext.kind) == (0, ExtentKind.DATA)
+    assert (await _read(vhd, 0, 512)) == b"\x77" * 512
+
+
+async def _read(path: Path, offset: int, length: int) -> bytes:
+    async with trioconv.open_image(path, "vpc") as img:
+        return await img.pread(offset, length)

@@ -22,8 +22,11 @@ Block status and reads, a run at a time
     and whole blocks that lie back to back in the file (each ``block_size +
     _block_gap`` after the previous one) with one question to the layer below, mapped
     back to guest bytes. Per-block metadata a format needs first (VHD sector bitmaps) is
-    loaded in bulk by :meth:`~BlockTableDriver._prefetch`. A read that spans several
-    pieces of the file is one ``preadinto_many``.
+    loaded in bulk by :meth:`~BlockTableDriver._prefetch`; edges of a block that share a
+    file page with such metadata, and were found to be zero when it was read, are ZERO
+    (:meth:`~BlockTableDriver._zero_zone`) rather than a few bytes of "data" to copy. A
+    read that spans several pieces of the file is one ``preadinto_many``; a write that
+    spans blocks lying back to back in the file is one write.
 
 Metadata
     Tables are updated in memory and written back by :meth:`flush` (only the sectors
@@ -47,6 +50,8 @@ __all__ = ["BlockTableDriver", "fill_zero"]
 
 #: Most blocks one ``block_status`` call looks at.
 STATUS_BLOCKS = 4096
+#: How much of the file the layer below is asked to map at least (a length hint).
+CHILD_STATUS_HINT = 1024 * 1024 * 1024
 
 
 class BlockTableDriver(Driver):
@@ -106,6 +111,17 @@ class BlockTableDriver(Driver):
         """True when every byte of allocated block ``index`` is present - known without
         I/O. False sends the block through :meth:`_present_runs`."""
         return True
+
+    def _direct(self, index: int) -> bool:
+        """True when data for allocated block ``index`` is written as it is (no per-block
+        work in :meth:`_write_piece`), so pieces of neighbouring blocks may share a write."""
+        return True
+
+    def _zero_zone(self, index: int, start: int) -> int:
+        """How many bytes from byte ``start`` of allocated block ``index`` are known to
+        read as zeroes without I/O (VHD: the block's edges that share a file page with
+        a sector bitmap, read with it); 0 when nothing is known."""
+        return 0
 
     async def _write_piece(self, index: int, host: int, start: int, data: memoryview) -> None:
         """Write ``data`` at byte ``start`` of allocated block ``index`` (file offset
@@ -255,6 +271,9 @@ class BlockTableDriver(Driver):
         if not self._all_present(index):
             kind, n = await self._allocated_status(index, host, start, min(bs, end - index * bs))
             return Extent(offset, n, kind)
+        if zone := self._zero_zone(index, start):
+            # Bytes the layer below calls data only because metadata shares their page.
+            return Extent(offset, min(zone, end - offset), ExtentKind.ZERO)
         stride = bs + self._block_gap
         last = index
         while (
@@ -271,7 +290,10 @@ class BlockTableDriver(Driver):
         rel_end = start + n
         k = (rel_end - 1) // bs
         host_end = host + k * stride + rel_end - k * bs
-        ext = await self.child.block_status(first, min(host_end, self._old_end) - first)
+        # The length is a hint: asking for much more than the run lets the layer below
+        # map the rest of the file in one go and answer the next runs from that map.
+        hint = max(host_end, first + CHILD_STATUS_HINT)
+        ext = await self.child.block_status(first, min(hint, self._old_end) - first)
         # The answer ends somewhere in a block's data or in the gap after it.
         k, r = divmod(start + ext.length, stride)
         got = min(n, k * bs + min(r, bs) - start)
@@ -300,6 +322,7 @@ class BlockTableDriver(Driver):
         # Everything up to the first await is synchronous: allocation happens in the
         # order writes start.
         plan: list[tuple[int, int, int, memoryview]] = []
+        pos_of: list[int] = []  # where each piece starts in ``view``
         mine: list[tuple[int, int, int, int, list[tuple[int, bytes]], trio.Event]] = []
         pos = 0
         for index, start, end in self._pieces(offset, offset + view.nbytes):
@@ -311,6 +334,7 @@ class BlockTableDriver(Driver):
                 self._preparing[index] = event
                 mine.append((index, host, start, end, prelude, event))
             plan.append((index, host, start, view[pos : pos + end - start]))
+            pos_of.append(pos)
             pos += end - start
         try:
             for _index, host, start, end, prelude, _event in mine:
@@ -319,9 +343,28 @@ class BlockTableDriver(Driver):
             for index, *_rest, event in mine:
                 event.set()
                 self._preparing.pop(index, None)
-        for index, host, start, piece in plan:
+        i = 0
+        while i < len(plan):
+            index, host, start, piece = plan[i]
             await self._wait_ready(index)
-            await self._write_piece(index, host, start, piece)
+            if not self._direct(index):
+                await self._write_piece(index, host, start, piece)
+                i += 1
+                continue
+            # Pieces of blocks that follow each other in the file (appended in order)
+            # go out as one write: they are contiguous in ``view`` too.
+            at = host + start + piece.nbytes
+            j = i + 1
+            while j < len(plan) and plan[j][1] + plan[j][2] == at and self._direct(plan[j][0]):
+                await self._wait_ready(plan[j][0])
+                at += plan[j][3].nbytes
+                j += 1
+            if j == i + 1:
+                await self._write_piece(index, host, start, piece)
+            else:
+                first = pos_of[i]
+                await self._child_write(host + start, view[first : first + at - host - start])
+            i = j
 
     async def _prepare(
         self, host: int, start: int, end: int, prelude: list[tuple[int, bytes]]

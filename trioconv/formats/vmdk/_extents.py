@@ -208,6 +208,8 @@ class SparseExtent:
         self._record_align = max(SECTOR, file.limits.request_alignment)
         # Grains are appended: only a regular local file grows when written past its end.
         self._growable = file.name == "file" and not getattr(file, "is_block_device", False)
+        #: How far grains have been written: the first new grain's start, at least.
+        self._written_end = self._next_sector * SECTOR
 
     @property
     def end(self) -> int:
@@ -490,8 +492,11 @@ class SparseExtent:
             else:
                 host = self._allocate(g)
                 self._set_entry(grain, host // SECTOR)
-                if n == g:
-                    plan.append((host, piece, None, pos))
+                if n == g or (self._growable and (inner | n) % self._record_align == 0):
+                    # A new grain of a growable file lies past its old end: what the
+                    # piece does not cover reads as zeroes already (a hole; flush
+                    # makes the file reach the end of the last grain).
+                    plan.append((host + inner, piece, None, pos))
                 else:
                     whole = bytearray(g)
                     whole[inner : inner + n] = piece
@@ -519,6 +524,7 @@ class SparseExtent:
                 if wait is not None:
                     await wait.wait()
                 chunk = data[at : at + length] if at >= 0 else payload
+                self._written_end = max(self._written_end, host + len(chunk))
                 await self.file.pwrite(host, chunk)
                 i = j
         finally:
@@ -669,6 +675,13 @@ class SparseExtent:
         if not self.writable:
             return
         await self.finish()
+        end = self._next_sector * SECTOR
+        if not self.compressed and self._written_end < end:
+            # The last grain was written only in part: the file reaches its end, as
+            # with a whole grain written.
+            start = max(self._written_end, end - SECTOR)
+            self._written_end = end
+            await self.file.pwrite(start, bytes(end - start))
         dirty = sorted(self._dirty)
         self._dirty.clear()
         gt_bytes = self.layout.gt_bytes

@@ -36,8 +36,14 @@ MAX_BAT_BYTES = 128 * 1024 * 1024
 BITMAP_CACHE_BYTES = 8 * 1024 * 1024
 #: Block-size stride of a fixed disk (it has no blocks; this only bounds requests).
 FIXED_STRIDE = 2 * 1024 * 1024
-#: Bytes of sector bitmaps read in one batch when blocks are first looked at.
-BITMAP_BATCH_BYTES = 1024 * 1024
+#: Bytes of sector bitmaps (with the rest of their file pages) read in one batch when
+#: blocks are first looked at.
+BITMAP_BATCH_BYTES = 2 * 1024 * 1024
+#: The file-page size assumed for zero zones: a bitmap is read with the rest of the
+#: page(s) it lies in, whose data bytes the file reports as allocated with it.
+ZONE_PAGE = 4096
+#: Smallest block size with zero zones (a page then holds parts of at most two blocks).
+ZONE_MIN_BLOCK = 64 * 1024
 
 #: What is known of a block's sector bitmap (one byte a block).
 _UNKNOWN, _FULL, _PARTIAL, _ABSENT = 0, 1, 2, 3
@@ -105,7 +111,12 @@ class DynamicVpcDriver(BlockTableDriver):
         self._bitmap_state = bytearray(codec.absent_mask(bat).translate(_ONE_TO_ABSENT))
         self._bitmaps: collections.OrderedDict[int, bytes] = collections.OrderedDict()
         self._bitmap_cache_max = max(4, BITMAP_CACHE_BYTES // self._bitmap_size)
-        self._bitmap_batch = max(1, BITMAP_BATCH_BYTES // self._bitmap_size)
+        # Zero zones, for an image opened read-only: per block, the sectors at the start
+        # (low 4 bits) and at the end (high 4 bits) of its data that share a file page
+        # with a bitmap and were zero when the bitmap was read.
+        self._zones = bytearray(len(bat)) if self._zones_on(writable) else None
+        per_block = self._bitmap_size + (ZONE_PAGE if self._zones is not None else 0)
+        self._bitmap_batch = max(1, BITMAP_BATCH_BYTES // per_block)
         #: Bumped whenever a bitmap on disk changes: a read that raced it is discarded.
         self._bitmap_gen = 0
         self._prefetch_lock = trio.Lock()
@@ -159,6 +170,40 @@ class DynamicVpcDriver(BlockTableDriver):
             self._footer_at = self._free
 
     # -- sector bitmaps ------------------------------------------------------------------
+    def _zones_on(self, writable: bool) -> bool:
+        return not writable and self.block_size >= ZONE_MIN_BLOCK and self.child.caps.block_status
+
+    def _zero_zone(self, index: int, start: int) -> int:
+        zones = self._zones
+        if zones is None or not (z := zones[index]):
+            return 0
+        head = (z & 15) * codec.SECTOR
+        if start < head:
+            return head - start
+        tail = self.block_size - (z >> 4) * codec.SECTOR
+        return self.block_size - start if start >= tail else 0
+
+    def _note_zones(self, wanted: list[int], pages: list[tuple[int, memoryview]]) -> None:
+        """Record the zero zones that the pages read around ``wanted`` bitmaps show.
+
+        The page of block ``i``'s bitmap holds, after the bitmap, the start of ``i``'s
+        data and, before it, the end of the data of the block stored just in front (when
+        that block is in this batch too).
+        """
+        zones = self._zones
+        assert zones is not None
+        s, size, bs = codec.SECTOR, self._bitmap_size, self.block_size
+        ends = {self._bat[i] * s + size + bs: i for i in wanted}
+        for i, (page_at, page) in zip(wanted, pages, strict=True):
+            at = self._bat[i] * s
+            head = page[at - page_at + size :]
+            z = _zero_sectors(head, leading=True)
+            before = ends.get(at)
+            if before is not None:
+                t = _zero_sectors(page[: at - page_at], leading=False)
+                zones[before] = (zones[before] & 15) | (t << 4)
+            zones[i] = (zones[i] & 0xF0) | z
+
     def _all_present(self, index: int) -> bool:
         return self._bitmap_state[index] == _FULL
 
@@ -197,23 +242,37 @@ class DynamicVpcDriver(BlockTableDriver):
                 i = state.find(_UNKNOWN, i + 1)
             if not wanted:
                 return
-            buf = bytearray(len(wanted) * size)
+            # Each bitmap alone, or with the rest of its file page(s) for zero zones.
+            spans: list[tuple[int, int, int]] = []  # (read at, bitmap at, read length)
+            for i in wanted:
+                at = bat[i] * codec.SECTOR
+                if self._zones is None:
+                    spans.append((at, at, size))
+                else:
+                    first = at - at % ZONE_PAGE
+                    stop = min(limit, -(-(at + size) // ZONE_PAGE) * ZONE_PAGE)
+                    spans.append((first, at, stop - first))
+            buf = bytearray(sum(n for _, _, n in spans))
             view = memoryview(buf)
             gen = self._bitmap_gen
             try:
-                await self.child.preadinto_many(
-                    [
-                        (bat[i] * codec.SECTOR, view[k * size : (k + 1) * size])
-                        for k, i in enumerate(wanted)
-                    ]
-                )
+                reads: list[tuple[int, memoryview]] = []
+                pos = 0
+                for first, _, n in spans:
+                    reads.append((first, view[pos : pos + n]))
+                    pos += n
+                await self.child.preadinto_many(reads)
+                if gen != self._bitmap_gen:
+                    return  # a bitmap changed meanwhile: look again when needed
+                for i, (first, at, _n), (_first, page) in zip(wanted, spans, reads, strict=True):
+                    if state[i] == _UNKNOWN:
+                        self._remember(i, bytes(page[at - first : at - first + size]))
+                if self._zones is not None:
+                    self._note_zones(wanted, reads)
             finally:
+                for _, page in reads:
+                    page.release()
                 view.release()
-            if gen != self._bitmap_gen:
-                return  # a bitmap changed meanwhile: look again when needed
-            for k, i in enumerate(wanted):
-                if state[i] == _UNKNOWN:
-                    self._remember(i, bytes(buf[k * size : (k + 1) * size]))
 
     async def _bitmap(self, index: int) -> bytes | None:
         """The bitmap of allocated block ``index``; None when all its sectors are present."""
@@ -238,6 +297,9 @@ class DynamicVpcDriver(BlockTableDriver):
         s = codec.SECTOR
         runs = codec.sector_runs(bitmap, start // s, -(-end // s))
         return [(max(start, a * s), min(end, b * s), present) for a, b, present in runs]
+
+    def _direct(self, index: int) -> bool:
+        return self._bitmap_state[index] == _FULL
 
     async def _write_piece(self, index: int, host: int, start: int, data: memoryview) -> None:
         if await self._bitmap(index) is None:
@@ -271,6 +333,22 @@ class DynamicVpcDriver(BlockTableDriver):
                 await self.child.preadinto(host + s, part)
             else:
                 part[:] = bytes(e - s)
+
+
+def _zero_sectors(data: memoryview, *, leading: bool) -> int:
+    """Whole zero sectors at the start (``leading``) or the end of ``data``, at most 15."""
+    s = codec.SECTOR
+    n = min(15, data.nbytes // s)
+    count = 0
+    while count < n:
+        at = count * s if leading else data.nbytes - (count + 1) * s
+        if data[at : at + s] != _ZERO_SECTOR:
+            break
+        count += 1
+    return count
+
+
+_ZERO_SECTOR = bytes(codec.SECTOR)
 
 
 def _error(location: str, exc: codec.VpcFormatError) -> ImageError:
