@@ -11,8 +11,8 @@ tasks may issue commands at once:
   send lock, shielded from cancellation, so a half-sent PDU can never corrupt the stream
   and CmdSNs reach the target in order.
 * One reader task frames PDUs and routes them by ITT. Data-In segments are received
-  straight into the reader's buffer of the task that asked (``recv_into``: at most one
-  copy, often none); a SCSI Response or a Data-In with status completes the task;
+  straight into the buffer of the task that asked (``os.readv``, after checking that
+  the task still waits, so a cancelled one's buffer is never written); a SCSI Response or a Data-In with status completes the task;
   an R2T (ready to transfer) wakes a writing task, which answers it with Data-Out PDUs
   sent in one vectored ``sendmsg``.
 * Writes use what login allowed: the first part goes as *immediate data* inside the
@@ -40,6 +40,8 @@ import trio
 from ..._errors import ImageError, TrioconvIOError, UnsupportedError, ZeroesNotSupported
 from ..._open import is_iscsi_uri as is_iscsi_uri
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
+from .._net import connection_error_reason as _reason
+from .._net import receive_payload
 from . import _login as login_mod
 from . import _pdu as pdu
 from . import _scsi as scsi
@@ -153,20 +155,6 @@ def parse_iscsi_uri(uri: str) -> ISCSIAddress:
     )
 
 
-def _reason(exc: BaseException) -> str:
-    """Readable cause of a connection failure (trio hides errnos in ``__cause__``)."""
-    todo: list[BaseException] = [exc]
-    while todo:
-        item = todo.pop(0)
-        if isinstance(item, OSError) and item.errno:
-            return os.strerror(item.errno)
-        if isinstance(item, BaseExceptionGroup):
-            todo.extend(item.exceptions)
-        if item.__cause__ is not None:
-            todo.append(item.__cause__)
-    return str(exc) or type(exc).__name__
-
-
 class CommandError(Exception):
     """A SCSI command ended with a status other than GOOD."""
 
@@ -217,6 +205,7 @@ class Connection:
         self._sock = stream.socket
         self.what = what
         self._buf = bytearray(_RECV_BUFFER)
+        self._scratch = bytearray(_RECV_BUFFER)
         self._start = 0
         self._end = 0
         self._pending: dict[int, _Task] = {}
@@ -261,18 +250,24 @@ class Connection:
         self._start += n
         return data
 
-    async def _recv_into(self, dest: memoryview) -> None:
-        """Fill ``dest`` from the buffer, then straight from the socket."""
-        have = min(self._end - self._start, dest.nbytes)
+    async def _receive_data_in(self, task: _Task, offset: int, n: int) -> None:
+        """Receive a Data-In segment straight into the reading task's buffer.
+
+        A task that stopped waiting (cancelled: its buffer may already hold something
+        else) is never written to; its bytes go to scratch space.
+        """
+
+        def wanted() -> memoryview | None:
+            return task.data_in if self._pending.get(task.itt) is task else None
+
+        have = min(self._end - self._start, n)
         if have:
-            dest[:have] = self._buf[self._start : self._start + have]
+            buf = wanted()
+            if buf is not None:
+                buf[offset : offset + have] = self._buf[self._start : self._start + have]
             self._start += have
-        pos = have
-        while pos < dest.nbytes:
-            n = await self._sock.recv_into(dest[pos:])
-            if not n:
-                raise TrioconvIOError("the target closed the connection")
-            pos += n
+        fd = self._sock.fileno()
+        await receive_payload(fd, offset + have, offset + n, wanted, self._scratch, "target")
 
     async def _skip(self, n: int) -> None:
         while n:
@@ -385,7 +380,7 @@ class Connection:
                             f"Data-In at offset {offset}+{n} beyond the "
                             f"{task.data_in.nbytes} bytes asked for"
                         )
-                    await self._recv_into(task.data_in[offset : offset + n])
+                    await self._receive_data_in(task, offset, n)
                     task.received += n
                     await self._skip(padding)
                 else:

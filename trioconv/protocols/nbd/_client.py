@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno as errno_mod
 import functools
 import itertools
-import os
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -33,6 +32,7 @@ from ..._errors import (
 )
 from ..._open import is_nbd_uri as is_nbd_uri
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
+from .._net import receive_payload
 from . import _proto as proto
 from ._proto import Cmd, CmdFlag, TxFlag
 
@@ -302,23 +302,7 @@ class NBDDriver(Driver):
                 raise proto.NBDProtocolError("read chunk outside the request")
             pending.buf[start : start + have] = data
         pos = start + have
-        fd = sock.fileno()
-        while pos < end:
-            buf = pending.buf
-            if buf is None:
-                target = memoryview(self._scratch)[: min(end - pos, len(self._scratch))]
-            else:
-                target = buf[pos:end]
-            try:
-                n = os.readv(fd, [target])
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
-                continue
-            finally:
-                target.release()
-            if not n:
-                raise TrioconvIOError("the server closed the connection")
-            pos += n
+        await receive_payload(sock.fileno(), pos, end, lambda: pending.buf, self._scratch)
         if isinstance(event, proto.SimpleReply) or event.done:
             self._complete(event.cookie, pending)
 

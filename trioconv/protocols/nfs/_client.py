@@ -44,6 +44,8 @@ import trio
 from ..._errors import ImageError, TrioconvIOError, UnsupportedError
 from ..._open import is_nfs_uri as is_nfs_uri
 from ...driver import Buffer, Caps, Driver, Limits
+from .._net import connection_error_reason as _reason
+from .._net import receive_payload
 from . import _proto as proto
 from . import _rpc as rpc
 from ._proto import Proc, Stable
@@ -161,20 +163,6 @@ def _credential(address: NFSAddress) -> rpc.AuthSys:
         machine=socket.gethostname()[:255],
         stamp=random.getrandbits(32),
     )
-
-
-def _reason(exc: BaseException) -> str:
-    """Readable cause of a connection failure (trio hides errnos in ``__cause__``)."""
-    todo: list[BaseException] = [exc]
-    while todo:
-        item = todo.pop(0)
-        if isinstance(item, OSError) and item.errno:
-            return os.strerror(item.errno)
-        if isinstance(item, BaseExceptionGroup):
-            todo.extend(item.exceptions)
-        if item.__cause__ is not None:
-            todo.append(item.__cause__)
-    return str(exc) or type(exc).__name__
 
 
 class _Pending:
@@ -402,23 +390,7 @@ class RPCClient:
             if pending.buf is not None:
                 pending.buf[:pos] = view
         end = head.length
-        scratch = self._scratch
-        while pos < end:
-            buf = pending.buf
-            if buf is None:
-                target = memoryview(scratch)[: min(end - pos, len(scratch))]
-            else:
-                target = buf[pos:end]
-            try:
-                n = os.readv(fd, [target])
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
-                continue
-            finally:
-                target.release()
-            if not n:
-                raise TrioconvIOError("the server closed the connection")
-            pos += n
+        await receive_payload(fd, pos, end, lambda: pending.buf, self._scratch)
         pending.got, pending.eof = head.length, head.eof
         pending.finish()
         return True
