@@ -12,9 +12,10 @@ tasks may issue commands at once:
   and CmdSNs reach the target in order.
 * One reader task frames PDUs and routes them by ITT. Data-In segments are received
   straight into the buffer of the task that asked (``os.readv``, after checking that
-  the task still waits, so a cancelled one's buffer is never written); a SCSI Response or a Data-In with status completes the task;
-  an R2T (ready to transfer) wakes a writing task, which answers it with Data-Out PDUs
-  sent in one vectored ``sendmsg``.
+  the task still waits, so a cancelled one's buffer is never written); a SCSI
+  Response or a Data-In with status completes the task; an R2T (ready to transfer)
+  wakes a writing task, which answers it with Data-Out PDUs sent in one vectored
+  ``sendmsg``.
 * Writes use what login allowed: the first part goes as *immediate data* inside the
   command PDU and, when InitialR2T is No, more follows *unsolicited* up to
   FirstBurstLength; the rest waits for R2Ts.
