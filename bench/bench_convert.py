@@ -343,25 +343,72 @@ def fmt_row(row: Row, in_process: bool = False) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0],
+def bench_parser(doc: str | None) -> argparse.ArgumentParser:
+    """The argument parser of a bench script: its docstring's first paragraph, defaults shown."""
+    return argparse.ArgumentParser(
+        description=(doc or "").split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    add = ap.add_argument
-    add("--size", type=parse_size, default="2G", help="source image size (K/M/G suffix)")
-    add("--repeat", type=int, default=3, help="timed runs per tool and config")
-    add("--warmup", type=int, default=1, help="untimed runs per tool before each row")
-    add("--workdir", type=Path, default=Path("/var/tmp/trioconv-bench"), help="cache + output dir")
-    add("--configs", default=",".join(CONFIGS), help="comma list of configs to run")
-    add(
+
+
+def add_run_args(
+    ap: argparse.ArgumentParser,
+    *,
+    size: str,
+    size_help: str = "source image size (K/M/G suffix)",
+    repeat_help: str = "timed runs per tool and row",
+    warmup_help: str = "untimed runs per tool before each row",
+) -> None:
+    """``--size``, ``--repeat`` and ``--warmup``, the options every bench script has."""
+    ap.add_argument("--size", type=parse_size, default=size, help=size_help)
+    ap.add_argument("--repeat", type=int, default=3, help=repeat_help)
+    ap.add_argument("--warmup", type=int, default=1, help=warmup_help)
+
+
+def add_trioconv_arg(ap: argparse.ArgumentParser) -> None:
+    """``--trioconv``: the trioconv command, by default this Python's ``-m trioconv``."""
+    ap.add_argument(
         "--trioconv",
         default=shlex.join([sys.executable, "-m", "trioconv"]),
         help="trioconv command ('qemu-img' gives a self-check)",
     )
+
+
+def add_output_args(ap: argparse.ArgumentParser, seed_help: str = "layout/content seed") -> None:
+    """``--seed`` and ``--output``, the last options of every bench script."""
+    ap.add_argument("--seed", type=int, default=1, help=seed_help)
+    ap.add_argument("--output", type=Path, help="also write the Markdown report to this file")
+
+
+def select(text: str, choices: list[str], what: str, ap: argparse.ArgumentParser) -> list[str]:
+    """The comma list ``text`` as a subset of ``choices``, in their order."""
+    names = [c.strip() for c in text.split(",") if c.strip()]
+    if unknown := [c for c in names if c not in choices]:
+        ap.error(f"unknown {what} {unknown}; choose from {choices}")
+    return [c for c in choices if c in names]
+
+
+def ratio(num: float | None, den: float | None) -> str:
+    return f"{num / den:.2f}" if num is not None and den else "-"
+
+
+def write_report(report: list[str], output: Path | None) -> None:
+    """Print the Markdown report and, with ``--output``, write it there too."""
+    text = "\n".join(report).rstrip() + "\n"
+    print("\n" + text)
+    if output:
+        output.write_text(text)
+
+
+def main() -> int:
+    ap = bench_parser(__doc__)
+    add = ap.add_argument
+    add_run_args(ap, size="2G", repeat_help="timed runs per tool and config")
+    add("--workdir", type=Path, default=Path("/var/tmp/trioconv-bench"), help="cache + output dir")
+    add("--configs", default=",".join(CONFIGS), help="comma list of configs to run")
+    add_trioconv_arg(ap)
     add("--skip-huge", action="store_true", help=f"skip the '{HUGE_LABEL}' row")
-    add("--seed", type=int, default=1, help="layout/content seed")
-    add("--output", type=Path, help="also write the Markdown report to this file")
+    add_output_args(ap)
     add(
         "--in-process",
         action="store_true",
@@ -430,10 +477,7 @@ def main() -> int:
         )
     if notes:
         report += ["", *(f"Note: {n}" for n in notes)]
-    text = "\n".join(report) + "\n"
-    print("\n" + text)
-    if args.output:
-        args.output.write_text(text)
+    write_report(report, args.output)
     return 1 if any(r.failures for r in rows) else 0
 
 

@@ -51,13 +51,20 @@ from pathlib import Path
 from bench_convert import (
     KIB,
     MIB,
+    add_output_args,
+    add_run_args,
+    add_trioconv_arg,
+    bench_parser,
     create_in_child,
     create_source,
     image_info,
     machine_header,
     parse_size,
+    ratio,
+    select,
+    write_report,
 )
-from bench_nbd import ratio, run_timed, select, version
+from bench_nbd import rss_floor, run_timed, version
 
 FORMATS = ["qcow2", "vmdk", "vpc", "vhdx", "vdi"]
 CHECKED = {"qcow2", "vmdk", "vhdx", "vdi"}  # formats `qemu-img check` supports
@@ -399,15 +406,10 @@ def startup(prefix: list[str], timeout: float) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    ap = bench_parser(__doc__)
     add = ap.add_argument
-    add("--size", type=parse_size, default="2G", help="source size for the format rows")
+    add_run_args(ap, size="2G", size_help="source size for the format rows")
     add("--compress-size", type=parse_size, default="256M", help="source size for the -c rows")
-    add("--repeat", type=int, default=3, help="timed runs per tool and row")
-    add("--warmup", type=int, default=1, help="untimed runs per tool before each row")
     add("--parallel", type=int, default=8, help="-m value passed to both tools")
     add(
         "--workdir",
@@ -420,14 +422,9 @@ def main() -> int:
         default=",".join(r.key for r in ROWS),
         help=f"comma list of rows or groups ({', '.join(ROW_GROUPS)})",
     )
-    add(
-        "--trioconv",
-        default=shlex.join([sys.executable, "-m", "trioconv"]),
-        help="trioconv command ('qemu-img' gives a self-check)",
-    )
+    add_trioconv_arg(ap)
     add("--timeout", type=float, default=1800, help="kill a convert after this many seconds")
-    add("--seed", type=int, default=1, help="layout/content/shuffle seed")
-    add("--output", type=Path, help="also write the Markdown report to this file")
+    add_output_args(ap, seed_help="layout/content/shuffle seed")
     args = ap.parse_args()
 
     row_text = ",".join(
@@ -507,8 +504,7 @@ def main() -> int:
         " interleaved; median wall time of the runs that passed, max peak RSS",
         "- every timed output: `qemu-img compare -f SRC_FMT -F OUT_FMT SRC DST` and, for"
         " qcow2/vmdk/vhdx/vdi, `qemu-img check -f OUT_FMT DST` (exit 0 required)",
-        f"- peak RSS floor (`true` spawned the same way): "
-        f"{run_timed(['true'], 10)[2] / KIB:.1f} MiB",
+        rss_floor(),
         f"- trioconv start-up (`--version`, median of 3), included in every trioconv time:"
         f" {startup(tools['trioconv'], args.timeout)}",
         "",
@@ -531,10 +527,7 @@ def main() -> int:
         report += ["", *(f"Note: {n}" for n in notes)]
     if failed:
         report += ["", "## Failures", "", *fmt_failures(results)]
-    text = "\n".join(report).rstrip() + "\n"
-    print("\n" + text)
-    if args.output:
-        args.output.write_text(text)
+    write_report(report, args.output)
     return 1 if failed else 0
 
 

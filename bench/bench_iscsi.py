@@ -48,25 +48,26 @@ import shlex
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
 from bench_convert import (
-    KIB,
     MIB,
+    add_output_args,
+    add_run_args,
+    bench_parser,
     create_in_child,
     create_source,
     image_info,
     machine_header,
-    parse_size,
+    select,
 )
-from bench_nbd import run_timed, verify, version
+from bench_nbd import Tally, Tool, print_progress, rss_floor, run_timed, verify, version
 from bench_nfs import (
     MOUNT_PORT,
     NFS_PORT,
@@ -74,10 +75,11 @@ from bench_nfs import (
     SERVER_HOST,
     START_TIMEOUT,
     delay_proxy,
+    finish_report,
+    fmt_wall_table,
     ganesha,
     guarded,
     parse_delays,
-    ratio,
     rpcbind,
 )
 
@@ -95,14 +97,6 @@ PATHS = {
 LUN_KINDS = ["thin", "thick"]
 
 
-@dataclass(frozen=True)
-class Tool:
-    key: str
-    label: str
-    program: str  # "trioconv" | "qemu-img"
-    flags: tuple[str, ...] = ()
-
-
 TOOLS = [
     Tool("trioconv-m1", "trioconv -m 1", "trioconv", ("-m", "1")),
     Tool("trioconv-default", "trioconv default (-m 8)", "trioconv"),
@@ -114,26 +108,17 @@ TOOLS = [
 
 
 @dataclass
-class Row:
+class Row(Tally):
     """One table row: a path, the LUN kind for an iSCSI target, a delay; its results."""
 
     path: str
     lun: str | None
     delay_ms: float
-    times: dict[str, list[float]] = field(default_factory=dict)
-    rss_kib: dict[str, int] = field(default_factory=dict)
-    failed: dict[str, int] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-    runs: int = 0
 
     @property
     def label(self) -> str:
         lun = f", {self.lun} LUN" if self.lun else ""
         return f"{PATHS[self.path]}{lun}, {self.delay_ms:g} ms"
-
-    def median(self, key: str) -> float | None:
-        t = self.times.get(key)
-        return statistics.median(t) if t else None
 
 
 # --------------------------------------------------------------------------- tgtd
@@ -302,64 +287,14 @@ def bench_row(
             if i < 0:  # untimed warm-up run
                 continue
             ok = code == 0 and verify(image, str(ends.dst_file), args.timeout)
-            row.runs += 1
-            row.rss_kib[tool.key] = max(row.rss_kib.get(tool.key, 0), rss)
-            if ok:
-                row.times.setdefault(tool.key, []).append(secs)
-            else:
-                row.failed[tool.key] = row.failed.get(tool.key, 0) + 1
-                msg = f"`{shlex.join(argv)}` (exit {code})\n\n```\n{tail.strip()}\n```"
-                row.failures.append(msg)
-                print(f"  FAILED: {shlex.join(argv)} (exit {code})\n{tail}", file=sys.stderr)
-            print(
-                f"  [{i + 1}/{args.repeat}] {tool.label:24s} {secs:8.3f} s"
-                f" {rss / KIB:7.1f} MiB  {'ok' if ok else 'FAILED'}",
-                flush=True,
-            )
+            row.record(tool.key, argv, code, secs, rss, tail, ok)
+            print_progress(i, args.repeat, tool.label, 24, secs, rss, ok)
     if not ends.dst_is_lun:
         ends.dst_file.unlink(missing_ok=True)
 
 
 def fmt_table(rows: list[Row], tools: list[Tool]) -> list[str]:
-    head = ["row", *(f"{t.label} s" for t in tools)]
-    head += ["trioconv -m 8 -W / qemu-img -m 8 -W", "trioconv default / -m 8 -W", "verified"]
-    out = [
-        "Median wall seconds; ratios < 1 mean the first one is faster.",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|---|" + "---:|" * (len(head) - 2) + "---|",
-    ]
-    for r in rows:
-        cells = [r.label]
-        for t in tools:
-            m, nf = r.median(t.key), r.failed.get(t.key, 0)
-            cells.append(("-" if m is None else f"{m:.3f}") + (f" ({nf} failed)" if nf else ""))
-        nfail = sum(r.failed.values())
-        cells += [
-            ratio(r.median("trioconv-m8-W"), r.median("qemu-img-m8-W")),
-            ratio(r.median("trioconv-default"), r.median("trioconv-m8-W")),
-            "yes" if nfail == 0 else f"FAILED ({nfail}/{r.runs})",
-        ]
-        out.append("| " + " | ".join(cells) + " |")
-    out += [
-        "",
-        "Peak RSS (MiB):",
-        "",
-        "| row | " + " | ".join(t.label for t in tools) + " |",
-        "|---|" + "---:|" * len(tools),
-    ]
-    for r in rows:
-        rss = [f"{r.rss_kib[t.key] / KIB:.1f}" if t.key in r.rss_kib else "-" for t in tools]
-        out.append(f"| {r.label} | " + " | ".join(rss) + " |")
-    return out
-
-
-def choose(text: str, choices: list[str], what: str, ap: argparse.ArgumentParser) -> list[str]:
-    """The comma list ``text`` as a subset of ``choices``, in their order."""
-    names = [c.strip() for c in text.split(",") if c.strip()]
-    if unknown := [c for c in names if c not in choices]:
-        ap.error(f"unknown {what} {unknown}; choose from {choices}")
-    return [c for c in choices if c in names]
+    return fmt_wall_table([(r.label, r) for r in rows], tools)
 
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:
@@ -373,14 +308,9 @@ def default_trioconv() -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    ap = bench_parser(__doc__)
     add = ap.add_argument
-    add("--size", type=parse_size, default="1G", help="source image size (K/M/G suffix)")
-    add("--repeat", type=int, default=3, help="timed runs per tool and row")
-    add("--warmup", type=int, default=1, help="untimed runs per tool before each row")
+    add_run_args(ap, size="1G")
     add(
         "--workdir",
         type=Path,
@@ -400,8 +330,7 @@ def main() -> int:
     add("--iscsi-port", type=int, default=3270, help="tgtd portal port (127.0.0.1 and proxy)")
     add("--control-port", type=int, default=70, help="tgtd/tgtadm control port (-C)")
     add("--timeout", type=float, default=900, help="kill a copy after this many seconds")
-    add("--seed", type=int, default=1, help="layout/content seed")
-    add("--output", type=Path, help="also write the Markdown report to this file")
+    add_output_args(ap)
     args = ap.parse_args()
 
     # An installed trioconv runs from compiled bytecode; a source tree under
@@ -411,8 +340,8 @@ def main() -> int:
     if package.is_dir():
         subprocess.run([sys.executable, "-m", "compileall", "-q", str(package)], check=False)
 
-    paths = choose(args.paths, list(PATHS), "path(s)", ap)
-    lun_kinds = choose(args.lun, LUN_KINDS, "LUN kind(s)", ap)
+    paths = select(args.paths, list(PATHS), "path(s)", ap)
+    lun_kinds = select(args.lun, LUN_KINDS, "LUN kind(s)", ap)
     names = {n.strip() for n in args.tools.split(",") if n.strip()}
     choices = [t.key for t in TOOLS] + sorted({t.program for t in TOOLS})
     if unknown := sorted(names - set(choices)):
@@ -507,20 +436,12 @@ def main() -> int:
         f"- {args.warmup} untimed warm-up + {args.repeat} timed runs per tool and row,"
         " interleaved; median wall time, max peak RSS; every timed output checked with"
         " `qemu-img compare` against the source (a LUN: its backing file)",
-        f"- peak RSS floor (`true` spawned the same way): "
-        f"{run_timed(['true'], 10)[2] / KIB:.1f} MiB",
+        rss_floor(),
         "- trioconv's start-up is in every trioconv time; at small `--size` it matters",
         "",
         *fmt_table(rows, tools),
     ]
-    failures = [f for r in rows for f in r.failures]
-    if failures:
-        report += ["", "## Failures", "", *(f"- {f}" for f in failures[:5])]
-    text = "\n".join(report) + "\n"
-    print("\n" + text)
-    if args.output:
-        args.output.write_text(text)
-    return 1 if failures else 0
+    return finish_report(report, rows, args.output)
 
 
 if __name__ == "__main__":

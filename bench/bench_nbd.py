@@ -59,11 +59,17 @@ from types import TracebackType
 
 from bench_convert import (
     KIB,
+    add_output_args,
+    add_run_args,
+    add_trioconv_arg,
+    bench_parser,
     create_in_child,
     create_source,
     image_info,
     machine_header,
-    parse_size,
+    ratio,
+    select,
+    write_report,
 )
 
 
@@ -103,17 +109,88 @@ DELAYED_OPS = ["read", "write", "zero", "trim", "extents"]
 
 
 @dataclass
-class Result:
-    set_name: str
-    row: RowSpec
-    times: dict[str, list[float]] = field(default_factory=dict)
-    rss_kib: dict[str, int] = field(default_factory=dict)
-    failed: dict[str, int] = field(default_factory=dict)
-    runs: int = 0
+class Tally:
+    """One table row's results per tool key: wall times of the runs that verified, peak
+    RSS, failures; a base class (its fields are keyword-only, after the row's own)."""
+
+    times: dict[str, list[float]] = field(default_factory=dict, kw_only=True)
+    rss_kib: dict[str, int] = field(default_factory=dict, kw_only=True)
+    failed: dict[str, int] = field(default_factory=dict, kw_only=True)
+    failures: list[str] = field(default_factory=list, kw_only=True)
+    runs: int = field(default=0, kw_only=True)
 
     def median(self, key: str) -> float | None:
         t = self.times.get(key)
         return statistics.median(t) if t else None
+
+    def record(
+        self, key: str, argv: list[str], code: int, secs: float, rss: int, tail: str, ok: bool
+    ) -> None:
+        """Count one timed run of tool ``key``; a failed one is also reported on stderr."""
+        self.runs += 1
+        self.rss_kib[key] = max(self.rss_kib.get(key, 0), rss)
+        if ok:
+            self.times.setdefault(key, []).append(secs)
+        else:
+            self.failed[key] = self.failed.get(key, 0) + 1
+            msg = f"`{shlex.join(argv)}` (exit {code})\n\n```\n{tail.strip()}\n```"
+            self.failures.append(msg)
+            print(f"  FAILED: {shlex.join(argv)} (exit {code})\n{tail}", file=sys.stderr)
+
+
+def print_progress(
+    i: int, repeat: int, label: str, width: int, secs: float, rss: int, ok: bool, extra: str = ""
+) -> None:
+    """The progress line of one timed run (``extra``: more columns before the status)."""
+    print(
+        f"  [{i + 1}/{repeat}] {label:{width}s} {secs:8.3f} s"
+        f" {rss / KIB:7.1f} MiB{extra}  {'ok' if ok else 'FAILED'}",
+        flush=True,
+    )
+
+
+def time_cell(median: float | None, failed: int) -> str:
+    """A table cell: the median seconds (or ``-``) and how many runs failed."""
+    return ("-" if median is None else f"{median:.3f}") + (f" ({failed} failed)" if failed else "")
+
+
+def verified_cell(tally: Tally) -> str:
+    nfail = sum(tally.failed.values())
+    return "yes" if nfail == 0 else f"FAILED ({nfail}/{tally.runs})"
+
+
+def table_head(head: list[str]) -> list[str]:
+    """A Markdown table's head: a row label column, numbers, a last text column."""
+    return ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 2) + "---|"]
+
+
+def tool_table(title: str, tools: list[Tool], rows: list[tuple[str, list[str]]]) -> list[str]:
+    """A titled Markdown table with a column per tool; ``rows``: (label, cells)."""
+    out = [
+        "",
+        title,
+        "",
+        "| row | " + " | ".join(t.label for t in tools) + " |",
+        "|---|" + "---:|" * len(tools),
+    ]
+    out += [f"| {label} | " + " | ".join(cells) + " |" for label, cells in rows]
+    return out
+
+
+def rss_cells(tally: Tally, tools: list[Tool]) -> list[str]:
+    return [f"{tally.rss_kib[t.key] / KIB:.1f}" if t.key in tally.rss_kib else "-" for t in tools]
+
+
+def rss_floor() -> str:
+    """The report line on the peak RSS of ``true`` run the way the tools are."""
+    floor = run_timed(["true"], 10)[2] / KIB
+    return f"- peak RSS floor (`true` spawned the same way): {floor:.1f} MiB"
+
+
+@dataclass
+class Result(Tally):
+    set_name: str
+    row: RowSpec
 
 
 def filter_args(set_name: str, args: argparse.Namespace) -> tuple[list[str], list[str]]:
@@ -313,24 +390,9 @@ def bench_row(
                     if i < 0:  # untimed warm-up run
                         continue
                     ok = code == 0 and verify(src_image, dst, args.timeout)
-                res.runs += 1
-                res.rss_kib[tool.key] = max(res.rss_kib.get(tool.key, 0), rss)
-                if ok:
-                    res.times.setdefault(tool.key, []).append(secs)
-                else:
-                    res.failed[tool.key] = res.failed.get(tool.key, 0) + 1
-                    print(f"  FAILED: {shlex.join(argv)} (exit {code})\n{tail}", file=sys.stderr)
-                status = "ok" if ok else "FAILED"
-                print(
-                    f"  [{i + 1}/{args.repeat}] {tool.label:17s} {secs:8.3f} s"
-                    f" {rss / KIB:7.1f} MiB  {status}",
-                    flush=True,
-                )
+                res.record(tool.key, argv, code, secs, rss, tail, ok)
+                print_progress(i, args.repeat, tool.label, 17, secs, rss, ok)
         dst_file.unlink(missing_ok=True)
-
-
-def ratio(num: float | None, den: float | None) -> str:
-    return f"{num / den:.2f}" if num is not None and den else "-"
 
 
 def fmt_tables(results: list[Result], tools: list[Tool]) -> list[str]:
@@ -352,15 +414,12 @@ def fmt_tables(results: list[Result], tools: list[Tool]) -> list[str]:
             "",
             "Median wall seconds; ratios < 1 mean the first tool is faster.",
             "",
-            "| " + " | ".join(head) + " |",
-            "|---|" + "---:|" * (len(head) - 2) + "---|",
+            *table_head(head),
         ]
         for r in rs:
             med = {t.key: r.median(t.key) for t in tools}
             cells = [r.row.label]
-            for t in tools:
-                m, nf = med[t.key], r.failed.get(t.key, 0)
-                cells.append(("-" if m is None else f"{m:.3f}") + (f" ({nf} failed)" if nf else ""))
+            cells += [time_cell(med[t.key], r.failed.get(t.key, 0)) for t in tools]
             tri = [
                 (m, t) for t in tools if t.program == "trioconv" and (m := med[t.key]) is not None
             ]
@@ -368,7 +427,6 @@ def fmt_tables(results: list[Result], tools: list[Tool]) -> list[str]:
             if tri and med.get("nbdcopy"):
                 m, t = min(tri, key=lambda mt: mt[0])
                 best_cell = f"{ratio(m, med['nbdcopy'])} ({' '.join(t.flags)})"
-            nfail = sum(r.failed.values())
             cells += [
                 ratio(med.get("trioconv-m8-W"), med.get("qemu-img-m8-W")),
                 *(
@@ -379,27 +437,13 @@ def fmt_tables(results: list[Result], tools: list[Tool]) -> list[str]:
                 ratio(med.get("trioconv-m8"), med.get("trioconv-m8-W")),
                 ratio(med.get("qemu-img-m8"), med.get("qemu-img-m8-W")),
                 best_cell,
-                "yes" if nfail == 0 else f"FAILED ({nfail}/{r.runs})",
+                verified_cell(r),
             ]
             out.append("| " + " | ".join(cells) + " |")
-        out += [
-            "",
-            "Peak RSS (MiB):",
-            "",
-            "| row | " + " | ".join(t.label for t in tools) + " |",
-            "|---|" + "---:|" * len(tools),
-        ]
-        for r in rs:
-            rss = [f"{r.rss_kib[t.key] / KIB:.1f}" if t.key in r.rss_kib else "-" for t in tools]
-            out.append(f"| {r.row.label} | " + " | ".join(rss) + " |")
+        out += tool_table(
+            "Peak RSS (MiB):", tools, [(r.row.label, rss_cells(r, tools)) for r in rs]
+        )
     return out
-
-
-def select(text: str, choices: list[str], what: str, ap: argparse.ArgumentParser) -> list[str]:
-    names = [c.strip() for c in text.split(",") if c.strip()]
-    if unknown := [c for c in names if c not in choices]:
-        ap.error(f"unknown {what} {unknown}; choose from {choices}")
-    return [c for c in choices if c in names]
 
 
 def version(argv: list[str]) -> str:
@@ -412,14 +456,9 @@ def version(argv: list[str]) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    ap = bench_parser(__doc__)
     add = ap.add_argument
-    add("--size", type=parse_size, default="256M", help="source image size (K/M/G suffix)")
-    add("--repeat", type=int, default=3, help="timed runs per tool, row and set")
-    add("--warmup", type=int, default=1, help="untimed runs per tool before each row")
+    add_run_args(ap, size="256M", repeat_help="timed runs per tool, row and set")
     add(
         "--workdir",
         type=Path,
@@ -433,24 +472,19 @@ def main() -> int:
         default=",".join(t.key for t in TOOLS),
         help="comma list of tools ('trioconv' / 'qemu-img' = their three configs)",
     )
-    add(
-        "--trioconv",
-        default=shlex.join([sys.executable, "-m", "trioconv"]),
-        help="trioconv command ('qemu-img' gives a self-check)",
-    )
+    add_trioconv_arg(ap)
     add("--baseline", help="a second trioconv command to compare with (adds 'base' columns)")
     add("--delay", default="2ms", help="delay filter: per read/write/zero/trim/extents request")
     add("--rate", default="1G", help="rate filter: bits/s per server and direction")
     add("--burstiness", default="0.01", help="rate filter: bucket size in seconds")
     add("--timeout", type=float, default=600, help="kill a copy after this many seconds")
-    add("--seed", type=int, default=1, help="layout/content seed")
     add(
         "--bytecode-cache",
         type=Path,
         help="PYTHONPYCACHEPREFIX for trioconv runs (default: WORKDIR/pycache); 'none'"
         " keeps the environment as it is",
     )
-    add("--output", type=Path, help="also write the Markdown report to this file")
+    add_output_args(ap)
     args = ap.parse_args()
 
     sets = select(args.sets, SETS, "set(s)", ap)
@@ -539,17 +573,13 @@ def main() -> int:
         f"- {args.warmup} untimed warm-up + {args.repeat} timed runs per tool, row and"
         " set, interleaved; median wall time, max peak RSS;"
         " every timed output checked with `qemu-img compare`",
-        f"- peak RSS floor (`true` spawned the same way): "
-        f"{run_timed(['true'], 10)[2] / KIB:.1f} MiB",
+        rss_floor(),
         "- in-order = `-m 8` without `-W`; best trioconv = fastest of its three configs",
         *fmt_tables(results, tools),
     ]
     if notes:
         report += ["", *(f"Note: {n}" for n in notes)]
-    text = "\n".join(report) + "\n"
-    print("\n" + text)
-    if args.output:
-        args.output.write_text(text)
+    write_report(report, args.output)
     return 1 if any(r.failed for r in results) else 0
 
 

@@ -53,20 +53,38 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
 from bench_convert import (
     KIB,
+    add_output_args,
+    add_run_args,
+    add_trioconv_arg,
+    bench_parser,
     create_in_child,
     create_source,
     image_info,
     machine_header,
-    parse_size,
+    ratio,
+    write_report,
 )
-from bench_nbd import run_timed, verify, version
+from bench_nbd import (
+    Tally,
+    Tool,
+    print_progress,
+    rss_cells,
+    rss_floor,
+    run_timed,
+    table_head,
+    time_cell,
+    tool_table,
+    verified_cell,
+    verify,
+    version,
+)
 
 SERVER_HOST = "127.0.0.1"
 PROXY_HOST = "127.0.0.2"
@@ -114,14 +132,6 @@ LOG {{ Default_Log_Level = EVENT; }}
 """
 
 
-@dataclass(frozen=True)
-class Tool:
-    key: str
-    label: str
-    program: str  # "trioconv" | "qemu-img"
-    flags: tuple[str, ...] = ()
-
-
 TOOLS = [
     Tool("trioconv-m1", "trioconv -m 1", "trioconv", ("-m", "1")),
     Tool("trioconv-m8-W", "trioconv -m 8 -W", "trioconv", ("-m", "8", "-W")),
@@ -138,18 +148,13 @@ BASELINE_TOOLS = [
 
 
 @dataclass
-class Result:
+class Result(Tally):
     delay_ms: float
-    times: dict[str, list[float]] = field(default_factory=dict)
-    rss_kib: dict[str, int] = field(default_factory=dict)
     cpu: dict[str, list[float]] = field(default_factory=dict)
-    failed: dict[str, int] = field(default_factory=dict)
-    failures: list[str] = field(default_factory=list)
-    runs: int = 0
 
-    def median(self, key: str) -> float | None:
-        t = self.times.get(key)
-        return statistics.median(t) if t else None
+    @property
+    def label(self) -> str:
+        return f"nfs -> file, {self.delay_ms:g} ms"
 
 
 # --------------------------------------------------------------------------- proxy
@@ -380,69 +385,42 @@ def bench_delay(
                 dst.unlink(missing_ok=True)
                 continue
             ok = code == 0 and verify(image, str(dst), args.timeout)
-            res.runs += 1
-            res.rss_kib[tool.key] = max(res.rss_kib.get(tool.key, 0), rss)
+            res.record(tool.key, argv, code, secs, rss, tail, ok)
             if ok:
-                res.times.setdefault(tool.key, []).append(secs)
                 res.cpu.setdefault(tool.key, []).append(cpu)
-            else:
-                res.failed[tool.key] = res.failed.get(tool.key, 0) + 1
-                msg = f"`{shlex.join(argv)}` (exit {code})\n\n```\n{tail.strip()}\n```"
-                res.failures.append(msg)
-                print(f"  FAILED: {shlex.join(argv)} (exit {code})\n{tail}", file=sys.stderr)
-            print(
-                f"  [{i + 1}/{args.repeat}] {tool.label:24s} {secs:8.3f} s"
-                f" {rss / KIB:7.1f} MiB {cpu:7.3f} s CPU  {'ok' if ok else 'FAILED'}",
-                flush=True,
-            )
+            print_progress(i, args.repeat, tool.label, 24, secs, rss, ok, f" {cpu:7.3f} s CPU")
             dst.unlink(missing_ok=True)
 
 
-def ratio(num: float | None, den: float | None) -> str:
-    return f"{num / den:.2f}" if num is not None and den else "-"
-
-
-def fmt_table(results: list[Result], tools: list[Tool]) -> list[str]:
+def fmt_wall_table(rows: list[tuple[str, Tally]], tools: list[Tool]) -> list[str]:
+    """Median wall seconds with the -W ratios, then peak RSS; ``rows``: (label, results)."""
     head = ["row", *(f"{t.label} s" for t in tools)]
     head += ["trioconv -m 8 -W / qemu-img -m 8 -W", "trioconv default / -m 8 -W", "verified"]
-    out = [
-        "Median wall seconds; ratios < 1 mean the first one is faster.",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|---|" + "---:|" * (len(head) - 2) + "---|",
-    ]
-    for r in results:
-        cells = [f"nfs -> file, {r.delay_ms:g} ms"]
-        for t in tools:
-            m, nf = r.median(t.key), r.failed.get(t.key, 0)
-            cells.append(("-" if m is None else f"{m:.3f}") + (f" ({nf} failed)" if nf else ""))
-        nfail = sum(r.failed.values())
+    out = ["Median wall seconds; ratios < 1 mean the first one is faster.", "", *table_head(head)]
+    for label, r in rows:
+        cells = [label, *(time_cell(r.median(t.key), r.failed.get(t.key, 0)) for t in tools)]
         cells += [
             ratio(r.median("trioconv-m8-W"), r.median("qemu-img-m8-W")),
             ratio(r.median("trioconv-default"), r.median("trioconv-m8-W")),
-            "yes" if nfail == 0 else f"FAILED ({nfail}/{r.runs})",
+            verified_cell(r),
         ]
         out.append("| " + " | ".join(cells) + " |")
-    out += [
-        "",
-        "Peak RSS (MiB):",
-        "",
-        "| row | " + " | ".join(t.label for t in tools) + " |",
-        "|---|" + "---:|" * len(tools),
+    return out + tool_table(
+        "Peak RSS (MiB):", tools, [(label, rss_cells(r, tools)) for label, r in rows]
+    )
+
+
+def fmt_table(results: list[Result], tools: list[Tool]) -> list[str]:
+    out = fmt_wall_table([(r.label, r) for r in results], tools)
+    cpu = [
+        (
+            r.label,
+            [f"{statistics.median(r.cpu[t.key]):.3f}" if r.cpu.get(t.key) else "-" for t in tools],
+        )
+        for r in results
     ]
-    for r in results:
-        rss = [f"{r.rss_kib[t.key] / KIB:.1f}" if t.key in r.rss_kib else "-" for t in tools]
-        out.append(f"| nfs -> file, {r.delay_ms:g} ms | " + " | ".join(rss) + " |")
-    out += [
-        "",
-        "Median CPU seconds of the copy process (user + sys, from its rusage):",
-        "",
-        "| row | " + " | ".join(t.label for t in tools) + " |",
-        "|---|" + "---:|" * len(tools),
-    ]
-    for r in results:
-        cpu = [f"{statistics.median(r.cpu[t.key]):.3f}" if r.cpu.get(t.key) else "-" for t in tools]
-        out.append(f"| nfs -> file, {r.delay_ms:g} ms | " + " | ".join(cpu) + " |")
+    title = "Median CPU seconds of the copy process (user + sys, from its rusage):"
+    out += tool_table(title, tools, cpu)
     if any(t.program == "baseline" for t in tools):
         out += ["", "Against the baseline (ratios < 1: faster than the baseline):", ""]
         out += ["| row | -m 8 -W wall | default wall | -m 8 -W CPU | default CPU |"]
@@ -460,8 +438,17 @@ def fmt_table(results: list[Result], tools: list[Tool]) -> list[str]:
                         if new and old
                         else "-"
                     )
-            out.append(f"| nfs -> file, {r.delay_ms:g} ms | " + " | ".join(cells) + " |")
+            out.append(f"| {r.label} | " + " | ".join(cells) + " |")
     return out
+
+
+def finish_report(report: list[str], rows: Sequence[Tally], output: Path | None) -> int:
+    """Add the first failures to the report and write it; the exit code: 1 if any failed."""
+    failures = [f for r in rows for f in r.failures]
+    if failures:
+        report += ["", "## Failures", "", *(f"- {f}" for f in failures[:5])]
+    write_report(report, output)
+    return 1 if failures else 0
 
 
 def parse_delays(text: str) -> list[float]:
@@ -479,14 +466,14 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(
-        description=(__doc__ or "").split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    ap = bench_parser(__doc__)
     add = ap.add_argument
-    add("--size", type=parse_size, default="256M", help="source image size (K/M/G suffix)")
-    add("--repeat", type=int, default=3, help="timed runs per tool and delay")
-    add("--warmup", type=int, default=1, help="untimed runs per tool before each delay")
+    add_run_args(
+        ap,
+        size="256M",
+        repeat_help="timed runs per tool and delay",
+        warmup_help="untimed runs per tool before each delay",
+    )
     add(
         "--workdir",
         type=Path,
@@ -499,11 +486,7 @@ def main() -> int:
         default=",".join(t.key for t in TOOLS),
         help="comma list of tools",
     )
-    add(
-        "--trioconv",
-        default=shlex.join([sys.executable, "-m", "trioconv"]),
-        help="trioconv command ('qemu-img' gives a self-check)",
-    )
+    add_trioconv_arg(ap)
     add(
         "--trioconv-url",
         choices=["portmap", "port"],
@@ -520,8 +503,7 @@ def main() -> int:
         "trioconv') run as baseline -m 8 -W and baseline default beside the others",
     )
     add("--timeout", type=float, default=600, help="kill a copy after this many seconds")
-    add("--seed", type=int, default=1, help="layout/content seed")
-    add("--output", type=Path, help="also write the Markdown report to this file")
+    add_output_args(ap)
     args = ap.parse_args()
 
     keys = [k.strip() for k in args.tools.split(",") if k.strip()]
@@ -586,20 +568,12 @@ def main() -> int:
         f"- {args.warmup} untimed warm-up + {args.repeat} timed runs per tool and delay,"
         " interleaved; median wall time, max peak RSS; every timed output checked with"
         " `qemu-img compare` against the exported file",
-        f"- peak RSS floor (`true` spawned the same way): "
-        f"{run_timed(['true'], 10)[2] / KIB:.1f} MiB",
+        rss_floor(),
         "- trioconv's start-up is in every trioconv time; at small `--size` it matters",
         "",
         *fmt_table(results, tools),
     ]
-    failures = [f for r in results for f in r.failures]
-    if failures:
-        report += ["", "## Failures", "", *(f"- {f}" for f in failures[:5])]
-    text = "\n".join(report) + "\n"
-    print("\n" + text)
-    if args.output:
-        args.output.write_text(text)
-    return 1 if failures else 0
+    return finish_report(report, results, args.output)
 
 
 if __name__ == "__main__":

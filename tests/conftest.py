@@ -11,11 +11,13 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from trioconv import Extent, ExtentKind
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -101,6 +103,21 @@ def qemu_map(path: Path, fmt: str = "raw") -> list[dict[str, Any]]:
     import json
 
     return list(json.loads(run("qemu-img", "map", "--output=json", "-f", fmt, path).stdout))
+
+
+async def walk_extents(
+    query: Callable[[int, int], Awaitable[Extent]], size: int
+) -> list[tuple[int, int, ExtentKind]]:
+    """Ask ``query`` (``block_status``, ``layer_status``) from 0 to ``size``, each time from
+    where the last extent ended; every extent starts where it was asked and is not empty."""
+    seen: list[tuple[int, int, ExtentKind]] = []
+    pos = 0
+    while pos < size:
+        ext = await query(pos, size - pos)
+        assert ext.offset == pos and ext.length > 0
+        seen.append((ext.offset, ext.length, ext.kind))
+        pos = ext.end
+    return seen
 
 
 def trioconv_cli(

@@ -11,38 +11,32 @@ the target killed mid-copy - end with one clear line, promptly.
 from __future__ import annotations
 
 import os
-import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
 import trioconv
-from trioconv import ConvertError, ConvertOptions, ExtentKind, TrioconvIOError
+from trioconv import ExtentKind
 from trioconv.protocols.iscsi import ISCSIDriver, open_iscsi, parse_iscsi_uri
-from trioconv.protocols.memory import MemoryDriver
 from trioconv.testing import check_block_status_tiles, check_driver
 
+from ._faults import (
+    MiB,
+    check_killed_mid_copy,
+    check_reader_fails_after_loss,
+    make_mixed_src,
+    one_line_error,
+)
 from .conftest import ImageMaker, assert_identical, qemu_map, run, trioconv_cli
 from .iscsi_target import ISCSITarget
-
-MiB = 1024 * 1024
-#: A fault must end the conversion within this many seconds.
-FAULT_DEADLINE = 15.0
 
 
 @pytest.fixture
 def mixed_src(make_image: ImageMaker) -> Path:
     """8 MiB raw: data, written zeroes, holes, a data run that ends unaligned."""
-    return make_image(
-        "src.img",
-        "8M",
-        "write -P 0xab 0 1M",
-        "write -z 2M 1M",
-        "write -P 0x5c 3M 512k",
-        "write -P 0x17 7M 4k",
-        "write -P 0x99 8386560 1536",
-    )
+    return make_mixed_src(make_image)
 
 
 def garbage_lun(
@@ -54,15 +48,6 @@ def garbage_lun(
     with backing.open("r+b") as f:
         f.write(os.urandom(size))
     return url, backing
-
-
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    """The single ``trioconv: ...`` line of a failed CLI run."""
-    assert result.returncode == 1, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("trioconv: ")
-    return lines[0]
 
 
 def allocated(path: Path) -> int:
@@ -378,19 +363,6 @@ async def test_login_redirect(iscsi_target: ISCSITarget, tmp_path: Path) -> None
 # -- faults -------------------------------------------------------------------------------------
 
 
-async def kill_when_copying(
-    target: ISCSITarget, memory: MemoryDriver, killed_at: list[float]
-) -> None:
-    """Kill the target once the copy is under way; note when."""
-    for _ in range(1000):
-        if memory.log:
-            break
-        await trio.sleep(0.01)
-    await trio.sleep(0.1)
-    target.stop(kill=True)
-    killed_at.append(trio.current_time())
-
-
 @pytest.mark.parametrize("direction", ["read", "write"])
 async def test_target_killed_mid_copy(
     iscsi_target: ISCSITarget, tmp_path: Path, direction: str
@@ -398,30 +370,10 @@ async def test_target_killed_mid_copy(
     """Killing the target fails the conversion promptly, with one line naming it."""
     url = iscsi_target.add_lun(tmp_path / "lun.img", 64 * MiB)
     try:
-        memory: MemoryDriver
         if direction == "read":
             (tmp_path / "lun.img").write_bytes(os.urandom(64 * MiB))
-            memory = MemoryDriver(64 * MiB, delay=0.02)
-            source: str | MemoryDriver = url
-            target: str | MemoryDriver = memory
-            opts = ConvertOptions()
-        else:
-            memory = MemoryDriver(data=os.urandom(64 * MiB), delay=0.02, block_status=False)
-            source, target = memory, url
-            opts = ConvertOptions(no_create=True)
-        killed_at: list[float] = []
-        errors: list[ConvertError] = []
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(kill_when_copying, iscsi_target, memory, killed_at)
-            try:
-                await trioconv.convert(source, target, opts)
-            except ConvertError as exc:
-                errors.append(exc)
-        assert killed_at, "the copy ended before the target was stopped"
-        assert errors, "the conversion succeeded although the target was killed"
-        assert trio.current_time() - killed_at[0] < FAULT_DEADLINE
-        message = str(errors[0])
-        assert "\n" not in message and "iSCSI target" in message, message
+        kill = partial(iscsi_target.stop, kill=True)
+        await check_killed_mid_copy(direction, url, 64 * MiB, kill, "iSCSI target")
     finally:
         iscsi_target.start()
 
@@ -431,11 +383,6 @@ async def test_driver_after_connection_loss_raises(
 ) -> None:
     url = iscsi_target.add_lun(tmp_path / "lun.img", MiB)
     try:
-        with pytest.raises(BaseExceptionGroup) as info:  # noqa: PT012
-            async with trioconv.open_image(url, "raw") as image:
-                await image.pread(0, 4096)
-                iscsi_target.stop(kill=True)
-                await trio.sleep(FAULT_DEADLINE)  # the reader's failure cancels this
-        assert info.value.split(TrioconvIOError)[0] is not None
+        await check_reader_fails_after_loss(url, partial(iscsi_target.stop, kill=True))
     finally:
         iscsi_target.start()

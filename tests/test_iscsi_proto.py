@@ -694,20 +694,7 @@ def test_login_results_follow_the_rfc_combining_rules() -> None:
         b"MaxRecvDataSegmentLength=65536\0DataPDUInOrder=No\0MaxOutstandingR2T=4\0"
         b"TargetAlias=disk one\0"
     )
-    state = new_login()
-    converse(
-        state,
-        [
-            (
-                login_request(SEC_TO_OP, first_text("None")),
-                login_response(SEC_TO_OP, b"AuthMethod=None\0", stat_sn=1),
-            ),
-            (
-                login_request(OP_TO_FULL, OPERATIONAL_TEXT, exp_stat_sn=2),
-                login_response(OP_TO_FULL, answer, stat_sn=2, tsih=1),
-            ),
-        ],
-    )
+    state = login_without_auth(answer)
     params = state.params
     assert params.max_send_segment == 65536
     assert params.max_burst == 1048576
@@ -809,10 +796,7 @@ def test_continued_text_response_is_reassembled() -> None:
     converse(
         state,
         [
-            (
-                login_request(SEC_TO_OP, first_text("None")),
-                login_response(SEC_TO_OP, b"AuthMethod=None\0", stat_sn=1),
-            ),
+            no_auth_step(),
             (
                 login_request(OP_TO_FULL, OPERATIONAL_TEXT, exp_stat_sn=2),
                 login_response(OP_STAY | 0x40, TARGET_ANSWER[:cut], stat_sn=2),
@@ -834,10 +818,7 @@ def test_operational_keys_the_target_offers_are_answered() -> None:
     converse(
         state,
         [
-            (
-                login_request(SEC_TO_OP, first_text("None")),
-                login_response(SEC_TO_OP, b"AuthMethod=None\0", stat_sn=1),
-            ),
+            no_auth_step(),
             (
                 login_request(OP_TO_FULL, OPERATIONAL_TEXT, exp_stat_sn=2),
                 login_response(OP_STAY, offer, stat_sn=2),
@@ -866,6 +847,41 @@ def run_until_error(state: login.Login, answers: list[bytes]) -> login.LoginErro
     return info.value
 
 
+def no_auth_step() -> tuple[bytes, bytes]:
+    """The security stage without authentication: our request, the target's answer."""
+    return (
+        login_request(SEC_TO_OP, first_text("None")),
+        login_response(SEC_TO_OP, b"AuthMethod=None\0", stat_sn=1),
+    )
+
+
+def login_without_auth(answer: bytes) -> login.Login:
+    """A login without authentication whose target answers the operational stage so."""
+    state = new_login()
+    converse(
+        state,
+        [
+            no_auth_step(),
+            (
+                login_request(OP_TO_FULL, OPERATIONAL_TEXT, exp_stat_sn=2),
+                login_response(OP_TO_FULL, answer, stat_sn=2, tsih=1),
+            ),
+        ],
+    )
+    return state
+
+
+def refused_operational_answer(answer: bytes) -> login.LoginError:
+    """The error of a login without authentication that the operational ``answer`` ends."""
+    return run_until_error(
+        new_login(),
+        [
+            login_response(SEC_TO_OP, b"AuthMethod=None\0", stat_sn=1),
+            login_response(OP_TO_FULL, answer, stat_sn=2, tsih=1),
+        ],
+    )
+
+
 @pytest.mark.parametrize(
     ("status", "words"),
     [
@@ -887,25 +903,13 @@ def test_login_status_is_reported_readably(status: tuple[int, int], words: str) 
 
 def test_target_insisting_on_header_digest_is_refused() -> None:
     answer = TARGET_ANSWER.replace(b"HeaderDigest=None", b"HeaderDigest=CRC32C")
-    error = run_until_error(
-        new_login(),
-        [
-            login_response(SEC_TO_OP, b"AuthMethod=None\0", stat_sn=1),
-            login_response(OP_TO_FULL, answer, stat_sn=2, tsih=1),
-        ],
-    )
+    error = refused_operational_answer(answer)
     assert "HeaderDigest=CRC32C" in str(error)
 
 
 def test_target_insisting_on_error_recovery_is_refused() -> None:
     answer = TARGET_ANSWER.replace(b"ErrorRecoveryLevel=0", b"ErrorRecoveryLevel=2")
-    error = run_until_error(
-        new_login(),
-        [
-            login_response(SEC_TO_OP, b"AuthMethod=None\0", stat_sn=1),
-            login_response(OP_TO_FULL, answer, stat_sn=2, tsih=1),
-        ],
-    )
+    error = refused_operational_answer(answer)
     assert "error recovery" in str(error)
 
 
@@ -913,13 +917,7 @@ def test_target_negotiating_tiny_segments_is_refused() -> None:
     answer = TARGET_ANSWER.replace(
         b"MaxRecvDataSegmentLength=8192", b"MaxRecvDataSegmentLength=256"
     )
-    error = run_until_error(
-        new_login(),
-        [
-            login_response(SEC_TO_OP, b"AuthMethod=None\0", stat_sn=1),
-            login_response(OP_TO_FULL, answer, stat_sn=2, tsih=1),
-        ],
-    )
+    error = refused_operational_answer(answer)
     assert "512" in str(error)
 
 
@@ -979,13 +977,7 @@ def test_response_for_the_wrong_stage_is_refused() -> None:
 
 def test_non_numeric_negotiated_value_is_refused() -> None:
     answer = TARGET_ANSWER.replace(b"MaxBurstLength=262144", b"MaxBurstLength=lots")
-    error = run_until_error(
-        new_login(),
-        [
-            login_response(SEC_TO_OP, b"AuthMethod=None\0", stat_sn=1),
-            login_response(OP_TO_FULL, answer, stat_sn=2, tsih=1),
-        ],
-    )
+    error = refused_operational_answer(answer)
     assert "MaxBurstLength=lots" in str(error)
 
 
@@ -994,20 +986,7 @@ def test_first_burst_length_irrelevant_is_accepted() -> None:
         b"HeaderDigest=None\0DataDigest=None\0InitialR2T=Yes\0ImmediateData=No\0"
         b"MaxRecvDataSegmentLength=8192\0MaxBurstLength=262144\0FirstBurstLength=Irrelevant\0"
     )
-    state = new_login()
-    converse(
-        state,
-        [
-            (
-                login_request(SEC_TO_OP, first_text("None")),
-                login_response(SEC_TO_OP, b"AuthMethod=None\0", stat_sn=1),
-            ),
-            (
-                login_request(OP_TO_FULL, OPERATIONAL_TEXT, exp_stat_sn=2),
-                login_response(OP_TO_FULL, answer, stat_sn=2, tsih=1),
-            ),
-        ],
-    )
+    state = login_without_auth(answer)
     # No unsolicited data at all is allowed, so FirstBurstLength does not matter.
     assert state.params.initial_r2t
     assert not state.params.immediate_data

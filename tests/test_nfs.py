@@ -11,26 +11,28 @@ from __future__ import annotations
 
 import itertools
 import os
-import subprocess
+from functools import partial
 from pathlib import Path
 
 import pytest
 import trio
 
 import trioconv
-from trioconv import ConvertError, ConvertOptions, TrioconvIOError
+from trioconv import ConvertError, ConvertOptions
 from trioconv.protocols.memory import MemoryDriver
 
 from . import nfs_server as nfs_server_mod
+from ._faults import (
+    MiB,
+    check_killed_mid_copy,
+    check_reader_fails_after_loss,
+    make_mixed_src,
+    one_line_error,
+)
 from .conftest import ImageMaker, assert_identical, run, trioconv_cli
 from .nfs_server import NFSServer
 
 nfs_server = nfs_server_mod.nfs_server
-
-MiB = 1024 * 1024
-
-#: A fault must end the conversion within this many seconds.
-FAULT_DEADLINE = 15.0
 
 _names = itertools.count()
 
@@ -43,15 +45,7 @@ def unique(stem: str) -> str:
 @pytest.fixture
 def mixed_src(make_image: ImageMaker) -> Path:
     """8 MiB raw: data, written zeroes, holes, a data run that ends unaligned."""
-    return make_image(
-        "src.img",
-        "8M",
-        "write -P 0xab 0 1M",
-        "write -z 2M 1M",
-        "write -P 0x5c 3M 512k",
-        "write -P 0x17 7M 4k",
-        "write -P 0x99 8386560 1536",
-    )
+    return make_mixed_src(make_image)
 
 
 def put(nfs: NFSServer, local: Path, name: str) -> Path:
@@ -59,15 +53,6 @@ def put(nfs: NFSServer, local: Path, name: str) -> Path:
     dest = nfs.export_dir / name
     dest.write_bytes(local.read_bytes())
     return dest
-
-
-def one_line_error(result: subprocess.CompletedProcess[str]) -> str:
-    """The single ``trioconv: ...`` line of a failed CLI run."""
-    assert result.returncode == 1, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("trioconv: ")
-    return lines[0]
 
 
 # -- reading and writing -----------------------------------------------------------------
@@ -239,47 +224,16 @@ async def test_failed_conversion_removes_created_file(nfs_server: NFSServer) -> 
     assert existing.exists()
 
 
-async def kill_when_copying(nfs: NFSServer, mem: MemoryDriver, killed_at: list[float]) -> None:
-    """Kill the server once the copy is under way; note when."""
-    for _ in range(1000):
-        if mem.log:
-            break
-        await trio.sleep(0.01)
-    await trio.sleep(0.1)
-    nfs.stop(kill=True)
-    killed_at.append(trio.current_time())
-
-
 async def test_server_stopped_mid_copy(nfs_server: NFSServer) -> None:
     """Killing the server fails the conversion promptly, reading or writing."""
     name = unique("killed") + ".img"
     nfs_server.export_dir.joinpath(name).write_bytes(os.urandom(64 * MiB))
     try:
         for direction in ("read", "write"):
-            memory: MemoryDriver
-            if direction == "read":
-                memory = MemoryDriver(64 * MiB, delay=0.02)
-                source: str | MemoryDriver = nfs_server.url(name)
-                target: str | MemoryDriver = memory
-                opts = ConvertOptions()
-            else:
-                memory = MemoryDriver(data=os.urandom(64 * MiB), delay=0.02, block_status=False)
-                source, target = memory, nfs_server.url(name)
-                opts = ConvertOptions(no_create=True)
-            killed_at: list[float] = []
-
-            errors: list[ConvertError] = []
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(kill_when_copying, nfs_server, memory, killed_at)
-                try:
-                    await trioconv.convert(source, target, opts)
-                except ConvertError as exc:
-                    errors.append(exc)
-            assert killed_at, "the copy ended before the server was stopped"
-            assert errors, "the conversion succeeded although the server was killed"
-            assert trio.current_time() - killed_at[0] < FAULT_DEADLINE
-            message = str(errors[0])
-            assert "\n" not in message and "NFS server" in message, message
+            kill = partial(nfs_server.stop, kill=True)
+            await check_killed_mid_copy(
+                direction, nfs_server.url(name), 64 * MiB, kill, "NFS server"
+            )
             nfs_server.start()
     finally:
         nfs_server.start()
@@ -289,12 +243,8 @@ async def test_driver_after_connection_loss_raises(nfs_server: NFSServer) -> Non
     name = unique("lost") + ".img"
     nfs_server.export_dir.joinpath(name).write_bytes(bytes(MiB))
     try:
-        with pytest.raises(BaseExceptionGroup) as info:  # noqa: PT012
-            async with trioconv.open_image(nfs_server.url(name), "raw") as image:
-                await image.pread(0, 4096)
-                nfs_server.stop(kill=True)
-                await trio.sleep(FAULT_DEADLINE)  # the reader's failure cancels this
-        errors = info.value.split(TrioconvIOError)[0]
-        assert errors is not None
+        await check_reader_fails_after_loss(
+            nfs_server.url(name), partial(nfs_server.stop, kill=True)
+        )
     finally:
         nfs_server.start()

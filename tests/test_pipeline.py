@@ -18,6 +18,8 @@ from trioconv import ExtentKind
 from trioconv.convert.pipeline import Chunker, RunKind, SourceMap, find_zero_runs
 from trioconv.protocols.memory import MemoryDriver, Request
 
+from .conftest import walk_extents
+
 MiB = 1024 * 1024
 
 
@@ -180,13 +182,7 @@ async def test_file_block_status_maps_a_window_in_one_thread_call(
 
     async with await open_file(path) as drv:
         monkeypatch.setattr(trio.lowlevel, "start_thread_soon", counting)
-        seen = []
-        pos = 0
-        while pos < drv.size:
-            ext = await drv.block_status(pos, drv.size - pos)
-            assert ext.offset == pos and ext.length > 0
-            seen.append((ext.offset, ext.length, ext.kind))
-            pos = ext.end
+        seen = await walk_extents(drv.block_status, drv.size)
         assert len(calls) == 1  # 83 extents, one worker-thread call
         want_data = [(o, chunk) for o in data_at]
         assert [(o, n) for o, n, k in seen if k is ExtentKind.DATA] == want_data

@@ -27,7 +27,7 @@ from trioconv._open import create_image
 from trioconv.convert.pipeline import Chunker, RunKind
 from trioconv.formats.qcow2 import Qcow2Writer
 
-from .conftest import assert_identical, qemu_map, require_tool, run, trioconv_cli
+from .conftest import assert_identical, qemu_map, require_tool, run, trioconv_cli, walk_extents
 
 MiB = 1024 * 1024
 
@@ -384,13 +384,7 @@ async def test_create_header_is_qemus(tmp_path: Path, options: dict[str, str]) -
 async def test_layer_status(tmp_path: Path) -> None:
     top = make_chain(tmp_path)
     async with trioconv.open_image(top) as image:
-        kinds = []
-        pos = 0
-        while pos < image.size:
-            ext = await image.layer_status(pos, image.size - pos)
-            assert ext.offset == pos and ext.length > 0
-            kinds.append((ext.offset, ext.length, ext.kind))
-            pos = ext.end
+        kinds = await walk_extents(image.layer_status, image.size)
         assert image.backing is not None
         # The base's data under unallocated clusters is not this layer's.
         assert kinds[0] == (0, 512 * 1024, ExtentKind.HOLE)

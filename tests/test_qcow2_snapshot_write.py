@@ -9,7 +9,6 @@ equals the source (``qemu-img compare``).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import trioconv
 from trioconv.formats.qcow2 import Qcow2Writer
 from trioconv.formats.qcow2._codec import COPIED, OFFSET_MASK, ZERO_FLAG
 
+from ._qcow2 import assert_check_clean
 from .conftest import assert_identical, require_tool, run, trioconv_cli
 
 KiB = 1024
@@ -98,17 +98,6 @@ def snapshot_bytes(path: Path, name: str, out: Path) -> bytes:
     return data
 
 
-def assert_check_clean(path: Path) -> dict[str, Any]:
-    """``qemu-img check``: exit 0, no errors (COPIED flags included), no leaks."""
-    result = run("qemu-img", "check", "--output=json", "-f", "qcow2", path, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    report: dict[str, Any] = json.loads(result.stdout)
-    assert report.get("leaks", 0) == 0, report
-    assert report.get("corruptions", 0) == 0, report
-    assert report.get("check-errors", 0) == 0, report
-    return report
-
-
 def convert_into(
     tmp_path: Path, target: Path, source: Path, flags: list[str], names: list[str]
 ) -> None:
@@ -122,6 +111,14 @@ def convert_into(
         assert snapshot_bytes(target, name, tmp_path / "snap.raw") == before[name], name
     listed = run("qemu-img", "snapshot", "-l", target).stdout
     assert all(name in listed for name in names)
+
+
+def convert_source_into(tmp_path: Path, flags: list[str], **target: Any) -> None:
+    """:func:`convert_into` a target made by :func:`qcow2_target` (``target``: its
+    options) the raw :data:`SOURCE`."""
+    path = tmp_path / "t.qcow2"
+    names = qcow2_target(path, **target)
+    convert_into(tmp_path, path, raw_image(tmp_path / "src.raw", *SOURCE), flags, names)
 
 
 @pytest.fixture
@@ -140,10 +137,7 @@ FLAGS = [pytest.param([], id="default"), pytest.param(["-W"], id="W"), ["-m", "1
 def test_convert_into_image_with_snapshots(
     tmp_path: Path, cluster_size: str, compat: str, flags: list[str]
 ) -> None:
-    target = tmp_path / "t.qcow2"
-    names = qcow2_target(target, cluster_size=cluster_size, compat=compat)
-    source = raw_image(tmp_path / "src.raw", *SOURCE)
-    convert_into(tmp_path, target, source, flags, names)
+    convert_source_into(tmp_path, flags, cluster_size=cluster_size, compat=compat)
 
 
 @pytest.mark.usefixtures("tools")
@@ -152,10 +146,7 @@ def test_convert_into_image_with_snapshots(
 def test_convert_into_extended_l2_image_with_snapshots(
     tmp_path: Path, cluster_size: str, flags: list[str]
 ) -> None:
-    target = tmp_path / "t.qcow2"
-    names = qcow2_target(target, cluster_size=cluster_size, extended_l2=True)
-    source = raw_image(tmp_path / "src.raw", *SOURCE)
-    convert_into(tmp_path, target, source, flags, names)
+    convert_source_into(tmp_path, flags, cluster_size=cluster_size, extended_l2=True)
 
 
 @pytest.mark.usefixtures("tools")
@@ -167,10 +158,7 @@ def test_convert_into_image_with_snapshots_and_backing(
 ) -> None:
     """No pre-zeroing with a backing image: partly written shared clusters are copied."""
     base = raw_image(tmp_path / "base.raw", "write -P 0xb0 0 4M")
-    target = tmp_path / "t.qcow2"
-    names = qcow2_target(target, compat=compat, extended_l2=extended_l2, backing=base)
-    source = raw_image(tmp_path / "src.raw", *SOURCE)
-    convert_into(tmp_path, target, source, ["-W"], names)
+    convert_source_into(tmp_path, ["-W"], compat=compat, extended_l2=extended_l2, backing=base)
 
 
 @pytest.mark.usefixtures("tools")

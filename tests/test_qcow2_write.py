@@ -9,7 +9,6 @@ qemu-img is the oracle throughout: every image trioconv writes must pass
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import random
 import sys
@@ -30,30 +29,13 @@ from trioconv.formats.qcow2 import _compress as compress
 from trioconv.protocols.file import create_file, open_file
 from trioconv.testing import check_block_status_tiles, check_driver
 
+from ._qcow2 import RAW_COMMANDS, assert_check_clean, assert_refused_like_qemu, qemu_info
 from .conftest import ImageMaker, assert_identical, qemu_map, require_tool, run, trioconv_cli
 
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
-#: A raw source: data, a hole, written zeroes, small unaligned pieces, data at the end.
-RAW_COMMANDS = (
-    "write -P 0xab 0 300k",
-    "write -z 400k 200k",
-    "write -P 0x11 1M 1M",
-    "write -P 0x22 2500k 4k",
-    "write -P 0x33 3M 1536",
-    "write -P 0 3500k 128k",
-    "write -P 0x44 8128k 64k",
-)
-
 INFO_FIELDS = ("compat", "compression-type", "lazy-refcounts", "refcount-bits", "corrupt")
-
-
-def qemu_info(path: Path) -> dict[str, Any]:
-    info: dict[str, Any] = json.loads(
-        run("qemu-img", "info", "--output=json", "-f", "qcow2", path).stdout
-    )
-    return info
 
 
 def info_summary(path: Path) -> dict[str, Any]:
@@ -64,17 +46,6 @@ def info_summary(path: Path) -> dict[str, Any]:
     out["cluster-size"] = info["cluster-size"]
     out["dirty-flag"] = info["dirty-flag"]
     return out
-
-
-def assert_check_clean(path: Path) -> dict[str, Any]:
-    """``qemu-img check`` exits 0 and finds no errors and no leaks."""
-    result = run("qemu-img", "check", "--output=json", "-f", "qcow2", path, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    report: dict[str, Any] = json.loads(result.stdout)
-    assert report.get("leaks", 0) == 0, report
-    assert report.get("corruptions", 0) == 0, report
-    assert report.get("check-errors", 0) == 0, report
-    return report
 
 
 def allocated(path: Path, fmt: str = "qcow2") -> list[tuple[int, int]]:
@@ -193,13 +164,7 @@ async def test_create_matches_qemu_info(tmp_path: Path, variant: str) -> None:
 async def test_invalid_options_use_qemu_messages(
     tmp_path: Path, options: dict[str, str], message: str
 ) -> None:
-    require_tool("qemu-img")
-    path = tmp_path / "bad.qcow2"
-    with pytest.raises(UsageError, match=message):
-        await create_image(path, "qcow2", MiB, options)
-    opt = ",".join(f"{k}={v}" for k, v in options.items())
-    qemu = run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opt, path, "1M", check=False)
-    assert qemu.returncode != 0 and message in qemu.stderr
+    await assert_refused_like_qemu(tmp_path / "bad.qcow2", options, message)
 
 
 def test_options_help_lists_qcow2_options() -> None:

@@ -8,50 +8,26 @@ the same bytes; every image must pass ``qemu-img check`` and compare identical.
 
 from __future__ import annotations
 
-import json
 import struct
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import trioconv
-from trioconv import UsageError
 from trioconv._open import create_image
 from trioconv.formats.qcow2 import Qcow2Writer
 from trioconv.testing import check_driver
 
+from ._qcow2 import (
+    RAW_COMMANDS,
+    assert_check_clean,
+    assert_create_refused,
+    assert_refused_like_qemu,
+    qemu_info,
+)
 from .conftest import ImageMaker, assert_identical, qemu_map, require_tool, run, trioconv_cli
 
 MiB = 1024 * 1024
-
-#: A raw source: data, a hole, written zeroes, small unaligned pieces, data at the end.
-RAW_COMMANDS = (
-    "write -P 0xab 0 300k",
-    "write -z 400k 200k",
-    "write -P 0x11 1M 1M",
-    "write -P 0x22 2500k 4k",
-    "write -P 0x33 3M 1536",
-    "write -P 0 3500k 128k",
-    "write -P 0x44 8128k 64k",
-)
-
-
-def assert_check_clean(path: Path) -> dict[str, Any]:
-    result = run("qemu-img", "check", "--output=json", "-f", "qcow2", path, check=False)
-    assert result.returncode == 0, result.stdout + result.stderr
-    report: dict[str, Any] = json.loads(result.stdout)
-    assert report.get("leaks", 0) == 0, report
-    assert report.get("corruptions", 0) == 0, report
-    assert report.get("check-errors", 0) == 0, report
-    return report
-
-
-def qemu_info(path: Path) -> dict[str, Any]:
-    info: dict[str, Any] = json.loads(
-        run("qemu-img", "info", "--output=json", "-f", "qcow2", path).stdout
-    )
-    return info
 
 
 def l2_entries(path: Path) -> list[tuple[int, int, int]]:
@@ -210,13 +186,7 @@ async def test_create_extended_l2_is_byte_identical(
 async def test_extended_l2_refused_like_qemu(
     tmp_path: Path, options: dict[str, str], message: str
 ) -> None:
-    require_tool("qemu-img")
-    path = tmp_path / "bad.qcow2"
-    with pytest.raises(UsageError, match=message):
-        await create_image(path, "qcow2", MiB, options)
-    opt = ",".join(f"{k}={v}" for k, v in options.items())
-    qemu = run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opt, path, "1M", check=False)
-    assert qemu.returncode != 0 and message in qemu.stderr
+    await assert_refused_like_qemu(tmp_path / "bad.qcow2", options, message)
 
 
 async def test_check_driver_extended_l2(tmp_path: Path) -> None:
@@ -401,12 +371,8 @@ def test_convert_into_existing_data_file_image(
 async def test_data_file_refused_like_qemu(
     tmp_path: Path, options: dict[str, str], message: str
 ) -> None:
-    require_tool("qemu-img")
-    path = tmp_path / "bad.qcow2"
-    with pytest.raises(UsageError, match=message):
-        await create_image(path, "qcow2", MiB, options)
+    opt = await assert_create_refused(tmp_path / "bad.qcow2", options, message)
     assert not (tmp_path / "d.raw").exists()
-    opt = ",".join(f"{k}={v}" for k, v in options.items())
     qemu = run(
         "sh",
         "-c",

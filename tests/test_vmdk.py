@@ -924,7 +924,7 @@ async def test_partial_new_grains_are_one_write_and_match_qemu(tmp_path: Path) -
             calls.append((offset, memoryview(buf).nbytes))
             await write(offset, buf)
 
-        file.pwrite = counting  # type: ignore[method-assign]
+        file.pwrite = counting  # type: ignore[method-assign, assignment]
         await img.pwrite(4096, data)  # grains 0..3, the first and last in part
         assert len(calls) == 1, calls
         await img.flush()
