@@ -491,7 +491,11 @@ class _Engine:
                         prepared[offset] = await self.target.compress(offset, piece)
             if self.rate is not None:
                 await self.rate.wait(sum(n for _, n, z in runs if not z))
-            ticket = await self._turn(job, tickets, hold=len(runs) > 1)
+            # A format that allocates (clusters, grains, blocks) gets all of a split job's
+            # pieces ahead of the next job's, for qemu-img's layout; a raw target lets
+            # the next job start as soon as this one's first write has.
+            hold = len(runs) > 1 and self.target.limits.cluster_size > 0
+            ticket = await self._turn(job, tickets, hold=hold)
             last = len(runs) - 1
             for i, (offset, n, zero) in enumerate(runs):
                 if ticket is not None and i == last:
