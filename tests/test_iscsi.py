@@ -91,6 +91,14 @@ def test_create_checks_the_lun_size(
 
     line = one_line_error(trioconv_cli("convert", "-f", "raw", "-O", "qcow2", mixed_src, url))
     assert "iSCSI LUN is not supported" in line
+    # Nor into a qcow2 already in the LUN: it would have to grow past the LUN's end.
+    run("qemu-img", "create", "-q", "-f", "qcow2", tmp_path / "q.qcow2", "4M")
+    with backing.open("r+b") as f:
+        f.write((tmp_path / "q.qcow2").read_bytes())
+    before = backing.read_bytes()
+    line = one_line_error(trioconv_cli("convert", "-n", "-O", "qcow2", mixed_src, url))
+    assert "into an iSCSI LUN is not supported" in line
+    assert backing.read_bytes() == before
 
 
 def test_image_smaller_than_lun_unaligned_tail(

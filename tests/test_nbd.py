@@ -293,6 +293,25 @@ def test_qemu_nbd_qcow2_to_file(
     assert data_ranges(qemu_map(out)) == [(0, MiB), (4 * MiB, 4 * MiB + 64 * KiB)]
 
 
+def test_writing_a_format_into_an_export_is_refused(
+    nbdkit_server: NbdkitLauncher, tmp_path: Path, qemu_img: str
+) -> None:
+    """A qcow2 in an export cannot grow past the export's end: refused, untouched."""
+    image = tmp_path / "in-export.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", image, "8M")
+    with image.open("r+b") as f:
+        f.truncate(16 * MiB)
+    before = image.read_bytes()
+    src = tmp_path / "src.img"
+    src.write_bytes(b"\x5a" * MiB)
+    server = nbdkit_server("file", [str(image)])
+    result = trioconv_cli("convert", "-n", "-O", "qcow2", src, server.uri)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "into an NBD export is not supported" in lines[0]
+    assert image.read_bytes() == before
+
+
 async def test_qemu_nbd_block_status_reaches_the_client(
     qemu_nbd_server: QemuNbdLauncher, qcow2_src: Path
 ) -> None:

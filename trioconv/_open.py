@@ -373,6 +373,14 @@ async def _open_image(
             raise ImageError(
                 f"Could not open '{text}': image format '{info.name}' is not supported yet"
             )
+        if writable and info.name != "raw" and (is_nbd_uri(text) or is_iscsi_uri(text)):
+            # The format writers take new clusters from the end of their file, which an
+            # NBD export or a LUN cannot grow past: refuse before anything is written.
+            kind = "an NBD export" if is_nbd_uri(text) else "an iSCSI LUN"
+            raise UnsupportedError(
+                f"Writing a '{info.name}' image into {kind} is not supported yet: "
+                f"'{redact_location(text)}' (write a raw image with -O raw)"
+            )
         ctx = OpenContext(text, chain, stack, CacheMode.parse(cache), snapshot=snapshot)
         driver = await info.open(transport, ctx)
         # Closed first (the stack unwinds in reverse), so a format writes its metadata
