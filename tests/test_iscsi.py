@@ -91,14 +91,43 @@ def test_create_checks_the_lun_size(
 
     line = one_line_error(trioconv_cli("convert", "-f", "raw", "-O", "qcow2", mixed_src, url))
     assert "iSCSI LUN is not supported" in line
-    # Nor into a qcow2 already in the LUN: it would have to grow past the LUN's end.
-    run("qemu-img", "create", "-q", "-f", "qcow2", tmp_path / "q.qcow2", "4M")
+    # Into a vdi already in the LUN: refused, it would have to grow past the LUN's end.
+    run("qemu-img", "create", "-q", "-f", "vdi", tmp_path / "v.vdi", "4M")
     with backing.open("r+b") as f:
-        f.write((tmp_path / "q.qcow2").read_bytes())
+        f.write((tmp_path / "v.vdi").read_bytes())
     before = backing.read_bytes()
-    line = one_line_error(trioconv_cli("convert", "-n", "-O", "qcow2", mixed_src, url))
+    line = one_line_error(trioconv_cli("convert", "-n", "-O", "vdi", mixed_src, url))
     assert "into an iSCSI LUN is not supported" in line
     assert backing.read_bytes() == before
+
+    # Into a qcow2 already in the LUN (the rest random bytes): its clusters come after
+    # its last used one, within the LUN, and the old bytes there never show through.
+    src = make_image(
+        "src.img",
+        "8197k",
+        "write -P 0x11 0 100k",
+        "write -z 200k 60k",
+        "write -P 0x22 300k 5k",
+        "write -P 0x33 1M 70k",
+        "write -P 0x55 8195k 1k",
+    )
+    q = tmp_path / "q.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", q, "8197k")
+    with backing.open("r+b") as f:
+        f.write(os.urandom(8 * MiB))
+        f.seek(0)
+        f.write(q.read_bytes())
+    result = trioconv_cli("convert", "-n", "-O", "qcow2", src, url)
+    assert result.returncode == 0, result.stderr
+    assert backing.stat().st_size == 8 * MiB
+    check = run("qemu-img", "check", "-f", "qcow2", backing, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert_identical(src, backing, "raw", "qcow2")
+
+    # A qcow2 with more data than the LUN has room for: one clear error.
+    full = make_image("full.img", "8197k", "write -P 0x66 0 8197k")
+    line = one_line_error(trioconv_cli("convert", "-n", "-O", "qcow2", full, url))
+    assert "no space left in the iSCSI LUN" in line
 
 
 def test_image_smaller_than_lun_unaligned_tail(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import re
 import signal
 import socket
@@ -293,19 +294,85 @@ def test_qemu_nbd_qcow2_to_file(
     assert data_ranges(qemu_map(out)) == [(0, MiB), (4 * MiB, 4 * MiB + 64 * KiB)]
 
 
-def test_writing_a_format_into_an_export_is_refused(
+#: Data, holes and zero runs inside clusters, and a partly written last cluster (the
+#: images are 8M + 5k: qcow2's last cluster is partial).
+QCOW2_SRC_WRITES = (
+    "write -P 0x11 0 100k",
+    "write -z 200k 60k",
+    "write -P 0x22 300k 5k",
+    "write -P 0x33 1M 70k",
+    "write -P 0x44 3M 1k",
+    "write -P 0x55 8195k 1k",
+)
+
+
+def qcow2_in_garbage(path: Path, file_size: int, *options: str) -> None:
+    """A new qcow2 (8M + 5k) at the start of a file of ``file_size`` random bytes."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", *options, path, "8197k")
+    used = path.stat().st_size
+    with path.open("r+b") as f:
+        f.seek(used)
+        f.write(os.urandom(file_size - used))
+
+
+@pytest.mark.parametrize(
+    "options",
+    [(), ("-o", "extended_l2=on"), ("-o", "cluster_size=4k"), ("-o", "compat=0.10")],
+    ids=["default", "extended-l2", "4k-clusters", "v2"],
+)
+def test_writing_qcow2_into_an_export(
+    nbdkit_server: NbdkitLauncher,
+    tmp_path: Path,
+    make_image: ImageMaker,
+    options: tuple[str, ...],
+) -> None:
+    """A qcow2 in an export cannot grow: clusters come after its last used one, and the
+    old bytes there never show through."""
+    image = tmp_path / "in-export.qcow2"
+    qcow2_in_garbage(image, 16 * MiB, *options)
+    src = make_image("src.img", "8197k", *QCOW2_SRC_WRITES)
+    server = nbdkit_server("file", [str(image)])
+    result = trioconv_cli("convert", "-n", "-O", "qcow2", src, server.uri)
+    assert result.returncode == 0, result.stderr
+    assert image.stat().st_size == 16 * MiB
+    check = run("qemu-img", "check", "-f", "qcow2", image, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert_identical(src, image, "raw", "qcow2")
+    # Writing again (over its own clusters) keeps it so.
+    result = trioconv_cli("convert", "-n", "-O", "qcow2", "-S", "0", src, server.uri)
+    assert result.returncode == 0, result.stderr
+    assert run("qemu-img", "check", "-f", "qcow2", image, check=False).returncode == 0
+    assert_identical(src, image, "raw", "qcow2")
+
+
+def test_writing_qcow2_into_a_too_small_export(
+    nbdkit_server: NbdkitLauncher, tmp_path: Path, make_image: ImageMaker
+) -> None:
+    image = tmp_path / "in-export.qcow2"
+    qcow2_in_garbage(image, 512 * KiB)
+    src = make_image("src.img", "8197k", "write -P 0x11 0 2M")
+    server = nbdkit_server("file", [str(image)])
+    result = trioconv_cli("convert", "-n", "-O", "qcow2", src, server.uri)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "no space left in the NBD export" in lines[0]
+    assert image.stat().st_size == 512 * KiB
+
+
+def test_writing_other_formats_into_an_export_is_refused(
     nbdkit_server: NbdkitLauncher, tmp_path: Path, qemu_img: str
 ) -> None:
-    """A qcow2 in an export cannot grow past the export's end: refused, untouched."""
-    image = tmp_path / "in-export.qcow2"
-    run(qemu_img, "create", "-q", "-f", "qcow2", image, "8M")
+    """A vdi in an export cannot grow past the export's end: refused, untouched."""
+    image = tmp_path / "in-export.vdi"
+    run(qemu_img, "create", "-q", "-f", "vdi", image, "8M")
     with image.open("r+b") as f:
         f.truncate(16 * MiB)
     before = image.read_bytes()
     src = tmp_path / "src.img"
     src.write_bytes(b"\x5a" * MiB)
     server = nbdkit_server("file", [str(image)])
-    result = trioconv_cli("convert", "-n", "-O", "qcow2", src, server.uri)
+    result = trioconv_cli("convert", "-n", "-O", "vdi", src, server.uri)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "into an NBD export is not supported" in lines[0]

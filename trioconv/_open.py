@@ -96,6 +96,9 @@ class OpenContext:
     snapshot: str | None = None
     #: Set by a format opener that honoured ``snapshot``.
     snapshot_loaded: bool = False
+    #: The transport is a device of fixed size (an NBD export, an iSCSI LUN): a writer
+    #: cannot grow it, and space past the image's data may hold old bytes.
+    fixed_size: bool = False
 
     async def open_backing(self, location: str, fmt: str | None) -> Driver:
         """Open a backing image read-only; it is closed together with this image.
@@ -373,16 +376,22 @@ async def _open_image(
             raise ImageError(
                 f"Could not open '{text}': image format '{info.name}' is not supported yet"
             )
-        if writable and info.name != "raw" and (is_nbd_uri(text) or is_iscsi_uri(text)):
+        fixed_size = is_nbd_uri(text) or is_iscsi_uri(text)
+        if writable and fixed_size and info.name not in ("raw", "qcow2"):
             # The format writers take new clusters from the end of their file, which an
             # NBD export or a LUN cannot grow past: refuse before anything is written.
+            # (qcow2 allocates after its last used cluster there, within the device.)
             kind = "an NBD export" if is_nbd_uri(text) else "an iSCSI LUN"
             raise UnsupportedError(
                 f"Writing a '{info.name}' image into {kind} is not supported yet: "
                 f"'{redact_location(text)}' (write a raw image with -O raw)"
             )
-        ctx = OpenContext(text, chain, stack, CacheMode.parse(cache), snapshot=snapshot)
+        ctx = OpenContext(
+            text, chain, stack, CacheMode.parse(cache), snapshot=snapshot, fixed_size=fixed_size
+        )
         driver = await info.open(transport, ctx)
+        if is_iscsi_uri(text):
+            driver.location = redact_location(text)  # its messages never show a password
         # Closed first (the stack unwinds in reverse), so a format writes its metadata
         # while its transport is still open.
         stack.push_async_callback(driver.aclose)

@@ -35,6 +35,13 @@ On flush, version 3 images first get the *dirty* bit (qemu repairs the refcounts
 dirty image when it opens it), then refcount blocks, refcount table, L2 tables and L1
 are written, the file is flushed, and the header is rewritten clean.
 
+On a transport of fixed size (an NBD export, an iSCSI LUN; ``OpenContext.fixed_size``)
+the "file" is the whole device: new clusters are taken after the image's last cluster
+with a refcount (qemu's image end), an allocation past the device's end fails, and as
+the space there may hold old bytes, every new cluster (or subcluster) a write covers
+only partly is written whole, the rest zeroes - as around a write into a data file's
+cluster. Tables and refcount blocks are always written whole.
+
 Compressed clusters (``-c``) are compressed in worker threads by :meth:`compress` (the
 encoders are in ``_compress.py``) and packed byte by byte by :meth:`pwrite_compressed`
 the way qemu packs them: a stream starts where the previous one ended and may run into
@@ -215,6 +222,7 @@ class Qcow2Writer(Qcow2Driver):
         *,
         backing: Driver | None = None,
         data: Driver | None = None,
+        fixed_size: bool = False,
     ) -> None:
         super().__init__(child, info, l1, data=data, backing=backing)
         self.file = child
@@ -241,6 +249,8 @@ class Qcow2Writer(Qcow2Driver):
         self._l2_max = max(2, min(L2_CACHE_TABLES, L2_CACHE_BYTES // self._cs))
         self._end = -(-child.size // self._cs) * self._cs
         child.end = max(child.end, self._end)
+        #: The device's size when the transport cannot grow (see :meth:`_find_end`).
+        self._limit: int | None = child.child.size if fixed_size else None
         self._free_byte_offset = 0
         self._pending: dict[int, trio.Event] = {}
         self._lock = trio.Lock()
@@ -276,9 +286,43 @@ class Qcow2Writer(Qcow2Driver):
                 offset=offset,
             )
 
-    def _set_end(self, end: int) -> None:
+    def _set_end(self, end: int, what: str) -> None:
+        if self._limit is not None and end > self._limit:
+            self._failed = True  # the tables must not point at clusters never written
+            device = self.file.child  # its location carries no password
+            kind = {"nbd": "NBD export", "iscsi": "iSCSI LUN"}.get(device.name, "device")
+            raise TrioconvIOError(
+                f"{device.location}: no space left in the {kind} for {what}: the image needs "
+                f"{end} bytes, the {kind} has {self._limit}",
+                offset=self._end,
+            )
         self._end = end
         self.file.end = max(self.file.end, end)
+
+    @property
+    def _fixed(self) -> bool:
+        """The transport cannot grow, and guest data lives there: new data clusters may
+        hold old bytes. (An external data file is a file of the guest's size.)"""
+        return self._limit is not None and not self._external
+
+    async def _find_end(self) -> None:
+        """Start allocating after the last host cluster with a refcount (qemu's image
+        end), not at the end of a fixed-size transport."""
+        for ri in range(len(self._reftable) - 1, -1, -1):
+            blk = await self._refblock(ri)
+            if blk is None:
+                continue
+            for i in range(len(blk) - 1, -1, -1):
+                if blk[i]:
+                    self._end = (ri * self._rpb + i + 1) * self._cs
+                    return
+        raise self._corrupt("no host cluster has a refcount")
+
+    def _whole(self, pos: int, hi: int, start: int, length: int) -> bool:
+        """Whether a write of ``[pos, hi)`` covers the region ``[start, start + length)``
+        whole - up to the image's end, or on a fixed-size transport all of it."""
+        end = start + length
+        return pos <= start and hi >= (end if self._fixed else min(end, self.size))
 
     # -- refcounts --------------------------------------------------------------------
     async def _refblock(self, ri: int) -> array[int] | None:
@@ -305,7 +349,7 @@ class Qcow2Writer(Qcow2Driver):
             if made is not None:
                 return made
         host = self._end
-        self._set_end(host + self._cs)
+        self._set_end(host + self._cs, "a refcount block")
         blk = codec.refcount_array(self._order, self._rpb)
         self._refblocks[ri] = blk
         self._dirty_refblocks.add(ri)
@@ -326,9 +370,9 @@ class Qcow2Writer(Qcow2Driver):
             )
         h = self.header
         old_host, old_clusters = h.refcount_table_offset, h.refcount_table_clusters
-        self._reftable.extend(array("Q", bytes(clusters * self._cs - len(self._reftable) * 8)))
         host = self._end
-        self._set_end(host + clusters * self._cs)
+        self._set_end(host + clusters * self._cs, "a new refcount table")
+        self._reftable.extend(array("Q", bytes(clusters * self._cs - len(self._reftable) * 8)))
         self.header = attrs.evolve(h, refcount_table_offset=host, refcount_table_clusters=clusters)
         self._header_dirty = self._reftable_dirty = True
         await self._add_refs(host >> self._bits, clusters, 1)
@@ -424,7 +468,7 @@ class Qcow2Writer(Qcow2Driver):
     async def _alloc_clusters(self, count: int, *, ref: bool = True) -> int:
         """Take ``count`` contiguous clusters at the end of the file; their host offset."""
         host = self._end
-        self._set_end(host + count * self._cs)
+        self._set_end(host + count * self._cs, f"{count} more cluster{'s' * (count > 1)}")
         if ref:
             await self._add_refs(host >> self._bits, count, 1)
         return host
@@ -610,7 +654,7 @@ class Qcow2Writer(Qcow2Driver):
                 if normal and not await self._own_data(t, i):
                     # Shared with a snapshot: a new cluster, with the old content
                     # around a partial write; the old one loses our reference.
-                    whole = pos == c_start and hi >= min(c_start + cs, self.size)
+                    whole = self._whole(pos, hi, c_start, cs)
                     new = await self._alloc_clusters(1)
                     await self._free_entry(entry)
                     t.table[i] = new | COPIED
@@ -631,10 +675,13 @@ class Qcow2Writer(Qcow2Driver):
                         waits=(pending,) if pending is not None else (),
                     )
                 else:
-                    whole = pos == c_start and hi >= min(c_start + cs, self.size)
+                    whole = self._whole(pos, hi, c_start, cs)
                     from_backing = self.backing is not None and not entry & ZERO_FLAG
-                    # A data file's cluster may hold old bytes: zeroes go around the write.
-                    old_matters = entry & COMPRESSED or from_backing or self._external
+                    # A data file's cluster, or a new one on a fixed-size transport, may
+                    # hold old bytes: zeroes go around the write.
+                    old_matters = (
+                        entry & COMPRESSED or from_backing or self._external or self._fixed
+                    )
                     new = await self._alloc_data(c_start)
                     if entry & (COMPRESSED | ZERO_FLAG):
                         await self._free_entry(entry)
@@ -670,7 +717,7 @@ class Qcow2Writer(Qcow2Driver):
         if entry & COMPRESSED or shared:
             # A compressed cluster becomes a normal one, all of it allocated; so does
             # one shared with a snapshot, copied with what each subcluster read as.
-            whole = pos == c_start and hi >= min(c_start + cs, self.size)
+            whole = self._whole(pos, hi, c_start, cs)
             new = await self._alloc_clusters(1)
             await self._free_entry(entry)
             t.table[2 * i], t.table[2 * i + 1] = new | COPIED, ALL_ALLOC
@@ -691,14 +738,12 @@ class Qcow2Writer(Qcow2Driver):
         alloc, zero = bitmap & ALL_ALLOC, bitmap >> 32
         # Partly written subclusters that are not allocated yet need their old content.
         fills: dict[int, _Fill] = {}
-        head = pos > c_start + first * sc
-        tail = hi < min(c_start + (last + 1) * sc, self.size)
-        for s, partial in ((first, head), (last, tail)):
+        for s in {first, last}:
             s_start = c_start + s * sc
-            if not partial or alloc >> s & 1:
+            if self._whole(pos, hi, s_start, sc) or alloc >> s & 1:
                 continue
             from_backing = self.backing is not None and not zero >> s & 1
-            if fresh and not from_backing and not self._external:
+            if fresh and not from_backing and not self._external and not self._fixed:
                 continue  # a new cluster at the end of the image reads as zeroes already
             fills[s] = _Fill(s_start, sc, entry, from_backing)
         mask = ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
@@ -735,8 +780,11 @@ class Qcow2Writer(Qcow2Driver):
         assert fill is not None
         cs = self._cs
         n = min(fill.length, self.size - fill.start)
-        buf = bytearray(n)
-        view = memoryview(buf)
+        # On a fixed-size transport the region's host bytes past the image's end are
+        # zeroed too: they may hold old bytes.
+        buf = bytearray(fill.length if self._fixed else n)
+        whole_view = memoryview(buf)
+        view = whole_view[:n]
         region_host = run.host - (run.guest - fill.start)
         try:
             if fill.entry & COMPRESSED:
@@ -756,9 +804,10 @@ class Qcow2Writer(Qcow2Driver):
                 await self._read_backing(fill.start, view)
             at = run.guest - fill.start
             view[at : at + run.length] = piece
-            await self._data.pwrite(region_host, view)
+            await self._data.pwrite(region_host, whole_view)
         finally:
             view.release()
+            whole_view.release()
             if run.done is not None:
                 run.done.set()
                 if self._pending.get(region_host) is run.done:
@@ -1234,6 +1283,7 @@ async def _open_writer(
         )
     raw = await file.pread(h.refcount_table_offset, h.refcount_table_clusters * h.cluster_size)
     reftable = codec.decode_table(raw)
+    fixed_size = ctx is not None and ctx.fixed_size
     writer = Qcow2Writer(
         file,
         reader.info,
@@ -1241,8 +1291,11 @@ async def _open_writer(
         reftable,
         backing=reader.backing,
         data=reader._data if reader._data is not file else None,
+        fixed_size=fixed_size,
     )
     writer.location = reader.location
+    if fixed_size:
+        await writer._find_end()
     keep = int(codec.Autoclear.DATA_FILE_RAW) if writer._external else 0
     if h.autoclear_features & ~keep:
         # Writers that do not keep them up to date must clear autoclear bits (bitmaps);
