@@ -58,6 +58,42 @@ def run(*args: str | os.PathLike[str], check: bool = True) -> subprocess.Complet
     )
 
 
+def qemu_io_run(path: Path, fmt: str, *commands: str) -> None:
+    """``qemu-io -f FMT -c CMD ... PATH``."""
+    args: list[str | os.PathLike[str]] = [require_tool("qemu-io"), "-f", fmt]
+    for command in commands:
+        args += ["-c", command]
+    run(*args, path)
+
+
+def create_filled(
+    path: Path,
+    fmt: str,
+    size: str,
+    *commands: str,
+    options: str = "",
+    backing: str | None = None,
+    backing_fmt: str | None = None,
+) -> Path:
+    """``qemu-img create -f FMT [-o OPTIONS] [-b B -F BF] PATH SIZE``, then qemu-io commands."""
+    args: list[str | os.PathLike[str]] = [require_tool("qemu-img"), "create", "-q", "-f", fmt]
+    if options:
+        args += ["-o", options]
+    if backing is not None:
+        args += ["-b", backing]
+    if backing_fmt is not None:
+        args += ["-F", backing_fmt]
+    run(*args, path, size)
+    if commands:
+        qemu_io_run(path, fmt, *commands)
+    return path
+
+
+def make_raw(path: Path, size: str, *commands: str) -> Path:
+    """A raw image at ``path`` filled by qemu-io commands."""
+    return create_filled(path, "raw", size, *commands)
+
+
 @pytest.fixture
 def qemu_img() -> str:
     return require_tool("qemu-img")

@@ -9,7 +9,6 @@ writing QED is refused.
 from __future__ import annotations
 
 import json
-import os
 import struct
 from pathlib import Path
 
@@ -23,7 +22,13 @@ from trioconv import ExtentKind
 from trioconv.formats import qed
 from trioconv.testing import check_block_status_tiles
 
-from .conftest import assert_identical, require_tool, run, trioconv_cli
+from .conftest import (
+    assert_identical,
+    create_filled,
+    make_raw,
+    run,
+    trioconv_cli,
+)
 
 MiB = 1024 * 1024
 
@@ -36,30 +41,9 @@ def make_qed(
     backing: str | None = None,
     backing_fmt: str | None = None,
 ) -> Path:
-    args: list[str | os.PathLike[str]] = [require_tool("qemu-img"), "create", "-q", "-f", "qed"]
-    if options:
-        args += ["-o", options]
-    if backing is not None:
-        args += ["-b", backing]
-    if backing_fmt is not None:
-        args += ["-F", backing_fmt]
-    run(*args, path, size)
-    if commands:
-        io: list[str | os.PathLike[str]] = [require_tool("qemu-io"), "-f", "qed"]
-        for c in commands:
-            io += ["-c", c]
-        run(*io, path)
-    return path
-
-
-def make_raw(path: Path, size: str, *commands: str) -> Path:
-    run(require_tool("qemu-img"), "create", "-q", "-f", "raw", path, size)
-    io: list[str | os.PathLike[str]] = [require_tool("qemu-io"), "-f", "raw"]
-    for c in commands:
-        io += ["-c", c]
-    if commands:
-        run(*io, path)
-    return path
+    return create_filled(
+        path, "qed", size, *commands, options=options, backing=backing, backing_fmt=backing_fmt
+    )
 
 
 MIXED = (

@@ -25,7 +25,16 @@ from trioconv.formats.vdi import _codec as codec
 from trioconv.formats.vdi._driver import VdiDriver
 from trioconv.testing import check_block_status_tiles, check_driver
 
-from .conftest import assert_identical, qemu_map, require_tool, run, trioconv_cli
+from .conftest import (
+    assert_identical,
+    create_filled,
+    make_raw,
+    qemu_io_run,
+    qemu_map,
+    require_tool,
+    run,
+    trioconv_cli,
+)
 
 MiB = 1024 * 1024
 
@@ -38,28 +47,8 @@ MIXED = (
 )
 
 
-def qemu_io(path: Path, fmt: str, *commands: str) -> None:
-    args: list[str | Path] = [require_tool("qemu-io"), "-f", fmt]
-    for command in commands:
-        args += ["-c", command]
-    run(*args, path)
-
-
 def make_vdi(path: Path, size: str, *commands: str, options: str = "") -> Path:
-    args: list[str | Path] = [require_tool("qemu-img"), "create", "-q", "-f", "vdi"]
-    if options:
-        args += ["-o", options]
-    run(*args, path, size)
-    if commands:
-        qemu_io(path, "vdi", *commands)
-    return path
-
-
-def make_raw(path: Path, size: str, *commands: str) -> Path:
-    run(require_tool("qemu-img"), "create", "-q", "-f", "raw", path, size)
-    if commands:
-        qemu_io(path, "raw", *commands)
-    return path
+    return create_filled(path, "vdi", size, *commands, options=options)
 
 
 def info(path: Path) -> dict[str, Any]:
@@ -122,7 +111,7 @@ def test_many_writers_and_out_of_order(tmp_path: Path) -> None:
 def test_qcow2_to_vdi_and_back(tmp_path: Path) -> None:
     src = tmp_path / "src.qcow2"
     run(require_tool("qemu-img"), "create", "-q", "-f", "qcow2", src, "10M")
-    qemu_io(src, "qcow2", *MIXED)
+    qemu_io_run(src, "qcow2", *MIXED)
     out = tmp_path / "out.vdi"
     cli_ok("convert", "-O", "vdi", src, out)
     assert_identical(out, src, "vdi", "qcow2")

@@ -37,7 +37,15 @@ from trioconv.formats.vmdk import _codec as codec
 from trioconv.protocols.memory import MemoryDriver
 from trioconv.testing import check_block_status_tiles
 
-from .conftest import assert_identical, qemu_map, require_tool, run, trioconv_cli
+from .conftest import (
+    assert_identical,
+    create_filled,
+    make_raw,
+    qemu_map,
+    require_tool,
+    run,
+    trioconv_cli,
+)
 from .nbd_servers import QemuNbdLauncher
 
 MiB = 1024 * 1024
@@ -62,13 +70,6 @@ MIXED = (
 # -- helpers ----------------------------------------------------------------------------
 
 
-def qemu_io(path: Path, fmt: str, *commands: str) -> None:
-    args: list[str | os.PathLike[str]] = [require_tool("qemu-io"), "-f", fmt]
-    for command in commands:
-        args += ["-c", command]
-    run(*args, path)
-
-
 def make_vmdk(path: Path, size: str, *commands: str, options: str = "") -> Path:
     """``qemu-img create -f vmdk [-o options]``, then ``qemu-io`` commands.
 
@@ -82,20 +83,7 @@ def make_vmdk(path: Path, size: str, *commands: str, options: str = "") -> Path:
         run(qemu_img, "convert", "-f", "vmdk", "-O", "vmdk", "-o", options, staging, path)
         staging.unlink()
         return path
-    args: list[str | os.PathLike[str]] = [qemu_img, "create", "-q", "-f", "vmdk"]
-    if options:
-        args += ["-o", options]
-    run(*args, path, size)
-    if commands:
-        qemu_io(path, "vmdk", *commands)
-    return path
-
-
-def make_raw(path: Path, size: str, *commands: str) -> Path:
-    run(require_tool("qemu-img"), "create", "-q", "-f", "raw", path, size)
-    if commands:
-        qemu_io(path, "raw", *commands)
-    return path
+    return create_filled(path, "vmdk", size, *commands, options=options)
 
 
 def qemu_info(path: Path) -> dict[str, Any]:
