@@ -164,6 +164,11 @@ class FileDriver(Driver):
         self._alignment = alignment
         self._zeroes_ok = True
         self._rmw_lock = trio.Lock()
+        # Buffered writes to one regular file are serialised by the kernel (the inode's
+        # lock); several in flight only spin on that lock and burn a core that the
+        # reads, the checks for zeroes and a network peer could use. One at a time, in
+        # the order they ask (trio.Lock is fair, so in-order mode stays in order).
+        self._write_lock = trio.Lock() if not (blockdev or cache.direct) else None
         # Block status map: contiguous extents, their start offsets for bisect, and
         # what keeps it honest - writes in flight and a count of writes started.
         self._extents: list[Extent] = []
@@ -268,6 +273,10 @@ class FileDriver(Driver):
 
     async def _pwrite(self, offset: int, data: Buffer) -> None:
         view = memoryview(data).cast("B")
+        if self._write_lock is not None:
+            async with self._write_lock:
+                await self._run("writing", offset, _write_full, self._fd, view, offset)
+            return
         if self._is_direct_ok(offset, view):
             await self._run("writing", offset, _write_full, self._fd, view, offset)
             return
