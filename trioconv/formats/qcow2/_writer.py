@@ -633,6 +633,9 @@ class Qcow2Writer(Qcow2Driver):
         end = offset + length
         runs: list[_Run] = []
         pos = offset
+        # No backing file, data file, subclusters or old device bytes: an unallocated
+        # cluster needs nothing around a partial write (the file reads as zeroes there).
+        plain = not (self._ext or self._external or self._fixed or self.backing is not None)
         while pos < end:
             index = pos // span
             t = await self._get_l2(index, create=True)
@@ -644,6 +647,18 @@ class Qcow2Writer(Qcow2Driver):
                 i = (pos - base) >> bits
                 c_start = base + (i << bits)
                 hi = min(stop, c_start + cs)
+                if plain:
+                    j = ((stop - 1 - base) >> bits) + 1
+                    if j - i > 1 and t.table[i:j].count(0) == j - i:
+                        # A stretch of never-written clusters in an image of its own:
+                        # contiguous new clusters, one table update, one host run.
+                        new = await self._alloc_clusters(j - i)
+                        first = new | COPIED
+                        t.table[i:j] = array("Q", range(first, first + ((j - i) << bits), cs))
+                        t.touch()
+                        self._add_run(runs, _Run(pos, stop - pos, new + pos - c_start))
+                        pos = stop
+                        continue
                 if self._ext:
                     await self._allocate_ext(runs, t, i, c_start, pos, hi)
                     pos = hi
