@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
 
 from trioconv.protocols.iscsi import open_iscsi
 from trioconv.protocols.iscsi._zeroing import Kind, ZeroingChoice
@@ -20,74 +21,78 @@ from trioconv.protocols.iscsi._zeroing import Kind, ZeroingChoice
 from ._faults import MiB
 from .iscsi_target import ISCSITarget
 
-RTT = 0.002
+
+def run(choice: ZeroingChoice, kind: Kind, start: float, seconds: float, nbytes: int) -> None:
+    choice.started(kind, start)
+    choice.finished(kind, nbytes, start + seconds)
 
 
-def test_write_same_until_both_are_seen() -> None:
+def test_write_same_until_both_have_evidence() -> None:
     choice = ZeroingChoice()
-    choice.note_command(RTT)
-    assert not choice.zeroes_as_data()
-    choice.note(Kind.WRITE_SAME, 8 * MiB, RTT + 0.100)  # 80 MiB/s beyond the round trip
-    assert not choice.zeroes_as_data()  # no data WRITEs seen yet
-    choice.note(Kind.WRITE, 4096, RTT)  # too short to tell anything
-    assert choice.cost(Kind.WRITE) is None and not choice.zeroes_as_data()
-    choice.note(Kind.WRITE, MiB, RTT + 0.002)  # 500 MiB/s
-    assert choice.zeroes_as_data()
+    assert not choice.zeroes_as_data(0.0)
+    run(choice, Kind.WRITE_SAME, 0.0, 0.1, 8 * MiB)  # 80 MiB/s
+    assert not choice.zeroes_as_data(0.1)  # no data WRITEs seen yet
+    run(choice, Kind.WRITE, 0.1, 0.001, MiB)  # fast, but too little to judge
+    assert choice.rate(Kind.WRITE, 0.2) is None
+    assert not choice.zeroes_as_data(0.2)
+    run(choice, Kind.WRITE, 0.2, 0.004, 4 * MiB)
+    assert choice.zeroes_as_data(0.3)
 
 
 def test_fast_write_same_stays() -> None:
     """An array that expands WRITE SAME in place: zeroes never cross the network."""
     choice = ZeroingChoice()
-    choice.note_command(RTT)
+    now = 0.0
     for _ in range(10):
-        choice.note(Kind.WRITE, MiB, RTT + 0.008)  # a 1 Gbit/s link
-        choice.note(Kind.WRITE_SAME, 8 * MiB, RTT + 0.002)
-        assert not choice.zeroes_as_data()
+        run(choice, Kind.WRITE, now, 0.008, MiB)  # a 1 Gbit/s link
+        run(choice, Kind.WRITE_SAME, now + 0.01, 0.002, 8 * MiB)
+        now += 0.02
+        assert not choice.zeroes_as_data(now)
 
 
-def test_round_trip_is_not_counted_as_cost() -> None:
-    """10 ms of round trip: a small WRITE takes longer per byte than a large WRITE SAME
-    the target expands quickly; less the round trip, WRITE SAME is still cheaper."""
+def test_parallel_commands_count_busy_time_once() -> None:
+    """Eight WRITEs in flight together for 10 ms moved 8 MiB in 10 ms, not in 80."""
     choice = ZeroingChoice()
-    choice.note_command(0.010)  # READ CAPACITY at open
-    choice.note(Kind.WRITE, 256 * 1024, 0.0105)
-    choice.note(Kind.WRITE_SAME, 8 * MiB, 0.012)
-    assert not choice.zeroes_as_data()
+    for i in range(8):
+        choice.started(Kind.WRITE, 0.0 + i * 1e-6)
+    for i in range(8):
+        choice.finished(Kind.WRITE, MiB, 0.010 + i * 1e-6)
+    rate = choice.rate(Kind.WRITE, 1.0)
+    assert rate is not None and 790 * MiB < rate < 810 * MiB
+    # A command in flight now counts its time so far, not its bytes yet.
+    choice.started(Kind.WRITE, 1.0)
+    assert choice.rate(Kind.WRITE, 1.01) == pytest.approx(8 * MiB / 0.020, rel=1e-3)
 
 
-def test_queueing_does_not_count_as_cost() -> None:
-    """Commands that waited behind others took longer; the lowest recent cost counts."""
-    choice = ZeroingChoice()
-    choice.note_command(RTT)
-    choice.note(Kind.WRITE, MiB, RTT + 0.002)
-    for _ in range(8):
-        choice.note(Kind.WRITE, MiB, RTT + 0.050)  # queued behind seven others
-    choice.note(Kind.WRITE_SAME, MiB, RTT + 0.012)
-    assert choice.cost(Kind.WRITE) == pytest.approx(0.002 / MiB)
-    assert choice.zeroes_as_data()
+def test_failed_commands_move_no_bytes() -> None:
+    choice = ZeroingChoice(evidence=0)
+    choice.started(Kind.WRITE_SAME, 0.0)
+    choice.finished(Kind.WRITE_SAME, 0, 0.5)
+    assert choice.rate(Kind.WRITE_SAME, 1.0) == 0.0
 
 
 def test_reprobes_write_same_and_follows_it_back() -> None:
-    choice = ZeroingChoice(reprobe=4, recent=4)
-    choice.note_command(RTT)
-    choice.note(Kind.WRITE, MiB, RTT + 0.001)
-    choice.note(Kind.WRITE_SAME, 8 * MiB, RTT + 0.200)
-    answers = [choice.zeroes_as_data() for _ in range(8)]
+    choice = ZeroingChoice(reprobe=4)
+    run(choice, Kind.WRITE, 0.0, 0.01, 8 * MiB)  # 800 MiB/s
+    run(choice, Kind.WRITE_SAME, 0.01, 0.1, 8 * MiB)  # 80 MiB/s
+    answers = [choice.zeroes_as_data(0.2) for _ in range(8)]
     assert answers == [True, True, True, False] * 2  # every 4th asks WRITE SAME again
-    choice.note(Kind.WRITE_SAME, 8 * MiB, RTT + 0.0001)  # the target got fast at it
-    assert not choice.zeroes_as_data()
+    now = 0.2
+    for _ in range(50):  # the target got fast at it
+        run(choice, Kind.WRITE_SAME, now, 0.001, 8 * MiB)
+        now += 0.001
+    assert not choice.zeroes_as_data(now)
 
 
-async def test_tgt_thick_lun_times_both_kinds(iscsi_target: ISCSITarget, tmp_path: Path) -> None:
+async def test_tgt_thick_lun_tallies_both_kinds(iscsi_target: ISCSITarget, tmp_path: Path) -> None:
     url = iscsi_target.add_lun(tmp_path / "lun.img", 24 * MiB)
     async with open_iscsi(url, writable=True) as lun:
         choice = lun._zeroing
-        assert 0 < choice.floor < 30  # READ CAPACITY at open
         await lun.pwrite(0, os.urandom(4 * MiB))
-        assert choice.cost(Kind.WRITE) is not None
-        assert choice.cost(Kind.WRITE_SAME) is None
-        await lun.pwrite_zeroes(4 * MiB, 8 * MiB)  # WRITE SAME: nothing against it yet
-        assert choice.cost(Kind.WRITE_SAME) is not None
+        assert choice.rate(Kind.WRITE, trio.current_time()) is not None
+        assert choice.rate(Kind.WRITE_SAME, trio.current_time()) is None
+        await lun.pwrite_zeroes(4 * MiB, 8 * MiB)  # WRITE SAME: no evidence against it yet
+        assert choice.rate(Kind.WRITE_SAME, trio.current_time()) is not None
         await lun.pwrite_zeroes(12 * MiB, 12 * MiB, may_unmap=True)  # no UNMAP on a thick LUN
         assert await lun.pread(4 * MiB, 20 * MiB) == bytes(20 * MiB)
 
@@ -101,7 +106,7 @@ async def test_tgt_thick_lun_zeroes_as_data(iscsi_target: ISCSITarget, tmp_path:
         f.write(b"\xa5" * size)
     async with open_iscsi(url, writable=True) as lun:
         # Given history: WRITE SAME at 1 MiB/s, far below any data rate here.
-        lun._zeroing.note(Kind.WRITE_SAME, 8 * MiB, 8.0)
+        run(lun._zeroing, Kind.WRITE_SAME, -100.0, 99.0, 99 * MiB)
         sent: list[int] = []
         real_same = lun._write_same
 

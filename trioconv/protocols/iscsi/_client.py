@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import errno as errno_mod
 import itertools
-import math
 import os
 import socket
 import urllib.parse
@@ -652,8 +651,6 @@ class _Geometry:
     provisioning: scsi.Provisioning
     vendor: str
     product: str
-    #: Seconds READ CAPACITY took: a small command, so about one round trip.
-    round_trip: float = math.inf
 
 
 async def _probe(conn: Connection, address: ISCSIAddress) -> _Geometry:
@@ -690,9 +687,7 @@ async def _probe(conn: Connection, address: ISCSIAddress) -> _Geometry:
             await trio.sleep(0.2)
     cap_buf = memoryview(bytearray(32))
     try:
-        start = trio.current_time()
         await conn.command(lun, scsi.cdb_read_capacity_16(32), data_in=cap_buf)
-        round_trip = trio.current_time() - start
         capacity = scsi.decode_read_capacity_16(cap_buf)
     except (CommandError, scsi.DecodeError) as exc:
         raise ImageError(f"Could not open '{address.uri}': READ CAPACITY failed: {exc}") from exc
@@ -714,7 +709,7 @@ async def _probe(conn: Connection, address: ISCSIAddress) -> _Geometry:
             provisioning = scsi.decode_provisioning(buf)
     except (CommandError, scsi.DecodeError):
         pass  # VPD pages are optional: keep the defaults
-    return _Geometry(capacity, limits, provisioning, inquiry.vendor, inquiry.product, round_trip)
+    return _Geometry(capacity, limits, provisioning, inquiry.vendor, inquiry.product)
 
 
 # -- the driver ------------------------------------------------------------------------------
@@ -760,7 +755,6 @@ class ISCSIDriver(Driver):
         self._rmw_lock = trio.Lock()
         self._closed = False
         self._zeroing = ZeroingChoice()
-        self._zeroing.note_command(geometry.round_trip)
 
     @property
     def size(self) -> int:
@@ -818,13 +812,10 @@ class ISCSIDriver(Driver):
         data_in: memoryview | None = None,
         data_out: memoryview | None = None,
     ) -> _Task:
-        start = trio.current_time()
         try:
-            task = await self._conn.command(self._lun, cdb, data_in=data_in, data_out=data_out)
+            return await self._conn.command(self._lun, cdb, data_in=data_in, data_out=data_out)
         except (CommandError, pdu.ProtocolError) as exc:
             raise self._error(exc, what, offset) from exc
-        self._zeroing.note_command(trio.current_time() - start)
-        return task
 
     # -- reads -----------------------------------------------------------------------------
     async def preadinto(self, offset: int, buf: memoryview) -> None:
@@ -950,7 +941,7 @@ class ISCSIDriver(Driver):
         tail = max(head, end - end % bs)
         if head > offset:
             await self._write_unaligned(offset, memoryview(bytes(head - offset)))
-        if tail > head and not unmap and self._zeroing.zeroes_as_data():
+        if tail > head and not unmap and self._zeroing.zeroes_as_data(trio.current_time()):
             await self._write_zero_bytes(head, tail - head)
         elif tail > head:
             block = memoryview(bytes(bs))
@@ -969,10 +960,14 @@ class ISCSIDriver(Driver):
 
     @contextlib.contextmanager
     def _timed(self, kind: Kind, nbytes: int) -> Iterator[None]:
-        """Report how long a command that succeeds took to the zeroing choice."""
-        start = trio.current_time()
-        yield
-        self._zeroing.note(kind, nbytes, trio.current_time() - start)
+        """Report a command's start and end to the zeroing choice (0 bytes if it fails)."""
+        self._zeroing.started(kind, trio.current_time())
+        done = 0
+        try:
+            yield
+            done = nbytes
+        finally:
+            self._zeroing.finished(kind, done, trio.current_time())
 
     async def _write_zero_bytes(self, offset: int, length: int) -> None:
         """Zero whole blocks by sending zero bytes: WRITEs in flight, a piece at a time."""
