@@ -32,7 +32,7 @@ import itertools
 import os
 import socket
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import attrs
@@ -48,7 +48,6 @@ from . import _pdu as pdu
 from . import _scsi as scsi
 from ._pdu import BHS, Opcode
 from ._scsi import SCSIStatus, SenseKey
-from ._zeroing import Kind, ZeroingChoice
 
 __all__ = [
     "ISCSIAddress",
@@ -71,9 +70,6 @@ _MAX_ZERO_BLOCKS = 0x400000  # 2 GiB of 512-byte blocks
 _STATUS_ALLOC = 8 + 16 * 64
 #: The largest WRITE SAME that writes (rather than unmaps) zeroes.
 _WRITE_SAME_PIECE = 8 * 1024 * 1024
-#: Zeroes sent as data (when the target expands WRITE SAME slowly) go this much at a time.
-_ZERO_DATA_PIECE = 8 * 1024 * 1024
-_ZEROS = bytes(_ZERO_DATA_PIECE)  # untouched pages: no memory until read
 #: Retries of a command the target answers with UNIT ATTENTION, BUSY or TASK SET FULL.
 _RETRIES = 10
 _BUSY_DELAY = 0.01
@@ -722,9 +718,7 @@ class ISCSIDriver(Driver):
     read, merged and written back). On a thin-provisioned LUN (LBPME) zeroes go as WRITE
     SAME with UNMAP, which deallocates instead of writing, and GET LBA STATUS answers
     block status; on a thick LUN zeroes go as plain WRITE SAME, which the target expands
-    without the zeroes crossing the network - or, once WRITE SAME has been seen costing
-    clearly more per byte than data WRITEs (a target expanding it block by block), as
-    WRITEs of zero bytes (see :mod:`._zeroing`).
+    without the zeroes crossing the network.
     """
 
     name = "iscsi"
@@ -754,7 +748,6 @@ class ISCSIDriver(Driver):
         self._max_same = min(ws, _MAX_ZERO_BLOCKS) if ws else _MAX_ZERO_BLOCKS
         self._rmw_lock = trio.Lock()
         self._closed = False
-        self._zeroing = ZeroingChoice()
 
     @property
     def size(self) -> int:
@@ -923,8 +916,7 @@ class ISCSIDriver(Driver):
                 errno=errno_mod.ENOSPC,
             )
         cdb = scsi.cdb_write_16(offset // self._bs, view.nbytes // self._bs)
-        with self._timed(Kind.WRITE, view.nbytes):
-            await self._run(cdb, "writing", offset, data_out=view)
+        await self._run(cdb, "writing", offset, data_out=view)
 
     async def pwrite_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
@@ -941,9 +933,7 @@ class ISCSIDriver(Driver):
         tail = max(head, end - end % bs)
         if head > offset:
             await self._write_unaligned(offset, memoryview(bytes(head - offset)))
-        if tail > head and not unmap and self._zeroing.zeroes_as_data(trio.current_time()):
-            await self._write_zero_bytes(head, tail - head)
-        elif tail > head:
+        if tail > head:
             block = memoryview(bytes(bs))
             step = self._max_same * bs
             if not unmap:
@@ -958,34 +948,10 @@ class ISCSIDriver(Driver):
         if end > tail:
             await self._write_unaligned(tail, memoryview(bytes(end - tail)))
 
-    @contextlib.contextmanager
-    def _timed(self, kind: Kind, nbytes: int) -> Iterator[None]:
-        """Report a command's start and end to the zeroing choice (0 bytes if it fails)."""
-        self._zeroing.started(kind, trio.current_time())
-        done = 0
-        try:
-            yield
-            done = nbytes
-        finally:
-            self._zeroing.finished(kind, done, trio.current_time())
-
-    async def _write_zero_bytes(self, offset: int, length: int) -> None:
-        """Zero whole blocks by sending zero bytes: WRITEs in flight, a piece at a time."""
-        zeros = memoryview(_ZEROS)
-        pos, end = offset, offset + length
-        while pos < end:
-            n = min(zeros.nbytes, end - pos)
-            await self._write_aligned(pos, zeros[:n])
-            pos += n
-
     async def _write_same(self, offset: int, length: int, block: memoryview, unmap: bool) -> None:
         cdb = scsi.cdb_write_same_16(offset // self._bs, length // self._bs, unmap=unmap)
         try:
-            if unmap:
-                await self._conn.command(self._lun, cdb, data_out=block)
-            else:
-                with self._timed(Kind.WRITE_SAME, length):
-                    await self._conn.command(self._lun, cdb, data_out=block)
+            await self._conn.command(self._lun, cdb, data_out=block)
         except CommandError as exc:
             if exc.unsupported:
                 if unmap:
