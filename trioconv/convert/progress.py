@@ -39,7 +39,9 @@ class Progress:
     skipped: int = 0
     started_at: float | None = None
     finished: bool = False
-    _changed: trio.Event = attrs.field(factory=trio.Event, init=False, repr=False)
+    # Made by the first waiter and set by the next change: no event per update when
+    # nobody watches.
+    _changed: trio.Event | None = attrs.field(default=None, init=False, repr=False)
 
     @property
     def fraction(self) -> float:
@@ -52,8 +54,9 @@ class Progress:
         return 100.0 * self.fraction
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     def _start(self, total: int) -> None:
         self.total = total
@@ -76,4 +79,6 @@ class Progress:
         if self.finished:
             await trio.lowlevel.checkpoint()
             return
+        if self._changed is None:
+            self._changed = trio.Event()
         await self._changed.wait()
