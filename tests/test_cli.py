@@ -201,6 +201,73 @@ def test_bundled_value_is_the_value_of_the_option(src: Path, tmp_path: Path, bun
     assert not dst.exists()
 
 
+@pytest.mark.parametrize(
+    "order",
+    [
+        pytest.param(["{a}", "-O", "raw", "{b}", "{out}"], id="options-between"),
+        pytest.param(["{a}", "{b}", "{out}", "-O", "raw", "-m", "2", "-W"], id="options-after"),
+        pytest.param(["-f", "raw", "{a}", "--target-format", "raw", "{b}", "{out}"], id="long"),
+        pytest.param(["-O", "raw", "--", "{a}", "{b}", "{out}"], id="double-dash"),
+    ],
+)
+def test_options_may_follow_file_names(
+    make_image: ImageMaker, tmp_path: Path, order: list[str]
+) -> None:
+    """qemu-img's getopt takes ``convert a.qcow2 -O raw b.raw``; so must trioconv."""
+    a = make_image("a.raw", "2M", "write -P 0x11 0 1M")
+    b = make_image("b.raw", "1M", "write -P 0x22 4k 8k")
+    out = tmp_path / "out.raw"
+    names = {"a": str(a), "b": str(b), "out": str(out)}
+    ok(trioconv_cli("convert", *[arg.format(**names) for arg in order]))
+    expected = tmp_path / "expected.raw"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", a, b, expected)
+    assert_identical(expected, out)
+
+
+def test_file_names_starting_with_a_dash(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-src.img").write_bytes(src.read_bytes())
+    ok(trioconv_cli("convert", "-O", "raw", "--", "-src.img", "-dst.img"))
+    assert_identical(src, tmp_path / "-dst.img")
+
+
+def test_long_options_taking_values_are_known() -> None:
+    """normalize_argv must know every long option that takes a value, or a value that
+    follows it would be moved behind the options as if it were a file name."""
+    import inspect
+    import typing
+
+    from cyclopts import Parameter
+
+    from trioconv import cli
+
+    for command in ("convert", "info"):
+        valued = set()
+        signature = inspect.signature(getattr(cli, command), eval_str=True)
+        for param in signature.parameters.values():
+            args = typing.get_args(param.annotation)
+            meta = [m for m in args[1:] if isinstance(m, Parameter)] if args else []
+            if not meta or args[0] is bool:
+                continue
+            names = meta[0].name
+            names = [names] if isinstance(names, str) else list(names or ())
+            valued |= {n for n in names if n.startswith("--")}
+        assert valued == cli._LONG_VALUED[command], command
+    assert cli.normalize_argv(["convert", "a", "--parallel", "4", "-pWm8", "b"]) == [
+        "convert",
+        "--parallel",
+        "4",
+        "-p",
+        "-W",
+        "-m",
+        "8",
+        "a",
+        "b",
+    ]
+
+
 def test_default_sparse_size_is_4k(make_image: ImageMaker, tmp_path: Path) -> None:
     """A 4 KiB zero block inside data becomes a hole with the default -S (4k)."""
     src = make_image("src.img", "4M", "write -P 0x11 0 4M", "write -P 0 1M 4k")

@@ -49,18 +49,46 @@ app = cyclopts.App(
 #: Short options that take a value, per command (qemu-img's getopt strings).
 _VALUED = {"convert": set("fOoBbFlsStTmr"), "info": set("f")}
 _FLAGS = {"convert": set("cpqnWUCh"), "info": set("Uh")}
+#: Long options that take a value (the next token unless given as ``--name=value``).
+_LONG_VALUED = {
+    "convert": {
+        "--source-format",
+        "--target-format",
+        "--output-format",
+        "--target-format-options",
+        "--options",
+        "--source-cache",
+        "--target-cache",
+        "--output-cache",
+        "--backing",
+        "--backing-format",
+        "--snapshot",
+        "--sparse-size",
+        "--parallel",
+        "--rate-limit",
+        "--rate",
+        "--progress-style",
+        "--object",
+        "--connections",
+    },
+    "info": {"--format", "--output"},
+}
 
 
 def normalize_argv(argv: Sequence[str]) -> list[str]:
-    """Rewrite qemu-img style arguments into one token per option.
+    """Rewrite qemu-img style arguments into one token per option, options first.
 
     ``-pWm8`` becomes ``-p -W -m 8``; ``--progress=json`` becomes ``-p --progress-style json``.
-    Everything after ``--`` is left alone.
+    As with qemu-img's getopt, options may come after file names (``convert a.qcow2 -O
+    raw b.raw``): the file names move behind the options, in their order. Everything
+    after ``--`` is a file name.
     """
     out: list[str] = []
+    files: list[str] = []
     command = argv[0] if argv else ""
     valued, flags = _VALUED.get(command, set()), _FLAGS.get(command, set())
-    args = iter(argv)
+    long_valued = _LONG_VALUED.get(command, set())
+    args = iter(argv[1:])
     seen_flags: set[str] = set()
 
     def flag(name: str) -> None:
@@ -71,17 +99,22 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
 
     for arg in args:
         if arg == "--":
-            out.append(arg)
-            out.extend(args)
+            files.extend(args)
             break
         if arg.startswith("--progress="):
             flag("-p")
             out += ["--progress-style", arg.split("=", 1)[1]]
             continue
+        if arg in long_valued:
+            out += [arg, next(args, "")]
+            continue
+        if arg.startswith("--") or arg == "-":
+            (out if arg != "-" else files).append(arg)
+            continue
         if len(arg) == 2 and arg[0] == "-" and arg[1] in flags:
             flag(arg)
             continue
-        if arg.startswith("-") and not arg.startswith("--") and len(arg) > 2:
+        if arg.startswith("-") and len(arg) >= 2:
             i = 1
             while i < len(arg):
                 ch = arg[i]
@@ -90,12 +123,20 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
                     out.append(arg[i + 1 :] if i + 1 < len(arg) else next(args, ""))
                     break
                 if ch not in flags:
+                    if len(arg) == 2:
+                        out.append(arg)  # unknown: cyclopts names it
+                        break
                     raise UsageError(f"invalid option -- '{ch}'")
                 flag("-" + ch)
                 i += 1
             continue
-        out.append(arg)
-    return out
+        files.append(arg)
+    head = [command] if argv else []
+    if not files:
+        return head + out
+    return (
+        head + out + ["--", *files] if any(f.startswith("-") for f in files) else head + out + files
+    )
 
 
 def _parse_o(values: Sequence[str]) -> dict[str, str]:
