@@ -24,6 +24,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 #: The Debian package that brings each external program the tests run.
 DEBIAN_PACKAGES = {
     "nbdkit": "nbdkit",
+    "nbdinfo": "libnbd-bin",
     "openssl": "openssl",
     "setpriv": "util-linux",
     "losetup": "mount",

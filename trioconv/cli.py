@@ -367,9 +367,26 @@ def _print_human(data: dict[str, object]) -> None:
     specific = data.get("format-specific")
     if isinstance(specific, dict) and isinstance(specific.get("data"), dict):
         print("Format specific information:")
-        for key, value in specific["data"].items():
-            text = str(value).lower() if isinstance(value, bool) else value
-            print(f"    {key.replace('-', ' ')}: {text}")
+        _print_nested(specific["data"], 1)
+
+
+def _print_nested(value: object, depth: int) -> None:
+    """qemu-img info's human layout of format-specific data: dicts as ``key: value``
+    lines, lists as ``[N]:`` items, four spaces deeper per level."""
+    pad = "    " * depth
+    items: list[tuple[object, object]] = []
+    if isinstance(value, dict):
+        items = list(value.items())
+    elif isinstance(value, list):
+        items = list(enumerate(value))
+    for key, item in items:
+        label = f"[{key}]" if isinstance(key, int) else str(key).replace("-", " ")
+        if isinstance(item, (dict, list)):
+            print(f"{pad}{label}:")
+            _print_nested(item, depth + 1)
+        else:
+            text = str(item).lower() if isinstance(item, bool) else item
+            print(f"{pad}{label}: {text}")
 
 
 @app.command

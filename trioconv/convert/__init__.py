@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -16,6 +18,11 @@ from ..driver import Driver
 from .options import ConvertOptions
 from .pipeline import convert_error_from_group, run_pipeline
 from .progress import Progress
+
+if TYPE_CHECKING:
+    from ..formats.qcow2._bitmaps import Bitmap
+
+log = logging.getLogger("trioconv")
 
 __all__ = ["ConvertOptions", "ConvertResult", "Progress", "convert"]
 
@@ -76,8 +83,10 @@ def _check_format_features(
         raise UnsupportedError("Copying bitmaps only possible with single source")
     if opts.compress and not target_is_driver and not format_info(fmt).can_compress:
         raise UnsupportedError(f"Compression not supported for this file format ('{fmt}')")
-    if opts.bitmaps:
+    if opts.bitmaps and fmt != "qcow2":
         raise UnsupportedError(f"Format driver '{fmt}' does not support bitmaps")
+    if opts.bitmaps and creating and opts.create_options().get("compat") in ("0.10", "v2"):
+        raise UnsupportedError("Cannot store dirty bitmaps in qcow2 v2 files")
 
 
 def _target_backing(opts: ConvertOptions, *, target_is_driver: bool) -> str | None:
@@ -208,6 +217,7 @@ async def _convert(
         try:
             if tgt.size < total:
                 raise ImageError("output file is smaller than input file")
+            bitmaps = await _bitmaps_to_copy(drivers[0], tgt, opts) if opts.bitmaps else []
             backing = _target_backing(opts, target_is_driver=isinstance(target, Driver))
             zero_init = backing is None and (opts.target_is_zero or (is_new and tgt.caps.zero_init))
             # Past the end of a new target's backing file, untouched ranges read as
@@ -224,6 +234,8 @@ async def _convert(
                 backing_end=backing_end,
             )
             try:
+                if bitmaps:
+                    await _add_bitmaps(tgt, bitmaps)
                 await tgt.flush()
             except TrioconvError as exc:
                 raise ConvertError(str(exc)) from exc
@@ -238,6 +250,45 @@ async def _convert(
             elapsed=trio.current_time() - start,
             salvaged=tuple(salvaged),
         )
+
+
+async def _bitmaps_to_copy(source: Driver, target: Driver, opts: ConvertOptions) -> list[Bitmap]:
+    """``--bitmaps``: the source's persistent bitmaps, checked before anything is copied.
+
+    An inconsistent one (``in_use``) stops the conversion unless
+    ``--skip-broken-bitmaps``; a name the target already has stops it too.
+    """
+    from ..formats.qcow2 import Qcow2Driver, Qcow2Writer
+
+    if not isinstance(target, Qcow2Writer):
+        raise UnsupportedError(f"Format driver '{target.name}' does not support bitmaps")
+    if target.header.version < 3:
+        raise UnsupportedError("Cannot store dirty bitmaps in qcow2 v2 files")
+    if not isinstance(source, Qcow2Driver):
+        return []  # a format without persistent bitmaps: nothing to copy
+    bitmaps: list[Bitmap] = []
+    for b in await source.load_bitmaps():
+        if b.in_use:
+            if opts.skip_broken_bitmaps:
+                log.warning("skipping inconsistent bitmap '%s'", b.name)
+                continue
+            raise UnsupportedError(
+                f"Cannot copy inconsistent bitmap '{b.name}' (try --skip-broken-bitmaps, or "
+                "remove it with 'qemu-img bitmap --remove')"
+            )
+        bitmaps.append(b)
+    existing = {b.name for b in target.bitmaps}
+    for b in bitmaps:
+        if b.name in existing:
+            raise UnsupportedError(f"Bitmap '{b.name}' already exists in the target")
+    return bitmaps
+
+
+async def _add_bitmaps(target: Driver, bitmaps: list[Bitmap]) -> None:
+    from ..formats.qcow2 import Qcow2Writer
+
+    assert isinstance(target, Qcow2Writer)
+    await target.add_bitmaps(bitmaps)
 
 
 def _side_files(target: ImageSpec, options: Mapping[str, str]) -> set[Path]:

@@ -223,7 +223,8 @@ class ImageInfo:
         data_file: the external data file's name, or None.
         feature_names: ``(type, bit) -> name`` from the feature name table, where type
             is 0 incompatible, 1 compatible, 2 autoclear.
-        has_bitmaps: the image carries persistent dirty bitmaps (not read here).
+        has_bitmaps: the image carries persistent dirty bitmaps.
+        bitmaps_extension: the bitmaps extension's body as stored, or None.
         unknown_extensions: types of extensions that were skipped.
     """
 
@@ -234,6 +235,7 @@ class ImageInfo:
     feature_names: Mapping[tuple[int, int], str] = attrs.field(factory=dict)
     has_bitmaps: bool = False
     unknown_extensions: tuple[int, ...] = ()
+    bitmaps_extension: bytes | None = None
 
     @property
     def layout(self) -> Layout:
@@ -427,6 +429,7 @@ def parse_extensions(h: Header, cluster: bytes | bytearray | memoryview) -> Imag
     data_file: str | None = None
     names: dict[tuple[int, int], str] = {}
     has_bitmaps = False
+    bitmaps_body: bytes | None = None
     unknown: list[int] = []
     while pos + _EXT_HEADER.size <= end:
         ext_type, length = _EXT_HEADER.unpack_from(data, pos)
@@ -452,6 +455,7 @@ def parse_extensions(h: Header, cluster: bytes | bytearray | memoryview) -> Imag
             data_file = _text(body.split(b"\0", 1)[0], "external data file name", body_at)
         elif ext_type == Extension.BITMAPS:
             has_bitmaps = True
+            bitmaps_body = bytes(body)
         elif ext_type == Extension.FULL_DISK_ENCRYPTION:
             raise Qcow2FormatError("encrypted qcow2 images are not supported", pos)
         else:
@@ -476,7 +480,44 @@ def parse_extensions(h: Header, cluster: bytes | bytearray | memoryview) -> Imag
         feature_names=names,
         has_bitmaps=has_bitmaps,
         unknown_extensions=tuple(unknown),
+        bitmaps_extension=bitmaps_body,
     )
+
+
+def rebuild_extensions(
+    h: Header, cluster: bytes | bytearray | memoryview, bitmaps: bytes | None
+) -> tuple[Header, bytes]:
+    """The header extensions with the bitmaps one replaced by ``bitmaps`` (a body; None:
+    removed), then the end marker and the backing file name.
+
+    Returns the header with ``backing_file_offset`` moved to match, and the bytes that go
+    at offset ``h.header_length`` of the file.
+
+    Raises:
+        Qcow2FormatError: it would not fit in the first cluster.
+    """
+    info = parse_extensions(h, cluster)  # validates what is there
+    data = bytes(cluster[: h.cluster_size])
+    end = min(h.backing_file_offset or h.cluster_size, h.cluster_size, len(data))
+    pos = h.header_length
+    out = bytearray()
+    while pos + _EXT_HEADER.size <= end:
+        ext_type, length = _EXT_HEADER.unpack_from(data, pos)
+        if ext_type == Extension.END:
+            break
+        stop = pos + _EXT_HEADER.size + (length + 7) // 8 * 8
+        if ext_type != Extension.BITMAPS:
+            out += data[pos:stop]
+        pos = stop
+    if bitmaps is not None:
+        out += encode_extension(Extension.BITMAPS, bitmaps)
+    out += bytes(_EXT_HEADER.size)  # the end marker
+    name = (info.backing_file or "").encode("utf-8")
+    offset = h.header_length + len(out) if name else 0
+    out += name
+    if h.header_length + len(out) > h.cluster_size:
+        raise Qcow2FormatError("the header extensions no longer fit in the first cluster", 0)
+    return attrs.evolve(h, backing_file_offset=offset, backing_file_size=len(name)), bytes(out)
 
 
 def parse_image(cluster: bytes | bytearray | memoryview, file_size: int) -> ImageInfo:

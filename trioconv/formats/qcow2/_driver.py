@@ -38,6 +38,7 @@ from ...driver import Caps, Driver, Extent, ExtentKind, Limits
 from .._common import fill_zero as _fill_zero
 from .._common import resolve_name as _resolve
 from .._common import same_place as _same_place
+from . import _bitmaps as bm
 from . import _codec as codec
 from . import _snapshot as snapshots
 from ._codec import ClusterKind, Segment
@@ -128,6 +129,8 @@ class Qcow2Driver(Driver):
         )
         self._closed = False
         self.snapshots: list[snapshots.Snapshot] = []
+        #: The bitmap directory, when the image has consistent persistent bitmaps.
+        self.bitmap_entries: list[bm.DirectoryEntry] = []
 
     # -- contract ---------------------------------------------------------------------
     @property
@@ -152,6 +155,16 @@ class Qcow2Driver(Driver):
                 "zstd" if h.compression_type == codec.CompressionType.ZSTD else "zlib"
             )
             data["lazy-refcounts"] = bool(h.compatible_features & codec.Compatible.LAZY_REFCOUNTS)
+            if self.bitmap_entries:
+                data["bitmaps"] = [
+                    {
+                        "flags": (["in-use"] if e.flags & bm.IN_USE else [])
+                        + (["auto"] if e.flags & bm.AUTO else []),
+                        "name": e.name,
+                        "granularity": 1 << e.granularity_bits,
+                    }
+                    for e in self.bitmap_entries
+                ]
             data["refcount-bits"] = 1 << h.refcount_order
             data["corrupt"] = bool(h.incompatible_features & codec.Incompatible.CORRUPT)
             data["extended-l2"] = bool(h.incompatible_features & codec.Incompatible.EXTENDED_L2)
@@ -182,6 +195,61 @@ class Qcow2Driver(Driver):
     # -- metadata ---------------------------------------------------------------------
     def _corrupt(self, problem: str, offset: int | None = None) -> TrioconvIOError:
         return TrioconvIOError(f"{self.location}: corrupt qcow2 image: {problem}", offset=offset)
+
+    async def load_bitmaps(self) -> list[bm.Bitmap]:
+        """The image's persistent dirty bitmaps, read into memory.
+
+        Raises:
+            TrioconvIOError: a bitmap table or data cluster lies outside the file or is
+                malformed, or the bitmaps would need more than ``bm.MAX_DATA_BYTES``.
+        """
+        out: list[bm.Bitmap] = []
+        h, cs, file = self.header, self.layout.cluster_size, self.child
+        total = 0
+        for e in self.bitmap_entries:
+            try:
+                nbytes = bm.data_size(h.size, e.granularity_bits)
+                total += nbytes
+                if total > bm.MAX_DATA_BYTES:
+                    raise bm.BitmapError(
+                        f"the bitmaps need more than {bm.MAX_DATA_BYTES} bytes of memory"
+                    )
+                data = bytearray(nbytes)
+                raw = await file.pread(e.table_offset, e.table_size * 8)
+                hosts: list[int] = []
+                for i, entry in enumerate(codec.decode_table(raw)):
+                    host, ones = bm.decode_table_entry(entry, cs)
+                    lo = i * cs
+                    n = min(cs, nbytes - lo)
+                    if host:
+                        if host + cs > file.size:
+                            raise bm.BitmapError(
+                                f"bitmap '{e.name}': data cluster {host:#x} lies past the "
+                                "end of the file"
+                            )
+                        data[lo : lo + n] = await file.pread(host, n)
+                        hosts.append(host)
+                    elif ones:
+                        data[lo : lo + n] = b"\xff" * n
+            except bm.BitmapError as exc:
+                raise self._corrupt(str(exc)) from None
+            bits = bm.bit_count(h.size, e.granularity_bits)
+            if bits % 8:
+                data[-1] &= (1 << bits % 8) - 1  # unused tail bits read as zero
+            out.append(
+                bm.Bitmap(
+                    e.name,
+                    e.granularity_bits,
+                    bool(e.flags & bm.AUTO),
+                    bits,
+                    data,
+                    in_use=bool(e.flags & bm.IN_USE),
+                    extra_data=e.extra_data,
+                    extra_compatible=bool(e.flags & bm.EXTRA_DATA_COMPATIBLE),
+                    stored=(e.table_offset, e.table_size, tuple(hosts)),
+                )
+            )
+        return out
 
     async def _l2_table(self, index: int) -> tuple[array[int], bytes] | None:
         """The L2 table of L1 entry ``index`` (None when it has none), through the cache."""
@@ -527,4 +595,46 @@ async def open_qcow2(
     driver = Qcow2Driver(transport, info, l1, data=data, backing=backing)
     driver.location = ctx.location
     driver.snapshots = table
+    driver.bitmap_entries = await _read_bitmap_directory(transport, info, where)
     return driver
+
+
+async def _read_bitmap_directory(
+    transport: Driver, info: codec.ImageInfo, where: str
+) -> list[bm.DirectoryEntry]:
+    """The bitmap directory, checked; [] when the image has no consistent bitmaps (no
+    extension, or a program that did not keep them up to date cleared the autoclear bit)."""
+    h = info.header
+    body = info.bitmaps_extension
+    if body is None or h.version < 3 or not h.autoclear_features & codec.Autoclear.BITMAPS:
+        return []
+    cs = h.cluster_size
+    try:
+        count, size, offset = bm.decode_extension(body)
+        if offset % cs or offset + size > transport.size:
+            raise bm.BitmapError(
+                f"bitmap directory at {offset:#x} ({size} bytes) is misaligned or lies past "
+                "the end of the file"
+            )
+        entries = bm.decode_directory(await transport.pread(offset, size), count)
+        for e in entries:
+            if e.type != bm.TYPE_DIRTY_TRACKING:
+                raise bm.BitmapError(f"bitmap '{e.name}' has unknown type {e.type}")
+            if not bm.MIN_GRANULARITY_BITS <= e.granularity_bits <= bm.MAX_GRANULARITY_BITS:
+                raise bm.BitmapError(
+                    f"bitmap '{e.name}' has granularity 2^{e.granularity_bits} (2^9 to 2^31)"
+                )
+            expected = bm.table_size(h.size, e.granularity_bits, cs)
+            if e.table_size != expected:
+                raise bm.BitmapError(
+                    f"bitmap '{e.name}' has a table of {e.table_size} entries; the image's "
+                    f"size needs {expected}"
+                )
+            if e.table_offset % cs or e.table_offset + e.table_size * 8 > transport.size:
+                raise bm.BitmapError(
+                    f"bitmap '{e.name}': table at {e.table_offset:#x} is misaligned or lies "
+                    "past the end of the file"
+                )
+    except bm.BitmapError as exc:
+        raise ImageError(f"{where}: corrupt bitmaps: {exc}") from None
+    return entries

@@ -42,6 +42,14 @@ the space there may hold old bytes, every new cluster (or subcluster) a write co
 only partly is written whole, the rest zeroes - as around a write into a data file's
 cluster. Tables and refcount blocks are always written whole.
 
+Persistent dirty bitmaps (``_bitmaps.py``) are loaded when an image that has consistent
+ones is opened for writing. Every write sets its range in the enabled ones; the first
+write also clears the bitmaps' autoclear bit on disk, so an interrupted writer leaves
+them marked inconsistent rather than silently stale. On flush the bitmaps are written
+anew at the end of the file (the old data clusters, tables and directory freed), the
+header extension is rewritten and the autoclear bit set again. :meth:`add_bitmaps`
+adds another image's bitmaps the same way (``--bitmaps``).
+
 Compressed clusters (``-c``) are compressed in worker threads by :meth:`compress` (the
 encoders are in ``_compress.py``) and packed byte by byte by :meth:`pwrite_compressed`
 the way qemu packs them: a stream starts where the previous one ended and may run into
@@ -73,6 +81,7 @@ from ..._errors import (
 from ...driver import Buffer, Caps, Driver, Limits
 from ...protocols.file import create_file, open_file
 from .._common import local_path, same_place
+from . import _bitmaps as bm
 from . import _codec as codec
 from ._codec import COMPRESSED, COPIED, OFFSET_MASK, ZERO_FLAG
 from ._compress import compress_clusters, deflate_backend
@@ -260,6 +269,12 @@ class Qcow2Writer(Qcow2Driver):
         self._sc = self.layout.subcluster_size
         #: Entries per L2 table slot: 2 with extended L2 (entry, subcluster bitmap).
         self._step = 2 if self._ext else 1
+        #: Persistent dirty bitmaps kept up to date (loaded when the image had some).
+        self._bitmaps: list[bm.Bitmap] = []
+        #: Where the bitmap directory is stored now: (offset, size), or None.
+        self._bitmap_dir: tuple[int, int] | None = None
+        #: The bitmaps changed since they were stored (and the header says so on disk).
+        self._bitmaps_changed = False
 
     # -- contract ---------------------------------------------------------------------
     @property
@@ -571,6 +586,8 @@ class Qcow2Writer(Qcow2Driver):
         self._check_range("write", offset, view.nbytes)
         if not view.nbytes:
             return
+        if self._bitmaps:
+            await self._touch_bitmaps(offset, view.nbytes)
         async with self._lock:
             runs = await self._allocate(offset, view.nbytes)
         await self._write_runs(runs, offset, view)
@@ -851,6 +868,8 @@ class Qcow2Writer(Qcow2Driver):
         self._check_range("write zeroes", offset, length)
         if not length:
             return
+        if self._bitmaps:
+            await self._touch_bitmaps(offset, length)
         if self._raw:
             # The data file must read as the guest does: zero it there first (qemu too).
             await self._zero_data_file(offset, length, may_unmap=may_unmap, fast=fast)
@@ -1086,6 +1105,8 @@ class Qcow2Writer(Qcow2Driver):
     async def pwrite_compressed(self, offset: int, prepared: object) -> None:
         if not isinstance(prepared, CompressedClusters) or prepared.offset != offset:
             raise TypeError("pwrite_compressed takes what compress() returned for this offset")
+        if self._bitmaps:
+            await self._touch_bitmaps(offset, len(prepared.clusters) * self._cs)
         cs, span = self._cs, self._table_span
         # Runs of host-contiguous streams: (host offset, total length, pieces), joined once.
         plan: list[tuple[int, int, list[bytes]]] = []
@@ -1194,6 +1215,7 @@ class Qcow2Writer(Qcow2Driver):
         if self._external:
             await self._data.flush()  # data before the metadata that points at it
         async with self._lock:
+            await self._store_bitmaps()
             await self._write_metadata()
         await self.file.flush()
 
@@ -1204,6 +1226,7 @@ class Qcow2Writer(Qcow2Driver):
             if not self._failed:
                 with trio.CancelScope(shield=True):
                     async with self._lock:
+                        await self._store_bitmaps()
                         await self._write_metadata()
         except TrioconvError as exc:
             log.warning("%s: could not write qcow2 metadata on close: %s", self.location, exc)
@@ -1211,6 +1234,141 @@ class Qcow2Writer(Qcow2Driver):
             self._closed = True
             self._l2.clear()
             self._refblocks.clear()
+
+    # -- persistent bitmaps -----------------------------------------------------------
+    @property
+    def bitmaps(self) -> list[bm.Bitmap]:
+        """The image's persistent dirty bitmaps, as they will be stored."""
+        return self._bitmaps
+
+    async def _touch_bitmaps(self, offset: int, length: int) -> None:
+        """A write of guest ``[offset, offset + length)``: set it in the enabled
+        bitmaps. The first one also clears the bitmaps' autoclear bit on disk, so that
+        if the writer never gets to store them they read as inconsistent, not as
+        up to date."""
+        if not self._bitmaps_changed:
+            self._bitmaps_changed = True
+            await self._invalidate_bitmaps_on_disk()
+        for b in self._bitmaps:
+            if b.auto and not b.in_use:
+                b.mark(offset, length)
+
+    async def _invalidate_bitmaps_on_disk(self) -> None:
+        h = self.header
+        if h.autoclear_features & codec.Autoclear.BITMAPS:
+            self.header = attrs.evolve(
+                h, autoclear_features=h.autoclear_features & ~int(codec.Autoclear.BITMAPS)
+            )
+            await self._write_meta(88, self.header.autoclear_features.to_bytes(8, "big"))
+
+    async def add_bitmaps(self, bitmaps: list[bm.Bitmap]) -> None:
+        """Add copies of ``bitmaps`` (another image's) to this image's; stored on flush.
+
+        Raises:
+            UnsupportedError: a version 2 image, or a bitmap of that name exists here.
+        """
+        if not bitmaps:
+            return
+        if self.header.version < 3:
+            raise UnsupportedError("Cannot store dirty bitmaps in qcow2 v2 files")
+        names = {b.name for b in self._bitmaps}
+        for b in bitmaps:
+            if b.name in names:
+                raise UnsupportedError(f"Bitmap '{b.name}' already exists in the target")
+        if not self._bitmaps_changed:
+            self._bitmaps_changed = True
+            await self._invalidate_bitmaps_on_disk()
+        size = self.header.size
+        for b in bitmaps:
+            bits = bm.bit_count(size, b.granularity_bits)
+            data = bytearray(bm.data_size(size, b.granularity_bits))
+            n = min(len(data), len(b.data))
+            data[:n] = b.data[:n]
+            if bits % 8 and data:
+                data[-1] &= (1 << bits % 8) - 1
+            self._bitmaps.append(
+                bm.Bitmap(
+                    b.name,
+                    b.granularity_bits,
+                    b.auto,
+                    bits,
+                    data,
+                    extra_data=b.extra_data,
+                    extra_compatible=b.extra_compatible,
+                )
+            )
+
+    async def _store_bitmaps(self) -> None:
+        """Write changed bitmaps anew (under the lock): data clusters, tables and the
+        directory at the end of the file, the old ones freed; then the header extension
+        and the autoclear bit that makes them count again."""
+        if not self._bitmaps_changed:
+            return
+        cs, bits = self._cs, self._bits
+        await self._mark_dirty_on_disk()
+        for b in self._bitmaps:
+            if b.stored is not None:
+                table_offset, table_size, old_hosts = b.stored
+                for host in old_hosts:
+                    await self._add_refs(host >> bits, 1, -1)
+                if table_size:
+                    await self._add_refs(table_offset >> bits, -(-table_size * 8 // cs), -1)
+                b.stored = None
+        if self._bitmap_dir is not None:
+            offset, size = self._bitmap_dir
+            await self._add_refs(offset >> bits, -(-size // cs), -1)
+            self._bitmap_dir = None
+        entries: list[bm.DirectoryEntry] = []
+        zero = bytes(cs)
+        for b in self._bitmaps:
+            count = -(-len(b.data) // cs)
+            table = array("Q", bytes(8 * count))
+            hosts: list[int] = []
+            for i in range(count):
+                chunk = bytes(b.data[i * cs : (i + 1) * cs]).ljust(cs, b"\0")
+                if chunk == zero:
+                    continue
+                host = await self._alloc_clusters(1)
+                await self._write_meta(host, chunk)
+                table[i] = host
+                hosts.append(host)
+            table_offset = 0
+            if count:
+                raw = codec.encode_table(table)
+                table_offset = await self._alloc_clusters(-(-len(raw) // cs))
+                await self._write_meta(table_offset, raw.ljust(-(-len(raw) // cs) * cs, b"\0"))
+            b.stored = (table_offset, count, tuple(hosts))
+            entries.append(
+                bm.DirectoryEntry(
+                    table_offset,
+                    count,
+                    b.flags,
+                    bm.TYPE_DIRTY_TRACKING,
+                    b.granularity_bits,
+                    b.name,
+                    b.extra_data,
+                )
+            )
+        body: bytes | None = None
+        if entries:
+            raw = bm.encode_directory(entries)
+            clusters = -(-len(raw) // cs)
+            offset = await self._alloc_clusters(clusters)
+            await self._write_meta(offset, raw.ljust(clusters * cs, b"\0"))
+            self._bitmap_dir = (offset, len(raw))
+            body = bm.encode_extension(len(entries), len(raw), offset)
+        first = await self.file.pread(0, min(cs, self.file.size))
+        try:
+            header, area = codec.rebuild_extensions(self.header, first, body)
+        except codec.Qcow2FormatError as exc:
+            raise TrioconvIOError(f"{self.location}: cannot store the bitmaps: {exc}") from None
+        await self._write_meta(header.header_length, area)
+        flags = header.autoclear_features & ~int(codec.Autoclear.BITMAPS)
+        if body is not None:
+            flags |= int(codec.Autoclear.BITMAPS)
+        self.header = attrs.evolve(header, autoclear_features=flags)
+        self._header_dirty = True
+        self._bitmaps_changed = False
 
     # -- creation helpers -------------------------------------------------------------
     async def _init_l1(self) -> None:
@@ -1312,12 +1470,25 @@ async def _open_writer(
     if fixed_size:
         await writer._find_end()
     keep = int(codec.Autoclear.DATA_FILE_RAW) if writer._external else 0
+    if reader.bitmap_entries:
+        # Consistent bitmaps: kept, and kept up to date (see _touch_bitmaps).
+        writer._bitmaps = await reader.load_bitmaps()
+        offset, size, _ = _bitmap_directory_place(reader.info)
+        writer._bitmap_dir = (offset, size)
+        keep |= int(codec.Autoclear.BITMAPS)
     if h.autoclear_features & ~keep:
         # Writers that do not keep them up to date must clear autoclear bits (bitmaps);
         # the raw data file one is kept up to date here.
         writer.header = attrs.evolve(h, autoclear_features=h.autoclear_features & keep)
         writer._header_dirty = True
     return writer
+
+
+def _bitmap_directory_place(info: codec.ImageInfo) -> tuple[int, int, int]:
+    """(directory offset, size, count) from the bitmaps extension (already checked)."""
+    assert info.bitmaps_extension is not None
+    count, size, offset = bm.decode_extension(info.bitmaps_extension)
+    return offset, size, count
 
 
 async def _open_bare(file: _GrowingFile, data: Driver | None = None) -> Qcow2Driver:
