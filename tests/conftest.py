@@ -25,6 +25,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 DEBIAN_PACKAGES = {
     "nbdkit": "nbdkit",
     "nbdinfo": "libnbd-bin",
+    "nginx": "nginx-light",
     "openssl": "openssl",
     "setpriv": "util-linux",
     "losetup": "mount",
@@ -37,7 +38,7 @@ DEBIAN_PACKAGES = {
     "qemu-img-iscsi": "qemu-block-extra",
 }
 
-pytest_plugins = ["tests.nbd_servers", "tests.iscsi_target"]
+pytest_plugins = ["tests.nbd_servers", "tests.iscsi_target", "tests.http_server"]
 
 
 def require_tool(name: str) -> str:

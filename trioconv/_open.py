@@ -54,15 +54,26 @@ def is_iscsi_uri(location: str) -> bool:
     return bool(sep) and scheme.lower() == "iscsi"
 
 
+def is_http_uri(location: str) -> bool:
+    """True when ``location`` is an ``http://`` or ``https://`` URL."""
+    scheme, sep, _ = location.partition("://")
+    return bool(sep) and scheme.lower() in ("http", "https")
+
+
 def redact_location(location: str) -> str:
-    """``location`` fit to show: an iSCSI URL's CHAP password is left out."""
-    if not is_iscsi_uri(location):
+    """``location`` fit to show: the password of an iSCSI URL (``user%password@``) or
+    an HTTP one (``user:password@``) is left out."""
+    if is_iscsi_uri(location):
+        separator = "%"
+    elif is_http_uri(location):
+        separator = ":"
+    else:
         return location
     scheme, _, rest = location.partition("://")
     userinfo, at, hostpath = rest.partition("@")
-    if not at or "/" in userinfo or "%" not in userinfo:
+    if not at or "/" in userinfo or separator not in userinfo:
         return location
-    return f"{scheme}://{userinfo.partition('%')[0]}@{hostpath}"
+    return f"{scheme}://{userinfo.partition(separator)[0]}@{hostpath}"
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
@@ -308,8 +319,9 @@ async def open_image(
     Args:
         location: a path (optionally ``file:``-prefixed), an NBD URI
             (``nbd://host[:port]/export``, ``nbd+unix:///export?socket=PATH``), an NFS
-            URL (``nfs://host/export/path``) or an iSCSI URL
-            (``iscsi://[user%password@]host[:port]/target-iqn/lun``).
+            URL (``nfs://host/export/path``), an iSCSI URL
+            (``iscsi://[user%password@]host[:port]/target-iqn/lun``) or, read-only, an
+            HTTP(S) URL (``https://host/path/disk.qcow2``).
         fmt: the format; probed from the first bytes when None.
         writable: open for writing (sources are always opened read-only).
         cache: the cache mode for local files (see :class:`~trioconv.CacheMode`).
@@ -366,6 +378,10 @@ async def _open_image(
             from .protocols.iscsi import open_iscsi  # only programs that use iSCSI pay for it
 
             transport = await stack.enter_async_context(open_iscsi(text, writable=writable))
+        elif is_http_uri(text):
+            from .protocols.http import open_http  # only programs that use HTTP pay for it
+
+            transport = await stack.enter_async_context(open_http(text, writable=writable))
         else:
             path = _transport_path(text)
             transport = await open_file(path, writable=writable, cache=CacheMode.parse(cache))
@@ -390,7 +406,7 @@ async def _open_image(
             text, chain, stack, CacheMode.parse(cache), snapshot=snapshot, fixed_size=fixed_size
         )
         driver = await info.open(transport, ctx)
-        if is_iscsi_uri(text):
+        if is_iscsi_uri(text) or is_http_uri(text):
             driver.location = redact_location(text)  # its messages never show a password
         # Closed first (the stack unwinds in reverse), so a format writes its metadata
         # while its transport is still open.
@@ -455,6 +471,10 @@ async def create_image(
         )
     if is_iscsi_uri(os.fspath(location)):
         return await _create_iscsi_image(os.fspath(location), fmt, size, options)
+    if is_http_uri(os.fspath(location)):
+        raise UnsupportedError(
+            f"Could not create '{redact_location(os.fspath(location))}': HTTP images are read-only"
+        )
     if is_nfs_uri(os.fspath(location)):
         return await _create_nfs_image(os.fspath(location), fmt, size, options)
     path = _transport_path(location)

@@ -1,0 +1,478 @@
+"""A read-only HTTP(S) transport: an image on a web server, read with byte ranges.
+
+``http://[user[:password]@]host[:port]/path`` and ``https://...`` as QEMU's curl driver
+takes them. Opening sends ``HEAD`` (following redirects) to learn the size and whether
+the server serves byte ranges - when the answer leaves doubt, one ``GET`` of the first
+byte settles it; every read is then a ``GET`` with ``Range: bytes=FIRST-LAST``.
+
+Reads run over a small pool of keep-alive connections (one request at a time on each:
+HTTP/1.1 pipelining is not reliable across servers), so the copy engine's requests in
+flight become requests in flight to the server. A plain-HTTP body is received with
+``recv_into`` straight into the caller's buffer; over TLS it is decrypted into it. A
+connection the server closed while idle is noticed when a request on it fails before
+any answer, and that request is sent again on a new connection; any other failure, a
+status other than ``206``, or a ``Content-Range`` that is not the one asked for fails
+the read with a message naming the URL and the offset.
+
+TLS certificates are verified against the system's trust store (``SSL_CERT_FILE`` /
+``SSL_CERT_DIR`` point elsewhere); passwords never appear in messages.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno as errno_mod
+import ssl
+import urllib.parse
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import attrs
+import trio
+
+from ..._errors import ImageError, TrioconvIOError, UnsupportedError
+from ...driver import Caps, Driver, Extent, ExtentKind, Limits
+from .._net import connection_error_reason as _reason
+from . import _proto as proto
+
+__all__ = ["HTTPAddress", "HTTPDriver", "is_http_uri", "open_http", "parse_http_uri"]
+
+#: Connections to one server (at most; made as requests need them).
+DEFAULT_CONNECTIONS = 8
+#: Seconds allowed for connecting and the opening requests.
+OPEN_TIMEOUT = 30.0
+#: Seconds one ranged read may take from sending it to its last byte.
+READ_TIMEOUT = 120.0
+#: Redirections followed when opening.
+MAX_REDIRECTS = 10
+#: The largest range asked for in one request.
+MAX_RANGE = 64 * 1024 * 1024
+#: Error bodies up to this size are read and dropped to keep the connection.
+_DRAIN_LIMIT = 64 * 1024
+_RECEIVE = 256 * 1024
+_USER_AGENT = "trioconv"
+
+
+def is_http_uri(location: str) -> bool:
+    """True when ``location`` is an ``http://`` or ``https://`` URL."""
+    scheme, sep, _ = location.partition("://")
+    return bool(sep) and scheme.lower() in ("http", "https")
+
+
+@attrs.frozen
+class HTTPAddress:
+    """Where an image is: a parsed ``http(s)://`` URL."""
+
+    scheme: str
+    host: str
+    port: int
+    target: str
+    user: str | None = None
+    password: str | None = attrs.field(default=None, repr=False)
+
+    @property
+    def tls(self) -> bool:
+        return self.scheme == "https"
+
+    @property
+    def authority(self) -> str:
+        """``host[:port]`` as the Host header carries it (the port only when not the
+        scheme's default)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.tls else 80
+        return host if self.port == default else f"{host}:{self.port}"
+
+    @property
+    def uri(self) -> str:
+        """The URL without the password."""
+        user = f"{urllib.parse.quote(self.user, safe='')}@" if self.user else ""
+        return f"{self.scheme}://{user}{self.authority}{self.target}"
+
+    def auth_header(self) -> list[tuple[str, str]]:
+        if self.user is None:
+            return []
+        secret = f"{self.user}:{self.password or ''}".encode()
+        return [("Authorization", "Basic " + base64.b64encode(secret).decode("ascii"))]
+
+    def follow(self, location: str) -> HTTPAddress:
+        """The address a redirection's ``Location`` names (relative to this one);
+        credentials go along only to the same host."""
+        base = f"{self.scheme}://{self.authority}{self.target}"
+        new = parse_http_uri(urllib.parse.urljoin(base, location))
+        if new.user is None and (new.host, new.port) == (self.host, self.port):
+            new = attrs.evolve(new, user=self.user, password=self.password)
+        return new
+
+
+def parse_http_uri(uri: str) -> HTTPAddress:
+    """Parse ``http(s)://[user[:password]@]host[:port]/path[?query]``.
+
+    Raises:
+        ImageError: not such a URL, or without a host.
+    """
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        port = parts.port
+    except ValueError as exc:
+        raise ImageError(f"Could not open '{uri}': invalid URL: {exc}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ImageError(f"Could not open '{uri}': not an http:// or https:// URL with a host")
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    target = urllib.parse.quote(target, safe="/?&=%:@!$'()*+,;~-._")
+    user = urllib.parse.unquote(parts.username) if parts.username is not None else None
+    password = urllib.parse.unquote(parts.password) if parts.password is not None else None
+    return HTTPAddress(
+        scheme,
+        parts.hostname,
+        port if port is not None else (443 if scheme == "https" else 80),
+        target,
+        user,
+        password,
+    )
+
+
+class _ClosedByServer(Exception):
+    """The server closed the connection before answering (an idle keep-alive timeout)."""
+
+
+class _Connection:
+    """One HTTP/1.1 connection: a request, its response head, then its body."""
+
+    def __init__(self, stream: trio.abc.Stream, sock: trio.socket.SocketType | None) -> None:
+        self.stream = stream
+        self._sock = sock  # plain TCP: bodies are received straight into place
+        self._parser = proto.HeadParser()
+        self._rest = b""
+        self.reusable = True
+
+    async def request(self, data: bytes) -> proto.Response:
+        """Send a request and receive its response head.
+
+        Raises:
+            _ClosedByServer: the connection closed before any byte of an answer.
+        """
+        await self.stream.send_all(data)
+        received = False
+        while True:
+            head = self._parser.next_head()
+            if head is not None:
+                self._rest = self._parser.rest
+                self.reusable = head.keep_alive
+                return head
+            chunk = await self.stream.receive_some(_RECEIVE)
+            if not chunk:
+                if not received:
+                    raise _ClosedByServer
+                raise TrioconvIOError("the HTTP server closed the connection in a response head")
+            received = True
+            self._parser.feed(chunk)
+
+    async def receive_into(self, view: memoryview) -> None:
+        """Receive exactly ``len(view)`` body bytes into ``view``."""
+        pos = min(len(self._rest), view.nbytes)
+        view[:pos] = self._rest[:pos]
+        self._rest = self._rest[pos:]
+        while pos < view.nbytes:
+            if self._sock is not None:
+                n = await self._sock.recv_into(view[pos:])
+            else:
+                chunk = await self.stream.receive_some(min(_RECEIVE, view.nbytes - pos))
+                n = len(chunk)
+                view[pos : pos + n] = chunk
+            if not n:
+                raise TrioconvIOError("the HTTP server closed the connection in a body")
+            pos += n
+
+    async def drain(self, response: proto.Response) -> None:
+        """Drop a small body so the connection can be reused; else mark it spent."""
+        length = response.content_length
+        if response.chunked or length is None or length > _DRAIN_LIMIT:
+            self.reusable = False
+            return
+        await self.receive_into(memoryview(bytearray(length)))
+
+    async def aclose(self) -> None:
+        errors = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+        with trio.CancelScope(shield=True), trio.move_on_after(1), contextlib.suppress(*errors):
+            await self.stream.aclose()
+
+
+class _Pool:
+    """Keep-alive connections to one server, at most ``size`` of them."""
+
+    def __init__(self, address: HTTPAddress, size: int) -> None:
+        self.address = address
+        self._slots = trio.Semaphore(size)
+        self._idle: list[_Connection] = []
+        self._tls = ssl.create_default_context() if address.tls else None
+
+    async def _connect(self) -> _Connection:
+        a = self.address
+        tcp = await trio.open_tcp_stream(a.host, a.port)
+        if self._tls is None:
+            return _Connection(tcp, tcp.socket)
+        stream = trio.SSLStream(tcp, self._tls, server_hostname=a.host, https_compatible=True)
+        try:
+            await stream.do_handshake()
+        except BaseException:
+            await tcp.aclose()
+            raise
+        return _Connection(stream, None)
+
+    @asynccontextmanager
+    async def connection(self) -> AsyncIterator[tuple[_Connection, bool]]:
+        """A connection and whether it was reused; back to the pool if still usable."""
+        async with self._slots:
+            reused = bool(self._idle)
+            conn = self._idle.pop() if reused else await self._connect()
+            ok = False
+            try:
+                yield conn, reused
+                ok = True
+            finally:
+                if ok and conn.reusable:
+                    self._idle.append(conn)
+                else:
+                    await conn.aclose()
+
+    async def aclose(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await conn.aclose()
+
+
+class HTTPDriver(Driver):
+    """A file on a web server, read-only. Made by :func:`open_http`."""
+
+    name = "http"
+
+    def __init__(self, pool: _Pool, address: HTTPAddress, size: int, original: str) -> None:
+        self._pool = pool
+        self._address = address
+        self._size = size
+        self.location = original
+        self._closed = False
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    @property
+    def limits(self) -> Limits:
+        return Limits(max_transfer=MAX_RANGE)
+
+    @property
+    def caps(self) -> Caps:
+        return Caps()
+
+    def describe(self) -> dict[str, object]:
+        a = self._address
+        return {"http": {"url": a.uri, "tls": a.tls}}
+
+    def _headers(self, extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
+        base = [("User-Agent", _USER_AGENT), ("Accept-Encoding", "identity")]
+        return base + extra + self._address.auth_header()
+
+    async def preadinto(self, offset: int, buf: memoryview) -> None:
+        view = buf.cast("B") if buf.format != "B" else buf
+        if offset < 0 or offset + view.nbytes > self._size:
+            raise TrioconvIOError(
+                f"error while reading {self.location} at byte {offset}: beyond the end of "
+                f"the file ({self._size} bytes)",
+                offset=offset,
+                errno=errno_mod.EINVAL,
+            )
+        for pos in range(0, view.nbytes, MAX_RANGE):
+            await self._read_range(offset + pos, view[pos : pos + MAX_RANGE])
+
+    async def _read_range(self, offset: int, view: memoryview) -> None:
+        if not view.nbytes:
+            return
+        last = offset + view.nbytes - 1
+        request = proto.build_request(
+            "GET",
+            self._address.target,
+            self._address.authority,
+            self._headers([("Range", f"bytes={offset}-{last}")]),
+        )
+        try:
+            with trio.fail_after(READ_TIMEOUT):
+                for attempt in (1, 2):
+                    async with self._pool.connection() as (conn, reused):
+                        try:
+                            response = await conn.request(request)
+                        except (_ClosedByServer, trio.BrokenResourceError, OSError):
+                            conn.reusable = False
+                            if reused and attempt == 1:
+                                continue  # a keep-alive connection the server had closed
+                            raise
+                        if response.status != 206:
+                            await conn.drain(response)
+                            raise TrioconvIOError(self._unexpected(response, offset, view))
+                        self._check_range(response, offset, last)
+                        try:
+                            await conn.receive_into(view)
+                        except BaseException:
+                            conn.reusable = False
+                            raise
+                        return
+        except TrioconvIOError as exc:
+            if exc.offset is not None:
+                raise
+            raise TrioconvIOError(
+                f"error while reading {self.location} at byte {offset}: {exc}",
+                offset=offset,
+                errno=errno_mod.EIO,
+            ) from exc
+        except trio.TooSlowError:
+            raise TrioconvIOError(
+                f"error while reading {self.location} at byte {offset}: the HTTP server did "
+                f"not answer in {READ_TIMEOUT:.0f} s",
+                offset=offset,
+                errno=errno_mod.ETIMEDOUT,
+            ) from None
+        except (_ClosedByServer, trio.BrokenResourceError, OSError, proto.HTTPProtocolError) as exc:
+            reason = (
+                "the HTTP server closed the connection"
+                if isinstance(exc, _ClosedByServer)
+                else f"connection to the HTTP server failed: {_reason(exc)}"
+            )
+            raise TrioconvIOError(
+                f"error while reading {self.location} at byte {offset}: {reason}",
+                offset=offset,
+                errno=errno_mod.EIO,
+            ) from exc
+
+    def _unexpected(self, response: proto.Response, offset: int, view: memoryview) -> str:
+        what = f"error while reading {self.location} at byte {offset}"
+        if response.status == 200:
+            return f"{what}: the server ignored the byte range and sent the whole file"
+        return f"{what}: {response.describe()}"
+
+    def _check_range(self, response: proto.Response, first: int, last: int) -> None:
+        value = response.header("content-range")
+        if value is None:
+            raise TrioconvIOError("206 response without Content-Range")
+        start, stop, total = proto.parse_content_range(value)
+        if (start, stop) != (first, last) or response.content_length != last - first + 1:
+            raise TrioconvIOError(f"the server sent range {value!r} for bytes={first}-{last}")
+        if total is not None and total != self._size:
+            raise TrioconvIOError(
+                f"the file changed size on the server: {total} bytes, {self._size} when opened"
+            )
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        return Extent(offset, min(length, self._size - offset), ExtentKind.DATA)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._pool.aclose()
+
+
+async def _probe_size(pool: _Pool, address: HTTPAddress, where: str) -> int:
+    """HEAD, and when that leaves doubt a one-byte GET: the size; ranges must work."""
+    headers = [("User-Agent", _USER_AGENT), ("Accept-Encoding", "identity")]
+    headers += address.auth_header()
+    head = proto.build_request("HEAD", address.target, address.authority, headers)
+    async with pool.connection() as (conn, _):
+        response = await conn.request(head)
+    if response.status == 200 and response.accepts_ranges:
+        length = response.content_length
+        if length is not None:
+            return length
+    elif response.status not in (200, 405, 501):
+        raise ImageError(f"{where}: {response.describe()}")
+    probe = proto.build_request(
+        "GET", address.target, address.authority, [*headers, ("Range", "bytes=0-0")]
+    )
+    async with pool.connection() as (conn, _):
+        response = await conn.request(probe)
+        if response.status == 206:
+            value = response.header("content-range")
+            total = proto.parse_content_range(value)[2] if value else None
+            if total is None:
+                raise ImageError(f"{where}: the server does not say how large the file is")
+            await conn.receive_into(memoryview(bytearray(response.content_length or 0)))
+            return total
+        conn.reusable = False
+        if response.status == 416:  # an empty file has no byte 0
+            value = response.header("content-range")
+            total = proto.parse_content_range(value)[2] if value else None
+            if total == 0:
+                return 0
+        if response.status == 200:
+            raise ImageError(
+                f"{where}: the server does not support byte ranges (it answers a range "
+                "request with the whole file)"
+            )
+        raise ImageError(f"{where}: {response.describe()}")
+
+
+async def _resolve(address: HTTPAddress, where: str) -> tuple[HTTPAddress, _Pool, int]:
+    """Follow redirections from ``address``; the final address, its pool and the size."""
+    for _ in range(MAX_REDIRECTS + 1):
+        pool = _Pool(address, DEFAULT_CONNECTIONS)
+        try:
+            headers = [("User-Agent", _USER_AGENT), *address.auth_header()]
+            request = proto.build_request("HEAD", address.target, address.authority, headers)
+            async with pool.connection() as (conn, _):
+                response = await conn.request(request)
+            if response.status in (301, 302, 303, 307, 308):
+                location = response.header("location")
+                if not location:
+                    raise ImageError(f"{where}: {response.describe()} without a Location")
+                await pool.aclose()
+                address = address.follow(location)
+                continue
+            return address, pool, await _probe_size(pool, address, where)
+        except BaseException:
+            await pool.aclose()
+            raise
+    raise ImageError(f"{where}: redirected more than {MAX_REDIRECTS} times")
+
+
+def _tls_reason(exc: BaseException) -> str | None:
+    """What went wrong in TLS, when that is what failed (trio wraps it)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"TLS: the server's certificate could not be verified ({seen.verify_message})"
+        if isinstance(seen, ssl.SSLError):
+            return f"TLS: {seen.reason or seen}"
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+@asynccontextmanager
+async def open_http(uri: str, *, writable: bool = False) -> AsyncIterator[HTTPDriver]:
+    """Open a file on a web server for reading, as a driver.
+
+    Raises:
+        UnsupportedError: ``writable``: HTTP sources are read-only.
+        ImageError: the server cannot be reached, answers with an error, or does not
+            serve byte ranges.
+    """
+    address = parse_http_uri(uri)
+    where = f"Could not open '{address.uri}'"
+    if writable:
+        raise UnsupportedError(f"{where}: HTTP images are read-only")
+    try:
+        with trio.fail_after(OPEN_TIMEOUT):
+            final, pool, size = await _resolve(address, where)
+    except trio.TooSlowError:
+        raise ImageError(f"{where}: the server did not answer in time") from None
+    except _ClosedByServer:
+        raise ImageError(f"{where}: the HTTP server closed the connection") from None
+    except (OSError, trio.BrokenResourceError, proto.HTTPProtocolError, TrioconvIOError) as exc:
+        raise ImageError(f"{where}: {_tls_reason(exc) or _reason(exc)}") from None
+    driver = HTTPDriver(pool, final, size, address.uri)
+    try:
+        yield driver
+    finally:
+        await driver.aclose()
