@@ -215,3 +215,34 @@ def test_empty_file(http_server: HTTPServerLauncher, root: Path, tmp_path: Path)
     result = trioconv_cli("convert", "-f", "raw", "-O", "raw", server.url("empty.raw"), out)
     assert result.returncode == 0, result.stderr
     assert out.exists() and os.path.getsize(out) == 0
+
+
+def test_overlay_with_relative_backing_file(
+    http_server: HTTPServerLauncher, root: Path, tmp_path: Path
+) -> None:
+    """A qcow2 overlay's relative backing name is found next to it on the server, as
+    qemu-img finds it (``actual path: http://.../base.qcow2``)."""
+    run("qemu-img", "convert", "-f", "raw", "-O", "qcow2", root / "mixed.raw", root / "base.qcow2")
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        root / "overlay.qcow2",
+    )
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x77 4M 64k", root / "overlay.qcow2")
+    server = http_server(root)
+    url = server.url("overlay.qcow2")
+    shown = trioconv_cli("info", url)
+    assert shown.returncode == 0, shown.stderr
+    assert f"(actual path: {server.url('base.qcow2')})" in shown.stdout
+    assert "backing file: base.qcow2" in shown.stdout
+    out = tmp_path / "out.raw"
+    result = trioconv_cli("convert", "-O", "raw", url, out)
+    assert result.returncode == 0, result.stderr
+    assert_identical(root / "overlay.qcow2", out, "qcow2", "raw")

@@ -248,3 +248,23 @@ async def test_driver_after_connection_loss_raises(nfs_server: NFSServer) -> Non
         )
     finally:
         nfs_server.start()
+
+
+def test_qcow2_overlay_on_nfs_finds_its_backing_file(
+    nfs_server: NFSServer, mixed_src: Path, tmp_path: Path, qemu_img: str
+) -> None:
+    """A relative backing file name resolves next to the overlay on the export, with
+    the overlay URL's options (``?uid=``), as QEMU resolves it."""
+    base, overlay = unique("base") + ".qcow2", unique("overlay") + ".qcow2"
+    run(qemu_img, "convert", "-O", "qcow2", mixed_src, nfs_server.export_dir / base)
+    local_overlay = nfs_server.export_dir / overlay
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", local_overlay)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x66 1M 64k", local_overlay)
+    url = nfs_server.url(overlay, f"uid={os.getuid()}")
+    shown = trioconv_cli("info", url)
+    assert shown.returncode == 0, shown.stderr
+    assert f"(actual path: {nfs_server.url(base, f'uid={os.getuid()}')})" in shown.stdout
+    out = tmp_path / "out.raw"
+    result = trioconv_cli("convert", "-O", "raw", url, out)
+    assert result.returncode == 0, result.stderr
+    assert_identical(local_overlay, out, "qcow2", "raw")

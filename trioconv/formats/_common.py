@@ -8,7 +8,9 @@ two names reach the same file (so a backing chain that loops can be refused).
 from __future__ import annotations
 
 import os
+import posixpath
 import re
+import urllib.parse
 from typing import TYPE_CHECKING
 
 from .._errors import ImageError
@@ -50,12 +52,28 @@ def resolve_name(ctx: OpenContext, name: str, what: str) -> str:
     if os.path.isabs(name) or _URI_RE.match(name):
         return name
     here = local_path(ctx.location)
-    if here is None:
+    if here is not None:
+        return os.path.join(os.path.dirname(here), name)
+    joined = _join_url(ctx.location, name)
+    if joined is None:
         raise ImageError(
             f"Could not open '{ctx.location}': cannot resolve the relative {what} name "
-            f"'{name}' of a network image"
+            f"'{name}' of an image that is not in a folder (NBD export, iSCSI LUN)"
         )
-    return os.path.join(os.path.dirname(here), name)
+    return joined
+
+
+def _join_url(location: str, name: str) -> str | None:
+    """``name`` next to the file an ``nfs://`` or ``http(s)://`` URL names, as QEMU
+    resolves it there; None for other locations. An NFS URL's query (``uid``, ``gid``,
+    ...) are connection options and go along; an HTTP query belongs to that one file."""
+    parts = urllib.parse.urlsplit(location)
+    scheme = parts.scheme.lower()
+    if scheme not in ("nfs", "http", "https"):
+        return None
+    path = posixpath.normpath(posixpath.join(posixpath.dirname(parts.path) or "/", name))
+    query = parts.query if scheme == "nfs" else ""
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, ""))
 
 
 def same_place(a: str, b: str) -> bool:
