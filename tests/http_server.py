@@ -533,3 +533,87 @@ def http_server(tmp_path: Path) -> Iterator[HTTPServerLauncher]:
 def http_tls_certs(tmp_path_factory: pytest.TempPathFactory) -> TLSCerts:
     """One CA + server certificate for ``localhost`` / ``127.0.0.1`` per test session."""
     return _make_tls_certs(tmp_path_factory.mktemp("http-tls"))
+
+
+# -- a forward proxy ---------------------------------------------------------------------------
+
+
+def require_tinyproxy() -> str:
+    """The tinyproxy binary; skip (fail under CI=true) when it is missing."""
+    path = shutil.which("tinyproxy") or (
+        "/usr/bin/tinyproxy" if os.path.exists("/usr/bin/tinyproxy") else None
+    )
+    if path is None:
+        message = "tinyproxy is not installed (Debian: apt-get install tinyproxy)"
+        if IN_CI:
+            pytest.fail(f"CI=true and {message}")
+        pytest.skip(message)
+    return path
+
+
+class ProxyServer:
+    """A running tinyproxy on 127.0.0.1: plain HTTP forwarding and CONNECT tunnels."""
+
+    def __init__(self, workdir: Path, port: int, process: subprocess.Popen[bytes]) -> None:
+        self.workdir = workdir
+        self.port = port
+        self.process = process
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT`` - what ``http_proxy`` / ``https_proxy`` are set to."""
+        return f"http://{LOCALHOST}:{self.port}"
+
+    def log_text(self) -> str:
+        return (self.workdir / "tinyproxy.log").read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(STOP_TIMEOUT)
+
+
+def start_tinyproxy(workdir: Path, timeout: float = START_TIMEOUT) -> ProxyServer:
+    """Start tinyproxy in the foreground on a free port of 127.0.0.1 (no upstream proxy,
+    CONNECT allowed to any port) and wait until it accepts connections."""
+    binary = require_tinyproxy()
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = _free_port()
+    conf = workdir / "tinyproxy.conf"
+    conf.write_text(
+        f"Port {port}\nListen {LOCALHOST}\nAllow {LOCALHOST}\nTimeout 60\n"
+        f'MaxClients 64\nLogLevel Info\nLogFile "{workdir / "tinyproxy.log"}"\n'
+        f'PidFile "{workdir / "tinyproxy.pid"}"\n'
+    )
+    out = (workdir / "stdout.log").open("wb")
+    process = subprocess.Popen(
+        [*_pdeathsig_prefix(), binary, "-d", "-c", str(conf)],
+        stdin=subprocess.DEVNULL,
+        stdout=out,
+        stderr=subprocess.STDOUT,
+    )
+    out.close()
+    server = ProxyServer(workdir, port, process)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"tinyproxy exited {process.returncode}: {server.log_text()[-2000:]}"
+            )
+        with contextlib.suppress(OSError), socket.create_connection((LOCALHOST, port), 0.2):
+            return server
+        if time.monotonic() > deadline:
+            server.stop()
+            raise RuntimeError(f"tinyproxy not ready after {timeout} s")
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def http_proxy(tmp_path: Path) -> Iterator[ProxyServer]:
+    """A tinyproxy for the test, stopped at teardown."""
+    server = start_tinyproxy(tmp_path / "tinyproxy")
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -21,7 +21,7 @@ from trioconv.protocols.http import HTTPDriver, open_http
 
 from ._faults import MiB, check_killed_mid_copy, make_mixed_src, one_line_error
 from .conftest import ImageMaker, assert_identical, run, trioconv_cli
-from .http_server import AUTH_PASSWORD, AUTH_USER, HTTPServerLauncher, TLSCerts
+from .http_server import AUTH_PASSWORD, AUTH_USER, HTTPServerLauncher, ProxyServer, TLSCerts
 
 
 @pytest.fixture
@@ -246,3 +246,41 @@ def test_overlay_with_relative_backing_file(
     result = trioconv_cli("convert", "-O", "raw", url, out)
     assert result.returncode == 0, result.stderr
     assert_identical(root / "overlay.qcow2", out, "qcow2", "raw")
+
+
+def test_through_a_proxy(
+    http_server: HTTPServerLauncher,
+    http_tls_certs: TLSCerts,
+    http_proxy: ProxyServer,
+    root: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``http_proxy`` / ``https_proxy`` as curl reads them: plain requests go to the proxy
+    in absolute form, TLS through a CONNECT tunnel; ``no_proxy`` goes direct."""
+    plain = http_server(root)
+    secure = http_server(root, tls=http_tls_certs)
+    monkeypatch.setenv("SSL_CERT_FILE", str(http_tls_certs.ca_cert))
+    monkeypatch.setenv("http_proxy", http_proxy.url)
+    monkeypatch.setenv("https_proxy", http_proxy.url)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    for server in (plain, secure):
+        out = tmp_path / f"out-{server.port}.raw"
+        result = trioconv_cli("convert", "-O", "raw", server.url("mixed.raw"), out)
+        assert result.returncode == 0, result.stderr
+        assert_identical(root / "mixed.raw", out)
+    log = http_proxy.log_text()
+    assert f"GET {plain.url('mixed.raw')}" in log
+    assert f"CONNECT localhost:{secure.port}" in log
+
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    before = log.count("Request (file descriptor")
+    out = tmp_path / "direct.raw"
+    assert trioconv_cli("convert", "-O", "raw", plain.url("mixed.raw"), out).returncode == 0
+    assert http_proxy.log_text().count("Request (file descriptor") == before
+
+    http_proxy.stop()
+    monkeypatch.delenv("no_proxy")
+    line = one_line_error(trioconv_cli("info", plain.url("mixed.raw")))
+    assert "Could not open" in line and "refused" in line.lower()

@@ -5,10 +5,12 @@ from __future__ import annotations
 import pytest
 
 from trioconv.protocols.http import parse_http_uri
+from trioconv.protocols.http._client import proxy_for
 from trioconv.protocols.http._proto import (
     MAX_HEAD,
     HeadParser,
     HTTPProtocolError,
+    build_connect,
     build_request,
     parse_content_range,
 )
@@ -116,3 +118,29 @@ def test_urls() -> None:
     assert moved.target == "/other/place" and moved.password == "p@ss"
     away = a.follow("http://elsewhere.example/x")
     assert away.host == "elsewhere.example" and away.user is None
+
+
+def test_proxy_forms() -> None:
+    assert build_request("GET", "http://h:8080/d.img", "h:8080").startswith(
+        b"GET http://h:8080/d.img HTTP/1.1\r\nHost: h:8080\r\n"
+    )
+    assert build_connect("h:443", [("Proxy-Authorization", "Basic eA==")]) == (
+        b"CONNECT h:443 HTTP/1.1\r\nHost: h:443\r\nProxy-Authorization: Basic eA==\r\n\r\n"
+    )
+
+
+def test_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    plain = parse_http_uri("http://images.example/d.img")
+    secure = parse_http_uri("https://images.example/d.img")
+    assert proxy_for(plain) is None
+    monkeypatch.setenv("http_proxy", "proxy.example:3128")
+    found = proxy_for(plain)
+    assert found is not None and (found.host, found.port) == ("proxy.example", 3128)
+    assert proxy_for(secure) is None  # https_proxy is separate, as in curl
+    monkeypatch.setenv("https_proxy", "http://u:p@proxy.example:8080")
+    found = proxy_for(secure)
+    assert found is not None and found.user == "u" and found.port == 8080
+    monkeypatch.setenv("no_proxy", ".example")
+    assert proxy_for(plain) is None and proxy_for(secure) is None

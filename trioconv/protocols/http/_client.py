@@ -25,6 +25,7 @@ import contextlib
 import errno as errno_mod
 import ssl
 import urllib.parse
+import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -82,6 +83,12 @@ class HTTPAddress:
         host = f"[{self.host}]" if ":" in self.host else self.host
         default = 443 if self.tls else 80
         return host if self.port == default else f"{host}:{self.port}"
+
+    @property
+    def authority_with_port(self) -> str:
+        """``host:port`` always (a CONNECT request's target)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
 
     @property
     def uri(self) -> str:
@@ -201,22 +208,55 @@ class _Connection:
             await self.stream.aclose()
 
 
-class _Pool:
-    """Keep-alive connections to one server, at most ``size`` of them."""
+def proxy_for(address: HTTPAddress) -> HTTPAddress | None:
+    """The proxy the environment names for ``address`` (``http_proxy``, ``https_proxy``,
+    ``no_proxy``, as curl reads them), or None for a direct connection.
 
-    def __init__(self, address: HTTPAddress, size: int) -> None:
+    Raises:
+        ImageError: the proxy URL is not an ``http://`` one.
+    """
+    proxies = urllib.request.getproxies_environment()
+    url = proxies.get(address.scheme)
+    if not url or urllib.request.proxy_bypass(address.host):
+        return None
+    if "://" not in url:
+        url = "http://" + url
+    proxy = parse_http_uri(url)
+    if proxy.tls:
+        raise ImageError(f"Could not open '{address.uri}': HTTPS proxies are not supported")
+    return proxy
+
+
+class _Pool:
+    """Keep-alive connections to one server, at most ``size`` of them - direct, or
+    through an HTTP proxy: plain requests in absolute form, TLS through a CONNECT tunnel."""
+
+    def __init__(self, address: HTTPAddress, size: int, proxy: HTTPAddress | None) -> None:
         self.address = address
+        self.proxy = proxy
         self._slots = trio.Semaphore(size)
         self._idle: list[_Connection] = []
         self._tls = ssl.create_default_context() if address.tls else None
 
+    def build(self, method: str, headers: list[tuple[str, str]]) -> bytes:
+        """A request for the pool's file, in the form its connections need."""
+        a = self.address
+        target = a.target
+        if self.proxy is not None and not a.tls:
+            target = f"http://{a.authority}{a.target}"  # absolute form, for the proxy
+            headers = headers + _proxy_auth(self.proxy)
+        return proto.build_request(method, target, a.authority, headers)
+
     async def _connect(self) -> _Connection:
         a = self.address
-        tcp = await trio.open_tcp_stream(a.host, a.port)
+        hop = self.proxy or a
+        tcp = await trio.open_tcp_stream(hop.host, hop.port)
         if self._tls is None:
             return _Connection(tcp, tcp.socket)
-        stream = trio.SSLStream(tcp, self._tls, server_hostname=a.host, https_compatible=True)
         try:
+            if self.proxy is not None:
+                await _tunnel(tcp, a, self.proxy)
+            stream = trio.SSLStream(tcp, self._tls, server_hostname=a.host, https_compatible=True)
             await stream.do_handshake()
         except BaseException:
             await tcp.aclose()
@@ -239,10 +279,60 @@ class _Pool:
                 else:
                     await conn.aclose()
 
+    @asynccontextmanager
+    async def exchange(self, request: bytes) -> AsyncIterator[tuple[_Connection, proto.Response]]:
+        """Send ``request`` and give its connection and response head; the body is the
+        caller's to receive. A reused connection that turns out closed before any answer
+        (a server or proxy that dropped it while idle) is replaced once."""
+        for attempt in (1, 2):
+            async with self.connection() as (conn, reused):
+                try:
+                    response = await conn.request(request)
+                except (_ClosedByServer, trio.BrokenResourceError, OSError):
+                    conn.reusable = False
+                    if reused and attempt == 1:
+                        continue
+                    raise
+                try:
+                    yield conn, response
+                except BaseException:
+                    conn.reusable = False
+                    raise
+                return
+        raise AssertionError("unreachable")  # pragma: no cover
+
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.aclose()
+
+
+def _proxy_auth(proxy: HTTPAddress) -> list[tuple[str, str]]:
+    return [
+        (name.replace("Authorization", "Proxy-Authorization"), value)
+        for name, value in proxy.auth_header()
+    ]
+
+
+async def _tunnel(tcp: trio.SocketStream, address: HTTPAddress, proxy: HTTPAddress) -> None:
+    """Ask the proxy for a tunnel to ``address`` (``CONNECT host:port``).
+
+    Raises:
+        TrioconvIOError: the proxy refused or closed the connection.
+    """
+    request = proto.build_connect(address.authority_with_port, _proxy_auth(proxy))
+    await tcp.send_all(request)
+    parser = proto.HeadParser()
+    while (head := parser.next_head()) is None:
+        chunk = await tcp.receive_some(_RECEIVE)
+        if not chunk:
+            raise TrioconvIOError(f"the proxy {proxy.authority} closed the connection")
+        parser.feed(chunk)
+    if head.status // 100 != 2:
+        raise TrioconvIOError(
+            f"the proxy {proxy.authority} refused a tunnel to {address.authority_with_port}: "
+            f"{head.describe()}"
+        )
 
 
 class HTTPDriver(Driver):
@@ -293,33 +383,15 @@ class HTTPDriver(Driver):
         if not view.nbytes:
             return
         last = offset + view.nbytes - 1
-        request = proto.build_request(
-            "GET",
-            self._address.target,
-            self._address.authority,
-            self._headers([("Range", f"bytes={offset}-{last}")]),
-        )
+        request = self._pool.build("GET", self._headers([("Range", f"bytes={offset}-{last}")]))
         try:
             with trio.fail_after(READ_TIMEOUT):
-                for attempt in (1, 2):
-                    async with self._pool.connection() as (conn, reused):
-                        try:
-                            response = await conn.request(request)
-                        except (_ClosedByServer, trio.BrokenResourceError, OSError):
-                            conn.reusable = False
-                            if reused and attempt == 1:
-                                continue  # a keep-alive connection the server had closed
-                            raise
-                        if response.status != 206:
-                            await conn.drain(response)
-                            raise TrioconvIOError(self._unexpected(response, offset, view))
-                        self._check_range(response, offset, last)
-                        try:
-                            await conn.receive_into(view)
-                        except BaseException:
-                            conn.reusable = False
-                            raise
-                        return
+                async with self._pool.exchange(request) as (conn, response):
+                    if response.status != 206:
+                        await conn.drain(response)
+                        raise TrioconvIOError(self._unexpected(response, offset, view))
+                    self._check_range(response, offset, last)
+                    await conn.receive_into(view)
         except TrioconvIOError as exc:
             if exc.offset is not None:
                 raise
@@ -379,20 +451,16 @@ async def _probe_size(pool: _Pool, address: HTTPAddress, where: str) -> int:
     """HEAD, and when that leaves doubt a one-byte GET: the size; ranges must work."""
     headers = [("User-Agent", _USER_AGENT), ("Accept-Encoding", "identity")]
     headers += address.auth_header()
-    head = proto.build_request("HEAD", address.target, address.authority, headers)
-    async with pool.connection() as (conn, _):
-        response = await conn.request(head)
+    async with pool.exchange(pool.build("HEAD", headers)) as (_conn, response):
+        pass
     if response.status == 200 and response.accepts_ranges:
         length = response.content_length
         if length is not None:
             return length
     elif response.status not in (200, 405, 501):
         raise ImageError(f"{where}: {response.describe()}")
-    probe = proto.build_request(
-        "GET", address.target, address.authority, [*headers, ("Range", "bytes=0-0")]
-    )
-    async with pool.connection() as (conn, _):
-        response = await conn.request(probe)
+    probe = pool.build("GET", [*headers, ("Range", "bytes=0-0")])
+    async with pool.exchange(probe) as (conn, response):
         if response.status == 206:
             value = response.header("content-range")
             total = proto.parse_content_range(value)[2] if value else None
@@ -417,12 +485,11 @@ async def _probe_size(pool: _Pool, address: HTTPAddress, where: str) -> int:
 async def _resolve(address: HTTPAddress, where: str) -> tuple[HTTPAddress, _Pool, int]:
     """Follow redirections from ``address``; the final address, its pool and the size."""
     for _ in range(MAX_REDIRECTS + 1):
-        pool = _Pool(address, DEFAULT_CONNECTIONS)
+        pool = _Pool(address, DEFAULT_CONNECTIONS, proxy_for(address))
         try:
             headers = [("User-Agent", _USER_AGENT), *address.auth_header()]
-            request = proto.build_request("HEAD", address.target, address.authority, headers)
-            async with pool.connection() as (conn, _):
-                response = await conn.request(request)
+            async with pool.exchange(pool.build("HEAD", headers)) as (_conn, response):
+                pass
             if response.status in (301, 302, 303, 307, 308):
                 location = response.header("location")
                 if not location:

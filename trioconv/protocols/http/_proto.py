@@ -25,6 +25,7 @@ __all__ = [
     "HTTPProtocolError",
     "HeadParser",
     "Response",
+    "build_connect",
     "build_request",
     "parse_content_range",
 ]
@@ -102,13 +103,21 @@ def build_request(
     ``target`` is the path and query (``/images/disk.img?x=1``), ``host`` the Host
     header's value (``example.com`` or ``example.com:8080``).
     """
-    if not target.startswith("/") or any(c in target for c in " \r\n"):
+    absolute = target.startswith(("http://", "https://"))  # for a proxy
+    if not (target.startswith("/") or absolute) or any(c in target for c in " \r\n"):
         raise ValueError(f"invalid request target {target!r}")
     lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
     for name, value in headers:
         if not _TOKEN.fullmatch(name) or any(c in value for c in "\r\n"):
             raise ValueError(f"invalid header {name!r}")
         lines.append(f"{name}: {value}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def build_connect(authority: str, headers: Iterable[tuple[str, str]] = ()) -> bytes:
+    """A ``CONNECT host:port`` request: a proxy's tunnel to a TLS server."""
+    lines = [f"CONNECT {authority} HTTP/1.1", f"Host: {authority}"]
+    lines += [f"{name}: {value}" for name, value in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
