@@ -23,6 +23,16 @@ from ._faults import MiB, check_killed_mid_copy, make_mixed_src, one_line_error
 from .conftest import ImageMaker, assert_identical, run, trioconv_cli
 from .http_server import AUTH_PASSWORD, AUTH_USER, HTTPServerLauncher, ProxyServer, TLSCerts
 
+_PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_from_outside(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The servers here are local: a proxy set in the environment must not stand between."""
+    for name in _PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
 
 @pytest.fixture
 def root(tmp_path: Path, make_image: ImageMaker) -> Path:
@@ -263,8 +273,6 @@ def test_through_a_proxy(
     monkeypatch.setenv("SSL_CERT_FILE", str(http_tls_certs.ca_cert))
     monkeypatch.setenv("http_proxy", http_proxy.url)
     monkeypatch.setenv("https_proxy", http_proxy.url)
-    monkeypatch.delenv("no_proxy", raising=False)
-    monkeypatch.delenv("NO_PROXY", raising=False)
     for server in (plain, secure):
         out = tmp_path / f"out-{server.port}.raw"
         result = trioconv_cli("convert", "-O", "raw", server.url("mixed.raw"), out)

@@ -130,8 +130,9 @@ def test_proxy_forms() -> None:
 
 
 def test_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+    for name in ("http_proxy", "https_proxy", "all_proxy", "no_proxy"):
         monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
     plain = parse_http_uri("http://images.example/d.img")
     secure = parse_http_uri("https://images.example/d.img")
     assert proxy_for(plain) is None
@@ -142,5 +143,9 @@ def test_proxy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("https_proxy", "http://u:p@proxy.example:8080")
     found = proxy_for(secure)
     assert found is not None and found.user == "u" and found.port == 8080
+    monkeypatch.delenv("http_proxy")
+    monkeypatch.setenv("all_proxy", "http://fallback.example:1080")
+    found = proxy_for(plain)
+    assert found is not None and found.host == "fallback.example"
     monkeypatch.setenv("no_proxy", ".example")
     assert proxy_for(plain) is None and proxy_for(secure) is None

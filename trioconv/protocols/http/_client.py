@@ -210,13 +210,13 @@ class _Connection:
 
 def proxy_for(address: HTTPAddress) -> HTTPAddress | None:
     """The proxy the environment names for ``address`` (``http_proxy``, ``https_proxy``,
-    ``no_proxy``, as curl reads them), or None for a direct connection.
+    ``all_proxy``, ``no_proxy``, as curl reads them), or None for a direct connection.
 
     Raises:
         ImageError: the proxy URL is not an ``http://`` one.
     """
     proxies = urllib.request.getproxies_environment()
-    url = proxies.get(address.scheme)
+    url = proxies.get(address.scheme) or proxies.get("all")
     if not url or urllib.request.proxy_bypass(address.host):
         return None
     if "://" not in url:
