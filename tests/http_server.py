@@ -66,12 +66,18 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Self
 
 import pytest
 
 from .conftest import IN_CI, require_tool
-from .nbd_servers import LOCALHOST, TLS_HOSTNAME, TLSCerts, _free_port, _pdeathsig_prefix
+from .nbd_servers import (
+    LOCALHOST,
+    TLS_HOSTNAME,
+    TLSCerts,
+    _free_port,
+    _Launcher,
+    _pdeathsig_prefix,
+)
 from .nbd_servers import make_tls_certs as _make_tls_certs
 
 __all__ = [
@@ -480,15 +486,11 @@ def start_nginx(
 # --------------------------------------------------------------------------- fixtures
 
 
-class HTTPServerLauncher:
+class HTTPServerLauncher(_Launcher):
     """The ``http_server`` fixture: starts nginx servers and stops them all at teardown.
 
     Each server gets its own work directory ``nginx-N`` under the test's ``tmp_path``.
     """
-
-    def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.servers: list[HTTPServer] = []
 
     def __call__(
         self,
@@ -504,22 +506,6 @@ class HTTPServerLauncher:
         server = start_nginx(workdir, root, tls=tls, ranges=ranges, extra=extra, timeout=timeout)
         self.servers.append(server)
         return server
-
-    def stop_all(self) -> None:
-        errors: list[BaseException] = []
-        for server in reversed(self.servers):
-            try:
-                server.stop()
-            except BaseException as e:  # keep stopping the others
-                errors.append(e)
-        if errors:
-            raise errors[0]
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop_all()
 
 
 @pytest.fixture

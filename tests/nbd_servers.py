@@ -56,7 +56,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, ParamSpec, Self
+from typing import Literal, ParamSpec, Protocol, Self
 from urllib.parse import quote
 
 import pytest
@@ -601,12 +601,17 @@ qemu_nbd = _managed(start_qemu_nbd)
 # --------------------------------------------------------------------------- fixtures
 
 
+class _Stoppable(Protocol):
+    def stop(self) -> object: ...
+
+
 class _Launcher:
-    """Starts servers in ``workdir`` and stops every one of them in :meth:`stop_all`."""
+    """Starts servers in ``workdir`` and stops every one of them in :meth:`stop_all`
+    (also the base of other server fixtures: tests/http_server.py)."""
 
     def __init__(self, workdir: Path) -> None:
         self.workdir = workdir
-        self.servers: list[NBDServer] = []
+        self.servers: list[_Stoppable] = []
 
     def stop_all(self) -> None:
         errors: list[BaseException] = []
