@@ -608,3 +608,27 @@ def test_compressed_entry_round_trips() -> None:
     assert decoded.kind is codec.ClusterKind.COMPRESSED
     assert decoded.host_offset == 0x12345
     assert decoded.compressed_size >= 3000
+
+
+def test_preallocated_zero_clusters_are_written_in_place(tmp_path: Path) -> None:
+    """Clusters qemu zeroed without freeing (zero flag and a host offset) are reused, as
+    qemu reuses them, with zeroes around partial writes; the file does not grow."""
+    image = tmp_path / "t.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", image, "4M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 2M", "-c", "write -z 0 2M", image)
+    before = {m["start"]: m.get("offset") for m in qemu_map(image, "qcow2")}
+    assert before[0] is not None  # zero, but still allocated
+    size_before = image.stat().st_size
+    src = tmp_path / "src.raw"
+    run("qemu-img", "create", "-q", "-f", "raw", src, "4M")
+    # Whole clusters, a partial one (1000 bytes into the third cluster), nothing past 2M.
+    run("qemu-io", "-f", "raw", "-c", "write -P 7 0 128k", "-c", "write -P 8 132072 1000", src)
+    result = trioconv_cli("convert", "-n", "--target-is-zero", "-O", "qcow2", src, image)
+    assert result.returncode == 0, result.stderr
+    assert_identical(src, image, "raw", "qcow2")
+    check = run("qemu-img", "check", image)
+    assert "No errors were found" in check.stdout and "leaked" not in check.stdout
+    after = qemu_map(image, "qcow2")
+    first = next(m for m in after if m["start"] == 0)
+    assert first["data"] and first["offset"] == before[0]  # the same host cluster
+    assert image.stat().st_size == size_before

@@ -4,7 +4,9 @@ A qcow2 file only ever grows here. Every host cluster - data, L2 table, refcount
 a new refcount table - is taken from the *end* of the file, so a new cluster reads as
 zeroes (the file is sparse there) and a partial write needs no read-modify-write. Freed
 clusters (zeroed with ``may_unmap``, a moved refcount table) get refcount 0 and are not
-reused; ``qemu-img check`` counts them as free space, not as leaks.
+reused; ``qemu-img check`` counts them as free space, not as leaks. A cluster zeroed
+without being freed (zero flag and a host offset, refcount 1) is written in place when
+data comes, with zeroes around a partial write, as qemu does.
 
 Metadata lives in memory while the image is written and goes to disk on
 :meth:`Qcow2Writer.flush` (and on close):
@@ -706,6 +708,23 @@ class Qcow2Writer(Qcow2Driver):
                         host + pos - c_start,
                         waits=(pending,) if pending is not None else (),
                     )
+                elif (
+                    entry & ZERO_FLAG
+                    and host
+                    and not self._external
+                    and await self._refcount(host >> bits) == 1
+                ):
+                    # A preallocated zero cluster of our own: written in place, as qemu
+                    # does, with zeroes around a partial write (its old bytes are stale).
+                    t.table[i] = host | COPIED
+                    t.touch()
+                    fill = None
+                    waits = ()
+                    done = None
+                    if not self._whole(pos, hi, c_start, cs):
+                        fill = _Fill(c_start, cs, entry, False)
+                        waits, done = self._new_fill(host)
+                    run = _Run(pos, hi - pos, host + pos - c_start, fill, waits, done)
                 else:
                     whole = self._whole(pos, hi, c_start, cs)
                     from_backing = self.backing is not None and not entry & ZERO_FLAG
