@@ -27,7 +27,15 @@ from trioconv.formats.qcow2 import Qcow2Driver
 from trioconv.formats.qcow2 import _codec as codec
 from trioconv.testing import check_block_status_tiles
 
-from .conftest import assert_identical, qemu_map, require_tool, run, trioconv_cli
+from .conftest import (
+    assert_identical,
+    create_filled,
+    qemu_io_run,
+    qemu_map,
+    require_tool,
+    run,
+    trioconv_cli,
+)
 from .nbd_servers import QemuNbdLauncher
 
 MiB = 1024 * 1024
@@ -52,28 +60,13 @@ def make_qcow2(
     backing_fmt: str | None = None,
 ) -> Path:
     """``qemu-img create -f qcow2 [-o options] [-b ... -F ...]``, then ``qemu-io`` commands."""
-    qemu_img, qemu_io = require_tool("qemu-img"), require_tool("qemu-io")
-    args: list[str | os.PathLike[str]] = [qemu_img, "create", "-q", "-f", "qcow2"]
-    if options:
-        args += ["-o", options]
-    if backing is not None:
-        args += ["-b", backing]
-    if backing_fmt is not None:
-        args += ["-F", backing_fmt]
-    run(*args, path, size)
-    if commands:
-        io_args: list[str | os.PathLike[str]] = [qemu_io, "-f", "qcow2"]
-        for command in commands:
-            io_args += ["-c", command]
-        run(*io_args, path)
-    return path
+    return create_filled(
+        path, "qcow2", size, *commands, options=options, backing=backing, backing_fmt=backing_fmt
+    )
 
 
 def qemu_io_raw(path: Path, *commands: str) -> None:
-    args: list[str | os.PathLike[str]] = [require_tool("qemu-io"), "-f", "raw"]
-    for command in commands:
-        args += ["-c", command]
-    run(*args, path)
+    qemu_io_run(path, "raw", *commands)
 
 
 MIXED = (
