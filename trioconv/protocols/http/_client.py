@@ -52,6 +52,7 @@ MAX_RANGE = 64 * 1024 * 1024
 #: Error bodies up to this size are read and dropped to keep the connection.
 _DRAIN_LIMIT = 64 * 1024
 _RECEIVE = 256 * 1024
+_HEAD_RECEIVE = 16 * 1024
 _USER_AGENT = "trioconv"
 
 
@@ -170,7 +171,9 @@ class _Connection:
                 self._rest = self._parser.rest
                 self.reusable = head.keep_alive
                 return head
-            chunk = await self.stream.receive_some(_RECEIVE)
+            # Small reads: what comes after the head is the body, which should go straight
+            # into the caller's buffer, not through the head parser's copies.
+            chunk = await self.stream.receive_some(_HEAD_RECEIVE)
             if not chunk:
                 if not received:
                     raise _ClosedByServer
