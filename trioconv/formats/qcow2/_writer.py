@@ -66,7 +66,7 @@ import contextlib
 import logging
 import os
 from array import array
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 import attrs
@@ -263,6 +263,16 @@ class Qcow2Writer(Qcow2Driver):
         #: The device's size when the transport cannot grow (see :meth:`_find_end`).
         self._limit: int | None = child.child.size if fixed_size else None
         self._free_byte_offset = 0
+        #: The lowest host cluster that may have refcount 0 below ``_end`` (qemu's
+        #: ``free_cluster_index``): freed clusters are taken again from there.
+        self._free_index = 0
+        #: Operations (reads and writes) in flight, by the sequence number they started
+        #: with, and the next number. A cluster freed while any is in flight keeps its
+        #: reference in ``_deferred`` until they are done: one of them may still read or
+        #: write its old bytes, so it must not be handed out again before.
+        self._ops: set[int] = set()
+        self._op_seq = 0
+        self._deferred: list[tuple[int, int, int]] = []
         self._pending: dict[int, trio.Event] = {}
         self._lock = trio.Lock()
         self._failed = False
@@ -282,6 +292,10 @@ class Qcow2Writer(Qcow2Driver):
     @property
     def limits(self) -> Limits:
         return Limits(request_alignment=1, cluster_size=self._cs)
+
+    async def preadinto(self, offset: int, buf: memoryview) -> None:
+        with self._op():  # the clusters it reads stay where they are until it is done
+            await super().preadinto(offset, buf)
 
     @property
     def caps(self) -> Caps:
@@ -411,6 +425,8 @@ class Qcow2Writer(Qcow2Driver):
                 if not 0 <= value <= self._refmax:
                     raise self._refcount_error(pos, value)
                 blk[i] = value
+                if not value:
+                    self._now_free(pos, 1)
             else:
                 part = blk[i : i + n]
                 if delta > 0 and part.count(0) == n:
@@ -421,8 +437,52 @@ class Qcow2Writer(Qcow2Driver):
                     if bad is not None:
                         raise self._refcount_error(pos, bad)
                     blk[i : i + n] = array(blk.typecode, values)
+                    if delta < 0 and 0 in values:
+                        self._now_free(pos + values.index(0), n - values.index(0))
             self._dirty_refblocks.add(ri)
             pos += n
+
+    def _now_free(self, first: int, count: int) -> None:
+        """Clusters from ``first`` (some of the next ``count``) dropped to refcount 0."""
+        self._free_index = min(self._free_index, first)
+        fbo = self._free_byte_offset >> self._bits
+        if self._free_byte_offset and first <= fbo < first + count:
+            # Compressed streams must not go on into a cluster that is free again.
+            self._free_byte_offset = 0
+
+    async def _unref(self, first: int, count: int) -> None:
+        """Drop one reference from ``count`` clusters from cluster ``first`` - now, or
+        once the operations in flight are done (see ``_ops``) if that frees any."""
+        if self._ops:
+            for c in range(first, first + count):
+                if await self._refcount(c) <= 1:
+                    self._deferred.append((self._op_seq, first, count))
+                    return
+        await self._add_refs(first, count, -1)
+
+    async def _release_deferred(self) -> None:
+        """Drop the references :meth:`_unref` held back that nothing in flight still
+        needs (under the lock)."""
+        if not self._deferred:
+            return
+        oldest = min(self._ops, default=self._op_seq)
+        held, self._deferred = self._deferred, []
+        for seq, first, count in held:
+            if oldest < seq:
+                self._deferred.append((seq, first, count))
+            else:
+                await self._add_refs(first, count, -1)
+
+    @contextlib.contextmanager
+    def _op(self) -> Iterator[None]:
+        """Mark a read or write in flight (see ``_ops``)."""
+        seq = self._op_seq
+        self._op_seq += 1
+        self._ops.add(seq)
+        try:
+            yield
+        finally:
+            self._ops.discard(seq)
 
     def _refcount_error(self, cluster: int, value: int) -> TrioconvIOError:
         if value < 0:
@@ -463,7 +523,7 @@ class Qcow2Writer(Qcow2Driver):
         if await self._shared(t.host, "L2 table"):
             old = t.host
             t.host = await self._alloc_clusters(1)
-            await self._add_refs(old >> self._bits, 1, -1)
+            await self._unref(old >> self._bits, 1)
             t.dirty = True  # the table's bytes, unchanged, now go to the new cluster
         self._l1[index] = t.host | COPIED
         self._l1_dirty = True
@@ -483,12 +543,73 @@ class Qcow2Writer(Qcow2Driver):
         return True
 
     async def _alloc_clusters(self, count: int, *, ref: bool = True) -> int:
-        """Take ``count`` contiguous clusters at the end of the file; their host offset."""
-        host = self._end
-        self._set_end(host + count * self._cs, f"{count} more cluster{'s' * (count > 1)}")
+        """Take ``count`` contiguous clusters; their host offset. For metadata and other
+        clusters written whole (see :meth:`_alloc_run`)."""
+        return (await self._alloc_run(count, ref=ref))[0]
+
+    async def _alloc_run(self, count: int, *, ref: bool = True) -> tuple[int, bool]:
+        """Take ``count`` contiguous clusters, as qemu does: the first run of free ones
+        (refcount 0) from the lowest free cluster on, which may reach past the end of
+        the file, else at the end. Returns their host offset, and whether they may hold
+        old bytes (taken below the end, so the parts of them a write leaves out must be
+        written too)."""
+        await self._release_deferred()
+        bits = self._bits
+        first = await self._find_free(count)
+        end = self._end >> bits
+        if first is None:
+            first = end
+        if first + count > end:
+            self._set_end((first + count) << bits, f"{count} more cluster{'s' * (count > 1)}")
+        if self._free_index == first:
+            self._free_index = first + count
         if ref:
-            await self._add_refs(host >> self._bits, count, 1)
-        return host
+            await self._add_refs(first, count, 1)
+        return first << bits, first < end
+
+    async def _find_free(self, count: int) -> int | None:
+        """The first cluster of the first run of ``count`` free clusters that starts
+        below the end of the file (the run may go on past it), or None."""
+        rpb = self._rpb
+        end = self._end >> self._bits
+        c = self._free_index
+        first_free: int | None = None
+        while c < end:
+            ri, i = divmod(c, rpb)
+            blk = await self._refblock(ri)
+            if blk is not None:
+                try:
+                    c = ri * rpb + blk.index(0, i)
+                except ValueError:
+                    c = (ri + 1) * rpb
+                    continue
+                if c >= end:
+                    break
+            if first_free is None:
+                first_free = c
+            used = await self._first_used(c, min(c + count, end))
+            if used is None:
+                if first_free != c:
+                    self._free_index = first_free  # shorter runs stay for later
+                return c
+            c = used + 1
+        self._free_index = end if first_free is None else first_free
+        return None
+
+    async def _first_used(self, start: int, stop: int) -> int | None:
+        """The first cluster in ``[start, stop)`` with a refcount, or None."""
+        c = start
+        while c < stop:
+            ri, i = divmod(c, self._rpb)
+            n = min(stop - c, self._rpb - i)
+            blk = await self._refblock(ri)
+            if blk is not None:
+                part = blk[i : i + n]
+                if part.count(0) != n:
+                    raw = part.tobytes()
+                    return c + (len(raw) - len(raw.lstrip(b"\0"))) // part.itemsize
+            c += n
+        return None
 
     async def _alloc_bytes(self, size: int) -> int:
         """Host space for a compressed stream of ``size`` bytes (qemu's ``alloc_bytes``)."""
@@ -516,12 +637,12 @@ class Qcow2Writer(Qcow2Driver):
         where the COPIED bit marks it)."""
         return bool(entry & OFFSET_MASK) or (self._external and bool(entry & COPIED))
 
-    async def _alloc_data(self, guest: int) -> int:
+    async def _alloc_data(self, guest: int) -> tuple[int, bool]:
         """A host cluster for the guest cluster at ``guest``: in an external data file
-        the same offset (not refcounted), else a new cluster at the end of the image."""
+        the same offset (not refcounted), else a free one (see :meth:`_alloc_run`)."""
         if self._external:
-            return guest
-        return await self._alloc_clusters(1)
+            return guest, True
+        return await self._alloc_run(1)
 
     async def _free_entry(self, entry: int) -> None:
         """Drop the reference an L2 entry holds (normal, preallocated zero, compressed)."""
@@ -532,11 +653,11 @@ class Qcow2Writer(Qcow2Driver):
             start = dec.host_offset & ~511
             end = dec.host_offset + dec.compressed_size
             first, last = start >> self._bits, (end - 1) >> self._bits
-            await self._add_refs(first, last - first + 1, -1)
+            await self._unref(first, last - first + 1)
             return
         host = entry & OFFSET_MASK
         if host:
-            await self._add_refs(host >> self._bits, 1, -1)
+            await self._unref(host >> self._bits, 1)
 
     # -- L2 tables --------------------------------------------------------------------
     async def _get_l2(self, index: int, *, create: bool) -> _L2 | None:
@@ -590,9 +711,10 @@ class Qcow2Writer(Qcow2Driver):
             return
         if self._bitmaps:
             await self._touch_bitmaps(offset, view.nbytes)
-        async with self._lock:
-            runs = await self._allocate(offset, view.nbytes)
-        await self._write_runs(runs, offset, view)
+        with self._op():
+            async with self._lock:
+                runs = await self._allocate(offset, view.nbytes)
+            await self._write_runs(runs, offset, view)
 
     async def _write_runs(self, runs: list[_Run], offset: int, view: memoryview | None) -> None:
         """Send the bytes of runs :meth:`_allocate` made for a write at ``offset``:
@@ -640,6 +762,34 @@ class Qcow2Writer(Qcow2Driver):
         else:
             runs.append(run)
 
+    def _new_runs(
+        self, runs: list[_Run], pos: int, stop: int, c_start: int, new: int, recycled: bool
+    ) -> None:
+        """Runs writing guest ``[pos, stop)`` into the contiguous unallocated clusters
+        from ``c_start`` that now map to host ``new``: one run, or when those clusters
+        may hold old bytes, a first and last cluster the write covers only in part
+        written whole with zeroes around it."""
+        cs = self._cs
+        last = c_start + (stop - 1 - c_start) // cs * cs
+        edges = (
+            []
+            if not recycled
+            else [c for c in dict.fromkeys((c_start, last)) if not self._whole(pos, stop, c, cs)]
+        )
+        at = pos
+        for c in [*edges, None]:
+            hi = stop if c is None else c
+            if at < hi:
+                self._add_run(runs, _Run(at, hi - at, new + at - c_start))
+            if c is None:
+                break
+            lo, c_hi = max(at, c), min(stop, c + cs)
+            host = new + c - c_start
+            waits, done = self._new_fill(host)
+            fill = _Fill(c, cs, 0, False)
+            self._add_run(runs, _Run(lo, c_hi - lo, host + lo - c, fill, waits, done))
+            at = c_hi
+
     def _new_fill(self, host: int) -> tuple[tuple[trio.Event, ...], trio.Event]:
         """Register a fill of the region at ``host``: (older fills there, its own event)."""
         old = self._pending.get(host)
@@ -670,12 +820,13 @@ class Qcow2Writer(Qcow2Driver):
                     j = ((stop - 1 - base) >> bits) + 1
                     if j - i > 1 and t.table[i:j].count(0) == j - i:
                         # A stretch of never-written clusters in an image of its own:
-                        # contiguous new clusters, one table update, one host run.
-                        new = await self._alloc_clusters(j - i)
+                        # contiguous clusters, one table update, one host run (and
+                        # zeroes around its ends when the clusters held old bytes).
+                        new, recycled = await self._alloc_run(j - i)
                         first = new | COPIED
                         t.table[i:j] = array("Q", range(first, first + ((j - i) << bits), cs))
                         t.touch()
-                        self._add_run(runs, _Run(pos, stop - pos, new + pos - c_start))
+                        self._new_runs(runs, pos, stop, c_start, new, recycled)
                         pos = stop
                         continue
                 if self._ext:
@@ -730,10 +881,8 @@ class Qcow2Writer(Qcow2Driver):
                     from_backing = self.backing is not None and not entry & ZERO_FLAG
                     # A data file's cluster, or a new one on a fixed-size transport, may
                     # hold old bytes: zeroes go around the write.
-                    old_matters = (
-                        entry & COMPRESSED or from_backing or self._external or self._fixed
-                    )
-                    new = await self._alloc_data(c_start)
+                    new, recycled = await self._alloc_data(c_start)
+                    old_matters = entry & COMPRESSED or from_backing or self._fixed or recycled
                     if entry & (COMPRESSED | ZERO_FLAG):
                         await self._free_entry(entry)
                     t.table[i] = new | COPIED
@@ -782,8 +931,9 @@ class Qcow2Writer(Qcow2Driver):
             self._add_run(runs, _Run(pos, hi - pos, new + pos - c_start, fill, waits, done))
             return
         fresh = not self._mapped(entry)
+        recycled = False
         if fresh:
-            host = await self._alloc_data(c_start)
+            host, recycled = await self._alloc_data(c_start)
             t.table[2 * i] = host | COPIED
         first, last = (pos - c_start) // sc, (hi - 1 - c_start) // sc
         alloc, zero = bitmap & ALL_ALLOC, bitmap >> 32
@@ -794,7 +944,7 @@ class Qcow2Writer(Qcow2Driver):
             if self._whole(pos, hi, s_start, sc) or alloc >> s & 1:
                 continue
             from_backing = self.backing is not None and not zero >> s & 1
-            if fresh and not from_backing and not self._external and not self._fixed:
+            if fresh and not from_backing and not recycled and not self._fixed:
                 continue  # a new cluster at the end of the image reads as zeroes already
             fills[s] = _Fill(s_start, sc, entry, from_backing)
         mask = ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
@@ -889,6 +1039,12 @@ class Qcow2Writer(Qcow2Driver):
             return
         if self._bitmaps:
             await self._touch_bitmaps(offset, length)
+        with self._op():
+            await self._pwrite_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
+
+    async def _pwrite_zeroes(
+        self, offset: int, length: int, *, may_unmap: bool, fast: bool
+    ) -> None:
         if self._raw:
             # The data file must read as the guest does: zero it there first (qemu too).
             await self._zero_data_file(offset, length, may_unmap=may_unmap, fast=fast)
@@ -1126,6 +1282,10 @@ class Qcow2Writer(Qcow2Driver):
             raise TypeError("pwrite_compressed takes what compress() returned for this offset")
         if self._bitmaps:
             await self._touch_bitmaps(offset, len(prepared.clusters) * self._cs)
+        with self._op():
+            await self._pwrite_compressed(offset, prepared)
+
+    async def _pwrite_compressed(self, offset: int, prepared: CompressedClusters) -> None:
         cs, span = self._cs, self._table_span
         # Runs of host-contiguous streams: (host offset, total length, pieces), joined once.
         plan: list[tuple[int, int, list[bytes]]] = []
@@ -1204,6 +1364,7 @@ class Qcow2Writer(Qcow2Driver):
 
     async def _write_metadata(self) -> None:
         """Refcounts, then L2 and L1 tables, then a clean header (under the lock)."""
+        await self._release_deferred()
         if not self._metadata_dirty:
             return
         await self._mark_dirty_on_disk()
