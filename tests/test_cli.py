@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import ImageMaker, assert_identical, qemu_map, run, trioconv_cli
+from trioconv import UsageError
 
 MiB = 1024 * 1024
 
@@ -233,9 +234,9 @@ def test_file_names_starting_with_a_dash(
     assert_identical(src, tmp_path / "-dst.img")
 
 
-def test_long_options_taking_values_are_known() -> None:
-    """normalize_argv must know every long option that takes a value, or a value that
-    follows it would be moved behind the options as if it were a file name."""
+def test_option_table_matches_the_commands() -> None:
+    """normalize_argv must know every option and whether it takes a value, or a value
+    that follows it would be moved behind the options as if it were a file name."""
     import inspect
     import typing
 
@@ -244,21 +245,19 @@ def test_long_options_taking_values_are_known() -> None:
     from trioconv import cli
 
     for command in ("convert", "info"):
-        valued = set()
+        expected: set[tuple[tuple[str, ...], bool]] = {(("-h", "--help"), False)}
         signature = inspect.signature(getattr(cli, command), eval_str=True)
         for param in signature.parameters.values():
             args = typing.get_args(param.annotation)
             meta = [m for m in args[1:] if isinstance(m, Parameter)] if args else []
-            if not meta or args[0] is bool:
+            if not meta or param.kind is param.POSITIONAL_ONLY:
                 continue
             names = meta[0].name
-            names = [names] if isinstance(names, str) else list(names or ())
-            valued |= {n for n in names if n.startswith("--")}
-        assert valued == cli._LONG_VALUED[command], command
+            names = (names,) if isinstance(names, str) else tuple(names or ())
+            expected.add((names, args[0] is not bool))
+        assert expected == set(cli._OPTIONS[command]), command
     assert cli.normalize_argv(["convert", "a", "--parallel", "4", "-pWm8", "b"]) == [
         "convert",
-        "--parallel",
-        "4",
         "-p",
         "-W",
         "-m",
@@ -266,6 +265,48 @@ def test_long_options_taking_values_are_known() -> None:
         "a",
         "b",
     ]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        # Given twice: the last value counts, as with qemu-img's getopt; -o adds up.
+        (["-O", "qcow2", "-O", "raw", "a", "b"], ["-O", "raw", "a", "b"]),
+        (["--target-format", "qcow2", "-Oraw", "a", "b"], ["-O", "raw", "a", "b"]),
+        (["-o", "x=1", "-p", "-o", "y=2", "a", "b"], ["-p", "-o", "x=1", "-o", "y=2", "a", "b"]),
+        (["--salvage", "--salvage", "-qq", "a", "b"], ["--salvage", "-q", "a", "b"]),
+        # Unambiguous beginnings of long options, as getopt_long takes them.
+        (
+            ["--salv", "--target-is", "--parallel=4", "a", "b"],
+            ["--salvage", "--target-is-zero", "-m", "4", "a", "b"],
+        ),
+        (["--progress=json", "a", "b"], ["-p", "--progress-style", "json", "a", "b"]),
+        (["a", "--", "-b"], ["--", "a", "-b"]),
+    ],
+)
+def test_normalize_argv_reads_like_getopt(argv: list[str], expected: list[str]) -> None:
+    from trioconv import cli
+
+    assert cli.normalize_argv(["convert", *argv]) == ["convert", *expected]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["a", "b", "-O"], "missing argument for option '-O'"),
+        (["a", "b", "-o"], "missing argument for option '-o'"),
+        (["a", "b", "--parallel"], "missing argument for option '--parallel'"),
+        (["--ta", "a", "b"], "option '--ta' is ambiguous"),
+        (["--frobnicate", "a", "b"], "unrecognized option '--frobnicate'"),
+        (["-pZ", "a", "b"], "invalid option -- 'Z'"),
+        (["--salvage=yes", "a", "b"], "option '--salvage' doesn't allow an argument"),
+    ],
+)
+def test_normalize_argv_refuses_like_getopt(argv: list[str], message: str) -> None:
+    from trioconv import cli
+
+    with pytest.raises(UsageError, match=message):
+        cli.normalize_argv(["convert", *argv])
 
 
 def test_default_sparse_size_is_4k(make_image: ImageMaker, tmp_path: Path) -> None:
@@ -653,3 +694,126 @@ def test_offload_and_direct_io_with_unaligned_size(
     assert dst.stat().st_size == size
     assert_identical(src, dst)
     assert dst.read_bytes()[-512:] == b"\x77" * 512
+
+
+# -- what scripts written for qemu-img rely on ------------------------------------------
+
+
+def test_progress_text_is_qemu_imgs(src: Path, tmp_path: Path) -> None:
+    """The first and last records, and a failure's, byte for byte as qemu-img prints them."""
+    ours = trioconv_bytes("convert", "-p", src, tmp_path / "a.img")
+    theirs = subprocess.run(
+        ["qemu-img", "convert", "-p", src, tmp_path / "b.img"], capture_output=True, check=True
+    )
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout[:16] == theirs.stdout[:16] == b"    (0.00/100%)\r"
+    tail = b"    (100.00/100%)\r    (100.00/100%)\r\n"
+    assert ours.stdout.endswith(tail) and theirs.stdout.endswith(tail), (ours, theirs)
+    failed = trioconv_bytes("convert", "-p", tmp_path / "missing.img", tmp_path / "c.img")
+    qemu_failed = subprocess.run(
+        ["qemu-img", "convert", "-p", tmp_path / "missing.img", tmp_path / "d.img"],
+        capture_output=True,
+    )
+    assert failed.returncode == qemu_failed.returncode == 1
+    assert failed.stdout == qemu_failed.stdout == b"    (0.00/100%)\r\n"
+
+
+@pytest.mark.parametrize(
+    "shell",
+    [
+        "{cmd} convert -p {src} {dst} | head -c 5 >/dev/null",  # the pipe closes early
+        "{cmd} convert {src} {dst} >&-",  # no stdout at all
+        "{cmd} convert -p {src} {dst} >&-",
+        "{cmd} convert -p {src} {dst} >/dev/full",  # stdout cannot be written
+    ],
+    ids=["broken-pipe", "closed", "closed-progress", "full"],
+)
+def test_unwritable_stdout_is_not_an_error(src: Path, tmp_path: Path, shell: str) -> None:
+    """As with qemu-img: progress that cannot be shown does not fail the conversion."""
+    dst = tmp_path / "dst.img"
+    cmd = f"{sys.executable} -m trioconv"
+    line = shell.format(cmd=cmd, src=src, dst=dst)
+    result = subprocess.run(
+        ["bash", "-o", "pipefail", "-c", line], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert_identical(src, dst)
+
+
+def test_info_into_a_full_stdout(src: Path) -> None:
+    cmd = f"{sys.executable} -m trioconv info {src} >/dev/full"
+    result = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_errors_never_go_to_stdout(tmp_path: Path) -> None:
+    cmd = f"{sys.executable} -m trioconv convert {tmp_path}/missing.img {tmp_path}/x.img 2>&-"
+    result = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert result.stdout == ""
+
+
+def test_an_option_given_twice_keeps_the_last_value(src: Path, tmp_path: Path) -> None:
+    dst = tmp_path / "dst.img"
+    ok(trioconv_cli("convert", "-O", "qcow2", "-m", "2", "-O", "raw", "-m", "4", src, dst))
+    assert json.loads(run("qemu-img", "info", "--output=json", dst).stdout)["format"] == "raw"
+    assert_identical(src, dst)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["-m", "0x10"], ["-m", "010"], ["-t", "off"], ["-T", "off"], ["--salv"], ["-r", "10M"]],
+)
+def test_accepted_like_qemu_img(src: Path, tmp_path: Path, args: list[str]) -> None:
+    dst = tmp_path / "dst.img"
+    ok(trioconv_cli("convert", *args, src, dst))
+    assert_identical(src, dst)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-m", "09"], "Invalid number of coroutines: '09'"),
+        (["-r", "20E"], "Invalid rate limit specified"),
+        (["-o", ""], "Invalid option list: "),
+        (["-O", "qcow2", "-o", "cluster_size=64k,"], "Invalid option list: cluster_size=64k,"),
+        (["-O", ""], "Unknown file format ''"),
+        (["-n", "-o", "help"], "-o has no effect when skipping image creation"),
+    ],
+)
+def test_refused_like_qemu_img(src: Path, tmp_path: Path, args: list[str], message: str) -> None:
+    dst = tmp_path / "dst.img"
+    if "-n" in args:
+        dst.write_bytes(src.read_bytes())
+    line = assert_one_error(trioconv_cli("convert", *args, src, dst))
+    assert message in line
+    assert qemu_img_exit(["convert", *args, src, dst]) == 1
+
+
+def qemu_img_exit(args: list[str | Path]) -> int:
+    return subprocess.run(["qemu-img", *map(str, args)], capture_output=True).returncode
+
+
+def test_missing_value_at_the_end(src: Path, tmp_path: Path) -> None:
+    line = assert_one_error(trioconv_cli("convert", src, tmp_path / "dst.img", "-O"))
+    assert line == "trioconv: missing argument for option '-O'"
+    assert not (tmp_path / "dst.img").exists()
+
+
+def test_escaped_comma_in_option_values(src: Path, tmp_path: Path) -> None:
+    """``,,`` in ``-o`` is a comma in the value, as qemu's option lists read it."""
+    base = tmp_path / "a,b.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, "4M")
+    dst = tmp_path / "dst.qcow2"
+    opts = f"backing_file={str(base).replace(',', ',,')},backing_fmt=qcow2"
+    ok(trioconv_cli("convert", "-O", "qcow2", "-o", opts, src, dst))
+    info = json.loads(run("qemu-img", "info", "--output=json", dst).stdout)
+    assert info["backing-filename"] == str(base)
+    assert_identical(src, dst, "raw", "qcow2")
+
+
+def test_no_arguments_is_an_error() -> None:
+    result = trioconv_cli()
+    assert result.returncode == 1
+    assert result.stderr.startswith("trioconv: Not enough arguments")

@@ -53,6 +53,8 @@ class CacheMode(enum.Enum):
         """
         if isinstance(value, CacheMode):
             return value
+        if value == "off":  # qemu's other name for none
+            return CacheMode.NONE
         try:
             return cls(value)
         except ValueError:

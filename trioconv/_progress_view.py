@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 import trio
@@ -60,14 +61,37 @@ def _json_line(progress: Progress) -> str:
     )
 
 
-async def render(progress: Progress, style: str, out: TextIO | None = None) -> None:
-    """Draw ``progress`` in ``style`` until it finishes; run it in its own task."""
+async def render(
+    progress: Progress,
+    style: str,
+    out: TextIO | None = None,
+    on_error: Callable[[], None] | None = None,
+) -> None:
+    """Draw ``progress`` in ``style`` until it finishes; run it in its own task.
+
+    A failed write to ``out`` (a closed pipe, a full disk) ends the drawing, not the
+    conversion; ``on_error`` is called then.
+    """
     out = out if out is not None else sys.stdout
-    while progress.started_at is None and not progress.finished:
-        await progress.wait_changed()
+    try:
+        await _draw(progress, style, out)
+    except OSError:
+        if on_error is not None:
+            on_error()
+
+
+async def _draw(progress: Progress, style: str, out: TextIO) -> None:
     if style == "qemu":
-        shown, last = -1, ""
+        # qemu-img shows 0.00 before it opens anything; a conversion that fails shows
+        # no more than it reached.
+        shown, last = 0, qemu_line(Progress())
+        out.write(last + "\r")
+        out.flush()
         while True:
+            if progress.finished and (
+                progress.started_at is None or progress.done < progress.total
+            ):
+                return
             whole = int(progress.percent)
             line = qemu_line(progress)
             if (whole > shown or progress.finished) and line != last:
@@ -77,6 +101,8 @@ async def render(progress: Progress, style: str, out: TextIO | None = None) -> N
             if progress.finished:
                 return
             await progress.wait_changed()
+    while progress.started_at is None and not progress.finished:
+        await progress.wait_changed()
     interval = 0.2 if style == "bar" else 0.5
     async for _ in trio_util.periodic(interval):
         if style == "bar":

@@ -14,6 +14,7 @@ signatures, and ``json`` and the progress renderer are imported where they are u
 
 import contextlib
 import gc
+import io
 import logging
 import os
 import signal
@@ -46,109 +47,202 @@ app = cyclopts.App(
     help_on_error=False,
 )
 
-#: Short options that take a value, per command (qemu-img's getopt strings).
-_VALUED = {"convert": set("fOoBbFlsStTmr"), "info": set("f")}
-_FLAGS = {"convert": set("cpqnWUCh"), "info": set("Uh")}
-#: Long options that take a value (the next token unless given as ``--name=value``).
-_LONG_VALUED = {
-    "convert": {
-        "--source-format",
-        "--target-format",
-        "--output-format",
-        "--target-format-options",
-        "--options",
-        "--source-cache",
-        "--target-cache",
-        "--output-cache",
-        "--backing",
-        "--backing-format",
-        "--snapshot",
-        "--sparse-size",
-        "--parallel",
-        "--rate-limit",
-        "--rate",
-        "--progress-style",
-        "--object",
-        "--connections",
-    },
-    "info": {"--format", "--output"},
+#: Every option of each command: its spellings (the first is the one handed on to
+#: cyclopts) and whether it takes a value. A test keeps this in step with the
+#: signatures of :func:`convert` and :func:`info`.
+_OPTIONS: dict[str, tuple[tuple[tuple[str, ...], bool], ...]] = {
+    "convert": (
+        (("-f", "--source-format"), True),
+        (("-O", "--target-format", "--output-format"), True),
+        (("-o", "--target-format-options", "--options"), True),
+        (("-T", "--source-cache"), True),
+        (("-t", "--target-cache", "--output-cache"), True),
+        (("-B", "-b", "--backing"), True),
+        (("-F", "--backing-format"), True),
+        (("-l", "-s", "--snapshot"), True),
+        (("-S", "--sparse-size"), True),
+        (("-m", "--parallel"), True),
+        (("-r", "--rate-limit", "--rate"), True),
+        (("--progress-style",), True),
+        (("--object",), True),
+        (("--connections",), True),
+        (("-c", "--compress"), False),
+        (("-p", "--progress"), False),
+        (("-q", "--quiet"), False),
+        (("-n", "--no-create"), False),
+        (("-W", "--oob-writes"), False),
+        (("-U", "--force-share"), False),
+        (("-C", "--copy-range-offloading"), False),
+        (("--salvage",), False),
+        (("--target-is-zero",), False),
+        (("--bitmaps",), False),
+        (("--skip-broken-bitmaps",), False),
+        (("--image-opts",), False),
+        (("--target-image-opts",), False),
+        (("-h", "--help"), False),
+    ),
+    "info": (
+        (("-f", "--format"), True),
+        (("--output",), True),
+        (("--backing-chain",), False),
+        (("-U", "--force-share"), False),
+        (("-h", "--help"), False),
+    ),
 }
+#: Options whose values add up (``-o a=1 -o b=2``); any other given twice keeps the last
+#: value, as with qemu-img's getopt loop.
+_REPEATABLE = {"-o", "--object"}
+
+
+def _long_option(name: str, known: Sequence[str]) -> str:
+    """The long option ``name`` stands for: itself, or as getopt_long allows, the one
+    known option it is an unambiguous beginning of."""
+    if name in known:
+        return name
+    matches = [k for k in known if k.startswith(name)]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise UsageError(f"option '{name}' is ambiguous; possibilities: {' '.join(matches)}")
+    raise UsageError(f"unrecognized option '{name}'")
 
 
 def normalize_argv(argv: Sequence[str]) -> list[str]:
     """Rewrite qemu-img style arguments into one token per option, options first.
 
-    ``-pWm8`` becomes ``-p -W -m 8``; ``--progress=json`` becomes ``-p --progress-style json``.
-    As with qemu-img's getopt, options may come after file names (``convert a.qcow2 -O
-    raw b.raw``): the file names move behind the options, in their order. Everything
-    after ``--`` is a file name.
+    ``-pWm8`` becomes ``-p -W -m 8``; ``--progress=json`` becomes ``-p --progress-style
+    json``; ``--salv`` becomes ``--salvage``. As with qemu-img's getopt, options may come
+    after file names (``convert a.qcow2 -O raw b.raw``): the file names move behind the
+    options, in their order. Everything after ``--`` is a file name. An option given
+    twice keeps its last value (``-o`` adds up), and one that lacks its value is an
+    error.
     """
-    out: list[str] = []
-    files: list[str] = []
     command = argv[0] if argv else ""
-    valued, flags = _VALUED.get(command, set()), _FLAGS.get(command, set())
-    long_valued = _LONG_VALUED.get(command, set())
+    spec = _OPTIONS.get(command)
+    if spec is None:
+        return list(argv)
+    canonical = {name: names[0] for names, _ in spec for name in names}
+    valued = {name for names, takes in spec if takes for name in names}
+    longs = [name for name in canonical if name.startswith("--")]
+    given: dict[str, str | None] = {}  # canonical name -> last value, in first-seen order
+    repeated: list[tuple[str, str]] = []
+    files: list[str] = []
     args = iter(argv[1:])
-    seen_flags: set[str] = set()
 
-    def flag(name: str) -> None:
-        # getopt accepts a flag twice; cyclopts would not.
-        if name not in seen_flags:
-            seen_flags.add(name)
-            out.append(name)
+    def option(name: str, value: str | None) -> None:
+        name = canonical[name]
+        if name in _REPEATABLE and value is not None:
+            repeated.append((name, value))
+        else:
+            given.pop(name, None)  # qemu-img reads the last one
+            given[name] = value
+
+    def value_of(shown: str, attached: str | None) -> str:
+        if attached is not None:
+            return attached
+        value = next(args, None)
+        if value is None:
+            raise UsageError(f"missing argument for option '{shown}'")
+        return value
 
     for arg in args:
         if arg == "--":
             files.extend(args)
             break
-        if arg.startswith("--progress="):
-            flag("-p")
-            out += ["--progress-style", arg.split("=", 1)[1]]
-            continue
-        if arg in long_valued:
-            out += [arg, next(args, "")]
-            continue
-        if arg.startswith("--") or arg == "-":
-            (out if arg != "-" else files).append(arg)
-            continue
-        if len(arg) == 2 and arg[0] == "-" and arg[1] in flags:
-            flag(arg)
+        if arg.startswith("--"):
+            typed, eq, attached = arg.partition("=")
+            if command == "convert" and typed == "--progress" and eq:
+                option("-p", None)
+                option("--progress-style", attached)
+                continue
+            name = _long_option(typed, longs)
+            if name in valued:
+                option(name, value_of(typed, attached if eq else None))
+            elif eq:
+                raise UsageError(f"option '{name}' doesn't allow an argument")
+            else:
+                option(name, None)
             continue
         if arg.startswith("-") and len(arg) >= 2:
             i = 1
             while i < len(arg):
-                ch = arg[i]
-                if ch in valued:
-                    out.append("-" + ch)
-                    out.append(arg[i + 1 :] if i + 1 < len(arg) else next(args, ""))
+                name = "-" + arg[i]
+                if name not in canonical:
+                    raise UsageError(f"invalid option -- '{arg[i]}'")
+                if name in valued:
+                    option(name, value_of(name, arg[i + 1 :] or None))
                     break
-                if ch not in flags:
-                    if len(arg) == 2:
-                        out.append(arg)  # unknown: cyclopts names it
-                        break
-                    raise UsageError(f"invalid option -- '{ch}'")
-                flag("-" + ch)
+                option(name, None)
                 i += 1
             continue
         files.append(arg)
-    head = [command] if argv else []
-    if not files:
-        return head + out
-    return (
-        head + out + ["--", *files] if any(f.startswith("-") for f in files) else head + out + files
-    )
+    out = [command]
+    for name, value in given.items():
+        out += [name] if value is None else [name, value]
+    for name, value in repeated:
+        out += [name, value]
+    if any(f.startswith("-") for f in files):
+        out.append("--")
+    return out + files
+
+
+def _split_option_list(value: str) -> list[str]:
+    """Split ``a=b,c=d`` at single commas; ``,,`` stands for a comma in a value."""
+    items, current, i = [], [], 0
+    while i < len(value):
+        if value[i] == ",":
+            if value[i + 1 : i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(value[i])
+        i += 1
+    items.append("".join(current))
+    return items
 
 
 def _parse_o(values: Sequence[str]) -> dict[str, str]:
     """Parse ``-o a=b,c=d`` (repeatable) into a mapping; ``help`` maps to ``"help"``."""
     opts: dict[str, str] = {}
     for value in values:
-        for item in value.split(","):
-            if not item:
-                continue
+        items = _split_option_list(value)
+        if any(not item for item in items):
+            raise UsageError(f"Invalid option list: {value}")
+        for item in items:
             key, _, val = item.partition("=")
             opts[key] = val if _ else ("help" if key in ("help", "?") else "on")
     return opts
+
+
+def _say(message: str) -> None:
+    """One line on stderr; nothing when stderr is closed (never on stdout instead)."""
+    if sys.stderr is not None:
+        with contextlib.suppress(OSError):
+            print(message, file=sys.stderr, flush=True)
+
+
+def _stdout_gone() -> None:
+    """stdout failed (a closed pipe, a full disk): send the rest to /dev/null, as a C
+    tool that ignores its write errors would, so exiting does not fail on it again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
+def _emit(text: str) -> None:
+    """Print ``text`` on stdout; a stdout that cannot take it is not an error (qemu-img
+    ignores it too)."""
+    if sys.stdout is None:
+        return
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except OSError:
+        _stdout_gone()
 
 
 async def _supervise(work: Callable[[], Awaitable[None]], progress: Progress | None) -> int:
@@ -164,8 +258,7 @@ async def _supervise(work: Callable[[], Awaitable[None]], progress: Progress | N
                     if progress is not None:
                         from ._progress_view import qemu_line
 
-                        sys.stderr.write(qemu_line(progress) + "\n")
-                        sys.stderr.flush()
+                        _say(qemu_line(progress))
                     continue
                 status = 128 + signum
                 nursery.cancel_scope.cancel()
@@ -177,7 +270,7 @@ async def _supervise(work: Callable[[], Awaitable[None]], progress: Progress | N
         nursery.cancel_scope.cancel()
     if status:
         name = signal.Signals(status - 128).name
-        print(f"trioconv: interrupted by {name}", file=sys.stderr)
+        _say(f"trioconv: interrupted by {name}")
     return status
 
 
@@ -248,9 +341,11 @@ async def convert(
         )
         raise UsageError(f"{flag} is not supported")
     o = _parse_o(options or [])
-    fmt = target_format or "raw"
+    fmt = target_format if target_format is not None else "raw"
     if o.get("help") == "help" or "?" in o:
-        print(_open.create_options_help(fmt))
+        if no_create:
+            raise UsageError("-o has no effect when skipping image creation")
+        _emit(_open.create_options_help(fmt) + "\n")
         return 0
     if len(files) < 2:
         raise UsageError(
@@ -282,21 +377,31 @@ async def convert(
         buffer_size=DEFAULT_BUFFER_SIZE,
         connections=connections,
     )
-    show = progress and not quiet
+    show = progress and not quiet and sys.stdout is not None
     style = progress_style
     if style == "auto":
-        style = "bar" if sys.stdout.isatty() else "qemu"
+        style = "bar" if show and sys.stdout.isatty() else "qemu"
     stats = Progress()
 
     async def work() -> None:
-        async with trio.open_nursery() as nursery:
-            if show:
-                from ._progress_view import render  # trio_util and json: only with -p
+        ok = False
+        try:
+            async with trio.open_nursery() as nursery:
+                if show:
+                    from ._progress_view import render  # trio_util and json: only with -p
 
-                nursery.start_soon(render, stats, style)
-            await run_convert(files[:-1], files[-1], opts, progress=stats)
-        if show and style != "json":
-            print()
+                    nursery.start_soon(render, stats, style, None, _stdout_gone)
+                await run_convert(files[:-1], files[-1], opts, progress=stats)
+            ok = True
+        finally:
+            if show and style == "qemu":
+                from ._progress_view import qemu_line
+
+                # qemu-img ends with the last line once more, or after a failure with
+                # what it showed; then a newline.
+                _emit(qemu_line(stats) + "\r\n" if ok else "\n")
+            elif show and style == "bar":
+                _emit("\n")
 
     return await _supervise(work, stats)
 
@@ -413,12 +518,15 @@ async def info(
     if output == "json":
         import json
 
-        print(json.dumps(chain if backing_chain else chain[0], indent=4))
+        _emit(json.dumps(chain if backing_chain else chain[0], indent=4) + "\n")
     else:
-        for i, data in enumerate(chain):
-            if i:
-                print()
-            _print_human(data)
+        text = io.StringIO()
+        with contextlib.redirect_stdout(text):
+            for i, data in enumerate(chain):
+                if i:
+                    print()
+                _print_human(data)
+        _emit(text.getvalue())
     return 0
 
 
@@ -435,11 +543,15 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> TrioconvError | No
 
 class _LineHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"trioconv: {record.getMessage()}", file=sys.stderr)
+        _say(f"trioconv: {record.getMessage()}")
 
 
 def _run(args: list[str]) -> int:
     """Run one command line; return the exit status, with any error printed on stderr."""
+    if not args:
+        _say("trioconv: Not enough arguments")
+        _say("Try 'trioconv --help' for more information")
+        return 1
     logger = logging.getLogger("trioconv")
     if not logger.handlers:
         logger.addHandler(_LineHandler())
@@ -453,22 +565,21 @@ def _run(args: list[str]) -> int:
             result_action="return_value",
         )
     except TrioconvError as exc:
-        print(f"trioconv: {exc}", file=sys.stderr)
+        _say(f"trioconv: {exc}")
         return 1
     except BaseExceptionGroup as group:
         error = _first_error(group)
         if error is None:
             raise
-        print(f"trioconv: {error}", file=sys.stderr)
+        _say(f"trioconv: {error}")
         return 1
     except cyclopts.CycloptsError as exc:
         message = " ".join(str(exc).split())
-        print(f"trioconv: {message}", file=sys.stderr)
+        _say(f"trioconv: {message}")
         return 1
     except BrokenPipeError:
         # stdout went away (``trioconv ... | head``): stop quietly, as C tools do.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        _stdout_gone()
         return 1
     return result if isinstance(result, int) else 0
 

@@ -35,9 +35,20 @@ def _sparse(value: int | str) -> int:
     return size
 
 
+def _c_integer(text: str) -> int:
+    """An integer as C's ``strtoul`` with base 0 reads it (qemu-img reads ``-m`` so):
+    ``0x10`` is 16, ``010`` is 8, ``09`` is no number."""
+    text = text.lstrip()
+    if text[:2].lower() == "0x":
+        return int(text[2:], 16)
+    if len(text) > 1 and text[0] == "0":
+        return int(text[1:], 8)
+    return int(text, 10)
+
+
 def _parallel(value: int | str) -> int:
     try:
-        count = int(value)
+        count = value if isinstance(value, int) else _c_integer(value)
     except ValueError:
         count = 0
     if not 1 <= count <= MAX_PARALLEL:
@@ -52,6 +63,8 @@ def _rate(value: int | str | None) -> int | None:
     if value is None:
         return None
     rate = parse_size(value, what="rate limit")
+    if rate > 2**63 - 1:
+        raise UsageError(f"Invalid rate limit specified. Must be between 0 and {2**63 - 1}.")
     return rate or None
 
 
