@@ -110,6 +110,9 @@ class OpenContext:
     #: The transport is a device of fixed size (an NBD export, an iSCSI LUN): a writer
     #: cannot grow it, and space past the image's data may hold old bytes.
     fixed_size: bool = False
+    #: ``-U``: read the image (and its backing files) even while another process
+    #: writes it.
+    force_share: bool = False
 
     async def open_backing(self, location: str, fmt: str | None) -> Driver:
         """Open a backing image read-only; it is closed together with this image.
@@ -127,6 +130,7 @@ class OpenContext:
                 cache=self.cache,
                 connections=None,
                 chain=(*self.chain, self.location),
+                force_share=self.force_share,
             )
         )
 
@@ -308,6 +312,7 @@ async def open_image(
     cache: CacheMode | str = CacheMode.WRITEBACK,
     connections: int | None = None,
     snapshot: str | None = None,
+    force_share: bool = False,
 ) -> AsyncIterator[Driver]:
     """Open an image: an async context manager giving the driver stack's top.
 
@@ -329,6 +334,10 @@ async def open_image(
             requests over (4 by default).
         snapshot: open this internal snapshot read-only instead of the active layer
             (``-l``: ``NAME``, ``snapshot.id=ID`` or ``snapshot.name=NAME``).
+        force_share: read a local image even while another process (QEMU, another
+            trioconv) writes it (``-U``, read-only only). Local files are locked as QEMU
+            locks them, so otherwise an image in use by a writer is refused, and an
+            image opened writable is refused while anyone else uses it.
 
     Everything the image needs - a file descriptor, a network connection and its reader
     task - lives inside the ``async with`` block and is released when it ends.
@@ -345,6 +354,7 @@ async def open_image(
         connections=connections,
         chain=(),
         snapshot=snapshot,
+        force_share=force_share,
     ) as driver:
         yield driver
 
@@ -359,6 +369,7 @@ async def _open_image(
     connections: int | None,
     chain: tuple[str, ...],
     snapshot: str | None = None,
+    force_share: bool = False,
 ) -> AsyncIterator[Driver]:
     info = _format(fmt) if fmt is not None else None
     async with contextlib.AsyncExitStack() as stack:
@@ -384,7 +395,9 @@ async def _open_image(
             transport = await stack.enter_async_context(open_http(text, writable=writable))
         else:
             path = _transport_path(text)
-            transport = await open_file(path, writable=writable, cache=CacheMode.parse(cache))
+            transport = await open_file(
+                path, writable=writable, cache=CacheMode.parse(cache), force_share=force_share
+            )
             stack.push_async_callback(transport.aclose)
         if info is None:
             info = _FORMATS[await _probe_transport(transport, text)]
@@ -403,7 +416,13 @@ async def _open_image(
                 f"'{redact_location(text)}' (write a raw image with -O raw)"
             )
         ctx = OpenContext(
-            text, chain, stack, CacheMode.parse(cache), snapshot=snapshot, fixed_size=fixed_size
+            text,
+            chain,
+            stack,
+            CacheMode.parse(cache),
+            snapshot=snapshot,
+            fixed_size=fixed_size,
+            force_share=force_share,
         )
         driver = await info.open(transport, ctx)
         if is_iscsi_uri(text) or is_http_uri(text):

@@ -376,6 +376,7 @@ async def convert(
         skip_broken_bitmaps=skip_broken_bitmaps,
         buffer_size=DEFAULT_BUFFER_SIZE,
         connections=connections,
+        force_share=force_share,
     )
     show = progress and not quiet and sys.stdout is not None
     style = progress_style
@@ -509,7 +510,9 @@ async def info(
     With ``--backing-chain``, every image of the backing chain, top first.
     """
     chain: list[dict[str, object]] = []
-    async with _open.open_image(image, fmt, cache=CacheMode.WRITEBACK) as drv:
+    async with _open.open_image(
+        image, fmt, cache=CacheMode.WRITEBACK, force_share=force_share
+    ) as drv:
         layer: Driver | None = drv
         while layer is not None:
             chain.append(_info_dict(layer))

@@ -181,6 +181,7 @@ async def _convert(
                         cache=opts.source_cache,
                         connections=opts.connections,
                         snapshot=opts.snapshot,
+                        force_share=opts.force_share,
                     )
                 )
                 drivers.append(drv)

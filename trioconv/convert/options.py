@@ -119,6 +119,8 @@ class ConvertOptions:
         buffer_size: bytes per copy request (2 MiB, as qemu-img).
         connections: NBD connections per image when the server allows several
             (multi-conn); None means 4.
+        force_share: ``-U``; read local sources even while another process (a running
+            QEMU) writes them. Without it such a source is refused, as qemu-img does.
     """
 
     source_format: str | None = None
@@ -143,6 +145,7 @@ class ConvertOptions:
     buffer_size: int = attrs.field(default=DEFAULT_BUFFER_SIZE, converter=_buffer)
     explicit_sparse_size: bool = False
     connections: int | None = None
+    force_share: bool = False
 
     @property
     def target_backing_file(self) -> str | None:

@@ -47,7 +47,13 @@ if TYPE_CHECKING:
     import outcome
 
 from .._cache import CacheMode
-from .._errors import ImageError, TrioconvIOError, UnsupportedError, ZeroesNotSupported
+from .._errors import (
+    ImageError,
+    TrioconvIOError,
+    UnsupportedError,
+    UsageError,
+    ZeroesNotSupported,
+)
 from ..driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
 
 __all__ = ["FileDriver", "create_file", "open_file"]
@@ -70,6 +76,71 @@ _libc = ctypes.CDLL("libc.so.6", use_errno=True)
 _fallocate = _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _fallocate.restype = ctypes.c_int
+
+
+# -- image locks, as QEMU takes them ---------------------------------------------------
+#
+# QEMU marks an image in use with open file description locks on single bytes of it,
+# all shared (read) locks: byte 100 + n while it holds permission n, byte 200 + n while
+# it does not let others have permission n. Taking the same locks, trioconv and QEMU
+# see each other: neither writes into an image the other is using, and neither reads
+# one that a writer does not share - unless told to with -U (force share).
+_PERMS = ("consistent read", "write", "write unchanged", "resize")
+_PERM_READ, _PERM_WRITE, _PERM_WRITE_UNCHANGED, _PERM_RESIZE = 1, 2, 4, 8
+_PERM_ALL = 15
+_LOCK_PERM_BASE = 100
+_LOCK_SHARED_BASE = 200
+_FLOCK = "@hhqqi4x"  # struct flock: type, whence, start, len, pid (0 for OFD locks)
+
+
+def _flock(fd: int, command: int, kind: int, offset: int) -> int:
+    """One ``fcntl`` lock command on byte ``offset``; the lock type it reports."""
+    arg = struct.pack(_FLOCK, kind, os.SEEK_SET, offset, 1, 0)
+    return int(struct.unpack(_FLOCK, fcntl.fcntl(fd, command, arg))[0])
+
+
+def _lock_image(fd: int, path: str, *, writable: bool, force_share: bool, what: str) -> None:
+    """Take QEMU's locks for a reader (or a writer) of the image open at ``fd``.
+
+    A reader holds consistent read and shares everything but write and resize (all of
+    it with ``force_share``); a writer also holds write and resize. Filesystems without
+    such locks (some network ones) are used without them, as QEMU's ``locking=auto``.
+
+    Raises:
+        ImageError: another process holds a permission we do not share, or does not
+            share one we need.
+    """
+    perm = _PERM_READ | (_PERM_WRITE | _PERM_RESIZE if writable else 0)
+    shared = _PERM_ALL if force_share else _PERM_ALL & ~(_PERM_WRITE | _PERM_RESIZE)
+    try:
+        for n in range(len(_PERMS)):
+            if perm >> n & 1:
+                _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _LOCK_PERM_BASE + n)
+            if not shared >> n & 1:
+                _flock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _LOCK_SHARED_BASE + n)
+        conflict = ""
+        for n, name in enumerate(_PERMS):
+            if perm >> n & 1 and _held(fd, _LOCK_SHARED_BASE + n):
+                conflict = f'Failed to get "{name}" lock'
+                break
+        else:
+            for n, name in enumerate(_PERMS):
+                if not shared >> n & 1 and _held(fd, _LOCK_PERM_BASE + n):
+                    conflict = f'Failed to get shared "{name}" lock'
+                    break
+    except OSError as exc:
+        if exc.errno in _NOT_SUPPORTED or exc.errno == errno.ENOLCK:
+            return
+        raise ImageError(f"Could not {what} '{path}': cannot lock it: {exc.strerror}") from exc
+    if conflict:
+        raise ImageError(
+            f"Could not {what} '{path}': {conflict} (is another process using the image?)"
+        )
+
+
+def _held(fd: int, offset: int) -> bool:
+    """Whether another open file holds a lock on byte ``offset``."""
+    return _flock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, offset) != fcntl.F_UNLCK
 
 
 def _fallocate_or_raise(fd: int, mode: int, offset: int, length: int) -> None:
@@ -461,7 +532,7 @@ def _describe_open_error(path: str, exc: OSError, cache: CacheMode) -> ImageErro
     return ImageError(f"Could not open '{path}': {exc.strerror}")
 
 
-def _open_sync(path: str, writable: bool, cache: CacheMode) -> FileDriver:
+def _open_sync(path: str, writable: bool, cache: CacheMode, force_share: bool) -> FileDriver:
     try:
         fd = os.open(path, _open_flags(writable, cache))
     except OSError as exc:
@@ -470,6 +541,8 @@ def _open_sync(path: str, writable: bool, cache: CacheMode) -> FileDriver:
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             raise ImageError(f"Could not open '{path}': Is a directory")
+        if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
+            _lock_image(fd, path, writable=writable, force_share=force_share, what="open")
         blockdev = stat.S_ISBLK(st.st_mode)
         if blockdev:
             size = struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
@@ -491,14 +564,22 @@ async def open_file(
     *,
     writable: bool = False,
     cache: CacheMode = CacheMode.WRITEBACK,
+    force_share: bool = False,
 ) -> FileDriver:
-    """Open a local file or block device.
+    """Open a local file or block device, locked the way QEMU locks images it uses.
+
+    Args:
+        force_share: read it even while another process writes it (``-U``; read-only
+            opens only), as QEMU's ``force-share``.
 
     Raises:
-        ImageError: it does not exist, cannot be opened, or its filesystem refuses the
+        ImageError: it does not exist, cannot be opened, is in use by another process
+            (QEMU, or trioconv) that does not share it, or its filesystem refuses the
             requested cache mode.
     """
-    return await trio.to_thread.run_sync(_open_sync, os.fspath(path), writable, cache)
+    if force_share and writable:
+        raise UsageError("force-share=on can only be used with read-only images")
+    return await trio.to_thread.run_sync(_open_sync, os.fspath(path), writable, cache, force_share)
 
 
 def _create_sync(path: str, size: int, preallocation: str) -> bool:
@@ -521,9 +602,20 @@ def _create_sync(path: str, size: int, preallocation: str) -> bool:
     if st is not None and stat.S_ISDIR(st.st_mode):
         raise ImageError(f"Could not create '{path}': Is a directory")
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        # Not O_TRUNC: an image another process uses must stay as it is.
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError as exc:
         raise ImageError(f"Could not create '{path}': {exc.strerror}") from exc
+    try:
+        if st is not None and stat.S_ISREG(st.st_mode):
+            _lock_image(fd, path, writable=True, force_share=False, what="create")
+            os.ftruncate(fd, 0)
+    except OSError as exc:
+        os.close(fd)
+        raise ImageError(f"Could not create '{path}': {exc.strerror}") from exc
+    except BaseException:
+        os.close(fd)
+        raise
     try:
         os.ftruncate(fd, size)
         if preallocation == "falloc" and size:

@@ -257,7 +257,9 @@ async def _open_extent_file(ctx: OpenContext, name: str, writable: bool, where: 
             )
         path = os.path.join(os.path.dirname(here), name)
     try:
-        drv = await open_file(path, writable=writable, cache=ctx.cache)
+        drv = await open_file(
+            path, writable=writable, cache=ctx.cache, force_share=ctx.force_share and not writable
+        )
     except TrioconvError as exc:
         raise ImageError(f"{where}: Could not open extent file '{path}': {exc}") from None
     ctx.stack.push_async_callback(drv.aclose)
