@@ -560,6 +560,25 @@ def test_o_help_without_filenames() -> None:
     assert "preallocation" in result.stdout
 
 
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vpc", "vhdx", "vdi"])
+def test_o_help_is_laid_out_as_qemu_imgs(fmt: str) -> None:
+    """Each line trioconv lists is qemu-img's line for that option (trioconv leaves out
+    only what it does not support: encryption), header and closing note included."""
+    ours = trioconv_cli("convert", "-O", fmt, "-o", "help")
+    ok(ours)
+    theirs = [
+        t.rstrip() for t in run("qemu-img", "convert", "-O", fmt, "-o", "help").stdout.splitlines()
+    ]
+    lines = [line.rstrip() for line in ours.stdout.splitlines()]
+    assert lines[0] == theirs[0] == f"Supported {fmt} options:"
+    assert lines[-3:] == theirs[-3:]
+    options = [line for line in lines[1:-3] if line]
+    assert options and set(options) <= set(theirs)
+    assert [line for line in theirs[1:-3] if line and line not in options] == [
+        line for line in theirs[1:-3] if line and "encrypt" in line
+    ]
+
+
 def test_preallocation_falloc(make_image: ImageMaker, tmp_path: Path) -> None:
     src = make_image("sparse.img", "8M", "write -P 0xab 0 1M", "write -P 0xcd 4M 1M")
     plain = tmp_path / "plain.img"

@@ -455,13 +455,41 @@ def check_create_options(fmt: str, options: Mapping[str, str]) -> None:
             raise UsageError(f"Parameter 'preallocation' does not accept value '{value}'")
 
 
-def create_options_help(fmt: str) -> str:
-    """The text ``-o help`` prints for ``fmt``."""
+#: The value types ``-o help`` shows, as qemu-img names them (``<str>`` otherwise).
+_OPTION_TYPES = {
+    **dict.fromkeys(("size", "cluster_size", "block_size", "log_size"), "size"),
+    "refcount_bits": "num",
+    **dict.fromkeys(
+        (
+            "block_state_zero",
+            "compat6",
+            "data_file_raw",
+            "extended_l2",
+            "force_size",
+            "lazy_refcounts",
+            "static",
+            "zeroed_grain",
+        ),
+        "bool (on/off)",
+    ),
+}
+
+
+def create_options_help(fmt: str, *, with_files: bool = False) -> str:
+    """The text ``-o help`` prints for ``fmt``, laid out as qemu-img lays it out: with
+    no file names given, a header naming the format and a closing note."""
     info = _format(fmt)
     if info.create_options is None:
         raise UnsupportedError(f"Format '{fmt}' is not supported for writing yet")
-    lines = [f"Creation options for '{fmt}':"]
-    lines += [f"  {key:<22} - {text}" for key, text in sorted(info.create_options.items())]
+    lines = ["Supported options:" if with_files else f"Supported {fmt} options:"]
+    for key, text in sorted(info.create_options.items()):
+        lines.append(f"  {key + '=<' + _OPTION_TYPES.get(key, 'str') + '>':<22} - {text}")
+    if not with_files:
+        lines += [
+            "",
+            "The protocol level may support further options.",
+            "Specify the target filename to include those options.",
+        ]
     return "\n".join(lines)
 
 

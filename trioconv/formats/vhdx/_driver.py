@@ -66,7 +66,10 @@ VHDX_CREATE_OPTIONS: dict[str, str] = {
     "log_size": "Log size; min 1MB.",
     "block_size": "Block Size; min 1MB, max 256MB. 0 means auto-calculate based on image size.",
     "subformat": "VHDX format type, can be either 'dynamic' or 'fixed'. Default is 'dynamic'.",
-    "block_state_zero": "Force use of payload blocks of type 'ZERO'. Non-standard, but default.",
+    "block_state_zero": (
+        "Force use of payload blocks of type 'ZERO'. Non-standard, but default.  Do not set "
+        "to 'off' when using 'qemu-img convert' with subformat=dynamic."
+    ),
 }
 
 
