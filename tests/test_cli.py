@@ -799,6 +799,10 @@ def test_accepted_like_qemu_img(src: Path, tmp_path: Path, args: list[str]) -> N
         (["-O", "qcow2", "-o", "cluster_size=64k,"], "Invalid option list: cluster_size=64k,"),
         (["-O", ""], "Unknown file format ''"),
         (["-n", "-o", "help"], "-o has no effect when skipping image creation"),
+        (
+            ["-c", "-O", "qcow2", "-o", "preallocation=full"],
+            "Compression and preallocation not supported at the same time",
+        ),
     ],
 )
 def test_refused_like_qemu_img(src: Path, tmp_path: Path, args: list[str], message: str) -> None:

@@ -171,6 +171,8 @@ class ConvertOptions:
             raise UsageError("Use of --skip-broken-bitmaps requires --bitmaps")
         if self.compress and self.copy_range:
             raise UsageError("Cannot enable copy offloading when -c is used")
+        if self.compress and self.target_options.get("preallocation", "off") != "off":
+            raise UsageError("Compression and preallocation not supported at the same time")
         if self.explicit_sparse_size and self.copy_range:
             raise UsageError("Cannot enable copy offloading when -S is used")
         if self.copy_range and self.salvage:
