@@ -431,6 +431,27 @@ def _info_dict(drv: Driver) -> dict[str, object]:
     return info
 
 
+def _qdict_bucket(key: str) -> int:
+    """The bucket of ``key`` in a QEMU QDict (its ``tdb_hash`` modulo 512)."""
+    raw = key.encode()
+    value = (0x238F13AF * len(raw)) & 0xFFFFFFFF
+    for i, byte in enumerate(raw):
+        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
+    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
+
+
+def _qemu_order(value: object) -> object:
+    """``value`` with every mapping's keys in the order qemu-img prints them: QEMU's
+    JSON walks a hash table, bucket by bucket (the later key first within one)."""
+    if isinstance(value, dict):
+        keys = list(value)[::-1]
+        keys.sort(key=_qdict_bucket)
+        return {k: _qemu_order(value[k]) for k in keys}
+    if isinstance(value, list):
+        return [_qemu_order(v) for v in value]
+    return value
+
+
 def _snapshot_line(snap: dict[str, object]) -> str:
     """One row of qemu-img info's snapshot table."""
     date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(str(snap["date-sec"]))))
@@ -457,12 +478,6 @@ def _print_human(data: dict[str, object]) -> None:
         print(f"disk size: {qemu_size_str(int(str(data['actual-size'])))}")
     if "cluster-size" in data:
         print(f"cluster_size: {data['cluster-size']}")
-    snaps = data.get("snapshots")
-    if isinstance(snaps, list) and snaps:
-        print("Snapshot list:")
-        print(f"{'ID':<10}{'TAG':<18}{'VM SIZE':>7}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
-        for snap in snaps:
-            print(_snapshot_line(snap))
     for key, label in _HUMAN_KEYS.items():
         if key in data:
             suffix = ""
@@ -470,6 +485,12 @@ def _print_human(data: dict[str, object]) -> None:
                 full = data["full-backing-filename"]
                 suffix = f" (actual path: {full})" if full != data[key] else ""
             print(f"{label}: {data[key]}{suffix}")
+    snaps = data.get("snapshots")
+    if isinstance(snaps, list) and snaps:
+        print("Snapshot list:")
+        print(f"{'ID':<10}{'TAG':<18}{'VM SIZE':>7}{'DATE':>20}{'VM CLOCK':>13}{'ICOUNT':>11}")
+        for snap in snaps:
+            print(_snapshot_line(snap))
     specific = data.get("format-specific")
     if isinstance(specific, dict) and isinstance(specific.get("data"), dict):
         print("Format specific information:")
@@ -521,7 +542,8 @@ async def info(
     if output == "json":
         import json
 
-        _emit(json.dumps(chain if backing_chain else chain[0], indent=4) + "\n")
+        shown = _qemu_order(chain if backing_chain else chain[0])
+        _emit(json.dumps(shown, indent=4) + "\n")
     else:
         text = io.StringIO()
         with contextlib.redirect_stdout(text):

@@ -221,10 +221,23 @@ class QedDriver(Driver):
         self._file_size = child.size
         self._cache: collections.OrderedDict[int, array[int]] = collections.OrderedDict()
         self._cache_max = max(2, min(L2_CACHE_TABLES, L2_CACHE_BYTES // header.table_bytes))
+        #: The backing file name as the header stores it (None: no backing file).
+        self.backing_name: str | None = None
 
     @property
     def size(self) -> int:
         return self.header.image_size
+
+    def describe(self) -> dict[str, object]:
+        """qemu-img info's qed keys: the backing file."""
+        out: dict[str, object] = {}
+        if self.backing_name is not None:
+            out["backing-filename"] = self.backing_name
+            if self.backing is not None:
+                out["full-backing-filename"] = self.backing.location
+            if self.header.features & F_BACKING_FORMAT_NO_PROBE:
+                out["backing-filename-format"] = "raw"
+        return out
 
     @property
     def limits(self) -> Limits:
@@ -437,6 +450,7 @@ async def open_qed(transport: Driver, ctx: OpenContext) -> QedDriver:
         backing = await _open_backing(ctx, name, fmt)
     driver = QedDriver(transport, h, decode_table(raw_l1), backing)
     driver.location = ctx.location
+    driver.backing_name = name
     return driver
 
 
