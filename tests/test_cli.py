@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import trioconv
 from tests.conftest import ImageMaker, assert_identical, qemu_map, run, trioconv_cli
 from trioconv import UsageError
 
@@ -840,3 +841,57 @@ def test_no_arguments_is_an_error() -> None:
     result = trioconv_cli()
     assert result.returncode == 1
     assert result.stderr.startswith("trioconv: Not enough arguments")
+
+
+# -- sizes count whole sectors, as in QEMU ------------------------------------------------
+
+
+@pytest.mark.parametrize("flags", [[], ["-C"], ["-W", "-m", "16"]])
+def test_raw_sizes_round_up_to_a_sector(
+    make_image: ImageMaker, tmp_path: Path, flags: list[str]
+) -> None:
+    """A 1000-byte raw file is a 1024-byte disk: concatenated sources start where
+    qemu-img starts them, byte for byte the same output."""
+    odd = tmp_path / "odd.raw"
+    odd.write_bytes(b"\x07" * 1000)
+    second = make_image("second.raw", "1M", "write -P 0x55 0 64k")
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    ok(trioconv_cli("convert", *flags, "-f", "raw", "-O", "raw", odd, second, ours))
+    run("qemu-img", "convert", *flags, "-f", "raw", "-O", "raw", odd, second, theirs)
+    assert ours.read_bytes() == theirs.read_bytes()
+    assert ours.stat().st_size == 1024 + MiB
+    info = json.loads(trioconv_cli("info", "--output", "json", odd).stdout)
+    assert info["virtual-size"] == 1024
+
+
+def test_odd_raw_source_onto_a_dirty_target(tmp_path: Path) -> None:
+    """The 24 bytes past the source's end are zeroes on the target too."""
+    odd = tmp_path / "odd.raw"
+    odd.write_bytes(b"\x07" * 1000)
+    target = tmp_path / "target.raw"
+    target.write_bytes(b"\xff" * 4096)
+    ok(trioconv_cli("convert", "-n", "-f", "raw", "-O", "raw", odd, target))
+    assert target.read_bytes() == b"\x07" * 1000 + bytes(24) + b"\xff" * 3072
+
+
+def test_qcow2_sizes_count_whole_sectors(tmp_path: Path) -> None:
+    """A qcow2 header size that is not a multiple of 512 reads as whole sectors, as qemu
+    reads it, and an odd raw source becomes a qcow2 of its rounded size."""
+    odd = tmp_path / "odd.raw"
+    odd.write_bytes(b"\x07" * 1000)
+    out = tmp_path / "out.qcow2"
+    ok(trioconv_cli("convert", "-O", "qcow2", odd, out))
+    assert json.loads(run("qemu-img", "info", "--output=json", out).stdout)["virtual-size"] == 1024
+    run("qemu-img", "compare", odd, out)
+    with out.open("r+b") as f:  # header size: 1000 bytes
+        f.seek(24)
+        f.write((1000).to_bytes(8, "big"))
+    theirs = json.loads(run("qemu-img", "info", "--output=json", out).stdout)["virtual-size"]
+    ours = json.loads(trioconv_cli("info", "--output", "json", out).stdout)["virtual-size"]
+    assert ours == theirs == 512
+
+
+async def test_no_file_larger_than_a_file_offset(tmp_path: Path) -> None:
+    with pytest.raises(trioconv.ImageError, match="File too large"):
+        await trioconv.create_image(tmp_path / "huge.raw", "raw", 2**63)
+    assert not (tmp_path / "huge.raw").exists()

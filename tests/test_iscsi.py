@@ -133,7 +133,9 @@ def test_create_checks_the_lun_size(
 def test_image_smaller_than_lun_unaligned_tail(
     iscsi_target: ISCSITarget, make_image: ImageMaker, tmp_path: Path
 ) -> None:
-    """An image whose size is not a multiple of the block size: the tail is merged."""
+    """An image whose size is not a multiple of the block size: the tail is merged.
+    (A raw image counts whole 512-byte sectors, as in QEMU: 4 MiB + 1000 bytes of file
+    are 4 MiB + 1024 bytes of disk, the last 24 of them zeroes.)"""
     src = make_image("odd.img", "4097k", "write -P 0x33 0 4097k")
     with src.open("r+b") as f:
         f.truncate(4 * MiB + 1000)
@@ -146,7 +148,8 @@ def test_image_smaller_than_lun_unaligned_tail(
     assert result.returncode == 0, result.stderr
     data = backing.read_bytes()
     assert data[: 4 * MiB + 1000] == src.read_bytes()
-    assert data[4 * MiB + 1000 : 4 * MiB + 1600] == b"\x77" * 600
+    assert data[4 * MiB + 1000 : 4 * MiB + 1024] == bytes(24)
+    assert data[4 * MiB + 1024 : 4 * MiB + 1600] == b"\x77" * 576
 
 
 @pytest.mark.parametrize(

@@ -693,6 +693,40 @@ async def test_broken_compressed_grain(tmp_path: Path) -> None:
     assert "could not be decompressed" in error
 
 
+async def test_grain_size_too_small_for_its_grains(tmp_path: Path) -> None:
+    """A stream whose grains inflate to more than the header's grain size is refused,
+    as qemu refuses it, not cut short into wrong data."""
+    src = make_vmdk(
+        tmp_path / "s.vmdk",
+        "4M",
+        "write -P 0x11 0 64k",
+        "write -P 0x22 1M 64k",
+        options="subformat=streamOptimized",
+    )
+    patch(src, 20, struct.pack("<Q", 8))  # grain size: 8 sectors instead of 128
+    assert "could not be decompressed" in await open_error(src)
+    assert run("qemu-img", "convert", "-O", "raw", src, tmp_path / "q.raw", check=False).returncode
+
+
+async def test_descriptor_past_the_end_is_ignored(tmp_path: Path) -> None:
+    """An embedded descriptor whose offset lies past the end of the file reads as none,
+    as with qemu (no traceback for an offset no file can have)."""
+    src = make_vmdk(tmp_path / "m.vmdk", "4M", "write -P 5 0 64k")
+    patch(src, 28, struct.pack("<Q", 1 << 55))
+    dst = tmp_path / "out.raw"
+    await to_raw(src, dst)
+    assert_identical(src, dst, "vmdk", "raw")
+
+
+async def test_extents_larger_than_any_file_are_refused(tmp_path: Path) -> None:
+    desc = make_vmdk(tmp_path / "d.vmdk", "4M", options="subformat=monolithicFlat")
+    desc.write_text(desc.read_text().replace("RW 8192 FLAT", "RW 18014398509481984 FLAT"))
+    assert "the image is too large" in await open_error(desc)
+    result = trioconv_cli("convert", "-f", "vmdk", "-O", "raw", desc, tmp_path / "t.raw")
+    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+    assert not (tmp_path / "t.raw").exists()
+
+
 async def test_bad_footer(tmp_path: Path) -> None:
     src = tmp_path / "f.vmdk"
     src.write_bytes(_vmware_stream({0: b"\x01" * 65536}, 1 * MiB))

@@ -85,6 +85,9 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException | No
     return None
 
 
+#: The largest image size (a byte offset must fit in a signed 64-bit number, as in QEMU).
+MAX_IMAGE_SIZE = 2**63 - 1
+
 _URI_RE = re.compile(r"^([a-z][a-z0-9+.-]*):", re.IGNORECASE)
 
 
@@ -425,6 +428,11 @@ async def _open_image(
             force_share=force_share,
         )
         driver = await info.open(transport, ctx)
+        if driver.size > MAX_IMAGE_SIZE:
+            raise ImageError(
+                f"Could not open '{redact_location(text)}': the image is too large "
+                f"({driver.size} bytes; at most {MAX_IMAGE_SIZE})"
+            )
         if is_iscsi_uri(text) or is_http_uri(text):
             driver.location = redact_location(text)  # its messages never show a password
         # Closed first (the stack unwinds in reverse), so a format writes its metadata
@@ -510,6 +518,7 @@ async def create_image(
         UsageError: a bad format or option.
     """
     options = dict(options or {})
+    size = -(-size // 512) * 512  # whole sectors, as qemu-img create makes it
     check_create_options(fmt, options)
     if is_nbd_uri(os.fspath(location)):
         raise UnsupportedError(

@@ -536,6 +536,9 @@ class _Engine:
         files = [_file_of(src) for src, *_ in pieces]
         if target is None or any(f is None or not f.caps.copy_range for f in files):
             return False
+        for f, (_, soff, n, _) in zip(files, pieces, strict=True):
+            if f is not None and soff + n > f.size:
+                return False  # the zeroes that round a raw file up to a sector are not in it
         if self.rate is not None:
             await self.rate.wait(job.length)
         await self._turn(job, tickets)

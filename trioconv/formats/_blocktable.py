@@ -68,7 +68,7 @@ class BlockTableDriver(Driver):
     ) -> None:
         self.child = child
         self.location = child.location
-        self._size = size
+        self._size = size // 512 * 512  # whole sectors, as QEMU reads it
         self.block_size = block_size
         self._writable = writable
         self._zero_init = zero_init

@@ -226,7 +226,7 @@ class QedDriver(Driver):
 
     @property
     def size(self) -> int:
-        return self.header.image_size
+        return self.header.image_size // 512 * 512  # whole sectors, as QEMU reads it
 
     def describe(self) -> dict[str, object]:
         """qemu-img info's qed keys: the backing file."""

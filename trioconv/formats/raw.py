@@ -2,15 +2,22 @@
 
 The driver forwards every request to its child unchanged; it exists so that every stack
 has a format on top of a transport, as QEMU has, and so later formats have a model.
+
+One thing it adds: as in QEMU, whose sizes count 512-byte sectors, a raw image is as
+large as its transport rounded up to 512 bytes, and the bytes past the transport's end
+read as zeroes. A 1000-byte file is a 1024-byte disk: it converts to 1024 bytes, and a
+second source concatenated after it starts at byte 1024.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..driver import Buffer, Caps, Driver, Extent, Limits
+from ..driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
 
 __all__ = ["RAW_CREATE_OPTIONS", "RawDriver", "probe_raw"]
+
+SECTOR = 512
 
 #: ``-o`` options a raw target accepts, with their help text.
 RAW_CREATE_OPTIONS: dict[str, str] = {
@@ -35,7 +42,7 @@ class RawDriver(Driver):
 
     @property
     def size(self) -> int:
-        return self.child.size
+        return -(-self.child.size // SECTOR) * SECTOR
 
     @property
     def limits(self) -> Limits:
@@ -46,21 +53,46 @@ class RawDriver(Driver):
         return self.child.caps
 
     async def preadinto(self, offset: int, buf: memoryview) -> None:
-        await self.child.preadinto(offset, buf)
+        end = self.child.size
+        if offset + buf.nbytes <= end:
+            await self.child.preadinto(offset, buf)
+            return
+        inside = max(0, end - offset)  # the rest is the zeroes up to the next sector
+        if inside:
+            await self.child.preadinto(offset, buf[:inside])
+        buf[inside:] = bytes(buf.nbytes - inside)
 
     async def preadinto_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
-        await self.child.preadinto_many(requests)
+        end = self.child.size
+        if all(offset + buf.nbytes <= end for offset, buf in requests):
+            await self.child.preadinto_many(requests)
+            return
+        for offset, buf in requests:
+            await self.preadinto(offset, buf)
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
-        await self.child.pwrite(offset, data)
+        end = self.child.size
+        view = memoryview(data).cast("B")
+        if end < offset + view.nbytes and not any(view[max(0, end - offset) :]):
+            # Zeroes into the sector's tail past the transport's end: they read so
+            # already, and an export or a LUN could not take them.
+            view = view[: max(0, end - offset)]
+            if not view.nbytes:
+                return
+        await self.child.pwrite(offset, view)
 
     async def pwrite_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
     ) -> None:
-        await self.child.pwrite_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
+        length = min(length, max(0, self.child.size - offset))  # (see pwrite)
+        if length:
+            await self.child.pwrite_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
 
     async def block_status(self, offset: int, length: int) -> Extent:
-        return await self.child.block_status(offset, length)
+        end = self.child.size
+        if offset >= end:
+            return Extent(offset, min(length, self.size - offset), ExtentKind.ZERO)
+        return await self.child.block_status(offset, min(length, end - offset))
 
     async def flush(self) -> None:
         await self.child.flush()

@@ -68,6 +68,8 @@ _BLKSSZGET = 0x1268
 _BLKZEROOUT = 0x127F
 _DIRECT_FILE_ALIGNMENT = 4096
 _NOT_SUPPORTED = {errno.EOPNOTSUPP, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL, errno.ENOTTY}
+#: The largest file offset there is (off_t).
+MAX_FILE_SIZE = 2**63 - 1
 #: Most extents one block-status query maps (in one worker-thread call) and keeps.
 STATUS_EXTENTS = 1024
 
@@ -285,6 +287,12 @@ class FileDriver(Driver):
                 offset=offset,
                 errno=exc.errno,
             ) from exc
+        except OverflowError:  # an offset past what a file offset can hold
+            raise TrioconvIOError(
+                f"error while {what} {self.location} at byte {offset}: File too large",
+                offset=offset,
+                errno=errno.EFBIG,
+            ) from None
 
     def _is_direct_ok(self, offset: int, buf: memoryview) -> bool:
         if not self._cache.direct:
@@ -584,6 +592,8 @@ async def open_file(
 
 def _create_sync(path: str, size: int, preallocation: str) -> bool:
     """Create or truncate ``path`` to ``size``; return True when it is a regular file."""
+    if size > MAX_FILE_SIZE:
+        raise ImageError(f"Could not create '{path}': File too large")
     try:
         st = os.stat(path)
     except FileNotFoundError:

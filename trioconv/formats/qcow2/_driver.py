@@ -135,7 +135,8 @@ class Qcow2Driver(Driver):
     # -- contract ---------------------------------------------------------------------
     @property
     def size(self) -> int:
-        return self.header.size
+        # Whole 512-byte sectors, as QEMU reads it (a hostile header may say 7).
+        return self.header.size // 512 * 512
 
     def describe(self) -> dict[str, object]:
         """qemu-img info's qcow2 keys: cluster size, backing file, format-specific data."""

@@ -346,13 +346,19 @@ async def _open(transport: Driver, ctx: OpenContext, where: str, writable: bool)
         found = await _read_header(transport, ctx.location)
         header = found[0]
         if header.capacity == 0 and header.desc_offset:
+            if header.desc_offset * SECTOR >= size:
+                raise ImageError(
+                    f"{where}: the descriptor offset {header.desc_offset * SECTOR} is past "
+                    f"the end of the file ({size} bytes)"
+                )
             raw = await transport.pread(
                 header.desc_offset * SECTOR, min(size, codec.MAX_DESCRIPTOR)
             )
             return await _open_descriptor(raw, transport, ctx, where, writable)
         ext = await _open_sparse(transport, 0, ctx.location, writable, found)
         desc = None
-        if header.desc_offset and header.desc_size:
+        if header.desc_offset and header.desc_size and header.desc_offset * SECTOR < size:
+            # (One past the end of the file is ignored, as qemu does: it reads zeroes.)
             n = min(header.desc_size * SECTOR, codec.MAX_DESCRIPTOR)
             desc = _embedded_descriptor(await transport.pread(header.desc_offset * SECTOR, n))
         if desc is not None:

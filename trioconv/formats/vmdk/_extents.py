@@ -140,12 +140,17 @@ def _deflate_records(grains: Sequence[tuple[int, bytes | memoryview]], align: in
 
 
 def _inflate_all(streams: list[bytes], grain: int) -> list[bytes | None]:
+    """Each stream inflated, or None when it is broken, or holds more than a grain (as
+    qemu refuses it: a grain size that is too small must not cut data off silently)."""
     out: list[bytes | None] = []
     for data in streams:
+        inflater = zlib.decompressobj()
         try:
-            out.append(zlib.decompressobj().decompress(data, grain))
+            plain = inflater.decompress(data, grain)
         except zlib.error:
             out.append(None)
+            continue
+        out.append(plain if inflater.eof else None)
     return out
 
 
