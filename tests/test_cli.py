@@ -783,7 +783,15 @@ def test_an_option_given_twice_keeps_the_last_value(src: Path, tmp_path: Path) -
 
 @pytest.mark.parametrize(
     "args",
-    [["-m", "0x10"], ["-m", "010"], ["-t", "off"], ["-T", "off"], ["--salv"], ["-r", "10M"]],
+    [
+        ["-m", "0x10"],
+        ["-m", "010"],
+        ["-t", "off"],
+        ["-T", "off"],
+        ["--salv"],
+        ["-r", "10M"],
+        ["-S", "0x200"],
+    ],
 )
 def test_accepted_like_qemu_img(src: Path, tmp_path: Path, args: list[str]) -> None:
     dst = tmp_path / "dst.img"

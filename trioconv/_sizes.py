@@ -33,6 +33,9 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
         if text < 0:
             raise UsageError(f"Invalid {what} specified: {text}")
         return text
+    hexa = re.fullmatch(r"\s*0[xX]([0-9a-fA-F]+)([bBkKmMgGtTpPeE]?)", text)
+    if hexa:  # qemu takes hexadecimal sizes too (whole numbers only): 0x200, 0x10M
+        return int(hexa.group(1), 16) * _UNITS[hexa.group(2).lower()]
     match = re.fullmatch(_SIZE_PATTERN, text)
     if not match:
         raise UsageError(
