@@ -204,6 +204,30 @@ def _write_full(fd: int, data: memoryview, offset: int) -> None:
         offset += n
 
 
+#: Buffered writes that start on this boundary write their first page on its own.
+_FOLIO_BOUNDARY = 64 * 1024
+
+
+def _write_buffered(fd: int, data: memoryview, offset: int) -> None:
+    """Write through the page cache, the first page of an aligned write on its own.
+
+    The kernel gives a write into new page-cache pages folios as large as the write's
+    length and alignment allow: a 2 MiB write at a 2 MiB boundary gets one 2 MiB folio.
+    On the virtual machines measured (Linux 6.18, ext4), copying into such fresh large
+    folios ran at a quarter to a half of the speed of copying into the smaller ones a
+    write gets that starts one page later (a 2 GiB raw copy: 1.0-1.8 s against
+    0.55-0.8 s, single runs up to 10 s), and qemu-img, whose writes follow the source's
+    extents and so rarely start on such a boundary, mostly missed the cost by chance.
+    Writing the first page on its own makes every write start one page past the
+    boundary; it costs one system call per request.
+    """
+    page = mmap.PAGESIZE
+    if offset % _FOLIO_BOUNDARY == 0 and data.nbytes > page:
+        _write_full(fd, data[:page], offset)
+        data, offset = data[page:], offset + page
+    _write_full(fd, data, offset)
+
+
 def _round_down(value: int, align: int) -> int:
     return value - value % align
 
@@ -354,7 +378,7 @@ class FileDriver(Driver):
         view = memoryview(data).cast("B")
         if self._write_lock is not None:
             async with self._write_lock:
-                await self._run("writing", offset, _write_full, self._fd, view, offset)
+                await self._run("writing", offset, _write_buffered, self._fd, view, offset)
             return
         if self._is_direct_ok(offset, view):
             await self._run("writing", offset, _write_full, self._fd, view, offset)
