@@ -756,11 +756,35 @@ def map_l2(
     first = (start - table_base) >> bits
     last = (end - 1 - table_base) >> bits
     out: list[Segment] = []
+    # A plain data cluster (no flag but COPIED, an aligned host offset) needs no decoding.
+    plain_ok = not layout.extended_l2 and not layout.data_file
+    special = COMPRESSED | ZERO_FLAG
     i = first
     while i <= last:
         c_start = table_base + (i << bits)
         lo, hi = max(start, c_start), min(end, c_start + cs)
         entry = table[i * step]
+        if plain_ok and entry and not entry & special:
+            host = entry & OFFSET_MASK
+            if host and not host % cs:
+                j = i + 1
+                while j <= last and table[j] == entry + ((j - i) << bits):
+                    j += 1
+                stop = min(end, table_base + (j << bits))
+                seg = Segment(lo, stop - lo, ClusterKind.NORMAL, host + lo - c_start)
+                prev = out[-1] if out else None
+                if (
+                    prev is not None
+                    and prev.kind is ClusterKind.NORMAL
+                    and prev.host_offset + prev.length == seg.host_offset
+                ):
+                    out[-1] = Segment(
+                        prev.offset, prev.length + seg.length, prev.kind, prev.host_offset
+                    )
+                else:
+                    out.append(seg)
+                i = j
+                continue
         if entry == 0 and (not layout.extended_l2 or table[i * step + 1] == 0):
             n = max(1, _zero_entries(raw, i, last + 1, entry_size))
             stop = min(end, table_base + ((i + n) << bits))

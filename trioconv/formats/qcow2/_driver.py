@@ -292,8 +292,11 @@ class Qcow2Driver(Driver):
                 segs = codec.map_l2(table, raw, self.layout, base, pos, stop)
             except codec.Qcow2FormatError as exc:
                 raise self._corrupt(str(exc), exc.offset) from None
-            for seg in segs:
-                codec.append_segment(out, seg)
+            if out and segs:  # only the first can continue the last table's
+                codec.append_segment(out, segs[0])
+                out += segs[1:]
+            else:
+                out += segs
             pos = stop
         return out
 
