@@ -903,3 +903,12 @@ async def test_no_file_larger_than_a_file_offset(tmp_path: Path) -> None:
     with pytest.raises(trioconv.ImageError, match="File too large"):
         await trioconv.create_image(tmp_path / "huge.raw", "raw", 2**63)
     assert not (tmp_path / "huge.raw").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--image-opts", "driver=raw,file.filename=x.raw"], ["--object", "secret,id=s0", "x.raw"]],
+)
+def test_info_refuses_image_opts_and_objects(args: list[str]) -> None:
+    line = assert_one_error(trioconv_cli("info", *args))
+    assert line == f"trioconv: {args[0]} is not supported"

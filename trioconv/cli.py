@@ -84,8 +84,10 @@ _OPTIONS: dict[str, tuple[tuple[tuple[str, ...], bool], ...]] = {
     "info": (
         (("-f", "--format"), True),
         (("--output",), True),
+        (("--object",), True),
         (("--backing-chain",), False),
         (("-U", "--force-share"), False),
+        (("--image-opts",), False),
         (("-h", "--help"), False),
     ),
 }
@@ -525,11 +527,15 @@ async def info(
     output: Annotated[Literal["human", "json"], Parameter(name="--output")] = "human",
     backing_chain: Annotated[bool, Parameter(name="--backing-chain", negative="")] = False,
     force_share: Annotated[bool, Parameter(name=["-U", "--force-share"], negative="")] = False,
+    image_opts: Annotated[bool, Parameter(name="--image-opts", negative="")] = False,
+    object_: Annotated[str | None, Parameter(name="--object")] = None,
 ) -> int:
     """Show an image's format, sizes and format details, like qemu-img info.
 
     With ``--backing-chain``, every image of the backing chain, top first.
     """
+    if image_opts or object_ is not None:
+        raise UsageError(f"{'--image-opts' if image_opts else '--object'} is not supported")
     chain: list[dict[str, object]] = []
     async with _open.open_image(
         image, fmt, cache=CacheMode.WRITEBACK, force_share=force_share
