@@ -8,8 +8,9 @@ transport (local files). The extra files are closed with the image.
 
 Every request is cut at extent boundaries and handed to the extents
 (:mod:`._extents`). ``block_status`` answers per extent: unallocated and zeroed grains
-are ZERO (backing images are refused, so nothing shows through), FLAT extents report
-their file's holes as ZERO.
+are ZERO, or with a parent image (``parentFileNameHint``, a VMware delta disk or
+snapshot; read-only) HOLE for unallocated ones, which read as the parent; FLAT extents
+report their file's holes as ZERO.
 """
 
 from __future__ import annotations
@@ -29,8 +30,9 @@ from ..._errors import (
     TrioconvIOError,
     UnsupportedError,
 )
-from ...driver import Buffer, Caps, Driver, Extent, Limits
+from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
 from ...protocols.file import open_file
+from .._common import resolve_name
 from . import _codec as codec
 from ._codec import SECTOR, VmdkFormatError
 from ._extents import FlatExtent, SparseExtent
@@ -67,6 +69,25 @@ class VmdkDriver(Driver):
         self._size = extents[-1].end if extents else 0
         self._writable = writable
         self._closed = False
+        #: The parent image's name as the descriptor gives it (None: no parent).
+        self.parent_hint: str | None = None
+
+    def set_parent(self, hint: str, parent: Driver) -> None:
+        """Let unallocated grains read as ``parent`` (opened from ``hint``)."""
+        self.parent_hint = hint
+        self.backing = parent
+        for ext in self.extents:
+            if isinstance(ext, SparseExtent):
+                ext.read_parent = self._read_parent
+
+    async def _read_parent(self, guest: int, view: memoryview) -> None:
+        parent = self.backing
+        assert parent is not None
+        n = max(0, min(view.nbytes, parent.size - guest))
+        if n:
+            await parent.preadinto(guest, view[:n])
+        if n < view.nbytes:
+            view[n:] = bytes(view.nbytes - n)
 
     # -- contract ---------------------------------------------------------------------
     @property
@@ -118,6 +139,11 @@ class VmdkDriver(Driver):
             "extents": extents,
         }
         out: dict[str, object] = {"format-specific": {"type": "vmdk", "data": data}}
+        if self.parent_hint is not None:
+            out["backing-filename"] = self.parent_hint
+            if self.backing is not None:
+                out["full-backing-filename"] = self.backing.location
+                out["backing-filename-format"] = self.backing.name  # as probed
         actual = self._allocated_bytes()
         if actual is not None:
             out["actual-size"] = actual
@@ -211,11 +237,26 @@ class VmdkDriver(Driver):
         assert isinstance(ext, SparseExtent)
         await ext.write_compressed(grains, records)
 
-    async def block_status(self, offset: int, length: int) -> Extent:
+    async def layer_status(self, offset: int, length: int) -> Extent:
         (ext, rel, _, _), *_ = self._pieces(offset, 1)
         want = min(max(length, 1), ext.length - rel)
         got, kind = await ext.status(rel, want)
-        return Extent(offset, max(1, min(got, ext.length - rel)), kind)
+        n = max(1, min(got, ext.length - rel))
+        parent = self.backing
+        if kind is ExtentKind.HOLE:
+            if parent is None or offset >= parent.size:
+                kind = ExtentKind.ZERO  # nothing below shows through there
+            else:
+                n = min(n, parent.size - offset)
+        return Extent(offset, n, kind)
+
+    async def block_status(self, offset: int, length: int) -> Extent:
+        ext = await self.layer_status(offset, length)
+        if ext.kind is not ExtentKind.HOLE or self.backing is None:
+            return ext
+        below = await self.backing.block_status(offset, ext.length)
+        kind = ExtentKind.DATA if below.kind is ExtentKind.DATA else ExtentKind.ZERO
+        return Extent(offset, min(ext.length, below.length), kind)
 
     async def flush(self) -> None:
         if not self._writable:
@@ -299,12 +340,28 @@ async def _open_sparse(
     return ext
 
 
-def _refuse_backing(desc: codec.Descriptor, where: str) -> None:
-    if desc.parent_hint is not None:
+def _refuse_backing(desc: codec.Descriptor, where: str, writable: bool) -> None:
+    if desc.parent_hint is not None and writable:
         raise UnsupportedError(
-            f"{where}: VMDK images with a backing file (parentFileNameHint="
-            f"'{desc.parent_hint}') are not supported"
+            f"{where}: writing into VMDK images with a backing file (parentFileNameHint="
+            f"'{desc.parent_hint}') is not supported"
         )
+
+
+async def _with_parent(
+    driver: VmdkDriver, desc: codec.Descriptor | None, ctx: OpenContext, where: str
+) -> VmdkDriver:
+    """Open the parent image a delta disk names, if any (its format is probed, as
+    qemu does: a VMDK descriptor does not say it)."""
+    if desc is None or desc.parent_hint is None:
+        return driver
+    path = resolve_name(ctx, desc.parent_hint, "backing file")
+    try:
+        parent = await ctx.open_backing(path, None)
+    except TrioconvError as exc:
+        raise ImageError(f"{where}: Could not open backing file: {exc}") from None
+    driver.set_parent(desc.parent_hint, parent)
+    return driver
 
 
 async def open_vmdk(transport: Driver, ctx: OpenContext) -> VmdkDriver:
@@ -312,7 +369,8 @@ async def open_vmdk(transport: Driver, ctx: OpenContext) -> VmdkDriver:
 
     Raises:
         ImageError: not a VMDK image trioconv can read, or an extent cannot be opened.
-        UnsupportedError: a backing file, VMFS sparse or seSparse extents.
+        UnsupportedError: writing into an image with a backing file, VMFS sparse or
+            seSparse extents.
     """
     where = f"Could not open '{ctx.location}'"
     writable = transport.caps.writable
@@ -362,14 +420,14 @@ async def _open(transport: Driver, ctx: OpenContext, where: str, writable: bool)
             n = min(header.desc_size * SECTOR, codec.MAX_DESCRIPTOR)
             desc = _embedded_descriptor(await transport.pread(header.desc_offset * SECTOR, n))
         if desc is not None:
-            _refuse_backing(desc, where)
+            _refuse_backing(desc, where, writable)
         create_type = "streamOptimized" if ext.compressed else "monolithicSparse"
         info = VmdkInfo(
             create_type,
             desc.cid if desc else 0,
             desc.parent_cid if desc else 0xFFFFFFFF,
         )
-        return VmdkDriver([ext], info, writable=writable)
+        return await _with_parent(VmdkDriver([ext], info, writable=writable), desc, ctx, where)
     raw = await transport.pread(0, min(size, codec.MAX_DESCRIPTOR))
     return await _open_descriptor(raw, transport, ctx, where, writable)
 
@@ -384,7 +442,7 @@ async def _open_descriptor(
         raise ImageError(f"{where}: {exc}") from None
     if desc.create_type not in codec.DESCRIPTOR_CREATE_TYPES:
         raise ImageError(f"{where}: Unsupported image type '{desc.create_type}'")
-    _refuse_backing(desc, where)
+    _refuse_backing(desc, where, writable)
     extents: list[AnyExtent] = []
     start = 0
     for line in desc.extents:
@@ -419,4 +477,4 @@ async def _open_descriptor(
     if not extents:
         raise ImageError(f"{where}: the VMDK descriptor lists no usable (RW) extent")
     info = VmdkInfo(desc.create_type, desc.cid, desc.parent_cid, from_descriptor=True)
-    return VmdkDriver(extents, info, writable=writable)
+    return await _with_parent(VmdkDriver(extents, info, writable=writable), desc, ctx, where)

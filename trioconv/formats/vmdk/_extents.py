@@ -25,7 +25,7 @@ from __future__ import annotations
 import collections
 import zlib
 from array import array
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import attrs
 import trio
@@ -160,7 +160,7 @@ class _Seg:
 
     offset: int  # extent-relative
     length: int
-    kind: str  # "data", "zero", "compressed"
+    kind: str  # "data", "zero", "compressed", "hole" (the parent image shows through)
     host: int = 0
 
     @property
@@ -196,6 +196,9 @@ class SparseExtent:
         self.writable = writable
         self.name = name
         self.file_end = file.size
+        #: Reads guest bytes of the parent image (``parentFileNameHint``) into a buffer:
+        #: unallocated grains show it. None: they read as zeroes.
+        self.read_parent: Callable[[int, memoryview], Awaitable[None]] | None = None
         self._gts: dict[int, array[int]] = {}
         table_bytes = max(layout.gt_bytes, 4)
         self._cache_max = max(4, GT_CACHE_BYTES // table_bytes)
@@ -291,8 +294,15 @@ class SparseExtent:
             self._cache.popitem(last=False)
         return self._cache[index]
 
+    @property
+    def _unallocated(self) -> str:
+        """The kind of a grain never written: the parent's bytes ("hole"), or zeroes."""
+        return "hole" if self.read_parent is not None else "zero"
+
     def _entry_kind(self, entry: int) -> str:
-        if entry == 0 or (entry == codec.GTE_ZEROED and self.layout.zero_grain):
+        if entry == 0:
+            return self._unallocated
+        if entry == codec.GTE_ZEROED and self.layout.zero_grain:
             return "zero"
         return "compressed" if self.compressed else "data"
 
@@ -307,7 +317,7 @@ class SparseExtent:
             stop = min(end, (index + 1) * span)
             table = await self._table(index)
             if table is None:
-                self._append(out, _Seg(pos, stop - pos, "zero"))
+                self._append(out, _Seg(pos, stop - pos, self._unallocated))
                 pos = stop
                 continue
             while pos < stop:
@@ -320,7 +330,7 @@ class SparseExtent:
                     run = memoryview(table)[slot : last + 1].tobytes()
                     zeros = (len(run) - len(run.lstrip(b"\0"))) // 4
                     n = min(stop - pos, zeros * g - inner)
-                    self._append(out, _Seg(pos, n, "zero"))
+                    self._append(out, _Seg(pos, n, self._unallocated))
                     pos += n
                     continue
                 n = min(g - inner, stop - pos)
@@ -341,7 +351,7 @@ class SparseExtent:
     def _append(out: list[_Seg], seg: _Seg) -> None:
         if out:
             last = out[-1]
-            if last.kind == seg.kind == "zero" or (
+            if (last.kind == seg.kind and seg.kind in ("zero", "hole")) or (
                 last.kind == seg.kind == "data" and last.host + last.length == seg.host
             ):
                 out[-1] = _Seg(last.offset, last.length + seg.length, last.kind, last.host)
@@ -361,6 +371,8 @@ class SparseExtent:
                     fill_zero(part[n:])
             elif seg.kind == "compressed":
                 compressed.append(seg)
+            elif seg.kind == "hole" and self.read_parent is not None:
+                await self.read_parent(self.start + seg.offset, part)
             else:
                 fill_zero(part)
         if compressed:
@@ -433,7 +445,9 @@ class SparseExtent:
             chunk_end = min(end, pos + step)
             step *= 2
             for seg in await self._segments(pos, chunk_end):
-                k = ExtentKind.ZERO if seg.kind == "zero" else ExtentKind.DATA
+                k = {"zero": ExtentKind.ZERO, "hole": ExtentKind.HOLE}.get(
+                    seg.kind, ExtentKind.DATA
+                )
                 if kind is None:
                     kind = k
                 elif k is not kind:
