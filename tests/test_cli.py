@@ -681,10 +681,20 @@ def test_signals(
                 proc.kill()
                 proc.wait()
     stderr = err_path.read_text()
-    assert code == status, stderr
+    assert code == -signum, stderr  # ended by the signal, after cleaning up
+    assert f"trioconv: interrupted by {signum.name}" in stderr
     assert "Traceback" not in stderr, stderr
     assert not dst.exists()
     assert src.stat().st_size == 8 * MiB
+    # A shell sees 128 + N, as for qemu-img.
+    shell = (
+        f"{sys.executable} -m trioconv convert -r 1M {src} {dst} 2>/dev/null & pid=$!; "
+        f"while [ ! -e {dst} ]; do sleep 0.05; done; sleep 0.5; kill -{signum.name[3:]} $pid; "
+        "wait $pid; echo $?"
+    )
+    out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == str(status), out
+    assert not dst.exists()
 
 
 # -- 10. copy offload and O_DIRECT -------------------------------------------------------------

@@ -624,4 +624,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         # of a short conversion); frozen objects are left to the operating system. Only
         # when run as the program: a caller passing argv keeps its collector untouched.
         gc.freeze()
+        if status - 128 in (signal.SIGINT, signal.SIGTERM):
+            _die_by(signal.Signals(status - 128))
     sys.exit(status)
+
+
+def _die_by(signum: signal.Signals) -> None:
+    """End the process by the signal that interrupted it, now that the conversion is
+    cleaned up, as qemu-img ends: a shell sees status 128 + N either way, but a shell
+    loop stops on Ctrl-C only when its command died by SIGINT, and a parent process
+    sees the signal."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            if stream is not None:
+                stream.flush()
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
