@@ -17,8 +17,9 @@ from .._errors import ImageError
 
 if TYPE_CHECKING:
     from .._open import OpenContext
+    from ..driver import Driver
 
-__all__ = ["ZEROS", "fill_zero", "local_path", "resolve_name", "same_place"]
+__all__ = ["ZEROS", "fill_zero", "local_path", "read_or_zero", "resolve_name", "same_place"]
 
 #: A shared, read-only megabyte of zeroes.
 ZEROS = bytes(1024 * 1024)
@@ -32,6 +33,16 @@ def fill_zero(view: memoryview) -> None:
         n = min(len(ZEROS), view.nbytes - pos)
         view[pos : pos + n] = ZEROS[:n]
         pos += n
+
+
+async def read_or_zero(source: Driver, offset: int, view: memoryview) -> None:
+    """Read ``view`` at ``offset`` of ``source``; bytes past its end read as zeroes (a
+    backing image smaller than its overlay, a data cluster past a truncated file)."""
+    n = max(0, min(view.nbytes, source.size - offset))
+    if n:
+        await source.preadinto(offset, view[:n])
+    if n < view.nbytes:
+        fill_zero(view[n:])
 
 
 def local_path(location: str) -> str | None:

@@ -36,6 +36,7 @@ from .._errors import ImageError, TrioconvIOError, UnsupportedError
 from ..driver import Caps, Driver, Extent, ExtentKind, Limits
 from ._base import FormatInfo
 from ._common import fill_zero as _fill_zero
+from ._common import read_or_zero
 from ._common import resolve_name as _resolve
 from ._common import same_place as _same_place
 
@@ -319,20 +320,11 @@ class QedDriver(Driver):
         for off, n, entry in await self._runs(offset, offset + buf.nbytes):
             view = buf[off - offset : off - offset + n]
             if entry > ZERO_CLUSTER:
-                await self._read_from(self.child, entry, view)
+                await read_or_zero(self.child, entry, view)
             elif entry == UNALLOCATED and self.backing is not None:
-                await self._read_from(self.backing, off, view)
+                await read_or_zero(self.backing, off, view)
             else:
                 _fill_zero(view)
-
-    @staticmethod
-    async def _read_from(source: Driver, at: int, view: memoryview) -> None:
-        """Read ``view`` at ``at``; bytes past the source's end read as zeroes."""
-        n = max(0, min(view.nbytes, source.size - at))
-        if n:
-            await source.preadinto(at, view[:n])
-        if n < view.nbytes:
-            _fill_zero(view[n:])
 
     async def block_status(self, offset: int, length: int) -> Extent:
         return await self._status(offset, length, layer=False)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
+from ._common import ZEROS, read_or_zero
 
 __all__ = ["RAW_CREATE_OPTIONS", "RawDriver", "probe_raw"]
 
@@ -53,14 +54,8 @@ class RawDriver(Driver):
         return self.child.caps
 
     async def preadinto(self, offset: int, buf: memoryview) -> None:
-        end = self.child.size
-        if offset + buf.nbytes <= end:
-            await self.child.preadinto(offset, buf)
-            return
-        inside = max(0, end - offset)  # the rest is the zeroes up to the next sector
-        if inside:
-            await self.child.preadinto(offset, buf[:inside])
-        buf[inside:] = bytes(buf.nbytes - inside)
+        # Past the transport's end: the zeroes up to the next sector.
+        await read_or_zero(self.child, offset, buf)
 
     async def preadinto_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
         end = self.child.size
@@ -73,7 +68,7 @@ class RawDriver(Driver):
     async def pwrite(self, offset: int, data: Buffer) -> None:
         end = self.child.size
         view = memoryview(data).cast("B")
-        if end < offset + view.nbytes and not any(view[max(0, end - offset) :]):
+        if end < offset + view.nbytes and ZEROS.startswith(view[max(0, end - offset) :]):
             # Zeroes into the sector's tail past the transport's end: they read so
             # already, and an export or a LUN could not take them.
             view = view[: max(0, end - offset)]

@@ -36,6 +36,7 @@ import trio
 from ..._errors import ImageError, TrioconvError, TrioconvIOError, UnsupportedError
 from ...driver import Caps, Driver, Extent, ExtentKind, Limits
 from .._common import fill_zero as _fill_zero
+from .._common import read_or_zero
 from .._common import resolve_name as _resolve
 from .._common import same_place as _same_place
 from . import _bitmaps as bm
@@ -335,11 +336,7 @@ class Qcow2Driver(Driver):
 
     async def _read_host(self, source: Driver, host: int, view: memoryview) -> None:
         """Read ``view`` at ``host`` of ``source``; bytes past its end read as zeroes."""
-        n = max(0, min(view.nbytes, source.size - host))
-        if n:
-            await source.preadinto(host, view[:n])
-        if n < view.nbytes:
-            _fill_zero(view[n:])
+        await read_or_zero(source, host, view)
 
     async def _read_backing(self, guest: int, view: memoryview) -> None:
         assert self.backing is not None

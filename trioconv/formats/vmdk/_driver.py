@@ -32,7 +32,7 @@ from ..._errors import (
 )
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
 from ...protocols.file import open_file
-from .._common import resolve_name
+from .._common import read_or_zero, resolve_name
 from . import _codec as codec
 from ._codec import SECTOR, VmdkFormatError
 from ._extents import FlatExtent, SparseExtent
@@ -81,13 +81,8 @@ class VmdkDriver(Driver):
                 ext.read_parent = self._read_parent
 
     async def _read_parent(self, guest: int, view: memoryview) -> None:
-        parent = self.backing
-        assert parent is not None
-        n = max(0, min(view.nbytes, parent.size - guest))
-        if n:
-            await parent.preadinto(guest, view[:n])
-        if n < view.nbytes:
-            view[n:] = bytes(view.nbytes - n)
+        assert self.backing is not None
+        await read_or_zero(self.backing, guest, view)
 
     # -- contract ---------------------------------------------------------------------
     @property

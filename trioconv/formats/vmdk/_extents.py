@@ -32,7 +32,7 @@ import trio
 
 from ..._errors import TrioconvIOError, UnsupportedError, ZeroesNotSupported
 from ...driver import Driver, ExtentKind
-from .._common import fill_zero
+from .._common import fill_zero, read_or_zero
 from . import _codec as codec
 from ._codec import SECTOR, SparseLayout
 
@@ -74,12 +74,7 @@ class FlatExtent:
         return self.start + self.length
 
     async def read(self, offset: int, view: memoryview) -> None:
-        host = self.file_offset + offset
-        n = max(0, min(view.nbytes, self.file.size - host))
-        if n:
-            await self.file.preadinto(host, view[:n])
-        if n < view.nbytes:
-            fill_zero(view[n:])
+        await read_or_zero(self.file, self.file_offset + offset, view)
 
     async def write(self, offset: int, data: memoryview) -> None:
         await self.file.pwrite(self.file_offset + offset, data)
