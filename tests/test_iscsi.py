@@ -339,6 +339,32 @@ def test_chap(iscsi_target: ISCSITarget, mixed_src: Path, tmp_path: Path) -> Non
     assert "authentication" in line
 
 
+def test_chap_with_secret_object_and_image_opts(
+    iscsi_target: ISCSITarget, mixed_src: Path, tmp_path: Path
+) -> None:
+    # qemu-img's spelling: the password in a secret object, the LUN in block options.
+    backing = tmp_path / "lun.img"
+    url = iscsi_target.add_lun(backing, 8 * MiB, chap=("alice", "s3cret-passw0rd"))
+    address = parse_iscsi_uri(url)
+    secret = ["--object", "secret,id=sec0,data=s3cret-passw0rd"]
+    opts = (
+        f"driver=iscsi,transport=tcp,portal={address.host}:{address.port},"
+        f"target={address.target},lun={address.lun},user=alice,password-secret=sec0"
+    )
+    result = trioconv_cli("convert", *secret, "-n", mixed_src, "--target-image-opts", opts)
+    assert result.returncode == 0, result.stderr
+    assert_identical(mixed_src, backing)
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    result = trioconv_cli("convert", *secret, "--image-opts", opts, "-O", "raw", ours)
+    assert result.returncode == 0, result.stderr
+    run("qemu-img", "convert", *secret, "--image-opts", opts, "-O", "raw", theirs)
+    assert ours.read_bytes() == theirs.read_bytes() == mixed_src.read_bytes()
+    wrong = ["--object", "secret,id=sec0,data=wrong-password1"]
+    line = one_line_error(trioconv_cli("convert", *wrong, "--image-opts", opts, tmp_path / "x"))
+    assert "authentication failed" in line and "wrong-password1" not in line
+    assert not (tmp_path / "x").exists()
+
+
 def test_wrong_iqn_lun_and_port(iscsi_target: ISCSITarget, mixed_src: Path, tmp_path: Path) -> None:
     url = iscsi_target.add_lun(tmp_path / "lun.img", 8 * MiB)
     address = parse_iscsi_uri(url)

@@ -67,6 +67,30 @@ def test_read_from_nfs(nfs_server: NFSServer, mixed_src: Path, tmp_path: Path) -
     assert_identical(mixed_src, out)
 
 
+def test_image_opts_and_json_names(nfs_server: NFSServer, mixed_src: Path, tmp_path: Path) -> None:
+    # qemu-img's block options for NFS: server.host and path, user and group for AUTH_SYS.
+    name = unique("opts") + ".img"
+    put(nfs_server, mixed_src, name)
+    opts = (
+        f"driver=nfs,server.type=inet,server.host=127.0.0.1,path=/export/{name},user={os.getuid()}"
+    )
+    ours, theirs = tmp_path / "ours.img", tmp_path / "theirs.img"
+    result = trioconv_cli("convert", "--image-opts", opts, "-O", "raw", ours)
+    assert result.returncode == 0, result.stderr
+    run("qemu-img", "convert", "--image-opts", opts, "-O", "raw", theirs)
+    assert ours.read_bytes() == theirs.read_bytes() == mixed_src.read_bytes()
+    target = unique("json-target") + ".img"
+    put(nfs_server, tmp_path / "theirs.img", target)
+    (nfs_server.export_dir / target).write_bytes(bytes(mixed_src.stat().st_size))
+    json_name = (
+        f'json:{{"driver":"raw","file":{{"driver":"nfs","server":{{"type":"inet","host":"127.0.0.1"}},'
+        f'"path":"/export/{target}"}}}}'
+    )
+    result = trioconv_cli("convert", "-n", mixed_src, json_name)
+    assert result.returncode == 0, result.stderr
+    assert_identical(mixed_src, nfs_server.export_dir / target)
+
+
 def test_write_into_existing_file_with_n(
     nfs_server: NFSServer, mixed_src: Path, qemu_img: str
 ) -> None:

@@ -13,6 +13,7 @@ import os
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import attrs
 import trio
@@ -23,6 +24,9 @@ from .driver import Driver
 from .formats._base import FormatInfo
 from .formats.raw import RAW_CREATE_OPTIONS, RawDriver, probe_raw
 from .protocols.file import create_file, open_file
+
+if TYPE_CHECKING:
+    from . import _blockopts
 
 __all__ = [
     "FormatInfo",
@@ -116,6 +120,12 @@ class OpenContext:
     #: ``-U``: read the image (and its backing files) even while another process
     #: writes it.
     force_share: bool = False
+    #: ``backing: null`` in block options: open no backing image (unallocated areas
+    #: read as zeroes).
+    no_backing: bool = False
+    #: The raw format's window into its transport (block options ``offset``, ``size``).
+    raw_offset: int = 0
+    raw_size: int | None = None
 
     async def open_backing(self, location: str, fmt: str | None) -> Driver:
         """Open a backing image read-only; it is closed together with this image.
@@ -139,7 +149,19 @@ class OpenContext:
 
 
 async def _open_raw(transport: Driver, ctx: OpenContext) -> Driver:
-    return RawDriver(transport)
+    offset, size, total = ctx.raw_offset, ctx.raw_size, transport.size
+    if offset > total:
+        raise ImageError(
+            f"Could not open '{ctx.location}': Offset ({offset}) cannot be greater than size "
+            f"of the containing file ({total})"
+        )
+    if size is not None and offset + size > total:
+        raise ImageError(
+            f"Could not open '{ctx.location}': The sum of offset ({offset}) and size "
+            f"({size}) has to be smaller or equal to the actual size of the containing "
+            f"file ({total})"
+        )
+    return RawDriver(transport, offset=offset, size=size)
 
 
 def _magic(magic: bytes, at: int = 0, score: int = 100) -> Callable[[bytes, str], int]:
@@ -374,9 +396,86 @@ async def _open_image(
     snapshot: str | None = None,
     force_share: bool = False,
 ) -> AsyncIterator[Driver]:
+    text = os.fspath(location)
+    if text.startswith("json:"):
+        async with _open_spec(
+            text,
+            fmt,
+            writable=writable,
+            cache=cache,
+            connections=connections,
+            chain=chain,
+            snapshot=snapshot,
+            force_share=force_share,
+        ) as driver:
+            yield driver
+        return
+    async with _open_transport_image(
+        text,
+        fmt,
+        writable=writable,
+        cache=cache,
+        connections=connections,
+        chain=chain,
+        snapshot=snapshot,
+        force_share=force_share,
+    ) as driver:
+        yield driver
+
+
+@asynccontextmanager
+async def _open_spec(
+    text: str,
+    fmt: str | None,
+    *,
+    writable: bool,
+    cache: CacheMode | str,
+    connections: int | None,
+    chain: tuple[str, ...],
+    snapshot: str | None,
+    force_share: bool,
+) -> AsyncIterator[Driver]:
+    """Open a ``json:`` filename: QEMU's block options (see :mod:`trioconv._blockopts`)."""
+    from . import _blockopts
+
+    spec = _blockopts.resolve_json(text, fmt)
+    if writable and spec.read_only:
+        raise ImageError(f"Could not open '{text}': Block node is read-only")
+    share = force_share or spec.force_share
+    if writable and spec.force_share:
+        raise UsageError("force-share=on can only be used with read-only images")
+    mode = CacheMode.parse(cache)
+    if spec.direct and not mode.direct:
+        mode = CacheMode.NONE
+    async with _open_transport_image(
+        spec.location,
+        spec.fmt,
+        writable=writable,
+        cache=mode,
+        connections=connections,
+        chain=chain,
+        snapshot=snapshot,
+        force_share=share,
+        spec=spec,
+    ) as driver:
+        yield driver
+
+
+@asynccontextmanager
+async def _open_transport_image(
+    text: str,
+    fmt: str | None,
+    *,
+    writable: bool,
+    cache: CacheMode | str,
+    connections: int | None,
+    chain: tuple[str, ...],
+    snapshot: str | None = None,
+    force_share: bool = False,
+    spec: _blockopts.BlockSpec | None = None,
+) -> AsyncIterator[Driver]:
     info = _format(fmt) if fmt is not None else None
     async with contextlib.AsyncExitStack() as stack:
-        text = os.fspath(location)
         transport: Driver
         if is_nbd_uri(text):
             from .protocols.nbd import open_nbd  # only programs that use NBD pay for it
@@ -399,7 +498,11 @@ async def _open_image(
         else:
             path = _transport_path(text)
             transport = await open_file(
-                path, writable=writable, cache=CacheMode.parse(cache), force_share=force_share
+                path,
+                writable=writable,
+                cache=CacheMode.parse(cache),
+                force_share=force_share,
+                locking=spec is None or spec.locking,
             )
             stack.push_async_callback(transport.aclose)
         if info is None:
@@ -427,6 +530,15 @@ async def _open_image(
             fixed_size=fixed_size,
             force_share=force_share,
         )
+        if spec is not None:
+            ctx.no_backing = spec.no_backing
+            ctx.raw_offset, ctx.raw_size = spec.offset, spec.size
+            if info.name != "raw" and (spec.offset or spec.size is not None):
+                key = "offset" if spec.offset else "size"
+                raise ImageError(
+                    f"Could not open '{spec.shown}': Block format '{info.name}' does not "
+                    f"support the option '{key}'"
+                )
         driver = await info.open(transport, ctx)
         if driver.size > MAX_IMAGE_SIZE:
             raise ImageError(

@@ -321,7 +321,7 @@ async def convert(
     ] = False,
     image_opts: Annotated[bool, Parameter(name="--image-opts", negative="")] = False,
     target_image_opts: Annotated[bool, Parameter(name="--target-image-opts", negative="")] = False,
-    object_: Annotated[str | None, Parameter(name="--object")] = None,
+    object_: Annotated[list[str] | None, Parameter(name="--object", negative_iterable="")] = None,
     connections: Annotated[int | None, Parameter(name="--connections")] = None,
 ) -> int:
     """Convert FILES (one or more sources, concatenated) into the last one, like qemu-img convert.
@@ -332,22 +332,29 @@ async def convert(
     Sources and target may be NBD URIs (``nbd://host/export``,
     ``nbd+unix:///export?socket=PATH``); ``--connections N`` sets how many connections
     to use when an NBD server allows several (default 4).
+
+    ``--image-opts`` / ``--target-image-opts`` take QEMU block options instead of file
+    names (``driver=qcow2,file.filename=disk.qcow2``), and ``--object`` defines the
+    secrets and TLS credentials they refer to, as with qemu-img.
     """
-    if image_opts or target_image_opts or object_ is not None:
-        flag = (
-            "--image-opts"
-            if image_opts
-            else "--target-image-opts"
-            if target_image_opts
-            else "--object"
-        )
-        raise UsageError(f"{flag} is not supported")
+    if _define_objects(object_):
+        return 0
+    if target_image_opts and not no_create:
+        raise UsageError("--target-image-opts requires use of -n flag")
+    if (image_opts and source_format is not None) or (
+        target_image_opts and target_format is not None
+    ):
+        raise UsageError("--image-opts and --format are mutually exclusive")
+    if files and (image_opts or target_image_opts):
+        files = _as_json_filenames(files, sources=image_opts, target=target_image_opts)
     o = _parse_o(options or [])
-    fmt = target_format if target_format is not None else "raw"
+    fmt: str | None = target_format if target_format is not None else "raw"
+    if target_image_opts:
+        fmt = None  # the target's options name its format, or it is probed
     if o.get("help") == "help" or "?" in o:
         if no_create:
             raise UsageError("-o has no effect when skipping image creation")
-        _emit(_open.create_options_help(fmt, with_files=bool(files)) + "\n")
+        _emit(_open.create_options_help(fmt or "raw", with_files=bool(files)) + "\n")
         return 0
     if len(files) < 2:
         raise UsageError(
@@ -407,6 +414,35 @@ async def convert(
                 _emit("\n")
 
     return await _supervise(work, stats)
+
+
+def _define_objects(values: Sequence[str] | None) -> bool:
+    """``--object``: define the secrets and TLS credentials block options refer to.
+
+    Returns True when ``--object help`` listed the types instead (nothing else to do).
+    """
+    if not values:
+        return False
+    from . import _blockopts
+
+    if "help" in values or "?" in values:
+        _emit("List of user creatable objects:\n  secret\n  tls-creds-x509\n")
+        return True
+    _blockopts.use_objects([_blockopts.parse_object(v) for v in values])
+    return False
+
+
+def _as_json_filenames(files: Sequence[str], *, sources: bool, target: bool) -> tuple[str, ...]:
+    """``--image-opts`` / ``--target-image-opts``: the option strings among ``files``
+    checked and turned into the ``json:`` filenames they stand for."""
+    from . import _blockopts
+
+    out = list(files)
+    last = len(out) - 1
+    for i, text in enumerate(out):
+        if (sources and i < last) or (target and i == last) or (sources and last == 0):
+            out[i] = _blockopts.image_opts_to_json(text)
+    return tuple(out)
 
 
 def _local_path(location: str) -> str | None:
@@ -528,14 +564,26 @@ async def info(
     backing_chain: Annotated[bool, Parameter(name="--backing-chain", negative="")] = False,
     force_share: Annotated[bool, Parameter(name=["-U", "--force-share"], negative="")] = False,
     image_opts: Annotated[bool, Parameter(name="--image-opts", negative="")] = False,
-    object_: Annotated[str | None, Parameter(name="--object")] = None,
+    object_: Annotated[list[str] | None, Parameter(name="--object", negative_iterable="")] = None,
 ) -> int:
     """Show an image's format, sizes and format details, like qemu-img info.
 
     With ``--backing-chain``, every image of the backing chain, top first.
     """
-    if image_opts or object_ is not None:
-        raise UsageError(f"{'--image-opts' if image_opts else '--object'} is not supported")
+    if _define_objects(object_):
+        return 0
+    shown = image
+    if image_opts:
+        from . import _blockopts
+
+        if fmt is not None:
+            raise UsageError("--image-opts and --format are mutually exclusive")
+        image = _blockopts.image_opts_to_json(image)
+    if image.startswith("json:"):
+        from . import _blockopts
+
+        spec = _blockopts.resolve_json(image, fmt)
+        shown = spec.shown if spec.simple else image
     chain: list[dict[str, object]] = []
     async with _open.open_image(
         image, fmt, cache=CacheMode.WRITEBACK, force_share=force_share
@@ -544,12 +592,12 @@ async def info(
         while layer is not None:
             chain.append(_info_dict(layer))
             layer = layer.backing if backing_chain else None
-    chain[0]["filename"] = _open.redact_location(image)
+    chain[0]["filename"] = _open.redact_location(shown)
     if output == "json":
         import json
 
-        shown = _qemu_order(chain if backing_chain else chain[0])
-        _emit(json.dumps(shown, indent=4) + "\n")
+        ordered = _qemu_order(chain if backing_chain else chain[0])
+        _emit(json.dumps(ordered, indent=4) + "\n")
     else:
         text = io.StringIO()
         with contextlib.redirect_stdout(text):

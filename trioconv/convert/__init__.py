@@ -55,7 +55,7 @@ def _check_format_features(
     opts: ConvertOptions, nsources: int, *, target_is_driver: bool = False
 ) -> None:
     """Refuse, by name, what the target format cannot do (qemu-img's wording)."""
-    fmt = opts.target_format
+    fmt = opts.target_format or "raw"
     creating = not opts.no_create and not target_is_driver
     if creating:
         check_create_options(fmt, opts.target_options)
@@ -81,9 +81,11 @@ def _check_format_features(
         raise UsageError("Use of backing file requires explicit backing format")
     if nsources > 1 and opts.bitmaps:
         raise UnsupportedError("Copying bitmaps only possible with single source")
-    if opts.compress and not target_is_driver and not format_info(fmt).can_compress:
+    # (A target format of None - found when the target is opened - is checked then.)
+    named = opts.target_format is not None and not target_is_driver
+    if opts.compress and named and not format_info(fmt).can_compress:
         raise UnsupportedError(f"Compression not supported for this file format ('{fmt}')")
-    if opts.bitmaps and fmt != "qcow2":
+    if opts.bitmaps and named and fmt != "qcow2":
         raise UnsupportedError(f"Format driver '{fmt}' does not support bitmaps")
     if opts.bitmaps and creating and opts.create_options().get("compat") in ("0.10", "v2"):
         raise UnsupportedError("Cannot store dirty bitmaps in qcow2 v2 files")
@@ -193,9 +195,10 @@ async def _convert(
         else:
             is_new = not opts.no_create
             if is_new:
-                check_create_options(opts.target_format, opts.create_options())
+                fmt = opts.target_format or "raw"  # (None is refused without no_create)
+                check_create_options(fmt, opts.create_options())
                 before = _side_files(target, opts.create_options())
-                if await create_image(target, opts.target_format, total, opts.create_options()):
+                if await create_image(target, fmt, total, opts.create_options()):
                     text = os.fspath(target)
                     created = text if is_nfs_uri(text) else Path(text)
                     # Formats with several files (vmdk extents, a qcow2 data file)

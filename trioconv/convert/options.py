@@ -97,7 +97,9 @@ class ConvertOptions:
 
     Attributes:
         source_format: ``-f``; probed when None.
-        target_format: ``-O``; raw by default.
+        target_format: ``-O``; raw by default. None (with ``no_create`` only) takes the
+            existing target's format as its ``json:`` options name it, or probes it, as
+            ``qemu-img convert -n --target-image-opts`` does.
         target_options: ``-o`` as a mapping (``{"preallocation": "falloc"}``).
         source_cache: ``-T``; ``writeback`` by default.
         target_cache: ``-t``; ``unsafe`` by default (qemu-img's default for convert).
@@ -124,7 +126,7 @@ class ConvertOptions:
     """
 
     source_format: str | None = None
-    target_format: str = "raw"
+    target_format: str | None = "raw"
     target_options: Mapping[str, str] = attrs.field(factory=dict, converter=_mapping)
     source_cache: CacheMode = attrs.field(default=CacheMode.WRITEBACK, converter=_cache_source)
     target_cache: CacheMode = attrs.field(default=CacheMode.UNSAFE, converter=_cache_target)
@@ -179,6 +181,8 @@ class ConvertOptions:
             raise UsageError("Cannot use copy offloading in salvaging mode")
         if self.no_create and self.target_options:
             raise UsageError("-o has no effect when skipping image creation")
+        if self.target_format is None and not self.no_create:
+            raise UsageError("A target format is needed to create the target (or use -n)")
         if self.target_is_zero and not self.no_create:
             raise UsageError("--target-is-zero requires use of -n flag")
         if self.connections is not None and not 1 <= self.connections <= 64:

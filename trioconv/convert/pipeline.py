@@ -301,6 +301,8 @@ class _RateLimiter:
 
 def _file_of(driver: Driver) -> FileDriver | None:
     while isinstance(driver, RawDriver):
+        if driver.offset:
+            return None  # a window: the file's offsets are not the image's
         driver = driver.child
     return driver if isinstance(driver, FileDriver) else None
 

@@ -19,7 +19,15 @@ if TYPE_CHECKING:
     from .._open import OpenContext
     from ..driver import Driver
 
-__all__ = ["ZEROS", "fill_zero", "local_path", "read_or_zero", "resolve_name", "same_place"]
+__all__ = [
+    "ZEROS",
+    "fill_zero",
+    "full_backing_name",
+    "local_path",
+    "read_or_zero",
+    "resolve_name",
+    "same_place",
+]
 
 #: A shared, read-only megabyte of zeroes.
 ZEROS = bytes(1024 * 1024)
@@ -93,3 +101,9 @@ def same_place(a: str, b: str) -> bool:
     if local_a is None or local_b is None:
         return a == b
     return os.path.realpath(local_a) == os.path.realpath(local_b)
+
+
+def full_backing_name(name: str, backing: Driver) -> str:
+    """qemu-img info's ``full-backing-filename``: where the backing image was found, or a
+    ``json:`` name as stored (QEMU shows block options as they are)."""
+    return name if name.startswith("json:") else backing.location

@@ -36,7 +36,7 @@ from .._errors import ImageError, TrioconvIOError, UnsupportedError
 from ..driver import Caps, Driver, Extent, ExtentKind, Limits
 from ._base import FormatInfo
 from ._common import fill_zero as _fill_zero
-from ._common import read_or_zero
+from ._common import full_backing_name, read_or_zero
 from ._common import resolve_name as _resolve
 from ._common import same_place as _same_place
 
@@ -235,7 +235,7 @@ class QedDriver(Driver):
         if self.backing_name is not None:
             out["backing-filename"] = self.backing_name
             if self.backing is not None:
-                out["full-backing-filename"] = self.backing.location
+                out["full-backing-filename"] = full_backing_name(self.backing_name, self.backing)
             if self.header.features & F_BACKING_FORMAT_NO_PROBE:
                 out["backing-filename-format"] = "raw"
         return out
@@ -437,7 +437,7 @@ async def open_qed(transport: Driver, ctx: OpenContext) -> QedDriver:
     except TrioconvIOError as exc:
         raise ImageError(f"{where}: {exc}") from None
     backing = None
-    if name is not None:
+    if name is not None and not ctx.no_backing:
         fmt = "raw" if h.features & F_BACKING_FORMAT_NO_PROBE else None
         backing = await _open_backing(ctx, name, fmt)
     driver = QedDriver(transport, h, decode_table(raw_l1), backing)

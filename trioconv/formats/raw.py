@@ -33,17 +33,32 @@ def probe_raw(header: bytes, filename: str) -> int:
 
 
 class RawDriver(Driver):
-    """Raw format over a child driver."""
+    """Raw format over a child driver, optionally a window of it.
+
+    Args:
+        offset: the child's byte that is the image's byte 0 (QEMU's raw ``offset``).
+        size: the image's size (a multiple of 512); None: the rest of the child,
+            rounded up to whole sectors.
+    """
 
     name = "raw"
 
-    def __init__(self, child: Driver) -> None:
+    def __init__(self, child: Driver, *, offset: int = 0, size: int | None = None) -> None:
         self.child = child
         self.location = child.location
+        self.offset = offset
+        self._size = size
 
     @property
     def size(self) -> int:
-        return -(-self.child.size // SECTOR) * SECTOR
+        if self._size is not None:
+            return self._size
+        return -(-(self.child.size - self.offset) // SECTOR) * SECTOR
+
+    @property
+    def _end(self) -> int:
+        """Where the child's bytes end, in the image's offsets."""
+        return self.child.size - self.offset
 
     @property
     def limits(self) -> Limits:
@@ -55,18 +70,19 @@ class RawDriver(Driver):
 
     async def preadinto(self, offset: int, buf: memoryview) -> None:
         # Past the transport's end: the zeroes up to the next sector.
-        await read_or_zero(self.child, offset, buf)
+        await read_or_zero(self.child, offset + self.offset, buf)
 
     async def preadinto_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
-        end = self.child.size
+        end = self._end
         if all(offset + buf.nbytes <= end for offset, buf in requests):
-            await self.child.preadinto_many(requests)
+            shift = self.offset
+            await self.child.preadinto_many([(off + shift, buf) for off, buf in requests])
             return
         for offset, buf in requests:
             await self.preadinto(offset, buf)
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
-        end = self.child.size
+        end = self._end
         view = memoryview(data).cast("B")
         if end < offset + view.nbytes and ZEROS.startswith(view[max(0, end - offset) :]):
             # Zeroes into the sector's tail past the transport's end: they read so
@@ -74,20 +90,25 @@ class RawDriver(Driver):
             view = view[: max(0, end - offset)]
             if not view.nbytes:
                 return
-        await self.child.pwrite(offset, view)
+        await self.child.pwrite(offset + self.offset, view)
 
     async def pwrite_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
     ) -> None:
-        length = min(length, max(0, self.child.size - offset))  # (see pwrite)
+        length = min(length, max(0, self._end - offset))  # (see pwrite)
         if length:
-            await self.child.pwrite_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
+            await self.child.pwrite_zeroes(
+                offset + self.offset, length, may_unmap=may_unmap, fast=fast
+            )
 
     async def block_status(self, offset: int, length: int) -> Extent:
-        end = self.child.size
+        end = self._end
         if offset >= end:
             return Extent(offset, min(length, self.size - offset), ExtentKind.ZERO)
-        return await self.child.block_status(offset, min(length, end - offset))
+        ext = await self.child.block_status(offset + self.offset, min(length, end - offset))
+        if not self.offset:
+            return ext
+        return Extent(ext.offset - self.offset, ext.length, ext.kind)
 
     async def flush(self) -> None:
         await self.child.flush()

@@ -564,7 +564,9 @@ def _describe_open_error(path: str, exc: OSError, cache: CacheMode) -> ImageErro
     return ImageError(f"Could not open '{path}': {exc.strerror}")
 
 
-def _open_sync(path: str, writable: bool, cache: CacheMode, force_share: bool) -> FileDriver:
+def _open_sync(
+    path: str, writable: bool, cache: CacheMode, force_share: bool, locking: bool
+) -> FileDriver:
     try:
         fd = os.open(path, _open_flags(writable, cache))
     except OSError as exc:
@@ -573,7 +575,7 @@ def _open_sync(path: str, writable: bool, cache: CacheMode, force_share: bool) -
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             raise ImageError(f"Could not open '{path}': Is a directory")
-        if stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode):
+        if locking and (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             _lock_image(fd, path, writable=writable, force_share=force_share, what="open")
         blockdev = stat.S_ISBLK(st.st_mode)
         if blockdev:
@@ -597,12 +599,14 @@ async def open_file(
     writable: bool = False,
     cache: CacheMode = CacheMode.WRITEBACK,
     force_share: bool = False,
+    locking: bool = True,
 ) -> FileDriver:
     """Open a local file or block device, locked the way QEMU locks images it uses.
 
     Args:
         force_share: read it even while another process writes it (``-U``; read-only
             opens only), as QEMU's ``force-share``.
+        locking: False takes no locks and checks none (QEMU's ``file.locking=off``).
 
     Raises:
         ImageError: it does not exist, cannot be opened, is in use by another process
@@ -611,7 +615,9 @@ async def open_file(
     """
     if force_share and writable:
         raise UsageError("force-share=on can only be used with read-only images")
-    return await trio.to_thread.run_sync(_open_sync, os.fspath(path), writable, cache, force_share)
+    return await trio.to_thread.run_sync(
+        _open_sync, os.fspath(path), writable, cache, force_share, locking
+    )
 
 
 def _create_sync(path: str, size: int, preallocation: str) -> bool:

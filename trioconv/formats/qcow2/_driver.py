@@ -36,7 +36,7 @@ import trio
 from ..._errors import ImageError, TrioconvError, TrioconvIOError, UnsupportedError
 from ...driver import Caps, Driver, Extent, ExtentKind, Limits
 from .._common import fill_zero as _fill_zero
-from .._common import read_or_zero
+from .._common import full_backing_name, read_or_zero
 from .._common import resolve_name as _resolve
 from .._common import same_place as _same_place
 from . import _bitmaps as bm
@@ -148,7 +148,9 @@ class Qcow2Driver(Driver):
         if self.info.backing_file is not None:
             out["backing-filename"] = self.info.backing_file
             if self.backing is not None:
-                out["full-backing-filename"] = self.backing.location
+                out["full-backing-filename"] = full_backing_name(
+                    self.info.backing_file, self.backing
+                )
             if self.info.backing_format is not None:
                 out["backing-filename-format"] = self.info.backing_format
         data: dict[str, object] = {"compat": "0.10" if h.version == 2 else "1.1"}
@@ -487,7 +489,7 @@ class Qcow2Driver(Driver):
 
 
 async def _open_backing(ctx: OpenContext, info: codec.ImageInfo) -> Driver | None:
-    if info.backing_file is None:
+    if info.backing_file is None or ctx.no_backing:
         return None
     path = _resolve(ctx, info.backing_file, "backing file")
     if any(_same_place(path, seen) for seen in (*ctx.chain, ctx.location)):

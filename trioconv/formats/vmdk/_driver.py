@@ -32,7 +32,7 @@ from ..._errors import (
 )
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
 from ...protocols.file import open_file
-from .._common import read_or_zero, resolve_name
+from .._common import full_backing_name, read_or_zero, resolve_name
 from . import _codec as codec
 from ._codec import SECTOR, VmdkFormatError
 from ._extents import FlatExtent, SparseExtent
@@ -137,7 +137,7 @@ class VmdkDriver(Driver):
         if self.parent_hint is not None:
             out["backing-filename"] = self.parent_hint
             if self.backing is not None:
-                out["full-backing-filename"] = self.backing.location
+                out["full-backing-filename"] = full_backing_name(self.parent_hint, self.backing)
                 out["backing-filename-format"] = self.backing.name  # as probed
         actual = self._allocated_bytes()
         if actual is not None:
@@ -348,7 +348,7 @@ async def _with_parent(
 ) -> VmdkDriver:
     """Open the parent image a delta disk names, if any (its format is probed, as
     qemu does: a VMDK descriptor does not say it)."""
-    if desc is None or desc.parent_hint is None:
+    if desc is None or desc.parent_hint is None or ctx.no_backing:
         return driver
     path = resolve_name(ctx, desc.parent_hint, "backing file")
     try:

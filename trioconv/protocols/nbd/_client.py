@@ -64,6 +64,7 @@ class NBDAddress:
             ``client-cert.pem``/``client-key.pem``), from ``?tls-certificates=DIR``.
         tls_hostname: the name the server certificate must carry, from
             ``?tls-hostname=NAME``; the host of a TCP URI by default.
+        tls_verify: False (``?tls-verify-peer=false``) accepts any server certificate.
     """
 
     export: str
@@ -73,6 +74,7 @@ class NBDAddress:
     tls: bool = False
     tls_certificates: str | None = None
     tls_hostname: str | None = None
+    tls_verify: bool = True
 
     @property
     def uri(self) -> str:
@@ -100,6 +102,10 @@ def parse_nbd_uri(uri: str) -> NBDAddress:
     query = urllib.parse.parse_qs(parts.query)
     certs = query.get("tls-certificates", [None])[0]
     tls_hostname = query.get("tls-hostname", [None])[0]
+    verify_text = query.get("tls-verify-peer", ["true"])[0].lower()
+    if verify_text not in ("true", "false", "1", "0", "on", "off", "yes", "no"):
+        raise ImageError(f"'{uri}': tls-verify-peer must be true or false")
+    verify = verify_text in ("true", "1", "on", "yes")
     if scheme.endswith("+unix"):
         sockets = query.get("socket")
         if not sockets:
@@ -112,6 +118,7 @@ def parse_nbd_uri(uri: str) -> NBDAddress:
             tls=tls,
             tls_certificates=certs,
             tls_hostname=tls_hostname,
+            tls_verify=verify,
         )
     if not parts.hostname:
         raise ImageError(f"'{uri}': missing host")
@@ -126,6 +133,7 @@ def parse_nbd_uri(uri: str) -> NBDAddress:
         tls=tls,
         tls_certificates=certs,
         tls_hostname=tls_hostname or parts.hostname,
+        tls_verify=verify,
     )
 
 
@@ -134,10 +142,13 @@ def _tls_context(address: NBDAddress) -> ssl.SSLContext:
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if address.tls_certificates is not None:
         folder = Path(address.tls_certificates)
-        ctx.load_verify_locations(cafile=folder / "ca-cert.pem")
+        if address.tls_verify or (folder / "ca-cert.pem").exists():
+            ctx.load_verify_locations(cafile=folder / "ca-cert.pem")
         if (folder / "client-cert.pem").exists():
             ctx.load_cert_chain(folder / "client-cert.pem", folder / "client-key.pem")
-    ctx.check_hostname = address.tls_hostname is not None
+    ctx.check_hostname = address.tls_hostname is not None and address.tls_verify
+    if not address.tls_verify:
+        ctx.verify_mode = ssl.CERT_NONE
     return ctx
 
 

@@ -1,0 +1,847 @@
+"""QEMU's other ways to name an image: ``json:`` filenames, ``--image-opts`` and ``--object``.
+
+A plain file name or URI says where an image is; QEMU also takes a tree of *block
+options* that says how to open it - which format driver, which protocol underneath, and
+options of either::
+
+    --image-opts driver=qcow2,file.driver=nbd,file.server.type=unix,file.server.path=/s
+    'json:{"driver": "qcow2", "file": {"driver": "file", "filename": "disk.qcow2"}}'
+
+Both spell the same tree: dotted keys in a QemuOpts list (``key=value`` items, ``,,``
+for a comma), or nested JSON objects. ``--object`` defines named things an option can
+refer to: a ``secret`` (an iSCSI or HTTP password) or ``tls-creds-x509`` (certificates
+for NBD over TLS, which qemu-img reaches no other way).
+
+This module is pure: it parses those texts into a flat ``{dotted.key: value}`` mapping
+and resolves the mapping into a :class:`BlockSpec` - a location trioconv's transports
+understand (a path or a URI) plus the few options that change what is read (a raw
+window's ``offset``/``size``, ``backing: null``, ``read-only``, ``force-share``,
+``file.locking``, ``cache.direct``). Options that only tune QEMU's own caches are
+accepted and have no effect; options that would change the data and that trioconv cannot
+honour are refused by name, never ignored. Messages follow qemu-img's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextvars
+import json
+import re
+import urllib.parse
+from collections.abc import Iterable, Mapping
+
+import attrs
+
+from ._errors import ImageError, UnsupportedError, UsageError
+
+__all__ = [
+    "BlockSpec",
+    "Secret",
+    "TLSCreds",
+    "image_opts_to_json",
+    "parse_image_opts",
+    "parse_json_filename",
+    "parse_object",
+    "resolve",
+    "resolve_json",
+    "to_json_filename",
+    "use_objects",
+]
+
+#: A flat option tree: dotted keys, string values; None is JSON ``null``.
+Flat = dict[str, str | None]
+
+
+# -- objects ---------------------------------------------------------------------------
+@attrs.frozen
+class Secret:
+    """``--object secret,id=ID,data=TEXT|file=PATH[,format=raw|base64]``."""
+
+    id: str
+    value: str = attrs.field(repr=False)
+
+
+@attrs.frozen
+class TLSCreds:
+    """``--object tls-creds-x509,id=ID,dir=DIR[,endpoint=client][,verify-peer=on|off]``.
+
+    ``dir`` holds ``ca-cert.pem`` and, for a client certificate, ``client-cert.pem`` and
+    ``client-key.pem`` - QEMU's names, which libnbd and nbdkit share.
+    """
+
+    id: str
+    dir: str
+    verify_peer: bool = True
+
+
+QemuObject = Secret | TLSCreds
+
+_OBJECTS: contextvars.ContextVar[Mapping[str, QemuObject] | None] = contextvars.ContextVar(
+    "trioconv_qemu_objects", default=None
+)
+
+#: QEMU object types that qemu-img knows and trioconv does not implement.
+_OTHER_OBJECT_TYPES = {
+    "tls-creds-psk",
+    "tls-creds-anon",
+    "tls-cipher-suites",
+    "throttle-group",
+    "iothread",
+    "authz-simple",
+    "authz-list",
+    "authz-listfile",
+    "authz-pam",
+}
+
+
+def use_objects(
+    objects: Iterable[QemuObject],
+) -> contextvars.Token[Mapping[str, QemuObject] | None]:
+    """Make ``objects`` what block options of this context (and the Trio tasks it starts
+    from now on) can refer to by id. Returns the token to reset the variable with.
+
+    Raises:
+        UsageError: two objects share an id.
+    """
+    table: dict[str, QemuObject] = {}
+    for obj in objects:
+        if obj.id in table:
+            raise UsageError(f"attempt to add duplicate property '{obj.id}' to object")
+        table[obj.id] = obj
+    return _OBJECTS.set(table)
+
+
+def _bool(value: str | None, key: str) -> bool:
+    if value in ("on", "yes", "true", "y"):
+        return True
+    if value in ("off", "no", "false", "n"):
+        return False
+    raise UsageError(f"Parameter '{key}' expects 'on' or 'off'")
+
+
+def parse_object(text: str) -> QemuObject:
+    """Parse one ``--object`` value (``TYPE,id=ID,key=value,...``).
+
+    A ``secret`` read from a file is read here, and a ``tls-creds-x509`` folder must
+    hold its CA certificate, as QEMU checks when it creates the object.
+
+    Raises:
+        UsageError: malformed, a required property missing, or an unknown type.
+        UnsupportedError: a QEMU object type trioconv does not implement.
+    """
+    items = split_option_list(text)
+    props: dict[str, str] = {}
+    for n, item in enumerate(items):
+        key, eq, value = item.partition("=")
+        if not eq:
+            if n == 0:
+                key, value = "qom-type", item
+            else:
+                value = "on"
+        if not key:
+            raise UsageError(f"Invalid parameter '{item}'")
+        props[key] = value
+    qom_type = props.pop("qom-type", None)
+    if not qom_type:
+        raise UsageError("Parameter 'qom-type' is missing")
+    obj_id = props.pop("id", None)
+    if qom_type in _OTHER_OBJECT_TYPES:
+        raise UnsupportedError(f"Object type '{qom_type}' is not supported")
+    if qom_type not in ("secret", "tls-creds-x509"):
+        raise UsageError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
+    if not obj_id:
+        raise UsageError("Parameter 'id' is missing")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_.-]*", obj_id):
+        raise UsageError(f"Parameter 'id' expects an identifier, not '{obj_id}'")
+    if qom_type == "secret":
+        return _secret(obj_id, props)
+    return _tls_creds(obj_id, props)
+
+
+def _secret(obj_id: str, props: dict[str, str]) -> Secret:
+    data, path = props.pop("data", None), props.pop("file", None)
+    fmt = props.pop("format", "raw")
+    if "keyid" in props or "iv" in props:
+        raise UnsupportedError(
+            f"secret '{obj_id}': encrypted secrets (keyid, iv) are not supported"
+        )
+    for key in props:
+        raise UsageError(f"Property 'secret.{key}' not found")
+    if data is not None and path is not None:
+        raise UsageError("'data' and 'file' are mutually exclusive")
+    if data is None and path is None:
+        raise UsageError("Either 'file' or 'data' must be provided")
+    raw: bytes
+    if path is not None:
+        try:
+            with open(path, "rb") as f:
+                raw = f.read(1 << 20)
+        except OSError as exc:
+            raise UsageError(f"Unable to read {path}: {exc.strerror}") from None
+    else:
+        raw = (data or "").encode()
+    if fmt == "base64":
+        try:
+            raw = base64.b64decode(raw, validate=True)
+        except binascii.Error:
+            raise UsageError(f"secret '{obj_id}': the data is not valid base64") from None
+    elif fmt != "raw":
+        raise UsageError(f"Parameter 'format' does not accept value '{fmt}'")
+    try:
+        return Secret(obj_id, raw.decode())
+    except UnicodeDecodeError:
+        raise UsageError(f"secret '{obj_id}': the data is not UTF-8 text") from None
+
+
+def _tls_creds(obj_id: str, props: dict[str, str]) -> TLSCreds:
+    folder = props.pop("dir", None)
+    endpoint = props.pop("endpoint", "client")
+    verify = _bool(props.pop("verify-peer", "on"), "verify-peer")
+    props.pop("priority", None)  # GnuTLS priority strings: Python's ssl picks its own
+    props.pop("sanity-check", None)
+    props.pop("loaded", None)
+    if "passwordid" in props:
+        raise UnsupportedError(
+            f"tls-creds-x509 '{obj_id}': an encrypted private key (passwordid) is not supported"
+        )
+    for key in props:
+        raise UsageError(f"Property 'tls-creds-x509.{key}' not found")
+    if endpoint not in ("client", "server"):
+        raise UsageError(f"Parameter 'endpoint' does not accept value '{endpoint}'")
+    if endpoint == "server":
+        raise UnsupportedError(
+            f"tls-creds-x509 '{obj_id}': server credentials have no use here "
+            "(trioconv is only ever the client)"
+        )
+    if folder is None:
+        raise UsageError("Missing 'dir' property value")
+    ca = f"{folder}/ca-cert.pem"
+    if verify:
+        try:
+            with open(ca, "rb"):
+                pass
+        except OSError as exc:
+            raise UsageError(f"Unable to access credentials {ca}: {exc.strerror}") from None
+    return TLSCreds(obj_id, folder, verify)
+
+
+def _object(obj_id: str, kind: type[QemuObject], what: str) -> QemuObject:
+    obj = (_OBJECTS.get() or {}).get(obj_id)
+    if not isinstance(obj, kind):
+        raise _Refused(f"No {what} with id '{obj_id}'")
+    return obj
+
+
+# -- option texts ----------------------------------------------------------------------
+def split_option_list(text: str) -> list[str]:
+    """Split a QemuOpts list at commas; ``,,`` is a comma inside a value."""
+    items: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(text):
+        if text[i] == ",":
+            if text[i + 1 : i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(text[i])
+        i += 1
+    items.append("".join(current))
+    return items
+
+
+def parse_image_opts(text: str) -> Flat:
+    """Parse an ``--image-opts`` value into a flat option tree.
+
+    ``key=value`` items; a bare ``key`` means ``key=on`` (QEMU's deprecated short form).
+
+    Raises:
+        ImageError: an empty item or key.
+    """
+    flat: Flat = {}
+    for item in split_option_list(text):
+        key, eq, value = item.partition("=")
+        if not key:
+            raise ImageError(f"Could not open '{text}': Invalid parameter '{item}'")
+        flat[key] = value if eq else "on"
+    return flat
+
+
+def parse_json_filename(text: str) -> Flat:
+    """Parse ``json:{...}`` into a flat option tree (nested objects become dotted keys,
+    ``true``/``false`` become ``on``/``off``, list items ``key.0``, ``key.1``, ...).
+
+    Raises:
+        ImageError: not valid JSON, or not an object.
+    """
+    body = text[5:] if text.startswith("json:") else text
+    try:
+        tree = json.loads(body)
+    except json.JSONDecodeError as exc:
+        raise ImageError(
+            f"Could not open '{text}': Could not parse the JSON options: {exc.msg}"
+        ) from None
+    except RecursionError:
+        raise ImageError(f"Could not open '{text}': the JSON options nest too deeply") from None
+    if not isinstance(tree, dict):
+        raise ImageError(f"Could not open '{text}': Invalid JSON object given")
+    flat: Flat = {}
+    _flatten(tree, "", flat)
+    return flat
+
+
+def _flatten(value: object, prefix: str, out: Flat) -> None:
+    if isinstance(value, dict):
+        if not value and prefix:
+            out[prefix[:-1]] = ""
+        for key, item in value.items():
+            _flatten(item, f"{prefix}{key}.", out)
+        return
+    if isinstance(value, list):
+        for n, item in enumerate(value):
+            _flatten(item, f"{prefix}{n}.", out)
+        return
+    key = prefix[:-1]
+    if value is None:
+        out[key] = None
+    elif isinstance(value, bool):
+        out[key] = "on" if value else "off"
+    else:
+        out[key] = str(value)
+
+
+def to_json_filename(flat: Mapping[str, str | None]) -> str:
+    """A flat option tree written back as a ``json:`` filename (nested objects)."""
+    tree: dict[str, object] = {}
+    for key, value in flat.items():
+        node = tree
+        *parents, leaf = key.split(".")
+        for name in parents:
+            child = node.get(name)
+            if not isinstance(child, dict):
+                child = node[name] = {}
+            node = child
+        node[leaf] = value
+    return "json:" + json.dumps(tree, separators=(",", ":"))
+
+
+def image_opts_to_json(text: str, fmt: str | None = None) -> str:
+    """Check an ``--image-opts`` value and give the ``json:`` filename it stands for.
+
+    Raises:
+        ImageError, UnsupportedError: as :func:`resolve`, naming ``text``.
+    """
+    flat = parse_image_opts(text)
+    resolve(flat, text, fmt)
+    return to_json_filename(flat)
+
+
+# -- resolving -------------------------------------------------------------------------
+@attrs.frozen
+class BlockSpec:
+    """What an option tree asks for, in trioconv's terms.
+
+    Attributes:
+        location: the transport's location: a local path (``file:``-prefixed, so a
+            name with a colon stays a file) or a URI.
+        fmt: the format driver; None to probe.
+        shown: a short name for messages (the file name, or the URI).
+        offset, size: the raw format's window into its file (``size`` None: to the end).
+        no_backing: ``backing: null``: unallocated areas read as zeroes.
+        read_only: ``read-only=on``.
+        force_share: ``force-share=on`` (``-U``).
+        locking: False for ``file.locking=off``: no image locks at all.
+        direct: True for ``cache.direct=on``: ``O_DIRECT``.
+        simple: nothing beyond a driver and a file name was asked (qemu-img info then
+            shows the plain file name).
+    """
+
+    location: str
+    fmt: str | None
+    shown: str
+    offset: int = 0
+    size: int | None = None
+    no_backing: bool = False
+    read_only: bool = False
+    force_share: bool = False
+    locking: bool = True
+    direct: bool = False
+    simple: bool = False
+
+
+class _Refused(Exception):
+    """An option tree trioconv cannot open; the caller adds "Could not open 'TEXT': "."""
+
+    def __init__(self, message: str, *, unsupported: bool = False) -> None:
+        super().__init__(message)
+        self.unsupported = unsupported
+
+
+#: Format drivers QEMU has that trioconv does not read.
+_OTHER_FORMATS = {
+    "luks",
+    "parallels",
+    "dmg",
+    "cloop",
+    "bochs",
+    "vvfat",
+    "qcow",
+    "throttle",
+    "blkdebug",
+    "blkverify",
+    "blklogwrites",
+    "copy-on-read",
+    "preallocate",
+    "quorum",
+    "replication",
+    "compress",
+    "copy-before-write",
+    "snapshot-access",
+    "null-co",
+    "null-aio",
+}
+_PROTOCOLS = {"file", "host_device", "host_cdrom", "nbd", "nfs", "iscsi", "http", "https"}
+_OTHER_PROTOCOLS = {"ssh", "rbd", "gluster", "ftp", "ftps", "iser", "nvme", "io_uring", "vxhs"}
+
+#: Options any node takes; those not listed here as honoured only tune QEMU itself.
+_GENERIC = {
+    "driver",
+    "node-name",
+    "discard",
+    "detect-zeroes",
+    "auto-read-only",
+    "read-only",
+    "force-share",
+    "cache.direct",
+    "cache.no-flush",
+}
+_FORMAT_OPTIONS: dict[str, set[str]] = {
+    "raw": {"offset", "size"},
+    "qcow2": {
+        "lazy-refcounts",
+        "pass-discard-request",
+        "pass-discard-snapshot",
+        "pass-discard-other",
+        "discard-no-unref",
+        "overlap-check",
+        "cache-size",
+        "l2-cache-size",
+        "l2-cache-entry-size",
+        "refcount-cache-size",
+        "cache-clean-interval",
+        "backing",
+    },
+    "qed": {"backing"},
+    "vmdk": {"backing"},
+}
+_PROTOCOL_OPTIONS: dict[str, set[str]] = {
+    "file": {"filename", "locking", "aio", "aio-max-batch", "drop-cache", "x-check-cache-dropped"},
+    "nbd": {
+        "filename",
+        "server.type",
+        "server.host",
+        "server.port",
+        "server.path",
+        "host",
+        "port",
+        "path",
+        "export",
+        "tls-creds",
+        "tls-hostname",
+        "reconnect-delay",
+        "open-timeout",
+    },
+    "nfs": {
+        "filename",
+        "server.type",
+        "server.host",
+        "path",
+        "user",
+        "group",
+        "tcp-syn-count",
+        "readahead-size",
+        "page-cache-size",
+        "debug",
+    },
+    "iscsi": {
+        "filename",
+        "transport",
+        "portal",
+        "target",
+        "lun",
+        "user",
+        "password-secret",
+        "initiator-name",
+        "header-digest",
+        "timeout",
+    },
+    "http": {"filename", "url", "username", "password-secret", "sslverify", "readahead", "timeout"},
+}
+_PROTOCOL_OPTIONS["host_device"] = _PROTOCOL_OPTIONS["host_cdrom"] = _PROTOCOL_OPTIONS["file"]
+_PROTOCOL_OPTIONS["https"] = _PROTOCOL_OPTIONS["http"]
+
+_SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpPeE]?)[bB]?\s*")
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+
+
+def _qemu_size(value: str | None, key: str) -> int:
+    """A QemuOpts size: a non-negative number below 2^64 with an optional suffix."""
+    match = _SIZE_RE.fullmatch(value or "")
+    result = -1
+    if match:
+        number, unit = match.groups()
+        scale = _UNITS[unit.lower()]
+        result = int(float(number) * scale) if "." in number else int(number) * scale
+    if not 0 <= result < 2**64:
+        raise _Refused(
+            f"Parameter '{key}' expects a non-negative number below 2^64 (optional suffix "
+            "k, M, G, T, P or E)"
+        )
+    return result
+
+
+def _children(flat: Mapping[str, str | None], prefix: str) -> Flat:
+    """The subtree under ``prefix.`` with the prefix taken off."""
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in flat.items() if k.startswith(prefix + ".")}
+
+
+def resolve_json(text: str, fmt: str | None = None) -> BlockSpec:
+    """:func:`resolve` a ``json:`` filename."""
+    return resolve(parse_json_filename(text), text, fmt)
+
+
+def resolve(flat: Mapping[str, str | None], text: str, fmt: str | None = None) -> BlockSpec:
+    """Resolve a flat option tree into a :class:`BlockSpec`.
+
+    Args:
+        flat: the tree (:func:`parse_image_opts`, :func:`parse_json_filename`).
+        text: what the user wrote, for messages.
+        fmt: a format named outside the tree (``-f``), which wins over its ``driver``
+            as with qemu-img.
+
+    Raises:
+        ImageError: the tree is invalid or names what does not exist.
+        UnsupportedError: a driver or option trioconv cannot honour.
+    """
+    try:
+        return _resolve(dict(flat), fmt)
+    except _Refused as exc:
+        message = f"Could not open '{text}': {exc}"
+        if exc.unsupported:
+            raise UnsupportedError(message) from None
+        raise ImageError(message) from None
+
+
+def _resolve(flat: Flat, fmt: str | None) -> BlockSpec:
+    from ._open import format_info, format_names
+
+    driver = fmt if fmt is not None else flat.get("driver")
+    formats = {name for name in format_names() if format_info(name).open is not None}
+    if driver is None:
+        if "file" not in flat and not _children(flat, "file"):
+            raise _Refused("Must specify either driver or file")
+        fmt_name: str | None = None
+    elif driver in _PROTOCOLS:
+        spec = _protocol(flat, driver)
+        return _generic(flat, attrs.evolve(spec, fmt="raw"))
+    elif driver in formats:
+        fmt_name = driver
+    elif driver in _OTHER_FORMATS or driver in _OTHER_PROTOCOLS:
+        kind = "format" if driver in _OTHER_FORMATS else "protocol"
+        raise _Refused(f"Block {kind} '{driver}' is not supported", unsupported=True)
+    else:
+        raise _Refused(f"Unknown driver '{driver}'")
+    # A format node over a protocol node ("file").
+    known = _FORMAT_OPTIONS.get(fmt_name or "", set())
+    if fmt_name is None:  # probed: any format's options may follow
+        known = set().union(*_FORMAT_OPTIONS.values())
+    for key in flat:
+        top = key.split(".")[0]
+        if top in ("file", "backing") or key in _GENERIC or key in known:
+            continue
+        if top == "overlap-check" and "overlap-check" in known:
+            continue
+        if top == "encrypt":
+            raise _Refused("encrypted images are not supported", unsupported=True)
+        if top == "data-file":
+            raise _Refused(
+                "naming a qcow2 data file in the options is not supported (the image's "
+                "own data file is used)",
+                unsupported=True,
+            )
+        raise _Refused(f"Block format '{fmt_name or 'raw'}' does not support the option '{key}'")
+    if "file" in flat:
+        ref = flat["file"]
+        raise _Refused(f"Cannot find device='{ref}' nor node-name='{ref}'")
+    child = _children(flat, "file")
+    if not child:
+        raise _Refused('A block device must be specified for "file"')
+    proto = child.get("driver")
+    if proto is None:
+        proto = _protocol_of(child.get("filename"))
+    spec = _generic(child, _protocol(child, proto))
+    no_backing = False
+    if "backing" in flat:
+        ref = flat["backing"]
+        if ref not in (None, ""):
+            raise _Refused(
+                f"Could not open backing file: Cannot find device='{ref}' nor node-name='{ref}'"
+            )
+        no_backing = True
+    elif _children(flat, "backing"):
+        raise _Refused(
+            "a backing image given in the options is not supported (the image's own "
+            "backing file is used; 'backing': null opens none)",
+            unsupported=True,
+        )
+    offset = size = None
+    if "offset" in flat:
+        offset = _qemu_size(flat["offset"], "offset")
+    if "size" in flat:
+        size = _qemu_size(flat["size"], "size")
+        if size % 512:
+            raise _Refused("Specified size is not multiple of 512")
+    spec = attrs.evolve(
+        spec,
+        fmt=fmt_name,
+        offset=offset or 0,
+        size=size,
+        no_backing=no_backing,
+        simple=spec.simple and len(flat) == 1 + len(child),
+    )
+    return _generic(flat, spec)
+
+
+def _protocol_of(filename: str | None) -> str:
+    """The protocol a file name implies, as QEMU guesses it from a ``scheme:`` prefix."""
+    if filename is None:
+        raise _Refused('A block device must be specified for "file"')
+    scheme = filename.partition(":")[0].lower() if "://" in filename else ""
+    if scheme.startswith("nbd"):
+        return "nbd"
+    if scheme in _PROTOCOLS:
+        return scheme
+    if scheme in _OTHER_PROTOCOLS:
+        raise _Refused(f"Block protocol '{scheme}' is not supported", unsupported=True)
+    return "file"
+
+
+def _generic(node: Flat, spec: BlockSpec) -> BlockSpec:
+    """Apply the options every node takes (``read-only``, ``force-share``, ...)."""
+
+    def flag(key: str, current: bool) -> bool:
+        return current or (key in node and _flag(node[key], key))
+
+    return attrs.evolve(
+        spec,
+        read_only=flag("read-only", spec.read_only),
+        force_share=flag("force-share", spec.force_share),
+        direct=flag("cache.direct", spec.direct),
+    )
+
+
+def _flag(value: str | None, key: str) -> bool:
+    try:
+        return _bool(value, key)
+    except UsageError as exc:
+        raise _Refused(str(exc)) from None
+
+
+def _protocol(node: Flat, proto: str) -> BlockSpec:
+    """A protocol node (its own keys, ``driver`` included) as a transport location."""
+    if proto in _OTHER_PROTOCOLS or proto in _OTHER_FORMATS:
+        raise _Refused(f"Block protocol '{proto}' is not supported", unsupported=True)
+    if proto not in _PROTOCOLS:
+        raise _Refused(f"Unknown protocol '{proto}'")
+    allowed = _PROTOCOL_OPTIONS[proto] | _GENERIC
+    for key in node:
+        if key not in allowed:
+            raise _Refused(f"Block protocol '{proto}' doesn't support the option '{key}'")
+    if proto in ("file", "host_device", "host_cdrom"):
+        return _file_node(node, proto)
+    if proto == "nbd":
+        return _nbd_node(node)
+    if proto == "nfs":
+        return _nfs_node(node)
+    if proto == "iscsi":
+        return _iscsi_node(node)
+    return _http_node(node, proto)
+
+
+def _need(node: Flat, key: str, message: str) -> str:
+    value = node.get(key)
+    if value is None or value == "":
+        raise _Refused(message)
+    return value
+
+
+def _file_node(node: Flat, proto: str) -> BlockSpec:
+    name = _need(node, "filename", f"The '{proto}' block driver requires a file name")
+    locking = node.get("locking", "auto")
+    if locking not in ("auto", "on", "off"):
+        raise _Refused(f"Parameter 'locking' does not accept value '{locking}'")
+    aio = node.get("aio", "threads")
+    if aio not in ("threads", "native", "io_uring"):
+        raise _Refused(f"Parameter 'aio' does not accept value '{aio}'")
+    keys = set(node) - {"driver", "filename"}
+    # A name that looks like a URI ("nbd://x" as a file name) stays a file name.
+    location = "file:" + name if _SCHEME_RE.match(name) else name
+    return BlockSpec(location, None, name, locking=locking != "off", simple=not keys)
+
+
+def _nbd_node(node: Flat) -> BlockSpec:
+    query: dict[str, str] = {}
+    creds_id = node.get("tls-creds")
+    tls = creds_id is not None
+    if creds_id is not None:
+        creds = _object(creds_id, TLSCreds, "TLS credentials")
+        assert isinstance(creds, TLSCreds)
+        query["tls-certificates"] = creds.dir
+        if not creds.verify_peer:
+            query["tls-verify-peer"] = "false"
+    elif "tls-hostname" in node:
+        raise _Refused("tls-hostname is set but tls-creds is not")
+    if node.get("tls-hostname"):
+        query["tls-hostname"] = node["tls-hostname"] or ""
+    filename = node.get("filename")
+    if filename is not None:
+        if set(node) & {"server.type", "server.host", "server.path", "host", "path", "export"}:
+            raise _Refused("No extra options may be given with a filename (nbd)")
+        uri = filename
+        if tls and uri.startswith("nbd") and not uri.startswith("nbds"):
+            uri = "nbds" + uri[3:]
+        return BlockSpec(_with_query(uri, query), None, filename)
+    export = node.get("export") or ""
+    kind = node.get("server.type")
+    host = node.get("server.host", node.get("host"))
+    port = node.get("server.port", node.get("port"))
+    path = node.get("server.path", node.get("path"))
+    if kind is None:
+        if any(key.startswith("server.") for key in node):
+            raise _Refused("Parameter 'server.type' is missing")
+        kind = "unix" if path is not None else "inet"  # the legacy host/port/path keys
+    s = "s" if tls else ""
+    quoted = urllib.parse.quote(export)
+    if kind == "unix":
+        if path is None:
+            raise _Refused("Parameter 'server.path' is missing")
+        query = {"socket": path, **query}
+        uri = f"nbd{s}+unix:///{quoted}"
+    elif kind == "inet":
+        if host is None:
+            raise _Refused("Parameter 'server.host' is missing")
+        bracketed = f"[{host}]" if ":" in host else host
+        uri = f"nbd{s}://{bracketed}:{port or 10809}/{quoted}"
+    else:
+        raise _Refused(f"Parameter 'server.type' does not accept value '{kind}'")
+    uri = _with_query(uri, query)
+    return BlockSpec(uri, None, uri)
+
+
+def _with_query(uri: str, query: Mapping[str, str]) -> str:
+    if not query:
+        return uri
+    sep = "&" if "?" in uri else "?"
+    return uri + sep + urllib.parse.urlencode(query, safe="/")
+
+
+def _nfs_node(node: Flat) -> BlockSpec:
+    query: dict[str, str] = {}
+    for key, name in (("user", "uid"), ("group", "gid")):
+        if key in node:
+            value = node[key] or ""
+            if not value.isdigit():
+                raise _Refused(f"Parameter '{key}' expects a number")
+            query[name] = value
+    filename = node.get("filename")
+    if filename is not None:
+        return BlockSpec(_with_query(filename, query), None, filename)
+    kind = _need(node, "server.type", "Parameter 'server.type' is missing")
+    if kind != "inet":
+        raise _Refused(f"Parameter 'server.type' does not accept value '{kind}'")
+    host = _need(node, "server.host", "Parameter 'server.host' is missing")
+    path = _need(node, "path", "Parameter 'path' is missing")
+    bracketed = f"[{host}]" if ":" in host else host
+    uri = f"nfs://{bracketed}{urllib.parse.quote(path if path.startswith('/') else '/' + path)}"
+    return BlockSpec(_with_query(uri, query), None, uri)
+
+
+def _iscsi_node(node: Flat) -> BlockSpec:
+    transport = node.get("transport", "tcp")
+    if transport == "iser":
+        raise _Refused("iSCSI over RDMA (transport=iser) is not supported", unsupported=True)
+    if transport != "tcp":
+        raise _Refused(f"Parameter 'transport' does not accept value '{transport}'")
+    digest = node.get("header-digest") or "none-crc32c"
+    if digest.lower() not in ("none", "none-crc32c", "crc32c-none"):
+        raise _Refused(
+            f"header-digest={digest} is not supported (trioconv sends no digests)",
+            unsupported=True,
+        )
+    query: dict[str, str] = {}
+    if node.get("initiator-name"):
+        query["initiator-name"] = node["initiator-name"] or ""
+    user = node.get("user")
+    password = None
+    if "password-secret" in node:
+        if not user:
+            raise _Refused("password-secret is set but no user")
+        secret = _object(node["password-secret"] or "", Secret, "secret")
+        assert isinstance(secret, Secret)
+        password = secret.value
+    elif user:
+        raise _Refused(f"CHAP user '{user}' given without password-secret")
+    userinfo = ""
+    if user:
+        userinfo = (
+            urllib.parse.quote(user, safe="")
+            + "%"
+            + urllib.parse.quote(password or "", safe="")
+            + "@"
+        )
+    filename = node.get("filename")
+    if filename is not None:
+        if userinfo:
+            scheme, sep, rest = filename.partition("://")
+            filename = f"{scheme}{sep}{userinfo}{rest}"
+        return BlockSpec(_with_query(filename, query), None, filename)
+    portal = _need(node, "portal", "Parameter 'portal' is missing")
+    target = _need(node, "target", "Parameter 'target' is missing")
+    lun = node.get("lun", "0") or "0"
+    if not lun.isdigit():
+        raise _Refused("Parameter 'lun' expects a number")
+    shown = f"iscsi://{portal}/{target}/{lun}"
+    uri = f"iscsi://{userinfo}{portal}/{urllib.parse.quote(target)}/{lun}"
+    return BlockSpec(_with_query(uri, query), None, shown)
+
+
+def _http_node(node: Flat, proto: str) -> BlockSpec:
+    url = node.get("url") or node.get("filename")
+    if not url:
+        raise _Refused("curl block driver requires an 'url' option")
+    if "sslverify" in node and not _flag(node["sslverify"], "sslverify"):
+        raise _Refused("sslverify=off is not supported", unsupported=True)
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme.lower() != proto:
+        raise _Refused(f"{proto} driver cannot open the URL '{url}'")
+    user = node.get("username")
+    if "password-secret" in node or user:
+        secret = None
+        if "password-secret" in node:
+            found = _object(node["password-secret"] or "", Secret, "secret")
+            assert isinstance(found, Secret)
+            secret = found.value
+        userinfo = urllib.parse.quote(user or "", safe="")
+        if secret is not None:
+            userinfo += ":" + urllib.parse.quote(secret, safe="")
+        host = parts.netloc.rpartition("@")[2]
+        url = urllib.parse.urlunsplit(
+            (parts.scheme, f"{userinfo}@{host}", parts.path, parts.query, parts.fragment)
+        )
+    return BlockSpec(url, None, node.get("url") or node.get("filename") or url)
