@@ -1,12 +1,15 @@
 """Writing qcow2: new images (:func:`create_qcow2`) and the writable driver.
 
-A qcow2 file only ever grows here. Every host cluster - data, L2 table, refcount block,
-a new refcount table - is taken from the *end* of the file, so a new cluster reads as
-zeroes (the file is sparse there) and a partial write needs no read-modify-write. Freed
-clusters (zeroed with ``may_unmap``, a moved refcount table) get refcount 0 and are not
-reused; ``qemu-img check`` counts them as free space, not as leaks. A cluster zeroed
-without being freed (zero flag and a host offset, refcount 1) is written in place when
-data comes, with zeroes around a partial write, as qemu does.
+Host clusters - data, L2 tables, refcount blocks, a new refcount table - are allocated
+as qemu allocates them: the first run of free clusters (refcount 0) from the lowest free
+one on, else at the end of the file. A new image has no free clusters below its end, so
+it only grows, and a cluster taken at the end reads as zeroes (the file is sparse
+there); a recycled cluster (freed by zeroing with ``may_unmap``, by a moved refcount
+table, by overwriting a compressed cluster) may hold old bytes, so a partial write into
+it gets zeroes around it. A freed cluster is not handed out again while a read or write
+that started before it was freed is in flight (its references are dropped once they
+end). A cluster zeroed without being freed (zero flag and a host offset, refcount 1) is
+written in place when data comes, with zeroes around a partial write, as qemu does.
 
 Metadata lives in memory while the image is written and goes to disk on
 :meth:`Qcow2Writer.flush` (and on close):
