@@ -122,6 +122,17 @@ def parse_snapshots(data: bytes, count: int) -> list[Snapshot]:
     return out
 
 
+def table_length(data: bytes, count: int) -> int:
+    """Bytes the first ``count`` entries of a snapshot table take (entries are padded to
+    8 bytes); the table must already have parsed (:func:`parse_snapshots`)."""
+    pos = 0
+    for _ in range(count):
+        fields = _ENTRY.unpack_from(data, pos)
+        id_len, name_len, extra_len = fields[2], fields[3], fields[8]
+        pos = -(-(pos + _ENTRY.size + extra_len + id_len + name_len) // 8) * 8
+    return pos
+
+
 def table_bytes_bound(count: int) -> int:
     """The largest table ``count`` entries can make (to bound the read)."""
     return count * (_ENTRY.size + _MAX_EXTRA + 2 * 65535 + 8)

@@ -1633,10 +1633,16 @@ async def _open_writer(
     if h.incompatible_features & codec.Incompatible.CORRUPT:
         raise ImageError(f"{where}: the image is marked corrupt (run 'qemu-img check -r all')")
     if h.incompatible_features & codec.Incompatible.DIRTY:
-        raise ImageError(
-            f"{where}: the image is marked dirty, its refcounts need repair (run "
-            "'qemu-img check -r all')"
+        # Left dirty by a writer with lazy refcounts that did not close it: recount
+        # every reference and rebuild the refcounts first, as qemu does (_repair.py).
+        from ._repair import repair_refcounts
+
+        info = await repair_refcounts(reader, where)
+        l1 = codec.decode_table(
+            await file.pread(info.header.l1_table_offset, info.header.l1_size * 8)
         )
+        reader = _reopened(reader, info, l1)
+        h = reader.header
     raw = await file.pread(h.refcount_table_offset, h.refcount_table_clusters * h.cluster_size)
     reftable = codec.decode_table(raw)
     fixed_size = ctx is not None and ctx.fixed_size
@@ -1665,6 +1671,21 @@ async def _open_writer(
         writer.header = attrs.evolve(h, autoclear_features=h.autoclear_features & keep)
         writer._header_dirty = True
     return writer
+
+
+def _reopened(reader: Qcow2Driver, info: codec.ImageInfo, l1: array[int]) -> Qcow2Driver:
+    """``reader`` with new metadata (after a repair), sharing its files and backing."""
+    fresh = Qcow2Driver(
+        reader.child,
+        info,
+        l1,
+        data=reader._data if reader._data is not reader.child else None,
+        backing=reader.backing,
+    )
+    fresh.location = reader.location
+    fresh.snapshots = reader.snapshots
+    fresh.bitmap_entries = reader.bitmap_entries
+    return fresh
 
 
 def _bitmap_directory_place(info: codec.ImageInfo) -> tuple[int, int, int]:
