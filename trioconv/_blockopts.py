@@ -130,6 +130,8 @@ def parse_object(text: str) -> QemuObject:
         UsageError: malformed, a required property missing, or an unknown type.
         UnsupportedError: a QEMU object type trioconv does not implement.
     """
+    if text.lstrip().startswith("{"):
+        return _object_from(_json_object(text))
     items = split_option_list(text)
     props: dict[str, str] = {}
     for n, item in enumerate(items):
@@ -142,6 +144,23 @@ def parse_object(text: str) -> QemuObject:
         if not key:
             raise UsageError(f"Invalid parameter '{item}'")
         props[key] = value
+    return _object_from(props)
+
+
+def _json_object(text: str) -> dict[str, str]:
+    """``--object '{"qom-type": "secret", "id": "s0", ...}'`` as properties."""
+    try:
+        tree = json.loads(text, object_pairs_hook=_no_duplicates)
+    except (json.JSONDecodeError, _DuplicateKey, RecursionError):
+        raise UsageError(f"Invalid JSON object given: {text}") from None
+    if not isinstance(tree, dict):
+        raise UsageError(f"Invalid JSON object given: {text}")
+    flat: Flat = {}
+    _flatten(tree, "", flat)
+    return {k: v for k, v in flat.items() if v is not None}
+
+
+def _object_from(props: dict[str, str]) -> QemuObject:
     qom_type = props.pop("qom-type", None)
     if not qom_type:
         raise UsageError("Parameter 'qom-type' is missing")
@@ -228,8 +247,10 @@ def _tls_creds(obj_id: str, props: dict[str, str]) -> TLSCreds:
 
 def _object(obj_id: str, kind: type[QemuObject], what: str) -> QemuObject:
     obj = (_OBJECTS.get() or {}).get(obj_id)
-    if not isinstance(obj, kind):
+    if obj is None:
         raise _Refused(f"No {what} with id '{obj_id}'")
+    if not isinstance(obj, kind):
+        raise _Refused(f"Object with id '{obj_id}' is not {what}")
     return obj
 
 
@@ -263,7 +284,10 @@ def parse_image_opts(text: str) -> Flat:
         ImageError: an empty item or key.
     """
     flat: Flat = {}
-    for item in split_option_list(text):
+    items = split_option_list(text)
+    if len(items) > 1 and not items[-1]:
+        items.pop()  # a trailing comma, as QEMU allows
+    for item in items:
         key, eq, value = item.partition("=")
         if not key:
             raise ImageError(f"Could not open '{text}': Invalid parameter '{item}'")
@@ -280,10 +304,16 @@ def parse_json_filename(text: str) -> Flat:
     """
     body = text[5:] if text.startswith("json:") else text
     try:
-        tree = json.loads(body)
+        tree = json.loads(body, object_pairs_hook=_no_duplicates)
     except json.JSONDecodeError as exc:
         raise ImageError(
-            f"Could not open '{text}': Could not parse the JSON options: {exc.msg}"
+            f"Could not open '{text}': Could not parse the JSON options: JSON parse error, "
+            f"{exc.msg[:1].lower()}{exc.msg[1:]}"
+        ) from None
+    except _DuplicateKey as exc:
+        raise ImageError(
+            f"Could not open '{text}': Could not parse the JSON options: JSON parse error, "
+            f"duplicate key '{exc}'"
         ) from None
     except RecursionError:
         raise ImageError(f"Could not open '{text}': the JSON options nest too deeply") from None
@@ -292,6 +322,25 @@ def parse_json_filename(text: str) -> Flat:
     flat: Flat = {}
     _flatten(tree, "", flat)
     return flat
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+class _Number(str):
+    """A JSON number in a flat tree (QEMU refuses one where it wants a string)."""
+
+    __slots__ = ()
 
 
 def _flatten(value: object, prefix: str, out: Flat) -> None:
@@ -310,6 +359,8 @@ def _flatten(value: object, prefix: str, out: Flat) -> None:
         out[key] = None
     elif isinstance(value, bool):
         out[key] = "on" if value else "off"
+    elif isinstance(value, (int, float)):
+        out[key] = _Number(value)
     else:
         out[key] = str(value)
 
@@ -337,7 +388,18 @@ def image_opts_to_json(text: str, fmt: str | None = None) -> str:
     """
     flat = parse_image_opts(text)
     resolve(flat, text, fmt)
-    return to_json_filename(flat)
+    name = to_json_filename(flat)
+    _SHOWN[name] = text
+    return name
+
+
+#: ``json:`` names made from ``--image-opts`` values -> the values, for messages.
+_SHOWN: dict[str, str] = {}
+
+
+def shown_name(text: str) -> str:
+    """What the user wrote for a ``json:`` name made from ``--image-opts`` (or ``text``)."""
+    return _SHOWN.get(text, text)
 
 
 # -- resolving -------------------------------------------------------------------------
@@ -346,31 +408,39 @@ class BlockSpec:
     """What an option tree asks for, in trioconv's terms.
 
     Attributes:
-        location: the transport's location: a local path (``file:``-prefixed, so a
-            name with a colon stays a file) or a URI.
+        location: the transport's location: a local path (``file:``-prefixed when the
+            name looks like a URI, so it stays a file) or a URI.
         fmt: the format driver; None to probe.
-        shown: a short name for messages (the file name, or the URI).
-        offset, size: the raw format's window into its file (``size`` None: to the end).
+        shown: the protocol's own name for messages (a file name or a URI, never with a
+            password).
+        name: the image's name as QEMU shows it (``qemu-img info``'s ``image:``): the
+            file name or URI when only those were asked, else a ``json:`` name of the
+            options that change what is read.
+        protocol: the protocol driver at the bottom (``file``, ``nbd``, ...).
+        inner: the format node under this one (``driver=qcow2,file.driver=raw,
+            file.offset=...``: a qcow2 image inside a window of a file), or None when
+            this format sits on the protocol directly.
+        offset, size: the raw format's window into what it sits on (``size`` None: to
+            the end).
         no_backing: ``backing: null``: unallocated areas read as zeroes.
-        read_only: ``read-only=on``.
-        force_share: ``force-share=on`` (``-U``).
+        read_only, force_share: ``read-only``, ``force-share``; None when not given.
         locking: False for ``file.locking=off``: no image locks at all.
         direct: True for ``cache.direct=on``: ``O_DIRECT``.
-        simple: nothing beyond a driver and a file name was asked (qemu-img info then
-            shows the plain file name).
     """
 
     location: str
     fmt: str | None
     shown: str
+    name: str = ""
+    protocol: str = "file"
+    inner: BlockSpec | None = None
     offset: int = 0
     size: int | None = None
     no_backing: bool = False
-    read_only: bool = False
-    force_share: bool = False
+    read_only: bool | None = None
+    force_share: bool | None = None
     locking: bool = True
     direct: bool = False
-    simple: bool = False
 
 
 class _Refused(Exception):
@@ -490,10 +560,18 @@ _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 
 
 
 def _qemu_size(value: str | None, key: str) -> int:
-    """A QemuOpts size: a non-negative number below 2^64 with an optional suffix."""
-    match = _SIZE_RE.fullmatch(value or "")
+    """A QemuOpts size: a non-negative number below 2^64 with an optional suffix (a
+    JSON number must be a whole one)."""
+    if isinstance(value, _Number):
+        if not value.isdigit():
+            raise _Refused(f"Invalid parameter type for '{key}', expected: integer")
+        return int(value)
+    text = (value or "").strip()
+    match = _SIZE_RE.fullmatch(text)
     result = -1
-    if match:
+    if re.fullmatch(r"0[xX][0-9a-fA-F]+", text):
+        result = int(text, 16)
+    elif match:
         number, unit = match.groups()
         scale = _UNITS[unit.lower()]
         result = int(float(number) * scale) if "." in number else int(number) * scale
@@ -530,7 +608,7 @@ def resolve(flat: Mapping[str, str | None], text: str, fmt: str | None = None) -
         UnsupportedError: a driver or option trioconv cannot honour.
     """
     try:
-        return _resolve(dict(flat), fmt)
+        return _format_node(_checked(flat), fmt, top=True)
     except _Refused as exc:
         message = f"Could not open '{text}': {exc}"
         if exc.unsupported:
@@ -538,18 +616,63 @@ def resolve(flat: Mapping[str, str | None], text: str, fmt: str | None = None) -
         raise ImageError(message) from None
 
 
-def _resolve(flat: Flat, fmt: str | None) -> BlockSpec:
+#: Options whose value must be a string (a JSON number or object there is refused).
+_STRING_KEYS = {
+    "driver",
+    "filename",
+    "path",
+    "export",
+    "url",
+    "portal",
+    "target",
+    "server.type",
+    "server.host",
+    "server.path",
+    "tls-creds",
+    "tls-hostname",
+    "password-secret",
+    "initiator-name",
+}
+
+
+def _checked(flat: Mapping[str, str | None]) -> Flat:
+    """The tree without ``null`` values (absent, as in QEMU; ``backing: null`` stays),
+    its string options checked to be strings."""
+    out: Flat = {}
+    for key, value in flat.items():
+        parts = key.split(".")
+        if value is None and parts[-1] != "backing":
+            continue
+        if isinstance(value, _Number) and any(
+            key == name or key.endswith("." + name) for name in _STRING_KEYS
+        ):
+            raise _Refused(f"Invalid parameter type for '{key}', expected: string")
+        for i, part in enumerate(parts[:-1]):
+            if part in ("driver", "filename"):  # an object or a list where a name goes
+                where = ".".join(parts[: i + 1])
+                raise _Refused(f"Invalid parameter type for '{where}', expected: string")
+        out[key] = value
+    return out
+
+
+def _formats() -> set[str]:
     from ._open import format_info, format_names
 
+    return {name for name in format_names() if format_info(name).open is not None}
+
+
+def _format_node(flat: Flat, fmt: str | None, *, top: bool) -> BlockSpec:
+    """A node whose ``driver`` is a format (or absent: probed) over its ``file`` child;
+    at the top, a protocol driver stands alone (the raw bytes of that protocol)."""
     driver = fmt if fmt is not None else flat.get("driver")
-    formats = {name for name in format_names() if format_info(name).open is not None}
+    formats = _formats()
+    fmt_name: str | None = None
     if driver is None:
         if "file" not in flat and not _children(flat, "file"):
             raise _Refused("Must specify either driver or file")
-        fmt_name: str | None = None
-    elif driver in _PROTOCOLS:
-        spec = _protocol(flat, driver)
-        return _generic(flat, attrs.evolve(spec, fmt="raw"))
+    elif driver in _PROTOCOLS and top:
+        spec = _generic(flat, _protocol(flat, driver))
+        return attrs.evolve(spec, fmt="raw")
     elif driver in formats:
         fmt_name = driver
     elif driver in _OTHER_FORMATS or driver in _OTHER_PROTOCOLS:
@@ -557,19 +680,18 @@ def _resolve(flat: Flat, fmt: str | None) -> BlockSpec:
         raise _Refused(f"Block {kind} '{driver}' is not supported", unsupported=True)
     else:
         raise _Refused(f"Unknown driver '{driver}'")
-    # A format node over a protocol node ("file").
     known = _FORMAT_OPTIONS.get(fmt_name or "", set())
     if fmt_name is None:  # probed: any format's options may follow
         known = set().union(*_FORMAT_OPTIONS.values())
     for key in flat:
-        top = key.split(".")[0]
-        if top in ("file", "backing") or key in _GENERIC or key in known:
+        top_key = key.split(".")[0]
+        if top_key in ("file", "backing") or key in _GENERIC or key in known:
             continue
-        if top == "overlap-check" and "overlap-check" in known:
+        if top_key == "overlap-check" and "overlap-check" in known:
             continue
-        if top == "encrypt":
-            raise _Refused("encrypted images are not supported", unsupported=True)
-        if top == "data-file":
+        if top_key == "encrypt" and fmt_name in ("qcow2", None):
+            continue  # only for encrypted images, which are refused when opened
+        if top_key == "data-file" and fmt_name in ("qcow2", None):
             raise _Refused(
                 "naming a qcow2 data file in the options is not supported (the image's "
                 "own data file is used)",
@@ -583,9 +705,24 @@ def _resolve(flat: Flat, fmt: str | None) -> BlockSpec:
     if not child:
         raise _Refused('A block device must be specified for "file"')
     proto = child.get("driver")
-    if proto is None:
-        proto = _protocol_of(child.get("filename"))
-    spec = _generic(child, _protocol(child, proto))
+    if proto is None and "filename" not in child and _children(child, "file"):
+        proto_is_format = True  # a format node (probed) under this one
+    else:
+        proto_is_format = proto is not None and proto in formats
+    if proto_is_format:
+        inner = _format_node(child, None, top=False)
+        base = BlockSpec(
+            inner.location,
+            None,
+            inner.shown,
+            name=inner.name,
+            protocol=inner.protocol,
+            inner=inner,
+        )
+    else:
+        if proto is None:
+            proto = _protocol_of(child.get("filename"))
+        base = _generic(child, _protocol(child, proto))
     no_backing = False
     if "backing" in flat:
         ref = flat["backing"]
@@ -600,22 +737,37 @@ def _resolve(flat: Flat, fmt: str | None) -> BlockSpec:
             "backing file is used; 'backing': null opens none)",
             unsupported=True,
         )
+    strong: dict[str, object] = {}
     offset = size = None
     if "offset" in flat:
-        offset = _qemu_size(flat["offset"], "offset")
+        offset = strong["offset"] = _qemu_size(flat["offset"], "offset")
     if "size" in flat:
-        size = _qemu_size(flat["size"], "size")
+        size = strong["size"] = _qemu_size(flat["size"], "size")
         if size % 512:
             raise _Refused("Specified size is not multiple of 512")
+    name = base.name
+    if strong or name.startswith("json:"):
+        tree: dict[str, object] = {"driver": fmt_name} if fmt_name else {}
+        tree.update(strong)
+        tree["file"] = _name_tree(base)
+        name = _json_name(tree)
     spec = attrs.evolve(
-        spec,
-        fmt=fmt_name,
-        offset=offset or 0,
-        size=size,
-        no_backing=no_backing,
-        simple=spec.simple and len(flat) == 1 + len(child),
+        base, fmt=fmt_name, name=name, offset=offset or 0, size=size, no_backing=no_backing
     )
     return _generic(flat, spec)
+
+
+def _name_tree(spec: BlockSpec) -> object:
+    """The part of a ``json:`` name a child node contributes."""
+    if spec.name.startswith("json:"):
+        return json.loads(spec.name[5:])
+    return {"driver": spec.protocol, "filename": spec.name}
+
+
+def _json_name(tree: dict[str, object]) -> str:
+    from ._qdict import qemu_order
+
+    return "json:" + json.dumps(qemu_order(tree), separators=(", ", ": "))
 
 
 def _protocol_of(filename: str | None) -> str:
@@ -635,14 +787,20 @@ def _protocol_of(filename: str | None) -> str:
 def _generic(node: Flat, spec: BlockSpec) -> BlockSpec:
     """Apply the options every node takes (``read-only``, ``force-share``, ...)."""
 
-    def flag(key: str, current: bool) -> bool:
-        return current or (key in node and _flag(node[key], key))
+    def flag(key: str, current: bool | None) -> bool | None:
+        if key not in node:
+            return current
+        return bool(current) or _flag(node[key], key)
 
+    read_only = flag("read-only", spec.read_only)
+    force_share = flag("force-share", spec.force_share)
+    if force_share and read_only is False:
+        raise _Refused("force-share=on can only be used with read-only images")
     return attrs.evolve(
         spec,
-        read_only=flag("read-only", spec.read_only),
-        force_share=flag("force-share", spec.force_share),
-        direct=flag("cache.direct", spec.direct),
+        read_only=read_only,
+        force_share=force_share,
+        direct=bool(flag("cache.direct", spec.direct)),
     )
 
 
@@ -658,20 +816,22 @@ def _protocol(node: Flat, proto: str) -> BlockSpec:
     if proto in _OTHER_PROTOCOLS or proto in _OTHER_FORMATS:
         raise _Refused(f"Block protocol '{proto}' is not supported", unsupported=True)
     if proto not in _PROTOCOLS:
-        raise _Refused(f"Unknown protocol '{proto}'")
+        raise _Refused(f"Unknown driver '{proto}'")
     allowed = _PROTOCOL_OPTIONS[proto] | _GENERIC
     for key in node:
         if key not in allowed:
             raise _Refused(f"Block protocol '{proto}' doesn't support the option '{key}'")
     if proto in ("file", "host_device", "host_cdrom"):
-        return _file_node(node, proto)
-    if proto == "nbd":
-        return _nbd_node(node)
-    if proto == "nfs":
-        return _nfs_node(node)
-    if proto == "iscsi":
-        return _iscsi_node(node)
-    return _http_node(node, proto)
+        spec = _file_node(node, proto)
+    elif proto == "nbd":
+        spec = _nbd_node(node)
+    elif proto == "nfs":
+        spec = _nfs_node(node)
+    elif proto == "iscsi":
+        spec = _iscsi_node(node)
+    else:
+        spec = _http_node(node, proto)
+    return attrs.evolve(spec, protocol=proto, name=spec.name or spec.shown)
 
 
 def _need(node: Flat, key: str, message: str) -> str:
@@ -689,10 +849,9 @@ def _file_node(node: Flat, proto: str) -> BlockSpec:
     aio = node.get("aio", "threads")
     if aio not in ("threads", "native", "io_uring"):
         raise _Refused(f"Parameter 'aio' does not accept value '{aio}'")
-    keys = set(node) - {"driver", "filename"}
     # A name that looks like a URI ("nbd://x" as a file name) stays a file name.
     location = "file:" + name if _SCHEME_RE.match(name) else name
-    return BlockSpec(location, None, name, locking=locking != "off", simple=not keys)
+    return BlockSpec(location, None, name, locking=locking != "off")
 
 
 def _nbd_node(node: Flat) -> BlockSpec:
@@ -725,9 +884,17 @@ def _nbd_node(node: Flat) -> BlockSpec:
     if kind is None:
         if any(key.startswith("server.") for key in node):
             raise _Refused("Parameter 'server.type' is missing")
+        if host is None and path is None:
+            raise _Refused("Parameter 'server' is missing")
         kind = "unix" if path is not None else "inet"  # the legacy host/port/path keys
     s = "s" if tls else ""
     quoted = urllib.parse.quote(export)
+    if kind not in ("unix", "inet"):
+        raise _Refused(f"Parameter 'server.type' does not accept value '{kind}'")
+    unexpected = ("server.host", "server.port") if kind == "unix" else ("server.path",)
+    for key in unexpected:
+        if key in node:
+            raise _Refused(f"Parameter '{key.split('.')[1]}' is unexpected")
     if kind == "unix":
         if path is None:
             raise _Refused("Parameter 'server.path' is missing")
@@ -740,8 +907,8 @@ def _nbd_node(node: Flat) -> BlockSpec:
         uri = f"nbd{s}://{bracketed}:{port or 10809}/{quoted}"
     else:
         raise _Refused(f"Parameter 'server.type' does not accept value '{kind}'")
-    uri = _with_query(uri, query)
-    return BlockSpec(uri, None, uri)
+    shown = _with_query(uri, {"socket": path} if kind == "unix" and path else {})
+    return BlockSpec(_with_query(uri, query), None, shown)
 
 
 def _with_query(uri: str, query: Mapping[str, str]) -> str:

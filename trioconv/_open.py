@@ -438,27 +438,57 @@ async def _open_spec(
     """Open a ``json:`` filename: QEMU's block options (see :mod:`trioconv._blockopts`)."""
     from . import _blockopts
 
-    spec = _blockopts.resolve_json(text, fmt)
+    shown = _blockopts.shown_name(text)  # an --image-opts value, as the user wrote it
+    spec = _blockopts.resolve(_blockopts.parse_json_filename(text), shown, fmt)
     if writable and spec.read_only:
-        raise ImageError(f"Could not open '{text}': Block node is read-only")
-    share = force_share or spec.force_share
-    if writable and spec.force_share:
+        raise ImageError(f"Could not open '{shown}': Block node is read-only")
+    if force_share and spec.force_share is False:
+        raise UsageError(f"Could not open '{shown}': force-share=off conflicts with -U")
+    share = force_share or bool(spec.force_share)
+    if writable and share:
         raise UsageError("force-share=on can only be used with read-only images")
     mode = CacheMode.parse(cache)
     if spec.direct and not mode.direct:
         mode = CacheMode.NONE
-    async with _open_transport_image(
-        spec.location,
-        spec.fmt,
-        writable=writable,
-        cache=mode,
-        connections=connections,
-        chain=chain,
-        snapshot=snapshot,
-        force_share=share,
-        spec=spec,
-    ) as driver:
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            driver = await stack.enter_async_context(
+                _open_transport_image(
+                    spec.location,
+                    spec.fmt,
+                    writable=writable,
+                    cache=mode,
+                    connections=connections,
+                    chain=chain,
+                    snapshot=snapshot,
+                    force_share=share,
+                    spec=spec,
+                )
+            )
+        except TrioconvError as exc:
+            raise _reworded(exc, shown, spec) from None
+        if spec.name.startswith("json:"):
+            driver.location = spec.name  # as QEMU names it (qemu-img info shows it)
         yield driver
+
+
+def _reworded(exc: TrioconvError, shown: str, spec: _blockopts.BlockSpec) -> TrioconvError:
+    """An error opening what block options name, told in the user's terms: it names
+    their option text, and the URI trioconv made of the options only as QEMU would
+    (``Could not open 'OPTIONS': Could not open 'FILE': reason`` for a file)."""
+    message = str(exc)
+    ours = f"Could not open '{spec.location}': "
+    if message.startswith(ours):
+        reason = message[len(ours) :]
+        if spec.protocol in ("file", "host_device", "host_cdrom"):
+            message = f"Could not open '{shown}': Could not open '{spec.shown}': {reason}"
+        else:
+            message = f"Could not open '{shown}': {reason}"
+    elif not message.startswith("Could not open "):
+        message = f"Could not open '{shown}': {message}"
+    if isinstance(exc, (UsageError, UnsupportedError)):
+        return type(exc)(message)
+    return ImageError(message)
 
 
 @asynccontextmanager
@@ -477,7 +507,21 @@ async def _open_transport_image(
     info = _format(fmt) if fmt is not None else None
     async with contextlib.AsyncExitStack() as stack:
         transport: Driver
-        if is_nbd_uri(text):
+        if spec is not None and spec.inner is not None:
+            # A format over a format (``driver=qcow2,file.driver=raw,file.offset=...``).
+            transport = await stack.enter_async_context(
+                _open_transport_image(
+                    spec.inner.location,
+                    spec.inner.fmt,
+                    writable=writable,
+                    cache=cache,
+                    connections=connections,
+                    chain=chain,
+                    force_share=force_share,
+                    spec=spec.inner,
+                )
+            )
+        elif is_nbd_uri(text):
             from .protocols.nbd import open_nbd  # only programs that use NBD pay for it
 
             transport = await stack.enter_async_context(
@@ -505,6 +549,13 @@ async def _open_transport_image(
                 locking=spec is None or spec.locking,
             )
             stack.push_async_callback(transport.aclose)
+            device = spec is not None and spec.protocol in ("host_device", "host_cdrom")
+            if device and not transport.is_block_device:
+                assert spec is not None
+                raise ImageError(
+                    f"Could not open '{path}': '{spec.protocol}' driver requires "
+                    f"'{path}' to be either a character or block device"
+                )
         if info is None:
             info = _FORMATS[await _probe_transport(transport, text)]
         if info.open is None:

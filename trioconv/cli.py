@@ -30,6 +30,7 @@ from cyclopts import Parameter
 from . import _open
 from ._cache import CacheMode
 from ._errors import TrioconvError, UsageError
+from ._qdict import qemu_order as _qemu_order
 from ._sizes import qemu_size_str
 from .convert import ConvertOptions, Progress
 from .convert import convert as run_convert
@@ -451,6 +452,34 @@ def _local_path(location: str) -> str | None:
     return location[5:] if location.startswith("file:") else location
 
 
+def _nbd_name(uri: str) -> str:
+    """An NBD URI as QEMU names the image (no ``/`` without an export; TLS URIs, which
+    qemu-img does not take, as given)."""
+    from .protocols.nbd import parse_nbd_uri
+
+    address = parse_nbd_uri(uri)
+    if address.tls:
+        return uri
+    export = "/" + address.export if address.export else ""
+    if address.socket is not None:
+        return f"nbd+unix://{export}?socket={address.socket}"
+    host = f"[{address.host}]" if address.host and ":" in address.host else address.host
+    return f"nbd://{host}:{address.port}{export}"
+
+
+def _file_under(drv: Driver) -> str | None:
+    """The local file at the bottom of a driver stack (block options name an image
+    by its options, not its file), or None."""
+    from .protocols.file import FileDriver
+
+    layer: object = drv
+    while layer is not None:
+        if isinstance(layer, FileDriver):
+            return layer.location
+        layer = getattr(layer, "child", None)
+    return None
+
+
 def _info_dict(drv: Driver) -> dict[str, object]:
     """qemu-img info's JSON for one image (keys in qemu's order where it matters)."""
     info: dict[str, object] = {
@@ -459,35 +488,17 @@ def _info_dict(drv: Driver) -> dict[str, object]:
         "format": drv.name,
     }
     path = _local_path(drv.location)
+    if path is None or path.startswith("json:"):
+        path = _file_under(drv)
     if path is not None:
         with contextlib.suppress(OSError):
             info["actual-size"] = os.stat(path).st_blocks * 512
-    info["dirty-flag"] = False
+    if drv.name != "raw" or _file_under(drv) is not None:
+        info["dirty-flag"] = False  # (qemu has no such info for raw over the network)
     if drv.limits.cluster_size:
         info["cluster-size"] = drv.limits.cluster_size
     info.update(drv.describe())
     return info
-
-
-def _qdict_bucket(key: str) -> int:
-    """The bucket of ``key`` in a QEMU QDict (its ``tdb_hash`` modulo 512)."""
-    raw = key.encode()
-    value = (0x238F13AF * len(raw)) & 0xFFFFFFFF
-    for i, byte in enumerate(raw):
-        value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
-    return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
-
-
-def _qemu_order(value: object) -> object:
-    """``value`` with every mapping's keys in the order qemu-img prints them: QEMU's
-    JSON walks a hash table, bucket by bucket (the later key first within one)."""
-    if isinstance(value, dict):
-        keys = list(value)[::-1]
-        keys.sort(key=_qdict_bucket)
-        return {k: _qemu_order(value[k]) for k in keys}
-    if isinstance(value, list):
-        return [_qemu_order(v) for v in value]
-    return value
 
 
 def _snapshot_line(snap: dict[str, object]) -> str:
@@ -514,6 +525,8 @@ def _print_human(data: dict[str, object]) -> None:
     print(f"virtual size: {qemu_size_str(vsize)} ({vsize} bytes)")
     if "actual-size" in data:
         print(f"disk size: {qemu_size_str(int(str(data['actual-size'])))}")
+    else:
+        print("disk size: unavailable")
     if "cluster-size" in data:
         print(f"cluster_size: {data['cluster-size']}")
     for key, label in _HUMAN_KEYS.items():
@@ -582,8 +595,9 @@ async def info(
     if image.startswith("json:"):
         from . import _blockopts
 
-        spec = _blockopts.resolve_json(image, fmt)
-        shown = spec.shown if spec.simple else image
+        shown = _blockopts.resolve_json(image, fmt).name  # as QEMU names it
+    elif _open.is_nbd_uri(image):
+        shown = _nbd_name(image)
     chain: list[dict[str, object]] = []
     async with _open.open_image(
         image, fmt, cache=CacheMode.WRITEBACK, force_share=force_share
