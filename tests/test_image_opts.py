@@ -352,6 +352,15 @@ def test_info_names_images_as_qemu_does(images: dict[str, Path], name: str) -> N
         assert ours.stdout == theirs.stdout
 
 
+def test_info_of_a_protocol_driver(images: dict[str, Path]) -> None:
+    # driver=file: QEMU's top node is the protocol itself, which info shows as the format.
+    opts = f"driver=file,filename={images['overlay']}"
+    for args in ([], ["--output=json"]):
+        ours = trioconv_cli("info", *args, "--image-opts", opts)
+        assert ours.returncode == 0, ours.stderr
+        assert ours.stdout == run("qemu-img", "info", *args, "--image-opts", opts).stdout
+
+
 def test_info_shows_a_windowed_backing_file_by_its_options(
     images: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -425,3 +425,20 @@ def test_header_round_trip(
         assert h.table_bytes > qed.MAX_TABLE_BYTES
         return
     assert decoded == h
+
+
+def test_writing_is_refused_the_same_way_with_and_without_n(tmp_path: Path) -> None:
+    src = make_raw(tmp_path / "src.img", "1M")
+    target = tmp_path / "t.qed"
+    run("qemu-img", "create", "-q", "-f", "qed", target, "1M")
+    before = target.read_bytes()
+    runs: list[list[str | Path]] = [
+        ["-n", "-O", "qed", src, target],
+        ["-O", "qed", src, tmp_path / "new.qed"],
+    ]
+    for args in runs:
+        result = trioconv_cli("convert", *args)
+        assert result.returncode == 1
+        assert result.stderr == "trioconv: Format 'qed' is not supported for writing yet\n"
+    assert target.read_bytes() == before
+    assert not (tmp_path / "new.qed").exists()

@@ -591,6 +591,9 @@ async def _open_transport_image(
                     f"support the option '{key}'"
                 )
         driver = await info.open(transport, ctx)
+        if writable and not driver.caps.writable:
+            await driver.aclose()
+            raise UnsupportedError(f"Format '{info.name}' is not supported for writing yet")
         if driver.size > MAX_IMAGE_SIZE:
             raise ImageError(
                 f"Could not open '{redact_location(text)}': the image is too large "

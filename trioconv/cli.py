@@ -586,6 +586,7 @@ async def info(
     if _define_objects(object_):
         return 0
     shown = image
+    protocol: str | None = None
     if image_opts:
         from . import _blockopts
 
@@ -595,7 +596,12 @@ async def info(
     if image.startswith("json:"):
         from . import _blockopts
 
-        shown = _blockopts.resolve_json(image, fmt).name  # as QEMU names it
+        spec = _blockopts.resolve_json(image, fmt)
+        shown = spec.name  # as QEMU names it
+        if fmt is None and spec.inner is None and spec.fmt == "raw":
+            # A protocol driver at the top: QEMU shows it as the format.
+            top = _blockopts.parse_json_filename(image).get("driver")
+            protocol = top if top != "raw" else None
     elif _open.is_nbd_uri(image):
         shown = _nbd_name(image)
     chain: list[dict[str, object]] = []
@@ -607,6 +613,8 @@ async def info(
             chain.append(_info_dict(layer))
             layer = layer.backing if backing_chain else None
     chain[0]["filename"] = _open.redact_location(shown)
+    if protocol is not None:
+        chain[0]["format"] = protocol
     if output == "json":
         import json
 
