@@ -34,6 +34,7 @@ from collections.abc import Iterable, Mapping
 import attrs
 
 from ._errors import ImageError, UnsupportedError, UsageError
+from ._qemuopts import split_option_list
 
 __all__ = [
     "BlockSpec",
@@ -45,6 +46,7 @@ __all__ = [
     "parse_object",
     "resolve",
     "resolve_json",
+    "shown_name",
     "to_json_filename",
     "use_objects",
 ]
@@ -255,26 +257,6 @@ def _object(obj_id: str, kind: type[QemuObject], what: str) -> QemuObject:
 
 
 # -- option texts ----------------------------------------------------------------------
-def split_option_list(text: str) -> list[str]:
-    """Split a QemuOpts list at commas; ``,,`` is a comma inside a value."""
-    items: list[str] = []
-    current: list[str] = []
-    i = 0
-    while i < len(text):
-        if text[i] == ",":
-            if text[i + 1 : i + 2] == ",":
-                current.append(",")
-                i += 2
-                continue
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(text[i])
-        i += 1
-    items.append("".join(current))
-    return items
-
-
 def parse_image_opts(text: str) -> Flat:
     """Parse an ``--image-opts`` value into a flat option tree.
 

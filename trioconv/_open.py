@@ -397,20 +397,10 @@ async def _open_image(
     force_share: bool = False,
 ) -> AsyncIterator[Driver]:
     text = os.fspath(location)
-    if text.startswith("json:"):
-        async with _open_spec(
-            text,
-            fmt,
-            writable=writable,
-            cache=cache,
-            connections=connections,
-            chain=chain,
-            snapshot=snapshot,
-            force_share=force_share,
-        ) as driver:
-            yield driver
-        return
-    async with _open_transport_image(
+    # A json: name holds QEMU block options (see _blockopts); anything else is a path
+    # or a URI.
+    opener = _open_spec if text.startswith("json:") else _open_transport_image
+    async with opener(
         text,
         fmt,
         writable=writable,

@@ -31,6 +31,7 @@ from . import _open
 from ._cache import CacheMode
 from ._errors import TrioconvError, UsageError
 from ._qdict import qemu_order as _qemu_order
+from ._qemuopts import split_option_list
 from ._sizes import qemu_size_str
 from .convert import ConvertOptions, Progress
 from .convert import convert as run_convert
@@ -189,29 +190,11 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
     return out + files
 
 
-def _split_option_list(value: str) -> list[str]:
-    """Split ``a=b,c=d`` at single commas; ``,,`` stands for a comma in a value."""
-    items, current, i = [], [], 0
-    while i < len(value):
-        if value[i] == ",":
-            if value[i + 1 : i + 2] == ",":
-                current.append(",")
-                i += 2
-                continue
-            items.append("".join(current))
-            current = []
-        else:
-            current.append(value[i])
-        i += 1
-    items.append("".join(current))
-    return items
-
-
 def _parse_o(values: Sequence[str]) -> dict[str, str]:
     """Parse ``-o a=b,c=d`` (repeatable) into a mapping; ``help`` maps to ``"help"``."""
     opts: dict[str, str] = {}
     for value in values:
-        items = _split_option_list(value)
+        items = split_option_list(value)
         if any(not item for item in items):
             raise UsageError(f"Invalid option list: {value}")
         for item in items:
