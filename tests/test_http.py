@@ -114,6 +114,17 @@ def test_https(
     out = tmp_path / "out.raw"
     line = one_line_error(trioconv_cli("convert", "-O", "raw", url, out))
     assert "certificate" in line and not out.exists()
+    # QEMU's block options: sslverify=off accepts the unknown certificate ...
+    opts = f"driver=https,url={url},sslverify=off"
+    result = trioconv_cli("convert", "--image-opts", opts, "-O", "raw", out)
+    assert result.returncode == 0, result.stderr
+    assert_identical(root / "mixed.raw", out)
+    out.unlink()
+    # ... and sslverify=on (the default) does not.
+    line = one_line_error(
+        trioconv_cli("convert", "--image-opts", f"driver=https,url={url}", "-O", "raw", out)
+    )
+    assert "certificate" in line and not out.exists()
     monkeypatch.setenv("SSL_CERT_FILE", str(http_tls_certs.ca_cert))
     result = trioconv_cli("convert", "-O", "raw", url, out)
     assert result.returncode == 0, result.stderr

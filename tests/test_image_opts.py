@@ -164,7 +164,6 @@ def test_resolve_local_and_format_options() -> None:
         ("driver=nbd,path=/s,tls-creds=nope", ImageError, "No TLS credentials with id"),
         ("driver=iscsi,portal=h,target=t,lun=1,user=u", ImageError, "without password-secret"),
         ("driver=iscsi,portal=h,target=t,header-digest=crc32c", UnsupportedError, "digest"),
-        ("driver=https,url=https://h/x,sslverify=off", UnsupportedError, "sslverify"),
         ("driver=http,url=https://h/x", ImageError, "cannot open the URL"),
     ],
 )

@@ -408,6 +408,7 @@ class BlockSpec:
         read_only, force_share: ``read-only``, ``force-share``; None when not given.
         locking: False for ``file.locking=off``: no image locks at all.
         direct: True for ``cache.direct=on``: ``O_DIRECT``.
+        tls_verify: False for ``sslverify=off`` (HTTPS): any certificate is accepted.
     """
 
     location: str
@@ -423,6 +424,7 @@ class BlockSpec:
     force_share: bool | None = None
     locking: bool = True
     direct: bool = False
+    tls_verify: bool = True
 
 
 class _Refused(Exception):
@@ -974,8 +976,7 @@ def _http_node(node: Flat, proto: str) -> BlockSpec:
     url = node.get("url") or node.get("filename")
     if not url:
         raise _Refused("curl block driver requires an 'url' option")
-    if "sslverify" in node and not _flag(node["sslverify"], "sslverify"):
-        raise _Refused("sslverify=off is not supported", unsupported=True)
+    verify = "sslverify" not in node or _flag(node["sslverify"], "sslverify")
     parts = urllib.parse.urlsplit(url)
     if parts.scheme.lower() != proto:
         raise _Refused(f"{proto} driver cannot open the URL '{url}'")
@@ -993,4 +994,5 @@ def _http_node(node: Flat, proto: str) -> BlockSpec:
         url = urllib.parse.urlunsplit(
             (parts.scheme, f"{userinfo}@{host}", parts.path, parts.query, parts.fragment)
         )
-    return BlockSpec(url, None, node.get("url") or node.get("filename") or url)
+    shown = node.get("url") or node.get("filename") or url
+    return BlockSpec(url, None, shown, tls_verify=verify)

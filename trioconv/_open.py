@@ -528,7 +528,10 @@ async def _open_transport_image(
         elif is_http_uri(text):
             from .protocols.http import open_http  # only programs that use HTTP pay for it
 
-            transport = await stack.enter_async_context(open_http(text, writable=writable))
+            verify = spec is None or spec.tls_verify
+            transport = await stack.enter_async_context(
+                open_http(text, writable=writable, verify=verify)
+            )
         else:
             path = _transport_path(text)
             transport = await open_file(

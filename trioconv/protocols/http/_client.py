@@ -72,6 +72,8 @@ class HTTPAddress:
     target: str
     user: str | None = None
     password: str | None = attrs.field(default=None, repr=False)
+    #: False accepts any server certificate (QEMU's ``sslverify=off``).
+    verify: bool = True
 
     @property
     def tls(self) -> bool:
@@ -110,7 +112,7 @@ class HTTPAddress:
         new = parse_http_uri(urllib.parse.urljoin(base, location))
         if new.user is None and (new.host, new.port) == (self.host, self.port):
             new = attrs.evolve(new, user=self.user, password=self.password)
-        return new
+        return attrs.evolve(new, verify=self.verify)
 
 
 def parse_http_uri(uri: str) -> HTTPAddress:
@@ -240,6 +242,9 @@ class _Pool:
         self._slots = trio.Semaphore(size)
         self._idle: list[_Connection] = []
         self._tls = ssl.create_default_context() if address.tls else None
+        if self._tls is not None and not address.verify:
+            self._tls.check_hostname = False
+            self._tls.verify_mode = ssl.CERT_NONE
 
     def build(self, method: str, headers: list[tuple[str, str]]) -> bytes:
         """A request for the pool's file, in the form its connections need."""
@@ -520,15 +525,20 @@ def _tls_reason(exc: BaseException) -> str | None:
 
 
 @asynccontextmanager
-async def open_http(uri: str, *, writable: bool = False) -> AsyncIterator[HTTPDriver]:
+async def open_http(
+    uri: str, *, writable: bool = False, verify: bool = True
+) -> AsyncIterator[HTTPDriver]:
     """Open a file on a web server for reading, as a driver.
+
+    ``verify=False`` accepts any certificate from an ``https://`` server (QEMU's
+    ``sslverify=off``, for a server with a self-made certificate).
 
     Raises:
         UnsupportedError: ``writable``: HTTP sources are read-only.
         ImageError: the server cannot be reached, answers with an error, or does not
             serve byte ranges.
     """
-    address = parse_http_uri(uri)
+    address = attrs.evolve(parse_http_uri(uri), verify=verify)
     where = f"Could not open '{address.uri}'"
     if writable:
         raise UnsupportedError(f"{where}: HTTP images are read-only")
