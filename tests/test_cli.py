@@ -555,10 +555,40 @@ def test_o_help_lists_raw_creation_options(src: Path, tmp_path: Path) -> None:
 
 
 def test_o_help_without_filenames() -> None:
-    """``qemu-img convert -O raw -o help`` needs no filenames; a drop-in must not either."""
+    """``qemu-img convert -O raw -o help`` needs no filenames; a drop-in must not either.
+    Without them only the format's own options are listed (raw has only its size)."""
     result = trioconv_cli("convert", "-O", "raw", "-o", "help")
     ok(result)
-    assert "preallocation" in result.stdout
+    assert result.stdout == run("qemu-img", "convert", "-O", "raw", "-o", "help").stdout
+
+
+@pytest.mark.parametrize("fmt", ["raw", "vmdk", "vpc", "vhdx", "vdi"])
+def test_o_help_with_filenames_is_qemu_imgs(fmt: str, src: Path, tmp_path: Path) -> None:
+    """With file names the file protocol's options come too (nocow, extent_size_hint,
+    preallocation), byte for byte as qemu-img lists them."""
+    args = ["convert", "-O", fmt, "-o", "help", src, tmp_path / f"x.{fmt}"]
+    ours = trioconv_cli(*args)
+    ok(ours)
+    assert ours.stdout == run("qemu-img", *args).stdout
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi"])
+def test_file_protocol_options_under_every_format(fmt: str, src: Path, tmp_path: Path) -> None:
+    """``-o nocow=on,extent_size_hint=...`` (libvirt passes nocow) and a protocol-level
+    ``preallocation`` are accepted under every format, as qemu-img accepts them."""
+    out = tmp_path / f"out.{fmt}"
+    result = trioconv_cli(
+        "convert", "-O", fmt, "-o", "nocow=on,extent_size_hint=256k,preallocation=off", src, out
+    )
+    ok(result)
+    assert_identical(src, out, "raw", fmt)
+    for bad, message in [
+        ("nocow=maybe", "Parameter 'nocow' expects 'on' or 'off'"),
+        ("extent_size_hint=8G", "Extent size hint is too large"),
+    ]:
+        line = assert_one_error(trioconv_cli("convert", "-O", fmt, "-o", bad, src, tmp_path / "b"))
+        assert message in line
+        assert not (tmp_path / "b").exists()
 
 
 @pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vpc", "vhdx", "vdi"])

@@ -615,6 +615,15 @@ def check_create_options(fmt: str, options: Mapping[str, str]) -> None:
     if info.create_options is None or (info.create is None and info.name != "raw"):
         raise UnsupportedError(f"Format '{fmt}' is not supported for writing yet")
     for key, value in options.items():
+        if key in FILE_CREATE_OPTIONS:
+            file_create_hints({key: value})  # checks the value
+            continue
+        if key == "preallocation" and key not in info.create_options:
+            # The file protocol's, under a format without its own: qemu-img passes it
+            # to the new, still empty file, where it has nothing to allocate.
+            if value not in ("off", "falloc", "full"):
+                raise UsageError(f"Parameter 'preallocation' does not accept value '{value}'")
+            continue
         if key not in info.create_options:
             raise UsageError(f"Invalid parameter '{key}'")
         own_checks = info.create is not None  # a format with a creator checks its own values
@@ -622,9 +631,42 @@ def check_create_options(fmt: str, options: Mapping[str, str]) -> None:
             raise UsageError(f"Parameter 'preallocation' does not accept value '{value}'")
 
 
+#: ``-o`` options of the file protocol under any format: the new local file gets them.
+FILE_CREATE_OPTIONS: dict[str, str] = {
+    "extent_size_hint": "Extent size hint for the image file, 0 to disable",
+    "nocow": "Turn off copy-on-write (valid only on btrfs)",
+}
+
+
+def file_create_hints(options: Mapping[str, str]) -> tuple[bool, int | None]:
+    """The file-protocol options among ``options``, checked: ``nocow`` and
+    ``extent_size_hint`` (None when not given) for
+    :func:`~trioconv.protocols.file.create_file`.
+
+    Raises:
+        UsageError: a value qemu-img would refuse.
+    """
+    from ._sizes import parse_size
+
+    nocow = False
+    if "nocow" in options:
+        value = options["nocow"]
+        if value not in ("on", "off"):
+            raise UsageError("Parameter 'nocow' expects 'on' or 'off'")
+        nocow = value == "on"
+    hint = None
+    if "extent_size_hint" in options:
+        hint = parse_size(options["extent_size_hint"], what="extent_size_hint")
+        if hint > 0xFFFF_FFFF:
+            raise UsageError("Extent size hint is too large")
+    return nocow, hint
+
+
 #: The value types ``-o help`` shows, as qemu-img names them (``<str>`` otherwise).
 _OPTION_TYPES = {
     **dict.fromkeys(("size", "cluster_size", "block_size", "log_size"), "size"),
+    "extent_size_hint": "size",
+    "nocow": "bool (on/off)",
     "refcount_bits": "num",
     **dict.fromkeys(
         (
@@ -649,7 +691,13 @@ def create_options_help(fmt: str, *, with_files: bool = False) -> str:
     if info.create_options is None:
         raise UnsupportedError(f"Format '{fmt}' is not supported for writing yet")
     lines = ["Supported options:" if with_files else f"Supported {fmt} options:"]
-    for key, text in sorted(info.create_options.items()):
+    options = dict(info.create_options)
+    if with_files:  # the protocol's options too (a local file's)
+        options.update(FILE_CREATE_OPTIONS)
+        options.setdefault("preallocation", RAW_CREATE_OPTIONS["preallocation"])
+    elif fmt == "raw":
+        del options["preallocation"]  # raw's is the file protocol's
+    for key, text in sorted(options.items()):
         lines.append(f"  {key + '=<' + _OPTION_TYPES.get(key, 'str') + '>':<22} - {text}")
     if not with_files:
         lines += [
@@ -679,6 +727,19 @@ async def create_image(
     options = dict(options or {})
     size = -(-size // 512) * 512  # whole sectors, as qemu-img create makes it
     check_create_options(fmt, options)
+    nocow, hint = file_create_hints(options)
+    file_keys = [key for key in options if key in FILE_CREATE_OPTIONS]
+    for key in file_keys:
+        del options[key]
+    info = _format(fmt)
+    if info.create is not None and "preallocation" not in (info.create_options or {}):
+        options.pop("preallocation", None)  # the file protocol's: nothing to allocate yet
+    if (
+        file_keys
+        and _URI_RE.match(os.fspath(location))
+        and not os.fspath(location).startswith("file:")
+    ):
+        raise UsageError(f"Invalid parameter '{file_keys[0]}'")  # not a local file
     if is_nbd_uri(os.fspath(location)):
         raise UnsupportedError(
             f"Protocol driver 'nbd' does not support image creation: '{os.fspath(location)}' "
@@ -693,10 +754,15 @@ async def create_image(
     if is_nfs_uri(os.fspath(location)):
         return await _create_nfs_image(os.fspath(location), fmt, size, options)
     path = _transport_path(location)
-    info = _format(fmt)
     if info.create is None:
-        return await create_file(path, size, preallocation=options.get("preallocation", "off"))
-    created = await create_file(path, 0)
+        return await create_file(
+            path,
+            size,
+            preallocation=options.get("preallocation", "off"),
+            nocow=nocow,
+            extent_size_hint=hint,
+        )
+    created = await create_file(path, 0, nocow=nocow, extent_size_hint=hint)
     try:
         transport = await open_file(path, writable=True)
         try:

@@ -31,7 +31,7 @@ __all__ = [
 VPC_CREATE_OPTIONS: dict[str, str] = {
     "size": "Virtual disk size",
     "subformat": "Type of virtual hard disk format. Supported formats are "
-    "{dynamic (default) | fixed}",
+    "{dynamic (default) | fixed} ",  # (sic: qemu ends it with a space)
     "force_size": "Force disk size calculation to use the actual size specified, rather "
     "than using the nearest CHS-based calculation",
 }
