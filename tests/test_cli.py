@@ -566,7 +566,7 @@ def test_o_help_without_filenames() -> None:
 def test_o_help_with_filenames_is_qemu_imgs(fmt: str, src: Path, tmp_path: Path) -> None:
     """With file names the file protocol's options come too (nocow, extent_size_hint,
     preallocation), byte for byte as qemu-img lists them."""
-    args = ["convert", "-O", fmt, "-o", "help", src, tmp_path / f"x.{fmt}"]
+    args: list[str | Path] = ["convert", "-O", fmt, "-o", "help", src, tmp_path / f"x.{fmt}"]
     ours = trioconv_cli(*args)
     ok(ours)
     assert ours.stdout == run("qemu-img", *args).stdout
