@@ -454,7 +454,7 @@ def test_option_errors(options: dict[str, str], message: str) -> None:
     ("options", "message"),
     [
         ({"subformat": "monolithicFlat", "zeroed_grain": "on"}, "Flat image can't enable zeroed"),
-        ({"backing_file": "base.vmdk"}, "backing file"),
+        ({"subformat": "monolithicFlat", "backing_file": "b.vmdk"}, "Flat image can't have"),
     ],
 )
 def test_option_refusals(options: dict[str, str], message: str) -> None:
@@ -771,12 +771,87 @@ async def test_delta_disk_to_an_overlay_keeps_the_parent_out(tmp_path: Path) -> 
     assert data == [(e["start"], e["length"]) for e in qemu_map(theirs, "qcow2") if e["depth"] == 0]
 
 
-async def test_delta_disks_are_read_only(tmp_path: Path) -> None:
+def test_n_into_a_delta_disk_copies_on_write_from_its_parent(tmp_path: Path) -> None:
+    """Writing into a delta disk: a grain written in part gets its parent's bytes
+    around the new ones (copy on write, as qemu does), zeroes are written as zeroes
+    (an unwritten grain would show the parent)."""
     top = _delta_chain(tmp_path)
-    src = make_raw(tmp_path / "src.raw", "12M", "write -P 7 0 1M")
-    result = trioconv_cli("convert", "-n", "-O", "vmdk", src, top)
-    assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
-    assert "backing file" in result.stderr
+    copy = tmp_path / "top-qemu.vmdk"
+    copy.write_bytes(top.read_bytes())
+    src = make_raw(
+        tmp_path / "src.raw", "12M", "write -P 7 100k 5000", "write -P 8 4M 1M", "write -z 0 64k"
+    )
+    # -n writes the whole source: what is zero in it becomes zero in the delta disk.
+    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "vmdk", src, top)
+    assert result.returncode == 0, result.stderr
+    assert_identical(src, top, "raw", "vmdk")
+    run("qemu-img", "check", "-q", top)
+
+
+@pytest.mark.parametrize(
+    "options",
+    ["", "subformat=twoGbMaxExtentSparse", "zeroed_grain=on", "subformat=streamOptimized"],
+)
+def test_b_makes_a_delta_disk_as_qemu_img_does(tmp_path: Path, options: str) -> None:
+    """``-O vmdk -B base.vmdk -F vmdk``: a delta disk naming its parent (CID and hint)
+    that holds only what the source's top layer holds, grains written in part
+    completed from the parent - the layout qemu-img gives it."""
+    base = make_vmdk(tmp_path / "base.vmdk", "4M", "write -P 1 0 2M", "write -P 9 3M 512k")
+    src = tmp_path / "src.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "vmdk", src)
+    run(
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 2 512k 100k",
+        "-c",
+        "write -z 1536k 64k",
+        "-c",
+        "write -P 3 3M 4k",
+        src,
+    )
+    args = ["-O", "vmdk", "-B", base.name, "-F", "vmdk"]
+    if options:
+        args += ["-o", options]
+    if "streamOptimized" in options:
+        args.append("-c")
+    ours, theirs = tmp_path / "ours.vmdk", tmp_path / "theirs.vmdk"
+    result = trioconv_cli("convert", *args, src, ours)
+    assert result.returncode == 0, result.stderr
+    run("qemu-img", "convert", *args, src, theirs)
+    assert_identical(src, ours, "qcow2", "vmdk")
+    run("qemu-img", "check", "-q", ours)
+    info = json.loads(trioconv_cli("info", "--output", "json", ours).stdout)
+    base_cid = json.loads(run("qemu-img", "info", "--output=json", base).stdout)["format-specific"][
+        "data"
+    ]["cid"]
+    assert info["backing-filename"] == base.name
+    assert info["format-specific"]["data"]["parent-cid"] == base_cid
+
+    def layout(path: Path) -> list[tuple[int, int, bool]]:
+        return [
+            (e["start"], e["length"], e["data"]) for e in qemu_map(path, "vmdk") if e["depth"] == 0
+        ]
+
+    assert layout(ours) == layout(theirs)
+
+
+def test_b_refuses_a_parent_that_is_not_vmdk(tmp_path: Path) -> None:
+    base = tmp_path / "base.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, "4M")
+    src = make_raw(tmp_path / "src.raw", "4M", "write -P 7 0 1M")
+    for fmt in ("qcow2", "vmdk"):
+        result = trioconv_cli(
+            "convert", "-O", "vmdk", "-B", base.name, "-F", fmt, src, tmp_path / "o.vmdk"
+        )
+        assert result.returncode == 1 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert "vmdk" in result.stderr
+        assert not (tmp_path / "o.vmdk").exists()
+
+
+async def test_missing_parent_of_a_delta_disk(tmp_path: Path) -> None:
+    top = _delta_chain(tmp_path)
     (tmp_path / "mid.vmdk").unlink()
     assert "Could not open backing file" in await open_error(top)
 

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from ..._errors import UnsupportedError, UsageError
+from ..._errors import ImageError, UnsupportedError, UsageError
 from ...driver import Driver
 from ...protocols.file import create_file, open_file
 from .._base import FormatInfo
@@ -125,7 +125,7 @@ def parse_create_options(options: Mapping[str, str]) -> VmdkOptions:
 
     Raises:
         UsageError: a bad value or combination.
-        UnsupportedError: a backing file (trioconv writes VMDK without backing images).
+        UnsupportedError: a flat subformat with a backing file or zeroed grains.
     """
     backing_fmt = options.get("backing_fmt")
     if backing_fmt is not None and backing_fmt != "vmdk":
@@ -156,10 +156,6 @@ def parse_create_options(options: Mapping[str, str]) -> VmdkOptions:
         raise UnsupportedError("Flat image can't have backing file")
     if result.flat and zeroed_grain:
         raise UnsupportedError("Flat image can't enable zeroed grain")
-    if options.get("backing_file"):
-        raise UnsupportedError(
-            "VMDK images with a backing file (parentFileNameHint) are not supported"
-        )
     return result
 
 
@@ -213,6 +209,10 @@ async def create_vmdk(transport: Driver, size: int, options: Mapping[str, str]) 
     lines: list[codec.ExtentLine] = []
     created: list[str] = []
     location = transport.location
+    parent = options.get("backing_file") or None
+    parent_cid = 0xFFFFFFFF
+    if parent is not None:
+        parent_cid = await _parent_cid(location, parent)
     try:
         if not opts.flat and not opts.split:
             await init_sparse_extent(
@@ -246,7 +246,8 @@ async def create_vmdk(transport: Driver, size: int, options: Mapping[str, str]) 
         desc = codec.Descriptor(
             version=1,
             cid=secrets.randbits(32),
-            parent_cid=0xFFFFFFFF,
+            parent_cid=parent_cid,
+            parent_hint=parent,
             create_type=opts.subformat,
             extents=tuple(lines),
             ddb=(
@@ -270,6 +271,24 @@ async def create_vmdk(transport: Driver, size: int, options: Mapping[str, str]) 
             with contextlib.suppress(OSError):
                 os.unlink(path)
         raise
+
+
+async def _parent_cid(location: str, parent: str) -> int:
+    """The content ID of the parent a new delta disk names (``-o backing_file``, ``-B``),
+    which must be a VMDK image; a relative name is found next to the new image."""
+    from ..._open import open_image
+    from ._driver import VmdkDriver
+
+    path = parent
+    if not os.path.isabs(parent) and "://" not in parent and "://" not in location:
+        path = os.path.join(os.path.dirname(location), parent)
+    try:
+        async with open_image(path, force_share=True) as image:
+            if not isinstance(image, VmdkDriver):
+                raise UsageError("backing_file must be a vmdk image")
+            return image.info.cid
+    except ImageError as exc:
+        raise ImageError(f"Could not open backing file '{parent}': {exc}") from None
 
 
 async def _create_extent_file(path: str, size: int, opts: VmdkOptions, created: list[str]) -> None:

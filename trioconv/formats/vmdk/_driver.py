@@ -335,14 +335,6 @@ async def _open_sparse(
     return ext
 
 
-def _refuse_backing(desc: codec.Descriptor, where: str, writable: bool) -> None:
-    if desc.parent_hint is not None and writable:
-        raise UnsupportedError(
-            f"{where}: writing into VMDK images with a backing file (parentFileNameHint="
-            f"'{desc.parent_hint}') is not supported"
-        )
-
-
 async def _with_parent(
     driver: VmdkDriver, desc: codec.Descriptor | None, ctx: OpenContext, where: str
 ) -> VmdkDriver:
@@ -414,8 +406,6 @@ async def _open(transport: Driver, ctx: OpenContext, where: str, writable: bool)
             # (One past the end of the file is ignored, as qemu does: it reads zeroes.)
             n = min(header.desc_size * SECTOR, codec.MAX_DESCRIPTOR)
             desc = _embedded_descriptor(await transport.pread(header.desc_offset * SECTOR, n))
-        if desc is not None:
-            _refuse_backing(desc, where, writable)
         create_type = "streamOptimized" if ext.compressed else "monolithicSparse"
         info = VmdkInfo(
             create_type,
@@ -437,7 +427,6 @@ async def _open_descriptor(
         raise ImageError(f"{where}: {exc}") from None
     if desc.create_type not in codec.DESCRIPTOR_CREATE_TYPES:
         raise ImageError(f"{where}: Unsupported image type '{desc.create_type}'")
-    _refuse_backing(desc, where, writable)
     extents: list[AnyExtent] = []
     start = 0
     for line in desc.extents:

@@ -491,8 +491,10 @@ class SparseExtent:
             return
         g = self.grain
         # Decide everything before the first await: allocation happens in entry order.
-        plan: list[tuple[int, memoryview | bytes, trio.Event | None, int]] = []
+        plan: list[tuple[int, memoryview | bytes | bytearray, trio.Event | None, int]] = []
         mine: list[tuple[int, trio.Event]] = []
+        # New grains written in part over a parent image: the rest is the parent's.
+        cow: list[tuple[bytearray, int, int, memoryview]] = []
         pos = 0
         while pos < data.nbytes:
             rel = offset + pos
@@ -506,7 +508,10 @@ class SparseExtent:
             else:
                 host = self._allocate(g)
                 self._set_entry(grain, host // SECTOR)
-                if n == g or (self._growable and (inner | n) % self._record_align == 0):
+                parent = self.read_parent is not None
+                if n == g or (
+                    not parent and self._growable and (inner | n) % self._record_align == 0
+                ):
                     # A new grain of a growable file lies past its old end: what the
                     # piece does not cover reads as zeroes already (a hole; flush
                     # makes the file reach the end of the last grain).
@@ -514,12 +519,19 @@ class SparseExtent:
                 else:
                     whole = bytearray(g)
                     whole[inner : inner + n] = piece
-                    plan.append((host, bytes(whole), None, -1))
+                    if parent:
+                        cow.append((whole, grain, inner, piece))
+                    plan.append((host, whole, None, -1))
                 event = trio.Event()
                 self._busy[grain] = event
                 mine.append((grain, event))
             pos += n
         try:
+            for whole, grain, inner, piece in cow:
+                # Copy on write, as qemu does: the parent's bytes around the new ones.
+                assert self.read_parent is not None
+                await self.read_parent(self.start + grain * g, memoryview(whole))
+                whole[inner : inner + piece.nbytes] = piece
             i = 0
             while i < len(plan):
                 host, payload, wait, at = plan[i]
@@ -662,7 +674,11 @@ class SparseExtent:
             partial = self._partials.get(grain)
             if partial is not None:
                 partial.add(inner, memoryview(bytes(n)))
-            elif self._allocated(table[slot]) or grain in self._claimed:
+            elif (
+                self._allocated(table[slot])
+                or grain in self._claimed
+                or self.read_parent is not None  # unallocated shows the parent, not zeroes
+            ):
                 if self.layout.zero_grain and n == self._grain_length(grain):
                     to_zero_grain.append(grain)
                 elif self.compressed or fast:
