@@ -77,3 +77,26 @@ def test_snapshot_of_raw_or_several_sources(make_image: ImageMaker, snapped: Pat
     result = trioconv_cli("convert", "-l", "first", snapped, snapped, raw.with_suffix(".o2"))
     assert result.returncode == 1
     assert "multiple snapshot" in result.stderr
+
+
+@pytest.mark.parametrize("with_backing", [False, True], ids=["alone", "overlay"])
+def test_snapshot_of_an_image_grown_since(tmp_path: Path, with_backing: bool) -> None:
+    """``-l`` reads a snapshot at the image's current size, as qemu-img does: past the
+    snapshot's own tables it reads as unallocated (zeroes, or the backing file)."""
+    img = tmp_path / "grown.qcow2"
+    if with_backing:
+        base = tmp_path / "base.qcow2"
+        run("qemu-img", "create", "-q", "-f", "qcow2", base, "8M")
+        run("qemu-io", "-f", "qcow2", "-c", "write -P 9 0 8M", base)
+        run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "qcow2", img, "4M")
+    else:
+        run("qemu-img", "create", "-q", "-f", "qcow2", img, "4M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", img)
+    run("qemu-img", "snapshot", "-c", "before", img)
+    run("qemu-img", "resize", "-q", img, "8M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 2 6M 1M", img)
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    result = trioconv_cli("convert", "-l", "before", "-O", "raw", img, ours)
+    assert result.returncode == 0, result.stderr
+    run("qemu-img", "convert", "-l", "before", "-O", "raw", img, theirs)
+    assert ours.read_bytes() == theirs.read_bytes()

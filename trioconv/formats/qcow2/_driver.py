@@ -529,7 +529,9 @@ async def _read_snapshot_table(
 def _load_snapshot(
     ctx: OpenContext, info: codec.ImageInfo, table: list[snapshots.Snapshot], file_size: int
 ) -> codec.ImageInfo:
-    """The image as of the snapshot ``ctx.snapshot`` names: its L1 table and size."""
+    """The image as of the snapshot ``ctx.snapshot`` names: its L1 table, with the
+    image's current size, as qemu loads a snapshot for reading (``-l``): an image grown
+    since the snapshot reads past the snapshot's tables as unallocated."""
     assert ctx.snapshot is not None
     where = f"Failed to load snapshot '{ctx.snapshot}'"
     try:
@@ -545,10 +547,10 @@ def _load_snapshot(
     ):
         raise ImageError(f"{where}: its L1 table at {snap.l1_table_offset:#x} is invalid")
     size = snap.disk_size if snap.disk_size is not None else h.size
-    if snap.l1_size * info.layout.l2_entries * info.layout.cluster_size < size:
+    if snap.l1_size * info.layout.l2_entries * info.layout.cluster_size < min(size, h.size):
         raise ImageError(f"{where}: its L1 table is too small for {size} bytes")
     ctx.snapshot_loaded = True
-    header = attrs.evolve(h, l1_table_offset=snap.l1_table_offset, l1_size=snap.l1_size, size=size)
+    header = attrs.evolve(h, l1_table_offset=snap.l1_table_offset, l1_size=snap.l1_size)
     return attrs.evolve(info, header=header)
 
 
@@ -580,6 +582,9 @@ async def open_qcow2(
     h = info.header
     raw_l1 = await transport.pread(h.l1_table_offset, h.l1_size * 8) if h.l1_size else b""
     l1 = codec.decode_table(raw_l1)
+    needed = -(-h.size // (info.layout.l2_entries * info.layout.cluster_size))
+    if len(l1) < needed:  # a snapshot's table, of a smaller disk: the rest unallocated
+        l1.extend([0] * (needed - len(l1)))
     data: Driver | None = None
     if info.data_file is not None:
         path = _resolve(ctx, info.data_file, "data file")
