@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+import trioconv
 from trioconv.formats.qcow2 import _bitmaps as bm
 
 from .conftest import assert_identical, qemu_io_run, require_tool, run, trioconv_cli
@@ -286,3 +287,23 @@ def test_corrupt_bitmap_directory(source: Path) -> None:
         f.write(struct.pack(">I", size + 1))
     line = one_error(trioconv_cli("info", source))
     assert "corrupt bitmaps" in line and "'track'" in line
+
+
+async def test_an_interrupted_writer_leaves_bitmaps_in_use_not_leaked(tmp_path: Path) -> None:
+    """Bitmaps are marked in use on disk before the first write reaches the image, as
+    qemu marks them: a writer killed before it stores them leaves them listed as
+    inconsistent, their clusters still counted (``qemu-img check`` finds no leak)."""
+    target = qcow2(tmp_path / "t.qcow2", "8M", ("b0", 65536, True))
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 1 0 1M", target)
+    crashed = tmp_path / "crashed.qcow2"
+    async with trioconv.open_image(target, "qcow2", writable=True) as image:
+        await image.pwrite(2 * MiB, b"\x02" * 65536)
+        # What a kill -9 here would leave on disk: the file as it is now.
+        crashed.write_bytes(target.read_bytes())
+    check = run("qemu-img", "check", "--output=json", crashed, check=False)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert not json.loads(check.stdout).get("leaks")
+    assert info_bitmaps(crashed)[0]["flags"] == ["in-use", "auto"]
+    # The writer that did finish stored them consistent again, the write marked.
+    run("qemu-img", "check", "-q", target)
+    assert info_bitmaps(target)[0]["flags"] == ["auto"]

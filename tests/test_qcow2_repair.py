@@ -133,3 +133,37 @@ def test_unrepairable_dirty_image_is_refused(tmp_path: Path) -> None:
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and "beyond the end of the file" in lines[0], result.stderr
     assert target.read_bytes() == before
+
+
+def test_huge_sparse_dirty_file_is_refused_in_one_line(tmp_path: Path) -> None:
+    # More clusters than qemu repairs (INT_MAX), or than a bounded memory holds.
+    target = tmp_path / "dirty.qcow2"
+    make_dirty(target, "8M", "write -P 5 0 1M", options="cluster_size=512")
+    with open(target, "r+b") as f:
+        f.truncate(2 << 40)  # 2 TiB, sparse
+    src = tmp_path / "src.img"
+    src.write_bytes(bytes(8 * MiB))
+    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "qcow2", src, target)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Could not repair dirty image: File too large" in lines[0]
+    assert dirty(target)
+
+
+def test_unaligned_data_cluster_in_dirty_image_is_refused(tmp_path: Path) -> None:
+    target = tmp_path / "dirty.qcow2"
+    make_dirty(target, "8M", "write -P 5 0 1M")
+    data = bytearray(target.read_bytes())
+    l1_offset = int.from_bytes(data[40:48], "big")
+    l2_offset = int.from_bytes(data[l1_offset : l1_offset + 8], "big") & 0x00FF_FFFF_FFFF_FE00
+    entry = int.from_bytes(data[l2_offset : l2_offset + 8], "big")
+    data[l2_offset : l2_offset + 8] = (entry | 0x200).to_bytes(8, "big")
+    target.write_bytes(bytes(data))
+    before = target.read_bytes()
+    src = tmp_path / "src.img"
+    src.write_bytes(bytes(8 * MiB))
+    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "qcow2", src, target)
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "unaligned" in lines[0], result.stderr
+    assert target.read_bytes() == before

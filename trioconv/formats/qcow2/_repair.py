@@ -43,6 +43,10 @@ if TYPE_CHECKING:
 __all__ = ["repair_refcounts"]
 
 
+#: The most memory the counters may take (one per cluster of the file).
+MAX_COUNTS_BYTES = 1 << 30
+
+
 class _Counts:
     """One reference counter per cluster of the file."""
 
@@ -52,6 +56,14 @@ class _Counts:
         self.n = -(-file_size // (1 << cluster_bits))
         self.max = (1 << (1 << refcount_order)) - 1
         self.where = where
+        width = codec.refcount_array(refcount_order, 1).itemsize
+        if self.n > 0x7FFF_FFFF or self.n * width > MAX_COUNTS_BYTES:
+            # qemu refuses more than INT_MAX clusters; a (sparse) file this large with
+            # small clusters would take more memory than a repair may.
+            raise ImageError(
+                f"{where}: Could not repair dirty image: File too large ({file_size} bytes "
+                f"in {self.n} clusters)"
+            )
         self.counts = codec.refcount_array(refcount_order, self.n)
 
     def add(self, offset: int, length: int, what: str) -> None:
@@ -167,7 +179,13 @@ async def _count_l1(
                 sectors = ((e >> shift) & sector_mask) + 1
                 counts.add(host & ~511, sectors * 512, "a compressed cluster")
             elif e & OFFSET_MASK and not external:
-                counts.add(e & OFFSET_MASK, cs, "a data cluster")
+                host = e & OFFSET_MASK
+                if host % cs:
+                    raise ImageError(
+                        f"{counts.where}: Cluster allocation offset {host:#x} unaligned (L2 "
+                        f"offset {l2:#x}, entry {i // step}); the refcounts cannot be repaired"
+                    )
+                counts.add(host, cs, "a data cluster")
 
 
 async def _write_refcounts(file: Driver, h: codec.Header, counts: _Counts) -> tuple[int, int]:

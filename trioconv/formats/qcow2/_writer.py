@@ -49,11 +49,11 @@ cluster. Tables and refcount blocks are always written whole.
 
 Persistent dirty bitmaps (``_bitmaps.py``) are loaded when an image that has consistent
 ones is opened for writing. Every write sets its range in the enabled ones; the first
-write also clears the bitmaps' autoclear bit on disk, so an interrupted writer leaves
-them marked inconsistent rather than silently stale. On flush the bitmaps are written
-anew at the end of the file (the old data clusters, tables and directory freed), the
-header extension is rewritten and the autoclear bit set again. :meth:`add_bitmaps`
-adds another image's bitmaps the same way (``--bitmaps``).
+write also marks them *in use* on disk, so an interrupted writer leaves them marked
+inconsistent (still listed, their clusters still counted) rather than silently stale. On
+flush the bitmaps are written anew at the end of the file (the old data clusters, tables
+and directory freed) and the header extension rewritten. :meth:`add_bitmaps` adds
+another image's bitmaps the same way (``--bitmaps``).
 
 Compressed clusters (``-c``) are compressed in worker threads by :meth:`compress` (the
 encoders are in ``_compress.py``) and packed byte by byte by :meth:`pwrite_compressed`
@@ -1426,9 +1426,8 @@ class Qcow2Writer(Qcow2Driver):
 
     async def _touch_bitmaps(self, offset: int, length: int) -> None:
         """A write of guest ``[offset, offset + length)``: set it in the enabled
-        bitmaps. The first one also clears the bitmaps' autoclear bit on disk, so that
-        if the writer never gets to store them they read as inconsistent, not as
-        up to date."""
+        bitmaps. The first one also marks them in use on disk, so that if the writer
+        never gets to store them they read as inconsistent, not as up to date."""
         if not self._bitmaps_changed:
             self._bitmaps_changed = True
             await self._invalidate_bitmaps_on_disk()
@@ -1437,12 +1436,21 @@ class Qcow2Writer(Qcow2Driver):
                 b.mark(offset, length)
 
     async def _invalidate_bitmaps_on_disk(self) -> None:
-        h = self.header
-        if h.autoclear_features & codec.Autoclear.BITMAPS:
-            self.header = attrs.evolve(
-                h, autoclear_features=h.autoclear_features & ~int(codec.Autoclear.BITMAPS)
-            )
-            await self._write_meta(88, self.header.autoclear_features.to_bytes(8, "big"))
+        """Mark the stored bitmaps *in use* on disk before the first write, as qemu
+        does when it opens an image to write: a writer that never gets to store them
+        (killed) leaves them inconsistent - still listed, their clusters still counted,
+        so nothing leaks - rather than silently stale."""
+        stored = [b for b in self._bitmaps if b.stored is not None]
+        if self._bitmap_dir is None or not stored:
+            return
+        offset, size = self._bitmap_dir
+        try:
+            entries = bm.decode_directory(await self.file.pread(offset, size), len(stored))
+        except bm.BitmapError as exc:  # pragma: no cover - it was read at open
+            raise TrioconvIOError(f"{self.location}: bitmap directory: {exc}") from None
+        marked = [attrs.evolve(e, flags=e.flags | bm.IN_USE) for e in entries]
+        await self._write_meta(offset, bm.encode_directory(marked))
+        await self.file.flush()
 
     async def add_bitmaps(self, bitmaps: list[bm.Bitmap]) -> None:
         """Add copies of ``bitmaps`` (another image's) to this image's; stored on flush.
