@@ -332,6 +332,40 @@ def test_qcow2_inside_a_window_of_a_file(images: dict[str, Path], tmp_path: Path
     assert json.loads(ours.stdout)["virtual-size"] == json.loads(theirs.stdout)["virtual-size"]
 
 
+def test_writing_a_qcow2_inside_a_window(images: dict[str, Path], tmp_path: Path) -> None:
+    """``-n`` into a qcow2 image stored 1 MiB into a file, in a window of fixed size:
+    the image grows only inside the window; the bytes around it are never touched."""
+    inner = tmp_path / "inner.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", inner, "4M")
+    outside = b"\x5a" * MiB
+    disk = tmp_path / "disk.img"
+
+    def fresh(window: int) -> str:
+        body = inner.read_bytes()
+        disk.write_bytes(outside + body + bytes(window - len(body)) + outside)
+        return (
+            f"driver=qcow2,file.driver=raw,file.offset=1M,file.size={window},"
+            f"file.file.filename={disk}"
+        )
+
+    src = images["raw"]
+    opts = fresh(4 * MiB)
+    result = trioconv_cli("convert", "-n", "-f", "raw", src, "--target-image-opts", opts)
+    assert result.returncode == 0, result.stderr
+    data = disk.read_bytes()
+    assert data[:MiB] == data[-MiB:] == outside
+    extracted = tmp_path / "extracted.qcow2"
+    extracted.write_bytes(data[MiB:-MiB])
+    assert_identical(src, extracted, "raw", "qcow2")
+    run("qemu-img", "check", "-q", extracted)
+    # A window too small for the data: one line, and still nothing written around it.
+    opts = fresh(512 * 1024)
+    line = one_line(trioconv_cli("convert", "-n", "-f", "raw", src, "--target-image-opts", opts))
+    assert "window" in line or "space" in line.lower() or "device" in line.lower(), line
+    data = disk.read_bytes()
+    assert data[:MiB] == data[-MiB:] == outside
+
+
 @pytest.mark.parametrize(
     "name",
     [

@@ -556,11 +556,19 @@ async def _open_transport_image(
                 f"Could not open '{text}': image format '{info.name}' is not supported yet"
             )
         fixed_size = is_nbd_uri(text) or is_iscsi_uri(text)
+        if spec is not None and spec.inner is not None and spec.inner.size is not None:
+            fixed_size = True  # a format inside a raw window of fixed size
         if writable and fixed_size and info.name not in ("raw", "qcow2"):
             # The format writers take new clusters from the end of their file, which an
             # NBD export or a LUN cannot grow past: refuse before anything is written.
             # (qcow2 allocates after its last used cluster there, within the device.)
-            kind = "an NBD export" if is_nbd_uri(text) else "an iSCSI LUN"
+            kind = (
+                "an NBD export"
+                if is_nbd_uri(text)
+                else "an iSCSI LUN"
+                if is_iscsi_uri(text)
+                else "a raw window of fixed size"
+            )
             raise UnsupportedError(
                 f"Writing a '{info.name}' image into {kind} is not supported yet: "
                 f"'{redact_location(text)}' (write a raw image with -O raw)"

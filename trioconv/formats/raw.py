@@ -11,10 +11,12 @@ second source concatenated after it starts at byte 1024.
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Sequence
 
+from .._errors import TrioconvIOError
 from ..driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
-from ._common import ZEROS, read_or_zero
+from ._common import ZEROS, fill_zero, read_or_zero
 
 __all__ = ["RAW_CREATE_OPTIONS", "RawDriver", "probe_raw"]
 
@@ -57,8 +59,19 @@ class RawDriver(Driver):
 
     @property
     def _end(self) -> int:
-        """Where the child's bytes end, in the image's offsets."""
-        return self.child.size - self.offset
+        """Where the child's bytes end, in the image's offsets (a window's end at most)."""
+        end = self.child.size - self.offset
+        return end if self._size is None else min(end, self._size)
+
+    def _check_window(self, offset: int, length: int) -> None:
+        """A window of fixed ``size`` is all there is: nothing is written past it."""
+        if self._size is not None and offset + length > self._size:
+            raise TrioconvIOError(
+                f"{self.location}: write of {length} bytes at {offset} goes past the end of "
+                f"the raw window ({self._size} bytes)",
+                offset=offset,
+                errno=errno.ENOSPC,
+            )
 
     @property
     def limits(self) -> Limits:
@@ -69,7 +82,15 @@ class RawDriver(Driver):
         return self.child.caps
 
     async def preadinto(self, offset: int, buf: memoryview) -> None:
-        # Past the transport's end: the zeroes up to the next sector.
+        # Past the transport's end: the zeroes up to the next sector; past a window's
+        # end, zeroes too (never the bytes that follow it in the file).
+        buf = buf.cast("B") if buf.format != "B" else buf
+        if self._size is not None and offset + buf.nbytes > self._size:
+            inside = max(0, self._size - offset)
+            fill_zero(buf[inside:])
+            buf = buf[:inside]
+            if not inside:
+                return
         await read_or_zero(self.child, offset + self.offset, buf)
 
     async def preadinto_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
@@ -84,6 +105,7 @@ class RawDriver(Driver):
     async def pwrite(self, offset: int, data: Buffer) -> None:
         end = self._end
         view = memoryview(data).cast("B")
+        self._check_window(offset, view.nbytes)
         if end < offset + view.nbytes and ZEROS.startswith(view[max(0, end - offset) :]):
             # Zeroes into the sector's tail past the transport's end: they read so
             # already, and an export or a LUN could not take them.
@@ -95,6 +117,7 @@ class RawDriver(Driver):
     async def pwrite_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
     ) -> None:
+        self._check_window(offset, length)
         length = min(length, max(0, self._end - offset))  # (see pwrite)
         if length:
             await self.child.pwrite_zeroes(
