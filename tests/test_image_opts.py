@@ -581,6 +581,10 @@ def test_object_help() -> None:
     result = trioconv_cli("convert", "--object", "help")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[1:] == ["  secret", "  tls-creds-x509"]
+    for kind in ("secret", "tls-creds-x509"):
+        ours = trioconv_cli("convert", "--object", f"{kind},help")
+        assert ours.returncode == 0, ours.stderr
+        assert ours.stdout == run("qemu-img", "convert", "--object", f"{kind},help").stdout
 
 
 # -- NBD over TLS, as qemu-img spells it --------------------------------------------------

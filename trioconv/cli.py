@@ -400,6 +400,27 @@ async def convert(
     return await _supervise(work, stats)
 
 
+#: ``--object TYPE,help``: the properties of the types trioconv implements, as qemu-img
+#: lists them.
+_OBJECT_PROPERTIES = {
+    "secret": (
+        "data=<string>",
+        "file=<string>",
+        "format=<QCryptoSecretFormat>",
+        "iv=<string>",
+        "keyid=<string>",
+    ),
+    "tls-creds-x509": (
+        "dir=<string>",
+        "endpoint=<QCryptoTLSCredsEndpoint>",
+        "passwordid=<string>",
+        "priority=<string>",
+        "sanity-check=<bool>",
+        "verify-peer=<bool>",
+    ),
+}
+
+
 def _define_objects(values: Sequence[str] | None) -> bool:
     """``--object``: define the secrets and TLS credentials block options refer to.
 
@@ -412,6 +433,12 @@ def _define_objects(values: Sequence[str] | None) -> bool:
     if "help" in values or "?" in values:
         _emit("List of user creatable objects:\n  secret\n  tls-creds-x509\n")
         return True
+    for value in values:
+        kind, _, rest = value.partition(",")
+        if rest in ("help", "?") and kind in _OBJECT_PROPERTIES:
+            lines = [f"{kind} options:"] + [f"  {p}" for p in _OBJECT_PROPERTIES[kind]]
+            _emit("\n".join(lines) + "\n")
+            return True
     _blockopts.use_objects([_blockopts.parse_object(v) for v in values])
     return False
 
