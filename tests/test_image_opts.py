@@ -385,6 +385,16 @@ def test_info_names_images_as_qemu_does(images: dict[str, Path], name: str) -> N
         assert ours.stdout == theirs.stdout
 
 
+def test_info_without_the_backing_image_still_names_it(images: dict[str, Path]) -> None:
+    # backing=null: the image is read alone, but info shows (and with --backing-chain
+    # follows) its backing file by name, as qemu-img does.
+    opts = f"driver=qcow2,file.filename={images['overlay']},backing="
+    for args in ([], ["--output=json"], ["--backing-chain"], ["--backing-chain", "--output=json"]):
+        ours = trioconv_cli("info", *args, "--image-opts", opts)
+        assert ours.returncode == 0, ours.stderr
+        assert ours.stdout == run("qemu-img", "info", *args, "--image-opts", opts).stdout
+
+
 def test_info_of_a_protocol_driver(images: dict[str, Path]) -> None:
     # driver=file: QEMU's top node is the protocol itself, which info shows as the format.
     opts = f"driver=file,filename={images['overlay']}"

@@ -462,6 +462,19 @@ def _local_path(location: str) -> str | None:
     return location[5:] if location.startswith("file:") else location
 
 
+def _beside(location: str, name: str) -> str:
+    """A backing file name stored in the image at ``location``, found as QEMU finds it:
+    relative to that image's folder."""
+    here = _local_path(location)
+    if os.path.isabs(name) or "://" in name or name.startswith("json:") or here is None:
+        return name
+    return os.path.join(os.path.dirname(here), name)
+
+
+def _str_or_none(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
 def _nbd_name(uri: str) -> str:
     """An NBD URI as QEMU names the image (no ``/`` without an export; TLS URIs, which
     qemu-img does not take, as given)."""
@@ -615,13 +628,28 @@ async def info(
     elif _open.is_nbd_uri(image):
         shown = _nbd_name(image)
     chain: list[dict[str, object]] = []
-    async with _open.open_image(
-        image, fmt, cache=CacheMode.WRITEBACK, force_share=force_share
-    ) as drv:
-        layer: Driver | None = drv
+    async with contextlib.AsyncExitStack() as stack:
+        layer: Driver | None = await stack.enter_async_context(
+            _open.open_image(image, fmt, cache=CacheMode.WRITEBACK, force_share=force_share)
+        )
         while layer is not None:
-            chain.append(_info_dict(layer))
-            layer = layer.backing if backing_chain else None
+            data = _info_dict(layer)
+            chain.append(data)
+            if not backing_chain:
+                break
+            below = layer.backing
+            name = data.get("backing-filename")
+            if below is None and isinstance(name, str):
+                # Opened without its backing image (``backing: null``): qemu-img still
+                # follows the chain by name, each image on its own.
+                below = await stack.enter_async_context(
+                    _open.open_image(
+                        _beside(layer.location, name),
+                        _str_or_none(data.get("backing-filename-format")),
+                        force_share=force_share,
+                    )
+                )
+            layer = below
     chain[0]["filename"] = _open.redact_location(shown)
     if protocol is not None:
         chain[0]["format"] = protocol

@@ -103,7 +103,15 @@ def same_place(a: str, b: str) -> bool:
     return os.path.realpath(local_a) == os.path.realpath(local_b)
 
 
-def full_backing_name(name: str, backing: Driver) -> str:
-    """qemu-img info's ``full-backing-filename``: where the backing image was found, or a
-    ``json:`` name as stored (QEMU shows block options as they are)."""
-    return name if name.startswith("json:") else backing.location
+def full_backing_name(name: str, backing: Driver | None, location: str) -> str:
+    """qemu-img info's ``full-backing-filename``: where the backing image was found (or,
+    not opened, would be: next to the image at ``location``), or a ``json:`` name as
+    stored (QEMU shows block options as they are)."""
+    if name.startswith("json:"):
+        return name
+    if backing is not None:
+        return backing.location
+    here = local_path(location)
+    if os.path.isabs(name) or _URI_RE.match(name) or here is None:
+        return name
+    return os.path.join(os.path.dirname(here), name)

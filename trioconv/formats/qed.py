@@ -234,8 +234,9 @@ class QedDriver(Driver):
         out: dict[str, object] = {}
         if self.backing_name is not None:
             out["backing-filename"] = self.backing_name
-            if self.backing is not None:
-                out["full-backing-filename"] = full_backing_name(self.backing_name, self.backing)
+            out["full-backing-filename"] = full_backing_name(
+                self.backing_name, self.backing, self.location
+            )
             if self.header.features & F_BACKING_FORMAT_NO_PROBE:
                 out["backing-filename-format"] = "raw"
         return out

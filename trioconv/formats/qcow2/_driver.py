@@ -147,10 +147,9 @@ class Qcow2Driver(Driver):
             out["snapshots"] = [snap.describe() for snap in self.snapshots]
         if self.info.backing_file is not None:
             out["backing-filename"] = self.info.backing_file
-            if self.backing is not None:
-                out["full-backing-filename"] = full_backing_name(
-                    self.info.backing_file, self.backing
-                )
+            out["full-backing-filename"] = full_backing_name(
+                self.info.backing_file, self.backing, self.location
+            )
             if self.info.backing_format is not None:
                 out["backing-filename-format"] = self.info.backing_format
         data: dict[str, object] = {"compat": "0.10" if h.version == 2 else "1.1"}

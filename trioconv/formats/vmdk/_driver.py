@@ -137,7 +137,9 @@ class VmdkDriver(Driver):
         if self.parent_hint is not None:
             out["backing-filename"] = self.parent_hint
             if self.backing is not None:
-                out["full-backing-filename"] = full_backing_name(self.parent_hint, self.backing)
+                out["full-backing-filename"] = full_backing_name(
+                    self.parent_hint, self.backing, self.location
+                )
                 out["backing-filename-format"] = self.backing.name  # as probed
         actual = self._allocated_bytes()
         if actual is not None:
