@@ -466,7 +466,9 @@ def test_no_create_target_is_zero(src: Path, make_image: ImageMaker) -> None:
         pytest.param(["--bogus"], "--bogus", id="unknown-long-option"),
         pytest.param(["-t", "bogus"], "bogus", id="t-bogus"),
         pytest.param(["-o", "foo=bar"], "foo", id="o-foo"),
-        pytest.param(["-o", "preallocation=bogus"], "preallocation", id="o-prealloc-bogus"),
+        pytest.param(
+            ["-o", "preallocation=bogus"], "invalid parameter value: bogus", id="o-prealloc-bogus"
+        ),
         pytest.param(["-r", "1x"], "rate", id="r-1x"),
         pytest.param(["-f", "nosuchformat"], "nosuchformat", id="f-unknown"),
     ],
@@ -563,10 +565,14 @@ def test_o_help_without_filenames() -> None:
 
 
 @pytest.mark.parametrize("fmt", ["raw", "vmdk", "vpc", "vhdx", "vdi"])
-def test_o_help_with_filenames_is_qemu_imgs(fmt: str, src: Path, tmp_path: Path) -> None:
-    """With file names the file protocol's options come too (nocow, extent_size_hint,
-    preallocation), byte for byte as qemu-img lists them."""
-    args: list[str | Path] = ["convert", "-O", fmt, "-o", "help", src, tmp_path / f"x.{fmt}"]
+@pytest.mark.parametrize("nfiles", [1, 2])
+def test_o_help_with_filenames_is_qemu_imgs(
+    fmt: str, nfiles: int, src: Path, tmp_path: Path
+) -> None:
+    """With a target file name the file protocol's options come too (nocow,
+    extent_size_hint, preallocation), byte for byte as qemu-img lists them."""
+    files: list[str | Path] = [src, tmp_path / f"x.{fmt}"][:nfiles]
+    args: list[str | Path] = ["convert", "-O", fmt, "-o", "help", *files]
     ours = trioconv_cli(*args)
     ok(ours)
     assert ours.stdout == run("qemu-img", *args).stdout
@@ -585,6 +591,7 @@ def test_file_protocol_options_under_every_format(fmt: str, src: Path, tmp_path:
     for bad, message in [
         ("nocow=maybe", "Parameter 'nocow' expects 'on' or 'off'"),
         ("extent_size_hint=8G", "Extent size hint is too large"),
+        ("extent_size_hint=abc", "Parameter 'extent_size_hint' expects a non-negative number"),
     ]:
         line = assert_one_error(trioconv_cli("convert", "-O", fmt, "-o", bad, src, tmp_path / "b"))
         assert message in line

@@ -837,6 +837,84 @@ def test_b_makes_a_delta_disk_as_qemu_img_does(tmp_path: Path, options: str) -> 
     assert layout(ours) == layout(theirs)
 
 
+def test_zeroed_grains_of_a_delta_disk_stay_zero(tmp_path: Path) -> None:
+    """A zeroed grain reads as zeroes, not as the parent: a write into part of one
+    completes it with zeroes (and a fresh delta disk is not pre-zeroed, as qemu-img
+    does not, so its untouched grains keep showing the parent)."""
+    base = make_vmdk(tmp_path / "base.vmdk", "1M", "write -P 1 0 1M")
+    src = tmp_path / "src.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "vmdk", src)
+    run("qemu-io", "-f", "qcow2", "-c", "write -z 0 64k", "-c", "write -P 2 4096 4096", src)
+    delta = tmp_path / "delta.vmdk"
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "zeroed_grain=on",
+        "-b",
+        base.name,
+        "-F",
+        "vmdk",
+        delta,
+    )
+    run("qemu-io", "-f", "vmdk", "-c", "write -z 0 64k", delta)
+    result = trioconv_cli("convert", "-n", "-O", "vmdk", src, delta)
+    assert result.returncode == 0, result.stderr
+    assert_identical(src, delta, "qcow2", "vmdk")
+    # A fresh zeroed_grain delta disk and a source of zeroes with a few bytes of data.
+    fresh = tmp_path / "fresh.vmdk"
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "vmdk",
+        "-o",
+        "zeroed_grain=on",
+        "-b",
+        base.name,
+        "-F",
+        "vmdk",
+        fresh,
+    )
+    zeros = make_raw(tmp_path / "zeros.raw", "1M", "write -P 7 200000 1000")
+    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "vmdk", zeros, fresh)
+    assert result.returncode == 0, result.stderr
+    assert_identical(zeros, fresh, "raw", "vmdk")
+
+
+def test_delta_descriptor_is_qemus(tmp_path: Path) -> None:
+    base = make_vmdk(tmp_path / "base.vmdk", "1M", "write -P 1 0 64k")
+    src = make_raw(tmp_path / "src.raw", "1M", "write -P 2 0 64k")
+    texts = []
+    for name, tool in (("ours.vmdk", "trioconv"), ("theirs.vmdk", "qemu-img")):
+        args = [
+            "convert",
+            "-f",
+            "raw",
+            "-O",
+            "vmdk",
+            "-B",
+            base.name,
+            "-F",
+            "vmdk",
+            src,
+            tmp_path / name,
+        ]
+        if tool == "trioconv":
+            assert trioconv_cli(*args).returncode == 0
+        else:
+            run("qemu-img", *args)
+        data = (tmp_path / name).read_bytes()
+        start = data.index(b"# Disk DescriptorFile")
+        text = data[start : data.index(b"\0", start)].decode()
+        texts.append([line for line in text.splitlines() if not line.startswith(("CID=", "RW "))])
+    assert texts[0] == texts[1]
+
+
 def test_b_refuses_a_parent_that_is_not_vmdk(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", base, "4M")

@@ -629,14 +629,21 @@ def check_create_options(fmt: str, options: Mapping[str, str]) -> None:
         if key == "preallocation" and key not in info.create_options:
             # The file protocol's, under a format without its own: qemu-img passes it
             # to the new, still empty file, where it has nothing to allocate.
-            if value not in ("off", "falloc", "full"):
-                raise UsageError(f"Parameter 'preallocation' does not accept value '{value}'")
+            _file_preallocation(value)
             continue
         if key not in info.create_options:
             raise UsageError(f"Invalid parameter '{key}'")
         own_checks = info.create is not None  # a format with a creator checks its own values
-        if key == "preallocation" and not own_checks and value not in ("off", "falloc", "full"):
-            raise UsageError(f"Parameter 'preallocation' does not accept value '{value}'")
+        if key == "preallocation" and not own_checks:
+            _file_preallocation(value)
+
+
+def _file_preallocation(value: str) -> None:
+    """Check the file protocol's ``preallocation`` value, with qemu-img's messages."""
+    if value == "metadata":
+        raise UsageError("Unsupported preallocation mode: metadata")
+    if value not in ("off", "falloc", "full"):
+        raise UsageError(f"invalid parameter value: {value}")
 
 
 #: ``-o`` options of the file protocol under any format: the new local file gets them.
@@ -664,7 +671,13 @@ def file_create_hints(options: Mapping[str, str]) -> tuple[bool, int | None]:
         nocow = value == "on"
     hint = None
     if "extent_size_hint" in options:
-        hint = parse_size(options["extent_size_hint"], what="extent_size_hint")
+        try:
+            hint = parse_size(options["extent_size_hint"], what="extent_size_hint")
+        except UsageError:
+            raise UsageError(
+                "Parameter 'extent_size_hint' expects a non-negative number below 2^64 "
+                "(optional suffix k, M, G, T, P or E)"
+            ) from None
         if hint > 0xFFFF_FFFF:
             raise UsageError("Extent size hint is too large")
     return nocow, hint

@@ -338,7 +338,7 @@ async def convert(
     if o.get("help") == "help" or "?" in o:
         if no_create:
             raise UsageError("-o has no effect when skipping image creation")
-        _emit(_open.create_options_help(fmt or "raw", with_files=bool(files)) + "\n")
+        _emit(_open.create_options_help(fmt or "raw", with_files=len(files) >= 2) + "\n")
         return 0
     if len(files) < 2:
         raise UsageError(

@@ -285,7 +285,7 @@ async def _parent_cid(location: str, parent: str) -> int:
     try:
         async with open_image(path, force_share=True) as image:
             if not isinstance(image, VmdkDriver):
-                raise UsageError("backing_file must be a vmdk image")
+                raise UsageError(f"Invalid backing file format: {image.name}. Must be vmdk")
             return image.info.cid
     except ImageError as exc:
         raise ImageError(f"Could not open backing file '{parent}': {exc}") from None

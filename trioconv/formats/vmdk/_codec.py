@@ -550,7 +550,8 @@ def parse_descriptor(text: str) -> Descriptor:
 
 def format_descriptor(desc: Descriptor) -> str:
     """Descriptor text in qemu's layout (``vmdk_co_do_create``'s template)."""
-    parent = f'parentFileNameHint="{desc.parent_hint}"\n' if desc.parent_hint else ""
+    # (qemu's template puts the hint where the blank line before the extents goes.)
+    parent = f'parentFileNameHint="{desc.parent_hint}"' if desc.parent_hint else ""
     lines = "".join(e.encode() + "\n" for e in desc.extents)
     ddb = "".join(f'{k} = "{v}"\n' for k, v in desc.ddb)
     return (

@@ -508,7 +508,9 @@ class SparseExtent:
             else:
                 host = self._allocate(g)
                 self._set_entry(grain, host // SECTOR)
-                parent = self.read_parent is not None
+                # Only a grain never written shows the parent; a zeroed one reads as
+                # zeroes, and so does what a partial write leaves of it.
+                parent = self.read_parent is not None and table[slot] == 0
                 if n == g or (
                     not parent and self._growable and (inner | n) % self._record_align == 0
                 ):
@@ -677,8 +679,12 @@ class SparseExtent:
             elif (
                 self._allocated(table[slot])
                 or grain in self._claimed
-                or self.read_parent is not None  # unallocated shows the parent, not zeroes
+                or (self.read_parent is not None and table[slot] == 0)  # shows the parent
             ):
+                if fast and self.read_parent is not None:
+                    # A delta disk is never zeroed up front (qemu-img does not either):
+                    # its zero runs are written where they are.
+                    raise ZeroesNotSupported(f"{self.name}: a delta disk is not pre-zeroed")
                 if self.layout.zero_grain and n == self._grain_length(grain):
                     to_zero_grain.append(grain)
                 elif self.compressed or fast:
