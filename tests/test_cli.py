@@ -571,7 +571,8 @@ def test_o_help_with_filenames_is_qemu_imgs(
 ) -> None:
     """With a target file name the file protocol's options come too (nocow,
     extent_size_hint, preallocation), byte for byte as qemu-img lists them."""
-    files: list[str | Path] = [src, tmp_path / f"x.{fmt}"][:nfiles]
+    both: list[str | Path] = [src, tmp_path / f"x.{fmt}"]
+    files = both[:nfiles]
     args: list[str | Path] = ["convert", "-O", fmt, "-o", "help", *files]
     ours = trioconv_cli(*args)
     ok(ours)

@@ -891,7 +891,7 @@ def test_delta_descriptor_is_qemus(tmp_path: Path) -> None:
     src = make_raw(tmp_path / "src.raw", "1M", "write -P 2 0 64k")
     texts = []
     for name, tool in (("ours.vmdk", "trioconv"), ("theirs.vmdk", "qemu-img")):
-        args = [
+        args: list[str | Path] = [
             "convert",
             "-f",
             "raw",
