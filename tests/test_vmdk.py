@@ -1171,3 +1171,26 @@ async def test_partial_new_grains_are_one_write_and_match_qemu(tmp_path: Path) -
     qemu_check(ours)
     a, b = ours.read_bytes(), theirs.read_bytes()
     assert a[65536:] == b[65536:]  # all but the header and descriptor (CID, UUIDs)
+
+
+@pytest.mark.parametrize(
+    "subformat", ["monolithicSparse", "twoGbMaxExtentSparse", "monolithicFlat"]
+)
+def test_n_gives_the_image_a_new_content_id(tmp_path: Path, subformat: str) -> None:
+    """Writing into an existing VMDK changes its CID before the first write, as qemu
+    does, so a delta disk made on it can tell that its parent changed."""
+    target = tmp_path / "t.vmdk"
+    run("qemu-img", "create", "-q", "-f", "vmdk", "-o", f"subformat={subformat}", target, "1M")
+
+    def cid() -> int:
+        shown = json.loads(run("qemu-img", "info", "--output=json", target).stdout)
+        return int(shown["format-specific"]["data"]["cid"])
+
+    before = cid()
+    src = make_raw(tmp_path / "src.raw", "1M", "write -P 3 0 64k")
+    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "vmdk", src, target)
+    assert result.returncode == 0, result.stderr
+    assert cid() != before
+    assert_identical(src, target, "raw", "vmdk")
+    if subformat != "monolithicFlat":
+        run("qemu-img", "check", "-q", target)

@@ -19,6 +19,7 @@ import bisect
 import contextlib
 import os
 import re
+import secrets
 from typing import TYPE_CHECKING
 
 import attrs
@@ -71,6 +72,9 @@ class VmdkDriver(Driver):
         self._closed = False
         #: The parent image's name as the descriptor gives it (None: no parent).
         self.parent_hint: str | None = None
+        #: Where the descriptor text is (its file, byte offset, the text as read), for
+        #: the new content ID of the first write.
+        self.descriptor: tuple[Driver, int, bytes] | None = None
 
     def set_parent(self, hint: str, parent: Driver) -> None:
         """Let unallocated grains read as ``parent`` (opened from ``hint``)."""
@@ -189,6 +193,25 @@ class VmdkDriver(Driver):
     def _check_writable(self) -> None:
         if not self._writable:
             raise UnsupportedError(f"{self.location}: image is opened read-only")
+
+    async def new_content_id(self) -> None:
+        """Give the image a new content ID before anything is written to it (qemu
+        does it at the first write; here it is done when the image is opened for
+        writing, so that writers still allocate grains in the order they start): a
+        delta disk made on this one (which records this ID as its parentCID) can tell
+        that its parent changed under it. The new ID has as many hex digits as the old,
+        so the descriptor keeps its length and is patched in place."""
+        if self.descriptor is None:
+            return
+        file, at, text = self.descriptor
+        match = re.search(rb"^CID=([0-9a-fA-F]+)[ \t]*\r?$", text, re.MULTILINE)
+        if match is None:
+            return
+        digits = len(match.group(1))
+        low = 16 ** (digits - 1) if digits > 1 else 1
+        cid = low + secrets.randbelow(16**digits - low)
+        await file.pwrite(at + match.start(1), f"{cid:0{digits}x}".encode())
+        self.info = attrs.evolve(self.info, cid=cid)
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
         self._check_writable()
@@ -371,6 +394,8 @@ async def open_vmdk(transport: Driver, ctx: OpenContext) -> VmdkDriver:
         raise ImageError(f"{where}: {exc}") from None
     driver.location = ctx.location
     ctx.stack.push_async_callback(driver.aclose)
+    if writable:
+        await driver.new_content_id()
     return driver
 
 
@@ -401,26 +426,32 @@ async def _open(transport: Driver, ctx: OpenContext, where: str, writable: bool)
             raw = await transport.pread(
                 header.desc_offset * SECTOR, min(size, codec.MAX_DESCRIPTOR)
             )
-            return await _open_descriptor(raw, transport, ctx, where, writable)
+            return await _open_descriptor(
+                raw, transport, ctx, where, writable, at=header.desc_offset * SECTOR
+            )
         ext = await _open_sparse(transport, 0, ctx.location, writable, found)
         desc = None
         if header.desc_offset and header.desc_size and header.desc_offset * SECTOR < size:
             # (One past the end of the file is ignored, as qemu does: it reads zeroes.)
             n = min(header.desc_size * SECTOR, codec.MAX_DESCRIPTOR)
-            desc = _embedded_descriptor(await transport.pread(header.desc_offset * SECTOR, n))
+            raw_desc = await transport.pread(header.desc_offset * SECTOR, n)
+            desc = _embedded_descriptor(raw_desc)
         create_type = "streamOptimized" if ext.compressed else "monolithicSparse"
         info = VmdkInfo(
             create_type,
             desc.cid if desc else 0,
             desc.parent_cid if desc else 0xFFFFFFFF,
         )
-        return await _with_parent(VmdkDriver([ext], info, writable=writable), desc, ctx, where)
+        driver = VmdkDriver([ext], info, writable=writable)
+        if desc is not None:
+            driver.descriptor = (transport, header.desc_offset * SECTOR, raw_desc)
+        return await _with_parent(driver, desc, ctx, where)
     raw = await transport.pread(0, min(size, codec.MAX_DESCRIPTOR))
     return await _open_descriptor(raw, transport, ctx, where, writable)
 
 
 async def _open_descriptor(
-    raw: bytes, transport: Driver, ctx: OpenContext, where: str, writable: bool
+    raw: bytes, transport: Driver, ctx: OpenContext, where: str, writable: bool, at: int = 0
 ) -> VmdkDriver:
     text = raw.split(b"\0", 1)[0].decode("utf-8", "replace")
     try:
@@ -463,4 +494,6 @@ async def _open_descriptor(
     if not extents:
         raise ImageError(f"{where}: the VMDK descriptor lists no usable (RW) extent")
     info = VmdkInfo(desc.create_type, desc.cid, desc.parent_cid, from_descriptor=True)
-    return await _with_parent(VmdkDriver(extents, info, writable=writable), desc, ctx, where)
+    driver = VmdkDriver(extents, info, writable=writable)
+    driver.descriptor = (transport, at, raw)
+    return await _with_parent(driver, desc, ctx, where)
