@@ -338,6 +338,7 @@ async def open_image(
     connections: int | None = None,
     snapshot: str | None = None,
     force_share: bool = False,
+    backing: bool = True,
 ) -> AsyncIterator[Driver]:
     """Open an image: an async context manager giving the driver stack's top.
 
@@ -363,6 +364,8 @@ async def open_image(
             trioconv) writes it (``-U``, read-only only). Local files are locked as QEMU
             locks them, so otherwise an image in use by a writer is refused, and an
             image opened writable is refused while anyone else uses it.
+        backing: False opens the image alone, without its backing image (unallocated
+            areas read as zeroes), as ``qemu-img info`` looks at an image.
 
     Everything the image needs - a file descriptor, a network connection and its reader
     task - lives inside the ``async with`` block and is released when it ends.
@@ -380,6 +383,7 @@ async def open_image(
         chain=(),
         snapshot=snapshot,
         force_share=force_share,
+        backing=backing,
     ) as driver:
         yield driver
 
@@ -395,6 +399,7 @@ async def _open_image(
     chain: tuple[str, ...],
     snapshot: str | None = None,
     force_share: bool = False,
+    backing: bool = True,
 ) -> AsyncIterator[Driver]:
     text = os.fspath(location)
     # A json: name holds QEMU block options (see _blockopts); anything else is a path
@@ -409,6 +414,7 @@ async def _open_image(
         chain=chain,
         snapshot=snapshot,
         force_share=force_share,
+        backing=backing,
     ) as driver:
         yield driver
 
@@ -424,6 +430,7 @@ async def _open_spec(
     chain: tuple[str, ...],
     snapshot: str | None,
     force_share: bool,
+    backing: bool = True,
 ) -> AsyncIterator[Driver]:
     """Open a ``json:`` filename: QEMU's block options (see :mod:`trioconv._blockopts`)."""
     from . import _blockopts
@@ -453,6 +460,7 @@ async def _open_spec(
                     snapshot=snapshot,
                     force_share=share,
                     spec=spec,
+                    backing=backing,
                 )
             )
         except TrioconvError as exc:
@@ -493,6 +501,7 @@ async def _open_transport_image(
     snapshot: str | None = None,
     force_share: bool = False,
     spec: _blockopts.BlockSpec | None = None,
+    backing: bool = True,
 ) -> AsyncIterator[Driver]:
     info = _format(fmt) if fmt is not None else None
     async with contextlib.AsyncExitStack() as stack:
@@ -581,9 +590,10 @@ async def _open_transport_image(
             snapshot=snapshot,
             fixed_size=fixed_size,
             force_share=force_share,
+            no_backing=not backing,
         )
         if spec is not None:
-            ctx.no_backing = spec.no_backing
+            ctx.no_backing = ctx.no_backing or spec.no_backing
             ctx.raw_offset, ctx.raw_size = spec.offset, spec.size
             if info.name != "raw" and (spec.offset or spec.size is not None):
                 key = "offset" if spec.offset else "size"
