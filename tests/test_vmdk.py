@@ -915,6 +915,58 @@ def test_delta_descriptor_is_qemus(tmp_path: Path) -> None:
     assert texts[0] == texts[1]
 
 
+def test_delta_disk_grains_are_laid_out_in_guest_order(tmp_path: Path) -> None:
+    """A source whose top layer is mostly written zeroes (2 MiB qcow2 clusters): the
+    zero runs are written as zeroes into the delta disk, every grain in guest order as
+    qemu-img lays them out (a zero run split into grains must not let the next request
+    take grains in between)."""
+    size = "2936320"  # not a whole number of grains
+    base = make_vmdk(
+        tmp_path / "base.vmdk", size, "write -P 0xd9 720896 65536", "write -P 0xd7 1235880 3929"
+    )
+    src = tmp_path / "src.qcow2"
+    run(
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=2M",
+        "-b",
+        base.name,
+        "-F",
+        "vmdk",
+        src,
+        size,
+    )
+    writes = [
+        "write -P 0xda 472267 114953",
+        "write -P 0x11 2305620 56306",
+        "write -P 0x12 2678669 82251",
+        "write -z 2493952 166400",
+        "write -P 0x13 524288 131072",
+        "write -P 0x86 740352 77312",
+        "write -P 0x48 1556480 120832",
+    ]
+    run("qemu-io", "-f", "qcow2", *[x for w in writes for x in ("-c", w)], src)
+    args = ["-f", "qcow2", "-O", "vmdk", "-B", base.name, "-F", "vmdk"]
+    ours, theirs = tmp_path / "ours.vmdk", tmp_path / "theirs.vmdk"
+    result = trioconv_cli("convert", *args, src, ours)
+    assert result.returncode == 0, result.stderr
+    run("qemu-img", "convert", *args, src, theirs)
+    assert_identical(src, ours, "qcow2", "vmdk")
+
+    def layout(path: Path) -> list[tuple[int, int, int]]:
+        return [
+            (e["start"], e["length"], e["offset"])
+            for e in qemu_map(path, "vmdk")
+            if e["depth"] == 0
+        ]
+
+    assert layout(ours) == layout(theirs)
+
+
 def test_b_refuses_a_parent_that_is_not_vmdk(tmp_path: Path) -> None:
     base = tmp_path / "base.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", base, "4M")

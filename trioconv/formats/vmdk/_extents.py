@@ -38,6 +38,9 @@ from ._codec import SECTOR, SparseLayout
 
 __all__ = ["FlatExtent", "SparseExtent", "fill_zero"]
 
+#: The largest run of zero bytes written in one request where grains cannot be zeroed.
+_ZERO_WRITE = 8 * 1024 * 1024
+
 #: Bytes of grain tables a read-only extent keeps cached.
 GT_CACHE_BYTES = 8 * 1024 * 1024
 #: Most grain-table bytes a writable extent holds (all of them are in memory).
@@ -694,8 +697,17 @@ class SparseExtent:
             pos += n
         for grain in to_zero_grain:
             self._set_entry(grain, codec.GTE_ZEROED)
+        # Contiguous pieces go in one write (up to a bounded size), so their grains are
+        # allocated together, before another writer's.
+        merged: list[tuple[int, int]] = []
         for pos, n in to_write:
-            await self.write(pos, memoryview(bytes(n)))
+            if merged and sum(merged[-1]) == pos and merged[-1][1] + n <= _ZERO_WRITE:
+                merged[-1] = (merged[-1][0], merged[-1][1] + n)
+            else:
+                merged.append((pos, n))
+        zeros = memoryview(bytes(max((n for _, n in merged), default=0)))
+        for pos, n in merged:
+            await self.write(pos, zeros[:n])
 
     async def finish(self) -> None:
         """Write out partial stream grains (zero-padded): nothing more will come for them."""
