@@ -837,6 +837,12 @@ def test_b_makes_a_delta_disk_as_qemu_img_does(tmp_path: Path, options: str) -> 
     assert layout(ours) == layout(theirs)
 
 
+def zeroed_delta(path: Path, base: Path) -> None:
+    """A new delta disk on ``base`` with zeroed-grain entries enabled, made by qemu-img."""
+    opts = ["-o", "zeroed_grain=on", "-b", base.name, "-F", "vmdk"]
+    run("qemu-img", "create", "-q", "-f", "vmdk", *opts, path)
+
+
 def test_zeroed_grains_of_a_delta_disk_stay_zero(tmp_path: Path) -> None:
     """A zeroed grain reads as zeroes, not as the parent: a write into part of one
     completes it with zeroes (and a fresh delta disk is not pre-zeroed, as qemu-img
@@ -846,40 +852,14 @@ def test_zeroed_grains_of_a_delta_disk_stay_zero(tmp_path: Path) -> None:
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "vmdk", src)
     run("qemu-io", "-f", "qcow2", "-c", "write -z 0 64k", "-c", "write -P 2 4096 4096", src)
     delta = tmp_path / "delta.vmdk"
-    run(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-o",
-        "zeroed_grain=on",
-        "-b",
-        base.name,
-        "-F",
-        "vmdk",
-        delta,
-    )
+    zeroed_delta(delta, base)
     run("qemu-io", "-f", "vmdk", "-c", "write -z 0 64k", delta)
     result = trioconv_cli("convert", "-n", "-O", "vmdk", src, delta)
     assert result.returncode == 0, result.stderr
     assert_identical(src, delta, "qcow2", "vmdk")
     # A fresh zeroed_grain delta disk and a source of zeroes with a few bytes of data.
     fresh = tmp_path / "fresh.vmdk"
-    run(
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "vmdk",
-        "-o",
-        "zeroed_grain=on",
-        "-b",
-        base.name,
-        "-F",
-        "vmdk",
-        fresh,
-    )
+    zeroed_delta(fresh, base)
     zeros = make_raw(tmp_path / "zeros.raw", "1M", "write -P 7 200000 1000")
     result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "vmdk", zeros, fresh)
     assert result.returncode == 0, result.stderr
