@@ -34,7 +34,8 @@ from collections.abc import Iterable, Mapping
 import attrs
 
 from ._errors import ImageError, UnsupportedError, UsageError
-from ._qemuopts import split_option_list
+from ._qemuopts import parse_bool, split_option_list
+from ._sizes import parse_size
 
 __all__ = [
     "BlockSpec",
@@ -115,11 +116,7 @@ def use_objects(
 
 
 def _bool(value: str | None, key: str) -> bool:
-    if value in ("on", "yes", "true", "y"):
-        return True
-    if value in ("off", "no", "false", "n"):
-        return False
-    raise UsageError(f"Parameter '{key}' expects 'on' or 'off'")
+    return parse_bool(key, value or "", exact=True)
 
 
 def parse_object(text: str) -> QemuObject:
@@ -539,26 +536,17 @@ _PROTOCOL_OPTIONS["host_device"] = _PROTOCOL_OPTIONS["host_cdrom"] = _PROTOCOL_O
 _PROTOCOL_OPTIONS["https"] = _PROTOCOL_OPTIONS["http"]
 
 _SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)
-_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpPeE]?)[bB]?\s*")
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
 
 
 def _qemu_size(value: str | None, key: str) -> int:
     """A QemuOpts size: a non-negative number below 2^64 with an optional suffix (a
     JSON number must be a whole one)."""
-    if isinstance(value, _Number):
-        if not value.isdigit():
-            raise _Refused(f"Invalid parameter type for '{key}', expected: integer")
-        return int(value)
-    text = (value or "").strip()
-    match = _SIZE_RE.fullmatch(text)
-    result = -1
-    if re.fullmatch(r"0[xX][0-9a-fA-F]+", text):
-        result = int(text, 16)
-    elif match:
-        number, unit = match.groups()
-        scale = _UNITS[unit.lower()]
-        result = int(float(number) * scale) if "." in number else int(number) * scale
+    if isinstance(value, _Number) and not value.isdigit():
+        raise _Refused(f"Invalid parameter type for '{key}', expected: integer")
+    try:
+        result = parse_size(value or "", what=key)
+    except UsageError:
+        result = -1
     if not 0 <= result < 2**64:
         raise _Refused(
             f"Parameter '{key}' expects a non-negative number below 2^64 (optional suffix "

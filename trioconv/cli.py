@@ -37,6 +37,7 @@ from .convert import ConvertOptions, Progress
 from .convert import convert as run_convert
 from .convert.options import DEFAULT_BUFFER_SIZE
 from .driver import Driver
+from .formats._common import beside
 
 __all__ = ["app", "main", "normalize_argv"]
 
@@ -462,15 +463,6 @@ def _local_path(location: str) -> str | None:
     return location[5:] if location.startswith("file:") else location
 
 
-def _beside(location: str, name: str) -> str:
-    """A backing file name stored in the image at ``location``, found as QEMU finds it:
-    relative to that image's folder."""
-    here = _local_path(location)
-    if os.path.isabs(name) or "://" in name or name.startswith("json:") or here is None:
-        return name
-    return os.path.join(os.path.dirname(here), name)
-
-
 def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -655,7 +647,7 @@ async def info(
                 # follows the chain by name, each image on its own.
                 below = await stack.enter_async_context(
                     _open.open_image(
-                        _beside(layer.location, name),
+                        beside(layer.location, name),
                         _str_or_none(data.get("backing-filename-format")),
                         force_share=force_share,
                     )

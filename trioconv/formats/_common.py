@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ZEROS",
+    "beside",
     "fill_zero",
     "full_backing_name",
     "local_path",
@@ -111,6 +112,13 @@ def full_backing_name(name: str, backing: Driver | None, location: str) -> str:
         return name
     if backing is not None:
         return backing.location
+    return beside(location, name)
+
+
+def beside(location: str, name: str) -> str:
+    """A file name stored in the image at ``location`` (a backing file, a parent), made
+    relative to that image's folder when it is a relative local name; anything else
+    (an absolute path, a URI, an image not in a local folder) as it is."""
     here = local_path(location)
     if os.path.isabs(name) or _URI_RE.match(name) or here is None:
         return name

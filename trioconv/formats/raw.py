@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from .._errors import TrioconvIOError
 from ..driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
-from ._common import ZEROS, fill_zero, read_or_zero
+from ._common import ZEROS, fill_zero
 
 __all__ = ["RAW_CREATE_OPTIONS", "RawDriver", "probe_raw"]
 
@@ -85,13 +85,11 @@ class RawDriver(Driver):
         # Past the transport's end: the zeroes up to the next sector; past a window's
         # end, zeroes too (never the bytes that follow it in the file).
         buf = buf.cast("B") if buf.format != "B" else buf
-        if self._size is not None and offset + buf.nbytes > self._size:
-            inside = max(0, self._size - offset)
-            fill_zero(buf[inside:])
-            buf = buf[:inside]
-            if not inside:
-                return
-        await read_or_zero(self.child, offset + self.offset, buf)
+        n = max(0, min(buf.nbytes, self._end - offset))
+        if n:
+            await self.child.preadinto(offset + self.offset, buf[:n])
+        if n < buf.nbytes:
+            fill_zero(buf[n:])
 
     async def preadinto_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
         end = self._end

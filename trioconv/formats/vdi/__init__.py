@@ -12,9 +12,9 @@ from array import array
 from collections.abc import Mapping
 
 from ..._errors import ImageError
+from ..._qemuopts import parse_bool
 from ...driver import Driver
 from .._base import FormatInfo
-from ..vpc import parse_bool
 from . import _codec as codec
 from ._driver import VdiDriver, open_vdi
 

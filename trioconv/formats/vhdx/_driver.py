@@ -40,6 +40,7 @@ import attrs
 import trio
 
 from ..._errors import ImageError, TrioconvIOError, UnsupportedError, UsageError, ZeroesNotSupported
+from ..._qemuopts import parse_bool
 from ..._sizes import parse_size
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
 from .._common import ZEROS as _ZEROS
@@ -623,15 +624,6 @@ async def _open(transport: Driver, ctx: OpenContext) -> VhdxDriver:
 # -- creating --------------------------------------------------------------------------
 
 
-def _bool_option(key: str, value: str) -> bool:
-    text = value.strip().lower()
-    if text in ("on", "yes", "true", "y"):
-        return True
-    if text in ("off", "no", "false", "n"):
-        return False
-    raise UsageError(f"Parameter '{key}' expects 'on' or 'off'")
-
-
 def default_block_size(size: int) -> int:
     """The block size qemu picks when none is given: bigger for bigger disks."""
     if size > 32 * 1024 * 1024 * MiB:
@@ -674,7 +666,7 @@ def plan_options(size: int, options: Mapping[str, str]) -> dict[str, int | bool 
     subformat = options.get("subformat", "dynamic")
     if subformat not in ("dynamic", "fixed"):
         raise UsageError(f"Parameter 'subformat' does not accept value '{subformat}'")
-    zero_blocks = _bool_option("block_state_zero", options.get("block_state_zero", "on"))
+    zero_blocks = parse_bool("block_state_zero", options.get("block_state_zero", "on"))
     return {
         "size": size,
         "block_size": block_size,

@@ -30,9 +30,11 @@ from typing import TYPE_CHECKING
 import attrs
 
 from ..._errors import ImageError, UnsupportedError, UsageError
+from ..._qemuopts import parse_bool
 from ...driver import Driver
 from ...protocols.file import create_file, open_file
 from .._base import FormatInfo
+from .._common import beside
 from . import _codec as codec
 from ._codec import SECTOR
 from ._driver import VmdkDriver, VmdkInfo
@@ -82,9 +84,6 @@ VMDK_CREATE_OPTIONS: dict[str, str] = {
     "zeroed_grain": "Enable efficient zero writes using the zeroed-grain GTE feature",
 }
 
-_TRUE = ("on", "yes", "true", "y")
-_FALSE = ("off", "no", "false", "n")
-
 
 @attrs.frozen
 class VmdkOptions:
@@ -111,13 +110,7 @@ class VmdkOptions:
 
 def _bool(options: Mapping[str, str], key: str) -> bool:
     value = options.get(key)
-    if value is None:
-        return False
-    if value in _TRUE:
-        return True
-    if value in _FALSE:
-        return False
-    raise UsageError(f"Parameter '{key}' expects 'on' or 'off'")
+    return value is not None and parse_bool(key, value, exact=True)
 
 
 def parse_create_options(options: Mapping[str, str]) -> VmdkOptions:
@@ -279,11 +272,8 @@ async def _parent_cid(location: str, parent: str) -> int:
     from ..._open import open_image
     from ._driver import VmdkDriver
 
-    path = parent
-    if not os.path.isabs(parent) and "://" not in parent and "://" not in location:
-        path = os.path.join(os.path.dirname(location), parent)
     try:
-        async with open_image(path, force_share=True) as image:
+        async with open_image(beside(location, parent), force_share=True) as image:
             if not isinstance(image, VmdkDriver):
                 raise UsageError(f"Invalid backing file format: {image.name}. Must be vmdk")
             return image.info.cid

@@ -9,8 +9,9 @@ transport (local files). The extra files are closed with the image.
 Every request is cut at extent boundaries and handed to the extents
 (:mod:`._extents`). ``block_status`` answers per extent: unallocated and zeroed grains
 are ZERO, or with a parent image (``parentFileNameHint``, a VMware delta disk or
-snapshot; read-only) HOLE for unallocated ones, which read as the parent; FLAT extents
-report their file's holes as ZERO.
+snapshot) HOLE for unallocated ones, which read as the parent; FLAT extents report their
+file's holes as ZERO. A delta disk is written with copy on write from its parent (see
+:mod:`._extents`).
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class VmdkDriver(Driver):
         #: The parent image's name as the descriptor gives it (None: no parent).
         self.parent_hint: str | None = None
         #: Where the descriptor text is (its file, byte offset, the text as read), for
-        #: the new content ID of the first write.
+        #: the new content ID a writable image gets (:meth:`new_content_id`).
         self.descriptor: tuple[Driver, int, bytes] | None = None
 
     def set_parent(self, hint: str, parent: Driver) -> None:
@@ -380,9 +381,9 @@ async def open_vmdk(transport: Driver, ctx: OpenContext) -> VmdkDriver:
     """Open a VMDK image: a sparse file or a descriptor and its extent files.
 
     Raises:
-        ImageError: not a VMDK image trioconv can read, or an extent cannot be opened.
-        UnsupportedError: writing into an image with a backing file, VMFS sparse or
-            seSparse extents.
+        ImageError: not a VMDK image trioconv can read, or an extent or the parent
+            image cannot be opened.
+        UnsupportedError: VMFS sparse or seSparse extents.
     """
     where = f"Could not open '{ctx.location}'"
     writable = transport.caps.writable

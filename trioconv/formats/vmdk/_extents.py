@@ -11,7 +11,8 @@ grains through its grain directory and grain tables:
   preallocated, as qemu makes them). A grain is allocated at the end of the file at
   ``pwrite`` entry, before the first ``await``, so concurrent writers never take the
   same grain and in-order writes give a sequential file. A partial write to a new grain
-  writes the whole grain (the rest zeroes), and later writers to that grain wait for it.
+  writes the whole grain - the rest zeroes, or in a delta disk the parent's bytes (copy
+  on write) unless the grain was zeroed - and later writers to that grain wait for it.
   Changed tables are written back, to both the GD's and the redundant GD's copies, by
   ``flush``;
 * **stream writing** - grains of a compressed extent are deflated (in worker threads,

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ..._errors import ImageError, UsageError
+from ..._qemuopts import parse_bool
 from ...driver import Driver
 from .._base import FormatInfo
 from . import _codec as codec
@@ -35,16 +36,6 @@ VPC_CREATE_OPTIONS: dict[str, str] = {
     "force_size": "Force disk size calculation to use the actual size specified, rather "
     "than using the nearest CHS-based calculation",
 }
-
-
-def parse_bool(name: str, value: str) -> bool:
-    """A qemu boolean option value (``on``/``off``, ``yes``/``no``, ``true``/``false``)."""
-    text = value.strip().lower()
-    if text in ("on", "yes", "true", "y"):
-        return True
-    if text in ("off", "no", "false", "n"):
-        return False
-    raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
 def probe_vpc(data: bytes, filename: str) -> int:
