@@ -287,6 +287,14 @@ def images(make_image: ImageMaker, tmp_path: Path) -> dict[str, Path]:
     return {"base": base, "overlay": overlay, "raw": raw}
 
 
+def same_info(*variants: list[str]) -> None:
+    """``info`` with each argument list prints exactly what ``qemu-img info`` prints."""
+    for args in variants:
+        ours = trioconv_cli("info", *args)
+        assert ours.returncode == 0, ours.stderr
+        assert ours.stdout == run("qemu-img", "info", *args).stdout
+
+
 def both(args: list[str], ours: Path, theirs: Path) -> None:
     """Run ``convert ARGS OUT`` with qemu-img and trioconv; both succeed, outputs equal."""
     run("qemu-img", "convert", *args, theirs)
@@ -378,30 +386,26 @@ def test_writing_a_qcow2_inside_a_window(images: dict[str, Path], tmp_path: Path
 )
 def test_info_names_images_as_qemu_does(images: dict[str, Path], name: str) -> None:
     text = name.format(raw=images["raw"])
-    for args in ([], ["--output=json"]):
-        ours = trioconv_cli("info", *args, text)
-        theirs = run("qemu-img", "info", *args, text)
-        assert ours.returncode == 0, ours.stderr
-        assert ours.stdout == theirs.stdout
+    same_info([text], ["--output=json", text])
 
 
 def test_info_without_the_backing_image_still_names_it(images: dict[str, Path]) -> None:
     # backing=null: the image is read alone, but info shows (and with --backing-chain
     # follows) its backing file by name, as qemu-img does.
     opts = f"driver=qcow2,file.filename={images['overlay']},backing="
-    for args in ([], ["--output=json"], ["--backing-chain"], ["--backing-chain", "--output=json"]):
-        ours = trioconv_cli("info", *args, "--image-opts", opts)
-        assert ours.returncode == 0, ours.stderr
-        assert ours.stdout == run("qemu-img", "info", *args, "--image-opts", opts).stdout
+    image = ["--image-opts", opts]
+    same_info(
+        image,
+        ["--output=json", *image],
+        ["--backing-chain", *image],
+        ["--backing-chain", "--output=json", *image],
+    )
 
 
 def test_info_of_a_protocol_driver(images: dict[str, Path]) -> None:
     # driver=file: QEMU's top node is the protocol itself, which info shows as the format.
     opts = f"driver=file,filename={images['overlay']}"
-    for args in ([], ["--output=json"]):
-        ours = trioconv_cli("info", *args, "--image-opts", opts)
-        assert ours.returncode == 0, ours.stderr
-        assert ours.stdout == run("qemu-img", "info", *args, "--image-opts", opts).stdout
+    same_info(["--image-opts", opts], ["--output=json", "--image-opts", opts])
 
 
 def test_info_shows_a_windowed_backing_file_by_its_options(
@@ -414,11 +418,7 @@ def test_info_shows_a_windowed_backing_file_by_its_options(
     )
     top = tmp_path / "top.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", name, "-F", "raw", top, "2M")
-    for args in (["--backing-chain"], ["--backing-chain", "--output=json"]):
-        ours = trioconv_cli("info", *args, top)
-        theirs = run("qemu-img", "info", *args, top)
-        assert ours.returncode == 0, ours.stderr
-        assert ours.stdout == theirs.stdout
+    same_info(["--backing-chain", str(top)], ["--backing-chain", "--output=json", str(top)])
     both(["-O", "raw", str(top)], tmp_path / "ours.img", tmp_path / "theirs.img")
 
 
@@ -477,19 +477,12 @@ def test_json_backing_file(images: dict[str, Path], tmp_path: Path) -> None:
     run("qemu-img", "create", "-q", "-f", "qcow2", "-b", name, "-F", "qcow2", top)
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x66 3M 64k", top)
     both(["-O", "raw", str(top)], tmp_path / "ours.img", tmp_path / "theirs.img")
-    for args in (["--output=json", "--backing-chain"], []):
-        ours = trioconv_cli("info", *args, top)
-        theirs = run("qemu-img", "info", *args, top)
-        assert ours.returncode == 0, ours.stderr
-        assert ours.stdout == theirs.stdout
+    same_info(["--output=json", "--backing-chain", str(top)], [str(top)])
 
 
 def test_info_image_opts_matches_qemu_img(images: dict[str, Path]) -> None:
     opts = f"driver=qcow2,file.filename={images['overlay']}"
-    ours = trioconv_cli("info", "--output=json", "--image-opts", opts)
-    theirs = run("qemu-img", "info", "--output=json", "--image-opts", opts)
-    assert ours.returncode == 0, ours.stderr
-    assert ours.stdout == theirs.stdout
+    same_info(["--output=json", "--image-opts", opts])
 
 
 def test_locking_and_force_share_options(images: dict[str, Path], tmp_path: Path) -> None:

@@ -42,6 +42,15 @@ def dirty(path: Path) -> bool:
     return bool(info["dirty-flag"])
 
 
+def repaired_into(src: Path, target: Path) -> None:
+    """``convert -n`` of raw ``src`` into the dirty ``target`` works, and leaves it clean
+    and holding ``src``."""
+    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "qcow2", src, target)
+    assert result.returncode == 0, result.stderr
+    check_clean(target)
+    assert_identical(src, target, "raw", "qcow2")
+
+
 def check_clean(path: Path) -> None:
     result = run("qemu-img", "check", "--output=json", path, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -62,10 +71,7 @@ def test_n_into_dirty_image_repairs_first(
     stale = run("qemu-img", "check", target, check=False)
     assert stale.returncode != 0  # the crash left errors behind
     src = make_image("src.img", "8M", "write -P 7 512k 2M", "write -P 8 6M 1M")
-    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "qcow2", src, target)
-    assert result.returncode == 0, result.stderr
-    check_clean(target)
-    assert_identical(src, target, "raw", "qcow2")
+    repaired_into(src, target)
 
 
 def test_repair_keeps_snapshots_and_compressed_clusters(tmp_path: Path) -> None:
@@ -80,10 +86,7 @@ def test_repair_keeps_snapshots_and_compressed_clusters(tmp_path: Path) -> None:
     src = tmp_path / "src.img"
     run("qemu-img", "convert", "-U", "-O", "raw", target, src)
     run("qemu-io", "-f", "raw", "-c", "write -P 9 7M 64k", src)
-    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "qcow2", src, target)
-    assert result.returncode == 0, result.stderr
-    check_clean(target)
-    assert_identical(src, target, "raw", "qcow2")
+    repaired_into(src, target)
     snap = tmp_path / "snap.img"
     run("qemu-img", "convert", "-l", "before", "-O", "raw", target, snap)
     assert snap.read_bytes() == before.read_bytes()
@@ -95,10 +98,7 @@ def test_repair_with_persistent_bitmaps(make_image: ImageMaker, tmp_path: Path) 
     run("qemu-img", "bitmap", "--add", target, "b0")
     make_dirty(target, "8M", "write -P 5 0 1M")
     src = make_image("src.img", "8M", "write -P 7 2M 1M")
-    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "qcow2", src, target)
-    assert result.returncode == 0, result.stderr
-    check_clean(target)
-    assert_identical(src, target, "raw", "qcow2")
+    repaired_into(src, target)
 
 
 def test_reading_a_dirty_image_leaves_it_alone(tmp_path: Path) -> None:
