@@ -81,10 +81,10 @@ def test_json_filenames_flatten_and_round_trip() -> None:
 def test_resolve_local_and_format_options() -> None:
     spec = bo.resolve(bo.parse_image_opts("driver=qcow2,file.filename=d.qcow2"), "t")
     assert (spec.location, spec.fmt, spec.name) == ("d.qcow2", "qcow2", "d.qcow2")
-    # No driver: the format is probed, the protocol guessed from the file name; with
-    # the file driver named, a name with a colon stays a file name.
+    # No driver: the format is probed; a file name in options is a file name even
+    # when it looks like a URI (QEMU reads protocol prefixes only in plain names).
     spec = bo.resolve({"file.filename": "nbd://x"}, "t")
-    assert (spec.location, spec.fmt) == ("nbd://x", None)
+    assert (spec.location, spec.fmt, spec.protocol) == ("file:nbd://x", None, "file")
     spec = bo.resolve({"file.driver": "file", "file.filename": "nbd://x"}, "t")
     assert spec.location == "file:nbd://x"
     opts = (
@@ -118,7 +118,8 @@ def test_resolve_local_and_format_options() -> None:
     assert spec.fmt == "qcow2" and spec.inner is not None
     assert (spec.inner.fmt, spec.inner.offset, spec.inner.location) == ("raw", 1 << 20, "d")
     assert spec.name == (
-        'json:{"driver": "qcow2", "file": {"offset": 1048576, "driver": "raw", "file": '
+        # (values as the user wrote them, as QEMU keeps them)
+        'json:{"driver": "qcow2", "file": {"offset": "1M", "driver": "raw", "file": '
         '{"driver": "file", "filename": "d"}}}'
     )
     # A protocol driver at the top: raw bytes of that protocol.

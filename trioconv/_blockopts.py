@@ -36,6 +36,8 @@ import attrs
 from ._errors import ImageError, UnsupportedError, UsageError
 from ._qemuopts import parse_bool, split_option_list
 from ._sizes import parse_size
+from .protocols.null import DEFAULT_SIZE as NULL_SIZE
+from .protocols.null import NullOptions
 
 __all__ = [
     "BlockSpec",
@@ -322,6 +324,14 @@ class _Number(str):
     __slots__ = ()
 
 
+def _as_given(value: str | None) -> object:
+    """An option's value as QEMU shows it in a ``json:`` name: a JSON number stays a
+    number, anything else the text the user wrote (``"512K"``, ``"on"``)."""
+    if isinstance(value, _Number):
+        return json.loads(value)
+    return value
+
+
 def _flatten(value: object, prefix: str, out: Flat) -> None:
     if isinstance(value, dict):
         if not value and prefix:
@@ -406,6 +416,7 @@ class BlockSpec:
         locking: False for ``file.locking=off``: no image locks at all.
         direct: True for ``cache.direct=on``: ``O_DIRECT``.
         tls_verify: False for ``sslverify=off`` (HTTPS): any certificate is accepted.
+        null: a null device's options (``driver=null-co,size=...``).
     """
 
     location: str
@@ -422,6 +433,7 @@ class BlockSpec:
     locking: bool = True
     direct: bool = False
     tls_verify: bool = True
+    null: NullOptions | None = None
 
 
 class _Refused(Exception):
@@ -452,10 +464,19 @@ _OTHER_FORMATS = {
     "compress",
     "copy-before-write",
     "snapshot-access",
+}
+_PROTOCOLS = {
+    "file",
+    "host_device",
+    "host_cdrom",
+    "nbd",
+    "nfs",
+    "iscsi",
+    "http",
+    "https",
     "null-co",
     "null-aio",
 }
-_PROTOCOLS = {"file", "host_device", "host_cdrom", "nbd", "nfs", "iscsi", "http", "https"}
 _OTHER_PROTOCOLS = {"ssh", "rbd", "gluster", "ftp", "ftps", "iser", "nvme", "io_uring", "vxhs"}
 
 #: Options any node takes; those not listed here as honoured only tune QEMU itself.
@@ -531,9 +552,11 @@ _PROTOCOL_OPTIONS: dict[str, set[str]] = {
         "timeout",
     },
     "http": {"filename", "url", "username", "password-secret", "sslverify", "readahead", "timeout"},
+    "null-co": {"size", "latency-ns", "read-zeroes"},
 }
 _PROTOCOL_OPTIONS["host_device"] = _PROTOCOL_OPTIONS["host_cdrom"] = _PROTOCOL_OPTIONS["file"]
 _PROTOCOL_OPTIONS["https"] = _PROTOCOL_OPTIONS["http"]
+_PROTOCOL_OPTIONS["null-aio"] = _PROTOCOL_OPTIONS["null-co"]
 
 _SCHEME_RE = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)
 
@@ -712,9 +735,11 @@ def _format_node(flat: Flat, fmt: str | None, *, top: bool) -> BlockSpec:
     strong: dict[str, object] = {}
     offset = size = None
     if "offset" in flat:
-        offset = strong["offset"] = _qemu_size(flat["offset"], "offset")
+        offset = _qemu_size(flat["offset"], "offset")
+        strong["offset"] = _as_given(flat["offset"])
     if "size" in flat:
-        size = strong["size"] = _qemu_size(flat["size"], "size")
+        size = _qemu_size(flat["size"], "size")
+        strong["size"] = _as_given(flat["size"])
         if size % 512:
             raise _Refused("Specified size is not multiple of 512")
     name = base.name
@@ -743,16 +768,13 @@ def _json_name(tree: dict[str, object]) -> str:
 
 
 def _protocol_of(filename: str | None) -> str:
-    """The protocol a file name implies, as QEMU guesses it from a ``scheme:`` prefix."""
+    """The protocol of a ``filename`` given in block options without a ``driver``.
+
+    Always ``file``: QEMU reads a ``scheme://`` prefix only in a plain file name, never
+    in options, so ``file.filename=nbd://host/x`` names a local file of that name.
+    """
     if filename is None:
         raise _Refused('A block device must be specified for "file"')
-    scheme = filename.partition(":")[0].lower() if "://" in filename else ""
-    if scheme.startswith("nbd"):
-        return "nbd"
-    if scheme in _PROTOCOLS:
-        return scheme
-    if scheme in _OTHER_PROTOCOLS:
-        raise _Refused(f"Block protocol '{scheme}' is not supported", unsupported=True)
     return "file"
 
 
@@ -801,6 +823,8 @@ def _protocol(node: Flat, proto: str) -> BlockSpec:
         spec = _nfs_node(node)
     elif proto == "iscsi":
         spec = _iscsi_node(node)
+    elif proto in ("null-co", "null-aio"):
+        spec = _null_node(node, proto)
     else:
         spec = _http_node(node, proto)
     return attrs.evolve(spec, protocol=proto, name=spec.name or spec.shown)
@@ -958,6 +982,26 @@ def _iscsi_node(node: Flat) -> BlockSpec:
     shown = f"iscsi://{portal}/{target}/{lun}"
     uri = f"iscsi://{userinfo}{portal}/{urllib.parse.quote(target)}/{lun}"
     return BlockSpec(_with_query(uri, query), None, shown)
+
+
+def _null_node(node: Flat, proto: str) -> BlockSpec:
+    size = _qemu_size(node["size"], "size") if "size" in node else NULL_SIZE
+    latency = node.get("latency-ns", "0") or "0"
+    try:
+        latency_ns = int(latency, 0)
+    except ValueError:
+        raise _Refused("Parameter 'latency-ns' expects a number") from None
+    if latency_ns < 0:
+        raise _Refused("latency-ns is invalid")
+    zeroes = "read-zeroes" in node and _flag(node["read-zeroes"], "read-zeroes")
+    # QEMU names the device by its options when they change what it holds (size,
+    # read-zeroes), and "null-co://" otherwise.
+    strong: dict[str, object] = {
+        key: _as_given(node[key]) for key in ("size", "read-zeroes") if key in node
+    }
+    name = _json_name({"driver": proto, **strong}) if strong else f"{proto}://"
+    options = NullOptions(size=size, read_zeroes=zeroes, latency_ns=latency_ns)
+    return BlockSpec(f"{proto}://", None, name, name=name, null=options)
 
 
 def _http_node(node: Flat, proto: str) -> BlockSpec:

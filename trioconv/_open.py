@@ -64,6 +64,12 @@ def is_http_uri(location: str) -> bool:
     return bool(sep) and scheme.lower() in ("http", "https")
 
 
+def is_null_uri(location: str) -> bool:
+    """True for a null device's name (``null-co://``, ``null-aio://``; see
+    :mod:`trioconv.protocols.null`)."""
+    return location.startswith(("null-co://", "null-aio://"))
+
+
 def redact_location(location: str) -> str:
     """``location`` fit to show: the password of an iSCSI URL (``user%password@``) or
     an HTTP one (``user:password@``) is left out."""
@@ -351,8 +357,9 @@ async def open_image(
         location: a path (optionally ``file:``-prefixed), an NBD URI
             (``nbd://host[:port]/export``, ``nbd+unix:///export?socket=PATH``), an NFS
             URL (``nfs://host/export/path``), an iSCSI URL
-            (``iscsi://[user%password@]host[:port]/target-iqn/lun``) or, read-only, an
-            HTTP(S) URL (``https://host/path/disk.qcow2``).
+            (``iscsi://[user%password@]host[:port]/target-iqn/lun``), read-only an
+            HTTP(S) URL (``https://host/path/disk.qcow2``), or ``null-co://``, QEMU's
+            null device (writes dropped, reads zeroes).
         fmt: the format; probed from the first bytes when None.
         writable: open for writing (sources are always opened read-only).
         cache: the cache mode for local files (see :class:`~trioconv.CacheMode`).
@@ -475,8 +482,16 @@ def _reworded(exc: TrioconvError, shown: str, spec: _blockopts.BlockSpec) -> Tri
     their option text, and the URI trioconv made of the options only as QEMU would
     (``Could not open 'OPTIONS': Could not open 'FILE': reason`` for a file)."""
     message = str(exc)
-    ours = f"Could not open '{spec.location}': "
-    if message.startswith(ours):
+    path = spec.location[5:] if spec.location.startswith("file:") else spec.location
+    ours = next(
+        (
+            f"Could not open '{name}': "
+            for name in (spec.location, path)
+            if message.startswith(f"Could not open '{name}': ")
+        ),
+        None,
+    )
+    if ours is not None:
         reason = message[len(ours) :]
         if spec.protocol in ("file", "host_device", "host_cdrom"):
             message = f"Could not open '{shown}': Could not open '{spec.shown}': {reason}"
@@ -520,6 +535,11 @@ async def _open_transport_image(
                     spec=spec.inner,
                 )
             )
+        elif is_null_uri(text):
+            from .protocols.null import open_null
+
+            transport = open_null(text, spec.null if spec is not None else None, writable=writable)
+            stack.push_async_callback(transport.aclose)
         elif is_nbd_uri(text):
             from .protocols.nbd import open_nbd  # only programs that use NBD pay for it
 
@@ -775,6 +795,12 @@ async def create_image(
         raise UnsupportedError(
             f"Protocol driver 'nbd' does not support image creation: '{os.fspath(location)}' "
             "(use -n to write into an existing export)"
+        )
+    if is_null_uri(os.fspath(location)):
+        protocol = os.fspath(location).partition(":")[0]
+        raise UnsupportedError(
+            f"Protocol driver '{protocol}' does not support image creation "
+            "(use -n to write into a null device)"
         )
     if is_iscsi_uri(os.fspath(location)):
         return await _create_iscsi_image(os.fspath(location), fmt, size, options)

@@ -495,6 +495,14 @@ def _file_under(drv: Driver) -> str | None:
     return None
 
 
+def _bottom(drv: Driver) -> Driver:
+    """The transport at the bottom of a driver stack."""
+    layer = drv
+    while (child := getattr(layer, "child", None)) is not None:
+        layer = child
+    return layer
+
+
 def _info_dict(drv: Driver) -> dict[str, object]:
     """qemu-img info's JSON for one image (keys in qemu's order where it matters)."""
     info: dict[str, object] = {
@@ -508,6 +516,8 @@ def _info_dict(drv: Driver) -> dict[str, object]:
     if path is not None:
         with contextlib.suppress(OSError):
             info["actual-size"] = os.stat(path).st_blocks * 512
+    elif _bottom(drv).name in ("null-co", "null-aio"):
+        info["actual-size"] = 0  # a null device holds nothing
     if drv.name != "raw" or _file_under(drv) is not None:
         info["dirty-flag"] = False  # (qemu has no such info for raw over the network)
     if drv.limits.cluster_size:
