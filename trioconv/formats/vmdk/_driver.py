@@ -140,12 +140,13 @@ class VmdkDriver(Driver):
         }
         out: dict[str, object] = {"format-specific": {"type": "vmdk", "data": data}}
         if self.parent_hint is not None:
+            # Shown whether or not the parent was opened (qemu-img info looks at the
+            # image alone); a VMDK parent is always a VMDK image to QEMU.
             out["backing-filename"] = self.parent_hint
-            if self.backing is not None:
-                out["full-backing-filename"] = full_backing_name(
-                    self.parent_hint, self.backing, self.location
-                )
-                out["backing-filename-format"] = self.backing.name  # as probed
+            out["full-backing-filename"] = full_backing_name(
+                self.parent_hint, self.backing, self.location
+            )
+            out["backing-filename-format"] = "vmdk" if self.backing is None else self.backing.name
         actual = self._allocated_bytes()
         if actual is not None:
             out["actual-size"] = actual
@@ -366,7 +367,10 @@ async def _with_parent(
 ) -> VmdkDriver:
     """Open the parent image a delta disk names, if any (its format is probed, as
     qemu does: a VMDK descriptor does not say it)."""
-    if desc is None or desc.parent_hint is None or ctx.no_backing:
+    if desc is None or desc.parent_hint is None:
+        return driver
+    if ctx.no_backing:
+        driver.parent_hint = desc.parent_hint  # named, not opened
         return driver
     path = resolve_name(ctx, desc.parent_hint, "backing file")
     try:
