@@ -764,6 +764,37 @@ def test_offload_and_direct_io_with_unaligned_size(
     assert dst.read_bytes()[-512:] == b"\x77" * 512
 
 
+@pytest.mark.parametrize("cache", ["none", "directsync"])
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [
+        ("qcow2", ""),
+        ("qcow2", "cluster_size=512"),  # metadata and data share 4 KiB blocks
+        ("qcow2", "compat=0.10"),
+        ("qcow2", "refcount_bits=1,extended_l2=on"),
+        ("vmdk", ""),
+        ("vmdk", "subformat=streamOptimized"),
+        ("vpc", ""),
+        ("vhdx", ""),
+        ("vdi", ""),
+    ],
+)
+def test_format_targets_with_o_direct(
+    make_image: ImageMaker, tmp_path: Path, fmt: str, options: str, cache: str
+) -> None:
+    """A format grows its file and writes metadata in pieces smaller than a block:
+    with ``-t none`` those go through the page cache and nothing is cut off."""
+    src = make_image(
+        "src.img", "6M", "write -P 0x5a 0 1M", "write -P 0x6b 3M 100k", "write -P 0x77 5M 512"
+    )
+    dst = tmp_path / f"dst.{fmt}"
+    args = ["-o", options] if options else []
+    ok(trioconv_cli("convert", "-O", fmt, *args, "-t", cache, "-m", "8", src, dst))
+    assert_identical(src, dst, "raw", fmt)
+    if fmt != "vpc":
+        run("qemu-img", "check", "-q", "-f", fmt, dst)
+
+
 # -- what scripts written for qemu-img rely on ------------------------------------------
 
 

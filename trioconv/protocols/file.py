@@ -21,8 +21,9 @@ range otherwise) or ``BLKZEROOUT`` on a block device; when the filesystem cannot
 
 With cache mode ``none`` or ``directsync`` the file is opened with ``O_DIRECT``. Aligned
 requests into aligned buffers (the engine's buffers are page-aligned) go straight
-through; anything else - the unaligned tail of an image - is bounced through an aligned
-buffer, read-modify-write for writes.
+through; a read of anything else - the unaligned tail of an image - is bounced through
+an aligned buffer, and a write of part of a block (a format's metadata) goes through a
+second, buffered descriptor of the file.
 """
 
 from __future__ import annotations
@@ -274,7 +275,7 @@ class FileDriver(Driver):
         self._blockdev = blockdev
         self._alignment = alignment
         self._zeroes_ok = True
-        self._rmw_lock = trio.Lock()
+        self._buffered_fd = -1  # for writes of part of a block under O_DIRECT
         # Buffered writes to one regular file are serialised by the kernel (the inode's
         # lock); several in flight only spin on that lock and burn a core that the
         # reads, the checks for zeroes and a network peer could use. One at a time, in
@@ -415,21 +416,30 @@ class FileDriver(Driver):
         await self._write_rmw(offset, view)
 
     async def _write_rmw(self, offset: int, view: memoryview) -> None:
-        """Unaligned O_DIRECT write: read the covering aligned blocks, patch, write back."""
-        a = self._alignment
-        start = _round_down(offset, a)
-        end = _round_up(offset + view.nbytes, a)
-        async with self._rmw_lock:
-            with _aligned_buffer(end - start) as bounce:
-                bview = memoryview(bounce)
-                try:
-                    await self._run("reading", start, _read_full, self._fd, bview, start)
-                    bview[offset - start : offset - start + view.nbytes] = view
-                    await self._run("writing", offset, _write_full, self._fd, bview, start)
-                finally:
-                    bview.release()
-            if not self._blockdev and end > self._size:
-                await self._run("truncating", self._size, os.ftruncate, self._fd, self._size)
+        """A write that does not cover whole blocks of an ``O_DIRECT`` file (a format's
+        metadata: a 512-byte table entry, a header): it goes through a second, buffered
+        descriptor of the same file, opened on first need.
+
+        Direct I/O cannot write part of a block; reading the covering blocks, patching
+        and writing them back would race with a direct write to another part of the same
+        block, and would extend the file past its end when the write is the last bytes.
+        The page cache writes part of a block safely, and the kernel keeps buffered and
+        direct I/O of one file coherent (a direct read or write first writes back and
+        drops the cached pages of its range); ``flush`` syncs the file, both ways in.
+        """
+        if self._buffered_fd < 0:
+            # Through /proc: the same file even if its name has changed since. (Opened
+            # here, with no checkpoint, so two first writes do not both open one.)
+            flags = os.O_WRONLY | os.O_CLOEXEC | (os.O_DSYNC if self._cache.dsync else 0)
+            try:
+                self._buffered_fd = os.open(f"/proc/self/fd/{self._fd}", flags)
+            except OSError as exc:
+                raise TrioconvIOError(
+                    f"error while writing {self.location} at byte {offset}: {exc.strerror}",
+                    offset=offset,
+                    errno=exc.errno,
+                ) from exc
+        await self._run("writing", offset, _write_full, self._buffered_fd, view, offset)
 
     def _check_writable(self) -> None:
         if not self._writable:
@@ -558,6 +568,9 @@ class FileDriver(Driver):
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)
+        buffered, self._buffered_fd = self._buffered_fd, -1
+        if buffered >= 0:
+            os.close(buffered)
 
 
 def _open_flags(writable: bool, cache: CacheMode) -> int:
