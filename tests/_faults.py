@@ -7,7 +7,9 @@ end with one clear line, promptly (within :data:`FAULT_DEADLINE`).
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -100,3 +102,36 @@ async def check_reader_fails_after_loss(url: str, kill: Callable[[], None]) -> N
             kill()
             await trio.sleep(FAULT_DEADLINE)  # the reader's failure cancels this
     assert info.value.split(TrioconvIOError)[0] is not None
+
+
+async def check_cancelled_while_stopped(url: str, size: int, pid: int) -> None:
+    """Write ``size`` bytes to ``url``; once under way, stop the server (SIGSTOP: it
+    reads nothing more, sends fill the socket buffer) and cancel the conversion, as
+    Ctrl-C does: it must end promptly all the same. (The server is continued after
+    :data:`FAULT_DEADLINE` at the latest, so a regression fails instead of hanging.)"""
+    memory = MemoryDriver(data=os.urandom(size), delay=0.01, block_status=False)
+    rescue = threading.Timer(FAULT_DEADLINE, os.kill, (pid, signal.SIGCONT))
+    cancelled_at: list[float] = []
+
+    async def stop_then_cancel(scope: trio.CancelScope) -> None:
+        for _ in range(1000):
+            if memory.log:
+                break
+            await trio.sleep(0.01)
+        await trio.sleep(0.2)
+        os.kill(pid, signal.SIGSTOP)
+        rescue.start()
+        await trio.sleep(0.5)
+        cancelled_at.append(trio.current_time())
+        scope.cancel()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_then_cancel, nursery.cancel_scope)
+            await trioconv.convert(memory, url, ConvertOptions(no_create=True))
+            nursery.cancel_scope.cancel()
+    finally:
+        rescue.cancel()
+        os.kill(pid, signal.SIGCONT)
+    assert cancelled_at, "the copy ended before the server was stopped"
+    assert trio.current_time() - cancelled_at[0] < 5

@@ -218,6 +218,12 @@ class ISCSITarget:
         return self._proc is not None and self._proc.poll() is None
 
     @property
+    def pid(self) -> int:
+        """The server's process id (it must be running)."""
+        assert self._proc is not None
+        return self._proc.pid
+
+    @property
     def luns(self) -> list[ISCSILun]:
         """The targets made by :meth:`add_lun` that still exist, oldest first."""
         return list(self._luns.values())

@@ -133,6 +133,12 @@ class NFSServer:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
+    @property
+    def pid(self) -> int:
+        """The server's process id (it must be running)."""
+        assert self._proc is not None
+        return self._proc.pid
+
     def start(self) -> None:
         """Start ganesha and wait until NFS v3 and MOUNT v3 answer over TCP."""
         if self.running:

@@ -24,6 +24,7 @@ from trioconv.testing import check_block_status_tiles, check_driver
 
 from ._faults import (
     MiB,
+    check_cancelled_while_stopped,
     check_killed_mid_copy,
     check_reader_fails_after_loss,
     make_mixed_src,
@@ -442,6 +443,13 @@ async def test_target_killed_mid_copy(
         await check_killed_mid_copy(direction, url, 64 * MiB, kill, "iSCSI target")
     finally:
         iscsi_target.start()
+
+
+async def test_cancelled_while_the_target_is_stopped(
+    iscsi_target: ISCSITarget, tmp_path: Path
+) -> None:
+    url = iscsi_target.add_lun(tmp_path / "lun.img", 64 * MiB)
+    await check_cancelled_while_stopped(url, 64 * MiB, iscsi_target.pid)
 
 
 async def test_driver_after_connection_loss_raises(

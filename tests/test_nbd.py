@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from urllib.parse import quote
 
@@ -683,6 +683,81 @@ def test_signal_during_nbd_copy(
     assert elapsed < 5, elapsed
     assert not out.exists()
     assert server.running
+
+
+def interrupt_cli(
+    args: list[str | Path],
+    *,
+    after: float,
+    signum: signal.Signals,
+    before_signal: Callable[[], None] | None = None,
+) -> tuple[int, str, float]:
+    """Run the CLI, send ``signum`` ``after`` seconds in; its status, stderr and how long
+    it took to end after the signal."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trioconv", *[os.fspath(a) for a in args]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(after)
+        assert proc.poll() is None, proc.communicate()
+        if before_signal is not None:
+            before_signal()
+        proc.send_signal(signum)
+        sent = time.monotonic()
+        _, stderr = proc.communicate(timeout=FAULT_DEADLINE)
+        return proc.returncode, stderr, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_signal_while_writing_qcow2_into_an_export(
+    nbdkit_server: NbdkitLauncher, full_src: Path, tmp_path: Path
+) -> None:
+    """Interrupted while a qcow2 image is written into an export: the connection's
+    reader stops first, so closing the image must not wait for replies nobody reads."""
+    server = nbdkit_server(
+        "memory",
+        ["size=64M"],
+        filters=["blocksize", "noparallel", "delay"],
+        filter_args=["maxdata=32k", "delay-write=10ms"],
+    )
+    inside = tmp_path / "inside.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", inside, "16M")
+    run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", inside, server.uri)
+    status, stderr, elapsed = interrupt_cli(
+        ["convert", "-n", "-O", "qcow2", full_src, server.uri], after=1.0, signum=signal.SIGINT
+    )
+    assert status == -signal.SIGINT, stderr
+    assert stderr.splitlines() == ["trioconv: interrupted by SIGINT"]
+    assert elapsed < 5, elapsed
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_while_the_target_server_is_stopped(
+    nbdkit_server: NbdkitLauncher, full_src: Path, signum: signal.Signals
+) -> None:
+    """A server that stopped reading (SIGSTOP) leaves a send stuck on a full socket
+    buffer; Ctrl-C still ends the conversion at once."""
+    server = nbdkit_server(
+        "memory", ["size=8M"], filters=["delay"], filter_args=["delay-write=500ms"]
+    )
+    try:
+        status, stderr, elapsed = interrupt_cli(
+            ["convert", "-n", "-m", "1", full_src, server.uri],
+            after=0.8,
+            signum=signum,
+            before_signal=lambda: (server.process.send_signal(signal.SIGSTOP), time.sleep(0.5)),
+        )
+    finally:
+        server.process.send_signal(signal.SIGCONT)
+    assert status == -signum, stderr
+    assert stderr.splitlines() == [f"trioconv: interrupted by {signum.name}"]
+    assert elapsed < 5, elapsed
 
 
 # -- 7. TLS --------------------------------------------------------------------------------------

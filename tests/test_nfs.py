@@ -24,6 +24,7 @@ from trioconv.protocols.memory import MemoryDriver
 from . import nfs_server as nfs_server_mod
 from ._faults import (
     MiB,
+    check_cancelled_while_stopped,
     check_killed_mid_copy,
     check_reader_fails_after_loss,
     make_mixed_src,
@@ -261,6 +262,12 @@ async def test_server_stopped_mid_copy(nfs_server: NFSServer) -> None:
             nfs_server.start()
     finally:
         nfs_server.start()
+
+
+async def test_cancelled_while_the_server_is_stopped(nfs_server: NFSServer) -> None:
+    name = unique("stopped") + ".img"
+    nfs_server.export_dir.joinpath(name).write_bytes(bytes(64 * MiB))
+    await check_cancelled_while_stopped(nfs_server.url(name), 64 * MiB, nfs_server.pid)
 
 
 async def test_driver_after_connection_loss_raises(nfs_server: NFSServer) -> None:

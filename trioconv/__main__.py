@@ -1,5 +1,5 @@
 """``python -m trioconv`` runs the command-line tool."""
 
-from .cli import main
+from ._launch import main
 
 main()

@@ -233,8 +233,14 @@ def _emit(text: str) -> None:
 
 
 async def _supervise(work: Callable[[], Awaitable[None]], progress: Progress | None) -> int:
-    """Run ``work`` until it ends or a signal stops it; return the exit status."""
+    """Run ``work`` until it ends or a signal stops it; return the exit status.
+
+    The first SIGINT or SIGTERM cancels the work, which then cleans up (a target it
+    created is removed); signals that come while it does are taken and ignored, so a
+    second Ctrl-C does not cut the cleanup short.
+    """
     status = 0
+    work_scope = trio.CancelScope()
 
     async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nonlocal status
@@ -246,14 +252,20 @@ async def _supervise(work: Callable[[], Awaitable[None]], progress: Progress | N
                         from ._progress_view import qemu_line
 
                         _say(qemu_line(progress))
-                    continue
-                status = 128 + signum
-                nursery.cancel_scope.cancel()
-                return
+                elif not status:
+                    status = 128 + signum
+                    work_scope.cancel()
 
     async with trio.open_nursery() as nursery:
         await nursery.start(watch_signals)
-        await work()
+        try:
+            with work_scope:
+                await work()
+        except Exception:
+            # After a signal, an error is the cancellation's doing (a connection given
+            # up while requests waited on it): the interruption is what happened.
+            if not status:
+                raise
         nursery.cancel_scope.cancel()
     if status:
         name = signal.Signals(status - 128).name
@@ -694,8 +706,29 @@ def _first_error(group: BaseExceptionGroup[BaseException]) -> TrioconvError | No
 
 
 class _LineHandler(logging.Handler):
+    """Log records as ``trioconv: MESSAGE`` lines on stderr.
+
+    A record marked ``cleanup`` (a problem while closing an image) waits for the end of
+    the command: after a failure or an interruption it only repeats the first error in
+    other words, and the rule is one line per failure, so it is dropped then.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.held: list[str] = []
+
     def emit(self, record: logging.LogRecord) -> None:
-        _say(f"trioconv: {record.getMessage()}")
+        line = f"trioconv: {record.getMessage()}"
+        if getattr(record, "cleanup", False):
+            self.held.append(line)
+        else:
+            _say(line)
+
+    def finish(self, status: int) -> None:
+        held, self.held = self.held, []
+        if status == 0:
+            for line in held:
+                _say(line)
 
 
 def _run(args: list[str]) -> int:
@@ -705,9 +738,18 @@ def _run(args: list[str]) -> int:
         _say("Try 'trioconv --help' for more information")
         return 1
     logger = logging.getLogger("trioconv")
-    if not logger.handlers:
-        logger.addHandler(_LineHandler())
+    handler = next((h for h in logger.handlers if isinstance(h, _LineHandler)), None)
+    if handler is None:
+        handler = _LineHandler()
+        logger.addHandler(handler)
         logger.setLevel(logging.WARNING)
+    status = _run_app(args)
+    handler.finish(status)
+    return status
+
+
+def _run_app(args: list[str]) -> int:
+    """The command itself: its exit status, its error (if any) printed as one line."""
     try:
         result = app(
             normalize_argv(args),

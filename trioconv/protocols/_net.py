@@ -4,13 +4,14 @@ readable causes of a lost connection."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 
 import trio
 
 from .._errors import TrioconvIOError
 
-__all__ = ["connection_error_reason", "receive_payload"]
+__all__ = ["WholeSends", "connection_error_reason", "receive_payload"]
 
 
 def connection_error_reason(exc: BaseException) -> str:
@@ -59,3 +60,54 @@ async def receive_payload(
         if not n:
             raise TrioconvIOError(f"the {peer} closed the connection")
         pos += n
+
+
+class WholeSends:
+    """The send side of a connection with many requests in flight.
+
+    A request goes out whole or not at all: a requester cancelled half-way through
+    its send would leave the stream mid-message, unusable for every other request, so
+    sends run shielded from the requester's cancellation (one at a time, under
+    :attr:`lock`). But when the connection itself is given up - its reader stopped
+    because the conversion is ending, or the peer is gone - :meth:`abandon` cancels a
+    send stuck on a full socket buffer (a peer that stopped reading), and every later
+    :meth:`whole` fails at once::
+
+        async with self._sends.whole(lambda: self.broken):
+            await self._stream.send_all(message)
+    """
+
+    def __init__(self) -> None:
+        self.lock = trio.Lock()
+        self._scope: trio.CancelScope | None = None
+        self._abandoned = False
+
+    @asynccontextmanager
+    async def whole(self, broken: Callable[[], TrioconvIOError | None]) -> AsyncIterator[None]:
+        """Send inside: under the lock, shielded, unless the connection is given up.
+
+        Raises:
+            TrioconvIOError: ``broken()``, when the connection is (or becomes) unusable.
+        """
+        async with self.lock, self.shielded(broken):
+            yield
+
+    @asynccontextmanager
+    async def shielded(self, broken: Callable[[], TrioconvIOError | None]) -> AsyncIterator[None]:
+        """The shielded part of :meth:`whole`, for a caller that already holds the lock."""
+        if self._abandoned or broken() is not None:
+            raise broken() or TrioconvIOError("the connection is closed")
+        with trio.CancelScope(shield=True) as scope:
+            self._scope = scope
+            try:
+                yield
+            finally:
+                self._scope = None
+        if scope.cancelled_caught:
+            raise broken() or TrioconvIOError("the connection is closed")
+
+    def abandon(self) -> None:
+        """Give the connection up: stop the send under way, refuse the next ones."""
+        self._abandoned = True
+        if self._scope is not None:
+            self._scope.cancel()

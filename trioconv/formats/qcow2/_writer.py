@@ -1412,7 +1412,13 @@ class Qcow2Writer(Qcow2Driver):
                         await self._store_bitmaps()
                         await self._write_metadata()
         except TrioconvError as exc:
-            log.warning("%s: could not write qcow2 metadata on close: %s", self.location, exc)
+            # (A cleanup message: the command line shows it only if nothing else failed.)
+            log.warning(
+                "%s: could not write qcow2 metadata on close: %s",
+                self.location,
+                exc,
+                extra={"cleanup": True},
+            )
         finally:
             self._closed = True
             self._l2.clear()

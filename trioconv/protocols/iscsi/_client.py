@@ -41,8 +41,8 @@ import trio
 from ..._errors import ImageError, TrioconvIOError, UnsupportedError, ZeroesNotSupported
 from ..._open import is_iscsi_uri as is_iscsi_uri
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
+from .._net import WholeSends, receive_payload
 from .._net import connection_error_reason as _reason
-from .._net import receive_payload
 from . import _login as login_mod
 from . import _pdu as pdu
 from . import _scsi as scsi
@@ -211,7 +211,7 @@ class Connection:
         self._end = 0
         self._pending: dict[int, _Task] = {}
         self._itts = itertools.count(1)
-        self._send_lock = trio.Lock()
+        self._sends = WholeSends()
         self._window = trio.Event()
         self.cmd_sn = 0
         self.max_cmd_sn = 0
@@ -304,9 +304,8 @@ class Connection:
         """Send PDUs whole, shielded from cancellation, under the send lock."""
         if self.broken is not None:
             raise self.broken
-        async with self._send_lock:
-            with trio.CancelScope(shield=True):
-                await self._send_locked(parts)
+        async with self._sends.whole(lambda: self.broken):
+            await self._send_locked(parts)
 
     async def _send_locked(self, parts: list[Buffer]) -> None:
         try:
@@ -355,14 +354,26 @@ class Connection:
                     f"{self.what}: connection to the iSCSI target lost: {_reason(exc)}",
                     errno=errno_mod.EIO,
                 )
-                self.broken = error
-                for task in self._pending.values():
-                    task.error = error
-                    task.finish()
-                self._pending.clear()
-                window, self._window = self._window, trio.Event()
-                window.set()
+                self._give_up(error)
                 raise error from exc
+            except BaseException:
+                # Cancelled: the conversion is ending and nothing reads responses any more.
+                self._give_up(TrioconvIOError(f"{self.what}: the connection is closed"))
+                raise
+
+    def _give_up(self, error: TrioconvIOError) -> None:
+        """The connection is unusable: fail every command waiting on it (and on the
+        command window), stop a send stuck on a target that stopped reading, refuse new
+        commands."""
+        if self.broken is None:
+            self.broken = error
+        for task in self._pending.values():
+            task.error = self.broken
+            task.finish()
+        self._pending.clear()
+        window, self._window = self._window, trio.Event()
+        window.set()
+        self._sends.abandon()
 
     async def _read_loop(self) -> None:
         while True:
@@ -433,9 +444,8 @@ class Connection:
             exp_stat_sn=self.exp_stat_sn,
             data=data,
         )
-        async with self._send_lock:
-            with trio.CancelScope(shield=True):
-                await self._send_locked([reply])
+        async with self._sends.whole(lambda: self.broken):
+            await self._send_locked([reply])
 
     # -- commands -------------------------------------------------------------------------
     def _new_task(self, data_in: memoryview | None = None) -> _Task:
@@ -516,7 +526,7 @@ class Connection:
                 unsolicited = burst - immediate
         expected = data_in.nbytes if data_in is not None else total
         while True:
-            async with self._send_lock:
+            async with self._sends.lock:
                 if self.broken is not None:
                     raise self.broken
                 if pdu.sn_le(self.cmd_sn, self.max_cmd_sn):
@@ -542,7 +552,7 @@ class Connection:
                         assert data_out is not None
                         self._data_out(parts, task.itt, lun, pdu.RESERVED_TAG, data_out,
                                        immediate, unsolicited)  # fmt: skip
-                    with trio.CancelScope(shield=True):
+                    async with self._sends.shielded(lambda: self.broken):
                         await self._send_locked(parts)
                     break
                 window = self._window

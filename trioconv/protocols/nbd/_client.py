@@ -32,7 +32,7 @@ from ..._errors import (
 )
 from ..._open import is_nbd_uri as is_nbd_uri
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
-from .._net import receive_payload
+from .._net import WholeSends, receive_payload
 from . import _proto as proto
 from ._proto import Cmd, CmdFlag, TxFlag
 
@@ -182,6 +182,10 @@ class _Pending:
     offset: int
     buf: memoryview | None = None
     error: TrioconvIOError | None = None
+    #: A structured READ: its length, and how many of its bytes the chunks so far gave
+    #: (data or holes); a reply that ends short is an error, not a buffer left stale.
+    length: int = 0
+    covered: int = 0
     extents: tuple[tuple[int, int], ...] = ()
     done: trio.Event = attrs.field(factory=trio.Event)
 
@@ -210,7 +214,7 @@ class NBDDriver(Driver):
             self._parser.receive_data(leftover)
         self._pending: dict[int, _Pending] = {}
         self._cookies = itertools.count(1)
-        self._send_lock = trio.Lock()
+        self._sends = WholeSends()
         self._closing = False
         self._broken: TrioconvIOError | None = None
         self._status: list[Extent] = []
@@ -282,12 +286,23 @@ class NBDDriver(Driver):
                 return
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             error = TrioconvIOError(f"{self.location}: connection to the NBD server lost: {reason}")
-            self._broken = error
-            for pending in self._pending.values():
-                pending.error = error
-                pending.done.set()
-            self._pending.clear()
+            self._give_up(error)
             raise error from exc
+        except BaseException:
+            # Cancelled: the conversion is ending and nothing reads replies any more.
+            self._give_up(TrioconvIOError(f"{self.location}: the connection is closed"))
+            raise
+
+    def _give_up(self, error: TrioconvIOError) -> None:
+        """The connection is unusable: fail every request waiting on it, stop a send
+        stuck on a server that stopped reading, refuse new requests."""
+        if self._broken is None:
+            self._broken = error
+        for pending in self._pending.values():
+            pending.error = self._broken
+            pending.done.set()
+        self._pending.clear()
+        self._sends.abandon()
 
     async def _receive_direct(
         self, sock: trio.socket.SocketType, direct: proto.DirectPayload
@@ -314,10 +329,23 @@ class NBDDriver(Driver):
             pending.buf[start : start + have] = data
         pos = start + have
         await receive_payload(sock.fileno(), pos, end, lambda: pending.buf, self._scratch)
+        pending.covered += end - start
         if isinstance(event, proto.SimpleReply) or event.done:
             self._complete(event.cookie, pending)
 
     def _complete(self, cookie: int, pending: _Pending) -> None:
+        if (
+            pending.cmd is Cmd.READ
+            and self.info.structured
+            and pending.error is None
+            and pending.covered != pending.length
+        ):
+            pending.error = TrioconvIOError(
+                f"{self.location}: the server's reply to a read of {pending.length} bytes "
+                f"at byte {pending.offset} gave {pending.covered}",
+                offset=pending.offset,
+                errno=errno_mod.EIO,
+            )
         del self._pending[cookie]
         self._parser.forget(cookie)
         pending.done.set()
@@ -330,6 +358,9 @@ class NBDDriver(Driver):
         if isinstance(event, proto.SimpleReply):
             if event.error:
                 pending.error = self._server_error(pending, event.error, "")
+                pending.covered = pending.length  # (an error: nothing else is due)
+            elif pending.cmd is Cmd.READ and self.info.structured:
+                raise proto.NBDProtocolError("a simple reply to a read (structured replies)")
             elif event.data is not None and pending.buf is not None:
                 pending.buf[:] = event.data
         elif isinstance(event, proto.DataChunk):
@@ -338,6 +369,7 @@ class NBDDriver(Driver):
                 if start < 0 or start + event.data.nbytes > pending.buf.nbytes:
                     raise proto.NBDProtocolError("read chunk outside the request")
                 pending.buf[start : start + event.data.nbytes] = event.data
+            pending.covered += event.data.nbytes
             done = event.done
         elif isinstance(event, proto.HoleChunk):
             start = event.offset - pending.offset
@@ -348,6 +380,7 @@ class NBDDriver(Driver):
                 for pos in range(start, start + event.length, zero.nbytes):
                     n = min(zero.nbytes, start + event.length - pos)
                     pending.buf[pos : pos + n] = zero[:n]
+            pending.covered += event.length
             done = event.done
         elif isinstance(event, proto.StatusChunk):
             if event.context == self.info.allocation_context:
@@ -391,28 +424,27 @@ class NBDDriver(Driver):
         if self._closing:
             raise TrioconvIOError(f"{self.location}: connection is closed")
         cookie = next(self._cookies)
-        pending = _Pending(cmd, offset, buf)
+        pending = _Pending(cmd, offset, buf, length=length)
         self._pending[cookie] = pending
         if cmd is Cmd.READ and not self.info.structured:
             self._parser.expect_read(cookie, length)
         header = proto.encode_request(cmd, cookie, offset, length, flags)
         try:
-            async with self._send_lock:
-                # A request is sent whole or the connection is unusable: never cancel
-                # half-way. The reader closes the stream if the server goes away.
-                with trio.CancelScope(shield=True):
-                    try:
-                        if payload is None:
-                            await self._stream.send_all(header)
-                        elif payload.nbytes <= 65536:
-                            await self._stream.send_all(header + payload)
-                        else:
-                            await self._stream.send_all(header)
-                            await self._stream.send_all(payload)
-                    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                        raise self._broken or TrioconvIOError(
-                            f"{self.location}: connection to the NBD server lost: {exc}"
-                        ) from exc
+            # A request is sent whole (see WholeSends); the reader gives the connection
+            # up if the server goes away or the conversion ends.
+            async with self._sends.whole(lambda: self._broken):
+                try:
+                    if payload is None:
+                        await self._stream.send_all(header)
+                    elif payload.nbytes <= 65536:
+                        await self._stream.send_all(header + payload)
+                    else:
+                        await self._stream.send_all(header)
+                        await self._stream.send_all(payload)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    raise self._broken or TrioconvIOError(
+                        f"{self.location}: connection to the NBD server lost: {exc}"
+                    ) from exc
             await pending.done.wait()
         except BaseException:
             # Cancelled or failed: the reply may still come; never write into ``buf``.
@@ -557,10 +589,12 @@ class NBDDriver(Driver):
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             if self._broken is None:
                 try:
-                    async with self._send_lock:
+                    async with self._sends.whole(lambda: self._broken):
                         await self._stream.send_all(proto.encode_request(Cmd.DISC, 0))
                 except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                     pass
+                except TrioconvIOError:
+                    pass  # given up meanwhile
             await self._stream.aclose()
 
 

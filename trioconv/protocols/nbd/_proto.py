@@ -26,6 +26,8 @@ from collections.abc import Generator
 
 import attrs
 
+from .._text import peer_text
+
 __all__ = [
     "Cmd",
     "CmdFlag",
@@ -220,6 +222,15 @@ def _option(option: int, data: bytes = b"") -> Send:
     return Send(_OPT_HEADER.pack(IHAVEOPT, option, len(data)) + data)
 
 
+#: The longest option reply accepted. The largest the protocol has (NBD_REP_SERVER: a
+#: name and a description of at most 4096 bytes each) fits well; more is not NBD.
+MAX_OPTION_REPLY = 64 * 1024
+
+#: The largest block size constraint taken from a server: the client never asks for
+#: more in one request, and replies are refused past it (memory stays bounded).
+MAX_BLOCK_LIMIT = 32 * 1024 * 1024
+
+
 def _option_reply(expected: int) -> Generator[Step, bytes | None, tuple[int, bytes]]:
     header = yield Recv(_OPT_REPLY.size)
     assert header is not None
@@ -228,7 +239,7 @@ def _option_reply(expected: int) -> Generator[Step, bytes | None, tuple[int, byt
         raise NBDProtocolError(f"bad option reply magic {magic:#x}")
     if option != expected:
         raise NBDProtocolError(f"reply to option {option}, expected {expected}")
-    if length > 64 * 1024 * 1024:
+    if length > MAX_OPTION_REPLY:
         raise NBDProtocolError(f"option reply of {length} bytes is too large")
     if not length:
         return reply, b""
@@ -327,14 +338,26 @@ def client_handshake(
                 allocation_context=context,
             )
         why = REP_ERR_NAMES.get(reply, f"error {reply:#x}")
-        message = payload.decode(errors="replace").strip()
+        message = peer_text(payload) if reply & REP_ERR else ""
         raise NBDOptionError(
             f"server refused export '{export_name}': {why}" + (f" ({message})" if message else "")
         )
     if size is None:
         raise NBDProtocolError("server did not send the export size")
-    if min_block < 1 or max_block < min_block or min_block & (min_block - 1):
+    # The protocol's rules (as QEMU checks them): a power-of-two minimum of at most
+    # 64 KiB, a power-of-two preferred size no smaller, a maximum that is a multiple of
+    # the minimum (or 0xffffffff: no limit). More than trioconv ever asks for is capped.
+    if (
+        not 1 <= min_block <= 65536
+        or min_block & (min_block - 1)
+        or preferred < max(min_block, 1)
+        or preferred & (preferred - 1)
+        or max_block < min_block
+        or (max_block % min_block and max_block != 0xFFFFFFFF)
+    ):
         raise NBDProtocolError(f"invalid block sizes {min_block}/{preferred}/{max_block}")
+    max_block = min(max_block, MAX_BLOCK_LIMIT)
+    preferred = min(preferred, max_block)
     return ExportInfo(
         size=size,
         flags=flags,
@@ -620,7 +643,7 @@ class ReplyParser:
             if length < 6:
                 raise NBDProtocolError("short error chunk")
             error, msg_len = struct.unpack(">IH", payload[:6])
-            message = bytes(payload[6 : 6 + msg_len]).decode(errors="replace")
+            message = peer_text(bytes(payload[6 : 6 + msg_len]))
             offset = None
             if kind == CHUNK_ERROR_OFFSET and length >= 6 + msg_len + 8:
                 offset = int.from_bytes(payload[6 + msg_len : 14 + msg_len], "big")

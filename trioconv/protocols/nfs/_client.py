@@ -44,8 +44,8 @@ import trio
 from ..._errors import ImageError, TrioconvIOError, UnsupportedError
 from ..._open import is_nfs_uri as is_nfs_uri
 from ...driver import Buffer, Caps, Driver, Limits
+from .._net import WholeSends, receive_payload
 from .._net import connection_error_reason as _reason
-from .._net import receive_payload
 from . import _proto as proto
 from . import _rpc as rpc
 from ._proto import Proc, Stable
@@ -224,7 +224,7 @@ class RPCClient:
         self._records = rpc.RecordReader(max_record)
         self._pending: dict[int, _Pending] = {}
         self._xids = itertools.count(random.getrandbits(31))
-        self._send_lock = trio.Lock()
+        self._sends = WholeSends()
         self._reading = False
         self._closing = False
         self._scratch = bytearray(_RECEIVE_SIZE)
@@ -262,24 +262,23 @@ class RPCClient:
         pending = _Pending(buf)
         self._pending[xid] = pending
         try:
-            async with self._send_lock:
-                # A record is sent whole or the connection is unusable: never cancel
-                # half-way. The reader notices when the server goes away.
-                with trio.CancelScope(shield=True):
-                    try:
-                        if payload is None:
-                            await self._stream.send_all(head)
-                        elif extra <= _SEND_WHOLE:
-                            await self._stream.send_all(head + payload + pad(extra))
-                        else:
-                            await self._stream.send_all(head)
-                            await self._stream.send_all(payload)
-                            if extra % 4:
-                                await self._stream.send_all(pad(extra))
-                    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                        raise self.broken or TrioconvIOError(
-                            f"{self.what}: connection to the NFS server lost: {_reason(exc)}"
-                        ) from exc
+            # A record is sent whole (see WholeSends); the reader gives the connection
+            # up if the server goes away or the conversion ends.
+            async with self._sends.whole(lambda: self.broken):
+                try:
+                    if payload is None:
+                        await self._stream.send_all(head)
+                    elif extra <= _SEND_WHOLE:
+                        await self._stream.send_all(head + payload + pad(extra))
+                    else:
+                        await self._stream.send_all(head)
+                        await self._stream.send_all(payload)
+                        if extra % 4:
+                            await self._stream.send_all(pad(extra))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    raise self.broken or TrioconvIOError(
+                        f"{self.what}: connection to the NFS server lost: {_reason(exc)}"
+                    ) from exc
             if self._reading:
                 await pending.wait()
             else:
@@ -439,13 +438,24 @@ class RPCClient:
             error = TrioconvIOError(
                 f"{self.what}: connection to the NFS server lost: {_reason(exc)}"
             )
-            self.broken = error
-            for pending in self._pending.values():
-                pending.error = error
-                pending.buf = None
-                pending.finish()
-            self._pending.clear()
+            self._give_up(error)
             raise error from exc
+        except BaseException:
+            # Cancelled: the conversion is ending and nothing reads replies any more.
+            self._give_up(TrioconvIOError(f"{self.what}: the connection is closed"))
+            raise
+
+    def _give_up(self, error: TrioconvIOError) -> None:
+        """The connection is unusable: fail every call waiting on it, stop a send stuck
+        on a server that stopped reading, refuse new calls."""
+        if self.broken is None:
+            self.broken = error
+        for pending in self._pending.values():
+            pending.error = self.broken
+            pending.buf = None
+            pending.finish()
+        self._pending.clear()
+        self._sends.abandon()
 
     async def aclose(self) -> None:
         self._closing = True

@@ -1,0 +1,296 @@
+"""The conversion itself: what :func:`trioconv.convert` runs (opening, creating,
+checking, the pipeline, cleaning up after a failure)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from .._errors import ConvertError, ImageError, TrioconvError, UnsupportedError, UsageError
+from .._open import check_create_options, create_image, format_info, is_nfs_uri, open_image
+from ..driver import Driver
+from . import ConvertResult, ImageSpec
+from .options import ConvertOptions
+from .pipeline import convert_error_from_group, run_pipeline
+from .progress import Progress
+
+if TYPE_CHECKING:
+    from ..formats.qcow2._bitmaps import Bitmap
+
+log = logging.getLogger("trioconv")
+
+__all__ = ["run_convert"]
+
+
+def _check_format_features(
+    opts: ConvertOptions, nsources: int, *, target_is_driver: bool = False
+) -> None:
+    """Refuse, by name, what the target format cannot do (qemu-img's wording)."""
+    fmt = opts.target_format or "raw"
+    creating = not opts.no_create and not target_is_driver
+    if creating:
+        check_create_options(fmt, opts.target_options)
+    if nsources > 1 and opts.snapshot is not None:
+        raise UnsupportedError("No support for concatenating multiple snapshot")
+    if creating:
+        known = format_info(fmt).create_options or {}
+        if opts.backing_file and "backing_file" not in known:
+            raise UnsupportedError(f"Backing file not supported for file format '{fmt}'")
+        if opts.backing_format and "backing_fmt" not in known:
+            raise UnsupportedError(f"Backing file format not supported for file format '{fmt}'")
+    backing = _target_backing(opts, target_is_driver=target_is_driver)
+    if opts.target_is_zero and backing is not None:
+        raise UnsupportedError(
+            "Cannot use --target-is-zero when the destination image has a backing file"
+        )
+    if nsources > 1 and backing is not None:
+        raise UnsupportedError(
+            "Having a backing file for the target makes no sense when concatenating "
+            "multiple input images"
+        )
+    if creating and backing is not None and opts.target_backing_format is None:
+        raise UsageError("Use of backing file requires explicit backing format")
+    if nsources > 1 and opts.bitmaps:
+        raise UnsupportedError("Copying bitmaps only possible with single source")
+    # (A target format of None - found when the target is opened - is checked then.)
+    named = opts.target_format is not None and not target_is_driver
+    if opts.compress and named and not format_info(fmt).can_compress:
+        raise UnsupportedError(f"Compression not supported for this file format ('{fmt}')")
+    if opts.bitmaps and named and fmt != "qcow2":
+        raise UnsupportedError(f"Format driver '{fmt}' does not support bitmaps")
+    if opts.bitmaps and creating and opts.create_options().get("compat") in ("0.10", "v2"):
+        raise UnsupportedError("Cannot store dirty bitmaps in qcow2 v2 files")
+
+
+def _target_backing(opts: ConvertOptions, *, target_is_driver: bool) -> str | None:
+    """The target's backing file, as qemu-img decides it (``-B`` wins over ``-o``).
+
+    With ``-n`` (or an open target) ``-B`` only says that the existing target has a
+    backing file: the target's header is left alone.
+    """
+    if opts.no_create or target_is_driver:
+        return opts.backing_file or None
+    return opts.target_backing_file
+
+
+def _same_file(a: ImageSpec, b: ImageSpec) -> bool:
+    if isinstance(a, Driver) or isinstance(b, Driver):
+        return a is b
+    if os.fspath(a) == os.fspath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+async def run_convert(
+    sources: Sequence[ImageSpec] | ImageSpec,
+    target: ImageSpec,
+    options: ConvertOptions | None = None,
+    *,
+    progress: Progress | None = None,
+) -> ConvertResult:
+    """:func:`trioconv.convert` (see there)."""
+    opts = options if options is not None else ConvertOptions()
+    progress = progress if progress is not None else Progress()
+    specs = [sources] if isinstance(sources, (str, os.PathLike, Driver)) else list(sources)
+    try:
+        return await _convert(specs, target, opts, progress)
+    except BaseExceptionGroup as group:
+        # A transport's own task failed (a dropped connection), outside the pipeline.
+        error = convert_error_from_group(group)
+        if error is None:
+            raise
+        raise error from group
+    finally:
+        progress._finish()
+
+
+async def _convert(
+    specs: list[ImageSpec], target: ImageSpec, opts: ConvertOptions, progress: Progress
+) -> ConvertResult:
+    if not specs:
+        raise ImageError("Must specify image file name")
+    _check_format_features(opts, len(specs), target_is_driver=isinstance(target, Driver))
+    for spec in specs:
+        if _same_file(spec, target):
+            raise ImageError(
+                f"'{os.fspath(target) if not isinstance(target, Driver) else target.location}'"
+                " is both a source and the target"
+            )
+    async with contextlib.AsyncExitStack() as stack:
+        drivers: list[Driver] = []
+        for spec in specs:
+            if isinstance(spec, Driver):
+                drivers.append(spec)
+            else:
+                drv = await stack.enter_async_context(
+                    open_image(
+                        spec,
+                        opts.source_format,
+                        cache=opts.source_cache,
+                        connections=opts.connections,
+                        snapshot=opts.snapshot,
+                        force_share=opts.force_share,
+                    )
+                )
+                drivers.append(drv)
+        total = sum(d.size for d in drivers)
+        created: Path | str | None = None
+        extra_files: list[Path] = []
+        if isinstance(target, Driver):
+            tgt, is_new = target, False
+        else:
+            is_new = not opts.no_create
+            if is_new:
+                fmt = opts.target_format or "raw"  # (None is refused without no_create)
+                check_create_options(fmt, opts.create_options())
+                before = _side_files(target, opts.create_options())
+                if await create_image(target, fmt, total, opts.create_options()):
+                    text = os.fspath(target)
+                    created = text if is_nfs_uri(text) else Path(text)
+                    # Formats with several files (vmdk extents, a qcow2 data file)
+                    # create them too: remove them with the target on failure.
+                    after = _side_files(target, opts.create_options())
+                    extra_files = sorted(p for p in after - before if p.exists())
+            try:
+                tgt = await stack.enter_async_context(
+                    open_image(
+                        target,
+                        opts.target_format,
+                        writable=True,
+                        cache=opts.target_cache,
+                        connections=opts.connections,
+                    )
+                )
+            except BaseException:
+                await _remove(created, extra_files)
+                raise
+        try:
+            if tgt.size < total:
+                raise ImageError("output file is smaller than input file")
+            bitmaps = await _bitmaps_to_copy(drivers[0], tgt, opts) if opts.bitmaps else []
+            backing = _target_backing(opts, target_is_driver=isinstance(target, Driver))
+            zero_init = backing is None and (opts.target_is_zero or (is_new and tgt.caps.zero_init))
+            # Past the end of a new target's backing file, untouched ranges read as
+            # zeroes (qemu-img's target_backing_sectors).
+            backing_end = tgt.backing.size if is_new and tgt.backing is not None else None
+            start = trio.current_time()
+            salvaged = await run_pipeline(
+                drivers,
+                tgt,
+                opts,
+                progress,
+                zero_init=zero_init,
+                backing=backing is not None,
+                backing_end=backing_end,
+            )
+            try:
+                if bitmaps:
+                    await _add_bitmaps(tgt, bitmaps)
+                await tgt.flush()
+            except TrioconvError as exc:
+                raise ConvertError(str(exc)) from exc
+        except BaseException:
+            await _remove(created, extra_files)
+            raise
+        return ConvertResult(
+            total=total,
+            written=progress.written,
+            zeroed=progress.zeroed,
+            skipped=progress.skipped,
+            elapsed=trio.current_time() - start,
+            salvaged=tuple(salvaged),
+        )
+
+
+async def _bitmaps_to_copy(source: Driver, target: Driver, opts: ConvertOptions) -> list[Bitmap]:
+    """``--bitmaps``: the source's persistent bitmaps, checked before anything is copied.
+
+    An inconsistent one (``in_use``) stops the conversion unless
+    ``--skip-broken-bitmaps``; a name the target already has stops it too.
+    """
+    from ..formats.qcow2 import Qcow2Driver, Qcow2Writer
+
+    if not isinstance(target, Qcow2Writer):
+        raise UnsupportedError(f"Format driver '{target.name}' does not support bitmaps")
+    if target.header.version < 3:
+        raise UnsupportedError("Cannot store dirty bitmaps in qcow2 v2 files")
+    if not isinstance(source, Qcow2Driver):
+        return []  # a format without persistent bitmaps: nothing to copy
+    bitmaps: list[Bitmap] = []
+    for b in await source.load_bitmaps():
+        if b.in_use:
+            if opts.skip_broken_bitmaps:
+                log.warning("skipping inconsistent bitmap '%s'", b.name)
+                continue
+            raise UnsupportedError(
+                f"Cannot copy inconsistent bitmap '{b.name}' (try --skip-broken-bitmaps, or "
+                "remove it with 'qemu-img bitmap --remove')"
+            )
+        bitmaps.append(b)
+    existing = {b.name for b in target.bitmaps}
+    for b in bitmaps:
+        if b.name in existing:
+            raise UnsupportedError(f"Bitmap '{b.name}' already exists in the target")
+    return bitmaps
+
+
+async def _add_bitmaps(target: Driver, bitmaps: list[Bitmap]) -> None:
+    from ..formats.qcow2 import Qcow2Writer
+
+    assert isinstance(target, Qcow2Writer)
+    await target.add_bitmaps(bitmaps)
+
+
+def _side_files(target: ImageSpec, options: Mapping[str, str]) -> set[Path]:
+    """Existing files a local target's creation may add: files next to it whose names
+    start with its stem (``disk*``, vmdk extents) and a qcow2 ``data_file``, resolved
+    against the target's folder."""
+    if isinstance(target, Driver) or "://" in os.fspath(target):
+        return set()
+    path = Path(os.fspath(target))
+    found: set[Path] = set()
+    with contextlib.suppress(OSError):
+        found = {p for p in path.parent.iterdir() if p.name.startswith(path.stem) and p != path}
+    named = options.get("data_file")
+    if named:
+        data = path.parent / named
+        if data.exists() and data.resolve() != path.resolve():
+            found.add(data)
+    return found
+
+
+async def _remove(path: Path | str | None, extra_files: list[Path] | None = None) -> None:
+    """Remove a target this conversion created; never raises, even when cancelled.
+
+    A local file is unlinked at once; an ``nfs://`` target (given as its URI) needs a
+    few calls to the server, which run shielded from cancellation for at most 10 s.
+    """
+    if path is None:
+        return
+    if isinstance(path, str):
+        from ..protocols.nfs import remove_nfs_file
+
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(10),
+            contextlib.suppress(TrioconvError),
+        ):
+            await remove_nfs_file(path)
+        return
+    _unlink(path)
+    for extra in extra_files or ():
+        _unlink(extra)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
