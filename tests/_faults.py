@@ -109,7 +109,7 @@ async def check_cancelled_while_stopped(url: str, size: int, pid: int) -> None:
     reads nothing more, sends fill the socket buffer) and cancel the conversion, as
     Ctrl-C does: it must end promptly all the same. (The server is continued after
     :data:`FAULT_DEADLINE` at the latest, so a regression fails instead of hanging.)"""
-    memory = MemoryDriver(data=os.urandom(size), delay=0.01, block_status=False)
+    memory = MemoryDriver(data=os.urandom(size), delay=0.25, block_status=False)
     rescue = threading.Timer(FAULT_DEADLINE, os.kill, (pid, signal.SIGCONT))
     cancelled_at: list[float] = []
 

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from urllib.parse import quote
 
@@ -685,6 +686,12 @@ def test_signal_during_nbd_copy(
     assert server.running
 
 
+def stop_for_a_while(server: NBDServer) -> None:
+    """SIGSTOP the server, then give the client time to fill the socket buffer."""
+    server.process.send_signal(signal.SIGSTOP)
+    time.sleep(0.5)
+
+
 def interrupt_cli(
     args: list[str | Path],
     *,
@@ -724,7 +731,7 @@ def test_signal_while_writing_qcow2_into_an_export(
         "memory",
         ["size=64M"],
         filters=["blocksize", "noparallel", "delay"],
-        filter_args=["maxdata=32k", "delay-write=10ms"],
+        filter_args=["maxdata=32k", "delay-write=40ms"],
     )
     inside = tmp_path / "inside.qcow2"
     run("qemu-img", "create", "-q", "-f", "qcow2", inside, "16M")
@@ -751,7 +758,7 @@ def test_signal_while_the_target_server_is_stopped(
             ["convert", "-n", "-m", "1", full_src, server.uri],
             after=0.8,
             signum=signum,
-            before_signal=lambda: (server.process.send_signal(signal.SIGSTOP), time.sleep(0.5)),
+            before_signal=partial(stop_for_a_while, server),
         )
     finally:
         server.process.send_signal(signal.SIGCONT)

@@ -337,6 +337,56 @@ async def test_raw_backing_reached_by_probing_is_refused(tmp_path: Path) -> None
     assert result.stderr.count("\n") == 1 and message in result.stderr
 
 
+def deep_chain(tmp_path: Path, length: int) -> Path:
+    """A chain of ``length`` qcow2 images; the bottom one holds 0x42 in its first 4 KiB."""
+    run("qemu-img", "create", "-q", "-f", "qcow2", tmp_path / "b0.qcow2", "1M")
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x42 0 4k", tmp_path / "b0.qcow2")
+    for k in range(1, length):
+        image = tmp_path / f"b{k}.qcow2"
+        run(
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            f"b{k - 1}.qcow2",
+            "-F",
+            "qcow2",
+            image,
+            "1M",
+        )
+    return tmp_path / f"b{length - 1}.qcow2"
+
+
+def test_deep_backing_chain(tmp_path: Path) -> None:
+    """120 images deep (qemu-img opens it): each image opens the next in a nested call,
+    and the command line has room for it."""
+    top = deep_chain(tmp_path, 120)
+    result = trioconv_cli("info", "--backing-chain", top)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("image: ") == 120
+    out = tmp_path / "out.raw"
+    result = trioconv_cli("convert", "-O", "raw", top, out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:4096] == b"\x42" * 4096
+
+
+async def test_deep_backing_chain_in_a_program(tmp_path: Path) -> None:
+    """With Python's default recursion limit a program opens chains of about 80
+    images; a deeper one is one clear error, not a RecursionError."""
+    top = deep_chain(tmp_path, 120)
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    try:
+        with pytest.raises(ImageError, match="too deep for Python's recursion limit"):
+            async with trioconv.open_image(top):
+                pass
+    finally:
+        sys.setrecursionlimit(old)
+
+
 async def test_backing_loop_is_refused(tmp_path: Path) -> None:
     a = make_qcow2(tmp_path / "a.qcow2", "1M")
     b = make_qcow2(tmp_path / "b.qcow2", "1M", backing="a.qcow2", backing_fmt="qcow2")

@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import os
 import re
+import sys
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -37,6 +38,10 @@ __all__ = [
 ]
 
 _PROBE_BYTES = 4096
+
+#: The longest backing chain opened (the top image included). Each image opens the
+#: next in a nested call; the command line raises Python's recursion limit to match.
+MAX_CHAIN_LENGTH = 1000
 _NBD_SCHEMES = ("nbd", "nbds", "nbd+tcp", "nbds+tcp", "nbd+unix", "nbds+unix")
 
 
@@ -141,17 +146,30 @@ class OpenContext:
         """
         if location in self.chain or location == self.location:
             raise ImageError(f"Backing file '{location}' creates an infinite loop")
-        return await self.stack.enter_async_context(
-            _open_image(
-                location,
-                fmt,
-                writable=False,
-                cache=self.cache,
-                connections=None,
-                chain=(*self.chain, self.location),
-                force_share=self.force_share,
+        if len(self.chain) + 1 >= MAX_CHAIN_LENGTH:
+            raise ImageError(
+                f"Could not open '{location}': the backing chain is longer than "
+                f"{MAX_CHAIN_LENGTH} images"
             )
-        )
+        try:
+            return await self.stack.enter_async_context(
+                _open_image(
+                    location,
+                    fmt,
+                    writable=False,
+                    cache=self.cache,
+                    connections=None,
+                    chain=(*self.chain, self.location),
+                    force_share=self.force_share,
+                )
+            )
+        except RecursionError:
+            # Each image opens the next one down; a program with Python's default
+            # recursion limit gets about 80 levels (the command line allows all).
+            raise ImageError(
+                f"Could not open '{location}': the backing chain is too deep for Python's "
+                f"recursion limit ({sys.getrecursionlimit()}; sys.setrecursionlimit raises it)"
+            ) from None
 
 
 async def _open_raw(transport: Driver, ctx: OpenContext) -> Driver:

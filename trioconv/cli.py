@@ -780,6 +780,10 @@ def _run_app(args: list[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``trioconv`` command; exits with the command's status."""
+    if argv is None:
+        # Opening a backing chain nests a few frames per image: room for the longest
+        # chain trioconv opens (_open.MAX_CHAIN_LENGTH images).
+        sys.setrecursionlimit(max(sys.getrecursionlimit(), 16 * _open.MAX_CHAIN_LENGTH))
     status = _run(list(sys.argv[1:] if argv is None else argv))
     if argv is None:
         # The process is about to end. Python's shutdown runs the cyclic garbage

@@ -357,7 +357,12 @@ class _Engine:
     # -- planner -----------------------------------------------------------------------
     async def plan(self, send: trio.MemorySendChannel[Job]) -> None:
         async with send:
-            chunker = Chunker(self.sources.total, align=self.align, max_data=self.buffer_size)
+            # Zero runs become jobs only when they must be written: on a zero-initialised
+            # target they are skipped whole, however long (no million-job walk).
+            max_zero = MAX_ZERO_JOB if not self.zero_init else max(self.sources.total, 1)
+            chunker = Chunker(
+                self.sources.total, align=self.align, max_data=self.buffer_size, max_zero=max_zero
+            )
             index = 0
             for base, src in zip(self.sources.bases, self.sources.sources, strict=True):
                 pos = 0

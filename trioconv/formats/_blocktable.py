@@ -99,6 +99,11 @@ class BlockTableDriver(Driver):
         sector bitmaps say some do not)."""
         return [(start, end, True)]
 
+    async def _first_present_run(self, index: int, start: int, end: int) -> tuple[int, int, bool]:
+        """The first of :meth:`_present_runs` (what block status needs), found without
+        listing the others."""
+        return (await self._present_runs(index, start, end))[0]
+
     #: Bytes between one block's data and the next block's data when the format stores
     #: consecutive blocks back to back (VHD: the next block's sector bitmap).
     _block_gap = 0
@@ -304,7 +309,7 @@ class BlockTableDriver(Driver):
         self, index: int, host: int, start: int, stop: int
     ) -> tuple[ExtentKind, int]:
         """What ``[start, stop)`` of allocated block ``index`` holds; a prefix length."""
-        s, e, present = (await self._present_runs(index, start, stop))[0]
+        s, e, present = await self._first_present_run(index, start, stop)
         if not present:
             return ExtentKind.ZERO, e - s
         first = host + s

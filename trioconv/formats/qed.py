@@ -206,6 +206,10 @@ def decode_table(raw: bytes | bytearray | memoryview) -> array[int]:
     return table
 
 
+#: Runs that block status looks at in one go (see :meth:`QedDriver._runs`).
+_STATUS_RUNS = 16
+
+
 class QedDriver(Driver):
     """A QED image opened read-only. Made by :func:`open_qed`."""
 
@@ -271,10 +275,17 @@ class QedDriver(Driver):
             self._cache.popitem(last=False)
         return table
 
-    async def _runs(self, offset: int, end: int) -> list[tuple[int, int, int]]:
+    async def _runs(
+        self, offset: int, end: int, *, max_runs: int = 0
+    ) -> list[tuple[int, int, int]]:
         """``(offset, length, entry)`` runs over guest ``[offset, end)``: entry is 0
         (unallocated), 1 (zero) or the host offset of ``offset``; host-contiguous
-        clusters are merged."""
+        clusters are merged.
+
+        With ``max_runs``, at most that many runs (the first ones): block
+        status asks for a few at a time, as listing a fragmented range to its end for
+        every extent would take time quadratic in its runs.
+        """
         h = self.header
         cs = h.cluster_size
         out: list[tuple[int, int, int]] = []
@@ -306,6 +317,8 @@ class QedDriver(Driver):
                         out[-1] = (p_off, p_len + n, p_entry)
                         pos += n
                         continue
+                    if len(out) == max_runs:
+                        return out
                 out.append((pos, n, entry))
                 pos += n
         return out
@@ -343,26 +356,30 @@ class QedDriver(Driver):
             end = min(self.size, max(end // cs * cs, (offset // cs + 1) * cs))
         kind: ExtentKind | None = None
         stop = offset
-        for off, n, entry in await self._runs(offset, end):
-            run_end = off + n
-            if layer:
-                pieces = self._layer_pieces(off, run_end, entry)
-            elif entry > ZERO_CLUSTER:
-                pieces = [(run_end, ExtentKind.DATA)]
-            elif entry == ZERO_CLUSTER or self.backing is None:
-                pieces = [(run_end, ExtentKind.ZERO)]
-            else:
-                k, k_end = await self._backing_status(off, run_end)
-                pieces = [(k_end, k)]
-            for p_end, p_kind in pieces:
-                if kind is None:
-                    kind = p_kind
-                elif p_kind is not kind:
+        while stop < end:
+            # A few runs at a time, until the kind changes.
+            for off, n, entry in await self._runs(stop, end, max_runs=_STATUS_RUNS):
+                run_end = off + n
+                if layer:
+                    pieces = self._layer_pieces(off, run_end, entry)
+                elif entry > ZERO_CLUSTER:
+                    pieces = [(run_end, ExtentKind.DATA)]
+                elif entry == ZERO_CLUSTER or self.backing is None:
+                    pieces = [(run_end, ExtentKind.ZERO)]
+                else:
+                    k, k_end = await self._backing_status(off, run_end)
+                    pieces = [(k_end, k)]
+                for p_end, p_kind in pieces:
+                    if kind is None:
+                        kind = p_kind
+                    elif p_kind is not kind:
+                        return Extent(offset, stop - offset, kind)
+                    stop = p_end
+                if stop < run_end:
+                    assert kind is not None
                     return Extent(offset, stop - offset, kind)
-                stop = p_end
-            if stop < run_end:
-                break
-        assert kind is not None
+        if kind is None:  # (an empty range: not asked by the engine)
+            raise self._corrupt(f"no clusters at guest offset {offset:#x}", offset)
         return Extent(offset, stop - offset, kind)
 
     def _layer_pieces(self, start: int, end: int, entry: int) -> list[tuple[int, ExtentKind]]:

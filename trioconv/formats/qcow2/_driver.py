@@ -425,6 +425,13 @@ class Qcow2Driver(Driver):
                     stop = p_end
             pos = chunk_end
         assert kind is not None
+        if kind is ExtentKind.ZERO and self.backing is None and stop < self.size:
+            # Past an L1 entry with no table, whole table spans are unallocated: a
+            # sparse image of a petabyte is a few extents, not a million.
+            index = stop // self._table_span
+            empty = _empty_entries(self._l1, index)
+            if empty:
+                stop = min(self.size, (index + empty) * self._table_span)
         return Extent(offset, stop - offset, kind)
 
     def _layer_pieces(self, seg: Segment) -> list[tuple[int, ExtentKind]]:
@@ -645,3 +652,16 @@ async def _read_bitmap_directory(
     except bm.BitmapError as exc:
         raise ImageError(f"{where}: corrupt bitmaps: {exc}") from None
     return entries
+
+
+def _empty_entries(l1: array[int], index: int) -> int:
+    """How many L1 entries from ``index`` on are 0 (no L2 table), counted in C."""
+    count = 0
+    step = 4096
+    while index + count < len(l1):
+        chunk = l1[index + count : index + count + step].tobytes()
+        rest = chunk.lstrip(b"\0")
+        count += (len(chunk) - len(rest)) // 8
+        if rest:
+            break
+    return count

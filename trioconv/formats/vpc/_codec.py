@@ -359,6 +359,17 @@ def sector_runs(bitmap: bytes, first: int, last: int) -> list[tuple[int, int, bo
     return runs
 
 
+def first_sector_run(bitmap: bytes, first: int, last: int) -> tuple[int, int, bool]:
+    """The first of :func:`sector_runs` over ``[first, last)`` (which must not be empty),
+    in a few integer operations however many runs follow."""
+    nbits = len(bitmap) * 8
+    width = last - first
+    word = (int.from_bytes(bitmap, "big") >> (nbits - last)) & ((1 << width) - 1)
+    if (word >> (width - 1)) & 1:
+        return first, first + width - ((~word) & ((1 << width) - 1)).bit_length(), True
+    return first, first + width - word.bit_length(), False
+
+
 def set_sector_bits(bitmap: bytes, first: int, last: int) -> bytes:
     """``bitmap`` with the bits of sectors ``[first, last)`` set."""
     nbits = len(bitmap) * 8

@@ -298,6 +298,16 @@ class DynamicVpcDriver(BlockTableDriver):
         runs = codec.sector_runs(bitmap, start // s, -(-end // s))
         return [(max(start, a * s), min(end, b * s), present) for a, b, present in runs]
 
+    async def _first_present_run(self, index: int, start: int, end: int) -> tuple[int, int, bool]:
+        # One run per call: a bitmap of alternating bits has thousands of runs, and
+        # block status walks them one extent at a time.
+        bitmap = await self._bitmap(index)
+        if bitmap is None:
+            return (start, end, True)
+        s = codec.SECTOR
+        a, b, present = codec.first_sector_run(bitmap, start // s, -(-end // s))
+        return (max(start, a * s), min(end, b * s), present)
+
     def _direct(self, index: int) -> bool:
         return self._bitmap_state[index] == _FULL
 
