@@ -79,9 +79,14 @@ class FakeNBDServer:
         behaviour: Callable[[Request], bytes] = honest,
         block_sizes: tuple[int, int, int] | None = None,
         go_error: bytes | None = None,
+        multi_conn: bool = False,
+        size_step: int = 0,
     ) -> None:
         self.path = path
         self.size = size
+        self.multi_conn = multi_conn
+        self.size_step = size_step  # each new connection sees an export this much larger
+        self._served = 0
         self.behaviour = behaviour
         self.block_sizes = block_sizes
         self.go_error = go_error
@@ -150,7 +155,10 @@ class FakeNBDServer:
                     )
                     conn.sendall(reply + self.go_error)
                     continue
-                info = struct.pack(">HQH", INFO_EXPORT, self.size, 1 | 4)  # flags, flush
+                size = self.size + self._served * self.size_step
+                self._served += 1
+                flags = 1 | 4 | (256 if self.multi_conn else 0)  # flags, flush, multi-conn
+                info = struct.pack(">HQH", INFO_EXPORT, size, flags)
                 conn.sendall(struct.pack(">QIII", OPT_REPLY_MAGIC, option, REP_INFO, 12) + info)
                 if self.block_sizes is not None:
                     sizes = struct.pack(">HIII", INFO_BLOCK_SIZE, *self.block_sizes)

@@ -122,6 +122,16 @@ def test_block_size_constraints(tmp_path: Path, sizes: tuple[int, int, int], ok:
         assert "invalid block sizes" in one_line_error(result)
 
 
+def test_connections_must_agree_on_the_size(tmp_path: Path) -> None:
+    """Multi-conn promises one export: connections that see different sizes do not."""
+    with FakeNBDServer(tmp_path / "s.sock", size=SIZE, multi_conn=True, size_step=512) as server:
+        line = one_line_error(trioconv_cli("info", server.uri))
+    assert "different export sizes (1048576 and 1049088 bytes)" in line
+    with FakeNBDServer(tmp_path / "t.sock", size=SIZE, multi_conn=True) as server:
+        result = trioconv_cli("convert", "-f", "raw", server.uri, tmp_path / "out.img")
+    assert result.returncode == 0, result.stderr
+
+
 def test_refusal_text_is_one_line(tmp_path: Path) -> None:
     go_error = b"no such export\r\nsecond line\x00\x07" + b"x" * 5000
     with FakeNBDServer(tmp_path / "s.sock", size=SIZE, go_error=go_error) as server:

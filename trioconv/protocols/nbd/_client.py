@@ -775,7 +775,13 @@ async def open_nbd(
         wanted = DEFAULT_CONNECTIONS if connections is None else max(1, connections)
         if first.info.flags & TxFlag.CAN_MULTI_CONN:
             for _ in range(wanted - 1):
-                conns.append(await _open_connection(uri, address, writable=writable))
+                conn = await _open_connection(uri, address, writable=writable)
+                conns.append(conn)
+                if conn.info.size != first.info.size:  # one export, one size
+                    raise ImageError(
+                        f"Could not open '{uri}': the server gave two connections different "
+                        f"export sizes ({first.info.size} and {conn.info.size} bytes)"
+                    )
     except BaseException:
         for conn in conns:
             await conn.aclose()
