@@ -46,6 +46,16 @@ def test_head_arrives_in_pieces_and_the_body_starts_after_it() -> None:
     assert head.describe() == "HTTP 206 Partial Content"
 
 
+def test_reason_phrase_is_printable() -> None:
+    """The reason phrase goes into error messages: control bytes escaped, cut short."""
+    parser = HeadParser()
+    parser.feed(b"HTTP/1.1 500 Bad\x1b[2J\rthing" + b"x" * 300 + b"\r\nContent-Length: 0\r\n\r\n")
+    head = parser.next_head()
+    assert head is not None
+    assert head.reason.startswith("Bad\\x1b[2J\\rthingxx") and len(head.reason) <= 100
+    assert head.reason.isprintable()
+
+
 def test_interim_responses_are_skipped() -> None:
     parser = HeadParser()
     parser.feed(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 404 Not Found\r\nConnection: close\r\n\r\n")

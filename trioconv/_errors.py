@@ -37,6 +37,11 @@ class ImageError(TrioconvError):
     """An image could not be opened, probed or created."""
 
 
+class BackingChainTooLong(ImageError):
+    """A backing chain longer than trioconv opens. Said once, for the whole chain: the
+    images above do not each wrap it in their own "Could not open backing file"."""
+
+
 class UnsupportedError(TrioconvError):
     """The request is valid but this format or transport cannot do it."""
 

@@ -20,7 +20,7 @@ import attrs
 import trio
 
 from ._cache import CacheMode
-from ._errors import ImageError, TrioconvError, UnsupportedError, UsageError
+from ._errors import BackingChainTooLong, ImageError, TrioconvError, UnsupportedError, UsageError
 from .driver import Driver
 from .formats._base import FormatInfo
 from .formats.raw import RAW_CREATE_OPTIONS, RawDriver, probe_raw
@@ -147,9 +147,9 @@ class OpenContext:
         if location in self.chain or location == self.location:
             raise ImageError(f"Backing file '{location}' creates an infinite loop")
         if len(self.chain) + 1 >= MAX_CHAIN_LENGTH:
-            raise ImageError(
-                f"Could not open '{location}': the backing chain is longer than "
-                f"{MAX_CHAIN_LENGTH} images"
+            raise BackingChainTooLong(
+                f"Could not open '{self.chain[0] if self.chain else self.location}': its "
+                f"backing chain is longer than {MAX_CHAIN_LENGTH} images"
             )
         try:
             return await self.stack.enter_async_context(
@@ -166,9 +166,10 @@ class OpenContext:
         except RecursionError:
             # Each image opens the next one down; a program with Python's default
             # recursion limit gets about 80 levels (the command line allows all).
-            raise ImageError(
-                f"Could not open '{location}': the backing chain is too deep for Python's "
-                f"recursion limit ({sys.getrecursionlimit()}; sys.setrecursionlimit raises it)"
+            raise BackingChainTooLong(
+                f"Could not open '{self.chain[0] if self.chain else self.location}': its "
+                f"backing chain is too deep for Python's recursion limit "
+                f"({sys.getrecursionlimit()}; sys.setrecursionlimit raises it)"
             ) from None
 
 

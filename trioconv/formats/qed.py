@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 
 import attrs
 
-from .._errors import ImageError, TrioconvIOError, UnsupportedError
+from .._errors import BackingChainTooLong, ImageError, TrioconvIOError, UnsupportedError
 from ..driver import Caps, Driver, Extent, ExtentKind, Limits
 from ._base import FormatInfo
 from ._common import fill_zero as _fill_zero
@@ -415,6 +415,8 @@ async def _open_backing(ctx: OpenContext, name: str, fmt: str | None) -> Driver:
         raise ImageError(f"Backing file '{path}' creates an infinite loop")
     try:
         backing = await ctx.open_backing(path, fmt)
+    except BackingChainTooLong:
+        raise
     except ImageError as exc:
         raise ImageError(
             f"Could not open '{ctx.location}': Could not open backing file: {exc}"

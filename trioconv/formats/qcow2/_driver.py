@@ -33,7 +33,13 @@ from typing import TYPE_CHECKING
 import attrs
 import trio
 
-from ..._errors import ImageError, TrioconvError, TrioconvIOError, UnsupportedError
+from ..._errors import (
+    BackingChainTooLong,
+    ImageError,
+    TrioconvError,
+    TrioconvIOError,
+    UnsupportedError,
+)
 from ...driver import Caps, Driver, Extent, ExtentKind, Limits
 from .._common import fill_zero as _fill_zero
 from .._common import full_backing_name, read_or_zero
@@ -502,6 +508,8 @@ async def _open_backing(ctx: OpenContext, info: codec.ImageInfo) -> Driver | Non
         raise ImageError(f"Backing file '{path}' creates an infinite loop")
     try:
         backing = await ctx.open_backing(path, info.backing_format)
+    except BackingChainTooLong:
+        raise
     except ImageError as exc:
         raise ImageError(
             f"Could not open '{ctx.location}': Could not open backing file: {exc}"

@@ -27,6 +27,7 @@ import attrs
 import trio
 
 from ..._errors import (
+    BackingChainTooLong,
     ImageError,
     TrioconvError,
     TrioconvIOError,
@@ -375,6 +376,8 @@ async def _with_parent(
     path = resolve_name(ctx, desc.parent_hint, "backing file")
     try:
         parent = await ctx.open_backing(path, None)
+    except BackingChainTooLong:
+        raise
     except TrioconvError as exc:
         raise ImageError(f"{where}: Could not open backing file: {exc}") from None
     driver.set_parent(desc.parent_hint, parent)

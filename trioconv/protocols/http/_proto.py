@@ -20,6 +20,8 @@ from collections.abc import Iterable, Mapping
 
 import attrs
 
+from .._text import peer_text
+
 __all__ = [
     "MAX_HEAD",
     "HTTPProtocolError",
@@ -178,7 +180,7 @@ def _parse_head(head: bytes) -> Response:
     return Response(
         (int(major), int(minor)),
         int(status),
-        (reason or b"").decode("latin-1").strip(),
+        peer_text((reason or b"").decode("latin-1"), 100),  # (shown in messages)
         headers,
     )
 
