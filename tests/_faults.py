@@ -9,7 +9,9 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -135,3 +137,33 @@ async def check_cancelled_while_stopped(url: str, size: int, pid: int) -> None:
         os.kill(pid, signal.SIGCONT)
     assert cancelled_at, "the copy ended before the server was stopped"
     assert trio.current_time() - cancelled_at[0] < 5
+
+
+def interrupt_cli(
+    args: list[str | os.PathLike[str]],
+    *,
+    after: float,
+    signum: signal.Signals,
+    before_signal: Callable[[], None] | None = None,
+) -> tuple[int, str, float]:
+    """Run the CLI, send ``signum`` ``after`` seconds in; its status, stderr and how long
+    it took to end after the signal."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trioconv", *[os.fspath(a) for a in args]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(after)
+        assert proc.poll() is None, proc.communicate()
+        if before_signal is not None:
+            before_signal()
+        proc.send_signal(signum)
+        sent = time.monotonic()
+        _, stderr = proc.communicate(timeout=FAULT_DEADLINE)
+        return proc.returncode, stderr, time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

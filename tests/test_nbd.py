@@ -19,7 +19,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 from urllib.parse import quote
@@ -31,6 +31,7 @@ import trioconv
 from trioconv import ConvertOptions, ExtentKind
 from trioconv.protocols.nbd import MultiConnDriver, NBDDriver, open_nbd
 
+from ._faults import interrupt_cli
 from .conftest import (
     ImageMaker,
     assert_identical,
@@ -662,24 +663,11 @@ def test_signal_during_nbd_copy(
     server = nbdkit_server("memory", ["size=8M"], filters=["delay"], filter_args=["delay-read=2"])
     fill_export(full_src, server.uri)
     out = tmp_path / "out.img"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trioconv", "convert", "-f", "raw", "-O", "raw", server.uri, out],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    # (connected at 1 s, reads outstanding for another second)
+    status, stderr, elapsed = interrupt_cli(
+        ["convert", "-f", "raw", "-O", "raw", server.uri, out], after=1.0, signum=signum
     )
-    try:
-        time.sleep(1.0)  # connected, reads outstanding for another second
-        assert proc.poll() is None, proc.communicate()
-        proc.send_signal(signum)
-        sent = time.monotonic()
-        _, stderr = proc.communicate(timeout=FAULT_DEADLINE)
-        elapsed = time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == -signum, stderr
+    assert status == -signum, stderr
     assert stderr.splitlines() == [f"trioconv: interrupted by {signum.name}"]
     assert elapsed < 5, elapsed
     assert not out.exists()
@@ -690,36 +678,6 @@ def stop_for_a_while(server: NBDServer) -> None:
     """SIGSTOP the server, then give the client time to fill the socket buffer."""
     server.process.send_signal(signal.SIGSTOP)
     time.sleep(0.5)
-
-
-def interrupt_cli(
-    args: list[str | Path],
-    *,
-    after: float,
-    signum: signal.Signals,
-    before_signal: Callable[[], None] | None = None,
-) -> tuple[int, str, float]:
-    """Run the CLI, send ``signum`` ``after`` seconds in; its status, stderr and how long
-    it took to end after the signal."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trioconv", *[os.fspath(a) for a in args]],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        time.sleep(after)
-        assert proc.poll() is None, proc.communicate()
-        if before_signal is not None:
-            before_signal()
-        proc.send_signal(signum)
-        sent = time.monotonic()
-        _, stderr = proc.communicate(timeout=FAULT_DEADLINE)
-        return proc.returncode, stderr, time.monotonic() - sent
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
 
 
 def test_signal_while_writing_qcow2_into_an_export(

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from ._faults import FAULT_DEADLINE, one_line_error
+from ._faults import FAULT_DEADLINE, interrupt_cli, one_line_error
 from .conftest import ImageMaker, trioconv_cli
 from .fake_nbd import (
     CMD_READ,
@@ -149,23 +149,9 @@ def test_signal_while_the_server_stopped_reading(
     with FakeNBDServer(
         tmp_path / "s.sock", size=8 << 20, behaviour=lambda req: STOP_READING
     ) as server:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "trioconv", "convert", "-n", src, server.uri],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+        status, stderr, elapsed = interrupt_cli(
+            ["convert", "-n", src, server.uri], after=1.5, signum=signum
         )
-        try:
-            time.sleep(1.5)
-            assert proc.poll() is None, proc.communicate()
-            proc.send_signal(signum)
-            sent = time.monotonic()
-            _, stderr = proc.communicate(timeout=FAULT_DEADLINE)
-            elapsed = time.monotonic() - sent
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    assert proc.returncode == -signum, stderr
+    assert status == -signum, stderr
     assert stderr.splitlines() == [f"trioconv: interrupted by {signum.name}"]
     assert elapsed < 5, elapsed
