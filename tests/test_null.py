@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,15 +10,8 @@ import trio
 
 import trioconv
 
+from ._faults import one_line_error
 from .conftest import assert_identical, create_filled, qemu_map, run, trioconv_cli
-
-
-def one_error_line(result: subprocess.CompletedProcess[str]) -> str:
-    assert result.returncode == 1
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, lines
-    assert "Traceback" not in lines[0]
-    return str(lines[0])
 
 
 def test_convert_into_null_reads_the_whole_source(tmp_path: Path, qemu_img: str) -> None:
@@ -100,7 +92,7 @@ def test_refusals_as_qemu_img(tmp_path: Path, qemu_img: str, args: list[str], me
     args = [str(src) if a == "SRC" else a for a in args]
     theirs = run(qemu_img, *args, check=False)
     assert theirs.returncode == 1 and message in theirs.stderr
-    assert message in one_error_line(trioconv_cli(*args))
+    assert message in one_line_error(trioconv_cli(*args))
 
 
 async def test_library_open_null() -> None:

@@ -494,25 +494,21 @@ def _nbd_name(uri: str) -> str:
     return f"nbd://{host}:{address.port}{export}"
 
 
-def _file_under(drv: Driver) -> str | None:
-    """The local file at the bottom of a driver stack (block options name an image
-    by its options, not its file), or None."""
-    from .protocols.file import FileDriver
-
-    layer: object = drv
-    while layer is not None:
-        if isinstance(layer, FileDriver):
-            return layer.location
-        layer = getattr(layer, "child", None)
-    return None
-
-
 def _bottom(drv: Driver) -> Driver:
     """The transport at the bottom of a driver stack."""
     layer = drv
     while (child := getattr(layer, "child", None)) is not None:
         layer = child
     return layer
+
+
+def _file_under(drv: Driver) -> str | None:
+    """The local file at the bottom of a driver stack (block options name an image
+    by its options, not its file), or None."""
+    from .protocols.file import FileDriver
+
+    bottom = _bottom(drv)
+    return bottom.location if isinstance(bottom, FileDriver) else None
 
 
 def _info_dict(drv: Driver) -> dict[str, object]:

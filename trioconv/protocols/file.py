@@ -413,9 +413,9 @@ class FileDriver(Driver):
             else:
                 await self._run("writing", offset, _write_full, self._fd, view, offset)
             return
-        await self._write_rmw(offset, view)
+        await self._write_partial(offset, view)
 
-    async def _write_rmw(self, offset: int, view: memoryview) -> None:
+    async def _write_partial(self, offset: int, view: memoryview) -> None:
         """A write that does not cover whole blocks of an ``O_DIRECT`` file (a format's
         metadata: a 512-byte table entry, a header): it goes through a second, buffered
         descriptor of the same file, opened on first need.
