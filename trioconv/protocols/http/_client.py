@@ -14,6 +14,13 @@ any answer, and that request is sent again on a new connection; any other failur
 status other than ``206``, or a ``Content-Range`` that is not the one asked for fails
 the read with a message naming the URL and the offset.
 
+Bodies are framed as RFC 9112 (6.3) says: ``Transfer-Encoding: chunked`` wins over any
+``Content-Length`` (and such a connection is not reused), else ``Content-Length``, else
+the body runs to the close; whatever the framing, it must hold exactly the range asked
+for. A content coding (``Content-Encoding: gzip``) is refused - the ranges would be of
+the encoded bytes - as is any transfer coding but chunked. Lengths must be plain
+digits that fit 64 bits, and repeated ones must agree.
+
 TLS certificates are verified against the system's trust store (``SSL_CERT_FILE`` /
 ``SSL_CERT_DIR`` point elsewhere); passwords never appear in messages.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno as errno_mod
+import re
 import ssl
 import urllib.parse
 import urllib.request
@@ -35,6 +43,7 @@ import trio
 from ..._errors import ImageError, TrioconvIOError, UnsupportedError
 from ...driver import Caps, Driver, Extent, ExtentKind, Limits
 from .._net import connection_error_reason as _reason
+from .._text import peer_text
 from . import _proto as proto
 
 __all__ = ["HTTPAddress", "HTTPDriver", "is_http_uri", "open_http", "parse_http_uri"]
@@ -53,6 +62,10 @@ MAX_RANGE = 64 * 1024 * 1024
 _DRAIN_LIMIT = 64 * 1024
 _RECEIVE = 256 * 1024
 _HEAD_RECEIVE = 16 * 1024
+#: The longest line of a chunked body accepted (a chunk size with extensions, a trailer).
+_MAX_CHUNK_LINE = 4096
+#: The password part of a URL's authority, left out when a URL is shown.
+_PASSWORD = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://[^/?#@:]*):[^/?#@]*@")
 _USER_AGENT = "trioconv"
 
 
@@ -121,14 +134,15 @@ def parse_http_uri(uri: str) -> HTTPAddress:
     Raises:
         ImageError: not such a URL, or without a host.
     """
+    shown = peer_text(_PASSWORD.sub(r"\1@", uri))
     try:
         parts = urllib.parse.urlsplit(uri)
         port = parts.port
     except ValueError as exc:
-        raise ImageError(f"Could not open '{uri}': invalid URL: {exc}") from None
+        raise ImageError(f"Could not open '{shown}': invalid URL: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https") or not parts.hostname:
-        raise ImageError(f"Could not open '{uri}': not an http:// or https:// URL with a host")
+        raise ImageError(f"Could not open '{shown}': not an http:// or https:// URL with a host")
     target = parts.path or "/"
     if parts.query:
         target += "?" + parts.query
@@ -199,10 +213,80 @@ class _Connection:
                 raise TrioconvIOError("the HTTP server closed the connection in a body")
             pos += n
 
+    async def _line(self) -> bytes:
+        """One line of a chunked body (a size line, a trailer), without its CRLF (or
+        bare LF, as in heads)."""
+        while (end := self._rest.find(b"\n")) < 0:
+            if len(self._rest) > _MAX_CHUNK_LINE:
+                raise proto.HTTPProtocolError("chunked body: line too long")
+            chunk = await self.stream.receive_some(_HEAD_RECEIVE)
+            if not chunk:
+                raise TrioconvIOError("the HTTP server closed the connection in a body")
+            self._rest += chunk
+        line, self._rest = self._rest[:end], self._rest[end + 1 :]
+        return line[:-1] if line.endswith(b"\r") else line
+
+    async def receive_chunked_into(self, view: memoryview) -> None:
+        """Receive a chunked body (RFC 9112, 7.1) of exactly ``len(view)`` bytes."""
+        pos = 0
+        while True:
+            size = (await self._line()).split(b";", 1)[0].strip()
+            if not size or len(size) > 16 or size.strip(b"0123456789abcdefABCDEF"):
+                raise proto.HTTPProtocolError(f"invalid chunk size {peer_text(size, 40)!r}")
+            n = int(size, 16)
+            if not n:
+                break
+            if n > view.nbytes - pos:
+                raise proto.HTTPProtocolError("chunked body longer than the range asked for")
+            await self.receive_into(view[pos : pos + n])
+            pos += n
+            if await self._line():
+                raise proto.HTTPProtocolError("chunk not followed by CRLF")
+        trailers = 0
+        while line := await self._line():
+            trailers += len(line)
+            if trailers > proto.MAX_HEAD:
+                raise proto.HTTPProtocolError("chunked body: trailers too large")
+        if pos != view.nbytes:
+            raise proto.HTTPProtocolError("chunked body shorter than the range asked for")
+
+    async def receive_until_close_into(self, view: memoryview) -> None:
+        """A body without length (ended by the server closing): exactly ``len(view)``."""
+        self.reusable = False
+        await self.receive_into(view)
+        if self._rest or await self.stream.receive_some(1):
+            raise proto.HTTPProtocolError("body longer than the range asked for")
+
+    async def receive_body_into(self, response: proto.Response, view: memoryview) -> None:
+        """Receive a body of exactly ``len(view)`` bytes, framed as RFC 9112 (6.3) says:
+        chunked when Transfer-Encoding says so (whatever Content-Length claims: such a
+        connection is not reused), else Content-Length bytes, else up to the close.
+
+        Raises:
+            TrioconvIOError: another transfer coding than chunked.
+            HTTPProtocolError: the framing does not hold exactly ``len(view)`` bytes.
+        """
+        coding = response.transfer_coding
+        if coding is None and response.content_length is not None:
+            await self.receive_into(view)
+        elif coding is None:
+            await self.receive_until_close_into(view)
+        elif coding == "chunked":
+            if response.header("content-length") is not None:
+                self.reusable = False
+            await self.receive_chunked_into(view)
+        else:
+            raise TrioconvIOError(
+                f"the server sent the range with Transfer-Encoding {peer_text(coding, 40)!r} "
+                "(only chunked is understood)"
+            )
+        if self._rest:  # bytes beyond the body: the stream is not to be trusted again
+            self.reusable = False
+
     async def drain(self, response: proto.Response) -> None:
         """Drop a small body so the connection can be reused; else mark it spent."""
         length = response.content_length
-        if response.chunked or length is None or length > _DRAIN_LIMIT:
+        if response.transfer_coding is not None or length is None or length > _DRAIN_LIMIT:
             self.reusable = False
             return
         await self.receive_into(memoryview(bytearray(length)))
@@ -397,9 +481,13 @@ class HTTPDriver(Driver):
                 async with self._pool.exchange(request) as (conn, response):
                     if response.status != 206:
                         await conn.drain(response)
-                        raise TrioconvIOError(self._unexpected(response, offset, view))
+                        raise TrioconvIOError(
+                            self._unexpected(response, offset, view),
+                            offset=offset,
+                            errno=errno_mod.EIO,
+                        )
                     self._check_range(response, offset, last)
-                    await conn.receive_into(view)
+                    await conn.receive_body_into(response, view)
         except TrioconvIOError as exc:
             if exc.offset is not None:
                 raise
@@ -416,11 +504,12 @@ class HTTPDriver(Driver):
                 errno=errno_mod.ETIMEDOUT,
             ) from None
         except (_ClosedByServer, trio.BrokenResourceError, OSError, proto.HTTPProtocolError) as exc:
-            reason = (
-                "the HTTP server closed the connection"
-                if isinstance(exc, _ClosedByServer)
-                else f"connection to the HTTP server failed: {_reason(exc)}"
-            )
+            if isinstance(exc, _ClosedByServer):
+                reason = "the HTTP server closed the connection"
+            elif isinstance(exc, proto.HTTPProtocolError):
+                reason = f"invalid reply from the HTTP server: {exc}"
+            else:
+                reason = f"connection to the HTTP server failed: {_reason(exc)}"
             raise TrioconvIOError(
                 f"error while reading {self.location} at byte {offset}: {reason}",
                 offset=offset,
@@ -438,8 +527,20 @@ class HTTPDriver(Driver):
         if value is None:
             raise TrioconvIOError("206 response without Content-Range")
         start, stop, total = proto.parse_content_range(value)
-        if (start, stop) != (first, last) or response.content_length != last - first + 1:
-            raise TrioconvIOError(f"the server sent range {value!r} for bytes={first}-{last}")
+        if (start, stop) != (first, last):
+            raise TrioconvIOError(
+                f"the server sent range {peer_text(value, 80)!r} for bytes={first}-{last}"
+            )
+        length = response.content_length if response.transfer_coding is None else None
+        if length is not None and length != last - first + 1:
+            raise TrioconvIOError(
+                f"the server sent {length} bytes (Content-Length) for bytes={first}-{last}"
+            )
+        if response.content_coding is not None:
+            raise TrioconvIOError(
+                f"the server sent the range with Content-Encoding "
+                f"{peer_text(response.content_coding, 40)!r} (identity was asked for)"
+            )
         if total is not None and total != self._size:
             raise TrioconvIOError(
                 f"the file changed size on the server: {total} bytes, {self._size} when opened"
@@ -461,6 +562,11 @@ async def _probe_size(pool: _Pool, address: HTTPAddress, where: str) -> int:
     headers += address.auth_header()
     async with pool.exchange(pool.build("HEAD", headers)) as (_conn, response):
         pass
+    if response.status == 200 and response.content_coding is not None:
+        raise ImageError(
+            f"{where}: the server sends the file with Content-Encoding "
+            f"{peer_text(response.content_coding, 40)!r} (identity was asked for)"
+        )
     if response.status == 200 and response.accepts_ranges:
         length = response.content_length
         if length is not None:
@@ -474,7 +580,10 @@ async def _probe_size(pool: _Pool, address: HTTPAddress, where: str) -> int:
             total = proto.parse_content_range(value)[2] if value else None
             if total is None:
                 raise ImageError(f"{where}: the server does not say how large the file is")
-            await conn.receive_into(memoryview(bytearray(response.content_length or 0)))
+            if response.transfer_coding is None and response.content_length == 1:
+                await conn.receive_into(memoryview(bytearray(1)))
+            else:
+                conn.reusable = False  # not read: the connection is not used again
             return total
         conn.reusable = False
         if response.status == 416:  # an empty file has no byte 0

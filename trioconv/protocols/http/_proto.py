@@ -37,7 +37,15 @@ MAX_HEAD = 64 * 1024
 
 _STATUS_LINE = re.compile(rb"HTTP/(\d)\.(\d) (\d{3})(?: (.*))?")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_CONTENT_RANGE = re.compile(r"bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*", re.IGNORECASE)
+_CONTENT_RANGE = re.compile(
+    r"bytes\s+(?:([0-9]{1,19})-([0-9]{1,19})|\*)/([0-9]{1,19}|\*)\s*", re.IGNORECASE | re.ASCII
+)
+#: The blank line that ends a head. RFC 9112 (2.2) lets a recipient take a bare LF as a
+#: line end, as curl and most clients do.
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_LINE_END = re.compile(rb"\r?\n")
+#: A Content-Length value: ASCII digits, no more than fit an int64 (int() takes more).
+_LENGTH = re.compile(r"[0-9]{1,19}", re.ASCII)
 
 
 class HTTPProtocolError(ValueError):
@@ -69,15 +77,22 @@ class Response:
         value = self.header("content-length")
         if value is None:
             return None
-        value = value.split(",")[0].strip()  # repeated identical values are allowed
-        if not value.isdigit():
-            raise HTTPProtocolError(f"invalid Content-Length {value!r}")
-        return int(value)
+        values = {v.strip() for v in value.split(",")}  # repeated identical values are allowed
+        if len(values) != 1 or not _LENGTH.fullmatch(first := values.pop()):
+            raise HTTPProtocolError(f"invalid Content-Length {peer_text(value, 60)!r}")
+        return int(first)
 
     @property
-    def chunked(self) -> bool:
+    def transfer_coding(self) -> str | None:
+        """The Transfer-Encoding header (lower case), or None when the body is sent as is."""
         coding = self.header("transfer-encoding")
-        return coding is not None and "chunked" in coding.lower()
+        return coding.strip().lower() if coding is not None else None
+
+    @property
+    def content_coding(self) -> str | None:
+        """The Content-Encoding other than ``identity``, or None."""
+        coding = (self.header("content-encoding") or "").strip().lower()
+        return coding if coding not in ("", "identity") else None
 
     @property
     def keep_alive(self) -> bool:
@@ -145,13 +160,13 @@ class HeadParser:
             HTTPProtocolError: the head is malformed or larger than :data:`MAX_HEAD`.
         """
         while True:
-            end = self._buf.find(b"\r\n\r\n")
-            if end < 0:
+            end = _HEAD_END.search(self._buf)
+            if end is None:
                 if len(self._buf) > MAX_HEAD:
                     raise HTTPProtocolError(f"response head larger than {MAX_HEAD} bytes")
                 return None
-            head = bytes(self._buf[:end])
-            del self._buf[: end + 4]
+            head = bytes(self._buf[: end.start()])
+            del self._buf[: end.end()]
             response = _parse_head(head)
             if 100 <= response.status < 200:
                 continue  # 100 Continue and friends: the real response follows
@@ -161,7 +176,7 @@ class HeadParser:
 
 
 def _parse_head(head: bytes) -> Response:
-    lines = head.split(b"\r\n")
+    lines = _LINE_END.split(head)
     match = _STATUS_LINE.fullmatch(lines[0])
     if match is None:
         shown = lines[0][:80].decode("latin-1")
@@ -193,7 +208,7 @@ def parse_content_range(value: str) -> tuple[int | None, int | None, int | None]
     """
     match = _CONTENT_RANGE.fullmatch(value.strip())
     if match is None:
-        raise HTTPProtocolError(f"invalid Content-Range {value!r}")
+        raise HTTPProtocolError(f"invalid Content-Range {peer_text(value, 60)!r}")
     first, last, total = match.groups()
     return (
         int(first) if first is not None else None,
