@@ -4,14 +4,49 @@ readable causes of a lost connection."""
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import trio
 
-from .._errors import TrioconvIOError
+from .._errors import TrioconvError, TrioconvIOError
 
-__all__ = ["WholeSends", "connection_error_reason", "receive_payload"]
+__all__ = ["WholeSends", "connection_error_reason", "receive_payload", "together"]
+
+
+async def together(
+    calls: Sequence[Callable[[], Awaitable[None]]], *, limit: int | None = None
+) -> None:
+    """Run ``calls`` at the same time (at most ``limit`` at once); the first failure
+    cancels the rest.
+
+    A driver splits one request into several when the server's limits say so. The
+    failure comes out as itself, not in an exception group, so that callers can catch
+    :class:`~trioconv.ZeroesNotSupported` or :class:`~trioconv.TrioconvIOError` whether
+    a request was split or not. ``limit`` keeps a server's tiny limits from turning one
+    request into thousands of tasks.
+    """
+    if len(calls) == 1:
+        await calls[0]()
+        return
+    queue = iter(calls)
+
+    async def worker() -> None:
+        for call in queue:
+            await call()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for _ in range(len(calls) if limit is None else min(limit, len(calls))):
+                nursery.start_soon(worker)
+    except BaseExceptionGroup as group:
+        ours, rest = group.split(TrioconvError)
+        if ours is None or rest is not None:
+            raise
+        first: BaseException = ours
+        while isinstance(first, BaseExceptionGroup):
+            first = first.exceptions[0]
+        raise first from group
 
 
 def connection_error_reason(exc: BaseException) -> str:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
+import functools
 import itertools
 import os
 import socket
@@ -41,7 +42,7 @@ import trio
 from ..._errors import ImageError, TrioconvIOError, UnsupportedError, ZeroesNotSupported
 from ..._open import is_iscsi_uri as is_iscsi_uri
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
-from .._net import WholeSends, receive_payload
+from .._net import WholeSends, receive_payload, together
 from .._net import connection_error_reason as _reason
 from . import _login as login_mod
 from . import _pdu as pdu
@@ -191,6 +192,8 @@ class _Task:
     done: trio.Event = attrs.field(factory=trio.Event)
     r2ts: list[tuple[int, int, int]] = attrs.field(factory=list)
     r2t_ready: trio.Event = attrs.field(factory=trio.Event)
+    scsi: bool = False  # a SCSI command: only a SCSI Response / Data-In with S ends it
+    sent: int = 0  # write data sent so far (in order: DataSequenceInOrder=Yes)
 
     def finish(self) -> None:
         """The command is over (status, error or rejection): wake whoever waits."""
@@ -220,6 +223,7 @@ class Connection:
         self.broken: TrioconvIOError | None = None
         self._closing = False
         self._nursery: trio.Nursery | None = None
+        self._pings_send, self._pings_recv = trio.open_memory_channel[tuple[BHS, bytes]](4)
 
     @classmethod
     async def connect(cls, address: ISCSIAddress) -> Connection:
@@ -277,9 +281,11 @@ class Connection:
             self._start += step
             n -= step
 
-    async def read_pdu(self) -> tuple[BHS, bytes]:
+    async def read_pdu(self, limit: int = pdu.MAX_SEGMENT) -> tuple[BHS, bytes]:
         """Receive one whole PDU (login phase and tests; the reader has its own loop)."""
         header = pdu.decode_bhs(await self._recv_exact(pdu.BHS_SIZE))
+        if header.data_length > limit:
+            raise pdu.ProtocolError(f"a {header.data_length}-byte data segment (at most {limit})")
         await self._skip(header.ahs_length)
         data = await self._recv_exact(header.data_length + pdu.pad_length(header.data_length))
         return header, data[: header.data_length]
@@ -337,6 +343,7 @@ class Connection:
         """Receive PDUs and route them to their commands until the connection closes."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            nursery.start_soon(self._answer_pings)
             task_status.started()
             try:
                 await self._read_loop()
@@ -349,6 +356,7 @@ class Connection:
             ) as exc:
                 nursery.cancel_scope.cancel()
                 if self._closing:
+                    self._give_up(TrioconvIOError(f"{self.what}: the connection is closed"))
                     return
                 error = TrioconvIOError(
                     f"{self.what}: connection to the iSCSI target lost: {_reason(exc)}",
@@ -386,11 +394,22 @@ class Connection:
             task = self._pending.get(header.itt)
             if op is Opcode.DATA_IN:
                 offset = header.word40
+                if task is not None and (task.data_in is None or not task.scsi):
+                    raise pdu.ProtocolError(
+                        f"Data-In for a task that reads nothing (ITT {header.itt})"
+                    )
                 if task is not None and task.data_in is not None:
                     if offset + n > task.data_in.nbytes:
                         raise pdu.ProtocolError(
                             f"Data-In at offset {offset}+{n} beyond the "
                             f"{task.data_in.nbytes} bytes asked for"
+                        )
+                    # DataPDUInOrder=Yes and DataSequenceInOrder=Yes (we offer Yes, the
+                    # result is the OR): each Data-In continues where the last one ended,
+                    # no gaps, no overlays (RFC 7143 13.19, 13.20).
+                    if offset != task.received:
+                        raise pdu.ProtocolError(
+                            f"Data-In at offset {offset} where {task.received} was expected"
                         )
                     await self._receive_data_in(task, offset, n)
                     task.received += n
@@ -399,6 +418,8 @@ class Connection:
                     await self._skip(n + padding)
                 if header.has_status and task is not None:
                     task.header = header
+                    # Nothing more belongs in its buffer: later PDUs for it are strays.
+                    self._pending.pop(task.itt, None)
                     task.finish()
                 continue
             data = await self._recv_exact(n + padding) if n + padding else b""
@@ -407,10 +428,16 @@ class Connection:
                     task.r2ts.append((header.ttt, header.word40, header.word44))
                     task.r2t_ready.set()
             elif op is Opcode.NOP_IN:
-                if header.ttt != pdu.RESERVED_TAG and self._nursery is not None:
-                    # The target pings: answer with the same TTT and its data.
-                    self._nursery.start_soon(self._answer_ping, header, data[:n])
+                if header.ttt != pdu.RESERVED_TAG:
+                    # The target pings: answer with the same TTT and its data, from one
+                    # task through a small queue - a target that pings faster than it
+                    # reads the answers is throttled (the reader waits), not buffered.
+                    if n > self.params.max_recv_segment:
+                        raise pdu.ProtocolError(f"NOP-In with {n} bytes of ping data")
+                    await self._pings_send.send((header, data[:n]))
                 elif task is not None:
+                    if task.scsi:
+                        raise pdu.ProtocolError(f"NOP-In for a SCSI command (ITT {header.itt})")
                     task.header = header
                     task.finish()
             elif op is Opcode.ASYNC_MESSAGE:
@@ -431,9 +458,18 @@ class Connection:
                 victim.finish()
             elif task is not None:
                 # SCSI Response, Logout/Text/Task management responses.
+                if task.scsi != (op is Opcode.SCSI_RESPONSE):
+                    raise pdu.ProtocolError(
+                        f"{op.name} for the wrong kind of task (ITT {header.itt})"
+                    )
                 task.header = header
                 task.segment = data[:n]
+                self._pending.pop(task.itt, None)
                 task.finish()
+
+    async def _answer_pings(self) -> None:
+        async for header, data in self._pings_recv:
+            await self._answer_ping(header, data)
 
     async def _answer_ping(self, header: BHS, data: bytes) -> None:
         reply = pdu.encode_nop_out(
@@ -478,6 +514,7 @@ class Connection:
         """
         for attempt in itertools.count():
             task = self._new_task(data_in)
+            task.scsi = True
             try:
                 await self._issue(task, lun, cdb, data_in, data_out)
                 await task.done.wait()
@@ -495,6 +532,12 @@ class Connection:
                     errno=errno_mod.EIO,
                 )
             if status == SCSIStatus.GOOD or status == SCSIStatus.CONDITION_MET:
+                if data_out is not None and task.sent < data_out.nbytes:
+                    raise TrioconvIOError(
+                        f"{self.what}: the target ended a write after {task.sent} of its "
+                        f"{data_out.nbytes} bytes",
+                        errno=errno_mod.EIO,
+                    )
                 return task
             sense = scsi.sense_of_response(task.segment) if task.segment else None
             if attempt < _RETRIES:
@@ -558,6 +601,7 @@ class Connection:
                 window = self._window
             await window.wait()
         remaining = total - immediate - unsolicited
+        task.sent = immediate + unsolicited
         if data_out is None or remaining <= 0:
             return
         # The rest goes when the target asks for it. Shielded: a write whose data never
@@ -570,14 +614,16 @@ class Connection:
                 task.r2t_ready = trio.Event()
                 while task.r2ts:
                     ttt, offset, length = task.r2ts.pop(0)
-                    if offset + length > total or not length:
+                    if offset + length > total or not length or offset != task.sent:
                         raise pdu.ProtocolError(
-                            f"R2T for {length} bytes at {offset} of a {total}-byte write"
+                            f"R2T for {length} bytes at {offset} of a {total}-byte write "
+                            f"({task.sent} sent)"
                         )
                     parts = []
                     self._data_out(parts, task.itt, lun, ttt, data_out, offset, length)
                     await self.send(parts)
                     remaining -= length
+                    task.sent += length
 
     def _data_out(
         self,
@@ -638,7 +684,7 @@ async def _login(conn: Connection, address: ISCSIAddress) -> None:
     request: bytes | None = state.start()
     while request is not None:
         await conn.send([request])
-        header, data = await conn.read_pdu()
+        header, data = await conn.read_pdu(login_mod.LOGIN_SEGMENT)
         if header.opcode is Opcode.REJECT:
             raise login_mod.LoginError("the target rejected the login request")
         if header.opcode is not Opcode.LOGIN_RESPONSE:
@@ -663,15 +709,19 @@ async def _probe(conn: Connection, address: ISCSIAddress) -> _Geometry:
     """Check that the LUN is a ready disk; read its size, limits and provisioning."""
     lun = address.lun
     where = f"LUN {lun} of target '{address.target}'"
+    # Decoders see only the bytes the target sent: a short answer is an error, never
+    # the zeroes of a fresh buffer taken as data.
     inquiry_buf = memoryview(bytearray(96))
     try:
-        await conn.command(lun, scsi.cdb_inquiry(None, 96), data_in=inquiry_buf)
+        task = await conn.command(lun, scsi.cdb_inquiry(None, 96), data_in=inquiry_buf)
+        inquiry = scsi.decode_inquiry(inquiry_buf[: task.received])
     except CommandError as exc:
         sense = exc.sense
         if sense is not None and sense.asc == 0x25:  # LOGICAL UNIT NOT SUPPORTED
             raise ImageError(f"Could not open '{address.uri}': {where} does not exist") from exc
         raise ImageError(f"Could not open '{address.uri}': INQUIRY failed: {exc}") from exc
-    inquiry = scsi.decode_inquiry(inquiry_buf)
+    except scsi.DecodeError as exc:
+        raise ImageError(f"Could not open '{address.uri}': INQUIRY failed: {exc}") from exc
     if not inquiry.connected:
         raise ImageError(f"Could not open '{address.uri}': {where} does not exist")
     if inquiry.device_type != scsi.TYPE_DISK:
@@ -693,8 +743,8 @@ async def _probe(conn: Connection, address: ISCSIAddress) -> _Geometry:
             await trio.sleep(0.2)
     cap_buf = memoryview(bytearray(32))
     try:
-        await conn.command(lun, scsi.cdb_read_capacity_16(32), data_in=cap_buf)
-        capacity = scsi.decode_read_capacity_16(cap_buf)
+        task = await conn.command(lun, scsi.cdb_read_capacity_16(32), data_in=cap_buf)
+        capacity = scsi.decode_read_capacity_16(cap_buf[: task.received])
     except (CommandError, scsi.DecodeError) as exc:
         raise ImageError(f"Could not open '{address.uri}': READ CAPACITY failed: {exc}") from exc
     limits = scsi.BlockLimits()
@@ -702,23 +752,28 @@ async def _probe(conn: Connection, address: ISCSIAddress) -> _Geometry:
     pages: set[int] = set()
     page_buf = memoryview(bytearray(255))
     try:
-        await conn.command(lun, scsi.cdb_inquiry(scsi.VPD_SUPPORTED_PAGES), data_in=page_buf)
-        pages = scsi.decode_supported_pages(page_buf)
+        page = scsi.VPD_SUPPORTED_PAGES
+        task = await conn.command(lun, scsi.cdb_inquiry(page), data_in=page_buf)
+        pages = scsi.decode_supported_pages(page_buf[: task.received])
         if scsi.VPD_BLOCK_LIMITS in pages:
             buf = memoryview(bytearray(64))
-            await conn.command(lun, scsi.cdb_inquiry(scsi.VPD_BLOCK_LIMITS, 64), data_in=buf)
-            limits = scsi.decode_block_limits(buf)
+            task = await conn.command(lun, scsi.cdb_inquiry(scsi.VPD_BLOCK_LIMITS, 64), data_in=buf)
+            limits = scsi.decode_block_limits(buf[: task.received])
         if scsi.VPD_LOGICAL_BLOCK_PROVISIONING in pages and capacity.lbpme:
             buf = memoryview(bytearray(64))
             page = scsi.VPD_LOGICAL_BLOCK_PROVISIONING
-            await conn.command(lun, scsi.cdb_inquiry(page, 64), data_in=buf)
-            provisioning = scsi.decode_provisioning(buf)
+            task = await conn.command(lun, scsi.cdb_inquiry(page, 64), data_in=buf)
+            provisioning = scsi.decode_provisioning(buf[: task.received])
     except (CommandError, scsi.DecodeError):
         pass  # VPD pages are optional: keep the defaults
     return _Geometry(capacity, limits, provisioning, inquiry.vendor, inquiry.product)
 
 
 # -- the driver ------------------------------------------------------------------------------
+
+#: Commands one request splits into that run at once (a target's tiny MaxBurstLength or
+#: Block Limits would otherwise make thousands of tasks for one request).
+_SPLIT_LIMIT = 128
 
 
 class ISCSIDriver(Driver):
@@ -837,18 +892,18 @@ class ISCSIDriver(Driver):
         await self._read_aligned(offset, view)
 
     async def preadinto_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
-        async with trio.open_nursery() as nursery:
-            for offset, buf in requests:
-                nursery.start_soon(self.preadinto, offset, buf)
+        await together([functools.partial(self.preadinto, off, buf) for off, buf in requests])
 
     async def _read_aligned(self, offset: int, view: memoryview) -> None:
         step = self._max_transfer
         if view.nbytes <= step:
             await self._read_piece(offset, view)
             return
-        async with trio.open_nursery() as nursery:
-            for pos in range(0, view.nbytes, step):
-                nursery.start_soon(self._read_piece, offset + pos, view[pos : pos + step])
+        pieces = range(0, view.nbytes, step)
+        calls = [
+            functools.partial(self._read_piece, offset + p, view[p : p + step]) for p in pieces
+        ]
+        await together(calls, limit=_SPLIT_LIMIT)
 
     async def _read_piece(self, offset: int, view: memoryview) -> None:
         if offset + view.nbytes > self._size:
@@ -860,6 +915,7 @@ class ISCSIDriver(Driver):
             )
         cdb = scsi.cdb_read_16(offset // self._bs, view.nbytes // self._bs)
         task = await self._run(cdb, "reading", offset, data_in=view)
+        self._check_residual(task, "reading", offset)
         if task.received < view.nbytes:
             raise TrioconvIOError(
                 f"error while reading {self.location} at byte {offset}: the target sent "
@@ -913,9 +969,11 @@ class ISCSIDriver(Driver):
         if view.nbytes <= step:
             await self._write_piece(offset, view)
             return
-        async with trio.open_nursery() as nursery:
-            for pos in range(0, view.nbytes, step):
-                nursery.start_soon(self._write_piece, offset + pos, view[pos : pos + step])
+        pieces = range(0, view.nbytes, step)
+        calls = [
+            functools.partial(self._write_piece, offset + p, view[p : p + step]) for p in pieces
+        ]
+        await together(calls, limit=_SPLIT_LIMIT)
 
     async def _write_piece(self, offset: int, view: memoryview) -> None:
         if offset + view.nbytes > self._size:
@@ -926,7 +984,20 @@ class ISCSIDriver(Driver):
                 errno=errno_mod.ENOSPC,
             )
         cdb = scsi.cdb_write_16(offset // self._bs, view.nbytes // self._bs)
-        await self._run(cdb, "writing", offset, data_out=view)
+        task = await self._run(cdb, "writing", offset, data_out=view)
+        self._check_residual(task, "writing", offset)
+
+    def _check_residual(self, task: _Task, what: str, offset: int) -> None:
+        """A READ or WRITE whose status says part of its data was not transferred
+        (U bit, RFC 7143 11.4.5) failed, whatever the status."""
+        header = task.header
+        if header is not None and header.flags & pdu.UNDERFLOW and header.residual:
+            raise TrioconvIOError(
+                f"error while {what} {self.location} at byte {offset}: the target "
+                f"transferred {header.residual} bytes less than asked for",
+                offset=offset,
+                errno=errno_mod.EIO,
+            )
 
     async def pwrite_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
@@ -951,10 +1022,11 @@ class ISCSIDriver(Driver):
                 # one of its I/O threads per command): pieces in flight together use
                 # all of its threads instead of one.
                 step = min(step, _WRITE_SAME_PIECE)
-            async with trio.open_nursery() as nursery:
-                for pos in range(head, tail, step):
-                    n = min(step, tail - pos)
-                    nursery.start_soon(self._write_same, pos, n, block, unmap)
+            calls = [
+                functools.partial(self._write_same, pos, min(step, tail - pos), block, unmap)
+                for pos in range(head, tail, step)
+            ]
+            await together(calls, limit=_SPLIT_LIMIT)
         if end > tail:
             await self._write_unaligned(tail, memoryview(bytes(end - tail)))
 
@@ -969,6 +1041,8 @@ class ISCSIDriver(Driver):
                 else:
                     self._zeroes = False
                 raise ZeroesNotSupported(f"{self.location}: WRITE SAME refused: {exc}") from exc
+            raise self._error(exc, "zeroing", offset) from exc
+        except pdu.ProtocolError as exc:
             raise self._error(exc, "zeroing", offset) from exc
 
     async def discard(self, offset: int, length: int) -> None:

@@ -35,6 +35,11 @@ __all__ = [
     "encode_text",
 ]
 
+#: The longest login text (all the PDUs of one response together) taken from a target.
+MAX_TEXT = 64 * 1024
+#: MaxRecvDataSegmentLength during login (RFC 7143 13.12: 8192 until negotiated).
+LOGIN_SEGMENT = 8192
+
 SECURITY = 0
 OPERATIONAL = 1
 FULL_FEATURE = 3
@@ -207,6 +212,9 @@ class Params:
 
 def _as_int(key: str, value: str) -> int:
     try:
+        # Decimal or 0x hex (RFC 7143 6.1); int() would also take "1_000" and " 1 ".
+        if "_" in value or value != value.strip():
+            raise ValueError(value)
         number = int(value, 0)
     except ValueError:
         raise LoginError(f"the target sent {key}={value[:32]}, not a number") from None
@@ -325,6 +333,8 @@ class Login:
         self.max_cmd_sn = header.max_cmd_sn
         if header.tsih:
             self.tsih = header.tsih
+        if len(self._pending_text) + len(data) > MAX_TEXT:
+            raise LoginError(f"the target's login text is longer than {MAX_TEXT} bytes")
         self._pending_text += data
         if header.more_text:  # the target's text continues in its next response
             return self._pdu({}, self.stage, transit=False)

@@ -29,6 +29,7 @@ import attrs
 __all__ = [
     "BHS_SIZE",
     "BHS",
+    "MAX_SEGMENT",
     "Opcode",
     "ProtocolError",
     "decode_bhs",
@@ -45,7 +46,8 @@ __all__ = [
 BHS_SIZE = 48
 #: Task tag and target transfer tag value meaning "none".
 RESERVED_TAG = 0xFFFFFFFF
-_MAX_SEGMENT = (1 << 24) - 1
+#: The largest data segment a PDU can carry (a 24-bit length).
+MAX_SEGMENT = (1 << 24) - 1
 
 
 class ProtocolError(Exception):
@@ -130,7 +132,7 @@ def _header(
     itt: int = RESERVED_TAG,
     tail: bytes = bytes(28),
 ) -> bytes:
-    if data_length > _MAX_SEGMENT:
+    if data_length > MAX_SEGMENT:
         raise ValueError("data segment too long")
     first = opcode | (_IMMEDIATE if immediate else 0)
     head = struct.pack(">BBBBI", first, flags, b2, b3, data_length)  # byte 4 (AHS) = 0

@@ -16,7 +16,7 @@ import functools
 import itertools
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -25,14 +25,13 @@ import trio
 
 from ..._errors import (
     ImageError,
-    TrioconvError,
     TrioconvIOError,
     UnsupportedError,
     ZeroesNotSupported,
 )
 from ..._open import is_nbd_uri as is_nbd_uri
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
-from .._net import WholeSends, receive_payload
+from .._net import WholeSends, receive_payload, together
 from . import _proto as proto
 from ._proto import Cmd, CmdFlag, TxFlag
 
@@ -150,30 +149,6 @@ def _tls_context(address: NBDAddress) -> ssl.SSLContext:
     if not address.tls_verify:
         ctx.verify_mode = ssl.CERT_NONE
     return ctx
-
-
-async def _together(calls: Sequence[Callable[[], Awaitable[None]]]) -> None:
-    """Run ``calls`` at the same time; the first failure cancels the rest.
-
-    The failure comes out as itself, not in an exception group, so that callers can
-    catch :class:`~trioconv.ZeroesNotSupported` or :class:`~trioconv.TrioconvIOError`
-    whether a request was split or not.
-    """
-    if len(calls) == 1:
-        await calls[0]()
-        return
-    try:
-        async with trio.open_nursery() as nursery:
-            for call in calls:
-                nursery.start_soon(call)
-    except BaseExceptionGroup as group:
-        ours, rest = group.split(TrioconvError)
-        if ours is None or rest is not None:
-            raise
-        first: BaseException = ours
-        while isinstance(first, BaseExceptionGroup):
-            first = first.exceptions[0]
-        raise first from group
 
 
 @attrs.define(eq=False)
@@ -463,7 +438,7 @@ class NBDDriver(Driver):
             else:
                 await self._request(cmd, offset, view.nbytes, payload=view)
             return
-        await _together(
+        await together(
             [
                 functools.partial(self._split, cmd, offset + start, view[start : start + step])
                 for start in range(0, view.nbytes, step)
@@ -477,7 +452,7 @@ class NBDDriver(Driver):
     async def preadinto_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
         """All the reads in flight at once."""
         if requests:
-            await _together([functools.partial(self.preadinto, off, buf) for off, buf in requests])
+            await together([functools.partial(self.preadinto, off, buf) for off, buf in requests])
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
         if not self._writable:
@@ -500,7 +475,7 @@ class NBDDriver(Driver):
             flags |= CmdFlag.FAST_ZERO
         step = _MAX_ZERO - _MAX_ZERO % self.info.min_block
         pieces = range(offset, offset + length, step)
-        await _together(
+        await together(
             [
                 functools.partial(
                     self._zero_piece, start, min(step, offset + length - start), flags
@@ -539,7 +514,7 @@ class NBDDriver(Driver):
             )
         step = self.info.max_block - self.info.max_block % self.info.min_block
         pieces = range(offset, offset + length, step)
-        await _together(
+        await together(
             [
                 functools.partial(self._trim_piece, start, min(step, offset + length - start))
                 for start in pieces
@@ -658,9 +633,7 @@ class MultiConnDriver(Driver):
         return await self.connections[0].block_status(offset, length)
 
     async def flush(self) -> None:
-        async with trio.open_nursery() as nursery:
-            for conn in self.connections:
-                nursery.start_soon(conn.flush)
+        await together([conn.flush for conn in self.connections])
 
     async def aclose(self) -> None:
         for conn in self.connections:

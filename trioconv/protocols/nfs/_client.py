@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as errno_mod
+import functools
 import itertools
 import os
 import random
@@ -44,7 +45,7 @@ import trio
 from ..._errors import ImageError, TrioconvIOError, UnsupportedError
 from ..._open import is_nfs_uri as is_nfs_uri
 from ...driver import Buffer, Caps, Driver, Limits
-from .._net import WholeSends, receive_payload
+from .._net import WholeSends, receive_payload, together
 from .._net import connection_error_reason as _reason
 from . import _proto as proto
 from . import _rpc as rpc
@@ -808,9 +809,7 @@ class NFSDriver(Driver):
                 stale = self._log.committed(ids, verf)
                 if not stale:
                     return
-                async with trio.open_nursery() as nursery:
-                    for entry in stale:
-                        nursery.start_soon(self._rewrite, entry)
+                await together([functools.partial(self._rewrite, entry) for entry in stale])
             raise TrioconvIOError(
                 f"error while flushing {self.location}: the server's write verifier "
                 f"changed {_MAX_REWRITE_ROUNDS} times in a row (is it restarting?)",
