@@ -328,15 +328,29 @@ class RPCClient:
         return self._unpack(pending)
 
     async def _read_inline(self, xid: int, pending: _Pending) -> None:
-        while pending.record is None:
-            record = self._records.next_record()
-            if record is None:
-                data = await self._stream.receive_some(_RECEIVE_SIZE)
-                if not data:
-                    raise TrioconvIOError(f"{self.what}: the server closed the connection")
-                self._records.receive_data(data)
-            elif rpc.reply_xid(record) == xid:
-                pending.record = bytes(record)
+        try:
+            while pending.record is None:
+                record = self._records.next_record()
+                if record is None:
+                    data = await self._stream.receive_some(_RECEIVE_SIZE)
+                    if not data:
+                        raise TrioconvIOError(f"{self.what}: the server closed the connection")
+                    self._records.receive_data(data)
+                elif rpc.reply_xid(record) == xid:
+                    pending.record = bytes(record)
+        except (
+            trio.BrokenResourceError,
+            trio.ClosedResourceError,
+            OSError,
+            rpc.RPCProtocolError,
+        ) as exc:
+            # As the reader does: the stream is unusable, and the caller expects
+            # TrioconvIOError (not a trio or RPC exception, which would escape as a
+            # traceback, or past contextlib.suppress(TrioconvIOError) around UMNT).
+            self.broken = self.broken or TrioconvIOError(
+                f"{self.what}: connection to the NFS server lost: {_reason(exc)}"
+            )
+            raise self.broken from exc
 
     def _dispatch(self, record: memoryview) -> None:
         """Hand a complete reply to its caller (a READ's data straight into its buffer)."""
@@ -647,7 +661,9 @@ async def _session(uri: str) -> AsyncIterator[_Session]:
 def _open_error(uri: str, exc: Exception) -> ImageError:
     if isinstance(exc, ImageError):
         return exc
-    return ImageError(f"Could not open '{uri}': {exc}")
+    text = str(exc)
+    text = text.removeprefix(f"{uri}: ")  # the connection's messages name the URL already
+    return ImageError(f"Could not open '{uri}': {text}")
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -740,6 +756,15 @@ class NFSDriver(Driver):
                         offset=offset,
                         errno=errno_mod.EIO,
                     )
+                if offset + got < self._size:
+                    # RFC 1813: eof means offset + count is the file's size. Ending
+                    # before the size the file was opened with is not zeroes to fill in.
+                    raise TrioconvIOError(
+                        f"error while reading {self.location} at byte {offset + got}: the "
+                        f"server reported the end of the file before its size ({self._size})",
+                        offset=offset + got,
+                        errno=errno_mod.EIO,
+                    )
                 buf[got:] = bytes(n - got)  # past the end of the file
                 return
             buf = buf[got:]
@@ -759,6 +784,7 @@ class NFSDriver(Driver):
         """WRITE UNSTABLE all of ``data``; return the verifier, None when already stable."""
         verf: bytes | None = None
         pos = 0
+        restarts = 0
         while pos < len(data):
             chunk = memoryview(data)[pos:]
             try:
@@ -780,6 +806,15 @@ class NFSDriver(Driver):
             if result.committed is Stable.UNSTABLE:
                 if verf is not None and verf != result.verf:
                     # The server restarted between two parts: write it all again.
+                    restarts += 1
+                    if restarts > _MAX_REWRITE_ROUNDS:
+                        raise TrioconvIOError(
+                            f"error while writing {self.location} at byte {offset}: the "
+                            f"server's write verifier changed {restarts} times while "
+                            "writing one piece (is it restarting?)",
+                            offset=offset,
+                            errno=errno_mod.EIO,
+                        )
                     pos, verf = 0, None
                     continue
                 verf = result.verf
@@ -918,20 +953,36 @@ async def create_nfs_file(uri: str, size: int) -> bool:
                     if exc.status != proto.NFS3ERR_EXIST:
                         raise
                     created, fh = False, None
-                if fh is None:
-                    fh, _attr = await session.lookup(session.names)
-                if not created:  # what a new file reads as: zeroes
-                    await session.nfs(
-                        Proc.SETATTR,
-                        proto.encode_setattr_size(fh, 0),
-                        lambda u: proto.decode_wcc_status(u, "SETATTR"),
-                    )
-                if size:
-                    await session.nfs(
-                        Proc.SETATTR,
-                        proto.encode_setattr_size(fh, size),
-                        lambda u: proto.decode_wcc_status(u, "SETATTR"),
-                    )
+                try:
+                    if fh is None:
+                        fh, _attr = await session.lookup(session.names)
+                    if not created:  # what a new file reads as: zeroes
+                        await session.nfs(
+                            Proc.SETATTR,
+                            proto.encode_setattr_size(fh, 0),
+                            lambda u: proto.decode_wcc_status(u, "SETATTR"),
+                        )
+                    if size:
+                        await session.nfs(
+                            Proc.SETATTR,
+                            proto.encode_setattr_size(fh, size),
+                            lambda u: proto.decode_wcc_status(u, "SETATTR"),
+                        )
+                except BaseException:
+                    # The caller never learns the file was new: remove it here, as
+                    # create_image does for a local file.
+                    if created:
+                        with (
+                            trio.CancelScope(shield=True),
+                            trio.move_on_after(10),
+                            contextlib.suppress(Exception),
+                        ):
+                            await session.nfs(
+                                Proc.REMOVE,
+                                proto.encode_diropargs(dir_fh, name),
+                                lambda u: proto.decode_wcc_status(u, "REMOVE"),
+                            )
+                    raise
                 return created
         except proto.NFSStatusError as exc:
             raise ImageError(f"Could not create '{uri}': {exc}") from exc

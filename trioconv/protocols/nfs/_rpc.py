@@ -267,8 +267,11 @@ class RecordReader:
         self._end = 0
         #: Bytes of the stream still to be dropped (the tail of a handed-over record).
         self._discard = 0
-        self._fragments: list[bytes] = []
+        #: The fragments of the record being reassembled, joined as they come (a list
+        #: of them would cost ~90 bytes per fragment, even an empty one, when joined).
+        self._fragments = bytearray()
         self._fragments_size = 0
+        self._fragment_count = 0
 
     @property
     def buffered(self) -> int:
@@ -344,14 +347,18 @@ class RecordReader:
                 return None
             self._start = start + size
             if not header & LAST_FRAGMENT:
-                self._fragments.append(bytes(self._buf[start : start + size]))
+                self._fragment_count += 1
+                with memoryview(self._buf) as view:
+                    self._fragments += view[start : start + size]
                 self._fragments_size += size
                 continue
-            if self._fragments:
-                self._fragments.append(bytes(self._buf[start : start + size]))
-                record = b"".join(self._fragments)
+            if self._fragment_count:
+                with memoryview(self._buf) as view:
+                    self._fragments += view[start : start + size]
+                record = bytes(self._fragments)
                 self._fragments.clear()
                 self._fragments_size = 0
+                self._fragment_count = 0
                 return memoryview(record)
             return memoryview(self._buf)[start : start + size]
 
@@ -364,7 +371,7 @@ class RecordReader:
         valid until the next :meth:`get_buffer`, :meth:`receive_data` or
         :meth:`hand_over`.
         """
-        if self._discard or self._fragments or self._end - self._start < 4:
+        if self._discard or self._fragment_count or self._end - self._start < 4:
             return None
         (header,) = _U32.unpack_from(self._buf, self._start)
         size = header & MAX_FRAGMENT
