@@ -17,14 +17,13 @@ connections::
 
 from __future__ import annotations
 
-import contextlib
 import re
 import socket
-import threading
 from collections.abc import Callable, Sequence
-from types import TracebackType
 
 import attrs
+
+from ._scripted import ScriptedServer
 
 
 @attrs.frozen
@@ -88,70 +87,34 @@ def honest(req: Request) -> bytes | None:
     return partial(req)
 
 
-class FakeHTTPServer:
+class FakeHTTPServer(ScriptedServer):
     """The server, on an ephemeral port of 127.0.0.1, until the ``with`` block ends."""
 
     def __init__(self, image: bytes, behaviour: Behaviour = honest) -> None:
         self.image = image
         self.behaviour = behaviour
         self.requests: list[Request] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.port: int = self._listener.getsockname()[1]
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
+        listener = socket.create_server(("127.0.0.1", 0))
+        self.port: int = listener.getsockname()[1]
+        super().__init__(listener)
 
     def url(self, path: str = "/disk.img") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
-    def __enter__(self) -> FakeHTTPServer:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept
-        self._listener.close()
-        with self._lock:
-            for conn in self._conns:
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RDWR)
-                conn.close()
-        self._thread.join(5)
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         buf = b""
-        with conn:
-            try:
-                while True:
-                    while b"\r\n\r\n" not in buf:
-                        data = conn.recv(65536)
-                        if not data:
-                            return
-                        buf += data
-                    raw, _, buf = buf.partition(b"\r\n\r\n")
-                    reply = self.behaviour(self._parse(raw))
-                    if reply is None:
-                        return
-                    conn.sendall(reply)
-                    if isinstance(reply, Closing):
-                        return
-            except OSError:
+        while True:
+            while b"\r\n\r\n" not in buf:
+                data = conn.recv(65536)
+                if not data:
+                    return
+                buf += data
+            raw, _, buf = buf.partition(b"\r\n\r\n")
+            reply = self.behaviour(self._parse(raw))
+            if reply is None:
+                return
+            conn.sendall(reply)
+            if isinstance(reply, Closing):
                 return
 
     def _parse(self, raw: bytes) -> Request:

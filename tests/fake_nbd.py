@@ -17,7 +17,8 @@ import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from types import TracebackType
+
+from ._scripted import ScriptedServer
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
@@ -70,7 +71,7 @@ def honest(req: Request) -> bytes:
     return simple_reply(req)
 
 
-class FakeNBDServer:
+class FakeNBDServer(ScriptedServer):
     def __init__(
         self,
         path: Path,
@@ -90,40 +91,16 @@ class FakeNBDServer:
         self.behaviour = behaviour
         self.block_sizes = block_sizes
         self.go_error = go_error
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(str(path))
-        self._listener.listen(8)
-        self._conns: list[socket.socket] = []
-        self._thread = threading.Thread(target=self._accept, daemon=True)
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(path))
+        listener.listen(8)
+        super().__init__(listener)
 
     @property
     def uri(self) -> str:
         return f"nbd+unix:///?socket={self.path}"
 
-    def __enter__(self) -> FakeNBDServer:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._listener.close()
-        for conn in self._conns:
-            conn.close()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self._listener.accept()
-            except OSError:
-                return
-            self._conns.append(conn)
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
+    def serve(self, conn: socket.socket) -> None:
         try:
             self._handshake(conn)
             while True:
@@ -137,7 +114,7 @@ class FakeNBDServer:
                 if answer == STOP_READING:
                     threading.Event().wait()  # the connection stays open, unread
                 conn.sendall(answer)
-        except (OSError, EOFError):
+        except EOFError:
             return
 
     def _handshake(self, conn: socket.socket) -> None:
