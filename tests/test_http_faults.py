@@ -207,6 +207,33 @@ def test_replies_that_cannot_be_trusted(tmp_path: Path, behaviour: Behaviour, me
     assert not out.exists()
 
 
+def replaced_after_first_read() -> Behaviour:
+    """A file replaced on the server (same size, new ETag) once its first range was read."""
+    reads = 0
+
+    def behaviour(req: Request) -> bytes | None:
+        nonlocal reads
+        tag = '"v1"' if reads == 0 else '"v2"'
+        if req.method == "HEAD":
+            fields = [("Content-Length", len(req.image)), ("Accept-Ranges", "bytes"), ("ETag", tag)]
+            return head("200 OK", fields)
+        if data_reads(req):
+            reads += 1
+        return partial(req, headers=[("ETag", tag)])
+
+    return behaviour
+
+
+def test_a_file_replaced_while_read(tmp_path: Path) -> None:
+    """The same size but another strong ETag: the bytes would mix two files."""
+    out = tmp_path / "out.raw"
+    with FakeHTTPServer(IMAGE, replaced_after_first_read()) as server:
+        result = trioconv_cli("convert", "-f", "raw", "-m", "1", server.url(), out)
+    line = one_line_error(result)
+    assert 'the file changed on the server: ETag "v2", "v1" when opened' in line
+    assert not out.exists()
+
+
 def test_passwords_stay_out_of_messages() -> None:
     line = one_line_error(trioconv_cli("info", "http://alice:s3cret@127.0.0.1:99999/disk.img"))
     assert "invalid URL" in line

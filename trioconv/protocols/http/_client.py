@@ -11,8 +11,9 @@ flight become requests in flight to the server. A plain-HTTP body is received wi
 ``recv_into`` straight into the caller's buffer; over TLS it is decrypted into it. A
 connection the server closed while idle is noticed when a request on it fails before
 any answer, and that request is sent again on a new connection; any other failure, a
-status other than ``206``, or a ``Content-Range`` that is not the one asked for fails
-the read with a message naming the URL and the offset.
+status other than ``206``, a ``Content-Range`` that is not the one asked for, or a
+strong ``ETag`` other than the one the file had when opened (it was replaced on the
+server) fails the read with a message naming the URL and the offset.
 
 Bodies are framed as RFC 9112 (6.3) says: ``Transfer-Encoding: chunked`` wins over any
 ``Content-Length`` (and such a connection is not reused), else ``Content-Length``, else
@@ -432,10 +433,18 @@ class HTTPDriver(Driver):
 
     name = "http"
 
-    def __init__(self, pool: _Pool, address: HTTPAddress, size: int, original: str) -> None:
+    def __init__(
+        self,
+        pool: _Pool,
+        address: HTTPAddress,
+        size: int,
+        original: str,
+        etag: str | None = None,
+    ) -> None:
         self._pool = pool
         self._address = address
         self._size = size
+        self._etag = etag  # the file's strong validator when opened, if the server gave one
         self.location = original
         self._closed = False
 
@@ -545,6 +554,12 @@ class HTTPDriver(Driver):
             raise TrioconvIOError(
                 f"the file changed size on the server: {total} bytes, {self._size} when opened"
             )
+        etag = _strong_etag(response)
+        if self._etag is not None and etag is not None and etag != self._etag:
+            raise TrioconvIOError(
+                f"the file changed on the server: ETag {peer_text(etag, 80)}, "
+                f"{peer_text(self._etag, 80)} when opened"
+            )
 
     async def block_status(self, offset: int, length: int) -> Extent:
         return Extent(offset, min(length, self._size - offset), ExtentKind.DATA)
@@ -556,8 +571,15 @@ class HTTPDriver(Driver):
         await self._pool.aclose()
 
 
-async def _probe_size(pool: _Pool, address: HTTPAddress, where: str) -> int:
-    """HEAD, and when that leaves doubt a one-byte GET: the size; ranges must work."""
+def _strong_etag(response: proto.Response) -> str | None:
+    """The response's ETag when it is a strong one (``W/`` tags may match changed bytes)."""
+    tag = response.header("etag")
+    return tag if tag and not tag.startswith("W/") else None
+
+
+async def _probe_size(pool: _Pool, address: HTTPAddress, where: str) -> tuple[int, str | None]:
+    """HEAD, and when that leaves doubt a one-byte GET: the size and the strong ETag (a
+    read whose reply carries another one finds the file changed); ranges must work."""
     headers = [("User-Agent", _USER_AGENT), ("Accept-Encoding", "identity")]
     headers += address.auth_header()
     async with pool.exchange(pool.build("HEAD", headers)) as (_conn, response):
@@ -570,7 +592,7 @@ async def _probe_size(pool: _Pool, address: HTTPAddress, where: str) -> int:
     if response.status == 200 and response.accepts_ranges:
         length = response.content_length
         if length is not None:
-            return length
+            return length, _strong_etag(response)
     elif response.status not in (200, 405, 501):
         raise ImageError(f"{where}: {response.describe()}")
     probe = pool.build("GET", [*headers, ("Range", "bytes=0-0")])
@@ -584,13 +606,13 @@ async def _probe_size(pool: _Pool, address: HTTPAddress, where: str) -> int:
                 await conn.receive_into(memoryview(bytearray(1)))
             else:
                 conn.reusable = False  # not read: the connection is not used again
-            return total
+            return total, _strong_etag(response)
         conn.reusable = False
         if response.status == 416:  # an empty file has no byte 0
             value = response.header("content-range")
             total = proto.parse_content_range(value)[2] if value else None
             if total == 0:
-                return 0
+                return 0, None
         if response.status == 200:
             raise ImageError(
                 f"{where}: the server does not support byte ranges (it answers a range "
@@ -599,8 +621,11 @@ async def _probe_size(pool: _Pool, address: HTTPAddress, where: str) -> int:
         raise ImageError(f"{where}: {response.describe()}")
 
 
-async def _resolve(address: HTTPAddress, where: str) -> tuple[HTTPAddress, _Pool, int]:
-    """Follow redirections from ``address``; the final address, its pool and the size."""
+async def _resolve(
+    address: HTTPAddress, where: str
+) -> tuple[HTTPAddress, _Pool, tuple[int, str | None]]:
+    """Follow redirections from ``address``; the final address, its pool, the size and
+    the strong ETag."""
     for _ in range(MAX_REDIRECTS + 1):
         pool = _Pool(address, DEFAULT_CONNECTIONS, proxy_for(address))
         try:
@@ -653,14 +678,14 @@ async def open_http(
         raise UnsupportedError(f"{where}: HTTP images are read-only")
     try:
         with trio.fail_after(OPEN_TIMEOUT):
-            final, pool, size = await _resolve(address, where)
+            final, pool, (size, etag) = await _resolve(address, where)
     except trio.TooSlowError:
         raise ImageError(f"{where}: the server did not answer in time") from None
     except _ClosedByServer:
         raise ImageError(f"{where}: the HTTP server closed the connection") from None
     except (OSError, trio.BrokenResourceError, proto.HTTPProtocolError, TrioconvIOError) as exc:
         raise ImageError(f"{where}: {_tls_reason(exc) or _reason(exc)}") from None
-    driver = HTTPDriver(pool, final, size, address.uri)
+    driver = HTTPDriver(pool, final, size, address.uri, etag)
     try:
         yield driver
     finally:
