@@ -334,7 +334,7 @@ class RPCClient:
                 if record is None:
                     data = await self._stream.receive_some(_RECEIVE_SIZE)
                     if not data:
-                        raise TrioconvIOError(f"{self.what}: the server closed the connection")
+                        raise trio.BrokenResourceError("the server closed the connection")
                     self._records.receive_data(data)
                 elif rpc.reply_xid(record) == xid:
                     pending.record = bytes(record)
@@ -658,12 +658,15 @@ async def _session(uri: str) -> AsyncIterator[_Session]:
         await client.aclose()
 
 
-def _open_error(uri: str, exc: Exception) -> ImageError:
+def _open_error(uri: str, exc: Exception, verb: str = "open") -> ImageError:
+    """``Could not VERB 'URI': what went wrong`` (naming the URL once)."""
     if isinstance(exc, ImageError):
         return exc
+    if isinstance(exc, trio.TooSlowError):
+        return ImageError(f"Could not {verb} '{uri}': the server did not answer in time")
     text = str(exc)
     text = text.removeprefix(f"{uri}: ")  # the connection's messages name the URL already
-    return ImageError(f"Could not open '{uri}': {text}")
+    return ImageError(f"Could not {verb} '{uri}': {text}")
 
 
 # -- the driver ----------------------------------------------------------------------------
@@ -932,66 +935,53 @@ async def _parent(session: _Session) -> tuple[bytes, str]:
 async def create_nfs_file(uri: str, size: int) -> bool:
     """Create ``uri`` (or truncate it) as an empty file of ``size`` bytes.
 
+    A file this call created is removed again (over a new connection: the first may be
+    what failed) when setting its size fails, since the caller never learns it was new.
+
     Returns:
         True when the file did not exist before (the caller may remove it on failure).
 
     Raises:
         ImageError: it cannot be created.
     """
-    async with _session(uri) as session:
-        try:
-            with trio.fail_after(OPEN_TIMEOUT):
-                dir_fh, name = await _parent(session)
-                created = True
-                try:
-                    fh = await session.nfs(
-                        Proc.CREATE,
-                        proto.encode_create(dir_fh, name, proto.CreateMode.GUARDED),
-                        proto.decode_create,
-                    )
-                except proto.NFSStatusError as exc:
-                    if exc.status != proto.NFS3ERR_EXIST:
-                        raise
-                    created, fh = False, None
-                try:
+    created = False
+    try:
+        async with _session(uri) as session:
+            try:
+                with trio.fail_after(OPEN_TIMEOUT):
+                    dir_fh, name = await _parent(session)
+                    try:
+                        fh = await session.nfs(
+                            Proc.CREATE,
+                            proto.encode_create(dir_fh, name, proto.CreateMode.GUARDED),
+                            proto.decode_create,
+                        )
+                        created = True
+                    except proto.NFSStatusError as exc:
+                        if exc.status != proto.NFS3ERR_EXIST:
+                            raise
+                        fh = None
                     if fh is None:
                         fh, _attr = await session.lookup(session.names)
-                    if not created:  # what a new file reads as: zeroes
+                    # An existing file is truncated first: a new file reads as zeroes.
+                    for length in ([] if created else [0]) + ([size] if size else []):
                         await session.nfs(
                             Proc.SETATTR,
-                            proto.encode_setattr_size(fh, 0),
+                            proto.encode_setattr_size(fh, length),
                             lambda u: proto.decode_wcc_status(u, "SETATTR"),
                         )
-                    if size:
-                        await session.nfs(
-                            Proc.SETATTR,
-                            proto.encode_setattr_size(fh, size),
-                            lambda u: proto.decode_wcc_status(u, "SETATTR"),
-                        )
-                except BaseException:
-                    # The caller never learns the file was new: remove it here, as
-                    # create_image does for a local file.
-                    if created:
-                        with (
-                            trio.CancelScope(shield=True),
-                            trio.move_on_after(10),
-                            contextlib.suppress(Exception),
-                        ):
-                            await session.nfs(
-                                Proc.REMOVE,
-                                proto.encode_diropargs(dir_fh, name),
-                                lambda u: proto.decode_wcc_status(u, "REMOVE"),
-                            )
-                    raise
-                return created
-        except proto.NFSStatusError as exc:
-            raise ImageError(f"Could not create '{uri}': {exc}") from exc
-        except trio.TooSlowError:
-            raise ImageError(
-                f"Could not create '{uri}': the server did not answer in time"
-            ) from None
-        except TrioconvIOError as exc:
-            raise ImageError(f"Could not create '{uri}': {exc}") from exc
+                    return created
+            except (proto.NFSStatusError, trio.TooSlowError, TrioconvIOError) as exc:
+                raise _open_error(uri, exc, "create") from exc
+    except BaseException:
+        if created:
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(OPEN_TIMEOUT),
+                contextlib.suppress(Exception),
+            ):
+                await remove_nfs_file(uri)
+        raise
 
 
 async def remove_nfs_file(uri: str) -> None:
@@ -1009,11 +999,5 @@ async def remove_nfs_file(uri: str) -> None:
                     proto.encode_diropargs(dir_fh, name),
                     lambda u: proto.decode_wcc_status(u, "REMOVE"),
                 )
-        except proto.NFSStatusError as exc:
-            raise ImageError(f"Could not remove '{uri}': {exc}") from exc
-        except trio.TooSlowError:
-            raise ImageError(
-                f"Could not remove '{uri}': the server did not answer in time"
-            ) from None
-        except TrioconvIOError as exc:
-            raise ImageError(f"Could not remove '{uri}': {exc}") from exc
+        except (proto.NFSStatusError, trio.TooSlowError, TrioconvIOError) as exc:
+            raise _open_error(uri, exc, "remove") from exc

@@ -50,6 +50,9 @@ AUTH_SYS = 1
 LAST_FRAGMENT = 0x80000000
 #: Largest fragment :func:`frame` makes (and the record-marking maximum).
 MAX_FRAGMENT = 0x7FFFFFFF
+#: The most fragments one record may come in. Servers send one; a stream of empty
+#: fragments would otherwise keep the reader busy for ever without a record.
+MAX_FRAGMENTS = 65536
 #: RFC 5531: ``opaque body<400>`` in every credential and verifier.
 MAX_AUTH_BODY = 400
 
@@ -348,6 +351,8 @@ class RecordReader:
             self._start = start + size
             if not header & LAST_FRAGMENT:
                 self._fragment_count += 1
+                if self._fragment_count > MAX_FRAGMENTS:
+                    raise RPCProtocolError(f"a record in more than {MAX_FRAGMENTS} fragments")
                 with memoryview(self._buf) as view:
                     self._fragments += view[start : start + size]
                 self._fragments_size += size
