@@ -194,6 +194,8 @@ class _Task:
     r2t_ready: trio.Event = attrs.field(factory=trio.Event)
     scsi: bool = False  # a SCSI command: only a SCSI Response / Data-In with S ends it
     sent: int = 0  # write data sent so far (in order: DataSequenceInOrder=Yes)
+    out_total: int = 0  # write data in all
+    asked: int = 0  # write data sent unasked or asked for by R2Ts so far
 
     def finish(self) -> None:
         """The command is over (status, error or rejection): wake whoever waits."""
@@ -388,6 +390,10 @@ class Connection:
             header = pdu.decode_bhs(await self._recv_exact(pdu.BHS_SIZE))
             await self._skip(header.ahs_length)
             n = header.data_length
+            if n > self.params.max_recv_segment:  # what we declared, for every PDU
+                raise pdu.ProtocolError(
+                    f"a {n}-byte data segment (at most {self.params.max_recv_segment})"
+                )
             padding = pdu.pad_length(n)
             self._note_sequence(header)
             op = header.opcode
@@ -425,15 +431,23 @@ class Connection:
             data = await self._recv_exact(n + padding) if n + padding else b""
             if op is Opcode.R2T:
                 if task is not None:
-                    task.r2ts.append((header.ttt, header.word40, header.word44))
+                    # Checked here, not by the writer: a bad R2T leaves the target waiting
+                    # for data that will not come, so the whole connection is given up
+                    # (which also frees the other pieces of a split write).
+                    offset, length = header.word40, header.word44
+                    if offset != task.asked or not length or offset + length > task.out_total:
+                        raise pdu.ProtocolError(
+                            f"R2T for {length} bytes at {offset} of a {task.out_total}-byte "
+                            f"write ({task.asked} sent or asked for before)"
+                        )
+                    task.asked += length
+                    task.r2ts.append((header.ttt, offset, length))
                     task.r2t_ready.set()
             elif op is Opcode.NOP_IN:
                 if header.ttt != pdu.RESERVED_TAG:
                     # The target pings: answer with the same TTT and its data, from one
                     # task through a small queue - a target that pings faster than it
                     # reads the answers is throttled (the reader waits), not buffered.
-                    if n > self.params.max_recv_segment:
-                        raise pdu.ProtocolError(f"NOP-In with {n} bytes of ping data")
                     await self._pings_send.send((header, data[:n]))
                 elif task is not None:
                     if task.scsi:
@@ -568,6 +582,7 @@ class Connection:
             if not params.initial_r2t:
                 unsolicited = burst - immediate
         expected = data_in.nbytes if data_in is not None else total
+        task.out_total, task.asked = total, immediate + unsolicited  # before any R2T
         while True:
             async with self._sends.lock:
                 if self.broken is not None:
@@ -613,12 +628,7 @@ class Connection:
                     break
                 task.r2t_ready = trio.Event()
                 while task.r2ts:
-                    ttt, offset, length = task.r2ts.pop(0)
-                    if offset + length > total or not length or offset != task.sent:
-                        raise pdu.ProtocolError(
-                            f"R2T for {length} bytes at {offset} of a {total}-byte write "
-                            f"({task.sent} sent)"
-                        )
+                    ttt, offset, length = task.r2ts.pop(0)  # checked by the reader
                     parts = []
                     self._data_out(parts, task.itt, lun, ttt, data_out, offset, length)
                     await self.send(parts)

@@ -24,7 +24,7 @@ import os
 
 import attrs
 
-from ._pdu import BHS, encode_login
+from ._pdu import BHS, MAX_SEGMENT, encode_login
 
 __all__ = [
     "Login",
@@ -445,7 +445,10 @@ class Login:
 
         max_burst = number("MaxBurstLength", 262144)
         params = Params(
-            max_send_segment=_as_int("MaxRecvDataSegmentLength", got["MaxRecvDataSegmentLength"])
+            # (RFC 7143 13.12: at most 2**24 - 1, all a PDU's length field can say)
+            max_send_segment=min(
+                _as_int("MaxRecvDataSegmentLength", got["MaxRecvDataSegmentLength"]), MAX_SEGMENT
+            )
             if "MaxRecvDataSegmentLength" in got
             else 8192,
             max_recv_segment=int(mine.get("MaxRecvDataSegmentLength", "8192")),

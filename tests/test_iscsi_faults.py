@@ -1,0 +1,356 @@
+"""iSCSI targets that break the protocol: one clear line, never wrong bytes.
+
+The scripted target (:mod:`tests.fake_iscsi`) sends what tgtd never does. The rules the
+initiator holds it to (RFC 7143, with DataPDUInOrder and DataSequenceInOrder agreed):
+
+* a READ's Data-In PDUs fill its buffer in order, with no gap and no overlap, and the
+  status ends them - data after it belongs to nothing; an underflow residual (U bit)
+  says data is missing, whatever the status;
+* a WRITE is over only when all its data went: R2Ts ask, in order, for what was not sent
+  yet; a status before that, an underflow residual, or a NOP-In in the command's place
+  fail it;
+* a target's ping is answered with its data through a small queue, so a flood of pings
+  costs no memory; a ping larger than the initiator's MaxRecvDataSegmentLength is an
+  error, as are login data segments and texts larger than the login allows;
+* a LUN that refuses WRITE SAME gets its zeroes written; a connection closed instead of a
+  Logout Response ends the session at once.
+
+Each conversion runs through the CLI, as a user runs it, and the bytes that end up in the
+output file or in the LUN are compared exactly. Memory is checked where a target could
+make the initiator hoard it: the peak RSS of the converting process stays under 200 MiB.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trioconv.protocols.iscsi import _scsi as scsi
+
+from ._faults import FAULT_DEADLINE, MiB, one_line_error
+from .conftest import trioconv_cli
+from .fake_iscsi import GOOD, PDU, FakeISCSITarget, Session, honest_read, honest_write
+
+SIZE = 4 * MiB
+#: The LUN's bytes, for reads. Reads go as two 2 MiB READs.
+LUN = os.urandom(SIZE)
+#: The largest data segment a PDU can carry (24 bits of length).
+MAX_SEGMENT = (1 << 24) - 1
+#: The initiator's MaxRecvDataSegmentLength: the most ping data it echoes.
+OUR_SEGMENT = 262144
+#: A target's smallest limits: 512-byte bursts, no immediate data (an R2T for every
+#: block), one block per READ or WRITE (Block Limits).
+TINY: dict[str, Any] = {
+    "params": {"MaxBurstLength": "512", "FirstBurstLength": "512", "ImmediateData": "No"},
+    "max_transfer": 1,
+}
+
+
+def source(tmp_path: Path) -> tuple[Path, bytes]:
+    """A raw image to write into the LUN: data, a zero run (WRITE SAME), data."""
+    data = os.urandom(MiB) + bytes(2 * MiB) + os.urandom(MiB)
+    path = tmp_path / "src.raw"
+    path.write_bytes(data)
+    return path, data
+
+
+def measured(*args: str | os.PathLike[str]) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run the CLI in a fresh interpreter that reports its one child's peak RSS (KiB)."""
+    code = (
+        "import resource, subprocess, sys; "
+        "r = subprocess.run([sys.executable, '-m', 'trioconv', *sys.argv[1:]]); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+        "sys.exit(r.returncode)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code, *[os.fspath(a) for a in args]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    return result, int(result.stdout)
+
+
+def writes_with_r2t(cmd: PDU) -> bool:
+    """A WRITE (not a WRITE SAME) whose data does not all fit in the command PDU."""
+    return cmd.cdb[0] == scsi.WRITE_16 and cmd.word20 > len(cmd.data)
+
+
+# -- honest targets --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("limits", [{}, TINY], ids=["default", "tiny-limits"])
+def test_reading_a_lun(tmp_path: Path, limits: dict[str, Any]) -> None:
+    """The LUN's bytes, also through 8192 one-block READs (in bounded memory)."""
+    out = tmp_path / "out.raw"
+    with FakeISCSITarget(bytearray(LUN), **limits) as target:
+        result, rss = measured("convert", "-f", "raw", "-O", "raw", target.url, out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == LUN
+    assert rss < 200 * 1024
+
+
+@pytest.mark.parametrize("limits", [{}, TINY], ids=["default", "tiny-limits"])
+def test_writing_into_a_lun(tmp_path: Path, limits: dict[str, Any]) -> None:
+    """Immediate data and R2Ts, or one 512-byte R2T per block: the LUN holds the image,
+    zeroes included (WRITE SAME over what it held before)."""
+    src, data = source(tmp_path)
+    lun = bytearray(os.urandom(SIZE))
+    with FakeISCSITarget(lun, **limits) as target:
+        result, rss = measured("convert", "-n", "-f", "raw", "-O", "raw", src, target.url)
+    assert result.returncode == 0, result.stderr
+    assert lun == data
+    assert target.opcodes[scsi.WRITE_SAME_16]
+    assert rss < 200 * 1024
+
+
+# -- reads -----------------------------------------------------------------------------------
+
+
+def overlapping(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+    """The first half twice, the second half never: as many bytes as asked for."""
+    half = len(data) // 2
+    return [s.data_in(cmd, 0, data[:half]), s.data_in(cmd, 0, data[:half], status=GOOD)]
+
+
+def data_after_the_status(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+    """The status with the first half; then other bytes for the second half (which,
+    taken, would make the count right)."""
+    half = len(data) // 2
+    return [s.data_in(cmd, 0, data[:half], status=GOOD), s.data_in(cmd, half, b"\xee" * half)]
+
+
+def underflow(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+    """All the data, but the status says half of it was not transferred (U bit)."""
+    return [s.data_in(cmd, 0, data, status=GOOD, underflow=len(data) // 2)]
+
+
+@pytest.mark.parametrize(
+    ("reads", "message"),
+    [
+        (overlapping, "connection to the iSCSI target lost: Data-In at offset 0 where "),
+        (data_after_the_status, "the target sent 1048576 of 2097152 bytes"),
+        (underflow, "the target transferred 1048576 bytes less than asked for"),
+    ],
+)
+def test_broken_read_replies(
+    tmp_path: Path, reads: Callable[[Session, PDU, bytes], Sequence[bytes]], message: str
+) -> None:
+    """Whatever the status says, a READ the target did not fill exactly fails."""
+    out = tmp_path / "out.raw"
+    with FakeISCSITarget(bytearray(LUN), reads=reads) as target:
+        started = time.monotonic()
+        result = trioconv_cli("convert", "-f", "raw", "-O", "raw", target.url, out)
+    assert time.monotonic() - started < FAULT_DEADLINE
+    line = one_line_error(result)
+    assert target.url in line and message in line, line
+    assert not out.exists()
+
+
+def test_data_in_after_a_complete_reply_is_ignored(tmp_path: Path) -> None:
+    """A stray Data-In for a READ that already has its status - here after each of 128
+    READs of 32 KiB - never lands in its buffer (which may hold other data by then)."""
+
+    def stray_after(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+        return [*honest_read(s, cmd, data), s.data_in(cmd, 0, b"\xee" * 4096)]
+
+    out = tmp_path / "out.raw"
+    with FakeISCSITarget(bytearray(LUN), max_transfer=64, reads=stray_after) as target:
+        result = trioconv_cli("convert", "-f", "raw", "-O", "raw", target.url, out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == LUN
+
+
+# -- writes ----------------------------------------------------------------------------------
+
+
+def good_without_r2t(s: Session, cmd: PDU) -> Sequence[bytes]:
+    """GOOD after the immediate data: the rest never asked for."""
+    if not writes_with_r2t(cmd):
+        return honest_write(s, cmd)
+    return [s.store(cmd, cmd.data)]
+
+
+def good_after_half(s: Session, cmd: PDU) -> Sequence[bytes]:
+    """An R2T for half of what is left, then GOOD."""
+    if not writes_with_r2t(cmd):
+        return honest_write(s, cmd)
+    sent = len(cmd.data)
+    half = (cmd.word20 - sent) // 2
+    return [s.store(cmd, s.collect(cmd, [(sent, half)])[: sent + half])]
+
+
+def r2t_for_the_immediate_data(s: Session, cmd: PDU) -> Sequence[bytes]:
+    """An R2T for the bytes the command carried already; the target then waits for
+    them (and serves the other commands meanwhile)."""
+    if not writes_with_r2t(cmd):
+        return honest_write(s, cmd)
+    return [s.r2t(cmd, 0, len(cmd.data))]
+
+
+def r2t_for_the_immediate_data_then_wait(s: Session, cmd: PDU) -> Sequence[bytes]:
+    """The same R2T, but the target (one command at a time) waits for those bytes before
+    serving anything else: only giving up the connection ends the other WRITEs' waits."""
+    if not writes_with_r2t(cmd):
+        return honest_write(s, cmd)
+    return [s.store(cmd, s.collect(cmd, [(0, len(cmd.data))]))]
+
+
+def nop_in_for_the_write(s: Session, cmd: PDU) -> Sequence[bytes]:
+    """A NOP-In carrying the WRITE's task tag, in place of R2Ts and status."""
+    if not writes_with_r2t(cmd):
+        return honest_write(s, cmd)
+    return [s.nop_in(itt=cmd.itt)]
+
+
+def underflow_on_writes(s: Session, cmd: PDU) -> Sequence[bytes]:
+    """All the data asked for and taken, then GOOD saying half was not transferred."""
+    if not writes_with_r2t(cmd):
+        return honest_write(s, cmd)
+    s.collect(cmd)
+    return [s.response(cmd, underflow=cmd.word20 // 2)]
+
+
+@pytest.mark.parametrize(
+    ("writes", "message"),
+    [
+        (good_without_r2t, "the target ended a write after 65536 of its 262144 bytes"),
+        (good_after_half, "the target ended a write after 163840 of its 262144 bytes"),
+        (r2t_for_the_immediate_data, "R2T for 65536 bytes at 0 of a 262144-byte write"),
+        (r2t_for_the_immediate_data_then_wait, "R2T for 65536 bytes at 0 of a 262144-byte"),
+        (nop_in_for_the_write, "connection to the iSCSI target lost: NOP-In for a SCSI command"),
+        (underflow_on_writes, "the target transferred 131072 bytes less than asked for"),
+    ],
+)
+def test_broken_write_flows(
+    tmp_path: Path, writes: Callable[[Session, PDU], Sequence[bytes]], message: str
+) -> None:
+    """Whatever the status says, a WRITE whose data did not all go fails."""
+    src, _ = source(tmp_path)
+    with FakeISCSITarget(bytearray(SIZE), writes=writes) as target:
+        started = time.monotonic()
+        args = ["convert", "-n", "-f", "raw", "-O", "raw", str(src), target.url]
+        result = trioconv_cli(*args, timeout=FAULT_DEADLINE)
+    assert time.monotonic() - started < FAULT_DEADLINE
+    line = one_line_error(result)
+    assert target.url in line and message in line, line
+
+
+@pytest.mark.parametrize("thin", [False, True], ids=["thick", "thin"])
+def test_a_lun_without_write_same_gets_zeroes_written(tmp_path: Path, thin: bool) -> None:
+    """WRITE SAME refused (ILLEGAL REQUEST, invalid opcode), here split in many pieces
+    in flight (Block Limits allow 16 blocks each): zero buffers go instead."""
+    src, data = source(tmp_path)
+    lun = bytearray(os.urandom(SIZE))
+    with FakeISCSITarget(lun, thin=thin, write_same=False, max_write_same=16) as target:
+        result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "raw", src, target.url)
+    assert result.returncode == 0, result.stderr
+    assert target.opcodes[scsi.WRITE_SAME_16]
+    assert lun == data
+
+
+def test_a_bad_r2t_for_write_same_names_the_lun(tmp_path: Path) -> None:
+    """Not an "internal error": the R2T of a WRITE SAME is checked like any other, and
+    a bad one gives up the connection (the target waits for data that will not come)."""
+
+    def r2t_beyond(s: Session, cmd: PDU) -> Sequence[bytes]:
+        if cmd.cdb[0] == scsi.WRITE_SAME_16:
+            return [s.r2t(cmd, 4096, 512)]
+        return honest_write(s, cmd)
+
+    src, _ = source(tmp_path)
+    params = {"ImmediateData": "No"}  # the block goes when an R2T asks for it
+    with FakeISCSITarget(bytearray(SIZE), params=params, writes=r2t_beyond) as target:
+        line = one_line_error(trioconv_cli("convert", "-n", "-f", "raw", src, target.url))
+    assert line.startswith(f"trioconv: {target.url}: connection to the iSCSI target lost: ")
+    assert "R2T for 512 bytes at 4096 of a 512-byte write" in line
+    assert "internal error" not in line
+
+
+# -- pings -----------------------------------------------------------------------------------
+
+
+def test_a_ping_flood_is_answered_in_bounded_memory(tmp_path: Path) -> None:
+    """600 pings of 256 KiB (150 MiB) while the target reads nothing for a second: the
+    initiator stops reading too instead of keeping them, then echoes every one."""
+    ping = os.urandom(OUR_SEGMENT)
+    count = 600
+
+    def flood(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+        if cmd.lba_blocks[0] == 0:
+            s.send(*(s.nop_in(ttt=ttt, data=ping) for ttt in range(1, count + 1)))
+            time.sleep(1)
+        return honest_read(s, cmd, data)
+
+    out = tmp_path / "out.raw"
+    with FakeISCSITarget(bytearray(LUN), reads=flood) as target:
+        result, rss = measured("convert", "-f", "raw", "-O", "raw", target.url, out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == LUN
+    assert target.pongs == [(ttt, zlib.crc32(ping)) for ttt in range(1, count + 1)]
+    assert rss < 200 * 1024
+
+
+def test_a_ping_larger_than_our_segment_limit(tmp_path: Path) -> None:
+    """More ping data than the initiator declared it takes: refused, not echoed."""
+
+    def big_ping(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+        return [s.nop_in(ttt=7, data=bytes(OUR_SEGMENT + 4)), *honest_read(s, cmd, data)]
+
+    with FakeISCSITarget(bytearray(LUN), reads=big_ping) as target:
+        line = one_line_error(trioconv_cli("convert", "-f", "raw", target.url, tmp_path / "o"))
+    lost = "connection to the iSCSI target lost"
+    assert f"{lost}: a {OUR_SEGMENT + 4}-byte data segment (at most {OUR_SEGMENT})" in line
+
+
+# -- login and logout ------------------------------------------------------------------------
+
+
+def test_login_text_continued_forever(tmp_path: Path) -> None:
+    """Every response has the C bit (more text follows): refused past 64 KiB, long
+    before the 30-second login timeout."""
+
+    def more_and_more(s: Session, req: PDU) -> bytes:
+        return s.login_response(req, b"X=" + b"a" * 4000, more=True)
+
+    with FakeISCSITarget(bytearray(LUN), login=more_and_more) as target:
+        started = time.monotonic()
+        result = trioconv_cli("convert", "-f", "raw", target.url, tmp_path / "o", timeout=10)
+    assert time.monotonic() - started < 5
+    line = one_line_error(result)
+    assert f"Could not open '{target.url}': login failed: the target's login text is " in line
+
+
+def test_a_huge_login_data_segment(tmp_path: Path) -> None:
+    """16 MiB of login text in one PDU: refused from its header (at most 8192 bytes
+    until the login is over), before it is read."""
+
+    def huge(s: Session, req: PDU) -> bytes | None:
+        if req.flags & 0x0C:  # past the security stage
+            return None
+        text = b"AuthMethod=None\0TargetPortalGroupTag=1\0X="
+        return s.login_response(req, text.ljust(MAX_SEGMENT - 1, b"a") + b"\0")
+
+    with FakeISCSITarget(bytearray(LUN), login=huge) as target:
+        line = one_line_error(trioconv_cli("convert", "-f", "raw", target.url, tmp_path / "o"))
+    assert f"login failed: a {MAX_SEGMENT}-byte data segment (at most 8192)" in line
+
+
+def test_a_target_that_closes_instead_of_answering_logout(tmp_path: Path) -> None:
+    """The closed connection is the answer: no waiting out the logout timeout."""
+    out = tmp_path / "out.raw"
+    with FakeISCSITarget(bytearray(LUN), answer_logout=False) as target:
+        result = trioconv_cli("convert", "-f", "raw", "-O", "raw", target.url, out)
+        ended = time.monotonic()
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == LUN
+    assert target.logout_at is not None
+    assert ended - target.logout_at < 2
