@@ -317,15 +317,19 @@ class FileDriver(Driver):
             copy_range=not self._cache.direct,
         )
 
+    def _os_error(self, what: str, offset: int, exc: OSError) -> TrioconvIOError:
+        """``error while WHAT FILE at byte OFFSET: STRERROR``, keeping the errno."""
+        return TrioconvIOError(
+            f"error while {what} {self.location} at byte {offset}: {exc.strerror}",
+            offset=offset,
+            errno=exc.errno,
+        )
+
     async def _run(self, what: str, offset: int, fn: Callable[..., _T], *args: object) -> _T:
         try:
             return await _in_thread(fn, *args)
         except OSError as exc:
-            raise TrioconvIOError(
-                f"error while {what} {self.location} at byte {offset}: {exc.strerror}",
-                offset=offset,
-                errno=exc.errno,
-            ) from exc
+            raise self._os_error(what, offset, exc) from exc
         except OverflowError:  # an offset past what a file offset can hold
             raise TrioconvIOError(
                 f"error while {what} {self.location} at byte {offset}: File too large",
@@ -434,11 +438,7 @@ class FileDriver(Driver):
             try:
                 self._buffered_fd = os.open(f"/proc/self/fd/{self._fd}", flags)
             except OSError as exc:
-                raise TrioconvIOError(
-                    f"error while writing {self.location} at byte {offset}: {exc.strerror}",
-                    offset=offset,
-                    errno=exc.errno,
-                ) from exc
+                raise self._os_error("writing", offset, exc) from exc
         await self._run("writing", offset, _write_full, self._buffered_fd, view, offset)
 
     def _check_writable(self) -> None:
@@ -461,11 +461,7 @@ class FileDriver(Driver):
             if exc.errno in _NOT_SUPPORTED:
                 self._zeroes_ok = False
                 raise ZeroesNotSupported(str(exc)) from exc
-            raise TrioconvIOError(
-                f"error while zeroing {self.location} at byte {offset}: {exc.strerror}",
-                offset=offset,
-                errno=exc.errno,
-            ) from exc
+            raise self._os_error("zeroing", offset, exc) from exc
 
     def _zero_sync(self, offset: int, length: int, may_unmap: bool) -> None:
         if self._blockdev:
@@ -554,11 +550,7 @@ class FileDriver(Driver):
         except OSError as exc:
             if exc.errno in _NOT_SUPPORTED or exc.errno == errno.EXDEV:
                 raise UnsupportedError(f"copy offload not possible: {exc.strerror}") from exc
-            raise TrioconvIOError(
-                f"error while copying to {self.location} at byte {offset}: {exc.strerror}",
-                offset=offset,
-                errno=exc.errno,
-            ) from exc
+            raise self._os_error("copying to", offset, exc) from exc
 
     async def flush(self) -> None:
         if self._writable and self._cache.flush and not self._cache.dsync:

@@ -715,16 +715,21 @@ class _Geometry:
     product: str
 
 
+async def _ask(conn: Connection, lun: int, cdb: bytes, size: int) -> memoryview:
+    """Run a command that returns up to ``size`` bytes (its allocation length): the bytes
+    the target sent. Decoders see only those - a short answer is an error, never the
+    zeroes of a fresh buffer taken as data."""
+    buf = memoryview(bytearray(size))
+    task = await conn.command(lun, cdb, data_in=buf)
+    return buf[: task.received]
+
+
 async def _probe(conn: Connection, address: ISCSIAddress) -> _Geometry:
     """Check that the LUN is a ready disk; read its size, limits and provisioning."""
     lun = address.lun
     where = f"LUN {lun} of target '{address.target}'"
-    # Decoders see only the bytes the target sent: a short answer is an error, never
-    # the zeroes of a fresh buffer taken as data.
-    inquiry_buf = memoryview(bytearray(96))
     try:
-        task = await conn.command(lun, scsi.cdb_inquiry(None, 96), data_in=inquiry_buf)
-        inquiry = scsi.decode_inquiry(inquiry_buf[: task.received])
+        inquiry = scsi.decode_inquiry(await _ask(conn, lun, scsi.cdb_inquiry(None, 96), 96))
     except CommandError as exc:
         sense = exc.sense
         if sense is not None and sense.asc == 0x25:  # LOGICAL UNIT NOT SUPPORTED
@@ -751,29 +756,23 @@ async def _probe(conn: Connection, address: ISCSIAddress) -> _Geometry:
                     f"Could not open '{address.uri}': {where} is not ready: {exc}"
                 ) from exc
             await trio.sleep(0.2)
-    cap_buf = memoryview(bytearray(32))
     try:
-        task = await conn.command(lun, scsi.cdb_read_capacity_16(32), data_in=cap_buf)
-        capacity = scsi.decode_read_capacity_16(cap_buf[: task.received])
+        capacity = scsi.decode_read_capacity_16(
+            await _ask(conn, lun, scsi.cdb_read_capacity_16(32), 32)
+        )
     except (CommandError, scsi.DecodeError) as exc:
         raise ImageError(f"Could not open '{address.uri}': READ CAPACITY failed: {exc}") from exc
     limits = scsi.BlockLimits()
     provisioning = scsi.Provisioning()
-    pages: set[int] = set()
-    page_buf = memoryview(bytearray(255))
     try:
-        page = scsi.VPD_SUPPORTED_PAGES
-        task = await conn.command(lun, scsi.cdb_inquiry(page), data_in=page_buf)
-        pages = scsi.decode_supported_pages(page_buf[: task.received])
+        page_list = await _ask(conn, lun, scsi.cdb_inquiry(scsi.VPD_SUPPORTED_PAGES, 255), 255)
+        pages = scsi.decode_supported_pages(page_list)
         if scsi.VPD_BLOCK_LIMITS in pages:
-            buf = memoryview(bytearray(64))
-            task = await conn.command(lun, scsi.cdb_inquiry(scsi.VPD_BLOCK_LIMITS, 64), data_in=buf)
-            limits = scsi.decode_block_limits(buf[: task.received])
+            page = await _ask(conn, lun, scsi.cdb_inquiry(scsi.VPD_BLOCK_LIMITS, 64), 64)
+            limits = scsi.decode_block_limits(page)
         if scsi.VPD_LOGICAL_BLOCK_PROVISIONING in pages and capacity.lbpme:
-            buf = memoryview(bytearray(64))
-            page = scsi.VPD_LOGICAL_BLOCK_PROVISIONING
-            task = await conn.command(lun, scsi.cdb_inquiry(page, 64), data_in=buf)
-            provisioning = scsi.decode_provisioning(buf[: task.received])
+            cdb = scsi.cdb_inquiry(scsi.VPD_LOGICAL_BLOCK_PROVISIONING, 64)
+            provisioning = scsi.decode_provisioning(await _ask(conn, lun, cdb, 64))
     except (CommandError, scsi.DecodeError):
         pass  # VPD pages are optional: keep the defaults
     return _Geometry(capacity, limits, provisioning, inquiry.vendor, inquiry.product)
