@@ -101,6 +101,27 @@ def test_huge_chunk_from_a_server_without_a_maximum(tmp_path: Path) -> None:
     assert int(result.stdout) < 200 * 1024  # KiB
 
 
+def test_a_tiny_maximum_block_size_keeps_memory_bounded(tmp_path: Path) -> None:
+    """A 512-byte maximum request splits each 2 MiB read in 4096: they run a bounded
+    number at a time (thousands of tasks per request took hundreds of MiB)."""
+    size = 16 << 20
+    with FakeNBDServer(tmp_path / "s.sock", size=size, block_sizes=(512, 512, 512)) as server:
+        code = (
+            "import resource, subprocess, sys; "
+            "r = subprocess.run([sys.executable, '-m', 'trioconv', *sys.argv[1:]]); "
+            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+            "sys.exit(r.returncode)"
+        )
+        out = tmp_path / "out.img"
+        args = ["convert", "-f", "raw", "-m", "16", server.uri, str(out)]
+        result = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120
+        )
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == bytes(size)
+    assert int(result.stdout) < 120 * 1024  # KiB
+
+
 @pytest.mark.parametrize(
     ("sizes", "ok"),
     [

@@ -11,11 +11,15 @@ import trio
 
 from .._errors import TrioconvError, TrioconvIOError
 
-__all__ = ["WholeSends", "connection_error_reason", "receive_payload", "together"]
+__all__ = ["SPLIT_LIMIT", "WholeSends", "connection_error_reason", "receive_payload", "together"]
+
+
+#: Pieces of one split request that run at once (see :func:`together`).
+SPLIT_LIMIT = 128
 
 
 async def together(
-    calls: Sequence[Callable[[], Awaitable[None]]], *, limit: int | None = None
+    calls: Sequence[Callable[[], Awaitable[None]]], *, limit: int = SPLIT_LIMIT
 ) -> None:
     """Run ``calls`` at the same time (at most ``limit`` at once); the first failure
     cancels the rest.
@@ -23,8 +27,8 @@ async def together(
     A driver splits one request into several when the server's limits say so. The
     failure comes out as itself, not in an exception group, so that callers can catch
     :class:`~trioconv.ZeroesNotSupported` or :class:`~trioconv.TrioconvIOError` whether
-    a request was split or not. ``limit`` keeps a server's tiny limits from turning one
-    request into thousands of tasks.
+    a request was split or not. ``limit`` keeps a server's tiny limits (a 512-byte
+    maximum request) from turning one request into thousands of tasks.
     """
     if len(calls) == 1:
         await calls[0]()
@@ -37,7 +41,7 @@ async def together(
 
     try:
         async with trio.open_nursery() as nursery:
-            for _ in range(len(calls) if limit is None else min(limit, len(calls))):
+            for _ in range(min(limit, len(calls))):
                 nursery.start_soon(worker)
     except BaseExceptionGroup as group:
         ours, rest = group.split(TrioconvError)

@@ -780,10 +780,6 @@ async def _probe(conn: Connection, address: ISCSIAddress) -> _Geometry:
 
 # -- the driver ------------------------------------------------------------------------------
 
-#: Commands one request splits into that run at once (a target's tiny MaxBurstLength or
-#: Block Limits would otherwise make thousands of tasks for one request).
-_SPLIT_LIMIT = 128
-
 
 class ISCSIDriver(Driver):
     """A LUN behind an iSCSI target. Made by :func:`open_iscsi`, which runs its reader.
@@ -912,7 +908,7 @@ class ISCSIDriver(Driver):
         calls = [
             functools.partial(self._read_piece, offset + p, view[p : p + step]) for p in pieces
         ]
-        await together(calls, limit=_SPLIT_LIMIT)
+        await together(calls)
 
     async def _read_piece(self, offset: int, view: memoryview) -> None:
         if offset + view.nbytes > self._size:
@@ -982,7 +978,7 @@ class ISCSIDriver(Driver):
         calls = [
             functools.partial(self._write_piece, offset + p, view[p : p + step]) for p in pieces
         ]
-        await together(calls, limit=_SPLIT_LIMIT)
+        await together(calls)
 
     async def _write_piece(self, offset: int, view: memoryview) -> None:
         if offset + view.nbytes > self._size:
@@ -1035,7 +1031,7 @@ class ISCSIDriver(Driver):
                 functools.partial(self._write_same, pos, min(step, tail - pos), block, unmap)
                 for pos in range(head, tail, step)
             ]
-            await together(calls, limit=_SPLIT_LIMIT)
+            await together(calls)
         if end > tail:
             await self._write_unaligned(tail, memoryview(bytes(end - tail)))
 
