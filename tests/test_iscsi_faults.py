@@ -112,6 +112,25 @@ def test_writing_into_a_lun(tmp_path: Path, limits: dict[str, Any]) -> None:
     assert rss < 200 * 1024
 
 
+@pytest.mark.parametrize(
+    ("flags", "syncs"),
+    [([], 0), (["-t", "unsafe"], 0), (["-t", "writeback"], 1), (["-t", "none"], 1)],
+    ids=["default", "unsafe", "writeback", "none"],
+)
+def test_synchronize_cache_follows_the_cache_mode(
+    tmp_path: Path, flags: list[str], syncs: int
+) -> None:
+    """SYNCHRONIZE CACHE once at the end, except under ``unsafe`` (the default for a
+    target, as qemu-img's), which ignores flushes as it does for a local file."""
+    src, data = source(tmp_path)
+    lun = bytearray(os.urandom(SIZE))
+    with FakeISCSITarget(lun) as target:
+        result = trioconv_cli("convert", "-n", *flags, "-f", "raw", "-O", "raw", src, target.url)
+    assert result.returncode == 0, result.stderr
+    assert lun == data
+    assert target.opcodes[scsi.SYNCHRONIZE_CACHE_16] == syncs
+
+
 # -- reads -----------------------------------------------------------------------------------
 
 

@@ -42,6 +42,7 @@ from .conftest import (
 from .nbd_servers import NbdkitLauncher, NBDServer, QemuNbdLauncher, TLSCerts
 
 MiB = 1024 * 1024
+GiB = 1024 * MiB
 KiB = 1024
 
 #: A fault must end the command within this many seconds.
@@ -916,6 +917,41 @@ def test_requests_are_pipelined(
         assert max_in_flight(log, "Read") >= in_flight, log.read_text()
     else:
         assert max_in_flight(log, "Read") == 1, log.read_text()
+
+
+def test_target_is_zeroed_up_front_requests_in_flight(
+    nbdkit_server: NbdkitLauncher, tmp_path: Path
+) -> None:
+    """An existing target is zeroed first with fast WRITE_ZEROES of 256 MiB: the first
+    alone (a server that cannot zero fast refuses it, and nothing has changed), the rest
+    ``-m`` at a time, each a round trip (200 ms here)."""
+    src = tmp_path / "src.raw"
+    with src.open("wb") as f:
+        f.truncate(GiB)
+        f.seek(300 * MiB)
+        f.write(os.urandom(MiB))
+    log = tmp_path / "zero.log"
+    server = nbdkit_server(
+        "memory",
+        [f"size={GiB}"],
+        filters=["log", "delay"],
+        filter_args=[f"logfile={log}", "delay-zero=200ms"],
+    )
+    result = trioconv_cli(
+        "convert", "-n", "-m", "4", "--connections", "1", "-f", "raw", "-O", "raw", src,
+        server.uri,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    compare_uri(src, server.uri)
+    zeroes = requests(log, "Zero")
+    assert [(o, c) for o, c, _ in zeroes] == [(i * 256 * MiB, 256 * MiB) for i in range(4)]
+    assert all("fast=1" in rest for _, _, rest in zeroes)
+    lines = log_lines(log)
+    first_reply = next(i for i, line in enumerate(lines) if re.match(r".*\.\.\.Zero id=", line))
+    second_request = [i for i, line in enumerate(lines) if _REQUEST.match(line)
+                      and " Zero " in line][1]  # fmt: skip
+    assert first_reply < second_request, log.read_text()
+    assert max_in_flight(log, "Zero") == 3, log.read_text()
 
 
 # -- 12. discard ---------------------------------------------------------------------------------

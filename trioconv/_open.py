@@ -572,7 +572,9 @@ async def _open_transport_image(
         elif is_iscsi_uri(text):
             from .protocols.iscsi import open_iscsi  # only programs that use iSCSI pay for it
 
-            transport = await stack.enter_async_context(open_iscsi(text, writable=writable))
+            transport = await stack.enter_async_context(
+                open_iscsi(text, writable=writable, cache=cache)
+            )
         elif is_http_uri(text):
             from .protocols.http import open_http  # only programs that use HTTP pay for it
 

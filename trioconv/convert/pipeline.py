@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import enum
+import functools
 import logging
 import math
 import mmap
@@ -47,6 +48,7 @@ from .._errors import (
 )
 from ..driver import Driver, ExtentKind
 from ..formats.raw import RawDriver
+from ..protocols._net import together
 from ..protocols.file import FileDriver
 from .options import ConvertOptions
 from .progress import Progress
@@ -618,10 +620,23 @@ class _Engine:
         ):
             return
         total = self.sources.total
+        calls = [
+            functools.partial(
+                self.target.pwrite_zeroes,
+                start,
+                min(MAX_ZERO_JOB, total - start),
+                may_unmap=True,
+                fast=True,
+            )
+            for start in range(0, total, MAX_ZERO_JOB)
+        ]
         try:
-            for start in range(0, total, MAX_ZERO_JOB):
-                n = min(MAX_ZERO_JOB, total - start)
-                await self.target.pwrite_zeroes(start, n, may_unmap=True, fast=True)
+            # The first request decides: a target that cannot zero fast refuses it and
+            # nothing has changed. The rest go ``-m`` at a time, since over a network
+            # each is a round trip (a 1 TiB LUN takes 4096 of them).
+            if calls:
+                await calls[0]()
+            await together(calls[1:], limit=self.opts.parallel)
         except ZeroesNotSupported:
             return
         self.zero_init = self.prezeroed = True

@@ -39,6 +39,7 @@ from contextlib import asynccontextmanager
 import attrs
 import trio
 
+from ..._cache import CacheMode
 from ..._errors import ImageError, TrioconvIOError, UnsupportedError, ZeroesNotSupported
 from ..._open import is_iscsi_uri as is_iscsi_uri
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
@@ -789,14 +790,25 @@ class ISCSIDriver(Driver):
     SAME with UNMAP, which deallocates instead of writing, and GET LBA STATUS answers
     block status; on a thick LUN zeroes go as plain WRITE SAME, which the target expands
     without the zeroes crossing the network.
+
+    :meth:`flush` sends SYNCHRONIZE CACHE unless the cache mode is ``unsafe``, which
+    ignores flushes here as it does for a local file (qemu-img's default for targets
+    sends none either).
     """
 
     name = "iscsi"
 
     def __init__(
-        self, conn: Connection, address: ISCSIAddress, geometry: _Geometry, *, writable: bool
+        self,
+        conn: Connection,
+        address: ISCSIAddress,
+        geometry: _Geometry,
+        *,
+        writable: bool,
+        cache: CacheMode = CacheMode.WRITEBACK,
     ) -> None:
         self._conn = conn
+        self._cache = cache
         self._lun = address.lun
         self.location = address.uri
         self._geometry = geometry
@@ -1103,7 +1115,7 @@ class ISCSIDriver(Driver):
         return Extent(offset, min(length, bs - offset % bs), ExtentKind.DATA)
 
     async def flush(self) -> None:
-        if self._writable:
+        if self._writable and self._cache.flush:
             try:
                 await self._conn.command(self._lun, scsi.cdb_synchronize_cache_16())
             except CommandError as exc:
@@ -1165,11 +1177,14 @@ async def _connect_and_login(address: ISCSIAddress) -> Connection:
 
 
 @asynccontextmanager
-async def open_iscsi(uri: str, *, writable: bool = False) -> AsyncIterator[ISCSIDriver]:
+async def open_iscsi(
+    uri: str, *, writable: bool = False, cache: CacheMode | str = CacheMode.WRITEBACK
+) -> AsyncIterator[ISCSIDriver]:
     """Log in to an iSCSI target and open one of its LUNs as a driver.
 
     The session (its connection and reader task) lives inside the ``async with``
-    block; leaving it logs out.
+    block; leaving it logs out. ``cache`` decides only whether :meth:`~ISCSIDriver.flush`
+    reaches the LUN (not under ``unsafe``).
 
     Raises:
         ImageError: the target cannot be reached, refuses the login, or the LUN does
@@ -1189,7 +1204,9 @@ async def open_iscsi(uri: str, *, writable: bool = False) -> AsyncIterator[ISCSI
                 ) from None
             except TrioconvIOError as exc:
                 raise ImageError(f"Could not open '{address.uri}': {exc}") from exc
-            driver = ISCSIDriver(conn, address, geometry, writable=writable)
+            driver = ISCSIDriver(
+                conn, address, geometry, writable=writable, cache=CacheMode.parse(cache)
+            )
             try:
                 yield driver
             finally:
