@@ -143,17 +143,18 @@ def test_scsi_command_short_cdb_is_zero_filled_and_long_cdb_refused() -> None:
 
 @pytest.mark.parametrize("final", [True, False])
 def test_data_out_layout(final: bool) -> None:
-    head = pdu.encode_data_out(
+    """The first Data-Out BHS of a sequence; F only when it is also the last."""
+    heads = pdu.encode_data_out_sequence(
         lun=2,
         itt=0xCAFE,
         ttt=0x00ABCDEF,
         exp_stat_sn=0x99,
-        data_sn=3,
-        buffer_offset=0x20000,
-        length=1001,
-        final=final,
+        offset=0x20000,
+        length=1001 if final else 2002,
+        segment=1001,
     )
-    assert len(head) == 48
+    head = bytes(heads[:48])
+    assert len(heads) == (48 if final else 96)
     assert head[0] == 0x05
     assert head[1] == (0x80 if final else 0x00)
     assert head[2:5] == bytes(3)
@@ -164,18 +165,41 @@ def test_data_out_layout(final: bool) -> None:
     assert head[24:28] == bytes(4)  # reserved
     assert head[28:32] == u32(0x99)  # ExpStatSN
     assert head[32:36] == bytes(4)  # reserved
-    assert head[36:40] == u32(3)  # DataSN
+    assert head[36:40] == u32(0)  # DataSN
     assert head[40:44] == u32(0x20000)  # Buffer Offset
     assert head[44:48] == bytes(4)  # reserved
     assert pdu.pdu_length(head) == 48 + 1001 + 3
 
 
-def test_data_segment_longer_than_24_bits_is_refused() -> None:
-    with pytest.raises(ValueError, match="too long"):
-        pdu.encode_data_out(
-            lun=0, itt=1, ttt=2, exp_stat_sn=0, data_sn=0, buffer_offset=0, length=1 << 24,
-            final=True,
-        )  # fmt: skip
+@pytest.mark.parametrize(
+    ("offset", "length", "segment"),
+    [(0, 8192, 8192), (4096, 65536, 8192), (0, 1001, 512), (512, 262144, 262144), (0, 0, 8192)],
+)
+def test_data_out_sequence_numbers_and_offsets(offset: int, length: int, segment: int) -> None:
+    """One BHS per segment: DataSN from 0, Buffer Offset stepping on by the segment,
+    each segment's length, F on the last only."""
+    heads = pdu.encode_data_out_sequence(
+        lun=3, itt=7, ttt=0x1234, exp_stat_sn=42, offset=offset, length=length, segment=segment
+    )
+    end = offset + length
+    starts = list(range(offset, end, segment))
+    assert len(heads) == 48 * len(starts)
+    for sn, pos in enumerate(starts):
+        head = bytes(heads[sn * 48 : (sn + 1) * 48])
+        assert head[0] == 0x05
+        assert head[1] == (0x80 if pos + segment >= end else 0)
+        assert int.from_bytes(head[5:8], "big") == min(segment, end - pos)
+        assert head[16:24] == u32(7) + u32(0x1234)
+        assert head[28:32] == u32(42)
+        assert head[36:44] == u32(sn) + u32(pos)
+
+
+def test_data_out_sequence_refuses_bad_segments() -> None:
+    for segment, message in ((0, "empty"), (1 << 24, "too long")):
+        with pytest.raises(ValueError, match=message):
+            pdu.encode_data_out_sequence(
+                lun=0, itt=1, ttt=2, exp_stat_sn=0, offset=0, length=4096, segment=segment
+            )
 
 
 @pytest.mark.parametrize(

@@ -297,16 +297,16 @@ class Connection:
     async def _sendv(self, parts: list[Buffer]) -> None:
         """Send ``parts`` in order with vectored writes (no joining of the buffers)."""
         views = [memoryview(p).cast("B") for p in parts if len(p)]
-        while views:
-            batch = views[:_MAX_IOV]
-            sent = await self._sock.sendmsg(batch)
-            while sent and views:
-                first = views[0]
-                if sent >= first.nbytes:
-                    sent -= first.nbytes
-                    views.pop(0)
+        first = 0  # views[first] is the first part not sent whole
+        while first < len(views):
+            sent = await self._sock.sendmsg(views[first : first + _MAX_IOV])
+            while sent:
+                view = views[first]
+                if sent >= view.nbytes:
+                    sent -= view.nbytes
+                    first += 1
                 else:
-                    views[0] = first[sent:]
+                    views[first] = view[sent:]
                     sent = 0
 
     async def send(self, parts: list[Buffer]) -> None:
@@ -648,21 +648,17 @@ class Connection:
     ) -> None:
         """Append the Data-Out PDUs of one sequence (``length`` bytes from ``offset``)."""
         step = self.params.max_send_segment
-        end = offset + length
-        for data_sn, pos in enumerate(range(offset, end, step)):
-            n = min(step, end - pos)
-            parts.append(
-                pdu.encode_data_out(
-                    lun=lun,
-                    itt=itt,
-                    ttt=ttt,
-                    exp_stat_sn=self.exp_stat_sn,
-                    data_sn=data_sn,
-                    buffer_offset=pos,
-                    length=n,
-                    final=pos + n >= end,
-                )
+        heads = memoryview(
+            pdu.encode_data_out_sequence(
+                lun=lun, itt=itt, ttt=ttt, exp_stat_sn=self.exp_stat_sn, offset=offset,
+                length=length, segment=step,
             )
+        )  # fmt: skip
+        size = pdu.BHS_SIZE
+        end = offset + length
+        for i, pos in enumerate(range(offset, end, step)):
+            n = min(step, end - pos)
+            parts.append(heads[i * size : (i + 1) * size])
             parts.append(data[pos : pos + n])
             if n % 4:
                 parts.append(bytes(pdu.pad_length(n)))

@@ -33,7 +33,7 @@ __all__ = [
     "Opcode",
     "ProtocolError",
     "decode_bhs",
-    "encode_data_out",
+    "encode_data_out_sequence",
     "encode_login",
     "encode_logout",
     "encode_nop_out",
@@ -174,27 +174,34 @@ def encode_scsi_command(
     )
 
 
-def encode_data_out(
-    *,
-    lun: int,
-    itt: int,
-    ttt: int,
-    exp_stat_sn: int,
-    data_sn: int,
-    buffer_offset: int,
-    length: int,
-    final: bool,
-) -> bytes:
-    """A SCSI Data-Out BHS; its ``length`` bytes of data (padded) follow it."""
-    tail = struct.pack(">IIIIII", ttt, 0, exp_stat_sn, 0, data_sn, buffer_offset) + bytes(4)
-    return _header(
-        Opcode.DATA_OUT,
-        FINAL if final else 0,
-        length,
-        lun_or_isid=encode_lun(lun),
-        itt=itt,
-        tail=tail,
-    )
+#: A SCSI Data-Out BHS: opcode, flags, DataSegmentLength (under TotalAHSLength 0), LUN,
+#: ITT, TTT, ExpStatSN, DataSN, Buffer Offset; the rest reserved.
+_DATA_OUT = struct.Struct(">BB2xI8sII4xI4xII4x")
+
+
+def encode_data_out_sequence(
+    *, lun: int, itt: int, ttt: int, exp_stat_sn: int, offset: int, length: int, segment: int
+) -> bytearray:
+    """The BHSs of the Data-Out PDUs that carry ``length`` bytes from ``offset``.
+
+    One PDU per ``segment`` bytes (the last may be shorter), DataSN counting from 0, F
+    set on the last: what answers one R2T, or the unsolicited data after a command. The
+    headers come back together, :data:`BHS_SIZE` bytes each, for the caller to send
+    each one before its data; one buffer and one ``pack_into`` per PDU, since a target
+    that takes 8 KiB segments makes 128 of them per MiB.
+    """
+    if not 0 < segment <= MAX_SEGMENT:
+        raise ValueError("data segment too long" if segment > 0 else "empty data segment")
+    count = -(-length // segment) if length > 0 else 0
+    out = bytearray(BHS_SIZE * count)
+    lun_field, pack, end = encode_lun(lun), _DATA_OUT.pack_into, offset + length
+    for data_sn in range(count):
+        pos = offset + data_sn * segment
+        n = min(segment, end - pos)
+        flags = FINAL if pos + n >= end else 0
+        pack(out, data_sn * BHS_SIZE, Opcode.DATA_OUT, flags, n, lun_field, itt, ttt,
+             exp_stat_sn, data_sn, pos)  # fmt: skip
+    return out
 
 
 def encode_login(
