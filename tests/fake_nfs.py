@@ -67,6 +67,7 @@ class Call:
     offset: int = 0  # READ, WRITE, COMMIT
     count: int = 0  # READ, WRITE, COMMIT
     data: bytes = b""  # WRITE
+    stable: int = 0  # WRITE: stable_how (proto.Stable)
     size: int | None = None  # SETATTR: the new size, when it sets one
     guarded: bool = False  # CREATE
     server: FakeNFSServer | None = attrs.field(default=None, repr=False)
@@ -107,8 +108,8 @@ def _read_results(data: bytes, eof: bool) -> bytes:
     return _words(0, 0, len(data), eof) + _opaque(data)
 
 
-def _write_results(count: int, verf: bytes) -> bytes:
-    return _words(0, 0, 0, count, proto.Stable.UNSTABLE) + verf
+def _write_results(count: int, verf: bytes, committed: int = proto.Stable.UNSTABLE) -> bytes:
+    return _words(0, 0, 0, count, committed) + verf
 
 
 def _words(*values: int) -> bytes:
@@ -237,7 +238,7 @@ class FakeNFSServer(ScriptedServer):
         if call.proc == "WRITE":
             file.extend(bytes(max(0, call.offset - len(file))))
             file[call.offset : call.offset + len(call.data)] = call.data
-            return _write_results(len(call.data), self.verf)
+            return _write_results(len(call.data), self.verf, call.stable)
         if call.proc == "COMMIT":
             return _words(0, 0, 0) + self.verf
         raise AssertionError(f"no honest reply to {call.proc}")
@@ -256,7 +257,7 @@ def _decode_args(call: Call, u: Unpacker) -> None:
     elif call.proc in ("READ", "WRITE", "COMMIT"):
         call.offset, call.count = u.unpack_uhyper(), u.unpack_uint()
         if call.proc == "WRITE":
-            u.unpack_uint()  # stable_how
+            call.stable = u.unpack_uint()
             call.data = u.unpack_opaque()
     elif call.proc == "SETATTR":  # sattr3: mode, uid, gid (each optional), then the size
         for _ in range(3):

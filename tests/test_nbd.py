@@ -39,6 +39,7 @@ from .conftest import (
     run,
     trioconv_cli,
 )
+from .fake_nbd import CMD_FLUSH, CMD_WRITE, FakeNBDServer, Request, honest
 from .nbd_servers import NbdkitLauncher, NBDServer, QemuNbdLauncher, TLSCerts
 
 MiB = 1024 * 1024
@@ -264,6 +265,52 @@ def test_write_into_memory_export(
         # (connection 1 was qemu-io's.)
         assert requests(log, "Zero", skip=1) == []
         assert sum(c for _, c, _ in requests(log, "Write", skip=1)) == 8 * MiB
+
+
+@pytest.mark.parametrize("cache", ["unsafe", "writeback", "writethrough", "directsync"])
+def test_write_through_cache_modes(
+    nbdkit_server: NbdkitLauncher, mixed_src: Path, tmp_path: Path, cache: str
+) -> None:
+    """``writethrough`` and ``directsync`` make every write durable: WRITE and
+    WRITE_ZEROES carry FUA. The other modes send no FUA, and one FLUSH at the end
+    (``qemu-img`` sends its final flush even under ``unsafe``)."""
+    log = tmp_path / "fua.log"
+    server = nbdkit_server("memory", ["size=8M"], filters=["log"], filter_args=[f"logfile={log}"])
+    result = trioconv_cli(
+        "convert", "-n", "-t", cache, "--connections", "1", "-f", "raw", "-O", "raw",
+        mixed_src, server.uri,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    compare_uri(mixed_src, server.uri)
+    writes = requests(log, "Write") + requests(log, "Zero")
+    assert writes
+    fua = ["fua=1" in rest for _, _, rest in writes]
+    assert all(fua) if cache in ("writethrough", "directsync") else not any(fua), log.read_text()
+    assert len(requests(log, "Flush")) == 1
+
+
+@pytest.mark.parametrize("cache", ["writeback", "writethrough"])
+def test_write_through_without_fua_flushes_each_write(
+    tmp_path: Path, mixed_src: Path, cache: str
+) -> None:
+    """A server that cannot take FUA (the scripted one advertises only FLUSH) gets a
+    FLUSH after each write under a write-through mode, as qemu emulates FUA."""
+    kinds: list[int] = []
+
+    def recording(req: Request) -> bytes:
+        kinds.append(req.kind)
+        return honest(req)
+
+    with FakeNBDServer(tmp_path / "s.sock", size=8 * MiB, behaviour=recording) as server:
+        result = trioconv_cli(
+            "convert", "-n", "-t", cache, "-f", "raw", "-O", "raw", mixed_src, server.uri
+        )
+    assert result.returncode == 0, result.stderr
+    writes, flushes = kinds.count(CMD_WRITE), kinds.count(CMD_FLUSH)
+    assert writes
+    # Each write is one WRITE (2 MiB at most; zeroes too: no WRITE_ZEROES here).
+    assert flushes == (writes + 1 if cache == "writethrough" else 1), kinds
+    assert kinds[-1] == CMD_FLUSH
 
 
 # -- 3. qemu-nbd serving qcow2 as raw ------------------------------------------------------------

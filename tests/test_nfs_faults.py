@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from trioconv.protocols.nfs import _proto as proto
 from trioconv.protocols.nfs._rpc import MAX_FRAGMENTS, AcceptStat
 
 from ._faults import FAULT_DEADLINE, MiB, one_line_error
@@ -75,6 +76,27 @@ def test_honest_create(tmp_path: Path) -> None:
         result = write_to(server, tmp_path)
         assert result.returncode == 0, result.stderr
         assert server.file == bytearray(DATA)
+
+
+@pytest.mark.parametrize(
+    ("cache", "stable", "commits"),
+    [("unsafe", proto.Stable.UNSTABLE, 1), ("writethrough", proto.Stable.FILE_SYNC, 0),
+     ("directsync", proto.Stable.FILE_SYNC, 0)],
+)  # fmt: skip
+def test_write_through_modes_write_file_sync(
+    tmp_path: Path, cache: str, stable: proto.Stable, commits: int
+) -> None:
+    """Under ``writethrough`` and ``directsync`` every WRITE is FILE_SYNC, durable when
+    answered, and nothing is left to COMMIT; otherwise UNSTABLE, committed at the end
+    (under ``unsafe`` too: the verifier shows whether a restarted server lost writes)."""
+    seen: list[Call] = []
+    with FakeNFSServer(b"\xaa" * len(DATA), seen.append) as server:
+        result = write_to(server, tmp_path, "-n", "-t", cache)
+        assert result.returncode == 0, result.stderr
+        assert server.file == bytearray(DATA)
+    writes = [call.stable for call in seen if call.proc == "WRITE"]
+    assert writes and set(writes) == {stable}
+    assert [call.proc for call in seen].count("COMMIT") == commits
 
 
 @pytest.mark.parametrize("kept", [0.5, 0.0], ids=["half", "nothing"])

@@ -381,7 +381,10 @@ async def open_image(
             null device (writes dropped, reads zeroes).
         fmt: the format; probed from the first bytes when None.
         writable: open for writing (sources are always opened read-only).
-        cache: the cache mode for local files (see :class:`~trioconv.CacheMode`).
+        cache: the cache mode (see :class:`~trioconv.CacheMode`): ``O_DIRECT`` and
+            the final flush for local files; over the network, whether an iSCSI LUN
+            is flushed and whether each write is made durable (``writethrough``,
+            ``directsync``: NBD FUA, iSCSI SYNCHRONIZE CACHE, NFS FILE_SYNC).
         connections: for NBD exports that allow it, how many connections to spread
             requests over (4 by default).
         snapshot: open this internal snapshot read-only instead of the active layer
@@ -563,12 +566,14 @@ async def _open_transport_image(
             from .protocols.nbd import open_nbd  # only programs that use NBD pay for it
 
             transport = await stack.enter_async_context(
-                open_nbd(text, writable=writable, connections=connections)
+                open_nbd(text, writable=writable, connections=connections, cache=cache)
             )
         elif is_nfs_uri(text):
             from .protocols.nfs import open_nfs  # only programs that use NFS pay for it
 
-            transport = await stack.enter_async_context(open_nfs(text, writable=writable))
+            transport = await stack.enter_async_context(
+                open_nfs(text, writable=writable, cache=cache)
+            )
         elif is_iscsi_uri(text):
             from .protocols.iscsi import open_iscsi  # only programs that use iSCSI pay for it
 

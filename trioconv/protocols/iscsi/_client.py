@@ -789,7 +789,9 @@ class ISCSIDriver(Driver):
 
     :meth:`flush` sends SYNCHRONIZE CACHE unless the cache mode is ``unsafe``, which
     ignores flushes here as it does for a local file (qemu-img's default for targets
-    sends none either).
+    sends none either). A write-through mode (``writethrough``, ``directsync``) sends
+    one after every write as well, as qemu does for a target whose writes it does not
+    mark FUA.
     """
 
     name = "iscsi"
@@ -951,8 +953,10 @@ class ISCSIDriver(Driver):
         end = offset + view.nbytes
         if offset % bs or end % bs:
             await self._write_unaligned(offset, view)
-            return
-        await self._write_aligned(offset, view)
+        else:
+            await self._write_aligned(offset, view)
+        if self._cache.dsync:
+            await self._synchronize()
 
     async def _write_unaligned(self, offset: int, view: memoryview) -> None:
         """Read the blocks the ends fall in, merge, write back (one at a time)."""
@@ -1042,6 +1046,8 @@ class ISCSIDriver(Driver):
             await together(calls)
         if end > tail:
             await self._write_unaligned(tail, memoryview(bytes(end - tail)))
+        if self._cache.dsync:
+            await self._synchronize()
 
     async def _write_same(self, offset: int, length: int, block: memoryview, unmap: bool) -> None:
         cdb = scsi.cdb_write_same_16(offset // self._bs, length // self._bs, unmap=unmap)
@@ -1112,11 +1118,15 @@ class ISCSIDriver(Driver):
 
     async def flush(self) -> None:
         if self._writable and self._cache.flush:
-            try:
-                await self._conn.command(self._lun, scsi.cdb_synchronize_cache_16())
-            except CommandError as exc:
-                if not exc.unsupported:
-                    raise self._error(exc, "flushing", 0) from exc
+            await self._synchronize()
+
+    async def _synchronize(self) -> None:
+        """SYNCHRONIZE CACHE (16) of the whole LUN (a LUN without one has no cache)."""
+        try:
+            await self._conn.command(self._lun, scsi.cdb_synchronize_cache_16())
+        except CommandError as exc:
+            if not exc.unsupported:
+                raise self._error(exc, "flushing", 0) from exc
 
     async def aclose(self) -> None:
         if self._closed:

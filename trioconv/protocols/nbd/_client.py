@@ -23,6 +23,7 @@ from pathlib import Path
 import attrs
 import trio
 
+from ..._cache import CacheMode
 from ..._errors import (
     ImageError,
     TrioconvIOError,
@@ -178,9 +179,14 @@ class NBDDriver(Driver):
         *,
         writable: bool,
         leftover: bytes = b"",
+        cache: CacheMode = CacheMode.WRITEBACK,
     ) -> None:
         self._stream = stream
         self.info = info
+        # Write-through (``writethrough``, ``directsync``): every write carries FUA, or,
+        # on a server without it, a FLUSH follows each write, as qemu emulates FUA.
+        self._fua = CmdFlag.FUA if cache.dsync and info.flags & TxFlag.SEND_FUA else CmdFlag.NONE
+        self._flush_each = cache.dsync and not self._fua
         self.address = address
         self.location = address.uri
         self._writable = writable
@@ -429,18 +435,22 @@ class NBDDriver(Driver):
             raise pending.error
         return pending
 
-    async def _split(self, cmd: Cmd, offset: int, view: memoryview) -> None:
+    async def _split(
+        self, cmd: Cmd, offset: int, view: memoryview, flags: CmdFlag = CmdFlag.NONE
+    ) -> None:
         """Send one request per max-block piece, all in flight together."""
         step = self.info.max_block
         if view.nbytes <= step:
             if cmd is Cmd.READ:
                 await self._request(cmd, offset, view.nbytes, buf=view)
             else:
-                await self._request(cmd, offset, view.nbytes, payload=view)
+                await self._request(cmd, offset, view.nbytes, flags=flags, payload=view)
             return
         await together(
             [
-                functools.partial(self._split, cmd, offset + start, view[start : start + step])
+                functools.partial(
+                    self._split, cmd, offset + start, view[start : start + step], flags
+                )
                 for start in range(0, view.nbytes, step)
             ]
         )
@@ -459,7 +469,9 @@ class NBDDriver(Driver):
             raise UnsupportedError(f"{self.location}: opened read-only")
         view = memoryview(data).cast("B")
         if view.nbytes:
-            await self._split(Cmd.WRITE, offset, view)
+            await self._split(Cmd.WRITE, offset, view, self._fua)
+            if self._flush_each:
+                await self.flush()
 
     async def pwrite_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
@@ -470,7 +482,7 @@ class NBDDriver(Driver):
             raise ZeroesNotSupported(f"{self.location}: server cannot write zeroes")
         if fast and not self.info.flags & TxFlag.SEND_FAST_ZERO:
             raise ZeroesNotSupported(f"{self.location}: server cannot promise fast zeroes")
-        flags = CmdFlag.NONE if may_unmap else CmdFlag.NO_HOLE
+        flags = (CmdFlag.NONE if may_unmap else CmdFlag.NO_HOLE) | self._fua
         if fast:
             flags |= CmdFlag.FAST_ZERO
         step = _MAX_ZERO - _MAX_ZERO % self.info.min_block
@@ -483,6 +495,8 @@ class NBDDriver(Driver):
                 for start in pieces
             ]
         )
+        if self._flush_each:
+            await self.flush()
 
     async def _zero_piece(self, offset: int, length: int, flags: CmdFlag) -> None:
         try:
@@ -698,7 +712,9 @@ async def _connect(address: NBDAddress) -> trio.abc.Stream:
     return await trio.open_tcp_stream(address.host, address.port)
 
 
-async def _open_connection(uri: str, address: NBDAddress, *, writable: bool) -> NBDDriver:
+async def _open_connection(
+    uri: str, address: NBDAddress, *, writable: bool, cache: CacheMode = CacheMode.WRITEBACK
+) -> NBDDriver:
     try:
         stream = await _connect(address)
     except OSError as exc:
@@ -720,7 +736,7 @@ async def _open_connection(uri: str, address: NBDAddress, *, writable: bool) -> 
     if writable and info.flags & TxFlag.READ_ONLY:
         await stream.aclose()
         raise ImageError(f"Could not open '{uri}': the export is read-only")
-    return NBDDriver(stream, info, address, writable=writable, leftover=leftover)
+    return NBDDriver(stream, info, address, writable=writable, leftover=leftover, cache=cache)
 
 
 #: Connections used when the server allows several and the caller does not say.
@@ -729,26 +745,35 @@ DEFAULT_CONNECTIONS = 4
 
 @asynccontextmanager
 async def open_nbd(
-    uri: str, *, writable: bool = False, connections: int | None = None
+    uri: str,
+    *,
+    writable: bool = False,
+    connections: int | None = None,
+    cache: CacheMode | str = CacheMode.WRITEBACK,
 ) -> AsyncIterator[Driver]:
     """Connect to an NBD export and keep its reader tasks running while in use.
 
     Args:
         connections: how many connections to use when the server advertises
             multi-conn (default 4); servers that do not get exactly one.
+        cache: a write-through mode (``writethrough``, ``directsync``) sends every
+            write with FUA (or a FLUSH after it, when the server has no FUA); the
+            others change nothing (the final :meth:`~trioconv.Driver.flush` is always
+            sent, as ``qemu-img`` sends it even under ``unsafe``).
 
     Raises:
         ImageError: the server cannot be reached, refuses the export or TLS, or (for a
             writable open) exports it read-only.
     """
     address = parse_nbd_uri(uri)
-    first = await _open_connection(uri, address, writable=writable)
+    mode = CacheMode.parse(cache)
+    first = await _open_connection(uri, address, writable=writable, cache=mode)
     conns = [first]
     try:
         wanted = DEFAULT_CONNECTIONS if connections is None else max(1, connections)
         if first.info.flags & TxFlag.CAN_MULTI_CONN:
             for _ in range(wanted - 1):
-                conn = await _open_connection(uri, address, writable=writable)
+                conn = await _open_connection(uri, address, writable=writable, cache=mode)
                 conns.append(conn)
                 if conn.info.size != first.info.size:  # one export, one size
                     raise ImageError(

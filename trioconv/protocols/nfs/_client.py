@@ -22,7 +22,9 @@ cancels whatever runs inside :func:`open_nfs`.
 Writes are UNSTABLE and kept (a copy) until a COMMIT covers them with the same write
 verifier; if the verifier changed - the server restarted and may have lost them - they
 are written again and committed once more. Writes block for a COMMIT whenever more than
-:data:`COMMIT_THRESHOLD` bytes are waiting, which bounds the memory held.
+:data:`COMMIT_THRESHOLD` bytes are waiting, which bounds the memory held. Under a
+write-through cache mode (``writethrough``, ``directsync``) writes are FILE_SYNC
+instead: durable when answered, nothing kept.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from typing import TypeVar
 import attrs
 import trio
 
+from ..._cache import CacheMode
 from ..._errors import ImageError, TrioconvIOError, UnsupportedError
 from ..._open import is_nfs_uri as is_nfs_uri
 from ...driver import Buffer, Caps, Driver, Limits
@@ -685,9 +688,12 @@ class NFSDriver(Driver):
         fsinfo: proto.FSInfo,
         *,
         writable: bool,
+        cache: CacheMode = CacheMode.WRITEBACK,
     ) -> None:
         self._session = session
         self._fh = fh
+        # Write-through: every WRITE durable before it is answered (RFC 1813 FILE_SYNC).
+        self._stable = Stable.FILE_SYNC if cache.dsync else Stable.UNSTABLE
         self._size = size
         self.location = session.uri
         self._writable = writable
@@ -783,8 +789,9 @@ class NFSDriver(Driver):
         if self._log.nbytes >= COMMIT_THRESHOLD:
             await self._commit(COMMIT_THRESHOLD)
 
-    async def _write(self, offset: int, data: bytes) -> bytes | None:
-        """WRITE UNSTABLE all of ``data``; return the verifier, None when already stable."""
+    async def _write(self, offset: int, data: Buffer) -> bytes | None:
+        """WRITE all of ``data`` as :attr:`_stable` says; return the verifier, None when
+        the server made it stable already."""
         verf: bytes | None = None
         pos = 0
         restarts = 0
@@ -793,7 +800,7 @@ class NFSDriver(Driver):
             try:
                 result = await self._session.nfs(
                     Proc.WRITE,
-                    proto.encode_write_head(self._fh, offset + pos, chunk.nbytes, Stable.UNSTABLE),
+                    proto.encode_write_head(self._fh, offset + pos, chunk.nbytes, self._stable),
                     proto.decode_write,
                     payload=chunk,
                 )
@@ -825,6 +832,11 @@ class NFSDriver(Driver):
         return verf
 
     async def _write_piece(self, offset: int, data: memoryview) -> None:
+        if self._stable is not Stable.UNSTABLE:
+            verf = await self._write(offset, data)
+            if verf is not None:  # a server that wrote it unstable after all
+                self._log.add(offset, bytes(data), verf)
+            return
         # The copy is kept until a COMMIT with the same verifier makes it durable.
         copy = bytes(data)
         verf = await self._write(offset, copy)
@@ -895,8 +907,13 @@ async def _open_file(
 
 
 @asynccontextmanager
-async def open_nfs(uri: str, *, writable: bool = False) -> AsyncIterator[Driver]:
+async def open_nfs(
+    uri: str, *, writable: bool = False, cache: CacheMode | str = CacheMode.WRITEBACK
+) -> AsyncIterator[Driver]:
     """Open a file on an NFSv3 server and keep its reader task running while in use.
+
+    Writes are committed on :meth:`~trioconv.Driver.flush` whatever ``cache`` says; a
+    write-through mode (``writethrough``, ``directsync``) makes every WRITE FILE_SYNC.
 
     Raises:
         ImageError: the server cannot be reached, refuses the mount, the file does not
@@ -910,7 +927,9 @@ async def open_nfs(uri: str, *, writable: bool = False) -> AsyncIterator[Driver]
             raise ImageError(f"Could not open '{uri}': the server did not answer in time") from None
         except TrioconvIOError as exc:
             raise _open_error(uri, exc) from exc
-        driver = NFSDriver(session, fh, attr.size, fsinfo, writable=writable)
+        driver = NFSDriver(
+            session, fh, attr.size, fsinfo, writable=writable, cache=CacheMode.parse(cache)
+        )
         session.client.set_max_record(max(driver._rsize, driver._wsize) + 64 * 1024)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.client.reader)
