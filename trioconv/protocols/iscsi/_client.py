@@ -1189,8 +1189,9 @@ async def open_iscsi(
     """Log in to an iSCSI target and open one of its LUNs as a driver.
 
     The session (its connection and reader task) lives inside the ``async with``
-    block; leaving it logs out. ``cache`` decides only whether :meth:`~ISCSIDriver.flush`
-    reaches the LUN (not under ``unsafe``).
+    block; leaving it logs out. ``cache`` decides whether :meth:`~ISCSIDriver.flush`
+    reaches the LUN (not under ``unsafe``) and whether every write is followed by one
+    (``writethrough``, ``directsync``).
 
     Raises:
         ImageError: the target cannot be reached, refuses the login, or the LUN does
