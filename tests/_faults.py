@@ -69,15 +69,17 @@ async def check_killed_mid_copy(
 ) -> None:
     """Copy ``size`` bytes from (``read``) or to (``write``) ``url`` through a slow memory
     driver, ``kill`` the server once it runs: the conversion must fail promptly, with one
-    line naming the ``server`` ("iSCSI target", "NFS server")."""
+    line naming the ``server`` ("iSCSI target", "NFS server"). The memory side holds
+    each request 50 ms, so 64 MiB take at least 0.2 s at ``-m 8``: the kill, 0.1 s after
+    the first request, lands mid-copy (at 20 ms a fast run could finish first)."""
     memory: MemoryDriver
     if direction == "read":
-        memory = MemoryDriver(size, delay=0.02)
+        memory = MemoryDriver(size, delay=0.05)
         source: str | MemoryDriver = url
         target: str | MemoryDriver = memory
         opts = ConvertOptions()
     else:
-        memory = MemoryDriver(data=os.urandom(size), delay=0.02, block_status=False)
+        memory = MemoryDriver(data=os.urandom(size), delay=0.05, block_status=False)
         source, target = memory, url
         opts = ConvertOptions(no_create=True)
     killed_at: list[float] = []
