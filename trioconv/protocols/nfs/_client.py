@@ -923,9 +923,7 @@ async def open_nfs(
         try:
             with trio.fail_after(OPEN_TIMEOUT):
                 fh, attr, fsinfo = await _open_file(session, writable=writable)
-        except trio.TooSlowError:
-            raise ImageError(f"Could not open '{uri}': the server did not answer in time") from None
-        except TrioconvIOError as exc:
+        except (trio.TooSlowError, TrioconvIOError) as exc:
             raise _open_error(uri, exc) from exc
         driver = NFSDriver(
             session, fh, attr.size, fsinfo, writable=writable, cache=CacheMode.parse(cache)
