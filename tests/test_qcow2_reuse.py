@@ -74,6 +74,23 @@ def test_convert_n_reuses_clusters_like_qemu(
             assert extent["offset"] + extent["length"] <= size_before
 
 
+@pytest.mark.parametrize("flags", [[], ["-W"], ["-c"]])
+def test_freed_clusters_are_discarded(tmp_path: Path, flags: list[str]) -> None:
+    """``-n`` into a full qcow2 frees its old clusters and punches them out of the file,
+    as qemu-img passes the discard down: their old bytes do not stay behind,
+    unreferenced, and the file's disk usage comes down to what the new data needs."""
+    require_tool("qemu-img")
+    src = make_raw(tmp_path / "src.raw", "8M", "write -P 1 1M 512k")
+    target = _full_target(tmp_path / "t.qcow2")
+    assert target.stat().st_blocks * 512 >= 8 * MiB
+    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "qcow2", *flags, src, target)
+    assert result.returncode == 0, result.stderr
+    assert_identical(src, target, "raw", "qcow2")
+    assert_check_clean(target)
+    assert b"\x09" * 4096 not in target.read_bytes()  # the old data is gone
+    assert target.stat().st_blocks * 512 <= 2 * MiB
+
+
 def test_repeated_backups_keep_their_size(tmp_path: Path) -> None:
     """A nightly ``convert -n`` into the same qcow2 does not grow it night after night."""
     require_tool("qemu-img")

@@ -147,11 +147,30 @@ class _GrowingFile(Driver):
     ) -> None:
         await self.child.pwrite_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
 
+    async def discard(self, offset: int, length: int) -> None:
+        await self.child.discard(offset, length)
+
     async def flush(self) -> None:
         await self.child.flush()
 
     async def aclose(self) -> None:
         pass  # the transport belongs to the opener
+
+
+def _zero_runs(values: list[int], base: int) -> list[tuple[int, int]]:
+    """The runs of zeroes in ``values`` as ``(base + index, length)``."""
+    runs: list[tuple[int, int]] = []
+    start = -1
+    for i, value in enumerate(values):
+        if value == 0:
+            if start < 0:
+                start = i
+        elif start >= 0:
+            runs.append((base + start, i - start))
+            start = -1
+    if start >= 0:
+        runs.append((base + start, len(values) - start))
+    return runs
 
 
 @attrs.define(eq=False)
@@ -276,6 +295,8 @@ class Qcow2Writer(Qcow2Driver):
         self._ops: set[int] = set()
         self._op_seq = 0
         self._deferred: list[tuple[int, int, int]] = []
+        #: Freed clusters are discarded (until the storage says it cannot).
+        self._discards = child.caps.trim or child.caps.zeroes
         self._pending: dict[int, trio.Event] = {}
         self._lock = trio.Lock()
         self._failed = False
@@ -413,7 +434,9 @@ class Qcow2Writer(Qcow2Driver):
         await self._add_refs(old_host >> self._bits, old_clusters, -1)
 
     async def _add_refs(self, first: int, count: int, delta: int) -> None:
-        """Add ``delta`` to the refcounts of ``count`` clusters from cluster ``first``."""
+        """Add ``delta`` to the refcounts of ``count`` clusters from cluster ``first``;
+        clusters that drop to 0 are discarded (see :meth:`_discard_freed`)."""
+        freed: list[tuple[int, int]] = []
         pos, stop = first, first + count
         while pos < stop:
             ri, i = divmod(pos, self._rpb)
@@ -430,6 +453,7 @@ class Qcow2Writer(Qcow2Driver):
                 blk[i] = value
                 if not value:
                     self._now_free(pos, 1)
+                    freed.append((pos, 1))
             else:
                 part = blk[i : i + n]
                 if delta > 0 and part.count(0) == n:
@@ -442,8 +466,45 @@ class Qcow2Writer(Qcow2Driver):
                     blk[i : i + n] = array(blk.typecode, values)
                     if delta < 0 and 0 in values:
                         self._now_free(pos + values.index(0), n - values.index(0))
+                        freed += _zero_runs(values, pos)
             self._dirty_refblocks.add(ri)
             pos += n
+        if freed:
+            await self._discard_freed(freed)
+
+    async def _discard_freed(self, runs: list[tuple[int, int]]) -> None:
+        """Give host clusters that just dropped to refcount 0 back to the storage.
+
+        As qemu passes the discard of freed data clusters down to the file: when
+        ``-n`` reuses an image, its old clusters are freed and become holes again
+        instead of keeping the old bytes, unreferenced, in the file. (Only where the
+        storage does it cheaply: TRIM/UNMAP, or a hole punched; otherwise the clusters
+        stay as they are, free for reuse.) It runs under the lock, before a freed
+        cluster can be handed out again.
+        """
+        if not self._discards:
+            return
+        end = self.file.child.size
+        merged: list[tuple[int, int]] = []
+        for first, count in runs:
+            if merged and merged[-1][0] + merged[-1][1] == first:
+                merged[-1] = (merged[-1][0], merged[-1][1] + count)
+            else:
+                merged.append((first, count))
+        caps = self.file.caps
+        for first, count in merged:
+            offset = first << self._bits
+            length = min(count << self._bits, end - offset)
+            if length <= 0:
+                continue
+            try:
+                if caps.trim:
+                    await self.file.discard(offset, length)
+                else:
+                    await self.file.pwrite_zeroes(offset, length, may_unmap=True, fast=True)
+            except (UnsupportedError, ZeroesNotSupported):
+                self._discards = False
+                return
 
     def _now_free(self, first: int, count: int) -> None:
         """Clusters from ``first`` (some of the next ``count``) dropped to refcount 0."""
@@ -1796,6 +1857,26 @@ def _first_cluster(opts: CreateOptions, size: int) -> bytes:
     return codec.encode_header(header) + extensions + bytes(8) + name
 
 
+def _virtual_size(size: int) -> int:
+    """The virtual size rounded up to whole sectors, as qemu rounds it; one qcow2 cannot
+    hold is refused."""
+    size = -(-size // 512) * 512
+    if size >= 1 << 63:
+        raise UsageError(f"Image size {size} is too large for qcow2")
+    return size
+
+
+async def check_qcow2_create(location: str, size: int, options: Mapping[str, str]) -> None:
+    """What :func:`create_qcow2` would refuse about its options and size, checked before
+    anything is written (the registry's ``check_create``).
+
+    Raises:
+        UsageError: invalid ``-o`` options or size (qemu-img's messages).
+    """
+    parse_create_options(options)
+    _virtual_size(size)
+
+
 async def create_qcow2(transport: Driver, size: int, options: Mapping[str, str]) -> None:
     """Write a new, empty qcow2 image of virtual size ``size`` onto an empty transport.
 
@@ -1815,9 +1896,7 @@ async def create_qcow2(transport: Driver, size: int, options: Mapping[str, str])
         ImageError: the data file cannot be created.
     """
     opts = parse_create_options(options)
-    size = -(-size // 512) * 512  # qemu rounds the virtual size up to whole sectors
-    if size >= 1 << 63:
-        raise UsageError(f"Image size {size} is too large for qcow2")
+    size = _virtual_size(size)
     if opts.data_file is None:
         await _create(transport, size, opts, None)
         return
