@@ -460,7 +460,15 @@ BROKEN: dict[str, tuple[str, str]] = {
     "l1-too-small": ("open", "L1 table is too small"),
     "version-4": ("open", "Unsupported qcow2 version 4"),
     "encrypted": ("open", "encrypted qcow2 images are not supported"),
+    # A preallocated zero cluster's offset must be aligned too (qemu-img refuses it).
+    "zero-misaligned": ("read", "cluster offset 0x12200 in L2 entry 0x8000000000012201 is not"),
 }
+
+
+def _l2_entry_at(path: Path, index: int) -> int:
+    """Where L2 entry ``index`` of the first L2 table is in the file."""
+    l2 = _field(path, _l1_entry_at(path), ">Q") & codec.OFFSET_MASK
+    return l2 + 8 * index
 
 
 def _break(path: Path, how: str) -> None:
@@ -484,6 +492,8 @@ def _break(path: Path, how: str) -> None:
         _patch(path, 4, ">I", 4)
     elif how == "encrypted":
         _patch(path, 32, ">I", 1)
+    elif how == "zero-misaligned":
+        _patch(path, _l2_entry_at(path, 4), ">Q", 1 << 63 | 0x12200 | 1)
 
 
 @pytest.mark.parametrize("how", sorted(BROKEN))
@@ -501,6 +511,30 @@ async def test_broken_images_are_refused(tmp_path: Path, how: str) -> None:
     assert result.stderr.count("\n") == 1, result.stderr
     assert "Traceback" not in result.stderr
     assert result.stderr.startswith("trioconv: ")
+
+
+def test_salvage_copies_around_a_corrupt_table_entry(tmp_path: Path) -> None:
+    """``--salvage`` gets past an L2 entry that cannot be decoded, as qemu-img does: the
+    block status of that cluster cannot be read, so it is copied as data, its read
+    fails too and it becomes zeroes; every other cluster is copied."""
+    qemu_img = require_tool("qemu-img")
+    src = make_qcow2(tmp_path / "bad.qcow2", "1M", "write -P 0x12 0 1M")
+    _patch(src, _l2_entry_at(src, 4), ">Q", 1 << 63 | 0x12200)  # misaligned data cluster
+    plain = trioconv_cli("convert", "-O", "raw", src, tmp_path / "plain.raw")
+    assert plain.returncode == 1 and "not aligned" in plain.stderr
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    result = trioconv_cli("convert", "--salvage", "-O", "raw", src, ours)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "error while reading block status at offset 262144" in result.stderr
+    assert "(salvaged as zeroes)" in result.stderr
+    run(qemu_img, "convert", "--salvage", "-O", "raw", src, theirs)
+    assert_identical(ours, theirs)
+    cluster = 64 * 1024
+    data = ours.read_bytes()
+    assert data[4 * cluster : 5 * cluster] == bytes(cluster)
+    assert data[: 4 * cluster] == b"\x12" * (4 * cluster)
+    assert data[5 * cluster :] == b"\x12" * (MiB - 5 * cluster)
 
 
 async def test_compressed_garbage_is_refused(tmp_path: Path) -> None:
@@ -631,6 +665,7 @@ def test_l2_entry_decodes_or_fails_cleanly(layout: codec.Layout, entry: int) -> 
         assert 0 < decoded.compressed_size <= layout.cluster_size * 2
     elif decoded.kind is codec.ClusterKind.ZERO:
         assert entry & 1 and layout.version == 3
+        assert decoded.host_offset % layout.cluster_size == 0  # preallocated: aligned too
     else:
         assert entry & codec.OFFSET_MASK == 0
 

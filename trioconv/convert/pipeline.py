@@ -46,7 +46,7 @@ from .._errors import (
     UnsupportedError,
     ZeroesNotSupported,
 )
-from ..driver import Driver, ExtentKind
+from ..driver import Driver, Extent, ExtentKind
 from ..formats.raw import RawDriver
 from ..protocols._net import together
 from ..protocols.file import FileDriver
@@ -388,10 +388,7 @@ class _Engine:
         if self.opts.sparse_size == 0 and not self.backing:
             return left, RunKind.DATA
         window = min(left, STATUS_WINDOW)
-        if self.backing:
-            ext = await src.layer_status(pos, window)
-        else:
-            ext = await src.block_status(pos, window)
+        ext = await self._query_status(src, pos, window)
         if ext.offset != pos or ext.length <= 0:
             raise TrioconvIOError(f"{src.location}: invalid block status at byte {pos}", offset=pos)
         length = min(ext.length, left)
@@ -409,6 +406,28 @@ class _Engine:
             length = min(length, end - base - pos)
         # -S 0: a fully allocated target; the zeroes are read and written as data.
         return length, RunKind.ZERO if self.opts.sparse_size else RunKind.DATA
+
+    async def _query_status(self, src: Driver, pos: int, window: int) -> Extent:
+        """``src``'s status (its top layer's with ``-B``) from ``pos``.
+
+        With ``--salvage``, a range whose status cannot be read (a corrupt table entry, a
+        failing server) is narrowed down a quarter at a time, as qemu-img narrows it,
+        to one cluster (or sector), which is then copied as data with a warning: its
+        read fails in turn and it becomes zeroes, and the rest of the image is copied.
+        """
+        unit = max(512, src.limits.cluster_size or 0, src.limits.request_alignment)
+        while True:
+            try:
+                if self.backing:
+                    return await src.layer_status(pos, window)
+                return await src.block_status(pos, window)
+            except TrioconvIOError as exc:
+                if not self.opts.salvage:
+                    raise
+                if window <= unit:
+                    log.warning("error while reading block status at offset %d: %s", pos, exc)
+                    return Extent(pos, window, ExtentKind.DATA)
+                window = max(unit, -(-window // 4 // unit) * unit)
 
     async def _send_job(
         self, send: trio.MemorySendChannel[Job], index: int, offset: int, n: int, kind: RunKind

@@ -656,17 +656,23 @@ def decode_l2_entry(entry: int, layout: Layout) -> L2Entry:
     if entry & ZERO_FLAG and not layout.extended_l2:
         if layout.version < 3:
             raise Qcow2FormatError(f"zero cluster entry {_hex(entry)} found in a version 2 image")
+        # A preallocated zero cluster's offset must be aligned too (qemu refuses it).
+        _check_aligned(entry, host, layout)
         return L2Entry(ClusterKind.ZERO, host)
     if host == 0 and not (layout.data_file and entry & COPIED):
         # Offset 0 is a valid data-file offset; there the COPIED bit tells them apart.
         return L2Entry(ClusterKind.UNALLOCATED)
+    _check_aligned(entry, host, layout)
+    return L2Entry(ClusterKind.NORMAL, host)
+
+
+def _check_aligned(entry: int, host: int, layout: Layout) -> None:
     if host % layout.cluster_size:
         raise Qcow2FormatError(
             f"cluster offset {_hex(host)} in L2 entry {_hex(entry)} is not aligned to the "
             f"cluster size ({layout.cluster_size})",
             host,
         )
-    return L2Entry(ClusterKind.NORMAL, host)
 
 
 @attrs.frozen
