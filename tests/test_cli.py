@@ -21,7 +21,14 @@ from pathlib import Path
 import pytest
 
 import trioconv
-from tests.conftest import ImageMaker, assert_identical, qemu_map, run, trioconv_cli
+from tests.conftest import (
+    ImageMaker,
+    assert_identical,
+    qemu_map,
+    require_tool,
+    run,
+    trioconv_cli,
+)
 from trioconv import UsageError
 
 MiB = 1024 * 1024
@@ -283,6 +290,9 @@ def test_option_table_matches_the_commands() -> None:
         ),
         (["--progress=json", "a", "b"], ["-p", "--progress-style", "json", "a", "b"]),
         (["a", "--", "-b"], ["--", "a", "-b"]),
+        # Ambiguous among trioconv's long names, but not among qemu-img's: as qemu-img.
+        (["--b", "--o", "help", "a", "b"], ["--bitmaps", "--object", "help", "a", "b"]),
+        (["--f", "a", "b"], ["-U", "a", "b"]),
     ],
 )
 def test_normalize_argv_reads_like_getopt(argv: list[str], expected: list[str]) -> None:
@@ -882,7 +892,16 @@ def test_accepted_like_qemu_img(src: Path, tmp_path: Path, args: list[str]) -> N
     ("args", "message"),
     [
         (["-m", "09"], "Invalid number of coroutines: '09'"),
+        # Only ASCII digits, nothing after them (Python's int() takes all of these).
+        (["-m", "8 "], "Invalid number of coroutines: '8 '"),
+        (["-m", "1_0"], "Invalid number of coroutines: '1_0'"),
+        (["-m", "\uff18"], "Invalid number of coroutines"),
+        (["-r", "1M "], "Invalid rate limit specified"),
+        (["-S", "4k "], "Invalid buffer size for sparse output"),
         (["-r", "20E"], "Invalid rate limit specified"),
+        (["-o", "size=abc"], "Parameter 'size' expects a non-negative number below 2^64"),
+        (["-O", "qcow2", "-o", "size=-1"], "Parameter 'size' expects a non-negative number"),
+        (["--bitmaps", "-O", "qcow2"], "Source lacks bitmap support"),
         (["-o", ""], "Invalid option list: "),
         (["-O", "qcow2", "-o", "cluster_size=64k,"], "Invalid option list: cluster_size=64k,"),
         (["-O", ""], "Unknown file format ''"),
@@ -900,6 +919,59 @@ def test_refused_like_qemu_img(src: Path, tmp_path: Path, args: list[str], messa
     line = assert_one_error(trioconv_cli("convert", *args, src, dst))
     assert message in line
     assert qemu_img_exit(["convert", *args, src, dst]) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-m", "0"], "Invalid number of coroutines"),
+        (["-S", "abc"], "Invalid buffer size for sparse output"),
+        (["-r", "abc"], "Invalid rate limit specified"),
+        (["--target-is-zero"], "--target-is-zero requires use of -n flag"),
+        (["--skip-broken-bitmaps"], "requires --bitmaps"),
+        (["-C", "-c"], "Cannot enable copy offloading when -c is used"),
+    ],
+)
+def test_o_help_comes_after_the_flag_checks(args: list[str], message: str) -> None:
+    """qemu-img checks its flags before it answers ``-o help``: a script that asks for
+    the help with bad flags gets the error, not the help."""
+    result = trioconv_cli("convert", *args, "-o", "help")
+    assert message in assert_one_error(result)
+    assert result.stdout == ""
+    assert qemu_img_exit(["convert", *args, "-o", "help"]) == 1
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["-O", "vmdk", "-o", "adapter_type=bogus"],
+        ["-O", "vmdk", "-o", "subformat=monolithicFlat,zeroed_grain=on"],
+        ["-O", "vmdk", "-o", "compat6=on,hwversion=6"],
+        ["-O", "vmdk", "-B", "base.qcow2", "-F", "qcow2"],
+        ["-O", "vmdk", "-B", "base.qcow2", "-F", "vmdk"],
+        ["-O", "vdi", "-o", "static=maybe"],
+        ["-O", "vpc", "-o", "force_size=maybe"],
+        ["-O", "vpc", "-o", "subformat=bogus"],
+        ["-O", "vhdx", "-o", "block_size=3M"],
+        ["-O", "qcow2", "-o", "lazy_refcounts=maybe"],
+        ["-O", "qcow2", "-o", "cluster_size=3"],
+        ["-O", "qcow2", "-o", "refcount_bits=3"],
+        ["-O", "qcow2", "-o", "compat=0.10,extended_l2=on"],
+    ],
+)
+def test_bad_creation_options_leave_an_existing_target_alone(
+    src: Path, tmp_path: Path, args: list[str]
+) -> None:
+    """Every ``-o`` value the format refuses is refused before the existing target is
+    truncated: a typo does not destroy what the file held (qemu-img keeps it too)."""
+    require_tool("qemu-img")
+    run("qemu-img", "create", "-q", "-f", "qcow2", tmp_path / "base.qcow2", "1M")
+    dst = tmp_path / "dst.img"
+    dst.write_bytes(b"\x5a" * 65536)
+    args = [str(tmp_path / a) if a == "base.qcow2" else a for a in args]
+    assert_one_error(trioconv_cli("convert", *args, src, dst))
+    assert dst.read_bytes() == b"\x5a" * 65536
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.qcow2", "dst.img", "src.img"]
 
 
 def qemu_img_exit(args: list[str | Path]) -> int:

@@ -118,6 +118,38 @@ def test_target_in_use_is_left_alone(
     assert sha256(image) == before
 
 
+@pytest.mark.parametrize("no_create", [True, False], ids=["-n", "new"])
+@pytest.mark.parametrize("read_only", [False, True], ids=["qemu-writes", "qemu-reads"])
+def test_raw_target_shared_as_qemu_img_shares_it(
+    tmp_path: Path, no_create: bool, read_only: bool
+) -> None:
+    """A raw image's user that shares writing (``qemu-io`` on a raw file does; a VM's
+    disk does not) does not keep qemu-img out of it, nor trioconv: QEMU's raw format
+    passes its user's sharing down to the file."""
+    src = create_filled(tmp_path / "src.raw", "raw", "4M", "write -P 1 0 4M")
+    target = create_filled(tmp_path / "t.raw", "raw", "4M", "write -P 2 0 4M")
+    with held_by_qemu(target, "raw", read_only=read_only):
+        args = ["-n"] if no_create else []
+        result = trioconv_cli("convert", *args, "-O", "raw", src, target)
+        assert result.returncode == 0, result.stderr
+        assert run("qemu-img", "convert", *args, "-O", "raw", src, target).returncode == 0
+    assert_identical(src, target)
+
+
+@pytest.mark.parametrize("read_only", [False, True], ids=["qemu-writes", "qemu-reads"])
+def test_raw_target_under_a_user_that_does_not_share_writes(
+    image: Path, tmp_path: Path, read_only: bool
+) -> None:
+    """Written as raw or not, a file that a qcow2 user (like a VM's disk) holds is left
+    alone: that user does not share writing."""
+    src = create_filled(tmp_path / "src.raw", "raw", "4M", "write -P 1 0 4M")
+    before = sha256(image)
+    with held_by_qemu(image, "qcow2", read_only=read_only):
+        line = one_line(trioconv_cli("convert", "-n", "-O", "raw", src, image))
+        assert 'Failed to get "write" lock' in line
+    assert sha256(image) == before
+
+
 async def test_qemu_sees_trioconv_locks(image: Path) -> None:
     require_tool("qemu-img")
     async with trioconv.open_image(image, "qcow2", writable=True):

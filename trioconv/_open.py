@@ -21,6 +21,7 @@ import trio
 
 from ._cache import CacheMode
 from ._errors import BackingChainTooLong, ImageError, TrioconvError, UnsupportedError, UsageError
+from ._sizes import parse_size
 from .driver import Driver
 from .formats._base import FormatInfo
 from .formats.raw import RAW_CREATE_OPTIONS, RawDriver, probe_raw
@@ -392,7 +393,9 @@ async def open_image(
         force_share: read a local image even while another process (QEMU, another
             trioconv) writes it (``-U``, read-only only). Local files are locked as QEMU
             locks them, so otherwise an image in use by a writer is refused, and an
-            image opened writable is refused while anyone else uses it.
+            image opened writable is refused while another process uses it in a way
+            that does not share writing (a reader such as a qemu-img source, a
+            running VM's disk, any user of a qcow2 or other format's file).
         backing: False opens the image alone, without its backing image (unallocated
             areas read as zeroes), as ``qemu-img info`` looks at an image.
 
@@ -595,6 +598,7 @@ async def _open_transport_image(
                 cache=CacheMode.parse(cache),
                 force_share=force_share,
                 locking=spec is None or spec.locking,
+                share_writes=writable and info is not None and info.name == "raw",
             )
             stack.push_async_callback(transport.aclose)
             device = spec is not None and spec.protocol in ("host_device", "host_cdrom")
@@ -689,9 +693,27 @@ def check_create_options(fmt: str, options: Mapping[str, str]) -> None:
             continue
         if key not in info.create_options:
             raise UsageError(f"Invalid parameter '{key}'")
+        if _OPTION_TYPES.get(key) == "size":
+            _option_size(key, value)
         own_checks = info.create is not None  # a format with a creator checks its own values
         if key == "preallocation" and not own_checks:
             _file_preallocation(value)
+
+
+def _option_size(key: str, value: str) -> int:
+    """An ``-o`` size value, refused as qemu-img's option parser refuses it (it checks
+    the type of every option before the format sees any; ``size`` itself is then
+    replaced by the source's size)."""
+    try:
+        size = parse_size(value, what=key)
+    except UsageError:
+        size = -1
+    if not 0 <= size < 1 << 64:
+        raise UsageError(
+            f"Parameter '{key}' expects a non-negative number below 2^64 "
+            "(optional suffix k, M, G, T, P or E)"
+        )
+    return size
 
 
 def _file_preallocation(value: str) -> None:
@@ -717,8 +739,6 @@ def file_create_hints(options: Mapping[str, str]) -> tuple[bool, int | None]:
     Raises:
         UsageError: a value qemu-img would refuse.
     """
-    from ._sizes import parse_size
-
     nocow = False
     if "nocow" in options:
         value = options["nocow"]
@@ -727,13 +747,7 @@ def file_create_hints(options: Mapping[str, str]) -> tuple[bool, int | None]:
         nocow = value == "on"
     hint = None
     if "extent_size_hint" in options:
-        try:
-            hint = parse_size(options["extent_size_hint"], what="extent_size_hint")
-        except UsageError:
-            raise UsageError(
-                "Parameter 'extent_size_hint' expects a non-negative number below 2^64 "
-                "(optional suffix k, M, G, T, P or E)"
-            ) from None
+        hint = _option_size("extent_size_hint", options["extent_size_hint"])
         if hint > 0xFFFF_FFFF:
             raise UsageError("Extent size hint is too large")
     return nocow, hint
@@ -804,11 +818,15 @@ async def create_image(
     options = dict(options or {})
     size = -(-size // 512) * 512  # whole sectors, as qemu-img create makes it
     check_create_options(fmt, options)
+    info = _format(fmt)
+    if info.check_create is not None:
+        # Every option the format would refuse is refused before an existing target is
+        # truncated, so a typo in -o never destroys what the target held.
+        await info.check_create(os.fspath(location), size, options)
     nocow, hint = file_create_hints(options)
     file_keys = [key for key in options if key in FILE_CREATE_OPTIONS]
     for key in file_keys:
         del options[key]
-    info = _format(fmt)
     if info.create is not None and "preallocation" not in (info.create_options or {}):
         options.pop("preallocation", None)  # the file protocol's: nothing to allocate yet
     if (

@@ -20,7 +20,7 @@ _UNITS = {
     "e": 1 << 60,
 }
 #: Compiled on first use (by ``re``'s cache), not at import: most runs never parse a size.
-_SIZE_PATTERN = r"\s*(\d+(?:\.\d*)?)\s*([bkmgtpeBKMGTPE]?)\s*"
+_SIZE_PATTERN = r"[ \t\n\v\f\r]*([0-9]+(?:\.[0-9]*)?)([bkmgtpeBKMGTPE]?)"
 
 
 def parse_size(text: str | int, *, what: str = "size") -> int:
@@ -33,7 +33,7 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
         if text < 0:
             raise UsageError(f"Invalid {what} specified: {text}")
         return text
-    hexa = re.fullmatch(r"\s*0[xX]([0-9a-fA-F]+)([bBkKmMgGtTpPeE]?)", text)
+    hexa = re.fullmatch(r"[ \t\n\v\f\r]*0[xX]([0-9a-fA-F]+)([bBkKmMgGtTpPeE]?)", text)
     if hexa:  # qemu takes hexadecimal sizes too (whole numbers only): 0x200, 0x10M
         return int(hexa.group(1), 16) * _UNITS[hexa.group(2).lower()]
     match = re.fullmatch(_SIZE_PATTERN, text)

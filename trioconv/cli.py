@@ -99,14 +99,44 @@ _OPTIONS: dict[str, tuple[tuple[tuple[str, ...], bool], ...]] = {
 _REPEATABLE = {"-o", "--object"}
 
 
-def _long_option(name: str, known: Sequence[str]) -> str:
+#: qemu-img 7.2's own long options: a beginning that names one of them unambiguously
+#: there means that one here too, even where trioconv's extra long names make it
+#: ambiguous (``--b`` is ``--bitmaps``, ``--o`` is ``--object``, as for qemu-img).
+_QEMU_LONGS: dict[str, tuple[str, ...]] = {
+    "convert": (
+        "--help",
+        "--object",
+        "--image-opts",
+        "--target-image-opts",
+        "--force-share",
+        "--salvage",
+        "--target-is-zero",
+        "--bitmaps",
+        "--skip-broken-bitmaps",
+    ),
+    "info": (
+        "--help",
+        "--format",
+        "--output",
+        "--object",
+        "--backing-chain",
+        "--force-share",
+        "--image-opts",
+    ),
+}
+
+
+def _long_option(name: str, known: Sequence[str], qemu: Sequence[str] = ()) -> str:
     """The long option ``name`` stands for: itself, or as getopt_long allows, the one
-    known option it is an unambiguous beginning of."""
+    known option it is an unambiguous beginning of (among qemu-img's own first)."""
     if name in known:
         return name
     matches = [k for k in known if k.startswith(name)]
     if len(matches) == 1:
         return matches[0]
+    theirs = [k for k in qemu if k.startswith(name)]
+    if len(theirs) == 1:
+        return theirs[0]
     if matches:
         raise UsageError(f"option '{name}' is ambiguous; possibilities: {' '.join(matches)}")
     raise UsageError(f"unrecognized option '{name}'")
@@ -160,7 +190,7 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
                 option("-p", None)
                 option("--progress-style", attached)
                 continue
-            name = _long_option(typed, longs)
+            name = _long_option(typed, longs, _QEMU_LONGS.get(command, ()))
             if name in valued:
                 option(name, value_of(typed, attached if eq else None))
             elif eq:
@@ -348,17 +378,6 @@ async def convert(
     fmt: str | None = target_format if target_format is not None else "raw"
     if target_image_opts:
         fmt = None  # the target's options name its format, or it is probed
-    if o.get("help") == "help" or "?" in o:
-        if no_create:
-            raise UsageError("-o has no effect when skipping image creation")
-        _emit(_open.create_options_help(fmt or "raw", with_files=len(files) >= 2) + "\n")
-        return 0
-    if len(files) < 2:
-        raise UsageError(
-            "Expecting a source image and a target image"
-            if files
-            else "Must specify image file name"
-        )
     opts = ConvertOptions(
         source_format=source_format,
         target_format=fmt,
@@ -384,6 +403,18 @@ async def convert(
         connections=connections,
         force_share=force_share,
     )
+    # Like qemu-img, ``-o help`` is answered once the flags have passed their checks.
+    if o.get("help") == "help" or "?" in o:
+        if no_create:
+            raise UsageError("-o has no effect when skipping image creation")
+        _emit(_open.create_options_help(fmt or "raw", with_files=len(files) >= 2) + "\n")
+        return 0
+    if len(files) < 2:
+        raise UsageError(
+            "Expecting a source image and a target image"
+            if files
+            else "Must specify image file name"
+        )
     show = progress and not quiet and sys.stdout is not None
     style = progress_style
     if style == "auto":

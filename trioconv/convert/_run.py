@@ -142,6 +142,8 @@ async def _convert(
                     )
                 )
                 drivers.append(drv)
+        if opts.bitmaps:
+            _check_bitmap_source(drivers[0])
         total = sum(d.size for d in drivers)
         created: Path | str | None = None
         extra_files: list[Path] = []
@@ -223,8 +225,8 @@ async def _bitmaps_to_copy(source: Driver, target: Driver, opts: ConvertOptions)
         raise UnsupportedError(f"Format driver '{target.name}' does not support bitmaps")
     if target.header.version < 3:
         raise UnsupportedError("Cannot store dirty bitmaps in qcow2 v2 files")
-    if not isinstance(source, Qcow2Driver):
-        return []  # a format without persistent bitmaps: nothing to copy
+    _check_bitmap_source(source)
+    assert isinstance(source, Qcow2Driver)
     bitmaps: list[Bitmap] = []
     for b in await source.load_bitmaps():
         if b.in_use:
@@ -241,6 +243,15 @@ async def _bitmaps_to_copy(source: Driver, target: Driver, opts: ConvertOptions)
         if b.name in existing:
             raise UnsupportedError(f"Bitmap '{b.name}' already exists in the target")
     return bitmaps
+
+
+def _check_bitmap_source(source: Driver) -> None:
+    """``--bitmaps`` needs a source format that stores them (qcow2), as qemu-img says
+    before it creates the target."""
+    from ..formats.qcow2 import Qcow2Driver
+
+    if not isinstance(source, Qcow2Driver):
+        raise UnsupportedError("Source lacks bitmap support")
 
 
 async def _add_bitmaps(target: Driver, bitmaps: list[Bitmap]) -> None:

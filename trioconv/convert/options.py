@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -38,12 +39,17 @@ def _sparse(value: int | str) -> int:
 def _c_integer(text: str) -> int:
     """An integer as C's ``strtoul`` with base 0 reads it (qemu-img reads ``-m`` so):
     ``0x10`` is 16, ``010`` is 8, ``09`` is no number."""
-    text = text.lstrip()
-    if text[:2].lower() == "0x":
-        return int(text[2:], 16)
-    if len(text) > 1 and text[0] == "0":
-        return int(text[1:], 8)
-    return int(text, 10)
+    # Leading blanks and a plus sign, as strtoul; nothing after the digits, and only
+    # ASCII digits (Python's int() would also take "1_0" and full-width digits).
+    match = re.fullmatch(r"[ \t\n\v\f\r]*\+?(?:0[xX]([0-9a-fA-F]+)|(0[0-7]*)|([1-9][0-9]*))", text)
+    if match is None:
+        raise ValueError(text)
+    hexa, octal, decimal = match.groups()
+    if hexa is not None:
+        return int(hexa, 16)
+    if octal is not None:
+        return int(octal, 8)
+    return int(decimal, 10)
 
 
 def _parallel(value: int | str) -> int:

@@ -17,7 +17,7 @@ from ..driver import Driver
 if TYPE_CHECKING:
     from .._open import OpenContext
 
-__all__ = ["FormatCreator", "FormatInfo", "FormatOpener", "Probe"]
+__all__ = ["CreateCheck", "FormatCreator", "FormatInfo", "FormatOpener", "Probe"]
 
 #: Scores the first bytes of an image (and its name): higher is surer, 0 is no.
 Probe = Callable[[bytes, str], int]
@@ -26,6 +26,11 @@ FormatOpener = Callable[[Driver, "OpenContext"], Awaitable[Driver]]
 #: Writes a new, empty image of the given virtual size onto an empty, writable transport,
 #: with the ``-o`` options (keys already checked against ``create_options``).
 FormatCreator = Callable[[Driver, int, Mapping[str, str]], Awaitable[None]]
+#: Checks the ``-o`` options and the virtual size of a new image before any file is
+#: touched, so that a bad value never truncates an existing target: raises the error
+#: ``create`` would raise, with qemu-img's message. Given the new image's location for
+#: checks that look at other files (a vmdk delta's parent).
+CreateCheck = Callable[[str, int, Mapping[str, str]], Awaitable[None]]
 
 
 @attrs.frozen
@@ -42,6 +47,7 @@ class FormatInfo:
         can_compress: ``-c`` is allowed for this format.
         probe_tail: bytes to read from the *end* of the image for probing (VHD keeps its
             footer there); they are appended to the header given to ``probe``.
+        check_create: validates a new image's options before anything is created.
     """
 
     name: str
@@ -51,3 +57,4 @@ class FormatInfo:
     create_options: Mapping[str, str] | None = None
     can_compress: bool = False
     probe_tail: int = 0
+    check_create: CreateCheck | None = None

@@ -116,19 +116,41 @@ def _flock(fd: int, command: int, kind: int, offset: int) -> int:
     return int(struct.unpack(_FLOCK, fcntl.fcntl(fd, command, arg))[0])
 
 
-def _lock_image(fd: int, path: str, *, writable: bool, force_share: bool, what: str) -> None:
-    """Take QEMU's locks for a reader (or a writer) of the image open at ``fd``.
+def _open_perms(*, writable: bool, force_share: bool, share_writes: bool) -> tuple[int, int]:
+    """The permissions an open holds and those it shares, as ``qemu-img convert`` takes
+    them on the file under an image.
 
-    A reader holds consistent read and shares everything but write and resize (all of
-    it with ``force_share``); a writer also holds write and resize. Filesystems without
-    such locks (some network ones) are used without them, as QEMU's ``locking=auto``.
+    A reader (qemu-img's sources) holds consistent read and shares everything but write
+    and resize (all of it with ``force_share``). A writer of an image format with
+    metadata (qcow2, vmdk, ...) also holds write and resize and shares the same: no one
+    else may write under its tables. A writer of a raw image (``share_writes``) holds
+    consistent read and write and shares everything, as QEMU's raw format passes its
+    user's sharing down - so it is kept out only by someone who does not share write:
+    a reader such as a qemu-img source, or a running VM's disk.
+    """
+    if not writable:
+        return _PERM_READ, _PERM_ALL if force_share else _PERM_ALL & ~(_PERM_WRITE | _PERM_RESIZE)
+    if share_writes:
+        return _PERM_READ | _PERM_WRITE, _PERM_ALL
+    return _PERM_READ | _PERM_WRITE | _PERM_RESIZE, _PERM_ALL & ~(_PERM_WRITE | _PERM_RESIZE)
+
+
+#: Creating (truncating) an existing file: write and resize held, only resize not shared,
+#: as QEMU's file protocol locks a file it creates.
+_CREATE_PERMS = (_PERM_WRITE | _PERM_RESIZE, _PERM_ALL & ~_PERM_RESIZE)
+
+
+def _lock_image(fd: int, path: str, perms: tuple[int, int], *, what: str) -> None:
+    """Take QEMU's locks for the image open at ``fd``: ``perms`` is (held, shared).
+
+    Filesystems without such locks (some network ones) are used without them, as
+    QEMU's ``locking=auto``.
 
     Raises:
         ImageError: another process holds a permission we do not share, or does not
             share one we need.
     """
-    perm = _PERM_READ | (_PERM_WRITE | _PERM_RESIZE if writable else 0)
-    shared = _PERM_ALL if force_share else _PERM_ALL & ~(_PERM_WRITE | _PERM_RESIZE)
+    perm, shared = perms
     try:
         for n in range(len(_PERMS)):
             if perm >> n & 1:
@@ -584,7 +606,12 @@ def _describe_open_error(path: str, exc: OSError, cache: CacheMode) -> ImageErro
 
 
 def _open_sync(
-    path: str, writable: bool, cache: CacheMode, force_share: bool, locking: bool
+    path: str,
+    writable: bool,
+    cache: CacheMode,
+    force_share: bool,
+    locking: bool,
+    share_writes: bool,
 ) -> FileDriver:
     try:
         fd = os.open(path, _open_flags(writable, cache))
@@ -595,7 +622,10 @@ def _open_sync(
         if stat.S_ISDIR(st.st_mode):
             raise ImageError(f"Could not open '{path}': Is a directory")
         if locking and (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
-            _lock_image(fd, path, writable=writable, force_share=force_share, what="open")
+            perms = _open_perms(
+                writable=writable, force_share=force_share, share_writes=share_writes
+            )
+            _lock_image(fd, path, perms, what="open")
         blockdev = stat.S_ISBLK(st.st_mode)
         if blockdev:
             size = struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0]
@@ -619,6 +649,7 @@ async def open_file(
     cache: CacheMode = CacheMode.WRITEBACK,
     force_share: bool = False,
     locking: bool = True,
+    share_writes: bool = False,
 ) -> FileDriver:
     """Open a local file or block device, locked the way QEMU locks images it uses.
 
@@ -626,6 +657,8 @@ async def open_file(
         force_share: read it even while another process writes it (``-U``; read-only
             opens only), as QEMU's ``force-share``.
         locking: False takes no locks and checks none (QEMU's ``file.locking=off``).
+        share_writes: a writable open for a raw image, which lets others write too,
+            as QEMU's raw format does (see :func:`_open_perms`).
 
     Raises:
         ImageError: it does not exist, cannot be opened, is in use by another process
@@ -635,7 +668,7 @@ async def open_file(
     if force_share and writable:
         raise UsageError("force-share=on can only be used with read-only images")
     return await trio.to_thread.run_sync(
-        _open_sync, os.fspath(path), writable, cache, force_share, locking
+        _open_sync, os.fspath(path), writable, cache, force_share, locking, share_writes
     )
 
 
@@ -696,7 +729,7 @@ def _create_sync(
         raise ImageError(f"Could not create '{path}': {exc.strerror}") from exc
     try:
         if st is not None and stat.S_ISREG(st.st_mode):
-            _lock_image(fd, path, writable=True, force_share=False, what="create")
+            _lock_image(fd, path, _CREATE_PERMS, what="create")
             os.ftruncate(fd, 0)
     except OSError as exc:
         os.close(fd)

@@ -18,7 +18,7 @@ from .._base import FormatInfo
 from ._driver import Qcow2Driver
 from ._driver import open_qcow2 as _open
 from ._options import QCOW2_CREATE_OPTIONS
-from ._writer import Qcow2Writer, create_qcow2, open_qcow2_writable
+from ._writer import Qcow2Writer, check_qcow2_create, create_qcow2, open_qcow2_writable
 
 if TYPE_CHECKING:
     from ..._open import OpenContext
@@ -54,4 +54,5 @@ FORMAT = FormatInfo(
     create=create_qcow2,
     create_options=QCOW2_CREATE_OPTIONS,
     can_compress=True,
+    check_create=check_qcow2_create,
 )

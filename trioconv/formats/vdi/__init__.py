@@ -34,8 +34,8 @@ def probe_vdi(header: bytes, filename: str) -> int:
     return 100 if int.from_bytes(header[0x40:0x44], "little") == codec.SIGNATURE else 0
 
 
-async def create_vdi(transport: Driver, size: int, options: Mapping[str, str]) -> None:
-    """Write an empty VDI of ``size`` bytes (rounded up to sectors), as qemu does.
+def _plan(size: int, options: Mapping[str, str]) -> tuple[bool, codec.Header]:
+    """Whether a new VDI is static, and its header.
 
     Raises:
         UsageError: a bad ``static`` value.
@@ -43,9 +43,25 @@ async def create_vdi(transport: Driver, size: int, options: Mapping[str, str]) -
     """
     static = parse_bool("static", options.get("static", "off"))
     try:
-        header = codec.new_header(size, static)
+        return static, codec.new_header(size, static)
     except codec.VdiFormatError as exc:
         raise ImageError(str(exc)) from None
+
+
+async def check_vdi_create(location: str, size: int, options: Mapping[str, str]) -> None:
+    """What :func:`create_vdi` would refuse, checked before anything is written (the
+    registry's ``check_create``)."""
+    _plan(size, options)
+
+
+async def create_vdi(transport: Driver, size: int, options: Mapping[str, str]) -> None:
+    """Write an empty VDI of ``size`` bytes (rounded up to sectors), as qemu does.
+
+    Raises:
+        UsageError: a bad ``static`` value.
+        ImageError: the size is over qemu's maximum.
+    """
+    static, header = _plan(size, options)
     await transport.pwrite(0, header.encode())
     blocks = header.blocks_in_image
     chunk = 1024 * 1024  # entries written at a time: memory stays flat for any size
@@ -65,4 +81,12 @@ async def create_vdi(transport: Driver, size: int, options: Mapping[str, str]) -
             await transport.pwrite(end - codec.SECTOR, bytes(codec.SECTOR))
 
 
-FORMAT = FormatInfo("vdi", probe_vdi, open_vdi, create_vdi, VDI_CREATE_OPTIONS, can_compress=False)
+FORMAT = FormatInfo(
+    "vdi",
+    probe_vdi,
+    open_vdi,
+    create_vdi,
+    VDI_CREATE_OPTIONS,
+    can_compress=False,
+    check_create=check_vdi_create,
+)

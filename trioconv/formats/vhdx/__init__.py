@@ -9,7 +9,7 @@ are encoded and decoded by the sans-I/O functions in :mod:`._codec`; the driver 
 from __future__ import annotations
 
 from .._base import FormatInfo
-from ._driver import VHDX_CREATE_OPTIONS, VhdxDriver, create_vhdx, open_vhdx
+from ._driver import VHDX_CREATE_OPTIONS, VhdxDriver, check_vhdx_create, create_vhdx, open_vhdx
 
 __all__ = ["FORMAT", "VhdxDriver", "create_vhdx", "open_vhdx", "probe_vhdx"]
 
@@ -20,5 +20,10 @@ def probe_vhdx(header: bytes, filename: str) -> int:
 
 
 FORMAT = FormatInfo(
-    "vhdx", probe_vhdx, open_vhdx, create=create_vhdx, create_options=VHDX_CREATE_OPTIONS
+    "vhdx",
+    probe_vhdx,
+    open_vhdx,
+    create=create_vhdx,
+    create_options=VHDX_CREATE_OPTIONS,
+    check_create=check_vhdx_create,
 )

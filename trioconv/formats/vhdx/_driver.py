@@ -709,6 +709,12 @@ def _creator() -> bytes:
     return f"trioconv v{__version__}".encode("utf-16-le")
 
 
+async def check_vhdx_create(location: str, size: int, options: Mapping[str, str]) -> None:
+    """What :func:`create_vhdx` would refuse, checked before anything is written (the
+    registry's ``check_create``)."""
+    plan_options(size, options)
+
+
 async def create_vhdx(transport: Driver, size: int, options: Mapping[str, str]) -> None:
     """Write an empty VHDX image of ``size`` bytes, laid out as ``qemu-img create`` does.
 

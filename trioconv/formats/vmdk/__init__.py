@@ -184,6 +184,22 @@ def _decompose(path: str) -> tuple[str, str, str]:
     return folder, base[:dot], base[dot:]
 
 
+async def check_vmdk_create(location: str, size: int, options: Mapping[str, str]) -> None:
+    """What :func:`create_vmdk` would refuse about its options, checked before anything
+    is written (the registry's ``check_create``): the option values and, for a delta
+    disk, that its parent is a VMDK image.
+
+    Raises:
+        UsageError: bad options or a parent of another format.
+        UnsupportedError: a flat subformat with a backing file or zeroed grains.
+        ImageError: the parent cannot be opened.
+    """
+    parse_create_options(options)
+    parent = options.get("backing_file") or None
+    if parent is not None:
+        await _parent_cid(location, parent)
+
+
 async def create_vmdk(transport: Driver, size: int, options: Mapping[str, str]) -> None:
     """Write a new, empty VMDK image of ``size`` bytes (rounded up to 512).
 
@@ -313,4 +329,5 @@ FORMAT = FormatInfo(
     create=create_vmdk,
     create_options=VMDK_CREATE_OPTIONS,
     can_compress=True,
+    check_create=check_vmdk_create,
 )

@@ -58,12 +58,8 @@ def probe_vpc(data: bytes, filename: str) -> int:
     return 0
 
 
-async def create_vpc(transport: Driver, size: int, options: Mapping[str, str]) -> None:
-    """Write an empty VHD of at least ``size`` bytes, as ``qemu-img create -f vpc`` does.
-
-    Dynamic (the default): footer copy, dynamic header at 512, the BAT at 1536 (all
-    entries absent, padded with 0xFF to a sector), footer. Fixed: a sparse data area and
-    the footer after it. Without ``force_size`` the size grows to a CHS geometry.
+def _plan(size: int, options: Mapping[str, str]) -> tuple[str, bool, tuple[int, int, int], int]:
+    """The subformat, ``force_size``, geometry and disk size of a new VHD.
 
     Raises:
         UsageError: a bad option value.
@@ -77,6 +73,27 @@ async def create_vpc(transport: Driver, size: int, options: Mapping[str, str]) -
         chs, total = codec.create_geometry(size, force)
     except codec.VpcFormatError as exc:
         raise ImageError(str(exc)) from None
+    return subformat, force, chs, total
+
+
+async def check_vpc_create(location: str, size: int, options: Mapping[str, str]) -> None:
+    """What :func:`create_vpc` would refuse, checked before anything is written (the
+    registry's ``check_create``)."""
+    _plan(size, options)
+
+
+async def create_vpc(transport: Driver, size: int, options: Mapping[str, str]) -> None:
+    """Write an empty VHD of at least ``size`` bytes, as ``qemu-img create -f vpc`` does.
+
+    Dynamic (the default): footer copy, dynamic header at 512, the BAT at 1536 (all
+    entries absent, padded with 0xFF to a sector), footer. Fixed: a sparse data area and
+    the footer after it. Without ``force_size`` the size grows to a CHS geometry.
+
+    Raises:
+        UsageError: a bad option value.
+        ImageError: the size is over 2040 GiB.
+    """
+    subformat, force, chs, total = _plan(size, options)
     if subformat == "fixed":
         footer = codec.new_footer(total, chs, codec.DiskType.FIXED, force)
         await transport.pwrite(total, footer.encode())
@@ -101,5 +118,6 @@ FORMAT = FormatInfo(
     create_vpc,
     VPC_CREATE_OPTIONS,
     can_compress=False,
+    check_create=check_vpc_create,
     probe_tail=codec.FOOTER_SIZE,
 )
