@@ -300,6 +300,29 @@ async def test_backing_chain_depth_three(tmp_path: Path, monkeypatch: pytest.Mon
         assert await img.pread(3 * MiB + 1, 4) == bytes(4)
 
 
+def test_backing_status_is_as_fine_as_the_backing_file(tmp_path: Path) -> None:
+    """Under a 2 MiB-cluster overlay that holds nothing, a sparse base's 4 KiB of data
+    is 4 KiB of data, not a whole cluster: with ``-S 1M`` trioconv writes no more than
+    qemu-img (it wrote a whole MiB)."""
+    qemu_img = require_tool("qemu-img")
+    base = tmp_path / "base.raw"
+    run(qemu_img, "create", "-q", "-f", "raw", base, "8M")
+    run(require_tool("qemu-io"), "-f", "raw", "-c", "write -P 1 1M 4k", base)
+    top = make_qcow2(
+        tmp_path / "top.qcow2",
+        "8M",
+        backing="base.raw",
+        backing_fmt="raw",
+        options="cluster_size=2M",
+    )
+    ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+    result = trioconv_cli("convert", "-O", "raw", "-S", "1M", top, ours)
+    assert result.returncode == 0, result.stderr
+    run(qemu_img, "convert", "-O", "raw", "-S", "1M", top, theirs)
+    assert_identical(ours, theirs)
+    assert ours.stat().st_blocks <= theirs.stat().st_blocks
+
+
 async def test_raw_backing_with_format_works(tmp_path: Path) -> None:
     base = tmp_path / "base.raw"
     base.write_bytes(b"\x77" * MiB)

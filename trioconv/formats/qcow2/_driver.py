@@ -460,13 +460,11 @@ class Qcow2Driver(Driver):
         return await self._backing_pieces(seg.offset, seg.end)
 
     async def _backing_pieces(self, start: int, end: int) -> list[tuple[int, ExtentKind]]:
-        """Unallocated here: DATA where the backing chain has data, else HOLE.
-
-        The answer keeps to this image's cluster grid: a cluster that is only partly
-        zero in the backing image counts as DATA (reading zeroes as data is harmless).
-        """
+        """Unallocated here: DATA where the backing chain has data, else HOLE - as
+        finely as the backing chain answers, not rounded to this image's clusters (a
+        large-cluster overlay on a sparse base would otherwise copy whole clusters of
+        the base's holes as data, as qemu-img does not)."""
         assert self.backing is not None
-        cs = self.layout.cluster_size
         out: list[tuple[int, ExtentKind]] = []
         pos = start
         backing_size = self.backing.size
@@ -483,15 +481,8 @@ class Qcow2Driver(Driver):
                 data = ext.kind is ExtentKind.DATA
             if ext_end >= backing_size and backing_size < end and not data:
                 ext_end = end  # zeroes to the backing image's end, then past it
-            if data:
-                stop = min(end, -(-ext_end // cs) * cs)
-                kind = ExtentKind.DATA
-            else:
-                stop = end if ext_end >= end else ext_end // cs * cs
-                kind = ExtentKind.HOLE
-                if stop <= pos:  # a zero run shorter than the rest of this cluster
-                    stop = min(end, (pos // cs + 1) * cs)
-                    kind = ExtentKind.DATA
+            stop = ext_end
+            kind = ExtentKind.DATA if data else ExtentKind.HOLE
             if out and out[-1][1] is kind:
                 out[-1] = (stop, kind)
             else:
