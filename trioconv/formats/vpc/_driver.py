@@ -109,13 +109,17 @@ class DynamicVpcDriver(BlockTableDriver):
         self._sectors = header.block_size // codec.SECTOR
         # Absent blocks are marked so that the unknown ones are found with ``find``.
         self._bitmap_state = bytearray(codec.absent_mask(bat).translate(_ONE_TO_ABSENT))
+        if not self._bitmap_size:
+            # Blocks under 4 KiB: qemu's bitmap size rounds down to nothing, and the
+            # data starts where the bitmap would. Every sector of a block is present.
+            self._bitmap_state = self._bitmap_state.replace(bytes([_UNKNOWN]), bytes([_FULL]))
         self._bitmaps: collections.OrderedDict[int, bytes] = collections.OrderedDict()
-        self._bitmap_cache_max = max(4, BITMAP_CACHE_BYTES // self._bitmap_size)
+        self._bitmap_cache_max = max(4, BITMAP_CACHE_BYTES // max(1, self._bitmap_size))
         # Zero zones, for an image opened read-only: per block, the sectors at the start
         # (low 4 bits) and at the end (high 4 bits) of its data that share a file page
         # with a bitmap and were zero when the bitmap was read.
         self._zones = bytearray(len(bat)) if self._zones_on(writable) else None
-        per_block = self._bitmap_size + (ZONE_PAGE if self._zones is not None else 0)
+        per_block = max(1, self._bitmap_size + (ZONE_PAGE if self._zones is not None else 0))
         self._bitmap_batch = max(1, BITMAP_BATCH_BYTES // per_block)
         #: Bumped whenever a bitmap on disk changes: a read that raced it is discarded.
         self._bitmap_gen = 0
