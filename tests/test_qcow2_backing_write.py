@@ -239,6 +239,23 @@ def test_short_backing_file(tmp_path: Path) -> None:
     assert_like_qemu(top, theirs, ours)
 
 
+def test_backing_file_ending_inside_a_cluster(tmp_path: Path) -> None:
+    """A backing file that ends inside a target cluster: the zeroes the source puts
+    before its end make that cluster a zero cluster (the rest of it reads as zeroes
+    anyway), as in qemu-img's overlay, not a data cluster of zero bytes."""
+    require_tool("qemu-io")
+    src = tmp_path / "src.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", src, "8M")
+    base = tmp_path / "base.qcow2"
+    end = 7 * MiB + 1536
+    run("qemu-img", "create", "-q", "-f", "qcow2", base, str(end))
+    run("qemu-io", "-f", "qcow2", "-c", f"write -P 5 0 {end}", base)
+    args = ["-O", "qcow2", "-o", "cluster_size=16k", "-B", "base.qcow2", "-F", "qcow2"]
+    theirs, ours = both(src, *args)
+    assert_like_qemu(src, theirs, ours)
+    assert not any(e["data"] for e in qemu_map(ours, "qcow2"))
+
+
 def test_raw_source(tmp_path: Path) -> None:
     """A raw source holds everything itself: all of it is copied (zeroes as zero clusters)."""
     require_tool("qemu-io")

@@ -1127,10 +1127,16 @@ class Qcow2Writer(Qcow2Driver):
             if last < end:
                 partial.append((last, end - last))
         writes: list[tuple[int, int]] = []
+        whole: list[tuple[int, int]] = []
         runs: list[tuple[int, list[_Run]]] = []
         async with self._lock:
             for start, n in partial:
-                if not await self._reads_as_zero(start):
+                if await self._reads_as_zero(start):
+                    continue
+                if await self._rest_past_backing(start, n):
+                    c0 = start // cs * cs
+                    whole.append((c0, min(c0 + cs, self.size)))
+                else:
                     writes.append((start, n))
             if fast and writes:
                 raise ZeroesNotSupported(f"{self.location}: zeroing part of a cluster is not fast")
@@ -1138,6 +1144,8 @@ class Qcow2Writer(Qcow2Driver):
                 writes += await self._zero_subclusters(first, last, may_unmap=may_unmap, fast=fast)
             elif first < last:
                 writes += await self._zero_clusters(first, last, may_unmap=may_unmap, fast=fast)
+            for c0, c1 in whole:
+                writes += await self._zero_clusters(c0, c1, may_unmap=may_unmap, fast=fast)
             # Zero bytes (parts of clusters, version 2 images) get their clusters now, in
             # guest order and in the order the calls came, as pwrite's data does; a later
             # writer must not take the host clusters that come next in the file first.
@@ -1185,6 +1193,22 @@ class Qcow2Writer(Qcow2Driver):
         if entry & ZERO_FLAG and self.header.version >= 3:
             return True
         return not self._mapped(entry) and self.backing is None
+
+    async def _rest_past_backing(self, start: int, n: int) -> bool:
+        """Whether zeroing ``[start, start + n)``, part of one unallocated cluster, may
+        make the whole cluster a zero cluster: the rest of it lies past the end of the
+        backing image, so it reads as zeroes either way (as qemu's zero write widens to
+        the cluster when the rest reads as zeroes). Version 3 images without extended
+        L2 entries only."""
+        if self._ext or self.header.version < 3 or self.backing is None:
+            return False
+        entry = await self._entry(start)
+        if entry & (COMPRESSED | ZERO_FLAG) or self._mapped(entry):
+            return False
+        c0 = start // self._cs * self._cs
+        c1 = min(c0 + self._cs, self.size)
+        end = self.backing.size
+        return (start == c0 or c0 >= end) and (start + n >= c1 or start + n >= end)
 
     async def _zero_clusters(
         self, first: int, last: int, *, may_unmap: bool, fast: bool
