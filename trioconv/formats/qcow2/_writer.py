@@ -798,7 +798,10 @@ class Qcow2Writer(Qcow2Driver):
                     await self._write_filled(run, piece)
                 else:
                     await self._data.pwrite(run.host, piece)
-        except TrioconvError:
+        except BaseException:
+            # Failed or cancelled: the tables map clusters that may never have been
+            # written, so they are not stored on close (the image on disk keeps the
+            # tables it had, never ones that point at nothing).
             self._failed = True
             raise
         finally:
@@ -1415,8 +1418,8 @@ class Qcow2Writer(Qcow2Driver):
                 pieces.clear()
                 await self.file.pwrite(host, data)
                 del data
-        except TrioconvError:
-            self._failed = True
+        except BaseException:
+            self._failed = True  # (as in _write_runs)
             raise
 
     # -- metadata to disk ----------------------------------------------------------------

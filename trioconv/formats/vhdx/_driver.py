@@ -103,6 +103,9 @@ class VhdxDriver(Driver):
         # Where the next new block goes, and how far the file has been written.
         self._next_alloc = -(-child.size // MiB) * MiB
         self._file_end = child.size
+        #: How far writes that completed reached: short of ``_file_end`` when a write was
+        #: cancelled before it was done (then closing pads the file up to the last block).
+        self._done_end = child.size
         self._allocated_end = child.size  # the file's length once every write is done
         self._dirty_pages: set[int] = set()
         self._flush_lock = trio.Lock()
@@ -283,6 +286,7 @@ class VhdxDriver(Driver):
             pos += n
         for host, start, n in writes:
             await self.child.pwrite(host, view[start : start + n])
+            self._done_end = max(self._done_end, host + n)
 
     async def pwrite_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
@@ -297,12 +301,19 @@ class VhdxDriver(Driver):
     async def flush(self) -> None:
         if not self._writable:
             return
+        await self._store(self._file_end)
+
+    async def _store(self, reached: int) -> None:
+        """Write the BAT pages that changed, once the file reaches the end of the last
+        block allocated (``reached``: how far the file is known to reach)."""
         async with self._flush_lock:
-            # The file must reach the end of the last block allocated.
-            if self._file_end < self._next_alloc:
+            # The file must reach the end of the last block allocated: a BAT entry past
+            # the end of the file makes the image unreadable.
+            if reached < self._next_alloc:
                 tail = self._next_alloc
                 await self.child.pwrite(tail - 512, _ZEROS[:512])
                 self._file_end = max(self._file_end, tail)
+                self._done_end = max(self._done_end, tail)
             pages = sorted(self._dirty_pages)
             self._dirty_pages.clear()
             per_page = codec.LOG_SECTOR // 8
@@ -321,8 +332,10 @@ class VhdxDriver(Driver):
             await self.child.flush()
 
     async def aclose(self) -> None:
-        if self._writable and (self._dirty_pages or self._file_end < self._next_alloc):
-            await self.flush()
+        # No write is in flight any more: only what completed counts (a cancelled write
+        # may have allocated the last block and never reached it).
+        if self._writable and (self._dirty_pages or self._done_end < self._next_alloc):
+            await self._store(self._done_end)
         self._writable = False
 
 

@@ -215,8 +215,12 @@ class SparseExtent:
         self._record_align = max(SECTOR, file.limits.request_alignment)
         # Grains are appended: only a regular local file grows when written past its end.
         self._growable = file.name == "file" and not getattr(file, "is_block_device", False)
-        #: How far grains have been written: the first new grain's start, at least.
+        #: How far grain writes reach once they are done (the first new grain's start,
+        #: at least), how far those that are done reach, and how many are under way:
+        #: a write cancelled before it was done leaves the file short of its grain.
         self._written_end = self._next_sector * SECTOR
+        self._done_end = self._written_end
+        self._in_flight = 0
 
     @property
     def end(self) -> int:
@@ -557,7 +561,12 @@ class SparseExtent:
                     await wait.wait()
                 chunk = data[at : at + length] if at >= 0 else payload
                 self._written_end = max(self._written_end, host + len(chunk))
-                await self.file.pwrite(host, chunk)
+                self._in_flight += 1
+                try:
+                    await self.file.pwrite(host, chunk)
+                finally:
+                    self._in_flight -= 1
+                self._done_end = max(self._done_end, host + len(chunk))
                 i = j
         finally:
             for grain, event in mine:
@@ -725,11 +734,14 @@ class SparseExtent:
             return
         await self.finish()
         end = self._next_sector * SECTOR
-        if not self.compressed and self._written_end < end:
-            # The last grain was written only in part: the file reaches its end, as
-            # with a whole grain written.
-            start = max(self._written_end, end - SECTOR)
-            self._written_end = end
+        # With no write under way, only what was done counts: a grain table entry past
+        # the end of the file makes the image unreadable.
+        reached = self._written_end if self._in_flight else self._done_end
+        if not self.compressed and reached < end:
+            # The last grain was written only in part (or its write was cancelled): the
+            # file reaches its end, as with a whole grain written.
+            start = max(reached, end - SECTOR)
+            self._written_end = self._done_end = end
             await self.file.pwrite(start, bytes(end - start))
         dirty = sorted(self._dirty)
         self._dirty.clear()
