@@ -331,6 +331,38 @@ def test_blocks_under_4k_have_no_bitmap(tmp_path: Path, block_size: int) -> None
     assert_identical(src, image, "raw", "vpc")
 
 
+def test_the_error_that_ended_a_conversion_is_the_one_shown(tmp_path: Path) -> None:
+    """A disk that fills up (here: the process's file size limit) fails the copy; closing
+    the VHD then fails to write its footer too, but the error shown - and raised to a
+    program - is the first one, not the footer's, and the new target is removed."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    src = make_raw(tmp_path / "src.raw", "8M", "write -P 1 0 8M")
+    out = tmp_path / "out.vhd"
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (MiB, MiB))
+
+    result = subprocess.run(
+        [sys.executable, "-m", "trioconv", "convert", "-O", "vpc", str(src), str(out)],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "File too large" in lines[0], result.stderr
+    at = int(lines[0].split(" at byte ")[1].split(":")[0])
+    assert at < 2 * MiB  # a data block's write, not the footer's at the image's end
+    assert not out.exists()
+
+
 # -- corrupt and hostile images ---------------------------------------------------------
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -66,6 +66,32 @@ def _check_format_features(
         raise UnsupportedError(f"Format driver '{fmt}' does not support bitmaps")
     if opts.bitmaps and creating and opts.create_options().get("compat") in ("0.10", "v2"):
         raise UnsupportedError("Cannot store dirty bitmaps in qcow2 v2 files")
+
+
+@contextlib.asynccontextmanager
+async def _keeping_the_first_error(
+    image: contextlib.AbstractAsyncContextManager[Driver],
+) -> AsyncIterator[Driver]:
+    """``image``, whose closing cannot replace the error that ended the conversion.
+
+    A target closed after a failure may fail to store its metadata too (the disk that
+    filled up is still full, the server is still gone); that second error is logged,
+    and the first one - what went wrong - is what the caller gets.
+    """
+    first: BaseException | None = None
+    try:
+        async with image as driver:
+            try:
+                yield driver
+            except BaseException as exc:
+                first = exc
+                raise
+    except TrioconvError as exc:
+        if first is None or exc is first:
+            raise
+        log.debug("closing the target after a failure: %s", exc)
+    assert first is not None  # (only a closing error after a failure gets here)
+    raise first  # outside the handler: its cause and context stay as they were
 
 
 def _target_backing(opts: ConvertOptions, *, target_is_driver: bool) -> str | None:
@@ -164,12 +190,14 @@ async def _convert(
                     extra_files = sorted(p for p in after - before if p.exists())
             try:
                 tgt = await stack.enter_async_context(
-                    open_image(
-                        target,
-                        opts.target_format,
-                        writable=True,
-                        cache=opts.target_cache,
-                        connections=opts.connections,
+                    _keeping_the_first_error(
+                        open_image(
+                            target,
+                            opts.target_format,
+                            writable=True,
+                            cache=opts.target_cache,
+                            connections=opts.connections,
+                        )
                     )
                 )
             except BaseException:
