@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 from hypothesis import given
 from hypothesis import strategies as st
@@ -393,6 +394,46 @@ async def test_caller_cancellation_stops_promptly() -> None:
     n = len(dst.log)
     await trio.sleep(0.1)
     assert len(dst.log) == n
+
+
+async def test_cancellation_comes_out_as_one_cancelled(tmp_path: Path) -> None:
+    """``except trio.Cancelled`` around the call sees the cancellation, at whatever
+    moment it comes: not a group of the copy tasks' cancellations."""
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"\x01" * 16 * MiB)
+    options = trioconv.ConvertOptions(rate_limit="128M")  # about 0.12 s of copying
+    seen: list[str] = []
+    for i in range(12):
+        with trio.move_on_after(i * 0.01):
+            try:
+                await trioconv.convert([src], tmp_path / f"dst{i}.raw", options)
+                seen.append("finished")
+            except trio.Cancelled:
+                seen.append("Cancelled")
+                raise
+            except BaseExceptionGroup:
+                seen.append("group")
+                raise
+    assert "group" not in seen and "Cancelled" in seen, seen
+
+
+def test_keyboard_interrupt_comes_out_as_itself(tmp_path: Path) -> None:
+    """A Ctrl-C that Trio delivers mid-copy reaches the program as KeyboardInterrupt,
+    and the target this call created is gone."""
+    import signal
+    import threading
+
+    src = tmp_path / "src.raw"
+    src.write_bytes(b"\x01" * 8 * MiB)
+    out = tmp_path / "out.raw"
+
+    async def main() -> None:
+        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
+        await trioconv.convert([src], out, trioconv.ConvertOptions(rate_limit="4M"))
+
+    with pytest.raises(KeyboardInterrupt):
+        trio.run(main)
+    assert not out.exists()
 
 
 async def test_progress_is_observable() -> None:

@@ -17,7 +17,7 @@ from .._open import check_create_options, create_image, format_info, is_nfs_uri,
 from ..driver import Driver
 from . import ConvertResult, ImageSpec
 from .options import ConvertOptions
-from .pipeline import convert_error_from_group, run_pipeline
+from .pipeline import convert_error_from_group, lone_exception, run_pipeline
 from .progress import Progress
 
 if TYPE_CHECKING:
@@ -90,7 +90,8 @@ async def _keeping_the_first_error(
         if first is None or exc is first:
             raise
         log.debug("closing the target after a failure: %s", exc)
-    assert first is not None  # (only a closing error after a failure gets here)
+    else:
+        return
     raise first  # outside the handler: its cause and context stay as they were
 
 
@@ -132,9 +133,14 @@ async def run_convert(
     except BaseExceptionGroup as group:
         # A transport's own task failed (a dropped connection), outside the pipeline.
         error = convert_error_from_group(group)
-        if error is None:
+        if error is not None:
+            raise error from group
+        lone = lone_exception(group)
+        if lone is group:
             raise
-        raise error from group
+        # A cancellation or a Ctrl-C, as itself: ``except trio.Cancelled`` and ``except
+        # KeyboardInterrupt`` around the call see it, not a group of copy tasks' copies.
+        raise lone from None
     finally:
         progress._finish()
 

@@ -696,6 +696,20 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     return out
 
 
+def lone_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """What a group that is not a failure stands for, as one exception: its first
+    ``Cancelled`` when it holds only cancellations, its ``KeyboardInterrupt`` (or other
+    exception that is not an ``Exception``) when that is all it holds besides them;
+    else the group itself."""
+    leaves = _leaves(group)
+    others = [e for e in leaves if not isinstance(e, trio.Cancelled)]
+    if not others and leaves:
+        return leaves[0]
+    if len(others) == 1 and not isinstance(others[0], Exception):
+        return others[0]
+    return group
+
+
 def convert_error_from_group(group: BaseExceptionGroup[BaseException]) -> ConvertError | None:
     """One :class:`ConvertError` for what a failed nursery raised.
 
