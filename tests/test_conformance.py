@@ -95,3 +95,29 @@ async def test_probe_refuses_known_unsupported_formats(tmp_path: Path) -> None:
     with pytest.raises(trioconv.ImageError, match="'parallels' is not supported"):
         async with trioconv.open_image(path):
             pass
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vmdk", "vpc", "vdi", "vhdx"])
+async def test_requests_outside_the_image_are_errors(tmp_path: Path, fmt: str) -> None:
+    """A read or a block status query outside the image is a TrioconvError, never a
+    made-up answer or an AssertionError."""
+    path = tmp_path / f"disk.{fmt}"
+    await trioconv.create_image(path, fmt, SIZE)
+    async with trioconv.open_image(path, fmt) as drv:
+        size = drv.size
+        for offset, length in ((-1, 10), (size - 5, 10), (size + 10, 100)):
+            with pytest.raises(trioconv.TrioconvError):
+                await drv.pread(offset, length)
+        for offset in (-1, size, size + 10):
+            with pytest.raises(trioconv.TrioconvError):
+                await drv.block_status(offset, 100)
+
+
+async def test_a_closed_file_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "disk.img"
+    await create_file(path, SIZE)
+    drv = await open_file(path, writable=True)
+    await drv.aclose()
+    for request in (drv.flush(), drv.pread(0, 10), drv.pwrite(0, b"x")):
+        with pytest.raises(trioconv.TrioconvIOError, match="image is closed"):
+            await request

@@ -348,6 +348,8 @@ class FileDriver(Driver):
         )
 
     async def _run(self, what: str, offset: int, fn: Callable[..., _T], *args: object) -> _T:
+        if self._fd < 0:
+            raise TrioconvIOError(f"{self.location}: image is closed")
         try:
             return await _in_thread(fn, *args)
         except OSError as exc:

@@ -406,6 +406,12 @@ class Qcow2Driver(Driver):
         return await self._status(offset, length, layer=True)
 
     async def _status(self, offset: int, length: int, *, layer: bool) -> Extent:
+        if not 0 <= offset < self.size:
+            raise TrioconvIOError(
+                f"{self.location}: block status at {offset} is outside the image "
+                f"({self.size} bytes)",
+                offset=offset,
+            )
         cs = self.layout.cluster_size
         # Cover at least the rest of this cluster and end on a cluster boundary (or the
         # image's end); look at most STATUS_CLUSTERS clusters ahead.
