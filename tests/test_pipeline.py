@@ -504,3 +504,25 @@ async def test_compression_refused_for_a_target_without_it() -> None:
         await trioconv.convert(
             [MemoryDriver(MiB)], MemoryDriver(MiB), trioconv.ConvertOptions(compress=True)
         )
+
+
+async def test_a_conversion_that_never_started_is_not_done(tmp_path: Path) -> None:
+    progress = trioconv.Progress()
+    with pytest.raises(trioconv.ImageError):
+        await trioconv.convert([tmp_path / "missing.img"], tmp_path / "x.img", progress=progress)
+    assert progress.finished and progress.percent == 0.0
+
+
+def test_options_hash_and_refuse_a_bool_count() -> None:
+    a = trioconv.ConvertOptions(target_options={"preallocation": "falloc"})
+    b = trioconv.ConvertOptions(target_options={"preallocation": "falloc"})
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    with pytest.raises(trioconv.UsageError, match="coroutines"):
+        trioconv.ConvertOptions(parallel=True)
+
+
+async def test_create_image_refuses_a_negative_size(tmp_path: Path) -> None:
+    for fmt in ("raw", "qcow2"):
+        with pytest.raises(trioconv.UsageError, match="Invalid image size"):
+            await trioconv.create_image(tmp_path / f"x.{fmt}", fmt, -(1 << 20))
+        assert not (tmp_path / f"x.{fmt}").exists()

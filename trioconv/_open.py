@@ -815,6 +815,8 @@ async def create_image(
         ImageError: it cannot be created.
         UsageError: a bad format or option.
     """
+    if size < 0:
+        raise UsageError(f"Invalid image size specified: {size}")
     options = dict(options or {})
     size = -(-size // 512) * 512  # whole sectors, as qemu-img create makes it
     check_create_options(fmt, options)

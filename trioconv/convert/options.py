@@ -54,6 +54,8 @@ def _c_integer(text: str) -> int:
 
 def _parallel(value: int | str) -> int:
     try:
+        if isinstance(value, bool):  # (an int to Python, not a count)
+            raise ValueError(value)
         count = value if isinstance(value, int) else _c_integer(value)
     except ValueError:
         count = 0
@@ -133,7 +135,8 @@ class ConvertOptions:
 
     source_format: str | None = None
     target_format: str | None = "raw"
-    target_options: Mapping[str, str] = attrs.field(factory=dict, converter=_mapping)
+    # (Left out of the hash - a mapping has none - but not out of equality.)
+    target_options: Mapping[str, str] = attrs.field(factory=dict, converter=_mapping, hash=False)
     source_cache: CacheMode = attrs.field(default=CacheMode.WRITEBACK, converter=_cache_source)
     target_cache: CacheMode = attrs.field(default=CacheMode.UNSAFE, converter=_cache_target)
     sparse_size: int = attrs.field(default=4096, converter=_sparse)

@@ -45,8 +45,11 @@ class Progress:
 
     @property
     def fraction(self) -> float:
-        """Share of the work done, 0.0 to 1.0 (1.0 for an empty image)."""
-        return self.done / self.total if self.total else (1.0 if self.finished else 0.0)
+        """Share of the work done, 0.0 to 1.0 (1.0 for an empty image once copied; 0.0
+        when the conversion ended before copying began)."""
+        if self.total:
+            return self.done / self.total
+        return 1.0 if self.finished and self.started_at is not None else 0.0
 
     @property
     def percent(self) -> float:
