@@ -690,6 +690,7 @@ def test_info_refuses_unreadable_format_by_name(qemu_img: str, tmp_path: Path) -
     [
         pytest.param(signal.SIGINT, 130, id="SIGINT"),
         pytest.param(signal.SIGTERM, 143, id="SIGTERM"),
+        pytest.param(signal.SIGHUP, 129, id="SIGHUP"),
     ],
 )
 def test_signals(
@@ -734,8 +735,10 @@ def test_signals(
     assert "Traceback" not in stderr, stderr
     assert not dst.exists()
     assert src.stat().st_size == 8 * MiB
-    # A shell sees 128 + N, as for qemu-img.
+    # A shell sees 128 + N, as for qemu-img. (With job control: a background job of a
+    # shell without it starts with SIGINT ignored, and then stays deaf to it.)
     shell = (
+        "set -m; "
         f"{sys.executable} -m trioconv convert -r 1M {src} {dst} 2>/dev/null & pid=$!; "
         f"while [ ! -e {dst} ]; do sleep 0.05; done; sleep 0.5; kill -{signum.name[3:]} $pid; "
         "wait $pid; echo $?"
@@ -743,6 +746,28 @@ def test_signals(
     out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == str(status), out
     assert not dst.exists()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT], ids=["nohup", "background"])
+def test_signals_ignored_at_start_stay_ignored(
+    make_image: ImageMaker, tmp_path: Path, signum: signal.Signals
+) -> None:
+    """Under ``nohup`` (or as a script's background job, for SIGINT) the signal does not
+    stop the conversion, as it would not stop qemu-img."""
+    src = make_image("src.img", "2M", "write -P 7 0 2M")
+    dst = tmp_path / "dst.img"
+
+    def ignore() -> None:
+        signal.signal(signum, signal.SIG_IGN)
+
+    command = [sys.executable, "-m", "trioconv", "convert", "-r", "2M", str(src), str(dst)]
+    with subprocess.Popen(command, stderr=subprocess.PIPE, preexec_fn=ignore) as proc:
+        wait_for(lambda: dst.exists() or proc.poll() is not None, 20, "the target file")
+        time.sleep(0.2)
+        proc.send_signal(signum)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert_identical(src, dst)
 
 
 # -- 10. copy offload and O_DIRECT -------------------------------------------------------------

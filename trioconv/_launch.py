@@ -3,8 +3,8 @@
 Loading the command line (Trio, cyclopts and the drivers) takes a good part of a
 second's first tenth. A SIGINT in that time would otherwise end the process with a
 Python traceback, and one that lands after Trio starts but before the conversion
-watches for signals, with a bare status. So, before anything heavy is imported, SIGINT
-and SIGTERM are set to end the process at once - nothing exists yet that needs
+watches for signals, with a bare status. So, before anything heavy is imported, SIGINT,
+SIGTERM and SIGHUP are set to end the process at once - nothing exists yet that needs
 cleaning up - with the same one line and the same death by the signal as an
 interrupted conversion. Once a conversion runs, it takes the signals over
 (:func:`trioconv.cli._supervise`) and cancels itself cleanly instead.
@@ -28,7 +28,7 @@ def _die_early(signum: int, _frame: FrameType | None) -> None:
 
 def main() -> None:
     """Run the command line with ``sys.argv``; exits with its status."""
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) in (signal.default_int_handler, signal.SIG_DFL):
             signal.signal(signum, _die_early)
     from .cli import main as cli_main

@@ -3,8 +3,8 @@
 Arguments are read the way qemu-img's getopt reads them - bundled flags (``-pW``),
 attached values (``-m8``, ``-Oraw``), repeated ``-o`` - and then handed to cyclopts, so
 a script written for ``qemu-img convert`` works with ``trioconv convert`` in its place.
-Every error is one line on stderr and exit status 1; SIGINT and SIGTERM cancel the
-conversion cleanly (exit 130 and 143) and SIGUSR1 prints one progress line to stderr.
+Every error is one line on stderr and exit status 1; SIGINT, SIGTERM and SIGHUP cancel
+the conversion cleanly (exit 130, 143, 129) and SIGUSR1 prints one progress line to stderr.
 
 Start-up matters for a drop-in of a C tool, so this module imports only what every run
 needs: the annotations are real objects (no ``from __future__ import annotations``), which
@@ -262,19 +262,26 @@ def _emit(text: str) -> None:
         _stdout_gone()
 
 
+#: The signals that stop a conversion cleanly, and end the process by themselves after.
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 async def _supervise(work: Callable[[], Awaitable[None]], progress: Progress | None) -> int:
     """Run ``work`` until it ends or a signal stops it; return the exit status.
 
-    The first SIGINT or SIGTERM cancels the work, which then cleans up (a target it
-    created is removed); signals that come while it does are taken and ignored, so a
-    second Ctrl-C does not cut the cleanup short.
+    The first SIGINT, SIGTERM or SIGHUP (the terminal went away) cancels the work,
+    which then cleans up (a target it created is removed); signals that come while it
+    does are taken and ignored, so a second Ctrl-C does not cut the cleanup short. A
+    signal the process was started ignoring (``nohup``, a shell's background job) stays
+    ignored.
     """
     status = 0
     work_scope = trio.CancelScope()
+    stops = [s for s in _STOP_SIGNALS if signal.getsignal(s) != signal.SIG_IGN]
 
     async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nonlocal status
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGUSR1) as sigs:
+        with trio.open_signal_receiver(*stops, signal.SIGUSR1) as sigs:
             task_status.started()
             async for signum in sigs:
                 if signum == signal.SIGUSR1:
@@ -818,7 +825,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         # of a short conversion); frozen objects are left to the operating system. Only
         # when run as the program: a caller passing argv keeps its collector untouched.
         gc.freeze()
-        if status - 128 in (signal.SIGINT, signal.SIGTERM):
+        if status - 128 in _STOP_SIGNALS:
             _die_by(signal.Signals(status - 128))
     sys.exit(status)
 
