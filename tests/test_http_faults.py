@@ -239,3 +239,33 @@ def test_passwords_stay_out_of_messages() -> None:
     assert "invalid URL" in line
     assert "alice@127.0.0.1:99999" in line
     assert "s3cret" not in line
+
+
+def test_a_stalled_server_times_out_as_told(tmp_path: Path) -> None:
+    """QEMU's ``timeout`` option bounds each ranged read: a server that stops sending
+    mid-copy ends the conversion after that many seconds with one line."""
+    import threading
+
+    release = threading.Event()
+
+    def stalls(req: Request) -> bytes | None:
+        if data_reads(req) and req.range is not None and req.range[0] >= MiB:
+            release.wait(30)
+            return None
+        return honest(req)
+
+    out = tmp_path / "out.raw"
+    with FakeHTTPServer(IMAGE, stalls) as server:
+        opts = f"driver=raw,file.driver=http,file.url={server.url()},file.timeout=1"
+        started = time.monotonic()
+        result = trioconv_cli("convert", "--image-opts", opts, "-O", "raw", out)
+        elapsed = time.monotonic() - started
+        release.set()
+    line = one_line_error(result)
+    assert "did not answer in 1 s" in line
+    assert elapsed < 10  # (120 s without the option)
+    assert not out.exists()
+    for value, message in (("0", "too large or negative"), ("x", "expects a number")):
+        opts = f"driver=raw,file.driver=http,file.url=http://127.0.0.1:1/x,file.timeout={value}"
+        bad = trioconv_cli("convert", "--image-opts", opts, "-O", "raw", out)
+        assert message in one_line_error(bad)

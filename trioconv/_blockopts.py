@@ -416,6 +416,7 @@ class BlockSpec:
         locking: False for ``file.locking=off``: no image locks at all.
         direct: True for ``cache.direct=on``: ``O_DIRECT``.
         tls_verify: False for ``sslverify=off`` (HTTPS): any certificate is accepted.
+        timeout: HTTP(S) ``timeout``: seconds a request may take; None for the default.
         null: a null device's options (``driver=null-co,size=...``).
     """
 
@@ -433,7 +434,12 @@ class BlockSpec:
     locking: bool = True
     direct: bool = False
     tls_verify: bool = True
+    timeout: float | None = None
     null: NullOptions | None = None
+
+
+#: The largest HTTP ``timeout`` QEMU takes, in seconds.
+HTTP_TIMEOUT_MAX = 100_000
 
 
 class _Refused(Exception):
@@ -1027,4 +1033,13 @@ def _http_node(node: Flat, proto: str) -> BlockSpec:
             (parts.scheme, f"{userinfo}@{host}", parts.path, parts.query, parts.fragment)
         )
     shown = node.get("url") or node.get("filename") or url
-    return BlockSpec(url, None, shown, tls_verify=verify)
+    timeout = None
+    if "timeout" in node:
+        value = (node["timeout"] or "").strip()
+        if not value.isascii() or not value.isdigit():
+            raise _Refused("Parameter 'timeout' expects a number")
+        timeout = float(value)
+        if not 0 < timeout <= HTTP_TIMEOUT_MAX:
+            raise _Refused("timeout parameter is too large or negative")
+    # (``readahead`` is accepted and has no effect: each read asks for exactly its bytes.)
+    return BlockSpec(url, None, shown, tls_verify=verify, timeout=timeout)

@@ -587,8 +587,9 @@ async def _open_transport_image(
             from .protocols.http import open_http  # only programs that use HTTP pay for it
 
             verify = spec is None or spec.tls_verify
+            timeout = spec.timeout if spec is not None else None
             transport = await stack.enter_async_context(
-                open_http(text, writable=writable, verify=verify)
+                open_http(text, writable=writable, verify=verify, timeout=timeout)
             )
         else:
             path = _transport_path(text)

@@ -440,8 +440,11 @@ class HTTPDriver(Driver):
         size: int,
         original: str,
         etag: str | None = None,
+        *,
+        timeout: float = READ_TIMEOUT,
     ) -> None:
         self._pool = pool
+        self._timeout = timeout
         self._address = address
         self._size = size
         self._etag = etag  # the file's strong validator when opened, if the server gave one
@@ -486,7 +489,7 @@ class HTTPDriver(Driver):
         last = offset + view.nbytes - 1
         request = self._pool.build("GET", self._headers([("Range", f"bytes={offset}-{last}")]))
         try:
-            with trio.fail_after(READ_TIMEOUT):
+            with trio.fail_after(self._timeout):
                 async with self._pool.exchange(request) as (conn, response):
                     if response.status != 206:
                         await conn.drain(response)
@@ -508,7 +511,7 @@ class HTTPDriver(Driver):
         except trio.TooSlowError:
             raise TrioconvIOError(
                 f"error while reading {self.location} at byte {offset}: the HTTP server did "
-                f"not answer in {READ_TIMEOUT:.0f} s",
+                f"not answer in {self._timeout:.0f} s",
                 offset=offset,
                 errno=errno_mod.ETIMEDOUT,
             ) from None
@@ -660,12 +663,14 @@ def _tls_reason(exc: BaseException) -> str | None:
 
 @asynccontextmanager
 async def open_http(
-    uri: str, *, writable: bool = False, verify: bool = True
+    uri: str, *, writable: bool = False, verify: bool = True, timeout: float | None = None
 ) -> AsyncIterator[HTTPDriver]:
     """Open a file on a web server for reading, as a driver.
 
     ``verify=False`` accepts any certificate from an ``https://`` server (QEMU's
-    ``sslverify=off``, for a server with a self-made certificate).
+    ``sslverify=off``, for a server with a self-made certificate). ``timeout`` (QEMU's
+    ``timeout`` option) bounds, in seconds, opening and each ranged read; by default
+    opening may take :data:`OPEN_TIMEOUT` and a read :data:`READ_TIMEOUT`.
 
     Raises:
         UnsupportedError: ``writable``: HTTP sources are read-only.
@@ -677,7 +682,7 @@ async def open_http(
     if writable:
         raise UnsupportedError(f"{where}: HTTP images are read-only")
     try:
-        with trio.fail_after(OPEN_TIMEOUT):
+        with trio.fail_after(OPEN_TIMEOUT if timeout is None else timeout):
             final, pool, (size, etag) = await _resolve(address, where)
     except trio.TooSlowError:
         raise ImageError(f"{where}: the server did not answer in time") from None
@@ -685,7 +690,9 @@ async def open_http(
         raise ImageError(f"{where}: the HTTP server closed the connection") from None
     except (OSError, trio.BrokenResourceError, proto.HTTPProtocolError, TrioconvIOError) as exc:
         raise ImageError(f"{where}: {_tls_reason(exc) or _reason(exc)}") from None
-    driver = HTTPDriver(pool, final, size, address.uri, etag)
+    driver = HTTPDriver(
+        pool, final, size, address.uri, etag, timeout=READ_TIMEOUT if timeout is None else timeout
+    )
     try:
         yield driver
     finally:
