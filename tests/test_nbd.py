@@ -35,6 +35,7 @@ from ._faults import interrupt_cli
 from .conftest import (
     ImageMaker,
     assert_identical,
+    create_filled,
     qemu_map,
     run,
     trioconv_cli,
@@ -539,6 +540,64 @@ def test_filters_read_and_write(
             assert offset % 4096 == 0, (offset, count)
             assert count % 4096 == 0, (offset, count)
     compare_uri(mixed_src, server.uri)
+
+
+def test_requests_under_the_minimum_block_size(
+    nbdkit_server: NbdkitLauncher, tmp_path: Path
+) -> None:
+    """A source whose size and extents are not multiples of the server's 4 KiB minimum
+    block (a 10 KiB image, a qcow2 with 512-byte clusters, read from such an export):
+    the blocks covered in part are read, patched and written whole, as qemu-img does,
+    and the server, which fails anything unaligned, sees only whole blocks."""
+    log = tmp_path / "requests.log"
+    policy = [
+        "blocksize-minimum=4096",
+        "blocksize-preferred=65536",
+        "blocksize-maximum=65536",
+        "blocksize-error-policy=error",
+    ]
+    server = nbdkit_server(
+        "memory",
+        ["size=8M"],
+        filters=["log", "blocksize-policy"],
+        filter_args=[f"logfile={log}", *policy],
+    )
+    run("qemu-io", "-f", "raw", "-c", "write -P 0xee 0 8M", server.uri)
+    small = tmp_path / "small.raw"
+    small.write_bytes(os.urandom(10240))
+    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "raw", small, server.uri)
+    assert result.returncode == 0, result.stderr
+    back = tmp_path / "back.raw"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", server.uri, back)
+    data = back.read_bytes()
+    assert data[:10240] == small.read_bytes() and data[10240:12288] == b"\xee" * 2048
+    fine = create_filled(
+        tmp_path / "fine.qcow2",
+        "qcow2",
+        "1M",
+        "write -P 3 1000 5000",
+        "write -P 4 9000 700",
+        "write -z 20000 3000",
+        options="cluster_size=512",
+    )
+    expected = tmp_path / "fine.raw"
+    run("qemu-img", "convert", "-O", "raw", fine, expected)
+    for flags in ([], ["-W", "-m", "16"]):
+        result = trioconv_cli("convert", "-n", *flags, "-O", "raw", fine, server.uri)
+        assert result.returncode == 0, result.stderr
+        run("qemu-img", "convert", "-f", "raw", "-O", "raw", server.uri, back)
+        assert back.read_bytes()[:MiB] == expected.read_bytes()
+    for offset, count, _ in requests(log, "Read") + requests(log, "Write"):
+        assert offset % 4096 == 0 and count % 4096 == 0, (offset, count)
+    # Read the other way: the qcow2 itself exported (its header, tables and 512-byte
+    # clusters all smaller than a block), opened over NBD.
+    with fine.open("ab") as f:
+        f.truncate(-(-fine.stat().st_size // 4096) * 4096)
+    source = nbdkit_server("file", [str(fine)], filters=["blocksize-policy"], filter_args=policy)
+    out = tmp_path / "out.raw"
+    result = trioconv_cli("convert", "-f", "qcow2", "-O", "raw", source.uri, out)
+    assert result.returncode == 0, result.stderr
+    assert_identical(fine, out, "qcow2", "raw")
 
 
 def test_nozero_export_gets_real_zeroes(nbdkit_server: NbdkitLauncher, mixed_src: Path) -> None:

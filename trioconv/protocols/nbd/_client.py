@@ -201,6 +201,9 @@ class NBDDriver(Driver):
         self._status: list[Extent] = []
         self._zero = bytes(min(info.max_block, 256 * 1024))
         self._scratch = bytearray(256 * 1024)
+        #: Serialises read-modify-writes of blocks under the server's minimum block
+        #: size; shared by every connection to the export (see :meth:`_patch_edges`).
+        self.edges_lock = trio.Lock()
 
     # -- geometry ------------------------------------------------------------------------
     @property
@@ -456,8 +459,54 @@ class NBDDriver(Driver):
         )
 
     async def preadinto(self, offset: int, buf: memoryview) -> None:
-        if buf.nbytes:
-            await self._split(Cmd.READ, offset, buf.cast("B") if buf.format != "B" else buf)
+        view = buf.cast("B") if buf.format != "B" else buf
+        if not view.nbytes:
+            return
+        a = self.info.min_block
+        if not (offset | view.nbytes) % a:
+            await self._split(Cmd.READ, offset, view)
+            return
+        # Under the server's minimum block size: whole blocks are read, the edges
+        # through a block-sized buffer (a server may refuse anything else).
+        start, end = offset, offset + view.nbytes
+        inner_start, inner_end = -(-start // a) * a, end // a * a
+        if inner_start < inner_end:
+            await self._split(Cmd.READ, inner_start, view[inner_start - start : inner_end - start])
+        for block in self._edge_blocks(start, end):
+            data = await self._read_block(block)
+            lo, hi = max(start, block), min(end, block + len(data))
+            view[lo - start : hi - start] = data[lo - block : hi - block]
+
+    def _edge_blocks(self, start: int, end: int) -> list[int]:
+        """The starts of the minimum-size blocks that ``[start, end)`` covers in part."""
+        a = self.info.min_block
+        blocks = []
+        if start % a:
+            blocks.append(start - start % a)
+        if end % a and (not blocks or end - end % a != blocks[0]):
+            blocks.append(end - end % a)
+        return blocks
+
+    async def _read_block(self, block: int) -> bytearray:
+        """The minimum-size block at ``block`` (shorter at the export's end)."""
+        data = bytearray(min(self.info.min_block, self.size - block))
+        await self._split(Cmd.READ, block, memoryview(data))
+        return data
+
+    async def _patch_edges(self, start: int, end: int, data: memoryview | None) -> None:
+        """Write ``[start, end)``'s bytes (``data``; zeroes when None) into the blocks it
+        covers in part: read the block, patch it, write it whole, as qemu does for
+        servers with a minimum block size. One at a time per export, so two requests
+        that each cover part of the same block do not undo each other."""
+        async with self.edges_lock:
+            for block in self._edge_blocks(start, end):
+                buf = await self._read_block(block)
+                lo, hi = max(start, block), min(end, block + len(buf))
+                if data is None:
+                    buf[lo - block : hi - block] = bytes(hi - lo)
+                else:
+                    buf[lo - block : hi - block] = data[lo - start : hi - start]
+                await self._split(Cmd.WRITE, block, memoryview(buf), self._fua)
 
     async def preadinto_many(self, requests: Sequence[tuple[int, memoryview]]) -> None:
         """All the reads in flight at once."""
@@ -468,10 +517,20 @@ class NBDDriver(Driver):
         if not self._writable:
             raise UnsupportedError(f"{self.location}: opened read-only")
         view = memoryview(data).cast("B")
-        if view.nbytes:
+        if not view.nbytes:
+            return
+        a = self.info.min_block
+        if (offset | view.nbytes) % a:
+            start, end = offset, offset + view.nbytes
+            inner_start, inner_end = -(-start // a) * a, end // a * a
+            if inner_start < inner_end:
+                inner = view[inner_start - start : inner_end - start]
+                await self._split(Cmd.WRITE, inner_start, inner, self._fua)
+            await self._patch_edges(start, end, view)
+        else:
             await self._split(Cmd.WRITE, offset, view, self._fua)
-            if self._flush_each:
-                await self.flush()
+        if self._flush_each:
+            await self.flush()
 
     async def pwrite_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
@@ -485,7 +544,21 @@ class NBDDriver(Driver):
         flags = (CmdFlag.NONE if may_unmap else CmdFlag.NO_HOLE) | self._fua
         if fast:
             flags |= CmdFlag.FAST_ZERO
-        step = _MAX_ZERO - _MAX_ZERO % self.info.min_block
+        a = self.info.min_block
+        if (offset | length) % a:
+            # Under the server's minimum block size: the blocks covered in part get
+            # zero bytes (read, patched, written), which is never fast.
+            if fast:
+                raise ZeroesNotSupported(f"{self.location}: zeroing part of a block is not fast")
+            end = offset + length
+            inner_start, inner_end = -(-offset // a) * a, end // a * a
+            if inner_start < inner_end:
+                await self.pwrite_zeroes(inner_start, inner_end - inner_start, may_unmap=may_unmap)
+            await self._patch_edges(offset, end, None)
+            if self._flush_each:
+                await self.flush()
+            return
+        step = _MAX_ZERO - _MAX_ZERO % a
         pieces = range(offset, offset + length, step)
         await together(
             [
@@ -784,6 +857,8 @@ async def open_nbd(
         for conn in conns:
             await conn.aclose()
         raise
+    for conn in conns[1:]:
+        conn.edges_lock = first.edges_lock  # one export: one lock for its block edges
     async with trio.open_nursery() as nursery:
         for conn in conns:
             nursery.start_soon(conn.reader)
