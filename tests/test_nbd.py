@@ -705,8 +705,7 @@ def test_fault_missing_socket(tmp_path: Path) -> None:
     line = failing_cli(
         "convert", "-f", "raw", "-O", "raw", f"nbd+unix:///?socket={missing}", tmp_path / "o.img"
     )
-    assert str(missing) in line
-    assert "No such file or directory" in line
+    assert f"Failed to connect to '{missing}': No such file or directory" in line
     assert not (tmp_path / "o.img").exists()
 
 
@@ -715,8 +714,7 @@ def test_fault_tcp_connection_refused(mixed_src: Path) -> None:
     (``Failed to connect to '127.0.0.1:PORT': Connection refused``)."""
     port = free_tcp_port()
     line = failing_cli("convert", "-n", "-f", "raw", mixed_src, f"nbd://127.0.0.1:{port}/")
-    assert "Connection refused" in line
-    assert str(port) in line
+    assert f"Failed to connect to '127.0.0.1:{port}': Connection refused" in line
 
 
 def test_fault_unknown_export(nbdkit_server: NbdkitLauncher, tmp_path: Path) -> None:

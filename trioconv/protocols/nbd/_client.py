@@ -14,6 +14,8 @@ from __future__ import annotations
 import errno as errno_mod
 import functools
 import itertools
+import os
+import socket
 import ssl
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
@@ -767,15 +769,19 @@ async def _handshake(
 
 
 def _connect_reason(exc: OSError) -> str:
-    """Why a connection failed; trio hides the errno of each attempt in ``__cause__``."""
-    if exc.strerror:
-        return exc.strerror
+    """Why a connection failed, as the system words its error number ("Connection
+    refused"); trio puts each attempt's error in ``__cause__``."""
     cause = exc.__cause__
+    leaves: list[BaseException] = [exc]
     if isinstance(cause, BaseExceptionGroup):
-        for leaf in cause.exceptions:
-            if isinstance(leaf, OSError) and leaf.strerror:
-                return leaf.strerror
-    return str(exc)
+        leaves = [*cause.exceptions, exc]
+    elif cause is not None:
+        leaves = [cause, exc]
+    for leaf in leaves:
+        real = isinstance(leaf, OSError) and not isinstance(leaf, socket.gaierror)
+        if real and isinstance(leaf, OSError) and leaf.errno is not None and leaf.errno > 0:
+            return os.strerror(leaf.errno)
+    return exc.strerror or str(exc)
 
 
 async def _connect(address: NBDAddress) -> trio.abc.Stream:
@@ -791,7 +797,10 @@ async def _open_connection(
     try:
         stream = await _connect(address)
     except OSError as exc:
-        raise ImageError(f"Could not open '{uri}': {_connect_reason(exc)}") from exc
+        where = address.socket if address.socket is not None else f"{address.host}:{address.port}"
+        raise ImageError(
+            f"Could not open '{uri}': Failed to connect to '{where}': {_connect_reason(exc)}"
+        ) from exc
     try:
         with trio.fail_after(_HANDSHAKE_TIMEOUT):
             stream, info, leftover = await _handshake(stream, address)
