@@ -121,3 +121,15 @@ async def test_a_closed_file_says_so(tmp_path: Path) -> None:
     for request in (drv.flush(), drv.pread(0, 10), drv.pwrite(0, b"x")):
         with pytest.raises(trioconv.TrioconvIOError, match="image is closed"):
             await request
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vmdk", "vpc", "vdi", "vhdx"])
+async def test_a_closed_image_says_so(tmp_path: Path, fmt: str) -> None:
+    """After close, reads and block status queries fail; none is answered from memory."""
+    path = tmp_path / f"disk.{fmt}"
+    await trioconv.create_image(path, fmt, SIZE)
+    async with trioconv.open_image(path, fmt, writable=True) as drv:
+        await drv.pwrite(0, b"x" * 65536)
+    for request in (drv.block_status(0, 512), drv.pread(0, 512)):
+        with pytest.raises(trioconv.TrioconvIOError, match="closed"):
+            await request

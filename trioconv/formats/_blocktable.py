@@ -78,6 +78,7 @@ class BlockTableDriver(Driver):
         self._written_end = child.size
         #: Blocks being prepared by the task that allocated them.
         self._preparing: dict[int, trio.Event] = {}
+        self._closed = False
         self._meta_lock = trio.Lock()
         self._dirty = False
 
@@ -153,6 +154,7 @@ class BlockTableDriver(Driver):
 
     async def aclose(self) -> None:
         # The transport belongs to the opener's exit stack; only metadata goes out here.
+        self._closed = True
         if self._dirty and self._writable:
             with trio.CancelScope(shield=True):
                 async with self._meta_lock:
@@ -261,6 +263,8 @@ class BlockTableDriver(Driver):
         its answer is mapped back to guest bytes. Only a block with absent sectors is
         looked at on its own.
         """
+        if self._closed:  # (the tables in memory would still answer)
+            raise TrioconvIOError(f"{self.location}: image is closed")
         self._check_range(offset, 1, "block status")
         end = min(self._size, offset + max(length, 1))
         bs = self.block_size

@@ -503,6 +503,8 @@ class FileDriver(Driver):
         _fallocate_or_raise(self._fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
 
     async def block_status(self, offset: int, length: int) -> Extent:
+        if self._fd < 0:
+            raise TrioconvIOError(f"{self.location}: image is closed")
         if self._blockdev:
             return Extent(offset, min(length, self._size - offset), ExtentKind.DATA)
         i = bisect.bisect_right(self._starts, offset) - 1

@@ -106,6 +106,7 @@ class VhdxDriver(Driver):
         #: How far writes that completed reached: short of ``_file_end`` when a write was
         #: cancelled before it was done (then closing pads the file up to the last block).
         self._done_end = child.size
+        self._closed = False
         self._allocated_end = child.size  # the file's length once every write is done
         self._dirty_pages: set[int] = set()
         self._flush_lock = trio.Lock()
@@ -223,6 +224,8 @@ class VhdxDriver(Driver):
         """One extent: a run of blocks that read as zeroes (no I/O), or a run of present
         blocks that lie back to back in the file, of which the layer below says which
         part is data and which a hole (as qemu asks the file under a vhdx image)."""
+        if self._closed:  # (the BAT in memory would still answer)
+            raise TrioconvIOError(f"{self.location}: image is closed")
         self._check_range(offset, 1)
         bs = self.block_size
         end = min(self.size, offset + max(length, 1), offset + STATUS_BLOCKS * bs)
@@ -337,6 +340,7 @@ class VhdxDriver(Driver):
         if self._writable and (self._dirty_pages or self._done_end < self._next_alloc):
             await self._store(self._done_end)
         self._writable = False
+        self._closed = True
 
 
 # -- opening ---------------------------------------------------------------------------

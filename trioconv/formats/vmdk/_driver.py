@@ -261,6 +261,8 @@ class VmdkDriver(Driver):
         await ext.write_compressed(grains, records)
 
     async def layer_status(self, offset: int, length: int) -> Extent:
+        if self._closed:  # (the grain tables in memory would still answer)
+            raise TrioconvIOError(f"{self.location}: image is closed")
         (ext, rel, _, _), *_ = self._pieces(offset, 1)
         want = min(max(length, 1), ext.length - rel)
         got, kind = await ext.status(rel, want)
