@@ -17,6 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trioconv import ImageError
+from trioconv._open import redact_location
 from trioconv.protocols.iscsi import ISCSIAddress, parse_iscsi_uri
 from trioconv.protocols.iscsi import _client as client
 from trioconv.protocols.iscsi import _login as login
@@ -1390,6 +1391,19 @@ def test_password_stays_out_of_url_errors() -> None:
         parse_iscsi_uri("iscsi://admin%hunter2@host/iqn.2003-01.org.example:disk1")
     assert "hunter2" not in str(info.value)
     assert "admin%***" in str(info.value)
+    with pytest.raises(ImageError) as info:
+        parse_iscsi_uri("iscsi://admin:hunter2@host/iqn.2003-01.org.example:disk1")
+    assert "hunter2" not in str(info.value)
+    assert "admin:***" in str(info.value)
+
+
+def test_url_password_after_a_colon_as_libiscsi_takes_it() -> None:
+    """``user:password@`` works as ``user%password@`` (qemu-img logs in with either)."""
+    address = parse_iscsi_uri(f"iscsi://alice:s3cret@127.0.0.1:3270/{TARGET}/1")
+    assert (address.user, address.password, address.lun) == ("alice", "s3cret", 1)
+    assert "s3cret" not in address.uri and "s3cret" not in repr(address)
+    shown = redact_location(f"iscsi://alice:s3cret@127.0.0.1:3270/{TARGET}/1")
+    assert shown == f"iscsi://alice@127.0.0.1:3270/{TARGET}/1"
 
 
 # -- login redirection -------------------------------------------------------------------

@@ -77,16 +77,14 @@ def is_null_uri(location: str) -> bool:
 
 
 def redact_location(location: str) -> str:
-    """``location`` fit to show: the password of an iSCSI URL (``user%password@``) or
-    an HTTP one (``user:password@``) is left out."""
-    if is_iscsi_uri(location):
-        separator = "%"
-    elif is_http_uri(location):
-        separator = ":"
-    else:
+    """``location`` fit to show: the password of an iSCSI URL (``user%password@``, or
+    ``user:password@`` as libiscsi also takes it) or an HTTP one (``user:password@``) is
+    left out."""
+    if not (is_iscsi_uri(location) or is_http_uri(location)):
         return location
     scheme, _, rest = location.partition("://")
     userinfo, at, hostpath = rest.partition("@")
+    separator = "%" if is_iscsi_uri(location) and "%" in userinfo else ":"
     if not at or "/" in userinfo or separator not in userinfo:
         return location
     return f"{scheme}://{userinfo.partition(separator)[0]}@{hostpath}"

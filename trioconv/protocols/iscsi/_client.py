@@ -106,8 +106,9 @@ def parse_iscsi_uri(uri: str) -> ISCSIAddress:
     """Parse an ``iscsi://`` URL as libiscsi and QEMU do.
 
     The password, when the URL carries one, follows the user after a ``%``
-    (``iscsi://admin%secret@host/iqn.2024-01.example:disk/1``); LUN 0 is usually the
-    target's controller, so disks start at LUN 1 on most targets.
+    (``iscsi://admin%secret@host/iqn.2024-01.example:disk/1``) or, as libiscsi also
+    takes it, a ``:``; LUN 0 is usually the target's controller, so disks start at LUN 1
+    on most targets.
 
     Raises:
         ImageError: the URL is malformed.
@@ -116,12 +117,15 @@ def parse_iscsi_uri(uri: str) -> ISCSIAddress:
     if parts.scheme.lower() != "iscsi":
         raise ImageError(f"'{uri}' is not an iSCSI URL")
     userinfo, at, _host = parts.netloc.rpartition("@")
-    shown = uri.replace(userinfo, userinfo.partition("%")[0] + "%***") if "%" in userinfo else uri
+    sep = "%" if "%" in userinfo else ":"
+    shown = (
+        uri.replace(userinfo, userinfo.partition(sep)[0] + sep + "***") if sep in userinfo else uri
+    )
     if not parts.hostname:
         raise ImageError(f"'{shown}': missing host")
     user = password = None
     if at:
-        name, pct, secret = userinfo.partition("%")
+        name, pct, secret = userinfo.partition(sep)
         user = urllib.parse.unquote(name)
         password = urllib.parse.unquote(secret) if pct else os.environ.get("LIBISCSI_CHAP_PASSWORD")
         if not user:
