@@ -183,6 +183,32 @@ def test_no_space_on_a_new_target(tmp_path: Path, remove_reply: str) -> None:
         assert server.file is None
 
 
+def test_removing_a_new_target_does_not_wait_for_a_stalled_server(tmp_path: Path) -> None:
+    """A server that stops answering when the failed conversion removes its new file
+    gets a short while (NFS_REMOVE_TIMEOUT), not ten seconds: the error comes promptly,
+    and the file stays, as on a server that is gone."""
+    import threading
+    import time
+
+    release = threading.Event()
+
+    def stalls_on_remove(call: Call) -> bytes | None:
+        if call.proc == "WRITE":
+            return error(call, NFS3ERR_NOSPC)
+        if call.proc == "REMOVE":
+            release.wait(30)
+        return None
+
+    with FakeNFSServer(None, stalls_on_remove) as server:
+        started = time.monotonic()
+        line = one_line_error(write_to(server, tmp_path))
+        elapsed = time.monotonic() - started
+        release.set()
+        assert "No space left on device" in line
+        assert "REMOVE" in server.calls
+    assert elapsed < 6, elapsed
+
+
 @pytest.mark.parametrize("fragments", [1000, 3 << 20])
 def test_empty_fragments(tmp_path: Path, fragments: int) -> None:
     """Empty non-last fragments before a READ reply: a thousand make the same record; three

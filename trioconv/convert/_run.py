@@ -313,11 +313,17 @@ def _side_files(target: ImageSpec, options: Mapping[str, str]) -> set[Path]:
     return found
 
 
+#: Seconds allowed for removing a new ``nfs://`` target after a failure.
+NFS_REMOVE_TIMEOUT = 2.0
+
+
 async def _remove(path: Path | str | None, extra_files: list[Path] | None = None) -> None:
     """Remove a target this conversion created; never raises, even when cancelled.
 
     A local file is unlinked at once; an ``nfs://`` target (given as its URI) needs a
-    few calls to the server, which run shielded from cancellation for at most 10 s.
+    few calls to the server, which run shielded from cancellation for at most
+    :data:`NFS_REMOVE_TIMEOUT` seconds: a server that stopped answering is not waited
+    for (the file then stays, as it does when the server is gone).
     """
     if path is None:
         return
@@ -326,7 +332,7 @@ async def _remove(path: Path | str | None, extra_files: list[Path] | None = None
 
         with (
             trio.CancelScope(shield=True),
-            trio.move_on_after(10),
+            trio.move_on_after(NFS_REMOVE_TIMEOUT),
             contextlib.suppress(TrioconvError),
         ):
             await remove_nfs_file(path)
