@@ -109,6 +109,7 @@ def test_create_new_target(nfs_server: NFSServer, mixed_src: Path) -> None:
     result = trioconv_cli("convert", "-O", "raw", mixed_src, nfs_server.url(name))
     assert result.returncode == 0, result.stderr
     assert target.stat().st_size == mixed_src.stat().st_size
+    assert target.stat().st_mode & 0o777 == 0o600  # as QEMU (libnfs) creates an image
     assert_identical(mixed_src, target)
     # Converting again truncates and rewrites the file that now exists.
     target.write_bytes(b"\xee" * (9 * MiB))

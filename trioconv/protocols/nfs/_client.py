@@ -114,6 +114,11 @@ class NFSAddress:
         return [n for n in self.path.split("/") if n]
 
 
+#: QEMU's tuning parameters for libnfs (read-ahead and page cache sizes, TCP connect
+#: retries, debug level): numbers, checked and taken, with no effect on what is copied.
+_TUNING = ("readahead", "pagecache", "tcp-syncnt", "debug")
+
+
 def parse_nfs_uri(uri: str) -> NFSAddress:
     """Parse an ``nfs://`` URL as libnfs and QEMU do.
 
@@ -126,15 +131,15 @@ def parse_nfs_uri(uri: str) -> NFSAddress:
     if not parts.hostname:
         raise ImageError(f"'{uri}': missing host")
     path = urllib.parse.unquote(parts.path)
-    names = [n for n in path.split("/") if n]
+    names = [n for n in path.split("/") if n and n != "."]  # (a "." names the same folder)
     if len(names) < 1 or path.endswith("/"):
         raise ImageError(f"'{uri}': the URL must name a file (nfs://host/export/file)")
-    if any(n in (".", "..") for n in names):
-        raise ImageError(f"'{uri}': '.' and '..' are not allowed in the path")
+    if ".." in names:
+        raise ImageError(f"'{uri}': '..' is not allowed in the path")
     query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
     ints: dict[str, int] = {}
     for key, values in query.items():
-        if key not in ("uid", "gid", "nfsport", "mountport"):
+        if key not in ("uid", "gid", "nfsport", "mountport", *_TUNING):
             raise ImageError(f"'{uri}': unknown URL parameter '{key}'")
         try:
             ints[key] = int(values[-1])
@@ -970,7 +975,10 @@ async def create_nfs_file(uri: str, size: int) -> bool:
                     try:
                         fh = await session.nfs(
                             Proc.CREATE,
-                            proto.encode_create(dir_fh, name, proto.CreateMode.GUARDED),
+                            # Mode 0600, as QEMU (libnfs) creates an image.
+                            proto.encode_create(
+                                dir_fh, name, proto.CreateMode.GUARDED, perms=0o600
+                            ),
                             proto.decode_create,
                         )
                         created = True
