@@ -206,10 +206,11 @@ def test_permission_denied_for_other_uid(
     url = nfs_server.url(name, "uid=1000&gid=1000")
     line = one_line_error(trioconv_cli("convert", "-O", "raw", url, tmp_path / "out.img"))
     assert "Permission denied" in line and name in line
+    assert "does not let this client read it" in line
     # Writing as that uid is refused as well, before anything is written.
     path.chmod(0o444)
     line = one_line_error(trioconv_cli("convert", "-n", "-O", "raw", mixed_src, url))
-    assert "Permission denied" in line
+    assert "Permission denied" in line and "does not let this client write it" in line
     assert path.read_bytes() == mixed_src.read_bytes()
 
 

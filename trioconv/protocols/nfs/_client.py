@@ -901,9 +901,13 @@ async def _open_file(
         want = proto.ACCESS_READ | (proto.ACCESS_MODIFY if writable else 0)
         granted = await session.nfs(Proc.ACCESS, proto.encode_access(fh, want), proto.decode_access)
         if granted & want != want:
+            # ACCESS says what is refused, not why: the file's owner and mode, a
+            # read-only export or a squashed root all look the same from here.
+            what = "write" if granted & proto.ACCESS_READ else "read"
             raise ImageError(
-                f"Could not open '{uri}': Permission denied (uid {attr.uid} owns the file "
-                f"with mode {attr.mode & 0o7777:04o})"
+                f"Could not open '{uri}': Permission denied: the server does not let this "
+                f"client {what} it (the file: uid {attr.uid}, mode {attr.mode & 0o7777:04o};"
+                " the export may also be read-only or map root to another user)"
             )
         fsinfo = await session.nfs(Proc.FSINFO, proto.encode_fh(fh), proto.decode_fsinfo)
     except proto.NFSStatusError as exc:
