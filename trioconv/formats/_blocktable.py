@@ -44,7 +44,7 @@ import trio
 from .._errors import TrioconvIOError, UnsupportedError, ZeroesNotSupported
 from ..driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
 from ._common import ZEROS as _ZEROS
-from ._common import fill_zero
+from ._common import check_range, fill_zero
 
 __all__ = ["BlockTableDriver", "fill_zero"]
 
@@ -179,12 +179,7 @@ class BlockTableDriver(Driver):
             offset += n
 
     def _check_range(self, offset: int, length: int, what: str) -> None:
-        if offset < 0 or length < 0 or offset + length > self._size:
-            raise TrioconvIOError(
-                f"{self.location}: {what} of {length} bytes at {offset} is outside the "
-                f"image ({self._size} bytes)",
-                offset=offset,
-            )
+        check_range(self.location, self._size, what, offset, length)
 
     def _check_writable(self) -> None:
         if not self._writable:

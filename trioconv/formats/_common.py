@@ -13,7 +13,7 @@ import re
 import urllib.parse
 from typing import TYPE_CHECKING
 
-from .._errors import ImageError
+from .._errors import ImageError, TrioconvIOError
 
 if TYPE_CHECKING:
     from .._open import OpenContext
@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ZEROS",
     "beside",
+    "check_range",
     "fill_zero",
     "full_backing_name",
     "local_path",
@@ -33,6 +34,20 @@ __all__ = [
 #: A shared, read-only megabyte of zeroes.
 ZEROS = bytes(1024 * 1024)
 _URI_RE = re.compile(r"^[a-z][a-z0-9+.-]*:", re.IGNORECASE)
+
+
+def check_range(location: str, size: int, what: str, offset: int, length: int) -> None:
+    """Refuse a request (``what``: "read", "block status", ...) that is not inside an
+    image of ``size`` bytes.
+
+    Raises:
+        TrioconvIOError: it starts before the image or ends past it.
+    """
+    if offset < 0 or length < 0 or offset + length > size:
+        raise TrioconvIOError(
+            f"{location}: {what} of {length} bytes at {offset} is outside the image ({size} bytes)",
+            offset=offset,
+        )
 
 
 def fill_zero(view: memoryview) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from .._errors import TrioconvIOError
 from ..driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
-from ._common import ZEROS, fill_zero
+from ._common import ZEROS, check_range, fill_zero
 
 __all__ = ["RAW_CREATE_OPTIONS", "RawDriver", "probe_raw"]
 
@@ -81,19 +81,11 @@ class RawDriver(Driver):
     def caps(self) -> Caps:
         return self.child.caps
 
-    def _check_read(self, what: str, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise TrioconvIOError(
-                f"{self.location}: {what} of {length} bytes at {offset} is outside the image "
-                f"({self.size} bytes)",
-                offset=offset,
-            )
-
     async def preadinto(self, offset: int, buf: memoryview) -> None:
         # Past the transport's end: the zeroes up to the next sector; past a window's
         # end, zeroes too (never the bytes that follow it in the file).
         buf = buf.cast("B") if buf.format != "B" else buf
-        self._check_read("read", offset, buf.nbytes)
+        check_range(self.location, self.size, "read", offset, buf.nbytes)
         n = max(0, min(buf.nbytes, self._end - offset))
         if n:
             await self.child.preadinto(offset + self.offset, buf[:n])
@@ -132,7 +124,7 @@ class RawDriver(Driver):
             )
 
     async def block_status(self, offset: int, length: int) -> Extent:
-        self._check_read("block status", offset, 1)
+        check_range(self.location, self.size, "block status", offset, 1)
         end = self._end
         if offset >= end:
             return Extent(offset, min(length, self.size - offset), ExtentKind.ZERO)

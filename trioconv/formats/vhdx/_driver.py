@@ -44,6 +44,7 @@ from ..._qemuopts import parse_bool
 from ..._sizes import parse_size
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
 from .._common import ZEROS as _ZEROS
+from .._common import check_range
 from .._common import fill_zero as _fill_zero
 from . import _codec as codec
 from ._codec import BlockState, MiB, VhdxFormatError
@@ -141,12 +142,7 @@ class VhdxDriver(Driver):
         return TrioconvIOError(f"{self.location}: corrupt vhdx image: {problem}", offset=offset)
 
     def _check_range(self, offset: int, length: int) -> None:
-        if offset < 0 or length < 0 or offset + length > self.size:
-            raise TrioconvIOError(
-                f"{self.location}: request of {length} bytes at {offset} is outside the "
-                f"image ({self.size} bytes)",
-                offset=offset,
-            )
+        check_range(self.location, self.size, "request", offset, length)
 
     def _host_block(self, block: int) -> int | None:
         """The file offset of payload block ``block``; None when it reads as zeroes."""

@@ -471,13 +471,19 @@ class NBDDriver(Driver):
         # Under the server's minimum block size: whole blocks are read, the edges
         # through a block-sized buffer (a server may refuse anything else).
         start, end = offset, offset + view.nbytes
-        inner_start, inner_end = -(-start // a) * a, end // a * a
+        inner_start, inner_end = self._whole_blocks(start, end)
         if inner_start < inner_end:
             await self._split(Cmd.READ, inner_start, view[inner_start - start : inner_end - start])
         for block in self._edge_blocks(start, end):
             data = await self._read_block(block)
             lo, hi = max(start, block), min(end, block + len(data))
             view[lo - start : hi - start] = data[lo - block : hi - block]
+
+    def _whole_blocks(self, start: int, end: int) -> tuple[int, int]:
+        """The part of ``[start, end)`` made of whole minimum-size blocks (empty when
+        the range covers none)."""
+        a = self.info.min_block
+        return -(-start // a) * a, end // a * a
 
     def _edge_blocks(self, start: int, end: int) -> list[int]:
         """The starts of the minimum-size blocks that ``[start, end)`` covers in part."""
@@ -524,7 +530,7 @@ class NBDDriver(Driver):
         a = self.info.min_block
         if (offset | view.nbytes) % a:
             start, end = offset, offset + view.nbytes
-            inner_start, inner_end = -(-start // a) * a, end // a * a
+            inner_start, inner_end = self._whole_blocks(start, end)
             if inner_start < inner_end:
                 inner = view[inner_start - start : inner_end - start]
                 await self._split(Cmd.WRITE, inner_start, inner, self._fua)
@@ -553,7 +559,7 @@ class NBDDriver(Driver):
             if fast:
                 raise ZeroesNotSupported(f"{self.location}: zeroing part of a block is not fast")
             end = offset + length
-            inner_start, inner_end = -(-offset // a) * a, end // a * a
+            inner_start, inner_end = self._whole_blocks(offset, end)
             if inner_start < inner_end:
                 await self.pwrite_zeroes(inner_start, inner_end - inner_start, may_unmap=may_unmap)
             await self._patch_edges(offset, end, None)
@@ -777,9 +783,9 @@ def _connect_reason(exc: OSError) -> str:
         leaves = [*cause.exceptions, exc]
     elif cause is not None:
         leaves = [cause, exc]
-    for leaf in leaves:
-        real = isinstance(leaf, OSError) and not isinstance(leaf, socket.gaierror)
-        if real and isinstance(leaf, OSError) and leaf.errno is not None and leaf.errno > 0:
+    # (A resolver error's number is not the system's: its own words are kept.)
+    for leaf in [e for e in leaves if isinstance(e, OSError)]:
+        if not isinstance(leaf, socket.gaierror) and leaf.errno is not None and leaf.errno > 0:
             return os.strerror(leaf.errno)
     return exc.strerror or str(exc)
 
