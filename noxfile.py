@@ -31,7 +31,8 @@ def tests(session: nox.Session) -> None:
 def lint(session: nox.Session) -> None:
     """Ruff, on the package, tests, benchmarks, docs and this file."""
     session.install(*LINT_TOOLS)
-    session.run("ruff", "check", "trioconv", "tests", "bench", "docs", "noxfile.py")
+    paths = ["trioconv", "_trioconv_launch.py", "tests", "bench", "docs", "noxfile.py"]
+    session.run("ruff", "check", *paths)
 
 
 @nox.session

@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -746,6 +747,31 @@ def test_signals(
     out = subprocess.run(["bash", "-c", shell], capture_output=True, text=True, timeout=60)
     assert out.stdout.strip() == str(status), out
     assert not dst.exists()
+
+
+def test_the_console_script_takes_signals_before_loading_the_package() -> None:
+    """The console script's module imports nothing of the package, so a Ctrl-C while the
+    command line is still loading (Trio, cyclopts, the drivers: a good part of 0.1 s)
+    ends it with one line, not a traceback."""
+    code = textwrap.dedent(
+        """
+        import builtins, os, signal, sys
+        import _trioconv_launch
+        assert "trioconv" not in sys.modules, sorted(sys.modules)
+        real_import = builtins.__import__
+        def importing(name, *args, **kwargs):
+            if name == "trioconv.cli":
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C, while the CLI loads
+            return real_import(name, *args, **kwargs)
+        builtins.__import__ = importing
+        sys.argv = ["trioconv", "--version"]
+        _trioconv_launch.main()
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == -signal.SIGINT, out
+    assert out.stderr == "trioconv: interrupted by SIGINT\n"
+    assert out.stdout == ""
 
 
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT], ids=["nohup", "background"])

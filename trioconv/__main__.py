@@ -1,5 +1,5 @@
 """``python -m trioconv`` runs the command-line tool."""
 
-from ._launch import main
+from _trioconv_launch import main
 
 main()
