@@ -11,7 +11,7 @@ import trio
 import trioconv
 from trioconv.protocols.memory import MemoryDriver
 
-from .conftest import ImageMaker, assert_identical, qemu_map
+from .conftest import ImageMaker, assert_identical, create_filled, qemu_map
 
 MIXED = (
     "write -P 0xab 0 3M",
@@ -173,3 +173,31 @@ async def test_failed_conversion_removes_extent_files_too(tmp_path: Path, subfor
     with pytest.raises(trioconv.ConvertError):
         await trioconv.convert([source], tmp_path / "out.vmdk", opts)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out-unrelated.txt"]
+
+
+def _allocated(path: Path) -> int:
+    return path.stat().st_blocks * 512
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options", "data_file"),
+    [
+        pytest.param("vpc", "subformat=fixed", "out.vpc", id="fixed-vhd"),
+        pytest.param("vdi", "static=on", "out.vdi", id="static-vdi"),
+        pytest.param("vmdk", "subformat=monolithicFlat", "out-flat.vmdk", id="flat-vmdk"),
+    ],
+)
+async def test_zeroes_keep_a_preallocated_target_allocated(
+    make_image: ImageMaker, tmp_path: Path, fmt: str, options: str, data_file: str
+) -> None:
+    """``-n`` into a fixed VHD, a static VDI or a flat VMDK writes the source's zeroes
+    without punching holes into the preallocated data area, as qemu-img leaves it: the
+    layout was chosen so that the space is there when the guest writes."""
+    source = make_image("src.img", "8M", "write -P 1 0 2M", "write -P 0 2M 2M")
+    target = create_filled(tmp_path / f"out.{fmt}", fmt, "8M", "write -P 9 0 8M", options=options)
+    before = _allocated(tmp_path / data_file)
+    assert before >= 8 * 2**20
+    opts = trioconv.ConvertOptions(target_format=fmt, no_create=True)
+    await trioconv.convert(source, target, opts)
+    assert_identical(source, target, fmt_b=fmt)
+    assert _allocated(tmp_path / data_file) >= before

@@ -81,6 +81,10 @@ class BlockTableDriver(Driver):
         self._closed = False
         self._meta_lock = trio.Lock()
         self._dirty = False
+        #: Every block has its place in the file from the start (a static VDI): zeroing
+        #: keeps it allocated, as QEMU's zero writes do, instead of punching holes into
+        #: the preallocation the image was made with.
+        self.preallocated = False
 
     # -- what a format supplies -----------------------------------------------------------
     @abc.abstractmethod
@@ -409,7 +413,9 @@ class BlockTableDriver(Driver):
             if host + s >= self._written_end:
                 continue  # past the end of the file: a hole already
             try:
-                await self.child.pwrite_zeroes(host + s, e - s, may_unmap=may_unmap, fast=fast)
+                await self.child.pwrite_zeroes(
+                    host + s, e - s, may_unmap=may_unmap and not self.preallocated, fast=fast
+                )
             except ZeroesNotSupported:
                 if fast:
                     raise

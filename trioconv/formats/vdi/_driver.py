@@ -45,6 +45,7 @@ class VdiDriver(BlockTableDriver):
             zero_init=child.caps.zero_init if static else True,
         )
         self.header = header
+        self.preallocated = static
         self._bmap = bmap
         allocated = [e for e in set(bmap) if e < codec.DISCARDED]
         #: The next file block to hand out: past every block in use.

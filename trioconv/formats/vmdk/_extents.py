@@ -84,9 +84,9 @@ class FlatExtent:
         await self.file.pwrite(self.file_offset + offset, data)
 
     async def write_zeroes(self, offset: int, length: int, may_unmap: bool, fast: bool) -> None:
-        await self.file.pwrite_zeroes(
-            self.file_offset + offset, length, may_unmap=may_unmap, fast=fast
-        )
+        # A flat extent is the disk's bytes, laid out in full: zeroes keep their space
+        # (no holes punched, whatever ``may_unmap`` allows), as QEMU's vmdk does.
+        await self.file.pwrite_zeroes(self.file_offset + offset, length, fast=fast)
 
     async def status(self, offset: int, length: int) -> tuple[int, ExtentKind]:
         host = self.file_offset + offset

@@ -75,14 +75,16 @@ class FixedVpcDriver(BlockTableDriver):
     async def _zero_piece(
         self, index: int, host: int, start: int, end: int, *, may_unmap: bool, fast: bool
     ) -> None:
-        await self.child.pwrite_zeroes(host + start, end - start, may_unmap=may_unmap, fast=fast)
+        await self.child.pwrite_zeroes(host + start, end - start, fast=fast)
 
     async def pwrite_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
     ) -> None:
+        # A fixed VHD is preallocated: zeroes keep the space (no holes punched, whatever
+        # ``may_unmap`` allows), as QEMU's zero writes do.
         self._check_writable()
         self._check_range(offset, length, "write zeroes")
-        await self.child.pwrite_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
+        await self.child.pwrite_zeroes(offset, length, fast=fast)
 
 
 class DynamicVpcDriver(BlockTableDriver):
