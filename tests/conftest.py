@@ -53,10 +53,17 @@ def require_tool(name: str) -> str:
     return path
 
 
-def run(*args: str | os.PathLike[str], check: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str | os.PathLike[str], check: bool = True, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run a command and capture its text output."""
     return subprocess.run(
-        [os.fspath(a) for a in args], capture_output=True, text=True, check=check, timeout=120
+        [os.fspath(a) for a in args],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=120,
+        cwd=cwd,
     )
 
 
@@ -159,7 +166,7 @@ async def walk_extents(
 
 
 def trioconv_cli(
-    *args: str | os.PathLike[str], timeout: float = 60
+    *args: str | os.PathLike[str], timeout: float = 60, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m trioconv`` as a user would, in a separate process."""
     return subprocess.run(
@@ -168,4 +175,5 @@ def trioconv_cli(
         text=True,
         timeout=timeout,
         check=False,
+        cwd=cwd,
     )

@@ -151,3 +151,53 @@ def test_info_on_an_image_whose_backing_file_is_missing(tmp_path: Path, fmt: str
     chain = trioconv_cli("info", "--backing-chain", top)
     assert chain.returncode == 1 and chain.stdout == ""
     assert len(chain.stderr.splitlines()) == 1 and base.name in chain.stderr
+
+
+def _same_text(tmp_path: Path, *args: str) -> None:
+    """``trioconv info ARGS`` prints what ``qemu-img info ARGS`` prints, run in tmp_path."""
+    ours = trioconv_cli("info", *args, cwd=tmp_path)
+    theirs = run("qemu-img", "info", *args, cwd=tmp_path)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == theirs.stdout
+
+
+def test_info_on_images_qemu_img_shows_as_they_are(tmp_path: Path, qemu_img: str) -> None:
+    """Images that reading refuses or that need care, shown as qemu-img shows them: a
+    qcow2 over a raw backing file with no recorded format (as older QEMU wrote them; a
+    conversion refuses to probe it, info does not need to), a qcow2 whose backing
+    chain loops (shown alone; --backing-chain names the loop), a dirty one, one with an
+    external data file, and names given with a ``file:`` prefix."""
+    run(qemu_img, "create", "-q", "-f", "raw", tmp_path / "base.raw", "4M")
+    old = tmp_path / "old.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", old)
+    header = bytearray(old.read_bytes()[:4096])
+    ext = header.index(b"\xe2\x79\x2a\xca")  # the backing format extension, first
+    header[ext : ext + 4] = bytes(4)  # now the end of the extensions: format forgotten
+    with old.open("r+b") as f:
+        f.write(header)
+    dirty = tmp_path / "dirty.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", dirty, "4M")
+    with dirty.open("r+b") as f:  # incompatible feature bit 0: dirty
+        f.seek(72)
+        f.write((1).to_bytes(8, "big"))
+    opts = "data_file=ext.data,data_file_raw=on"
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-o", opts, "ext.qcow2", "4M", cwd=tmp_path)
+    loop_a, loop_b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", loop_a, "1M")
+    run(qemu_img, "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", loop_b)
+    run(qemu_img, "rebase", "-u", "-f", "qcow2", "-b", "b.qcow2", "-F", "qcow2", loop_a)
+    (tmp_path / "with:colon.qcow2").write_bytes(dirty.read_bytes())
+    for output in ("human", "json"):
+        for args in (
+            ["old.qcow2"],
+            ["--backing-chain", "old.qcow2"],
+            ["dirty.qcow2"],
+            ["ext.qcow2"],
+            ["a.qcow2"],
+            ["file:dirty.qcow2"],
+            ["file:with:colon.qcow2"],
+        ):
+            _same_text(tmp_path, "--output", output, *args)
+    looped = trioconv_cli("info", "--backing-chain", "a.qcow2", cwd=tmp_path)
+    assert looped.returncode == 1 and looped.stdout == ""
+    assert looped.stderr.count("\n") == 1 and "infinite loop" in looped.stderr

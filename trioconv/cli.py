@@ -29,7 +29,7 @@ from cyclopts import Parameter
 
 from . import _open
 from ._cache import CacheMode
-from ._errors import TrioconvError, UsageError
+from ._errors import ImageError, TrioconvError, UsageError
 from ._qdict import qemu_order as _qemu_order
 from ._qemuopts import split_option_list
 from ._sizes import qemu_size_str
@@ -513,6 +513,20 @@ def _local_path(location: str) -> str | None:
     return location[5:] if location.startswith("file:") else location
 
 
+def _plain_file_name(location: str) -> str:
+    """A ``file:``-prefixed name as QEMU shows it: without the prefix, and with ``./``
+    in front of a relative name that would otherwise read as ``protocol:...``."""
+    name = location[5:]
+    head = name.split("/", 1)[0]
+    return f"./{name}" if ":" in head else name
+
+
+def _chain_key(location: str) -> str:
+    """What makes two names of a backing chain the same image (a local file's real path)."""
+    path = _local_path(location)
+    return os.path.realpath(path) if path is not None else location
+
+
 def _str_or_none(value: object) -> str | None:
     return value if isinstance(value, str) else None
 
@@ -600,6 +614,8 @@ def _print_human(data: dict[str, object]) -> None:
         print("disk size: unavailable")
     if "cluster-size" in data:
         print(f"cluster_size: {data['cluster-size']}")
+    if data.get("dirty-flag") is True:
+        print("cleanly shut down: no")
     for key, label in _HUMAN_KEYS.items():
         if key in data:
             suffix = ""
@@ -675,22 +691,38 @@ async def info(
             protocol = top if top != "raw" else None
     elif _open.is_nbd_uri(image):
         shown = _nbd_name(image)
+    elif image.startswith("file:"):
+        shown = _plain_file_name(image)
     chain: list[dict[str, object]] = []
     async with contextlib.AsyncExitStack() as stack:
-        try:
-            layer: Driver | None = await stack.enter_async_context(
-                _open.open_image(image, fmt, cache=CacheMode.WRITEBACK, force_share=force_share)
-            )
-        except TrioconvError as exc:
-            if "Could not open backing file" not in str(exc) or backing_chain:
-                raise
-            # qemu-img info looks at the image alone: a missing backing file is shown by
-            # name, not an error (with --backing-chain it is, when the chain gets there).
-            layer = await stack.enter_async_context(
+
+        async def alone(location: str, layer_fmt: str | None) -> Driver:
+            return await stack.enter_async_context(
                 _open.open_image(
-                    image, fmt, cache=CacheMode.WRITEBACK, force_share=force_share, backing=False
+                    location,
+                    layer_fmt,
+                    cache=CacheMode.WRITEBACK,
+                    force_share=force_share,
+                    backing=False,
                 )
             )
+
+        # qemu-img info looks at the image alone: its backing file is shown by name, and
+        # one that is missing, loops or is raw with no format recorded is not an error.
+        layer: Driver | None = None
+        if backing_chain:
+            try:
+                layer = await stack.enter_async_context(
+                    _open.open_image(image, fmt, cache=CacheMode.WRITEBACK, force_share=force_share)
+                )
+            except ImageError as exc:
+                # With --backing-chain, qemu-img probes a backing file with no recorded
+                # format (and shows a raw one), where reading the image refuses to.
+                if "probing a raw backing file is refused" not in str(exc):
+                    raise
+        if layer is None:
+            layer = await alone(image, fmt)
+        seen = {_chain_key(layer.location)}
         while layer is not None:
             data = _info_dict(layer)
             chain.append(data)
@@ -699,15 +731,18 @@ async def info(
             below = layer.backing
             name = data.get("backing-filename")
             if below is None and isinstance(name, str):
-                # Opened without its backing image (``backing: null``): qemu-img still
-                # follows the chain by name, each image on its own.
-                below = await stack.enter_async_context(
-                    _open.open_image(
-                        beside(layer.location, name),
-                        _str_or_none(data.get("backing-filename-format")),
-                        force_share=force_share,
+                # Opened alone (or with ``backing: null``): qemu-img still follows the
+                # chain by name, each image on its own.
+                location = beside(layer.location, name)
+                if _chain_key(location) in seen:
+                    raise ImageError(f"Backing file '{location}' creates an infinite loop")
+                if len(seen) >= _open.MAX_CHAIN_LENGTH:
+                    raise ImageError(
+                        f"Could not open '{shown}': its backing chain is longer than "
+                        f"{_open.MAX_CHAIN_LENGTH} images"
                     )
-                )
+                seen.add(_chain_key(location))
+                below = await alone(location, _str_or_none(data.get("backing-filename-format")))
             layer = below
     chain[0]["filename"] = _open.redact_location(shown)
     if protocol is not None:

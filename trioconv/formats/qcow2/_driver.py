@@ -175,17 +175,22 @@ class Qcow2Driver(Driver):
                     for e in self.bitmap_entries
                 ]
             data["refcount-bits"] = 1 << h.refcount_order
+            self._describe_data_file(data)  # where QEMU's human output has it
             data["corrupt"] = bool(h.incompatible_features & codec.Incompatible.CORRUPT)
             data["extended-l2"] = bool(h.incompatible_features & codec.Incompatible.EXTENDED_L2)
         else:
             data["compression-type"] = "zlib"
             data["refcount-bits"] = 16
-        if self.info.data_file is not None:
-            data["data-file"] = self.info.data_file
-            data["data-file-raw"] = bool(h.autoclear_features & codec.Autoclear.DATA_FILE_RAW)
+            self._describe_data_file(data)
         out["format-specific"] = {"type": "qcow2", "data": data}
         out["dirty-flag"] = bool(h.incompatible_features & codec.Incompatible.DIRTY)
         return out
+
+    def _describe_data_file(self, data: dict[str, object]) -> None:
+        if self.info.data_file is not None:
+            data["data-file"] = self.info.data_file
+            h = self.info.header
+            data["data-file-raw"] = bool(h.autoclear_features & codec.Autoclear.DATA_FILE_RAW)
 
     @property
     def limits(self) -> Limits:
