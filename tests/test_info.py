@@ -201,3 +201,21 @@ def test_info_on_images_qemu_img_shows_as_they_are(tmp_path: Path, qemu_img: str
     looped = trioconv_cli("info", "--backing-chain", "a.qcow2", cwd=tmp_path)
     assert looped.returncode == 1 and looped.stdout == ""
     assert looped.stderr.count("\n") == 1 and "infinite loop" in looped.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param([], "Expecting one image file name", id="no-image"),
+        pytest.param(["a.img", "b.img"], "Expecting one image file name", id="two-images"),
+        pytest.param(
+            ["--output", "xml", "a.img"],
+            "--output must be used with human or json as argument.",
+            id="bad-output",
+        ),
+    ],
+)
+def test_info_usage_errors_say_what_qemu_img_says(args: list[str], message: str) -> None:
+    out = trioconv_cli("info", *args)
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr == f"trioconv: {message}\n"

@@ -656,11 +656,9 @@ def _print_nested(value: object, depth: int) -> None:
 
 @app.command
 async def info(
-    image: str,
-    /,
-    *,
+    *images: str,
     fmt: Annotated[str | None, Parameter(name=["-f", "--format"])] = None,
-    output: Annotated[Literal["human", "json"], Parameter(name="--output")] = "human",
+    output: Annotated[str, Parameter(name="--output")] = "human",
     backing_chain: Annotated[bool, Parameter(name="--backing-chain", negative="")] = False,
     force_share: Annotated[bool, Parameter(name=["-U", "--force-share"], negative="")] = False,
     image_opts: Annotated[bool, Parameter(name="--image-opts", negative="")] = False,
@@ -672,7 +670,11 @@ async def info(
     """
     if _define_objects(object_):
         return 0
-    shown = image
+    if len(images) != 1:
+        raise UsageError("Expecting one image file name")
+    if output not in ("human", "json"):
+        raise UsageError("--output must be used with human or json as argument.")
+    image = shown = images[0]
     protocol: str | None = None
     if image_opts:
         from . import _blockopts
