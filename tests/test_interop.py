@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import random
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,14 @@ import trio
 import trioconv
 from trioconv.protocols.memory import MemoryDriver
 
-from .conftest import ImageMaker, assert_identical, create_filled, qemu_map
+from .conftest import (
+    ImageMaker,
+    assert_identical,
+    create_filled,
+    qemu_map,
+    run,
+    trioconv_cli,
+)
 
 MIXED = (
     "write -P 0xab 0 3M",
@@ -201,3 +209,41 @@ async def test_zeroes_keep_a_preallocated_target_allocated(
     await trioconv.convert(source, target, opts)
     assert_identical(source, target, fmt_b=fmt)
     assert _allocated(tmp_path / data_file) >= before
+
+
+def _data_ranges(path: Path, fmt: str = "raw") -> list[tuple[int, int]]:
+    return [(e["start"], e["length"]) for e in qemu_map(path, fmt) if e["data"]]
+
+
+def test_zeroes_after_the_last_block_boundary_of_data_stay_holes(
+    tmp_path: Path, qemu_img: str
+) -> None:
+    """A dynamic VHD's data starts 512 bytes into its block, so the file's allocation -
+    and the source's block status - runs 3.5 KiB past the last 4 KiB boundary of the
+    data. Those zeroes are a partial block at the edge of what is copied; qemu-img skips
+    them and so does trioconv, so the copy is allocated exactly as qemu-img's. The same
+    for sources joined where their sizes are not multiples of 4 KiB."""
+    raw = tmp_path / "a.raw"
+    with raw.open("wb") as f:
+        f.write(random.randbytes(2**20))
+        f.truncate(8 * 2**20)
+    vhd = tmp_path / "s.vhd"
+    run(qemu_img, "convert", "-f", "raw", "-O", "vpc", raw, vhd)
+    for fmt in ("raw", "qcow2"):
+        ours, theirs = tmp_path / f"t.{fmt}", tmp_path / f"q.{fmt}"
+        ok = trioconv_cli("convert", "-f", "vpc", "-O", fmt, vhd, ours)
+        assert ok.returncode == 0, ok.stderr
+        run(qemu_img, "convert", "-f", "vpc", "-O", fmt, vhd, theirs)
+        assert_identical(theirs, ours, fmt, fmt)
+        assert _data_ranges(ours, fmt) == _data_ranges(theirs, fmt)
+    head, rest = tmp_path / "head.raw", tmp_path / "rest.raw"
+    head.write_bytes(random.randbytes(512))
+    with rest.open("wb") as f:
+        f.write(random.randbytes(1536))
+        f.truncate(2**20)
+    ours, theirs = tmp_path / "joined-t.raw", tmp_path / "joined-q.raw"
+    ok = trioconv_cli("convert", head, rest, ours)
+    assert ok.returncode == 0, ok.stderr
+    run(qemu_img, "convert", head, rest, theirs)
+    assert_identical(theirs, ours)
+    assert _data_ranges(ours) == _data_ranges(theirs) == [(0, 4096)]

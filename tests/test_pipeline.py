@@ -95,6 +95,16 @@ def test_find_zero_runs() -> None:
     assert runs == [(2048, 2048, False), (4096, 4096, True)]
     # ... unless the whole buffer is zero, edges and all (qemu-img's short chunks).
     assert find_zero_runs(bytes(6144), 6144, 2048, 4096) == [(2048, 6144, True)]
+    # A partial block of zeroes at an edge is zero too, as qemu-img skips it: here the
+    # 3.5 KiB after the last block boundary of a data extent ending at 1 MiB + 3.5 KiB.
+    tail = bytearray(8192 + 3584)
+    tail[:8192] = b"\x01" * 8192
+    runs = find_zero_runs(tail, len(tail), 2**20 - 8192, 4096)
+    assert runs == [(2**20 - 8192, 8192, False), (2**20, 3584, True)]
+    lead = bytearray(2048 + 4096)
+    lead[4000] = 1
+    runs = find_zero_runs(lead, len(lead), 2048, 4096)
+    assert runs == [(2048, 2048, True), (4096, 4096, False)]
 
 
 @given(
@@ -117,14 +127,19 @@ def test_find_zero_runs_matches_naive_scan(blocks: list[str], base: int, tail: i
         assert offset == pos and n > 0
         pos += n
         if zero:
-            whole = offset == base and n == len(buf)
-            assert whole or (offset % g == 0 and n % g == 0)
+            # Zero runs start and end on block boundaries, or at the buffer's edges.
+            assert offset % g == 0 or offset == base
+            assert (offset + n) % g == 0 or offset + n == base + len(buf)
             assert buf[offset - base : offset - base + n] == bytes(n)
     assert pos == base + len(buf)
-    # Every aligned, whole, all-zero block lies in a zero run.
+    # Every aligned, whole, all-zero block lies in a zero run, and so does an all-zero
+    # partial block at the end.
     for start in range(-(-base // g) * g, base + len(buf) - g + 1, g):
         if buf[start - base : start - base + g] == bytes(g):
             assert any(z and o <= start < o + n for o, n, z in runs)
+    last = max(base, (base + len(buf)) // g * g)
+    if last < base + len(buf) and buf[last - base :] == bytes(base + len(buf) - last):
+        assert runs[-1][2] and runs[-1][0] <= last
 
 
 def test_find_zero_runs_checks_every_byte_of_a_candidate_run() -> None:
@@ -141,7 +156,7 @@ def test_find_zero_runs_checks_every_byte_of_a_candidate_run() -> None:
         (5 * g, 2 * g, False),
         (7 * g, g, True),
     ]
-    # Too short for one whole block: zero only when it is zero throughout; no bytes.
+    # Within one block: zero only when it is zero throughout; no bytes.
     assert find_zero_runs(bytes(g), g - 512, 512, g) == [(512, g - 512, True)]
     short = bytearray(g)
     short[100] = 1

@@ -215,8 +215,10 @@ def find_zero_runs(
     """Split ``buf[:length]`` into ``(offset, length, is_zero)`` runs, offsets absolute.
 
     A run is zero only if it covers whole ``granularity``-sized blocks, aligned to the
-    absolute offset ``base``, that are entirely zero - qemu-img's ``-S``. Partial blocks at
-    the edges count as data, unless the whole buffer is zero: then it is one zero run.
+    absolute offset ``base``, that are entirely zero - qemu-img's ``-S``. The buffer's
+    edges are the exception, as in qemu-img: a partial block at either end that holds
+    only zeroes is zero too (the zeroes between the last block boundary and the end of a
+    data extent that does not end on one, say), and a buffer of zeroes is one zero run.
 
     Every step is C-level: the first 8 bytes of every block are gathered with one strided
     copy (4 KiB for a 2 MiB buffer, one cache line touched per block), so a block of data
@@ -236,49 +238,69 @@ def find_zero_runs(
         if _all_zero(whole, 0, length):
             return [(base, length, True)]
     first = -base % g  # the first whole block starts here in buf
-    nblocks = (length - first) // g if length > first else 0
-    if nblocks <= 0:
-        return [(base, length, False)]
+    if first >= length:
+        return [(base, length, False)]  # inside one block, and not all zero
+    nblocks = (length - first) // g
+    end = first + nblocks * g  # the last whole block ends here
+    # Zero ranges of buf, in order: the partial block at either edge, whole blocks.
+    zero_ranges: list[tuple[int, int]] = []
+    with memoryview(buf) as view:
+        if first and _all_zero(view, 0, first):
+            zero_ranges.append((0, first))
+        if nblocks:
+            _zero_blocks(view, first, nblocks, g, zero_ranges)
+        if end < length and _all_zero(view, end, length):
+            zero_ranges.append((end, length))
     runs: list[tuple[int, int, bool]] = []
     data_start = 0  # start of the data run not yet emitted
-    with memoryview(buf) as view:
-        end = first + nblocks * g
-        if g % 8 == 0:
-            # The first 8 bytes of every block: one cache line touched per block.
-            marks = view[first:end].cast("Q")[:: g // 8].tobytes()
-            width = 8
+    for zstart, zend in zero_ranges:
+        if zstart > data_start:
+            runs.append((base + data_start, zstart - data_start, False))
+        if runs and runs[-1][2] and runs[-1][0] + runs[-1][1] == base + zstart:
+            runs[-1] = (runs[-1][0], zend - zstart + runs[-1][1], True)
         else:
-            heads = view[first:end:g].tobytes()
-            tails = view[first + g - 1 : end : g].tobytes()
-            marks = (int.from_bytes(heads, "little") | int.from_bytes(tails, "little")).to_bytes(
-                nblocks, "little"
-            )
-            width = 1
-        # marks holds ``width`` bytes per block; all zero: the block may be zero.
-        i = _next_candidate(marks, 0, width)
-        while i >= 0:
-            rest = marks[i * width :]
-            j = i + (len(rest) - len(rest.lstrip(b"\0"))) // width  # candidates [i, j)
-            if _all_zero(view, first + i * g, first + j * g):
-                zeros = [(i, j)]
-            else:
-                zeros = []
-                for k in range(i, j):
-                    if _all_zero(view, first + k * g, first + (k + 1) * g):
-                        if zeros and zeros[-1][1] == k:
-                            zeros[-1] = (zeros[-1][0], k + 1)
-                        else:
-                            zeros.append((k, k + 1))
-            for zs, ze in zeros:
-                zstart, zend = first + zs * g, first + ze * g
-                if zstart > data_start:
-                    runs.append((base + data_start, zstart - data_start, False))
-                runs.append((base + zstart, zend - zstart, True))
-                data_start = zend
-            i = _next_candidate(marks, j, width) if j < nblocks else -1
+            runs.append((base + zstart, zend - zstart, True))
+        data_start = zend
     if data_start < length:
         runs.append((base + data_start, length - data_start, False))
     return runs
+
+
+def _zero_blocks(
+    view: memoryview, first: int, nblocks: int, g: int, out: list[tuple[int, int]]
+) -> None:
+    """Append to ``out`` the ranges of ``view`` made of whole all-zero blocks: ``nblocks``
+    blocks of ``g`` bytes from ``first`` on, adjacent zero blocks as one range."""
+    end = first + nblocks * g
+    if g % 8 == 0:
+        # The first 8 bytes of every block: one cache line touched per block.
+        marks = view[first:end].cast("Q")[:: g // 8].tobytes()
+        width = 8
+    else:
+        heads = view[first:end:g].tobytes()
+        tails = view[first + g - 1 : end : g].tobytes()
+        marks = (int.from_bytes(heads, "little") | int.from_bytes(tails, "little")).to_bytes(
+            nblocks, "little"
+        )
+        width = 1
+    # marks holds ``width`` bytes per block; all zero: the block may be zero.
+    i = _next_candidate(marks, 0, width)
+    while i >= 0:
+        rest = marks[i * width :]
+        j = i + (len(rest) - len(rest.lstrip(b"\0"))) // width  # candidates [i, j)
+        if _all_zero(view, first + i * g, first + j * g):
+            zeros = [(i, j)]
+        else:
+            zeros = []
+            for k in range(i, j):
+                if _all_zero(view, first + k * g, first + (k + 1) * g):
+                    if zeros and zeros[-1][1] == k:
+                        zeros[-1] = (zeros[-1][0], k + 1)
+                    else:
+                        zeros.append((k, k + 1))
+        for zs, ze in zeros:
+            out.append((first + zs * g, first + ze * g))
+        i = _next_candidate(marks, j, width) if j < nblocks else -1
 
 
 @attrs.define(eq=False)
