@@ -548,6 +548,29 @@ def test_unreadable_format_source_is_refused_by_name(qemu_img: str, tmp_path: Pa
     assert not dst.exists()
 
 
+def test_protocol_names_taken_as_formats(qemu_img: str, tmp_path: Path) -> None:
+    """qemu-img takes the protocol drivers ``file``, ``host_device`` and ``host_cdrom``
+    as formats: ``-f file`` reads a qcow2 file's bytes as they are, ``-O file`` writes a
+    plain file, and info shows ``file format: file``."""
+    image = tmp_path / "disk.qcow2"
+    run(qemu_img, "create", "-q", "-f", "qcow2", image, "4M")
+    ours, theirs = tmp_path / "ours.bin", tmp_path / "theirs.bin"
+    ok(trioconv_cli("convert", "-f", "file", image, ours))
+    run(qemu_img, "convert", "-f", "file", image, theirs)
+    assert ours.read_bytes() == theirs.read_bytes()  # (whole sectors, as QEMU reads it)
+    assert ours.read_bytes().startswith(image.read_bytes())
+    plain = tmp_path / "plain.img"
+    ok(trioconv_cli("convert", "-O", "file", image, plain))
+    assert_identical(image, plain, "qcow2")
+    for args in (["-f", "file"], ["-f", "file", "--output", "json"]):
+        shown = trioconv_cli("info", *args, image)
+        ok(shown)
+        assert shown.stdout == run(qemu_img, "info", *args, image).stdout
+    device = assert_one_error(trioconv_cli("info", "-f", "host_device", image))
+    assert f"'{image}'" in device and "character or block device" in device
+    assert "json:" not in device
+
+
 @pytest.mark.parametrize("count", [0, 1])
 def test_too_few_filenames(src: Path, count: int) -> None:
     files = [src][:count]

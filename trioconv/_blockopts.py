@@ -386,6 +386,14 @@ def image_opts_to_json(text: str, fmt: str | None = None) -> str:
 _SHOWN: dict[str, str] = {}
 
 
+def protocol_node_json(filename: str, protocol: str) -> str:
+    """The ``json:`` name of a bare protocol node on a local file (``-f file``, which
+    qemu-img also takes as a format), shown in messages as the file's own name."""
+    name = to_json_filename({"driver": protocol, "filename": filename})
+    _SHOWN[name] = filename
+    return name
+
+
 def shown_name(text: str) -> str:
     """What the user wrote for a ``json:`` name made from ``--image-opts`` (or ``text``)."""
     return _SHOWN.get(text, text)

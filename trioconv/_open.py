@@ -516,7 +516,7 @@ def _reworded(exc: TrioconvError, shown: str, spec: _blockopts.BlockSpec) -> Tri
     )
     if ours is not None:
         reason = message[len(ours) :]
-        if spec.protocol in ("file", "host_device", "host_cdrom"):
+        if spec.protocol in ("file", "host_device", "host_cdrom") and shown != spec.shown:
             message = f"Could not open '{shown}': Could not open '{spec.shown}': {reason}"
         else:
             message = f"Could not open '{shown}': {reason}"

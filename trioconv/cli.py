@@ -381,6 +381,11 @@ async def convert(
         raise UsageError("--image-opts and --format are mutually exclusive")
     if files and (image_opts or target_image_opts):
         files = _as_json_filenames(files, sources=image_opts, target=target_image_opts)
+    if source_format in _PROTOCOL_FORMATS:
+        protocol, source_format = source_format, None
+        files = (*(_protocol_as_format(f, protocol) for f in files[:-1]), *files[-1:])
+    if target_format in _PROTOCOL_FORMATS:
+        target_format = "raw"  # qemu-img creates the same file either way
     o = _parse_o(options or [])
     fmt: str | None = target_format if target_format is not None else "raw"
     if target_image_opts:
@@ -505,6 +510,22 @@ def _as_json_filenames(files: Sequence[str], *, sources: bool, target: bool) -> 
         if (sources and i < last) or (target and i == last) or (sources and last == 0):
             out[i] = _blockopts.image_opts_to_json(text)
     return tuple(out)
+
+
+#: Protocol drivers that qemu-img also takes as a format (``-f file``): the file's bytes
+#: as they are, which is what the raw format gives.
+_PROTOCOL_FORMATS = ("file", "host_device", "host_cdrom")
+
+
+def _protocol_as_format(location: str, protocol: str) -> str:
+    """``-f file`` (or ``host_device``, ``host_cdrom``) on a file name: the ``json:``
+    filename of that protocol node, which reads the file's bytes and is shown as
+    qemu-img shows it (``file format: file``)."""
+    from . import _blockopts
+
+    if location.startswith("json:") or "://" in location:
+        return location  # (the options or the URI name their own driver)
+    return _blockopts.protocol_node_json(location, protocol)
 
 
 def _local_path(location: str) -> str | None:
@@ -675,6 +696,8 @@ async def info(
     if output not in ("human", "json"):
         raise UsageError("--output must be used with human or json as argument.")
     image = shown = images[0]
+    if fmt in _PROTOCOL_FORMATS and not image_opts:
+        image, fmt = _protocol_as_format(image, fmt), None
     protocol: str | None = None
     if image_opts:
         from . import _blockopts
