@@ -797,6 +797,29 @@ def test_the_console_script_takes_signals_before_loading_the_package() -> None:
     assert out.stdout == ""
 
 
+def test_a_stop_signal_after_the_conversion_is_not_taken(src: Path, tmp_path: Path) -> None:
+    """Once the conversion is over (the target complete, or removed after a signal),
+    SIGINT, SIGTERM and SIGHUP are ignored until the process ends: a late one neither
+    kills a finished run nor prints "interrupted" a second time."""
+    dst = tmp_path / "dst.img"
+    code = textwrap.dedent(
+        f"""
+        import signal, sys
+        import trioconv.cli
+        sys.argv = ["trioconv", "convert", {str(src)!r}, {str(dst)!r}]
+        try:
+            trioconv.cli.main()
+        except SystemExit as end:
+            assert end.code == 0, end.code
+        print([signal.getsignal(s) == signal.SIG_IGN for s in trioconv.cli._STOP_SIGNALS])
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[True, True, True]"
+    assert_identical(src, dst)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGHUP, signal.SIGINT], ids=["nohup", "background"])
 def test_signals_ignored_at_start_stay_ignored(
     make_image: ImageMaker, tmp_path: Path, signum: signal.Signals

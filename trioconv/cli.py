@@ -265,6 +265,10 @@ def _emit(text: str) -> None:
 #: The signals that stop a conversion cleanly, and end the process by themselves after.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
+#: True when this process is the ``trioconv`` program (not a caller of :func:`main`):
+#: then a stop signal that comes once a conversion is over is ignored until the end.
+_AS_PROGRAM = False
+
 
 async def _supervise(work: Callable[[], Awaitable[None]], progress: Progress | None) -> int:
     """Run ``work`` until it ends or a signal stops it; return the exit status.
@@ -281,17 +285,25 @@ async def _supervise(work: Callable[[], Awaitable[None]], progress: Progress | N
 
     async def watch_signals(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nonlocal status
-        with trio.open_signal_receiver(*stops, signal.SIGUSR1) as sigs:
-            task_status.started()
-            async for signum in sigs:
-                if signum == signal.SIGUSR1:
-                    if progress is not None:
-                        from ._progress_view import qemu_line
+        try:
+            with trio.open_signal_receiver(*stops, signal.SIGUSR1) as sigs:
+                task_status.started()
+                async for signum in sigs:
+                    if signum == signal.SIGUSR1:
+                        if progress is not None:
+                            from ._progress_view import qemu_line
 
-                        _say(qemu_line(progress))
-                elif not status:
-                    status = 128 + signum
-                    work_scope.cancel()
+                            _say(qemu_line(progress))
+                    elif not status:
+                        status = 128 + signum
+                        work_scope.cancel()
+        finally:
+            if _AS_PROGRAM:
+                # The work is over: the target is complete, or already removed, and the
+                # process is about to end, so a late signal changes nothing (and does
+                # not say "interrupted" a second time).
+                for signum in stops:
+                    signal.signal(signum, signal.SIG_IGN)
 
     async with trio.open_nursery() as nursery:
         await nursery.start(watch_signals)
@@ -875,6 +887,8 @@ def _run_app(args: list[str]) -> int:
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``trioconv`` command; exits with the command's status."""
     if argv is None:
+        global _AS_PROGRAM
+        _AS_PROGRAM = True
         # Opening a backing chain nests a few frames per image: room for the longest
         # chain trioconv opens (_open.MAX_CHAIN_LENGTH images).
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 16 * _open.MAX_CHAIN_LENGTH))
