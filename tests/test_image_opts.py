@@ -530,6 +530,12 @@ def test_locking_and_force_share_options(images: dict[str, Path], tmp_path: Path
             ],
             "No such file",
         ),
+        # A file name the system cannot take, as a source and as a target.
+        (['json:{{"driver":"raw","file":{{"driver":"file","filename":"a\\u0000b"}}}}'], "NUL"),
+        (
+            ["-n", "{raw}", 'json:{{"driver":"raw","file":{{"filename":"x\\u0000"}}}}'],
+            "NUL byte",
+        ),
     ],
 )
 def test_bad_block_options(

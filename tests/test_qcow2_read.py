@@ -30,6 +30,7 @@ from trioconv.testing import check_block_status_tiles
 from .conftest import (
     assert_identical,
     create_filled,
+    make_raw,
     qemu_io_run,
     qemu_map,
     require_tool,
@@ -663,6 +664,27 @@ def test_extensions_parse() -> None:
     cluster = encode_header(h) + struct.pack(">II", 0x99, 1 << 20)
     with pytest.raises(codec.Qcow2FormatError, match="runs past the end of the header"):
         codec.parse_image(cluster.ljust(1 << 16, b"\0"), 1 << 20)
+    # Names are C strings, as QEMU reads them: they end at a NUL, and empty is none.
+    for fmt_body, name, fmt, backing in (
+        (b"raw\0\0", b"base\0img", "raw", "base"),
+        (b"\0\0\0", b"\0" * 8, None, None),
+    ):
+        cluster = encode_header(h) + ext(codec.Extension.BACKING_FORMAT, fmt_body) + ext(0, b"")
+        cluster = cluster.ljust(0x200, b"\0") + name
+        info = codec.parse_image(cluster.ljust(1 << 16, b"\0"), 1 << 20)
+        assert (info.backing_format, info.backing_file) == (fmt, backing)
+
+
+def test_backing_file_name_ends_at_a_nul(tmp_path: Path) -> None:
+    """A backing file name whose stored size runs past a NUL (a header some tool wrote
+    carelessly) names the file before the NUL, as qemu-img reads it."""
+    base = make_raw(tmp_path / "base.raw", "4M", "write -P 5 0 1M")
+    top = make_qcow2(tmp_path / "top.qcow2", "4M", backing="base.raw", backing_fmt="raw")
+    _patch(top, 16, ">I", 16)  # backing_file_size: 8 -> 16, the name then NUL padding
+    out = tmp_path / "out.raw"
+    ok = trioconv_cli("convert", "-O", "raw", top, out)
+    assert ok.returncode == 0, ok.stderr
+    assert_identical(base, out)
 
 
 LAYOUTS = st.builds(

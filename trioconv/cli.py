@@ -557,7 +557,7 @@ def _plain_file_name(location: str) -> str:
 def _chain_key(location: str) -> str:
     """What makes two names of a backing chain the same image (a local file's real path)."""
     path = _local_path(location)
-    return os.path.realpath(path) if path is not None else location
+    return os.path.realpath(path) if path is not None and "\0" not in path else location
 
 
 def _str_or_none(value: object) -> str | None:

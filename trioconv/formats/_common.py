@@ -114,7 +114,7 @@ def _join_url(location: str, name: str) -> str | None:
 def same_place(a: str, b: str) -> bool:
     """Whether two locations name the same file (paths compared after resolving links)."""
     local_a, local_b = local_path(a), local_path(b)
-    if local_a is None or local_b is None:
+    if local_a is None or local_b is None or "\0" in local_a + local_b:
         return a == b
     return os.path.realpath(local_a) == os.path.realpath(local_b)
 

@@ -671,6 +671,9 @@ async def open_file(
     """
     if force_share and writable:
         raise UsageError("force-share=on can only be used with read-only images")
+    if "\0" in os.fspath(path):  # (a name from inside an image; os.open cannot take it)
+        shown = os.fspath(path).replace("\0", "\\0")
+        raise ImageError(f"Could not open '{shown}': the file name holds a NUL byte")
     return await trio.to_thread.run_sync(
         _open_sync, os.fspath(path), writable, cache, force_share, locking, share_writes
     )

@@ -444,7 +444,9 @@ def parse_extensions(h: Header, cluster: bytes | bytearray | memoryview) -> Imag
             )
         body = data[body_at : body_at + length]
         if ext_type == Extension.BACKING_FORMAT:
-            backing_format = _text(body, "backing format name", body_at)
+            # Names are C strings to QEMU: they end at a NUL byte, and empty means none.
+            backing_format = _text(body.split(b"\0", 1)[0], "backing format name", body_at)
+            backing_format = backing_format or None
         elif ext_type == Extension.FEATURE_NAMES:
             for at in range(0, length - length % 48, 48):
                 kind, bit = body[at], body[at + 1]
@@ -471,7 +473,8 @@ def parse_extensions(h: Header, cluster: bytes | bytearray | memoryview) -> Imag
                 16,
             )
         if h.backing_file_size:
-            backing_file = _text(data[start:stop], "backing file name", start)
+            name = data[start:stop].split(b"\0", 1)[0]
+            backing_file = _text(name, "backing file name", start) or None
     return ImageInfo(
         header=h,
         backing_file=backing_file,
