@@ -262,6 +262,10 @@ def test_truncated_file_is_refused(tmp_path: Path) -> None:
     path = make_vdi(tmp_path / "t.vdi", "10M")
     path.write_bytes(path.read_bytes()[:300])
     assert "too small" in cli_error("convert", "-f", "vdi", path, tmp_path / "out.raw")
+    # Probed too, not taken for a 512-byte raw disk: the probe reads on past the end as
+    # zeroes, as QEMU's does, and finds the VDI signature.
+    assert "too small for a VDI" in cli_error("convert", path, tmp_path / "out.raw")
+    assert not (tmp_path / "out.raw").exists()
 
 
 # -- the codec --------------------------------------------------------------------------

@@ -332,6 +332,9 @@ async def _probe_transport(transport: Driver, filename: str) -> str:
     size = transport.size
     length = min(_PROBE_BYTES, size)
     header = await transport.pread(0, length) if length else b""
+    # A file shorter than the probe reads on as zeroes, as QEMU's probe buffer does: a
+    # VDI cut short inside its 512-byte header is still a VDI (refused, or read, as such).
+    header = header.ljust(_PROBE_BYTES, b"\0")
     want_tail = max((f.probe_tail for f in _FORMATS.values()), default=0)
     tail = b""
     if want_tail and size > length:

@@ -132,9 +132,12 @@ def full_backing_name(name: str, backing: Driver | None, location: str) -> str:
 
 def beside(location: str, name: str) -> str:
     """A file name stored in the image at ``location`` (a backing file, a parent), made
-    relative to that image's folder when it is a relative local name; anything else
-    (an absolute path, a URI, an image not in a local folder) as it is."""
+    relative to that image's folder when it is a relative name; anything else
+    (an absolute path, a URI, an image not in a folder) as it is. Next to an image on
+    an NFS or web server, a relative name is on the same server, as QEMU resolves it."""
     here = local_path(location)
-    if os.path.isabs(name) or _URI_RE.match(name) or here is None:
+    if os.path.isabs(name) or _URI_RE.match(name):
         return name
+    if here is None:
+        return _join_url(location, name) or name
     return os.path.join(os.path.dirname(here), name)
