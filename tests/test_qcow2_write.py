@@ -29,7 +29,13 @@ from trioconv.formats.qcow2 import _compress as compress
 from trioconv.protocols.file import create_file, open_file
 from trioconv.testing import check_block_status_tiles, check_driver
 
-from ._qcow2 import RAW_COMMANDS, assert_check_clean, assert_refused_like_qemu, qemu_info
+from ._qcow2 import (
+    RAW_COMMANDS,
+    assert_check_clean,
+    assert_create_refused,
+    assert_refused_like_qemu,
+    qemu_info,
+)
 from .conftest import ImageMaker, assert_identical, qemu_map, require_tool, run, trioconv_cli
 
 MiB = 1024 * 1024
@@ -165,6 +171,14 @@ async def test_invalid_options_use_qemu_messages(
     tmp_path: Path, options: dict[str, str], message: str
 ) -> None:
     await assert_refused_like_qemu(tmp_path / "bad.qcow2", options, message)
+
+
+@pytest.mark.parametrize("key", ["encryption", "encrypt.format"])
+async def test_encryption_options_say_encryption_is_not_supported(tmp_path: Path, key: str) -> None:
+    """QEMU's encryption options, for a feature trioconv does not have: said so, not
+    called unknown."""
+    message = f"Encrypted qcow2 images are not supported ('{key}')"
+    await assert_create_refused(tmp_path / "bad.qcow2", {key: "on"}, message)
 
 
 def test_options_help_lists_qcow2_options() -> None:

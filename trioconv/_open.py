@@ -697,6 +697,9 @@ def check_create_options(fmt: str, options: Mapping[str, str]) -> None:
             _file_preallocation(value)
             continue
         if key not in info.create_options:
+            if fmt == "qcow2" and (key == "encryption" or key.startswith("encrypt.")):
+                # QEMU's own option, for a feature trioconv does not have: say so.
+                raise UnsupportedError(f"Encrypted {fmt} images are not supported ('{key}')")
             raise UsageError(f"Invalid parameter '{key}'")
         if _OPTION_TYPES.get(key) == "size":
             _option_size(key, value)
