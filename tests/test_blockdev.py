@@ -64,3 +64,24 @@ def test_smaller_block_device_is_refused(loop_device: Path, make_image: ImageMak
     result = trioconv_cli("convert", "-n", src, loop_device)
     assert result.returncode == 1
     assert "smaller" in result.stderr
+
+
+def test_host_device_names_the_device_protocol(
+    loop_device: Path, make_image: ImageMaker, tmp_path: Path
+) -> None:
+    """``-O host_device`` / ``-f host_device``, as older scripts write them, work on a
+    device and are refused on a regular file, as with qemu-img."""
+    src = make_image("src.img", "4M", "write -P 0x5a 0 1M")
+    result = trioconv_cli("convert", "-n", "-O", "host_device", src, loop_device)
+    assert result.returncode == 0, result.stderr
+    assert loop_device.read_bytes()[: 4 * 2**20] == src.read_bytes()
+    back = tmp_path / "back.img"
+    result = trioconv_cli("convert", "-f", "host_device", loop_device, back)
+    assert result.returncode == 0, result.stderr
+    assert back.read_bytes()[: 4 * 2**20] == src.read_bytes()
+    plain = tmp_path / "plain.img"
+    plain.write_bytes(bytes(4 * 2**20))
+    refused = trioconv_cli("convert", "-n", "-O", "host_device", src, plain)
+    assert refused.returncode == 1 and "character or block device" in refused.stderr
+    assert refused.stderr.count("\n") == 1
+    assert plain.read_bytes() == bytes(4 * 2**20)

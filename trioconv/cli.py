@@ -397,7 +397,9 @@ async def convert(
         protocol, source_format = source_format, None
         files = (*(_protocol_as_format(f, protocol) for f in files[:-1]), *files[-1:])
     if target_format in _PROTOCOL_FORMATS:
-        target_format = "raw"  # qemu-img creates the same file either way
+        if target_format != "file" and files:
+            _require_device(files[-1], target_format)
+        target_format = "raw"  # qemu-img writes the same bytes either way
     o = _parse_o(options or [])
     fmt: str | None = target_format if target_format is not None else "raw"
     if target_image_opts:
@@ -538,6 +540,25 @@ def _protocol_as_format(location: str, protocol: str) -> str:
     if location.startswith("json:") or "://" in location:
         return location  # (the options or the URI name their own driver)
     return _blockopts.protocol_node_json(location, protocol)
+
+
+def _require_device(target: str, protocol: str) -> None:
+    """``-O host_device``: the target must be a device that exists (the protocol creates
+    nothing), as qemu-img requires."""
+    import stat
+
+    path = _local_path(target)
+    if path is None:
+        return  # (a URI names its own driver)
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise ImageError(f"Could not open '{target}': {exc.strerror}") from None
+    if not (stat.S_ISBLK(mode) or stat.S_ISCHR(mode)):
+        raise ImageError(
+            f"Could not open '{target}': '{protocol}' driver requires '{target}' to be "
+            "either a character or block device"
+        )
 
 
 def _local_path(location: str) -> str | None:
