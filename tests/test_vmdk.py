@@ -837,6 +837,24 @@ def test_b_makes_a_delta_disk_as_qemu_img_does(tmp_path: Path, options: str) -> 
     assert layout(ours) == layout(theirs)
 
 
+@pytest.mark.parametrize("cluster", ["512", "4k", "64k,extended_l2=on"])
+def test_b_completes_grains_written_in_part_from_the_parent(tmp_path: Path, cluster: str) -> None:
+    """A source whose top layer holds pieces smaller than a 64 KiB grain (small
+    clusters, subclusters): the delta disk's grain gets the new bytes and, around them,
+    its parent's - not zeroes."""
+    base = make_vmdk(tmp_path / "base.vmdk", "1M", "write -P 0x77 0 1M")
+    src = tmp_path / "src.qcow2"
+    opts = f"cluster_size={cluster}"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, "-b", base.name, "-F", "vmdk", src)
+    run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 30720 4096", "-c", "write -z 512k 4k", src)
+    ours = tmp_path / "ours.vmdk"
+    args = ["-O", "vmdk", "-B", base.name, "-F", "vmdk", src, ours]
+    result = trioconv_cli("convert", *args)
+    assert result.returncode == 0, result.stderr
+    assert_identical(src, ours, "qcow2", "vmdk")
+    run("qemu-img", "check", "-q", ours)
+
+
 def zeroed_delta(path: Path, base: Path) -> None:
     """A new delta disk on ``base`` with zeroed-grain entries enabled, made by qemu-img."""
     opts = ["-o", "zeroed_grain=on", "-b", base.name, "-F", "vmdk"]

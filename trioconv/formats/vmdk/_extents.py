@@ -514,11 +514,12 @@ class SparseExtent:
                 host = table[slot] * SECTOR + inner
                 plan.append((host, piece, self._busy.get(grain), pos))
             else:
+                # Only a grain never written shows the parent; a zeroed one reads as
+                # zeroes, and so does what a partial write leaves of it. (Asked before
+                # the entry below changes.)
+                parent = self.read_parent is not None and table[slot] == 0
                 host = self._allocate(g)
                 self._set_entry(grain, host // SECTOR)
-                # Only a grain never written shows the parent; a zeroed one reads as
-                # zeroes, and so does what a partial write leaves of it.
-                parent = self.read_parent is not None and table[slot] == 0
                 if n == g or (
                     not parent and self._growable and (inner | n) % self._record_align == 0
                 ):
