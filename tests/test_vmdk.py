@@ -848,7 +848,7 @@ def test_b_completes_grains_written_in_part_from_the_parent(tmp_path: Path, clus
     run("qemu-img", "create", "-q", "-f", "qcow2", "-o", opts, "-b", base.name, "-F", "vmdk", src)
     run("qemu-io", "-f", "qcow2", "-c", "write -P 0x11 30720 4096", "-c", "write -z 512k 4k", src)
     ours = tmp_path / "ours.vmdk"
-    args = ["-O", "vmdk", "-B", base.name, "-F", "vmdk", src, ours]
+    args: list[str | Path] = ["-O", "vmdk", "-B", base.name, "-F", "vmdk", src, ours]
     result = trioconv_cli("convert", *args)
     assert result.returncode == 0, result.stderr
     assert_identical(src, ours, "qcow2", "vmdk")
