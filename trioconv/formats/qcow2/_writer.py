@@ -83,7 +83,7 @@ from ..._errors import (
     UsageError,
     ZeroesNotSupported,
 )
-from ...driver import Buffer, Caps, Driver, Limits
+from ...driver import Buffer, Caps, Driver, ExtentKind, Limits
 from ...protocols.file import create_file, open_file
 from .._common import local_path, same_place
 from . import _bitmaps as bm
@@ -1199,10 +1199,10 @@ class Qcow2Writer(Qcow2Driver):
 
     async def _rest_past_backing(self, start: int, n: int) -> bool:
         """Whether zeroing ``[start, start + n)``, part of one unallocated cluster, may
-        make the whole cluster a zero cluster: the rest of it lies past the end of the
-        backing image, so it reads as zeroes either way (as qemu's zero write widens to
-        the cluster when the rest reads as zeroes). Version 3 images without extended
-        L2 entries only."""
+        make the whole cluster a zero cluster: the rest of it reads as zeroes through the
+        backing image (zeroes there, or past its end), so it reads as zeroes either way -
+        as qemu's zero write widens to the cluster when the rest reads as zeroes, instead
+        of allocating it. Version 3 images without extended L2 entries only."""
         if self._ext or self.header.version < 3 or self.backing is None:
             return False
         entry = await self._entry(start)
@@ -1210,8 +1210,20 @@ class Qcow2Writer(Qcow2Driver):
             return False
         c0 = start // self._cs * self._cs
         c1 = min(c0 + self._cs, self.size)
-        end = self.backing.size
-        return (start == c0 or c0 >= end) and (start + n >= c1 or start + n >= end)
+        return await self._backing_reads_zero(c0, start) and await self._backing_reads_zero(
+            start + n, c1
+        )
+
+    async def _backing_reads_zero(self, lo: int, hi: int) -> bool:
+        """Whether the backing image reads ``[lo, hi)`` as zeroes (past its end it does)."""
+        assert self.backing is not None
+        pos, stop = lo, min(hi, self.backing.size)
+        while pos < stop:
+            ext = await self.backing.block_status(pos, stop - pos)
+            if ext.kind is not ExtentKind.ZERO or ext.length <= 0:
+                return False
+            pos += ext.length
+        return True
 
     async def _zero_clusters(
         self, first: int, last: int, *, may_unmap: bool, fast: bool
