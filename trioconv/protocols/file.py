@@ -646,6 +646,15 @@ def _open_sync(
     )
 
 
+def _check_name(path: str | os.PathLike[str]) -> None:
+    """Refuse a name with a NUL byte (from block options, or from inside an image) in
+    one line: the system cannot take it, and ``os`` would raise ValueError."""
+    text = os.fspath(path)
+    if "\0" in text:
+        shown = text.replace("\0", "\\0")
+        raise ImageError(f"Could not open '{shown}': the file name holds a NUL byte")
+
+
 async def open_file(
     path: str | os.PathLike[str],
     *,
@@ -671,9 +680,7 @@ async def open_file(
     """
     if force_share and writable:
         raise UsageError("force-share=on can only be used with read-only images")
-    if "\0" in os.fspath(path):  # (a name from inside an image; os.open cannot take it)
-        shown = os.fspath(path).replace("\0", "\\0")
-        raise ImageError(f"Could not open '{shown}': the file name holds a NUL byte")
+    _check_name(path)
     return await trio.to_thread.run_sync(
         _open_sync, os.fspath(path), writable, cache, force_share, locking, share_writes
     )
@@ -790,6 +797,7 @@ async def create_file(
     Raises:
         ImageError: the file cannot be created.
     """
+    _check_name(path)
     return await trio.to_thread.run_sync(
         _create_sync, os.fspath(path), size, preallocation, nocow, extent_size_hint
     )
