@@ -41,8 +41,8 @@ from ..._errors import (
     UnsupportedError,
 )
 from ...driver import Caps, Driver, Extent, ExtentKind, Limits
+from .._common import check_range, full_backing_name, read_or_zero
 from .._common import fill_zero as _fill_zero
-from .._common import full_backing_name, read_or_zero
 from .._common import resolve_name as _resolve
 from .._common import same_place as _same_place
 from . import _bitmaps as bm
@@ -411,12 +411,7 @@ class Qcow2Driver(Driver):
         return await self._status(offset, length, layer=True)
 
     async def _status(self, offset: int, length: int, *, layer: bool) -> Extent:
-        if not 0 <= offset < self.size:
-            raise TrioconvIOError(
-                f"{self.location}: block status at {offset} is outside the image "
-                f"({self.size} bytes)",
-                offset=offset,
-            )
+        check_range(self.location, self.size, "block status", offset, 1)
         cs = self.layout.cluster_size
         # Cover at least the rest of this cluster and end on a cluster boundary (or the
         # image's end); look at most STATUS_CLUSTERS clusters ahead.

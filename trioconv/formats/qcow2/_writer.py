@@ -1136,7 +1136,7 @@ class Qcow2Writer(Qcow2Driver):
             for start, n in partial:
                 if await self._reads_as_zero(start):
                     continue
-                if await self._rest_past_backing(start, n):
+                if await self._rest_reads_zero(start, n):
                     c0 = start // cs * cs
                     whole.append((c0, min(c0 + cs, self.size)))
                 else:
@@ -1197,7 +1197,7 @@ class Qcow2Writer(Qcow2Driver):
             return True
         return not self._mapped(entry) and self.backing is None
 
-    async def _rest_past_backing(self, start: int, n: int) -> bool:
+    async def _rest_reads_zero(self, start: int, n: int) -> bool:
         """Whether zeroing ``[start, start + n)``, part of one unallocated cluster, may
         make the whole cluster a zero cluster: the rest of it reads as zeroes through the
         backing image (zeroes there, or past its end), so it reads as zeroes either way -
