@@ -797,6 +797,29 @@ def test_the_console_script_takes_signals_before_loading_the_package() -> None:
     assert out.stdout == ""
 
 
+def test_the_console_script_ends_as_python_would_without_shutting_down() -> None:
+    """The program ends by ``os._exit`` once the command is over, skipping Python's
+    shutdown; what a normal exit gives is kept: the status, the text still buffered
+    for stdout, and a non-integer exit code printed on stderr with status 1."""
+    code = textwrap.dedent(
+        """
+        import sys
+        import trioconv.cli, _trioconv_launch
+        def command(argv=None):
+            sys.stdout.write("kept " * 2000)  # held in the pipe's block buffer
+            sys.exit(sys.argv[1] if sys.argv[1].isalpha() else int(sys.argv[1]))
+        trioconv.cli.main = command
+        _trioconv_launch.main()
+        """
+    )
+    for arg, status, err in [("0", 0, ""), ("3", 3, ""), ("ended", 1, "ended\n")]:
+        out = subprocess.run(
+            [sys.executable, "-c", code, arg], capture_output=True, text=True, timeout=30
+        )
+        assert (out.returncode, out.stderr) == (status, err), out
+        assert out.stdout == "kept " * 2000
+
+
 def test_a_stop_signal_after_the_conversion_is_not_taken(src: Path, tmp_path: Path) -> None:
     """Once the conversion is over (the target complete, or removed after a signal),
     SIGINT, SIGTERM and SIGHUP are ignored until the process ends: a late one neither

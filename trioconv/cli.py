@@ -13,7 +13,6 @@ signatures, and ``json`` and the progress renderer are imported where they are u
 """
 
 import contextlib
-import gc
 import io
 import logging
 import os
@@ -914,14 +913,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         # chain trioconv opens (_open.MAX_CHAIN_LENGTH images).
         sys.setrecursionlimit(max(sys.getrecursionlimit(), 16 * _open.MAX_CHAIN_LENGTH))
     status = _run(list(sys.argv[1:] if argv is None else argv))
-    if argv is None:
-        # The process is about to end. Python's shutdown runs the cyclic garbage
-        # collector over every object trio, cyclopts and attrs created (~25 ms, an eighth
-        # of a short conversion); frozen objects are left to the operating system. Only
-        # when run as the program: a caller passing argv keeps its collector untouched.
-        gc.freeze()
-        if status - 128 in _STOP_SIGNALS:
-            _die_by(signal.Signals(status - 128))
+    if argv is None and status - 128 in _STOP_SIGNALS:
+        _die_by(signal.Signals(status - 128))
     sys.exit(status)
 
 
