@@ -166,7 +166,8 @@ def test_info_on_images_qemu_img_shows_as_they_are(tmp_path: Path, qemu_img: str
     qcow2 over a raw backing file with no recorded format (as older QEMU wrote them; a
     conversion refuses to probe it, info does not need to), a qcow2 whose backing
     chain loops (shown alone; --backing-chain names the loop), a dirty one, one with an
-    external data file, and names given with a ``file:`` prefix."""
+    external data file, one whose data file is gone (shown; converting it is refused),
+    and names given with a ``file:`` prefix."""
     run(qemu_img, "create", "-q", "-f", "raw", tmp_path / "base.raw", "4M")
     old = tmp_path / "old.qcow2"
     run(qemu_img, "create", "-q", "-f", "qcow2", "-b", "base.raw", "-F", "raw", old)
@@ -182,6 +183,19 @@ def test_info_on_images_qemu_img_shows_as_they_are(tmp_path: Path, qemu_img: str
         f.write((1).to_bytes(8, "big"))
     opts = "data_file=ext.data,data_file_raw=on"
     run(qemu_img, "create", "-q", "-f", "qcow2", "-o", opts, "ext.qcow2", "4M", cwd=tmp_path)
+    run(
+        qemu_img,
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "data_file=gone.data",
+        "lost.qcow2",
+        "4M",
+        cwd=tmp_path,
+    )
+    (tmp_path / "gone.data").unlink()  # info names the data file; reading needs it
     loop_a, loop_b = tmp_path / "a.qcow2", tmp_path / "b.qcow2"
     run(qemu_img, "create", "-q", "-f", "qcow2", loop_a, "1M")
     run(qemu_img, "create", "-q", "-f", "qcow2", "-b", "a.qcow2", "-F", "qcow2", loop_b)
@@ -193,11 +207,16 @@ def test_info_on_images_qemu_img_shows_as_they_are(tmp_path: Path, qemu_img: str
             ["--backing-chain", "old.qcow2"],
             ["dirty.qcow2"],
             ["ext.qcow2"],
+            ["lost.qcow2"],
+            ["--backing-chain", "lost.qcow2"],
             ["a.qcow2"],
             ["file:dirty.qcow2"],
             ["file:with:colon.qcow2"],
         ):
             _same_text(tmp_path, "--output", output, *args)
+    lost = trioconv_cli("convert", "lost.qcow2", "out.raw", cwd=tmp_path)
+    assert lost.returncode == 1 and lost.stderr.count("\n") == 1, lost
+    assert "gone.data" in lost.stderr and not (tmp_path / "out.raw").exists()
     looped = trioconv_cli("info", "--backing-chain", "a.qcow2", cwd=tmp_path)
     assert looped.returncode == 1 and looped.stdout == ""
     assert looped.stderr.count("\n") == 1 and "infinite loop" in looped.stderr

@@ -42,7 +42,6 @@ from .nbd_servers import QemuNbdLauncher
 MiB = 1024 * 1024
 
 
-
 # -- making images ---------------------------------------------------------------------
 
 
@@ -453,6 +452,38 @@ async def test_external_data_file(
     assert (tmp_path / "d.data").exists()
     await convert_and_compare(src, tmp_path)
     await status_tiles(src)
+
+
+async def test_a_missing_data_file_fails_only_reads_when_opened_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Opened alone (``backing=False``, as ``info`` opens an image) a qcow2 image whose
+    external data file is gone still opens: its tables and block status read, and only
+    reading guest data fails, with the reason. Opened for reading, it is refused."""
+    monkeypatch.chdir(tmp_path)
+    src = make_qcow2(tmp_path / "d.qcow2", "2M", "write -P 0x44 0 64k", options="data_file=d.data")
+    (tmp_path / "d.data").unlink()
+    with pytest.raises(ImageError, match=r"cannot open its external data file: .*d\.data"):
+        async with trioconv.open_image(src):
+            pass
+    async with trioconv.open_image(src, backing=False) as image:
+        assert image.describe()["format-specific"] == {
+            "type": "qcow2",
+            "data": {
+                "compat": "1.1",
+                "compression-type": "zlib",
+                "lazy-refcounts": False,
+                "refcount-bits": 16,
+                "data-file": "d.data",
+                "data-file-raw": False,
+                "corrupt": False,
+                "extended-l2": False,
+            },
+        }
+        extent = await image.block_status(0, 2 * MiB)
+        assert (extent.offset, extent.length, extent.kind) == (0, 64 * 1024, ExtentKind.DATA)
+        with pytest.raises(trioconv.TrioconvIOError, match="No such file"):
+            await image.pread(0, 4096)
 
 
 # -- broken images ---------------------------------------------------------------------

@@ -133,6 +133,10 @@ class OpenContext:
     #: ``backing: null`` in block options: open no backing image (unallocated areas
     #: read as zeroes).
     no_backing: bool = False
+    #: Opened alone, as ``qemu-img info`` looks at an image (``open_image(backing=False)``):
+    #: no backing image, and an external data file that cannot be opened fails only the
+    #: reads of guest data, not the opening.
+    alone: bool = False
     #: The raw format's window into its transport (block options ``offset``, ``size``).
     raw_offset: int = 0
     raw_size: int | None = None
@@ -643,6 +647,7 @@ async def _open_transport_image(
             fixed_size=fixed_size,
             force_share=force_share,
             no_backing=not backing,
+            alone=not backing,
         )
         if spec is not None:
             ctx.no_backing = ctx.no_backing or spec.no_backing

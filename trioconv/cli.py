@@ -616,6 +616,14 @@ def _file_under(drv: Driver) -> str | None:
     return bottom.location if isinstance(bottom, FileDriver) else None
 
 
+#: Open errors of an image that ``info --backing-chain`` gets past by opening each image
+#: alone, as ``qemu-img info`` does.
+_NEEDED_ONLY_FOR_DATA = (
+    "probing a raw backing file is refused",
+    "cannot open its external data file",
+)
+
+
 def _info_dict(drv: Driver) -> dict[str, object]:
     """qemu-img info's JSON for one image (keys in qemu's order where it matters)."""
     info: dict[str, object] = {
@@ -773,9 +781,11 @@ async def info(
                     _open.open_image(image, fmt, cache=CacheMode.WRITEBACK, force_share=force_share)
                 )
             except ImageError as exc:
-                # With --backing-chain, qemu-img probes a backing file with no recorded
-                # format (and shows a raw one), where reading the image refuses to.
-                if "probing a raw backing file is refused" not in str(exc):
+                # What only reading the images' data needs does not stop qemu-img, which
+                # reads none: it probes a backing file with no recorded format (and shows
+                # a raw one), where reading refuses to, and it names an external data
+                # file that is gone. Each image is then opened alone, by name.
+                if not any(reason in str(exc) for reason in _NEEDED_ONLY_FOR_DATA):
                     raise
         if layer is None:
             layer = await alone(image, fmt)

@@ -609,13 +609,38 @@ async def open_qcow2(
             else:
                 data = await ctx.open_backing(path, "raw")
         except TrioconvError as exc:
-            raise ImageError(f"{where}: cannot open its external data file: {exc}") from None
+            message = f"{where}: cannot open its external data file: {exc}"
+            if not ctx.alone or writable_data:
+                raise ImageError(message) from None
+            data = _MissingDataFile(path, message)
     backing = await _open_backing(ctx, info)
     driver = Qcow2Driver(transport, info, l1, data=data, backing=backing)
     driver.location = ctx.location
     driver.snapshots = table
     driver.bitmap_entries = await _read_bitmap_directory(transport, info, where)
     return driver
+
+
+class _MissingDataFile(Driver):
+    """Stands in for an external data file that could not be opened, in an image opened
+    alone (as ``qemu-img info`` opens one, reading no guest data): the image's tables
+    still read, and a read of guest data fails with the reason the file did not open."""
+
+    name = "file"
+
+    def __init__(self, location: str, error: str) -> None:
+        self.location = location
+        self._error = error
+
+    @property
+    def size(self) -> int:
+        return 2**63 - 1  # so no read is cut short and filled with zeroes instead
+
+    async def preadinto(self, offset: int, buf: memoryview) -> None:
+        raise TrioconvIOError(self._error, offset=offset)
+
+    async def aclose(self) -> None:
+        pass
 
 
 async def _read_bitmap_directory(
