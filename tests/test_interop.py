@@ -183,6 +183,74 @@ async def test_failed_conversion_removes_extent_files_too(tmp_path: Path, subfor
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out-unrelated.txt"]
 
 
+async def test_a_failed_conversion_leaves_files_that_appear_beside_its_target(
+    tmp_path: Path,
+) -> None:
+    """Only the files the conversion made are removed after a failure: a file another
+    task writes beside the target meanwhile, whose name starts like the target's,
+    stays (conversions side by side in one nursery, as the API allows)."""
+    source = MemoryDriver(data=bytes([3]) * 8 * 2**20, delay=0.01)
+    source.fail_read_at = 6 * 2**20
+    target = tmp_path / "vm.qcow2"
+    neighbour = tmp_path / "vm-backup.qcow2"
+
+    async def fail() -> None:
+        opts = trioconv.ConvertOptions(target_format="qcow2", parallel=1)
+        with pytest.raises(trioconv.ConvertError):
+            await trioconv.convert([source], target, opts)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(fail)
+        while not target.exists():  # noqa: ASYNC110 (a file appears: no event to wait on)
+            await trio.sleep(0.001)
+        neighbour.write_bytes(b"another conversion's finished image")
+    assert not target.exists()
+    assert neighbour.read_bytes() == b"another conversion's finished image"
+
+
+async def test_creating_a_split_vmdk_that_fails_last_leaves_no_extent_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Creating an image removes every file it made when it fails or is cancelled at its
+    very end (here the descriptor's final flush), the extent files included."""
+    from trioconv.protocols.file import FileDriver
+
+    flush = FileDriver.flush
+
+    async def fail_on_the_descriptor(self: FileDriver) -> None:
+        if self.location.endswith("disk.vmdk"):
+            raise trioconv.ImageError("flush failed")
+        await flush(self)
+
+    monkeypatch.setattr(FileDriver, "flush", fail_on_the_descriptor)
+    with pytest.raises(trioconv.ImageError, match="flush failed"):
+        await trioconv.create_image(
+            tmp_path / "disk.vmdk", "vmdk", 3 * 2**30, {"subformat": "twoGbMaxExtentSparse"}
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_side_files_are_named_as_the_formats_make_them(tmp_path: Path) -> None:
+    from trioconv._open import side_files
+
+    path = str(tmp_path / "disk.vmdk")
+    split = {"subformat": "twoGbMaxExtentFlat"}
+    assert [Path(p).name for p in side_files(path, "vmdk", 5 * 2**30, split)] == [
+        "disk-f001.vmdk",
+        "disk-f002.vmdk",
+        "disk-f003.vmdk",
+    ]
+    flat = {"subformat": "monolithicFlat"}
+    assert side_files(path, "vmdk", 2**20, flat) == [str(tmp_path / "disk-flat.vmdk")]
+    assert side_files(path, "vmdk", 2**20, {}) == []
+    qcow2 = str(tmp_path / "disk.qcow2")
+    assert side_files(qcow2, "qcow2", 2**20, {"data_file": "d/x.raw"}) == [
+        str(tmp_path / "d" / "x.raw")
+    ]
+    assert side_files("nfs://host/export/disk.qcow2", "qcow2", 2**20, {}) == []
+    assert side_files(path, "raw", 2**20, {}) == []
+
+
 def _allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
 

@@ -875,6 +875,10 @@ async def create_image(
             nocow=nocow,
             extent_size_hint=hint,
         )
+    # Files the format adds (extents, a data file) that are new are removed with the
+    # image if creating it fails or is cancelled at any point, even once the format's
+    # own work is done (in the final flush, say).
+    fresh = not_there(_format_side_files(info, path, size, options))
     created = await create_file(path, 0, nocow=nocow, extent_size_hint=hint)
     try:
         transport = await open_file(path, writable=True)
@@ -884,11 +888,39 @@ async def create_image(
         finally:
             await transport.aclose()
     except BaseException:
-        if created:
+        for name in [path, *fresh] if created else fresh:
             with contextlib.suppress(OSError):
-                os.unlink(path)
+                os.unlink(name)
         raise
     return created
+
+
+def side_files(
+    location: str | os.PathLike[str], fmt: str, size: int, options: Mapping[str, str]
+) -> list[str]:
+    """The other files that :func:`create_image` makes for a ``fmt`` image at a local
+    ``location``: a multi-file VMDK's extents, a qcow2 image's ``data_file``. Empty for
+    formats of one file and for images over the network.
+
+    Raises:
+        UsageError: a bad format or option (as :func:`create_image` would).
+    """
+    text = os.fspath(location)
+    if _URI_RE.match(text) and not text.startswith("file:"):
+        return []
+    options = {k: v for k, v in options.items() if k not in FILE_CREATE_OPTIONS}
+    return _format_side_files(_format(fmt), _transport_path(text), -(-size // 512) * 512, options)
+
+
+def not_there(paths: list[str]) -> list[str]:
+    """The ``paths`` that do not exist (not even as a dangling link)."""
+    return [p for p in paths if not os.path.lexists(p)]
+
+
+def _format_side_files(
+    info: FormatInfo, path: str, size: int, options: Mapping[str, str]
+) -> list[str]:
+    return info.side_files(path, size, options) if info.side_files is not None else []
 
 
 async def _create_nfs_image(uri: str, fmt: str, size: int, options: Mapping[str, str]) -> bool:

@@ -6,14 +6,22 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import trio
 
 from .._errors import ConvertError, ImageError, TrioconvError, UnsupportedError, UsageError
-from .._open import check_create_options, create_image, format_info, is_nfs_uri, open_image
+from .._open import (
+    check_create_options,
+    create_image,
+    format_info,
+    is_nfs_uri,
+    not_there,
+    open_image,
+    side_files,
+)
 from ..driver import Driver
 from . import ConvertResult, ImageSpec
 from .options import ConvertOptions
@@ -186,14 +194,13 @@ async def _convert(
             if is_new:
                 fmt = opts.target_format or "raw"  # (None is refused without no_create)
                 check_create_options(fmt, opts.create_options())
-                before = _side_files(target, opts.create_options())
+                # Formats with several files (vmdk extents, a qcow2 data file) create
+                # them too: those that are new are removed with the target on failure.
+                fresh = not_there(side_files(target, fmt, total, opts.create_options()))
                 if await create_image(target, fmt, total, opts.create_options()):
                     text = os.fspath(target)
                     created = text if is_nfs_uri(text) else Path(text)
-                    # Formats with several files (vmdk extents, a qcow2 data file)
-                    # create them too: remove them with the target on failure.
-                    after = _side_files(target, opts.create_options())
-                    extra_files = sorted(p for p in after - before if p.exists())
+                    extra_files = [Path(p) for p in fresh]
             try:
                 tgt = await stack.enter_async_context(
                     _keeping_the_first_error(
@@ -293,24 +300,6 @@ async def _add_bitmaps(target: Driver, bitmaps: list[Bitmap]) -> None:
 
     assert isinstance(target, Qcow2Writer)
     await target.add_bitmaps(bitmaps)
-
-
-def _side_files(target: ImageSpec, options: Mapping[str, str]) -> set[Path]:
-    """Existing files a local target's creation may add: files next to it whose names
-    start with its stem (``disk*``, vmdk extents) and a qcow2 ``data_file``, resolved
-    against the target's folder."""
-    if isinstance(target, Driver) or "://" in os.fspath(target):
-        return set()
-    path = Path(os.fspath(target))
-    found: set[Path] = set()
-    with contextlib.suppress(OSError):
-        found = {p for p in path.parent.iterdir() if p.name.startswith(path.stem) and p != path}
-    named = options.get("data_file")
-    if named:
-        data = path.parent / named
-        if data.exists() and data.resolve() != path.resolve():
-            found.add(data)
-    return found
 
 
 #: Seconds allowed for removing a new ``nfs://`` target after a failure.

@@ -17,7 +17,7 @@ from ..driver import Driver
 if TYPE_CHECKING:
     from .._open import OpenContext
 
-__all__ = ["CreateCheck", "FormatCreator", "FormatInfo", "FormatOpener", "Probe"]
+__all__ = ["CreateCheck", "FormatCreator", "FormatInfo", "FormatOpener", "Probe", "SideFiles"]
 
 #: Scores the first bytes of an image (and its name): higher is surer, 0 is no.
 Probe = Callable[[bytes, str], int]
@@ -31,6 +31,10 @@ FormatCreator = Callable[[Driver, int, Mapping[str, str]], Awaitable[None]]
 #: ``create`` would raise, with qemu-img's message. Given the new image's location for
 #: checks that look at other files (a vmdk delta's parent).
 CreateCheck = Callable[[str, int, Mapping[str, str]], Awaitable[None]]
+#: The other files that creating an image at a local path makes, given its virtual size
+#: and its (checked) ``-o`` options: vmdk extent files, a qcow2 external data file.
+#: Those that did not exist before are removed with the image when a conversion fails.
+SideFiles = Callable[[str, int, Mapping[str, str]], list[str]]
 
 
 @attrs.frozen
@@ -48,6 +52,7 @@ class FormatInfo:
         probe_tail: bytes to read from the *end* of the image for probing (VHD keeps its
             footer there); they are appended to the header given to ``probe``.
         check_create: validates a new image's options before anything is created.
+        side_files: names the other files a new image at a local path comes with.
     """
 
     name: str
@@ -58,3 +63,4 @@ class FormatInfo:
     can_compress: bool = False
     probe_tail: int = 0
     check_create: CreateCheck | None = None
+    side_files: SideFiles | None = None

@@ -18,7 +18,13 @@ from .._base import FormatInfo
 from ._driver import Qcow2Driver
 from ._driver import open_qcow2 as _open
 from ._options import QCOW2_CREATE_OPTIONS
-from ._writer import Qcow2Writer, check_qcow2_create, create_qcow2, open_qcow2_writable
+from ._writer import (
+    Qcow2Writer,
+    check_qcow2_create,
+    create_qcow2,
+    open_qcow2_writable,
+    qcow2_side_files,
+)
 
 if TYPE_CHECKING:
     from ..._open import OpenContext
@@ -55,4 +61,5 @@ FORMAT = FormatInfo(
     create_options=QCOW2_CREATE_OPTIONS,
     can_compress=True,
     check_create=check_qcow2_create,
+    side_files=qcow2_side_files,
 )

@@ -1955,6 +1955,16 @@ async def create_qcow2(transport: Driver, size: int, options: Mapping[str, str])
         raise
 
 
+def qcow2_side_files(path: str, size: int, options: Mapping[str, str]) -> list[str]:
+    """The external data file creating a qcow2 image at ``path`` makes, if ``-o
+    data_file`` names one (the registry's ``side_files``): relative to the image's
+    folder, as :func:`create_qcow2` places it."""
+    name = parse_create_options(options).data_file
+    if name is None:
+        return []
+    return [name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)]
+
+
 def _data_file_path(transport: Driver, name: str) -> str:
     """Where a new image's data file goes: ``name`` relative to the image's folder."""
     location = transport.location

@@ -236,21 +236,11 @@ async def create_vmdk(transport: Driver, size: int, options: Mapping[str, str]) 
                     f"vmdk subformat '{opts.subformat}' keeps its extents in separate files "
                     "and can only be created on a local file"
                 )
-            folder, prefix, postfix = _decompose(location)
-            extent_size = SPLIT_SIZE if opts.split else size
-            done, idx = 0, 1
-            while done < size:
-                cur = min(size - done, extent_size)
-                if opts.split:
-                    name = f"{prefix}-{'f' if opts.flat else 's'}{idx:03d}{postfix}"
-                else:
-                    name = f"{prefix}-flat{postfix}"
-                path = os.path.join(folder, name)
-                await _create_extent_file(path, cur, opts, created)
+            folder = os.path.dirname(location)
+            for name, cur in _extent_files(location, size, opts):
+                await _create_extent_file(os.path.join(folder, name), cur, opts, created)
                 kind, offset = ("FLAT", 0) if opts.flat else ("SPARSE", None)
                 lines.append(codec.ExtentLine("RW", cur // SECTOR, kind, name, offset))
-                done += cur
-                idx += 1
         heads = 16 if opts.adapter_type == "ide" else 255
         desc = codec.Descriptor(
             version=1,
@@ -280,6 +270,35 @@ async def create_vmdk(transport: Driver, size: int, options: Mapping[str, str]) 
             with contextlib.suppress(OSError):
                 os.unlink(path)
         raise
+
+
+def _extent_files(location: str, size: int, opts: VmdkOptions) -> list[tuple[str, int]]:
+    """The extent files of a new multi-file image: ``(name, bytes)`` each, named as
+    qemu names them after the descriptor (``disk-flat.vmdk``, ``disk-s001.vmdk``, ...)."""
+    _, prefix, postfix = _decompose(location)
+    extent_size = SPLIT_SIZE if opts.split else size
+    files: list[tuple[str, int]] = []
+    done = 0
+    while done < size:
+        cur = min(size - done, extent_size)
+        if opts.split:
+            kind = "f" if opts.flat else "s"
+            files.append((f"{prefix}-{kind}{len(files) + 1:03d}{postfix}", cur))
+        else:
+            files.append((f"{prefix}-flat{postfix}", cur))
+        done += cur
+    return files
+
+
+def vmdk_side_files(path: str, size: int, options: Mapping[str, str]) -> list[str]:
+    """The extent files creating a multi-file VMDK at ``path`` makes beside it (the
+    registry's ``side_files``); none for the single-file subformats."""
+    opts = parse_create_options(options)
+    if not opts.flat and not opts.split:
+        return []
+    size = -(-size // SECTOR) * SECTOR
+    folder = os.path.dirname(path)
+    return [os.path.join(folder, name) for name, _ in _extent_files(path, size, opts)]
 
 
 async def _parent_cid(location: str, parent: str) -> int:
@@ -330,4 +349,5 @@ FORMAT = FormatInfo(
     create_options=VMDK_CREATE_OPTIONS,
     can_compress=True,
     check_create=check_vmdk_create,
+    side_files=vmdk_side_files,
 )
