@@ -76,3 +76,77 @@ async def test_cancelled_conversions_into_an_existing_qcow2(tmp_path: Path) -> N
         cancelled += scope.cancelled_caught
         _readable(target, "qcow2", tmp_path / "out.raw", leaks=True)
     assert cancelled  # (some finish first on a fast machine; most must not)
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vhdx", "vdi", "vpc"])
+async def test_a_driver_stays_usable_after_cancelled_writes(tmp_path: Path, fmt: str) -> None:
+    """Cancelling writes leaves the open image usable, as the driver contract says: the
+    program may write on and flush, and the image it closes is sound and holds those
+    writes (a qcow2 write that had its clusters finishes before it ends, so its
+    tables never point at clusters that were not written)."""
+    require_tool("qemu-img")
+    for steps in range(0, 10, 3):
+        path = tmp_path / f"s{steps}.{fmt}"
+        await trioconv.create_image(path, fmt, 16 * MiB)
+        async with trioconv.open_image(path, fmt, writable=True) as image:
+            async with trio.open_nursery() as nursery:
+                for i in range(8):
+                    nursery.start_soon(image.pwrite, i * MiB, b"\x5a" * MiB)
+                for _ in range(steps):
+                    await trio.lowlevel.checkpoint()
+                nursery.cancel_scope.cancel()
+            await image.pwrite(12 * MiB, b"\x77" * MiB)
+            await image.flush()
+            assert await image.pread(12 * MiB, MiB) == b"\x77" * MiB
+        out = tmp_path / "out.raw"
+        _readable(path, fmt, out)
+        assert out.read_bytes()[12 * MiB : 13 * MiB] == b"\x77" * MiB
+
+
+async def test_a_qcow2_target_of_a_failed_conversion_stays_usable(tmp_path: Path) -> None:
+    """A program's own qcow2 target, when the conversion into it fails (its writes in
+    flight are cancelled): the program may write on, flush and close it, and the image
+    is sound."""
+    require_tool("qemu-img")
+    path = tmp_path / "owned.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", path, "16M")
+    source = trioconv.MemoryDriver(data=b"\x01" * 16 * MiB)
+    source.fail_read_at = 8 * MiB
+    async with trioconv.open_image(path, writable=True) as image:
+        with pytest.raises(trioconv.ConvertError, match="Input/output error"):
+            await trioconv.convert(source, image)
+        await image.pwrite(0, b"\x77" * 512)
+        await image.flush()
+    out = tmp_path / "out.raw"
+    _readable(path, "qcow2", out)
+    assert out.read_bytes()[:512] == b"\x77" * 512
+
+
+async def test_a_qcow2_write_that_fails_halfway_stops_the_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A qcow2 write whose bytes could not be written leaves tables that point at
+    nothing: the writer then refuses further writes and flushes in one clear line
+    rather than store them, and the image closes with the tables it had on disk."""
+    from trioconv.protocols.file import FileDriver
+
+    require_tool("qemu-img")
+    path = tmp_path / "t.qcow2"
+    await trioconv.create_image(path, "qcow2", 16 * MiB)
+    real = FileDriver.pwrite
+
+    async def failing(self: FileDriver, offset: int, data: object) -> None:
+        if memoryview(data).nbytes == MiB:  # type: ignore[arg-type]
+            raise trioconv.TrioconvIOError("disk on fire", offset=offset)
+        await real(self, offset, data)  # type: ignore[arg-type]
+
+    async with trioconv.open_image(path, "qcow2", writable=True) as image:
+        await image.pwrite(0, b"\x11" * 4096)
+        monkeypatch.setattr(FileDriver, "pwrite", failing)
+        with pytest.raises(trioconv.TrioconvIOError, match="disk on fire"):
+            await image.pwrite(MiB, b"\x22" * MiB)
+        monkeypatch.setattr(FileDriver, "pwrite", real)
+        for call in (image.pwrite(0, b"\x33" * 512), image.flush()):
+            with pytest.raises(trioconv.TrioconvIOError, match="earlier write failed halfway"):
+                await call
+    _readable(path, "qcow2", tmp_path / "out.raw")

@@ -107,6 +107,8 @@ L2_CACHE_TABLES = 64
 #: Refcount table entries hold a cluster-aligned offset in these bits.
 REFTABLE_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
 _ZEROS = bytes(1024 * 1024)
+#: Seconds a write that has begun to change the image may still take once cancelled.
+FINISH_TIMEOUT = 10.0
 #: Extended L2 subcluster bitmaps: every subcluster allocated / every one reads as zeroes.
 ALL_ALLOC = 0xFFFF_FFFF
 ALL_ZEROES = 0xFFFF_FFFF << 32
@@ -339,6 +341,36 @@ class Qcow2Writer(Qcow2Driver):
                 f"{self.location}: {what} of {length} bytes at {offset} is outside the image "
                 f"({self.size} bytes)",
                 offset=offset,
+            )
+
+    def _check_usable(self) -> None:
+        """Refuse a write or flush once a write has failed halfway (see ``_finishing``)."""
+        if self._failed:
+            raise TrioconvIOError(
+                f"{self.location}: an earlier write failed halfway, so the image takes no "
+                "more writes: its tables are not stored (it keeps those it had on disk)"
+            )
+
+    @contextlib.contextmanager
+    def _finishing(self, what: str) -> Iterator[None]:
+        """Run a step of a write that must not stop halfway, shielded from cancellation.
+
+        A write allocates clusters (the tables point at them) and then sends their
+        bytes. Cancelled between the two, it would leave entries pointing at clusters
+        never written, which the next flush would store. So once a write has the lock,
+        its steps finish even when it is cancelled - the cancellation takes effect at
+        its next checkpoint - within :data:`FINISH_TIMEOUT` seconds (a local write takes
+        milliseconds; a server that stops answering, longer). A step that fails or does
+        not finish in that time leaves the writer failed: it takes no more writes, and
+        its tables are not stored (:meth:`_check_usable`).
+        """
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + FINISH_TIMEOUT) as scope:
+            yield
+        if scope.cancelled_caught:
+            self._failed = True
+            raise TrioconvIOError(
+                f"{self.location}: {what} did not finish within {FINISH_TIMEOUT:g} s of "
+                "being cancelled"
             )
 
     def _set_end(self, end: int, what: str) -> None:
@@ -771,14 +803,18 @@ class Qcow2Writer(Qcow2Driver):
     async def pwrite(self, offset: int, data: Buffer) -> None:
         view = memoryview(data).cast("B")
         self._check_range("write", offset, view.nbytes)
+        self._check_usable()
         if not view.nbytes:
             return
         if self._bitmaps:
             await self._touch_bitmaps(offset, view.nbytes)
         with self._op():
             async with self._lock:
-                runs = await self._allocate(offset, view.nbytes)
-            await self._write_runs(runs, offset, view)
+                self._check_usable()
+                with self._finishing("a write"):
+                    runs = await self._allocate(offset, view.nbytes)
+            with self._finishing("a write"):
+                await self._write_runs(runs, offset, view)
 
     async def _write_runs(self, runs: list[_Run], offset: int, view: memoryview | None) -> None:
         """Send the bytes of runs :meth:`_allocate` made for a write at ``offset``:
@@ -1102,6 +1138,7 @@ class Qcow2Writer(Qcow2Driver):
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
     ) -> None:
         self._check_range("write zeroes", offset, length)
+        self._check_usable()
         if not length:
             return
         if self._bitmaps:
@@ -1129,33 +1166,45 @@ class Qcow2Writer(Qcow2Driver):
                 partial.append((offset, first - offset))
             if last < end:
                 partial.append((last, end - last))
+        async with self._lock:
+            self._check_usable()
+            with self._finishing("a write of zeroes"):
+                runs = await self._zero_locked(partial, first, last, may_unmap, fast)
+        with self._finishing("a write of zeroes"):
+            for start, allocated in runs:
+                await self._write_runs(allocated, start, None)
+
+    async def _zero_locked(
+        self, partial: list[tuple[int, int]], first: int, last: int, may_unmap: bool, fast: bool
+    ) -> list[tuple[int, list[_Run]]]:
+        """The table work of a write of zeroes, under the lock: whole clusters marked
+        zero, and the runs of zero bytes to write for the rest."""
+        cs = self._sc  # the unit the tables can mark as zeroes
         writes: list[tuple[int, int]] = []
         whole: list[tuple[int, int]] = []
         runs: list[tuple[int, list[_Run]]] = []
-        async with self._lock:
-            for start, n in partial:
-                if await self._reads_as_zero(start):
-                    continue
-                if await self._rest_reads_zero(start, n):
-                    c0 = start // cs * cs
-                    whole.append((c0, min(c0 + cs, self.size)))
-                else:
-                    writes.append((start, n))
-            if fast and writes:
-                raise ZeroesNotSupported(f"{self.location}: zeroing part of a cluster is not fast")
-            if first < last and self._ext:
-                writes += await self._zero_subclusters(first, last, may_unmap=may_unmap, fast=fast)
-            elif first < last:
-                writes += await self._zero_clusters(first, last, may_unmap=may_unmap, fast=fast)
-            for c0, c1 in whole:
-                writes += await self._zero_clusters(c0, c1, may_unmap=may_unmap, fast=fast)
-            # Zero bytes (parts of clusters, version 2 images) get their clusters now, in
-            # guest order and in the order the calls came, as pwrite's data does; a later
-            # writer must not take the host clusters that come next in the file first.
-            for start, n in sorted(writes):
-                runs.append((start, await self._allocate(start, n)))
-        for start, allocated in runs:
-            await self._write_runs(allocated, start, None)
+        for start, n in partial:
+            if await self._reads_as_zero(start):
+                continue
+            if await self._rest_reads_zero(start, n):
+                c0 = start // cs * cs
+                whole.append((c0, min(c0 + cs, self.size)))
+            else:
+                writes.append((start, n))
+        if fast and writes:
+            raise ZeroesNotSupported(f"{self.location}: zeroing part of a cluster is not fast")
+        if first < last and self._ext:
+            writes += await self._zero_subclusters(first, last, may_unmap=may_unmap, fast=fast)
+        elif first < last:
+            writes += await self._zero_clusters(first, last, may_unmap=may_unmap, fast=fast)
+        for c0, c1 in whole:
+            writes += await self._zero_clusters(c0, c1, may_unmap=may_unmap, fast=fast)
+        # Zero bytes (parts of clusters, version 2 images) get their clusters now, in
+        # guest order and in the order the calls came, as pwrite's data does; a later
+        # writer must not take the host clusters that come next in the file first.
+        for start, n in sorted(writes):
+            runs.append((start, await self._allocate(start, n)))
+        return runs
 
     async def _zero_data_file(
         self, offset: int, length: int, *, may_unmap: bool, fast: bool
@@ -1383,56 +1432,68 @@ class Qcow2Writer(Qcow2Driver):
     async def pwrite_compressed(self, offset: int, prepared: object) -> None:
         if not isinstance(prepared, CompressedClusters) or prepared.offset != offset:
             raise TypeError("pwrite_compressed takes what compress() returned for this offset")
+        self._check_usable()
         if self._bitmaps:
             await self._touch_bitmaps(offset, len(prepared.clusters) * self._cs)
         with self._op():
             await self._pwrite_compressed(offset, prepared)
 
     async def _pwrite_compressed(self, offset: int, prepared: CompressedClusters) -> None:
-        cs, span = self._cs, self._table_span
-        # Runs of host-contiguous streams: (host offset, total length, pieces), joined once.
-        plan: list[tuple[int, int, list[bytes]]] = []
         async with self._lock:
-            for k, (is_compressed, payload) in enumerate(prepared.clusters):
-                guest = offset + k * cs
-                index = guest // span
-                t = await self._get_l2(index, create=True)
-                assert t is not None
-                await self._own_l2(index, t)
-                i = ((guest - index * span) >> self._bits) * self._step
-                if t.table[i] & OFFSET_MASK:
-                    raise TrioconvIOError(
-                        f"{self.location}: cannot write a compressed cluster at guest offset "
-                        f"{guest:#x}: the cluster is already allocated",
-                        offset=guest,
-                    )
-                if is_compressed:
-                    host = await self._alloc_bytes(len(payload))
-                    t.table[i] = codec.compressed_l2_entry(host, len(payload), self._bits)
-                    if self._ext:
-                        t.table[i + 1] = 0  # compressed clusters have no subcluster bits
-                else:
-                    host = await self._alloc_clusters(1)
-                    t.table[i] = host | COPIED
-                    if self._ext:
-                        t.table[i + 1] = ALL_ALLOC
-                t.touch()
-                if plan and plan[-1][0] + plan[-1][1] == host:
-                    start, length, pieces = plan[-1]
-                    pieces.append(payload)
-                    plan[-1] = (start, length + len(payload), pieces)
-                else:
-                    plan.append((host, len(payload), [payload]))
+            self._check_usable()
+            with self._finishing("a compressed write"):
+                plan = await self._place_compressed(offset, prepared)
         prepared.clusters = ()  # let the streams go as soon as they are joined
         try:
-            for host, _, pieces in plan:
-                data = b"".join(pieces)
-                pieces.clear()
-                await self.file.pwrite(host, data)
-                del data
+            with self._finishing("a compressed write"):
+                for host, _, pieces in plan:
+                    data = b"".join(pieces)
+                    pieces.clear()
+                    await self.file.pwrite(host, data)
+                    del data
         except BaseException:
             self._failed = True  # (as in _write_runs)
             raise
+
+    async def _place_compressed(
+        self, offset: int, prepared: CompressedClusters
+    ) -> list[tuple[int, int, list[bytes]]]:
+        """Allocate the host bytes of compressed clusters and point their entries at
+        them (under the lock): runs of host-contiguous streams, ``(host offset, total
+        length, pieces)``, to be joined and written once."""
+        cs, span = self._cs, self._table_span
+        plan: list[tuple[int, int, list[bytes]]] = []
+        for k, (is_compressed, payload) in enumerate(prepared.clusters):
+            guest = offset + k * cs
+            index = guest // span
+            t = await self._get_l2(index, create=True)
+            assert t is not None
+            await self._own_l2(index, t)
+            i = ((guest - index * span) >> self._bits) * self._step
+            if t.table[i] & OFFSET_MASK:
+                raise TrioconvIOError(
+                    f"{self.location}: cannot write a compressed cluster at guest offset "
+                    f"{guest:#x}: the cluster is already allocated",
+                    offset=guest,
+                )
+            if is_compressed:
+                host = await self._alloc_bytes(len(payload))
+                t.table[i] = codec.compressed_l2_entry(host, len(payload), self._bits)
+                if self._ext:
+                    t.table[i + 1] = 0  # compressed clusters have no subcluster bits
+            else:
+                host = await self._alloc_clusters(1)
+                t.table[i] = host | COPIED
+                if self._ext:
+                    t.table[i + 1] = ALL_ALLOC
+            t.touch()
+            if plan and plan[-1][0] + plan[-1][1] == host:
+                start, length, pieces = plan[-1]
+                pieces.append(payload)
+                plan[-1] = (start, length + len(payload), pieces)
+            else:
+                plan.append((host, len(payload), [payload]))
+        return plan
 
     # -- metadata to disk ----------------------------------------------------------------
     async def _write_meta(self, host: int, data: bytes) -> None:
@@ -1495,6 +1556,7 @@ class Qcow2Writer(Qcow2Driver):
     async def flush(self) -> None:
         if self._closed:
             return
+        self._check_usable()
         if self._external:
             await self._data.flush()  # data before the metadata that points at it
         async with self._lock:
