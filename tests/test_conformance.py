@@ -113,6 +113,24 @@ async def test_requests_outside_the_image_are_errors(tmp_path: Path, fmt: str) -
                 await drv.block_status(offset, 100)
 
 
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vmdk", "vpc", "vdi", "vhdx"])
+async def test_writes_outside_the_image_are_errors(tmp_path: Path, fmt: str) -> None:
+    """A write outside the image is refused, and the file does not grow: the size is
+    fixed once the image is open (a raw file too)."""
+    path = tmp_path / f"disk.{fmt}"
+    await trioconv.create_image(path, fmt, SIZE)
+    length = path.stat().st_size
+    async with trioconv.open_image(path, fmt, writable=True) as drv:
+        size = drv.size
+        for offset, n in ((-1, 10), (size - 1, 2), (size, 1), (size + 4096, 10)):
+            with pytest.raises(trioconv.TrioconvIOError, match="outside the image"):
+                await drv.pwrite(offset, b"x" * n)
+            with pytest.raises(trioconv.TrioconvIOError, match="outside the image"):
+                await drv.pwrite_zeroes(offset, n)
+        assert drv.size == size
+    assert path.stat().st_size == length
+
+
 async def test_a_closed_file_says_so(tmp_path: Path) -> None:
     path = tmp_path / "disk.img"
     await create_file(path, SIZE)

@@ -246,6 +246,28 @@ def test_options_validation() -> None:
     assert trioconv.ConvertOptions().target_cache is trioconv.CacheMode.UNSAFE
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("parallel", 8.5, "coroutines"),
+        ("parallel", None, "coroutines"),
+        ("sparse_size", 4096.0, "sparse"),
+        ("rate_limit", 1.5, "rate limit"),
+        ("buffer_size", None, "buffer size"),
+        ("target_options", {"lazy_refcounts": True}, "-o option 'lazy_refcounts'"),
+        ("connections", "4", "connections"),
+        ("target_cache", 1, "cache"),
+    ],
+)
+def test_options_of_the_wrong_type_are_usage_errors(
+    field: str, value: object, message: str
+) -> None:
+    """A program that passes a value of the wrong type (untyped code) gets the same
+    UsageError as for a bad value, not a TypeError from deep inside."""
+    with pytest.raises(trioconv.UsageError, match=message):
+        trioconv.ConvertOptions(**{field: value})  # type: ignore[arg-type]
+
+
 # -- the engine ----------------------------------------------------------------------------
 
 
@@ -469,6 +491,17 @@ async def test_progress_is_observable() -> None:
     assert seen == sorted(seen)
     assert seen[-1] == size and len(seen) > 2
     assert progress.percent == 100.0
+
+
+async def test_a_progress_follows_one_conversion() -> None:
+    """A Progress used once is refused the next time: its counters (and so the next
+    result's) would run on from the first conversion's."""
+    progress = trioconv.Progress()
+    await trioconv.convert([MemoryDriver(data=b"\x01" * MiB)], MemoryDriver(MiB), progress=progress)
+    target = MemoryDriver(MiB)
+    with pytest.raises(trioconv.UsageError, match="used already"):
+        await trioconv.convert([MemoryDriver(data=b"\x02" * MiB)], target, progress=progress)
+    assert await target.pread(0, 1) == b"\x00"
 
 
 async def test_several_sources_concatenate() -> None:

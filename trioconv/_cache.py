@@ -53,6 +53,8 @@ class CacheMode(enum.Enum):
         """
         if isinstance(value, CacheMode):
             return value
+        if not isinstance(value, str):
+            raise UsageError(f"Invalid {what} option: {value!r}")
         if value == "off":  # qemu's other name for none
             return CacheMode.NONE
         try:

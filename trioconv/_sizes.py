@@ -29,10 +29,14 @@ def parse_size(text: str | int, *, what: str = "size") -> int:
     Raises:
         UsageError: the text is not a size, or does not name a whole number of bytes.
     """
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
         if text < 0:
             raise UsageError(f"Invalid {what} specified: {text}")
         return text
+    if not isinstance(text, str):
+        raise UsageError(
+            f"Invalid {what} specified: {text!r} (a whole number of bytes or a size such as '4k')"
+        )
     hexa = re.fullmatch(r"[ \t\n\v\f\r]*0[xX]([0-9a-fA-F]+)([bBkKmMgGtTpPeE]?)", text)
     if hexa:  # qemu takes hexadecimal sizes too (whole numbers only): 0x200, 0x10M
         return int(hexa.group(1), 16) * _UNITS[hexa.group(2).lower()]

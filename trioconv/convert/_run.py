@@ -134,6 +134,9 @@ async def run_convert(
 ) -> ConvertResult:
     """:func:`trioconv.convert` (see there)."""
     opts = options if options is not None else ConvertOptions()
+    if progress is not None and (progress.started_at is not None or progress.finished):
+        # Its counters would run on from the last one's, and so would the result's.
+        raise UsageError("A Progress follows one conversion: this one was used already")
     progress = progress if progress is not None else Progress()
     specs = [sources] if isinstance(sources, (str, os.PathLike, Driver)) else list(sources)
     try:

@@ -54,8 +54,8 @@ def _c_integer(text: str) -> int:
 
 def _parallel(value: int | str) -> int:
     try:
-        if isinstance(value, bool):  # (an int to Python, not a count)
-            raise ValueError(value)
+        if isinstance(value, bool) or not isinstance(value, int | str):
+            raise ValueError(value)  # (a bool is an int to Python, not a count)
         count = value if isinstance(value, int) else _c_integer(value)
     except ValueError:
         count = 0
@@ -85,7 +85,14 @@ def _cache_source(value: CacheMode | str) -> CacheMode:
 
 
 def _mapping(value: Mapping[str, str] | None) -> Mapping[str, str]:
-    return MappingProxyType(dict(value or {}))
+    options = dict(value or {})
+    for key, item in options.items():
+        if not isinstance(key, str) or not isinstance(item, str):
+            raise UsageError(
+                f"Invalid -o option {key!r}: {item!r} (names and values are strings, "
+                "as on the command line: 'on', '64k')"
+            )
+    return MappingProxyType(options)
 
 
 def _buffer(value: int | str) -> int:
@@ -194,5 +201,9 @@ class ConvertOptions:
             raise UsageError("A target format is needed to create the target (or use -n)")
         if self.target_is_zero and not self.no_create:
             raise UsageError("--target-is-zero requires use of -n flag")
-        if self.connections is not None and not 1 <= self.connections <= 64:
+        if self.connections is not None and (
+            not isinstance(self.connections, int)
+            or isinstance(self.connections, bool)
+            or not 1 <= self.connections <= 64
+        ):
             raise UsageError("Invalid number of connections: must be between 1 and 64")

@@ -63,15 +63,17 @@ class RawDriver(Driver):
         end = self.child.size - self.offset
         return end if self._size is None else min(end, self._size)
 
-    def _check_window(self, offset: int, length: int) -> None:
-        """A window of fixed ``size`` is all there is: nothing is written past it."""
-        if self._size is not None and offset + length > self._size:
+    def _check_write(self, what: str, offset: int, length: int) -> None:
+        """Writes stay inside the image: a window of fixed ``size`` is all there is, and
+        a file is not grown past the size it was opened with."""
+        if self._size is not None and offset >= 0 and offset + length > self._size:
             raise TrioconvIOError(
                 f"{self.location}: write of {length} bytes at {offset} goes past the end of "
                 f"the raw window ({self._size} bytes)",
                 offset=offset,
                 errno=errno.ENOSPC,
             )
+        check_range(self.location, self.size, what, offset, length)
 
     @property
     def limits(self) -> Limits:
@@ -104,7 +106,7 @@ class RawDriver(Driver):
     async def pwrite(self, offset: int, data: Buffer) -> None:
         end = self._end
         view = memoryview(data).cast("B")
-        self._check_window(offset, view.nbytes)
+        self._check_write("write", offset, view.nbytes)
         if end < offset + view.nbytes and ZEROS.startswith(view[max(0, end - offset) :]):
             # Zeroes into the sector's tail past the transport's end: they read so
             # already, and an export or a LUN could not take them.
@@ -116,7 +118,7 @@ class RawDriver(Driver):
     async def pwrite_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
     ) -> None:
-        self._check_window(offset, length)
+        self._check_write("write zeroes", offset, length)
         length = min(length, max(0, self._end - offset))  # (see pwrite)
         if length:
             await self.child.pwrite_zeroes(
