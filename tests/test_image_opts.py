@@ -638,6 +638,25 @@ def test_nbd_tls_with_object_and_image_opts(
     assert not (tmp_path / "x.img").exists()
 
 
+def test_nbd_tls_over_a_socket_needs_a_hostname(
+    nbdkit_server: NbdkitLauncher, nbd_tls_certs: TLSCerts, tmp_path: Path
+) -> None:
+    """A certificate is checked against a host name, and a socket path gives none: as
+    qemu-img, a verifying TLS connection over a Unix socket needs ``tls-hostname``."""
+    server = nbdkit_server("memory", ["size=4M"], tls=nbd_tls_certs)
+    creds = server.qemu_object()
+    opts = server.qemu_image_opts().rsplit(",tls-hostname=", 1)[0]
+    theirs = run("qemu-img", "info", *creds, "--image-opts", opts, check=False)
+    assert theirs.returncode == 1 and "No hostname for certificate validation" in theirs.stderr
+    for command in (["info"], ["convert", "-O", "raw"]):
+        args = [*command, *creds, "--image-opts", opts]
+        if command[0] == "convert":
+            args.append(tmp_path / "out.img")
+        line = one_line(trioconv_cli(*args))
+        assert line == f"trioconv: Could not open '{opts}': No hostname for certificate validation"
+    assert not (tmp_path / "out.img").exists()
+
+
 def test_nbd_tls_verify_peer_off(
     nbdkit_server: NbdkitLauncher, nbd_tls_certs: TLSCerts, images: dict[str, Path], tmp_path: Path
 ) -> None:

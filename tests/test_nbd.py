@@ -925,6 +925,33 @@ def test_no_multi_conn_means_one_connection(
     assert_identical(reference, target, fmt_b="qcow2")
 
 
+def test_a_server_that_takes_fewer_connections_than_it_allows(
+    qemu_nbd_server: QemuNbdLauncher,
+    nbdkit_server: NbdkitLauncher,
+    mixed_src: Path,
+    tmp_path: Path,
+) -> None:
+    """A multi-conn server may serve fewer connections than trioconv opens: ``qemu-nbd
+    -e 2`` leaves a third one unanswered, nbdkit's limit filter closes it. The copy
+    starts on the first connection at once and goes on over those that are served, as
+    qemu-img's (which opens one) does; ``info`` does not wait either."""
+    read_only = qemu_nbd_server(mixed_src, fmt="raw", readonly=True, shared=2)
+    limited = nbdkit_server("memory", ["size=8M"], filters=["limit"], filter_args=["limit=2"])
+    for server in (read_only, limited):
+        info, elapsed = timed_cli("info", server.uri)
+        assert info.returncode == 0, info.stderr
+        assert elapsed < 5, elapsed
+    out = tmp_path / "out.raw"
+    result, elapsed = timed_cli("convert", "-f", "raw", "-O", "raw", read_only.uri, out)
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 5, elapsed
+    assert_identical(mixed_src, out)
+    result, elapsed = timed_cli("convert", "-n", "-f", "raw", "-O", "raw", mixed_src, limited.uri)
+    assert result.returncode == 0, result.stderr
+    assert elapsed < 5, elapsed
+    compare_uri(mixed_src, limited.uri)
+
+
 # -- 9. info -------------------------------------------------------------------------------------
 
 

@@ -908,6 +908,9 @@ def _nbd_node(node: Flat) -> BlockSpec:
     if kind == "unix":
         if path is None:
             raise _Refused("Parameter 'server.path' is missing")
+        if tls and "tls-verify-peer" not in query and not node.get("tls-hostname"):
+            # A certificate names a host; a socket path names none (qemu refuses too).
+            raise _Refused("No hostname for certificate validation")
         query = {"socket": path, **query}
         uri = f"nbd{s}+unix:///{quoted}"
     elif kind == "inet":

@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno as errno_mod
 import functools
 import itertools
+import logging
 import os
 import socket
 import ssl
@@ -28,6 +29,7 @@ import trio
 from ..._cache import CacheMode
 from ..._errors import (
     ImageError,
+    TrioconvError,
     TrioconvIOError,
     UnsupportedError,
     ZeroesNotSupported,
@@ -37,6 +39,8 @@ from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
 from .._net import WholeSends, receive_payload, together
 from . import _proto as proto
 from ._proto import Cmd, CmdFlag, TxFlag
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "MultiConnDriver",
@@ -683,6 +687,17 @@ class MultiConnDriver(Driver):
         self.connections = connections
         self.location = connections[0].location
         self._load = [0] * len(connections)
+        self._closing = False
+
+    def add(self, conn: NBDDriver) -> bool:
+        """Use one more connection from now on (it shares the first one's edge lock);
+        False, and not used, once the driver is closing."""
+        if self._closing:
+            return False
+        conn.edges_lock = self.connections[0].edges_lock
+        self.connections.append(conn)
+        self._load.append(0)
+        return True
 
     @property
     def size(self) -> int:
@@ -728,10 +743,11 @@ class MultiConnDriver(Driver):
         return await self.connections[0].block_status(offset, length)
 
     async def flush(self) -> None:
-        await together([conn.flush for conn in self.connections])
+        await together([conn.flush for conn in list(self.connections)])
 
     async def aclose(self) -> None:
-        for conn in self.connections:
+        self._closing = True
+        for conn in list(self.connections):
             await conn.aclose()
 
 
@@ -816,7 +832,7 @@ async def _open_connection(
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
         await stream.aclose()
         raise ImageError(
-            f"Could not open '{uri}': handshake failed ({exc or 'timed out'})"
+            f"Could not open '{uri}': handshake failed ({str(exc) or 'timed out'})"
         ) from exc
     except BaseException:
         await stream.aclose()
@@ -856,29 +872,48 @@ async def open_nbd(
     address = parse_nbd_uri(uri)
     mode = CacheMode.parse(cache)
     first = await _open_connection(uri, address, writable=writable, cache=mode)
-    conns = [first]
-    try:
-        wanted = DEFAULT_CONNECTIONS if connections is None else max(1, connections)
-        if first.info.flags & TxFlag.CAN_MULTI_CONN:
-            for _ in range(wanted - 1):
-                conn = await _open_connection(uri, address, writable=writable, cache=mode)
-                conns.append(conn)
-                if conn.info.size != first.info.size:  # one export, one size
-                    raise ImageError(
-                        f"Could not open '{uri}': the server gave two connections different "
-                        f"export sizes ({first.info.size} and {conn.info.size} bytes)"
-                    )
-    except BaseException:
-        for conn in conns:
-            await conn.aclose()
-        raise
-    for conn in conns[1:]:
-        conn.edges_lock = first.edges_lock  # one export: one lock for its block edges
+    wanted = DEFAULT_CONNECTIONS if connections is None else max(1, connections)
+    extra = wanted - 1 if first.info.flags & TxFlag.CAN_MULTI_CONN else 0
     async with trio.open_nursery() as nursery:
-        for conn in conns:
-            nursery.start_soon(conn.reader)
-        driver: Driver = first if len(conns) == 1 else MultiConnDriver(conns)
+        nursery.start_soon(first.reader)
+        driver: Driver = first
+        if extra:
+            multi = MultiConnDriver([first])
+            for _ in range(extra):
+                nursery.start_soon(_add_connection, multi, nursery, uri, address, writable, mode)
+            driver = multi
         try:
             yield driver
         finally:
             await driver.aclose()
+            nursery.cancel_scope.cancel()  # connections still in their handshake
+
+
+async def _add_connection(
+    driver: MultiConnDriver,
+    nursery: trio.Nursery,
+    uri: str,
+    address: NBDAddress,
+    writable: bool,
+    cache: CacheMode,
+) -> None:
+    """Open one more connection to a multi-conn export and put it to use once its
+    handshake is done, while the first one already serves requests.
+
+    A server may allow fewer connections than it could take: ``qemu-nbd -e 2`` leaves
+    a third one waiting unanswered, nbdkit's limit filter closes it. As ``qemu-img``
+    (which opens one) and ``nbdcopy``, the copy goes on over the connections it has.
+    """
+    try:
+        conn = await _open_connection(uri, address, writable=writable, cache=cache)
+    except TrioconvError as exc:
+        log.debug("%s: one connection fewer: %s", uri, exc)
+        return
+    if conn.info.size != driver.size:  # one export, one size: this one is not used
+        log.debug("%s: a connection with another export size (%d)", uri, conn.info.size)
+        await conn.aclose()
+        return
+    if not driver.add(conn):  # the copy is over
+        await conn.aclose()
+        return
+    nursery.start_soon(conn.reader)
