@@ -927,9 +927,13 @@ async def _create_nfs_image(uri: str, fmt: str, size: int, options: Mapping[str,
     """:func:`create_image` on an NFS server: create or truncate, then format it."""
     from .protocols.nfs import create_nfs_file, open_nfs, remove_nfs_file
 
-    if options.get("preallocation", "off") != "off":
-        raise UnsupportedError(f"Protocol driver 'nfs' does not support preallocation: '{uri}'")
     info = _format(fmt)
+    # Reserving blocks needs the file protocol's fallocate, which NFSv3 lacks; a format's
+    # metadata preallocation (qcow2's tables) is plain writes.
+    prealloc = options.get("preallocation", "off")
+    own = "preallocation" in (info.create_options or {}) and info.create is not None
+    if prealloc != "off" and not (own and prealloc == "metadata"):
+        raise UnsupportedError(f"Protocol driver 'nfs' does not support preallocation: '{uri}'")
     if info.create is None:
         return await create_nfs_file(uri, size)
     created = await create_nfs_file(uri, 0)

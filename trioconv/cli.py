@@ -639,6 +639,8 @@ def _info_dict(drv: Driver) -> dict[str, object]:
             info["actual-size"] = os.stat(path).st_blocks * 512
     elif _bottom(drv).name in ("null-co", "null-aio"):
         info["actual-size"] = 0  # a null device holds nothing
+    elif isinstance(used := getattr(_bottom(drv), "allocated", None), int):
+        info["actual-size"] = used  # what an NFS server says the file takes
     if drv.name != "raw" or _file_under(drv) is not None:
         info["dirty-flag"] = False  # (qemu has no such info for raw over the network)
     if drv.limits.cluster_size:

@@ -213,8 +213,11 @@ class SparseExtent:
         self._claimed: set[int] = set()
         self._last_turn: trio.Event | None = None
         self._record_align = max(SECTOR, file.limits.request_alignment)
-        # Grains are appended: only a regular local file grows when written past its end.
-        self._growable = file.name == "file" and not getattr(file, "is_block_device", False)
+        # Grains are appended: a regular file, local or on NFS, grows when written past
+        # its end; a block device, an NBD export or an iSCSI LUN does not.
+        self._growable = file.name in ("file", "nfs") and not getattr(
+            file, "is_block_device", False
+        )
         #: How far grain writes reach once they are done (the first new grain's start,
         #: at least), how far those that are done reach, and how many are under way:
         #: a write cancelled before it was done leaves the file short of its grain.

@@ -709,6 +709,9 @@ class NFSDriver(Driver):
         self._log = proto.WriteBackLog()
         self._commit_lock = trio.Lock()
         self._closed = False
+        #: Bytes the server says the file takes on its storage, when it was opened
+        #: (``qemu-img info``'s disk size).
+        self.allocated: int | None = None
 
     @property
     def size(self) -> int:
@@ -937,6 +940,7 @@ async def open_nfs(
         driver = NFSDriver(
             session, fh, attr.size, fsinfo, writable=writable, cache=CacheMode.parse(cache)
         )
+        driver.allocated = attr.used
         session.client.set_max_record(max(driver._rsize, driver._wsize) + 64 * 1024)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.client.reader)
