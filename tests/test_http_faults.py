@@ -102,6 +102,24 @@ def test_framings_the_protocol_allows(tmp_path: Path, behaviour: Behaviour) -> N
     assert out.read_bytes() == IMAGE
 
 
+def closes_after_every_reply(req: Request) -> bytes | None:
+    """HTTP/1.1 with a Content-Length and no "Connection: close", and then the close
+    anyway (tinyproxy does this): every kept connection is found dead on its next use."""
+    reply = honest(req)
+    return None if reply is None else Closing(reply)
+
+
+@pytest.mark.parametrize("parallel", ["1", "8", "16"])
+def test_a_server_that_closes_every_connection_silently(tmp_path: Path, parallel: str) -> None:
+    out = tmp_path / "out.raw"
+    with FakeHTTPServer(IMAGE * 4, closes_after_every_reply) as server:
+        result = trioconv_cli(
+            "convert", "-m", parallel, "-f", "raw", "-O", "raw", server.url(), out
+        )
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == IMAGE * 4
+
+
 def test_a_probe_claiming_a_huge_body_takes_no_memory(tmp_path: Path) -> None:
     """The one-byte probe's body is read only when it is one byte long; memory stays
     bounded by what trioconv asks for, whatever Content-Length says."""
@@ -269,3 +287,13 @@ def test_a_stalled_server_times_out_as_told(tmp_path: Path) -> None:
         opts = f"driver=raw,file.driver=http,file.url=http://127.0.0.1:1/x,file.timeout={value}"
         bad = trioconv_cli("convert", "--image-opts", opts, "-O", "raw", out)
         assert message in one_line_error(bad)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://nonexistent.invalid/disk.img", "nfs://nonexistent.invalid/export/disk.img"]
+)
+def test_a_host_that_does_not_resolve_is_named_so(tmp_path: Path, url: str) -> None:
+    """The resolver's error has its own numbers: said in words, not "Unknown error -2"."""
+    line = one_line_error(trioconv_cli("convert", "-O", "raw", url, tmp_path / "out.raw"))
+    assert "Could not resolve host" in line and "Unknown error" not in line
+    assert not (tmp_path / "out.raw").exists()

@@ -4,6 +4,7 @@ readable causes of a lost connection."""
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -58,6 +59,9 @@ def connection_error_reason(exc: BaseException) -> str:
     todo: list[BaseException] = [exc]
     while todo:
         item = todo.pop(0)
+        if isinstance(item, socket.gaierror):
+            # A resolver error: its number is not the system's (-2 is EAI_NONAME).
+            return f"Could not resolve host: {item.strerror or item}"
         if isinstance(item, OSError) and item.errno:
             return os.strerror(item.errno)
         if isinstance(item, BaseExceptionGroup):

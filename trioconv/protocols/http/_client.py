@@ -376,14 +376,17 @@ class _Pool:
     async def exchange(self, request: bytes) -> AsyncIterator[tuple[_Connection, proto.Response]]:
         """Send ``request`` and give its connection and response head; the body is the
         caller's to receive. A reused connection that turns out closed before any answer
-        (a server or proxy that dropped it while idle) is replaced once."""
-        for attempt in (1, 2):
+        (a server or proxy that dropped it while idle, or one that closes every connection
+        after its response without saying so, as tinyproxy does) is dropped and the next
+        one tried, down to a new connection, whose failure is final. (Requests are GETs
+        and HEADs: sending one again is harmless.)"""
+        while True:
             async with self.connection() as (conn, reused):
                 try:
                     response = await conn.request(request)
                 except (_ClosedByServer, trio.BrokenResourceError, OSError):
                     conn.reusable = False
-                    if reused and attempt == 1:
+                    if reused:
                         continue
                     raise
                 try:
@@ -392,7 +395,6 @@ class _Pool:
                     conn.reusable = False
                     raise
                 return
-        raise AssertionError("unreachable")  # pragma: no cover
 
     async def aclose(self) -> None:
         idle, self._idle = self._idle, []
