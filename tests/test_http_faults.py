@@ -297,3 +297,14 @@ def test_a_host_that_does_not_resolve_is_named_so(tmp_path: Path, url: str) -> N
     line = one_line_error(trioconv_cli("convert", "-O", "raw", url, tmp_path / "out.raw"))
     assert "Could not resolve host" in line and "Unknown error" not in line
     assert not (tmp_path / "out.raw").exists()
+
+
+def test_opening_asks_head_once(tmp_path: Path) -> None:
+    """One HEAD learns the size (and follows no redirect here): a slow server is not
+    asked twice, and a ``timeout`` that suits qemu-img suits trioconv."""
+    with FakeHTTPServer(IMAGE) as server:
+        result = trioconv_cli("info", server.url())
+        heads = [r for r in server.requests if r.method == "HEAD"]
+    assert result.returncode == 0, result.stderr
+    assert len(heads) == 1
+    assert heads[0].headers["accept-encoding"] == "identity"

@@ -582,13 +582,17 @@ def _strong_etag(response: proto.Response) -> str | None:
     return tag if tag and not tag.startswith("W/") else None
 
 
-async def _probe_size(pool: _Pool, address: HTTPAddress, where: str) -> tuple[int, str | None]:
-    """HEAD, and when that leaves doubt a one-byte GET: the size and the strong ETag (a
-    read whose reply carries another one finds the file changed); ranges must work."""
-    headers = [("User-Agent", _USER_AGENT), ("Accept-Encoding", "identity")]
-    headers += address.auth_header()
-    async with pool.exchange(pool.build("HEAD", headers)) as (_conn, response):
-        pass
+def _head_headers(address: HTTPAddress) -> list[tuple[str, str]]:
+    return [("User-Agent", _USER_AGENT), ("Accept-Encoding", "identity"), *address.auth_header()]
+
+
+async def _probe_size(
+    pool: _Pool, address: HTTPAddress, where: str, response: proto.Response
+) -> tuple[int, str | None]:
+    """From the answer to HEAD, and when that leaves doubt a one-byte GET: the size and
+    the strong ETag (a read whose reply carries another one finds the file changed);
+    ranges must work."""
+    headers = _head_headers(address)
     if response.status == 200 and response.content_coding is not None:
         raise ImageError(
             f"{where}: the server sends the file with Content-Encoding "
@@ -634,8 +638,8 @@ async def _resolve(
     for _ in range(MAX_REDIRECTS + 1):
         pool = _Pool(address, DEFAULT_CONNECTIONS, proxy_for(address))
         try:
-            headers = [("User-Agent", _USER_AGENT), *address.auth_header()]
-            async with pool.exchange(pool.build("HEAD", headers)) as (_conn, response):
+            head = pool.build("HEAD", _head_headers(address))
+            async with pool.exchange(head) as (_conn, response):
                 pass
             if response.status in (301, 302, 303, 307, 308):
                 location = response.header("location")
@@ -644,7 +648,7 @@ async def _resolve(
                 await pool.aclose()
                 address = address.follow(location)
                 continue
-            return address, pool, await _probe_size(pool, address, where)
+            return address, pool, await _probe_size(pool, address, where, response)
         except BaseException:
             await pool.aclose()
             raise
