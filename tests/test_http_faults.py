@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from ._faults import FAULT_DEADLINE, MiB, one_line_error
-from .conftest import trioconv_cli
+from .conftest import run, trioconv_cli
 from .fake_http import (
     Behaviour,
     Closing,
@@ -283,10 +283,25 @@ def test_a_stalled_server_times_out_as_told(tmp_path: Path) -> None:
     assert "did not answer in 1 s" in line
     assert elapsed < 10  # (120 s without the option)
     assert not out.exists()
-    for value, message in (("0", "too large or negative"), ("x", "expects a number")):
-        opts = f"driver=raw,file.driver=http,file.url=http://127.0.0.1:1/x,file.timeout={value}"
+    # Checked as qemu-img checks them (its curl driver): at most 10000 s, 0 for none.
+    for option, value, message in (
+        ("timeout", "10001", "timeout parameter is too large or negative"),
+        ("timeout", "-1", "timeout parameter is too large or negative"),
+        ("timeout", "x", "Parameter 'timeout' expects a number"),
+        ("readahead", "511", "HTTP_READAHEAD_SIZE 511 is not a multiple of 512"),
+        ("readahead", "-5", "Parameter 'readahead' expects a non-negative number below 2^64"),
+    ):
+        opts = f"driver=raw,file.driver=http,file.url=http://127.0.0.1:1/x,file.{option}={value}"
         bad = trioconv_cli("convert", "--image-opts", opts, "-O", "raw", out)
         assert message in one_line_error(bad)
+        theirs = run("qemu-img", "convert", "--image-opts", opts, "-O", "raw", out, check=False)
+        assert theirs.returncode == 1 and message in theirs.stderr
+    with FakeHTTPServer(IMAGE) as server:
+        for option, value in (("timeout", "0"), ("timeout", "10000"), ("readahead", "64k")):
+            opts = f"driver=raw,file.driver=http,file.url={server.url()},file.{option}={value}"
+            good = trioconv_cli("convert", "--image-opts", opts, "-O", "raw", out)
+            assert good.returncode == 0, good.stderr
+            assert out.read_bytes() == IMAGE
 
 
 @pytest.mark.parametrize(

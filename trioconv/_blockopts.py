@@ -27,6 +27,7 @@ import base64
 import binascii
 import contextvars
 import json
+import math
 import re
 import urllib.parse
 from collections.abc import Iterable, Mapping
@@ -446,8 +447,8 @@ class BlockSpec:
     null: NullOptions | None = None
 
 
-#: The largest HTTP ``timeout`` QEMU takes, in seconds.
-HTTP_TIMEOUT_MAX = 100_000
+#: The largest HTTP ``timeout`` QEMU takes, in seconds (its CURL_TIMEOUT_MAX).
+HTTP_TIMEOUT_MAX = 10_000
 
 
 class _Refused(Exception):
@@ -1047,10 +1048,21 @@ def _http_node(node: Flat, proto: str) -> BlockSpec:
     timeout = None
     if "timeout" in node:
         value = (node["timeout"] or "").strip()
-        if not value.isascii() or not value.isdigit():
+        digits = value[1:] if value.startswith("-") else value
+        if not digits.isascii() or not digits.isdigit():
             raise _Refused("Parameter 'timeout' expects a number")
-        timeout = float(value)
-        if not 0 < timeout <= HTTP_TIMEOUT_MAX:
+        # QEMU reads it unsigned: a negative number is a huge one. 0 is no limit.
+        if value.startswith("-") or int(digits) > HTTP_TIMEOUT_MAX:
             raise _Refused("timeout parameter is too large or negative")
-    # (``readahead`` is accepted and has no effect: each read asks for exactly its bytes.)
+        timeout = float(digits) or math.inf
+    if "readahead" in node:
+        # Checked as QEMU checks it; it has no effect here: each read asks for its bytes.
+        try:
+            readahead = parse_size(node["readahead"] or "", what="readahead")
+        except UsageError:
+            raise _Refused(
+                "Parameter 'readahead' expects a non-negative number below 2^64"
+            ) from None
+        if readahead % 512:
+            raise _Refused(f"HTTP_READAHEAD_SIZE {readahead} is not a multiple of 512")
     return BlockSpec(url, None, shown, tls_verify=verify, timeout=timeout)
