@@ -179,7 +179,7 @@ def _parse_head(head: bytes) -> Response:
     lines = _LINE_END.split(head)
     match = _STATUS_LINE.fullmatch(lines[0])
     if match is None:
-        shown = lines[0][:80].decode("latin-1")
+        shown = peer_text(lines[0][:80].decode("latin-1"), 60)
         raise HTTPProtocolError(f"not an HTTP response: {shown!r}")
     major, minor, status, reason = match.groups()
     headers: dict[str, str] = {}
