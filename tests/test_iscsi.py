@@ -90,8 +90,16 @@ def test_create_checks_the_lun_size(
     assert "smaller than input" in line
     assert_identical(mixed_src, backing)  # neither failure touched the LUN
 
-    line = one_line_error(trioconv_cli("convert", "-f", "raw", "-O", "qcow2", mixed_src, url))
-    assert "iSCSI LUN is not supported" in line
+    # A qcow2 image is written onto the LUN as qemu-img writes it (its header cluster
+    # whole, over the old bytes), then a vmdk is refused: it would grow past the end.
+    result = trioconv_cli("convert", "-f", "raw", "-O", "qcow2", mixed_src, url)
+    assert result.returncode == 0, result.stderr
+    run("qemu-img", "check", "-f", "qcow2", backing)
+    assert_identical(mixed_src, backing, fmt_b="qcow2")
+    line = one_line_error(trioconv_cli("convert", "-f", "raw", "-O", "vmdk", mixed_src, url))
+    assert "into an iSCSI LUN is not supported" in line
+    result = trioconv_cli("convert", "-f", "raw", "-O", "raw", mixed_src, url)
+    assert result.returncode == 0, result.stderr
     # Into a vdi already in the LUN: refused, it would have to grow past the LUN's end.
     run("qemu-img", "create", "-q", "-f", "vdi", tmp_path / "v.vdi", "4M")
     with backing.open("r+b") as f:

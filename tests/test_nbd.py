@@ -31,7 +31,7 @@ import trioconv
 from trioconv import ConvertOptions, ExtentKind
 from trioconv.protocols.nbd import MultiConnDriver, NBDDriver, open_nbd
 
-from ._faults import interrupt_cli
+from ._faults import interrupt_cli, one_line_error
 from .conftest import (
     ImageMaker,
     assert_identical,
@@ -950,6 +950,61 @@ def test_a_server_that_takes_fewer_connections_than_it_allows(
     assert result.returncode == 0, result.stderr
     assert elapsed < 5, elapsed
     compare_uri(mixed_src, limited.uri)
+
+
+@pytest.mark.parametrize("style", ["-o", "--mask-handshake=0"], ids=["oldstyle", "newstyle"])
+def test_older_handshakes(
+    nbdkit_server: NbdkitLauncher, mixed_src: Path, tmp_path: Path, style: str
+) -> None:
+    """Servers that speak the old style or plain newstyle (no options but the export
+    name) are read as qemu-img reads them, without block status; a plain newstyle one is
+    written too. (nbdkit's old style refuses WRITE_ZEROES though it advertises it, so
+    qemu-img cannot write there either.)"""
+    server = nbdkit_server("file", [str(mixed_src)], readonly=True, options=[style])
+    out = tmp_path / "out.raw"
+    result = trioconv_cli("convert", "-f", "raw", "-O", "raw", server.uri, out)
+    assert result.returncode == 0, result.stderr
+    assert_identical(mixed_src, out)
+    ours = trioconv_cli("info", server.uri)
+    assert ours.returncode == 0, ours.stderr
+    assert ours.stdout == run("qemu-img", "info", server.uri).stdout
+    if style != "-o":
+        target = nbdkit_server("memory", ["size=8M"], options=[style])
+        result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "raw", mixed_src, target.uri)
+        assert result.returncode == 0, result.stderr
+        compare_uri(mixed_src, target.uri)
+
+
+def test_without_n_the_export_is_used_as_it_is(
+    nbdkit_server: NbdkitLauncher, mixed_src: Path, tmp_path: Path
+) -> None:
+    """As qemu-img: without ``-n`` an existing export is taken for the new image when it
+    is large enough - raw bytes, or a qcow2 image written over its old bytes - and a
+    smaller one cannot grow."""
+    for fmt in ("raw", "qcow2"):
+        ours = nbdkit_server("memory", ["size=8M"])
+        theirs = nbdkit_server("memory", ["size=8M"])
+        for server in (ours, theirs):
+            run("qemu-io", "-f", "raw", "-c", "write -P 0xee 0 8M", server.uri)
+        result = trioconv_cli("convert", "-f", "raw", "-O", fmt, mixed_src, ours.uri)
+        assert result.returncode == 0, result.stderr
+        run("qemu-img", "convert", "-f", "raw", "-O", fmt, mixed_src, theirs.uri)
+        ours_raw, theirs_raw = tmp_path / f"ours.{fmt}", tmp_path / f"theirs.{fmt}"
+        for server, out in ((ours, ours_raw), (theirs, theirs_raw)):
+            run("qemu-img", "convert", "-f", "raw", "-O", "raw", server.uri, out)
+        if fmt == "qcow2":
+            run("qemu-img", "check", "-f", "qcow2", ours_raw)
+            assert_identical(mixed_src, ours_raw, fmt_b="qcow2")
+        else:
+            assert ours_raw.read_bytes() == theirs_raw.read_bytes()  # (the tail: old bytes)
+            assert ours_raw.read_bytes()[: mixed_src.stat().st_size] == mixed_src.read_bytes()
+    small = nbdkit_server("memory", ["size=4M"])
+    line = one_line_error(trioconv_cli("convert", "-f", "raw", "-O", "raw", mixed_src, small.uri))
+    assert "Cannot grow NBD nodes" in line
+    theirs_line = run("qemu-img", "convert", "-O", "raw", mixed_src, small.uri, check=False)
+    assert "Cannot grow NBD nodes" in theirs_line.stderr
+    line = one_line_error(trioconv_cli("convert", "-f", "raw", "-O", "vdi", mixed_src, ours.uri))
+    assert "into an NBD export is not supported" in line
 
 
 # -- 9. info -------------------------------------------------------------------------------------

@@ -109,11 +109,43 @@ def test_unknown_export_is_refused_clearly() -> None:
 
 @pytest.mark.parametrize(
     "greeting",
-    [b"NOTNBD!!" + bytes(10), struct.pack(">QQH", proto.NBDMAGIC, 0x420281861253, 0)],
+    [b"NOTNBD!!" + bytes(10), struct.pack(">QQH", proto.NBDMAGIC, 0x1234, 0)],
 )
 def test_bad_greetings(greeting: bytes) -> None:
     with pytest.raises(proto.NBDProtocolError):
         drive(proto.client_handshake(""), greeting)
+
+
+def test_old_style_handshake() -> None:
+    """Old style: size and flags come with the greeting (global flags in the high half
+    of the 32 bits), nothing is sent, there are no export names and no TLS."""
+    flags = TxFlag.HAS_FLAGS | TxFlag.SEND_FLUSH
+    server = struct.pack(
+        ">QQQHH", proto.NBDMAGIC, proto.CLISERV_MAGIC, 6 << 20, 0, int(flags)
+    ) + bytes(124)
+    info, sent = drive(proto.client_handshake(""), server)
+    assert info == proto.ExportInfo(size=6 << 20, flags=flags)
+    assert sent == b""
+    with pytest.raises(proto.NBDOptionError, match="non-empty export names"):
+        drive(proto.client_handshake("disk"), server)
+    with pytest.raises(proto.NBDProtocolError, match="old-style protocol, which has no TLS"):
+        drive(proto.client_handshake("", tls=True), server)
+
+
+@pytest.mark.parametrize("zeroes", [True, False])
+def test_plain_newstyle_handshake(zeroes: bool) -> None:
+    """Newstyle without the fixed bit: only NBD_OPT_EXPORT_NAME is sent (such a server
+    may hang up on any other option), and the export's size and flags come back."""
+    flags = TxFlag.HAS_FLAGS | TxFlag.SEND_WRITE_ZEROES
+    greeting = struct.pack(">QQH", proto.NBDMAGIC, proto.IHAVEOPT, 0 if zeroes else 2)
+    export = struct.pack(">QH", 1 << 20, int(flags)) + (bytes(124) if zeroes else b"")
+    info, sent = drive(proto.client_handshake("disk"), greeting + export)
+    assert info == proto.ExportInfo(size=1 << 20, flags=flags)
+    assert sent == struct.pack(">I", 0 if zeroes else 2) + option_sent(
+        proto.OPT_EXPORT_NAME, b"disk"
+    )
+    with pytest.raises(proto.NBDProtocolError, match="which TLS needs"):
+        drive(proto.client_handshake("", tls=True), greeting)
 
 
 def test_request_encoding() -> None:

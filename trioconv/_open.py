@@ -848,10 +848,7 @@ async def create_image(
     ):
         raise UsageError(f"Invalid parameter '{file_keys[0]}'")  # not a local file
     if is_nbd_uri(os.fspath(location)):
-        raise UnsupportedError(
-            f"Protocol driver 'nbd' does not support image creation: '{os.fspath(location)}' "
-            "(use -n to write into an existing export)"
-        )
+        return await _create_on_device(os.fspath(location), fmt, size, options)
     if is_null_uri(os.fspath(location)):
         protocol = os.fspath(location).partition(":")[0]
         raise UnsupportedError(
@@ -859,7 +856,7 @@ async def create_image(
             "(use -n to write into a null device)"
         )
     if is_iscsi_uri(os.fspath(location)):
-        return await _create_iscsi_image(os.fspath(location), fmt, size, options)
+        return await _create_on_device(os.fspath(location), fmt, size, options)
     if is_http_uri(os.fspath(location)):
         raise UnsupportedError(
             f"Could not create '{redact_location(os.fspath(location))}': HTTP images are read-only"
@@ -959,31 +956,49 @@ async def _create_nfs_image(uri: str, fmt: str, size: int, options: Mapping[str,
     return created
 
 
-async def _create_iscsi_image(uri: str, fmt: str, size: int, options: Mapping[str, str]) -> bool:
-    """:func:`create_image` on an iSCSI LUN, which exists already and cannot grow.
+#: Formats whose writers work inside a device of fixed size (see _open_transport_image).
+_FIXED_SIZE_FORMATS = ("raw", "qcow2")
 
-    As with QEMU's iscsi driver, "creating" a raw image checks that the LUN is large
-    enough. The LUN is never new, so the result is always False (a failed conversion
-    leaves it, rather than removing it).
+
+async def _create_on_device(uri: str, fmt: str, size: int, options: Mapping[str, str]) -> bool:
+    """:func:`create_image` on an NBD export or an iSCSI LUN, which exist already and
+    cannot grow.
+
+    As QEMU does for such protocols, "creating" checks that the device is large enough
+    and then writes the new image's format onto it: nothing for raw, a qcow2 image's
+    header and tables at its start. The device is never new, so the result is always
+    False (a failed conversion leaves it, rather than removing it).
     """
     from .protocols.iscsi import open_iscsi
+    from .protocols.nbd import open_nbd
 
+    nbd = is_nbd_uri(uri)
+    if nbd:
+        protocol, kind, shown = "nbd", "NBD nodes", "the export"
+    else:
+        protocol, kind, shown = "iscsi", "iSCSI devices", "the LUN"
     if options.get("preallocation", "off") != "off":
-        raise UnsupportedError(f"Protocol driver 'iscsi' does not support preallocation: '{uri}'")
+        raise UnsupportedError(
+            f"Protocol driver '{protocol}' does not support preallocation: '{uri}'"
+        )
     info = _format(fmt)
+    if info.name not in _FIXED_SIZE_FORMATS:
+        where = "an NBD export" if nbd else "an iSCSI LUN"
+        raise UnsupportedError(
+            f"Writing a '{info.name}' image into {where} is not supported yet: "
+            f"'{redact_location(uri)}' (write a raw image with -O raw)"
+        )
+    opener = open_nbd(uri, writable=True, connections=1) if nbd else open_iscsi(uri, writable=True)
     try:
-        async with open_iscsi(uri, writable=True) as lun:
-            if lun.size < size:
+        async with opener as device:
+            if device.size < size:
                 raise ImageError(
-                    f"Could not create '{lun.location}': Cannot grow iSCSI devices (the LUN "
-                    f"has {lun.size} bytes, the image needs {size})"
+                    f"Could not create '{device.location}': Cannot grow {kind} ({shown} has "
+                    f"{device.size} bytes, the image needs {size})"
                 )
             if info.create is not None:
-                # Format drivers grow their file as they allocate; a LUN cannot grow.
-                raise UnsupportedError(
-                    f"Creating a '{fmt}' image on an iSCSI LUN is not supported yet: "
-                    f"'{lun.location}' (write a raw image with -O raw)"
-                )
+                await info.create(device, size, options)
+                await device.flush()
     except BaseExceptionGroup as group:  # from the transport's reader nursery
         first = _first_error(group)
         if first is None:

@@ -2051,7 +2051,9 @@ async def _create(transport: Driver, size: int, opts: CreateOptions, data: Drive
     refblock = codec.refcount_array(opts.refcount_order, (cs * 8) >> opts.refcount_order)
     refblock[0:3] = array(refblock.typecode, [1, 1, 1])
     file = _GrowingFile(transport)
-    await file.pwrite(0, first)
+    # The whole cluster, as qemu writes it: on a device (an NBD export, a LUN) the rest
+    # would keep old bytes, which a reader takes for header extensions.
+    await file.pwrite(0, first.ljust(cs, b"\0"))
     await file.pwrite(cs, codec.encode_table(reftable))
     await file.pwrite(2 * cs, codec.encode_refblock(refblock, opts.refcount_order))
     writer = await _open_writer(file, None, data)

@@ -51,6 +51,8 @@ __all__ = [
 
 NBDMAGIC = 0x4E42444D41474943
 IHAVEOPT = 0x49484156454F5054
+#: The old-style greeting's second magic, in place of IHAVEOPT.
+CLISERV_MAGIC = 0x00420281861253
 REPLY_MAGIC = 0x3E889045565A9
 REQUEST_MAGIC = 0x25609513
 SIMPLE_REPLY_MAGIC = 0x67446698
@@ -255,10 +257,13 @@ def client_handshake(
     meta_contexts: tuple[str, ...] = ("base:allocation",),
     tls: bool = False,
 ) -> Handshake:
-    """The client side of the fixed newstyle handshake, as a sans-I/O generator.
+    """The client side of the handshake, as a sans-I/O generator.
 
-    With ``tls``, the first option is ``NBD_OPT_STARTTLS``; once the server agrees the
-    generator yields :class:`StartTLS` and every later byte goes through TLS.
+    Fixed newstyle, with options, is what servers speak today. With ``tls``, the first
+    option is ``NBD_OPT_STARTTLS``; once the server agrees the generator yields
+    :class:`StartTLS` and every later byte goes through TLS. The older styles QEMU still
+    speaks are spoken too, without TLS, structured replies or block status: plain
+    newstyle (only ``NBD_OPT_EXPORT_NAME``) and old style (no export names at all).
 
     Raises:
         NBDProtocolError: the server is not speaking NBD newstyle.
@@ -270,11 +275,31 @@ def client_handshake(
     magic, opt_magic, server_flags = struct.unpack(">QQH", greeting)
     if magic != NBDMAGIC:
         raise NBDProtocolError("not an NBD server (bad magic)")
+    if opt_magic == CLISERV_MAGIC:
+        # Old style: the size and flags follow at once, then 124 reserved bytes.
+        rest = yield Recv(134)
+        assert rest is not None
+        if tls:
+            raise NBDProtocolError("NBD server speaks the old-style protocol, which has no TLS")
+        if name:
+            raise NBDOptionError("Server does not support non-empty export names")
+        old_size, old_flags = struct.unpack(">QI", greeting[16:18] + rest[:10])
+        return ExportInfo(size=old_size, flags=TxFlag(old_flags & 0xFFFF))
     if opt_magic != IHAVEOPT:
-        raise NBDProtocolError("NBD server only speaks the old-style protocol")
-    if not server_flags & FLAG_FIXED_NEWSTYLE:
-        raise NBDProtocolError("NBD server does not support fixed newstyle negotiation")
+        raise NBDProtocolError("not an NBD server (bad magic)")
     no_zeroes = bool(server_flags & FLAG_NO_ZEROES)
+    if not server_flags & FLAG_FIXED_NEWSTYLE:
+        # Plain newstyle: a server that may hang up on any option but the export name.
+        if tls:
+            raise NBDProtocolError(
+                "NBD server does not support fixed newstyle negotiation, which TLS needs"
+            )
+        yield Send(struct.pack(">I", FLAG_NO_ZEROES if no_zeroes else 0))
+        yield _option(OPT_EXPORT_NAME, name)
+        export = yield Recv(10 if no_zeroes else 134)
+        assert export is not None
+        plain_size, plain_flags = struct.unpack(">QH", export[:10])
+        return ExportInfo(size=plain_size, flags=TxFlag(plain_flags))
     yield Send(struct.pack(">I", FLAG_FIXED_NEWSTYLE | (FLAG_NO_ZEROES if no_zeroes else 0)))
 
     if tls:
