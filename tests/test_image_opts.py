@@ -651,7 +651,7 @@ def test_nbd_tls_over_a_socket_needs_a_hostname(
     for command in (["info"], ["convert", "-O", "raw"]):
         args = [*command, *creds, "--image-opts", opts]
         if command[0] == "convert":
-            args.append(tmp_path / "out.img")
+            args.append(str(tmp_path / "out.img"))
         line = one_line(trioconv_cli(*args))
         assert line == f"trioconv: Could not open '{opts}': No hostname for certificate validation"
     assert not (tmp_path / "out.img").exists()

@@ -185,6 +185,40 @@ def test_info_matches_qemu_img(nfs_server: NFSServer, mixed_src: Path, qemu_img:
         assert ours.stdout == theirs.stdout
 
 
+def test_symbolic_links_are_followed_as_libnfs_follows_them(
+    nfs_server: NFSServer, mixed_src: Path, tmp_path: Path
+) -> None:
+    """A link on the export is followed - relative from its folder, absolute when it
+    names a path inside what was mounted (the image's folder, as QEMU mounts it),
+    through linked folders too - and one that leads out of that, or loops, is refused
+    in one line, as qemu-img (libnfs) does."""
+    stem = unique("links")
+    folder = nfs_server.export_dir / stem
+    (folder / "sub").mkdir(parents=True)
+    put(nfs_server, mixed_src, f"{stem}/sub/disk.img")
+    (folder / "rel.img").symlink_to("sub/disk.img")
+    (folder / "sub" / "up.img").symlink_to("../rel.img")
+    (folder / "abs.img").symlink_to(f"/export/{stem}/sub/disk.img")  # the export's path
+    (folder / "dir").symlink_to("sub")
+    for name in ("rel.img", "abs.img", "dir/disk.img"):
+        out = tmp_path / "out.img"
+        result = trioconv_cli("convert", "-O", "raw", nfs_server.url(f"{stem}/{name}"), out)
+        assert result.returncode == 0, (name, result.stderr)
+        assert_identical(mixed_src, out)
+    (folder / "escape.img").symlink_to("../../../etc/hostname")
+    (folder / "root.img").symlink_to("/etc/hostname")
+    (folder / "a.img").symlink_to("b.img")
+    (folder / "b.img").symlink_to("a.img")
+    for name, reason in (
+        ("sub/up.img", "Symbolic link points outside export"),  # (above the mount)
+        ("escape.img", "Symbolic link points outside export"),
+        ("root.img", "Symbolic link points outside export"),
+        ("a.img", "Too many levels of symbolic links"),
+    ):
+        line = one_line_error(trioconv_cli("info", nfs_server.url(f"{stem}/{name}")))
+        assert reason in line
+
+
 def test_parallel_out_of_order(nfs_server: NFSServer, tmp_path: Path, qemu_img: str) -> None:
     src = tmp_path / "random.img"
     src.write_bytes(os.urandom(24 * MiB + 12345))

@@ -34,6 +34,7 @@ import errno as errno_mod
 import functools
 import itertools
 import os
+import posixpath
 import random
 import socket
 import urllib.parse
@@ -76,6 +77,8 @@ OPEN_TIMEOUT = 30.0
 _MIN_TRANSFER = 4096
 _MAX_TRANSFER = 1024 * 1024
 #: Retries of a call the server answers with NFS3ERR_JUKEBOX ("busy, try later").
+#: Symbolic links followed at most while looking a path up (Linux's limit).
+_MAX_LINKS = 40
 _JUKEBOX_RETRIES = 20
 _JUKEBOX_DELAY = 0.5
 #: Rounds of rewrite-and-commit before a changing write verifier is an error.
@@ -633,16 +636,59 @@ class _Session:
         raise AssertionError("unreachable")
 
     async def lookup(self, names: list[str]) -> tuple[bytes, proto.FileAttr | None]:
+        """LOOKUP ``names`` one by one from the export's root, following symbolic links
+        as libnfs (QEMU's NFS client) follows them: a relative one from the folder it is
+        in, an absolute one only when it names a path inside the export.
+
+        Raises:
+            ImageError: a name is missing, a link leads out of the export or loops.
+        """
         fh, attr = self.root, None
-        for i, name in enumerate(names):
+        walked: list[str] = []
+        todo = list(names)
+        links = 0
+        while todo:
+            name = todo.pop(0)
             try:
                 fh, attr = await self.nfs(
                     Proc.LOOKUP, proto.encode_diropargs(fh, name), proto.decode_lookup
                 )
+                if attr is None:  # (the server may leave the attributes out)
+                    attr = await self.nfs(Proc.GETATTR, proto.encode_fh(fh), proto.decode_getattr)
+                target = None
+                if attr.type == proto.FileType.LNK:
+                    target = await self.nfs(
+                        Proc.READLINK, proto.encode_fh(fh), proto.decode_readlink
+                    )
             except proto.NFSStatusError as exc:
-                where = "/".join([self.export.rstrip("/"), *names[: i + 1]])
+                where = "/".join([self.export.rstrip("/"), *walked, name])
                 raise ImageError(f"Could not open '{self.uri}': {exc} at '{where}'") from exc
+            if target is None:
+                walked.append(name)
+                continue
+            links += 1
+            if links > _MAX_LINKS:
+                raise ImageError(f"Could not open '{self.uri}': Too many levels of symbolic links")
+            path = self._link_path(target, walked)
+            # Walk again from the root, the link's path in place of its name.
+            fh, attr, walked, todo = self.root, None, [], [*path, *todo]
         return fh, attr
+
+    def _link_path(self, target: str, folder: list[str]) -> list[str]:
+        """The names, from the export's root, that a link in ``folder`` points at."""
+        export = "/" + self.export.strip("/")
+        if target.startswith("/"):
+            if target != export and not target.startswith(export.rstrip("/") + "/"):
+                raise ImageError(
+                    f"Could not open '{self.uri}': Symbolic link points outside export"
+                )
+            target = target[len(export) :]
+        else:
+            target = "/".join([*folder, target])
+        path = posixpath.normpath("/" + target)  # (".." stops at the root)
+        if ".." in posixpath.normpath(target.lstrip("/")).split("/")[:1]:
+            raise ImageError(f"Could not open '{self.uri}': Symbolic link points outside export")
+        return [part for part in path.split("/") if part]
 
 
 @asynccontextmanager

@@ -65,6 +65,7 @@ class Proc(enum.IntEnum):
     SETATTR = 2
     LOOKUP = 3
     ACCESS = 4
+    READLINK = 5
     READ = 6
     WRITE = 7
     CREATE = 8
@@ -302,6 +303,15 @@ def decode_lookup(u: Unpacker) -> tuple[bytes, FileAttr | None]:
     attr = _post_op_attr(u)
     _post_op_attr(u)  # directory
     return fh, attr
+
+
+def decode_readlink(u: Unpacker) -> str:
+    """The path a symbolic link holds."""
+    status = u.unpack_uint()
+    _post_op_attr(u)
+    if status != NFS3_OK:
+        raise NFSStatusError(status, "READLINK")
+    return u.unpack_string(MNTPATHLEN)
 
 
 def encode_access(fh: bytes, access: int) -> bytes:
