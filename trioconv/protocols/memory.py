@@ -57,7 +57,7 @@ class MemoryDriver(Driver):
         zero_init: bool = True,
         delay: float | Callable[[Request], float] = 0.0,
         request_alignment: int = 1,
-        location: str = "memory:",
+        location: str = "memory",
         cluster_size: int = 0,
     ) -> None:
         if data is not None:
