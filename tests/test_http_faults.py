@@ -323,3 +323,31 @@ def test_opening_asks_head_once(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert len(heads) == 1
     assert heads[0].headers["accept-encoding"] == "identity"
+
+
+def test_cookies_as_qemu_img_sends_them(tmp_path: Path) -> None:
+    """``cookie`` (or a ``cookie-secret``) goes with every request, as with qemu-img's
+    curl driver; both at once are refused."""
+
+    def needs_the_cookie(req: Request) -> bytes | None:
+        if req.headers.get("cookie") != "session=abc; theme=dark":
+            return Closing(head("403 Forbidden", [("Content-Length", 0)]))
+        return honest(req)
+
+    out = tmp_path / "out.raw"
+    with FakeHTTPServer(IMAGE, needs_the_cookie) as server:
+        base = f"driver=raw,file.driver=http,file.url={server.url()}"
+        refused = trioconv_cli("convert", "--image-opts", base, "-O", "raw", out)
+        assert "403" in one_line_error(refused)
+        cookie = base + ",file.cookie=session=abc; theme=dark"
+        result = trioconv_cli("convert", "--image-opts", cookie, "-O", "raw", out)
+        assert result.returncode == 0, result.stderr
+        assert out.read_bytes() == IMAGE
+        secret = ["--object", "secret,id=c0,data=session=abc; theme=dark"]
+        hidden = base + ",file.cookie-secret=c0"
+        result = trioconv_cli("convert", *secret, "--image-opts", hidden, "-O", "raw", out)
+        assert result.returncode == 0, result.stderr
+        assert all(r.headers.get("cookie") for r in server.requests[-3:])
+        both = trioconv_cli("convert", *secret, "--image-opts", cookie + ",file.cookie-secret=c0",
+                            "-O", "raw", out)  # fmt: skip
+        assert "both cookie and cookie secret" in one_line_error(both)

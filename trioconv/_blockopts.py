@@ -426,6 +426,8 @@ class BlockSpec:
         direct: True for ``cache.direct=on``: ``O_DIRECT``.
         tls_verify: False for ``sslverify=off`` (HTTPS): any certificate is accepted.
         timeout: HTTP(S) ``timeout``: seconds a request may take; None for the default.
+        cookie: HTTP(S) ``cookie`` (or the ``cookie-secret``'s value): sent with every
+            request.
         null: a null device's options (``driver=null-co,size=...``).
     """
 
@@ -444,6 +446,7 @@ class BlockSpec:
     direct: bool = False
     tls_verify: bool = True
     timeout: float | None = None
+    cookie: str | None = attrs.field(default=None, repr=False)
     null: NullOptions | None = None
 
 
@@ -566,7 +569,17 @@ _PROTOCOL_OPTIONS: dict[str, set[str]] = {
         "header-digest",
         "timeout",
     },
-    "http": {"filename", "url", "username", "password-secret", "sslverify", "readahead", "timeout"},
+    "http": {
+        "filename",
+        "url",
+        "username",
+        "password-secret",
+        "sslverify",
+        "readahead",
+        "timeout",
+        "cookie",
+        "cookie-secret",
+    },
     "null-co": {"size", "latency-ns", "read-zeroes"},
 }
 _PROTOCOL_OPTIONS["host_device"] = _PROTOCOL_OPTIONS["host_cdrom"] = _PROTOCOL_OPTIONS["file"]
@@ -1065,4 +1078,13 @@ def _http_node(node: Flat, proto: str) -> BlockSpec:
             ) from None
         if readahead % 512:
             raise _Refused(f"HTTP_READAHEAD_SIZE {readahead} is not a multiple of 512")
-    return BlockSpec(url, None, shown, tls_verify=verify, timeout=timeout)
+    cookie = node.get("cookie")
+    if "cookie-secret" in node:
+        if cookie is not None:
+            raise _Refused("curl driver cannot handle both cookie and cookie secret")
+        found = _object(node["cookie-secret"] or "", Secret, "secret")
+        assert isinstance(found, Secret)
+        cookie = found.value
+    if cookie is not None and any(c in cookie for c in "\r\n\0"):
+        raise _Refused("The HTTP cookie must be one line")
+    return BlockSpec(url, None, shown, tls_verify=verify, timeout=timeout, cookie=cookie)

@@ -593,8 +593,9 @@ async def _open_transport_image(
 
             verify = spec is None or spec.tls_verify
             timeout = spec.timeout if spec is not None else None
+            cookie = spec.cookie if spec is not None else None
             transport = await stack.enter_async_context(
-                open_http(text, writable=writable, verify=verify, timeout=timeout)
+                open_http(text, writable=writable, verify=verify, timeout=timeout, cookie=cookie)
             )
         else:
             path = _transport_path(text)

@@ -88,6 +88,8 @@ class HTTPAddress:
     password: str | None = attrs.field(default=None, repr=False)
     #: False accepts any server certificate (QEMU's ``sslverify=off``).
     verify: bool = True
+    #: Sent in a Cookie header with every request (QEMU's ``cookie``).
+    cookie: str | None = attrs.field(default=None, repr=False)
 
     @property
     def tls(self) -> bool:
@@ -114,18 +116,22 @@ class HTTPAddress:
         return f"{self.scheme}://{user}{self.authority}{self.target}"
 
     def auth_header(self) -> list[tuple[str, str]]:
+        """The headers that carry the credentials: Authorization, Cookie."""
+        headers = [("Cookie", self.cookie)] if self.cookie else []
         if self.user is None:
-            return []
+            return headers
         secret = f"{self.user}:{self.password or ''}".encode()
-        return [("Authorization", "Basic " + base64.b64encode(secret).decode("ascii"))]
+        return [("Authorization", "Basic " + base64.b64encode(secret).decode("ascii")), *headers]
 
     def follow(self, location: str) -> HTTPAddress:
         """The address a redirection's ``Location`` names (relative to this one);
         credentials go along only to the same host."""
         base = f"{self.scheme}://{self.authority}{self.target}"
         new = parse_http_uri(urllib.parse.urljoin(base, location))
-        if new.user is None and (new.host, new.port) == (self.host, self.port):
-            new = attrs.evolve(new, user=self.user, password=self.password)
+        if (new.host, new.port) == (self.host, self.port):
+            new = attrs.evolve(new, cookie=self.cookie)
+            if new.user is None:
+                new = attrs.evolve(new, user=self.user, password=self.password)
         return attrs.evolve(new, verify=self.verify)
 
 
@@ -669,21 +675,27 @@ def _tls_reason(exc: BaseException) -> str | None:
 
 @asynccontextmanager
 async def open_http(
-    uri: str, *, writable: bool = False, verify: bool = True, timeout: float | None = None
+    uri: str,
+    *,
+    writable: bool = False,
+    verify: bool = True,
+    timeout: float | None = None,
+    cookie: str | None = None,
 ) -> AsyncIterator[HTTPDriver]:
     """Open a file on a web server for reading, as a driver.
 
     ``verify=False`` accepts any certificate from an ``https://`` server (QEMU's
     ``sslverify=off``, for a server with a self-made certificate). ``timeout`` (QEMU's
     ``timeout`` option) bounds, in seconds, opening and each ranged read; by default
-    opening may take :data:`OPEN_TIMEOUT` and a read :data:`READ_TIMEOUT`.
+    opening may take :data:`OPEN_TIMEOUT` and a read :data:`READ_TIMEOUT`. ``cookie``
+    (QEMU's ``cookie``) goes in a Cookie header with every request to the server.
 
     Raises:
         UnsupportedError: ``writable``: HTTP sources are read-only.
         ImageError: the server cannot be reached, answers with an error, or does not
             serve byte ranges.
     """
-    address = attrs.evolve(parse_http_uri(uri), verify=verify)
+    address = attrs.evolve(parse_http_uri(uri), verify=verify, cookie=cookie)
     where = f"Could not open '{address.uri}'"
     if writable:
         raise UnsupportedError(f"{where}: HTTP images are read-only")
