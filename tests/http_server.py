@@ -560,9 +560,12 @@ class ProxyServer:
             self.process.wait(STOP_TIMEOUT)
 
 
-def start_tinyproxy(workdir: Path, timeout: float = START_TIMEOUT) -> ProxyServer:
+def start_tinyproxy(
+    workdir: Path, timeout: float = START_TIMEOUT, *, auth: tuple[str, str] | None = None
+) -> ProxyServer:
     """Start tinyproxy in the foreground on a free port of 127.0.0.1 (no upstream proxy,
-    CONNECT allowed to any port) and wait until it accepts connections."""
+    CONNECT allowed to any port; with ``auth``, only for that user and password) and
+    wait until it accepts connections."""
     binary = require_tinyproxy()
     workdir.mkdir(parents=True, exist_ok=True)
     port = _free_port()
@@ -571,6 +574,7 @@ def start_tinyproxy(workdir: Path, timeout: float = START_TIMEOUT) -> ProxyServe
         f"Port {port}\nListen {LOCALHOST}\nAllow {LOCALHOST}\nTimeout 60\n"
         f'MaxClients 64\nLogLevel Info\nLogFile "{workdir / "tinyproxy.log"}"\n'
         f'PidFile "{workdir / "tinyproxy.pid"}"\n'
+        + (f"BasicAuth {auth[0]} {auth[1]}\n" if auth else "")
     )
     out = (workdir / "stdout.log").open("wb")
     process = subprocess.Popen(

@@ -21,7 +21,14 @@ from trioconv.protocols.http import HTTPDriver, open_http
 
 from ._faults import MiB, check_killed_mid_copy, make_mixed_src, one_line_error
 from .conftest import ImageMaker, assert_identical, run, trioconv_cli
-from .http_server import AUTH_PASSWORD, AUTH_USER, HTTPServerLauncher, ProxyServer, TLSCerts
+from .http_server import (
+    AUTH_PASSWORD,
+    AUTH_USER,
+    HTTPServerLauncher,
+    ProxyServer,
+    TLSCerts,
+    start_tinyproxy,
+)
 
 _PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
@@ -267,6 +274,31 @@ def test_overlay_with_relative_backing_file(
     result = trioconv_cli("convert", "-O", "raw", url, out)
     assert result.returncode == 0, result.stderr
     assert_identical(root / "overlay.qcow2", out, "qcow2", "raw")
+
+
+def test_proxy_credentials_as_block_options(
+    http_server: HTTPServerLauncher, root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``proxy-username`` and ``proxy-password-secret`` log in to the environment's
+    proxy, as with qemu-img's curl driver; without them the proxy refuses."""
+    proxy = start_tinyproxy(tmp_path / "proxy", auth=("pxuser", "pxpass"))
+    try:
+        plain = http_server(root)
+        monkeypatch.setenv("http_proxy", proxy.url)
+        out = tmp_path / "out.raw"
+        base = f"driver=raw,file.driver=http,file.url={plain.url('mixed.raw')}"
+        refused = trioconv_cli("convert", "--image-opts", base, "-O", "raw", out)
+        assert refused.returncode == 1 and "407" in refused.stderr, refused.stderr
+        secret = ["--object", "secret,id=p0,data=pxpass"]
+        opts = base + ",file.proxy-username=pxuser,file.proxy-password-secret=p0"
+        result = trioconv_cli("convert", *secret, "--image-opts", opts, "-O", "raw", out)
+        assert result.returncode == 0, result.stderr
+        assert_identical(root / "mixed.raw", out)
+        theirs = tmp_path / "theirs.raw"
+        run("qemu-img", "convert", *secret, "--image-opts", opts, "-O", "raw", theirs)
+        assert_identical(root / "mixed.raw", theirs)
+    finally:
+        proxy.stop()
 
 
 def test_through_a_proxy(

@@ -428,6 +428,8 @@ class BlockSpec:
         timeout: HTTP(S) ``timeout``: seconds a request may take; None for the default.
         cookie: HTTP(S) ``cookie`` (or the ``cookie-secret``'s value): sent with every
             request.
+        proxy_user, proxy_password: HTTP(S) ``proxy-username`` and the
+            ``proxy-password-secret``'s value, for the environment's proxy.
         null: a null device's options (``driver=null-co,size=...``).
     """
 
@@ -447,6 +449,8 @@ class BlockSpec:
     tls_verify: bool = True
     timeout: float | None = None
     cookie: str | None = attrs.field(default=None, repr=False)
+    proxy_user: str | None = None
+    proxy_password: str | None = attrs.field(default=None, repr=False)
     null: NullOptions | None = None
 
 
@@ -579,6 +583,8 @@ _PROTOCOL_OPTIONS: dict[str, set[str]] = {
         "timeout",
         "cookie",
         "cookie-secret",
+        "proxy-username",
+        "proxy-password-secret",
     },
     "null-co": {"size", "latency-ns", "read-zeroes"},
 }
@@ -1087,4 +1093,20 @@ def _http_node(node: Flat, proto: str) -> BlockSpec:
         cookie = found.value
     if cookie is not None and any(c in cookie for c in "\r\n\0"):
         raise _Refused("The HTTP cookie must be one line")
-    return BlockSpec(url, None, shown, tls_verify=verify, timeout=timeout, cookie=cookie)
+    proxy_user = node.get("proxy-username")
+    proxy_password = None
+    if "proxy-password-secret" in node:
+        found = _object(node["proxy-password-secret"] or "", Secret, "secret")
+        assert isinstance(found, Secret)
+        proxy_password = found.value
+        proxy_user = proxy_user or ""
+    return BlockSpec(
+        url,
+        None,
+        shown,
+        tls_verify=verify,
+        timeout=timeout,
+        cookie=cookie,
+        proxy_user=proxy_user,
+        proxy_password=proxy_password,
+    )

@@ -593,9 +593,16 @@ async def _open_transport_image(
 
             verify = spec is None or spec.tls_verify
             timeout = spec.timeout if spec is not None else None
-            cookie = spec.cookie if spec is not None else None
             transport = await stack.enter_async_context(
-                open_http(text, writable=writable, verify=verify, timeout=timeout, cookie=cookie)
+                open_http(
+                    text,
+                    writable=writable,
+                    verify=verify,
+                    timeout=timeout,
+                    cookie=spec.cookie if spec is not None else None,
+                    proxy_user=spec.proxy_user if spec is not None else None,
+                    proxy_password=spec.proxy_password if spec is not None else None,
+                )
             )
         else:
             path = _transport_path(text)

@@ -90,6 +90,10 @@ class HTTPAddress:
     verify: bool = True
     #: Sent in a Cookie header with every request (QEMU's ``cookie``).
     cookie: str | None = attrs.field(default=None, repr=False)
+    #: The credentials for the environment's proxy (QEMU's ``proxy-username`` and
+    #: ``proxy-password-secret``), in place of those in the proxy's URL.
+    proxy_user: str | None = None
+    proxy_password: str | None = attrs.field(default=None, repr=False)
 
     @property
     def tls(self) -> bool:
@@ -132,7 +136,12 @@ class HTTPAddress:
             new = attrs.evolve(new, cookie=self.cookie)
             if new.user is None:
                 new = attrs.evolve(new, user=self.user, password=self.password)
-        return attrs.evolve(new, verify=self.verify)
+        return attrs.evolve(
+            new,
+            verify=self.verify,
+            proxy_user=self.proxy_user,
+            proxy_password=self.proxy_password,
+        )
 
 
 def parse_http_uri(uri: str) -> HTTPAddress:
@@ -320,6 +329,8 @@ def proxy_for(address: HTTPAddress) -> HTTPAddress | None:
     proxy = parse_http_uri(url)
     if proxy.tls:
         raise ImageError(f"Could not open '{address.uri}': HTTPS proxies are not supported")
+    if address.proxy_user is not None:
+        proxy = attrs.evolve(proxy, user=address.proxy_user, password=address.proxy_password)
     return proxy
 
 
@@ -681,6 +692,8 @@ async def open_http(
     verify: bool = True,
     timeout: float | None = None,
     cookie: str | None = None,
+    proxy_user: str | None = None,
+    proxy_password: str | None = None,
 ) -> AsyncIterator[HTTPDriver]:
     """Open a file on a web server for reading, as a driver.
 
@@ -688,14 +701,22 @@ async def open_http(
     ``sslverify=off``, for a server with a self-made certificate). ``timeout`` (QEMU's
     ``timeout`` option) bounds, in seconds, opening and each ranged read; by default
     opening may take :data:`OPEN_TIMEOUT` and a read :data:`READ_TIMEOUT`. ``cookie``
-    (QEMU's ``cookie``) goes in a Cookie header with every request to the server.
+    (QEMU's ``cookie``) goes in a Cookie header with every request to the server;
+    ``proxy_user`` and ``proxy_password`` log in to the proxy the environment names
+    (``http_proxy``, ...), in place of credentials in its URL.
 
     Raises:
         UnsupportedError: ``writable``: HTTP sources are read-only.
         ImageError: the server cannot be reached, answers with an error, or does not
             serve byte ranges.
     """
-    address = attrs.evolve(parse_http_uri(uri), verify=verify, cookie=cookie)
+    address = attrs.evolve(
+        parse_http_uri(uri),
+        verify=verify,
+        cookie=cookie,
+        proxy_user=proxy_user,
+        proxy_password=proxy_password,
+    )
     where = f"Could not open '{address.uri}'"
     if writable:
         raise UnsupportedError(f"{where}: HTTP images are read-only")
