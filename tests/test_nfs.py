@@ -276,6 +276,15 @@ def test_missing_file(nfs_server: NFSServer, tmp_path: Path) -> None:
     assert "no-such-dir" in line and url in line
 
 
+def test_a_folder_as_the_target(nfs_server: NFSServer, mixed_src: Path) -> None:
+    """A target name that is a folder on the export is refused by what it is."""
+    name = unique("folder")
+    (nfs_server.export_dir / name).mkdir()
+    line = one_line_error(trioconv_cli("convert", "-O", "raw", mixed_src, nfs_server.url(name)))
+    assert "Is a directory" in line
+    assert (nfs_server.export_dir / name).is_dir()
+
+
 def test_refused_export(nfs_server: NFSServer, tmp_path: Path) -> None:
     url = "nfs://127.0.0.1/not-exported/disk.img"
     line = one_line_error(trioconv_cli("convert", "-O", "raw", url, tmp_path / "out.img"))

@@ -1041,7 +1041,11 @@ async def create_nfs_file(uri: str, size: int) -> bool:
                             raise
                         fh = None
                     if fh is None:
-                        fh, _attr = await session.lookup(session.names)
+                        fh, attr = await session.lookup(session.names)
+                        if attr is not None and attr.type == proto.FileType.DIR:
+                            raise ImageError(f"Could not create '{uri}': Is a directory")
+                        if attr is not None and attr.type != proto.FileType.REG:
+                            raise ImageError(f"Could not create '{uri}': not a regular file")
                     # An existing file is truncated first: a new file reads as zeroes.
                     for length in ([] if created else [0]) + ([size] if size else []):
                         await session.nfs(
