@@ -910,6 +910,16 @@ def test_multi_conn_connection_count(
     compare_uri(mixed_src, server.uri)
 
 
+def test_info_takes_one_connection(nbdkit_server: NbdkitLauncher, tmp_path: Path) -> None:
+    """``info`` looks once, over one connection, as qemu-img does (no others opened and
+    dropped mid-handshake on a multi-conn server)."""
+    log = tmp_path / "conn.log"
+    server = nbdkit_server("memory", ["size=8M"], filters=["log"], filter_args=[f"logfile={log}"])
+    result = trioconv_cli("info", server.uri)
+    assert result.returncode == 0, result.stderr
+    assert connections_opened(log) == 1, log.read_text()
+
+
 def test_no_multi_conn_means_one_connection(
     qemu_nbd_server: QemuNbdLauncher, qcow2_src: Path, tmp_path: Path
 ) -> None:
@@ -1004,6 +1014,13 @@ def test_without_n_the_export_is_used_as_it_is(
     small = nbdkit_server("memory", ["size=4M"])
     line = one_line_error(trioconv_cli("convert", "-f", "raw", "-O", "raw", mixed_src, small.uri))
     assert "Cannot grow NBD nodes" in line
+    # A qcow2 image takes what it allocates, not its virtual size: 8 MiB into 4 MiB.
+    result = trioconv_cli("convert", "-f", "raw", "-O", "qcow2", mixed_src, small.uri)
+    assert result.returncode == 0, result.stderr
+    back = tmp_path / "small.qcow2"
+    run("qemu-img", "convert", "-f", "raw", "-O", "raw", small.uri, back)
+    run("qemu-img", "check", "-f", "qcow2", back)
+    assert_identical(mixed_src, back, fmt_b="qcow2")
     theirs_line = run("qemu-img", "convert", "-O", "raw", mixed_src, small.uri, check=False)
     assert "Cannot grow NBD nodes" in theirs_line.stderr
     line = one_line_error(trioconv_cli("convert", "-f", "raw", "-O", "vdi", mixed_src, ours.uri))

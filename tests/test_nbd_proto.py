@@ -328,3 +328,23 @@ def test_reply_parser_hands_over_a_read_payload() -> None:
     # Other frames, and complete ones, are left to next_event().
     parser.receive_data(chunk(10, proto.CHUNK_BLOCK_STATUS, struct.pack(">III", 9, 4096, 0))[:30])
     assert parser.direct_payload() is None
+
+
+def test_nbd_uris() -> None:
+    """QEMU's URI forms, with libnbd's TLS parameters; anything else in the query is a
+    typo worth saying (qemu-img refuses it too)."""
+    from trioconv._errors import ImageError
+    from trioconv.protocols.nbd._client import NBDAddress, parse_nbd_uri
+
+    assert parse_nbd_uri("nbd://h:1234/disk") == NBDAddress("disk", host="h", port=1234,
+                                                            tls_hostname="h")  # fmt: skip
+    unix = parse_nbd_uri("nbds+unix:///e?socket=/s&tls-certificates=/c&tls-verify-peer=false")
+    assert (unix.socket, unix.tls, unix.tls_certificates, unix.tls_verify) == (
+        "/s",
+        True,
+        "/c",
+        False,
+    )
+    for uri in ("nbd+unix:///?socket=/s&x=1", "nbd://h/e?timeout=5", "nbd://h/?sockt=/s"):
+        with pytest.raises(ImageError, match="unknown NBD URI parameter"):
+            parse_nbd_uri(uri)

@@ -999,7 +999,8 @@ async def _create_on_device(uri: str, fmt: str, size: int, options: Mapping[str,
     opener = open_nbd(uri, writable=True, connections=1) if nbd else open_iscsi(uri, writable=True)
     try:
         async with opener as device:
-            if device.size < size:
+            if info.create is None and device.size < size:
+                # (A format's image takes what it allocates; it says when that is full.)
                 raise ImageError(
                     f"Could not create '{device.location}': Cannot grow {kind} ({shown} has "
                     f"{device.size} bytes, the image needs {size})"

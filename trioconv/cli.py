@@ -769,6 +769,7 @@ async def info(
                     location,
                     layer_fmt,
                     cache=CacheMode.WRITEBACK,
+                    connections=1,  # (one look at the image, as qemu-img takes it)
                     force_share=force_share,
                     backing=False,
                 )
@@ -780,7 +781,13 @@ async def info(
         if backing_chain:
             try:
                 layer = await stack.enter_async_context(
-                    _open.open_image(image, fmt, cache=CacheMode.WRITEBACK, force_share=force_share)
+                    _open.open_image(
+                        image,
+                        fmt,
+                        cache=CacheMode.WRITEBACK,
+                        connections=1,
+                        force_share=force_share,
+                    )
                 )
             except ImageError as exc:
                 # What only reading the images' data needs does not stop qemu-img, which

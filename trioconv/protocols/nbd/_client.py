@@ -93,6 +93,10 @@ class NBDAddress:
         return f"nbd{s}://{host}:{self.port}/{quoted}"
 
 
+#: The query parameters of an NBD URI: QEMU's ``socket``, libnbd's TLS ones.
+_URI_PARAMETERS = frozenset({"socket", "tls-certificates", "tls-hostname", "tls-verify-peer"})
+
+
 def parse_nbd_uri(uri: str) -> NBDAddress:
     """Parse ``nbd://host[:port]/export`` or ``nbd+unix:///export?socket=PATH``.
 
@@ -105,7 +109,10 @@ def parse_nbd_uri(uri: str) -> NBDAddress:
         raise ImageError(f"'{uri}' is not an NBD URI")
     tls = scheme.startswith("nbds")
     export = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    query = urllib.parse.parse_qs(parts.query)
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    unknown = sorted(set(query) - _URI_PARAMETERS)
+    if unknown:
+        raise ImageError(f"'{uri}': unknown NBD URI parameter '{unknown[0]}'")
     certs = query.get("tls-certificates", [None])[0]
     tls_hostname = query.get("tls-hostname", [None])[0]
     verify_text = query.get("tls-verify-peer", ["true"])[0].lower()
