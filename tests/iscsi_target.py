@@ -102,9 +102,10 @@ TGTADM_TIMEOUT = 30.0
 #: Block size of a file-backed tgt LUN: sizes must be multiples of it.
 BLOCK_SIZE = 512
 
-# Characters that survive in the user%password@ part of an iscsi:// URL and on tgtadm's
+# Characters that survive in the user%password@ part of an iscsi:// URL (taken as
+# written, as libiscsi takes it: a password may hold "%" and ":") and on tgtadm's
 # command line.
-_CHAP_TEXT = re.compile(r"[A-Za-z0-9._~+=-]+")
+_CHAP_TEXT = re.compile(r"[A-Za-z0-9._~+=%:-]+")
 
 
 def _guarded(args: list[str]) -> list[str]:

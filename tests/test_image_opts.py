@@ -225,12 +225,11 @@ def test_network_nodes_become_uris() -> None:
             "iqn.x:y",
             2,
         )
-        assert (address.user, address.password, address.initiator) == (
-            "al",
-            "p@ss/w%rd",
-            "iqn.i:me",
-        )
-        assert "p@ss" not in iscsi.shown
+        # The credentials travel beside the URL (whose own are taken as written).
+        assert (address.user, address.password, address.initiator) == (None, None, "iqn.i:me")
+        assert iscsi.chap == ("al", "p@ss/w%rd")
+        assert "p@ss" not in iscsi.shown and "p@ss" not in iscsi.location
+        assert "p@ss" not in repr(iscsi)
         http = bo.resolve(
             bo.parse_image_opts(
                 "driver=https,url=https://h/d.qcow2,username=u,password-secret=b64"

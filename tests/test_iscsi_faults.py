@@ -385,3 +385,18 @@ def test_a_target_that_closes_instead_of_answering_logout(tmp_path: Path) -> Non
     assert out.read_bytes() == LUN
     assert target.logout_at is not None
     assert ended - target.logout_at < 2
+
+
+def test_the_timeout_option_bounds_the_login(tmp_path: Path) -> None:
+    """QEMU's ``timeout`` block option: a target that takes the connection and never
+    answers the login is given up after that many seconds (30 by default)."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # never accepts, never answers
+        port = silent.getsockname()[1]
+        opts = f"driver=iscsi,transport=tcp,portal=127.0.0.1:{port},target=iqn.x:y,lun=1,timeout=1"
+        started = time.monotonic()
+        result = trioconv_cli("info", "--image-opts", opts)
+        elapsed = time.monotonic() - started
+    assert "did not" in one_line_error(result) and "in time" in result.stderr
+    assert elapsed < 10, elapsed

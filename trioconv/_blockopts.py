@@ -425,11 +425,13 @@ class BlockSpec:
         locking: False for ``file.locking=off``: no image locks at all.
         direct: True for ``cache.direct=on``: ``O_DIRECT``.
         tls_verify: False for ``sslverify=off`` (HTTPS): any certificate is accepted.
-        timeout: HTTP(S) ``timeout``: seconds a request may take; None for the default.
+        timeout: HTTP(S) ``timeout``: seconds a request may take; iSCSI ``timeout``:
+            seconds the login may take; None for the default.
         cookie: HTTP(S) ``cookie`` (or the ``cookie-secret``'s value): sent with every
             request.
         proxy_user, proxy_password: HTTP(S) ``proxy-username`` and the
             ``proxy-password-secret``'s value, for the environment's proxy.
+        chap: iSCSI ``user`` and ``password-secret`` (or ``password``), for CHAP.
         null: a null device's options (``driver=null-co,size=...``).
     """
 
@@ -451,6 +453,7 @@ class BlockSpec:
     cookie: str | None = attrs.field(default=None, repr=False)
     proxy_user: str | None = None
     proxy_password: str | None = attrs.field(default=None, repr=False)
+    chap: tuple[str, str] | None = attrs.field(default=None, repr=False)
     null: NullOptions | None = None
 
 
@@ -568,6 +571,7 @@ _PROTOCOL_OPTIONS: dict[str, set[str]] = {
         "target",
         "lun",
         "user",
+        "password",
         "password-secret",
         "initiator-name",
         "header-digest",
@@ -995,30 +999,31 @@ def _iscsi_node(node: Flat) -> BlockSpec:
         secret = _object(node["password-secret"] or "", Secret, "secret")
         assert isinstance(secret, Secret)
         password = secret.value
+    elif "password" in node:  # (QEMU 7.2 still takes it in the clear)
+        if not user:
+            raise _Refused("password is set but no user")
+        password = node["password"] or ""
     elif user:
         raise _Refused(f"CHAP user '{user}' given without password-secret")
-    userinfo = ""
-    if user:
-        userinfo = (
-            urllib.parse.quote(user, safe="")
-            + "%"
-            + urllib.parse.quote(password or "", safe="")
-            + "@"
-        )
+    # The credentials go beside the URL, not in it: the URL's own are taken as written.
+    chap = (user, password or "") if user else None
+    timeout = None
+    if node.get("timeout"):
+        value = node["timeout"] or ""
+        if not value.isascii() or not value.isdigit():
+            raise _Refused("Parameter 'timeout' expects a number")
+        timeout = float(value) or math.inf  # (0: no limit, as QEMU)
     filename = node.get("filename")
     if filename is not None:
-        if userinfo:
-            scheme, sep, rest = filename.partition("://")
-            filename = f"{scheme}{sep}{userinfo}{rest}"
-        return BlockSpec(_with_query(filename, query), None, filename)
+        return BlockSpec(_with_query(filename, query), None, filename, timeout=timeout, chap=chap)
     portal = _need(node, "portal", "Parameter 'portal' is missing")
     target = _need(node, "target", "Parameter 'target' is missing")
     lun = node.get("lun", "0") or "0"
     if not lun.isdigit():
         raise _Refused("Parameter 'lun' expects a number")
     shown = f"iscsi://{portal}/{target}/{lun}"
-    uri = f"iscsi://{userinfo}{portal}/{urllib.parse.quote(target)}/{lun}"
-    return BlockSpec(_with_query(uri, query), None, shown)
+    uri = f"iscsi://{portal}/{urllib.parse.quote(target)}/{lun}"
+    return BlockSpec(_with_query(uri, query), None, shown, timeout=timeout, chap=chap)
 
 
 def _null_node(node: Flat, proto: str) -> BlockSpec:

@@ -586,7 +586,13 @@ async def _open_transport_image(
             from .protocols.iscsi import open_iscsi  # only programs that use iSCSI pay for it
 
             transport = await stack.enter_async_context(
-                open_iscsi(text, writable=writable, cache=cache)
+                open_iscsi(
+                    text,
+                    writable=writable,
+                    cache=cache,
+                    chap=spec.chap if spec is not None else None,
+                    timeout=spec.timeout if spec is not None else None,
+                )
             )
         elif is_http_uri(text):
             from .protocols.http import open_http  # only programs that use HTTP pay for it

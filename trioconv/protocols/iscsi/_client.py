@@ -107,8 +107,9 @@ def parse_iscsi_uri(uri: str) -> ISCSIAddress:
 
     The password, when the URL carries one, follows the user after a ``%``
     (``iscsi://admin%secret@host/iqn.2024-01.example:disk/1``) or, as libiscsi also
-    takes it, a ``:``; LUN 0 is usually the target's controller, so disks start at LUN 1
-    on most targets.
+    takes it, a ``:``. User and password are taken as written, as libiscsi takes them
+    (``%41`` is those three characters, not ``A``). LUN 0 is usually the target's
+    controller, so disks start at LUN 1 on most targets.
 
     Raises:
         ImageError: the URL is malformed.
@@ -117,6 +118,7 @@ def parse_iscsi_uri(uri: str) -> ISCSIAddress:
     if parts.scheme.lower() != "iscsi":
         raise ImageError(f"'{uri}' is not an iSCSI URL")
     userinfo, at, _host = parts.netloc.rpartition("@")
+    # libiscsi cuts at the first "%", or else at the first ":".
     sep = "%" if "%" in userinfo else ":"
     shown = (
         uri.replace(userinfo, userinfo.partition(sep)[0] + sep + "***") if sep in userinfo else uri
@@ -126,8 +128,8 @@ def parse_iscsi_uri(uri: str) -> ISCSIAddress:
     user = password = None
     if at:
         name, pct, secret = userinfo.partition(sep)
-        user = urllib.parse.unquote(name)
-        password = urllib.parse.unquote(secret) if pct else os.environ.get("LIBISCSI_CHAP_PASSWORD")
+        user = name
+        password = secret if pct else os.environ.get("LIBISCSI_CHAP_PASSWORD")
         if not user:
             raise ImageError(f"'{shown}': empty user name")
         if password is None:
@@ -1143,12 +1145,13 @@ class ISCSIDriver(Driver):
         await self._conn.aclose()
 
 
-async def _connect_and_login(address: ISCSIAddress) -> Connection:
-    """Connect and log in, following the target's redirections (a few at most)."""
+async def _connect_and_login(address: ISCSIAddress, timeout: float = OPEN_TIMEOUT) -> Connection:
+    """Connect and log in, following the target's redirections (a few at most); each
+    step may take ``timeout`` seconds."""
     where = address
     for _ in range(_MAX_REDIRECTS + 1):
         try:
-            with trio.fail_after(OPEN_TIMEOUT):
+            with trio.fail_after(timeout):
                 conn = await Connection.connect(where)
         except OSError as exc:
             raise ImageError(
@@ -1160,7 +1163,7 @@ async def _connect_and_login(address: ISCSIAddress) -> Connection:
                 f"Could not open '{address.uri}': the target did not answer in time"
             ) from None
         try:
-            with trio.fail_after(OPEN_TIMEOUT):
+            with trio.fail_after(timeout):
                 await _login(conn, address)
             return conn
         except login_mod.LoginError as exc:
@@ -1188,21 +1191,30 @@ async def _connect_and_login(address: ISCSIAddress) -> Connection:
 
 @asynccontextmanager
 async def open_iscsi(
-    uri: str, *, writable: bool = False, cache: CacheMode | str = CacheMode.WRITEBACK
+    uri: str,
+    *,
+    writable: bool = False,
+    cache: CacheMode | str = CacheMode.WRITEBACK,
+    chap: tuple[str, str] | None = None,
+    timeout: float | None = None,
 ) -> AsyncIterator[ISCSIDriver]:
     """Log in to an iSCSI target and open one of its LUNs as a driver.
 
     The session (its connection and reader task) lives inside the ``async with``
     block; leaving it logs out. ``cache`` decides whether :meth:`~ISCSIDriver.flush`
     reaches the LUN (not under ``unsafe``) and whether every write is followed by one
-    (``writethrough``, ``directsync``).
+    (``writethrough``, ``directsync``). ``chap`` gives the CHAP user and password in
+    place of the URL's (QEMU's ``user`` and ``password-secret`` options); ``timeout``
+    bounds, in seconds, connecting and logging in (QEMU's ``timeout``; 30 s when None).
 
     Raises:
         ImageError: the target cannot be reached, refuses the login, or the LUN does
             not exist or is not a disk.
     """
     address = parse_iscsi_uri(uri)
-    conn = await _connect_and_login(address)
+    if chap is not None:
+        address = attrs.evolve(address, user=chap[0], password=chap[1])
+    conn = await _connect_and_login(address, OPEN_TIMEOUT if timeout is None else timeout)
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(conn.reader)
