@@ -1050,6 +1050,20 @@ def test_info_on_export(nbdkit_server: NbdkitLauncher, tcp: bool, export: str) -
     assert as_json.stdout == run("qemu-img", "info", "--output=json", server.uri).stdout
 
 
+def test_info_on_a_qcow2_with_a_relative_backing_name_in_an_export(
+    nbdkit_server: NbdkitLauncher, tmp_path: Path
+) -> None:
+    """An export is in no folder: a relative backing file name cannot be resolved, and
+    info says so as qemu-img says it (no full-backing-filename)."""
+    image = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-u", "-b", "base.raw", "-F", "raw", image, "4M")
+    server = nbdkit_server("file", [str(image)], readonly=True)
+    for args in ([], ["--output", "json"]):
+        ours = trioconv_cli("info", "-f", "qcow2", *args, server.uri)
+        assert ours.returncode == 0, ours.stderr
+        assert ours.stdout == run("qemu-img", "info", "-f", "qcow2", *args, server.uri).stdout
+
+
 # -- 10. the library -----------------------------------------------------------------------------
 
 

@@ -641,8 +641,9 @@ def _info_dict(drv: Driver) -> dict[str, object]:
         info["actual-size"] = 0  # a null device holds nothing
     elif isinstance(used := getattr(_bottom(drv), "allocated", None), int):
         info["actual-size"] = used  # what an NFS server says the file takes
-    if drv.name != "raw" or _file_under(drv) is not None:
-        info["dirty-flag"] = False  # (qemu has no such info for raw over the network)
+    if drv.name != "raw" or _file_under(drv) is not None or _bottom(drv).name == "iscsi":
+        # (QEMU has it where the protocol gives block info: files and iSCSI LUNs.)
+        info["dirty-flag"] = False
     if drv.limits.cluster_size:
         info["cluster-size"] = drv.limits.cluster_size
     info.update(drv.describe())
@@ -685,6 +686,8 @@ def _print_human(data: dict[str, object]) -> None:
             if key == "backing-filename" and "full-backing-filename" in data:
                 full = data["full-backing-filename"]
                 suffix = f" (actual path: {full})" if full != data[key] else ""
+            elif key == "backing-filename":
+                suffix = " (cannot determine actual path)"
             print(f"{label}: {data[key]}{suffix}")
     snaps = data.get("snapshots")
     if isinstance(snaps, list) and snaps:

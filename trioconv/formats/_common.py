@@ -119,15 +119,21 @@ def same_place(a: str, b: str) -> bool:
     return os.path.realpath(local_a) == os.path.realpath(local_b)
 
 
-def full_backing_name(name: str, backing: Driver | None, location: str) -> str:
+def full_backing_name(name: str, backing: Driver | None, location: str) -> str | None:
     """qemu-img info's ``full-backing-filename``: where the backing image was found (or,
     not opened, would be: next to the image at ``location``), or a ``json:`` name as
-    stored (QEMU shows block options as they are)."""
+    stored (QEMU shows block options as they are). None when a relative name has no
+    folder to be found in (an image in an NBD export or a LUN): QEMU then says it
+    "cannot determine actual path"."""
     if name.startswith("json:"):
         return name
     if backing is not None:
         return backing.location
-    return beside(location, name)
+    found = beside(location, name)
+    relative = not (os.path.isabs(name) or _URI_RE.match(name))
+    if found == name and relative and local_path(location) is None:
+        return None
+    return found
 
 
 def beside(location: str, name: str) -> str:

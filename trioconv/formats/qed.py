@@ -238,9 +238,9 @@ class QedDriver(Driver):
         out: dict[str, object] = {}
         if self.backing_name is not None:
             out["backing-filename"] = self.backing_name
-            out["full-backing-filename"] = full_backing_name(
-                self.backing_name, self.backing, self.location
-            )
+            full = full_backing_name(self.backing_name, self.backing, self.location)
+            if full is not None:
+                out["full-backing-filename"] = full
             if self.header.features & F_BACKING_FORMAT_NO_PROBE:
                 out["backing-filename-format"] = "raw"
         return out

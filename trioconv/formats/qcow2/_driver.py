@@ -153,9 +153,9 @@ class Qcow2Driver(Driver):
             out["snapshots"] = [snap.describe() for snap in self.snapshots]
         if self.info.backing_file is not None:
             out["backing-filename"] = self.info.backing_file
-            out["full-backing-filename"] = full_backing_name(
-                self.info.backing_file, self.backing, self.location
-            )
+            full = full_backing_name(self.info.backing_file, self.backing, self.location)
+            if full is not None:
+                out["full-backing-filename"] = full
             if self.info.backing_format is not None:
                 out["backing-filename-format"] = self.info.backing_format
         data: dict[str, object] = {"compat": "0.10" if h.version == 2 else "1.1"}

@@ -144,9 +144,9 @@ class VmdkDriver(Driver):
             # Shown whether or not the parent was opened (qemu-img info looks at the
             # image alone); a VMDK parent is always a VMDK image to QEMU.
             out["backing-filename"] = self.parent_hint
-            out["full-backing-filename"] = full_backing_name(
-                self.parent_hint, self.backing, self.location
-            )
+            full = full_backing_name(self.parent_hint, self.backing, self.location)
+            if full is not None:
+                out["full-backing-filename"] = full
             out["backing-filename-format"] = "vmdk" if self.backing is None else self.backing.name
         actual = self._allocated_bytes()
         if actual is not None:
