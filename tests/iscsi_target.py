@@ -249,10 +249,12 @@ class ISCSITarget:
         *,
         thin: bool = False,
         chap: tuple[str, str] | None = None,
+        readonly: bool = False,
     ) -> str:
         """Make a new target whose LUN 1 is the file ``path`` of ``size`` bytes; return its URL.
 
         The file is created sparse if missing and set to ``size`` bytes (data kept) if not.
+        ``readonly`` write-protects the LUN (MODE SENSE reports WP, writes fail).
         ``thin`` turns on thin provisioning (UNMAP); ``chap=(user, password)`` requires
         incoming CHAP with those credentials, which the returned URL then carries.
         """
@@ -280,6 +282,8 @@ class ISCSITarget:
             self._iscsi(*lu, "--op", "new", "--backing-store", str(path))
             if thin:
                 self._iscsi(*lu, "--op", "update", "--params", "thin_provisioning=1")
+            if readonly:
+                self._iscsi(*lu, "--op", "update", "--params", "readonly=1")
             self._iscsi("--mode", "target", "--op", "bind", "--tid", str(tid), "-I", "ALL")
             credentials = ""
             if chap is not None:

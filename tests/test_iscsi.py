@@ -323,6 +323,27 @@ async def test_read_only_lun_refuses_writes(iscsi_target: ISCSITarget, tmp_path:
             await lun.pwrite(0, bytes(512))
 
 
+def test_a_write_protected_lun_is_refused_before_writing(
+    iscsi_target: ISCSITarget, mixed_src: Path, tmp_path: Path
+) -> None:
+    """MODE SENSE's WP bit, asked at open as qemu-img asks it: a write-protected LUN is
+    refused in one line before anything is sent (it used to fail at the first write),
+    and is still read."""
+    backing = tmp_path / "lun.img"
+    backing.write_bytes(b"\xab" * 8 * MiB)
+    url = iscsi_target.add_lun(backing, 8 * MiB, readonly=True)
+    for args in (["-n"], []):
+        line = one_line_error(trioconv_cli("convert", *args, "-O", "raw", mixed_src, url))
+        assert line.endswith("LUN is write protected"), line
+        theirs = run("qemu-img", "convert", *args, "-O", "raw", mixed_src, url, check=False)
+        assert "LUN is write protected" in theirs.stderr
+    assert backing.read_bytes() == b"\xab" * 8 * MiB
+    out = tmp_path / "out.raw"
+    result = trioconv_cli("convert", "-O", "raw", url, out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == b"\xab" * 8 * MiB
+
+
 # -- login and addressing ---------------------------------------------------------------------
 
 

@@ -727,6 +727,22 @@ async def _ask(conn: Connection, lun: int, cdb: bytes, size: int) -> memoryview:
     return buf[: task.received]
 
 
+async def _refuse_write_protected(conn: Connection, address: ISCSIAddress) -> None:
+    """Refuse a LUN that MODE SENSE says is write protected, before anything is written
+    (as QEMU asks it); a target that does not answer MODE SENSE is taken as writable.
+
+    Raises:
+        ImageError: the LUN is write protected.
+    """
+    try:
+        data = await _ask(conn, address.lun, scsi.cdb_mode_sense_6(255), 255)
+        protected = scsi.write_protected(data)
+    except (CommandError, scsi.DecodeError):
+        return
+    if protected:
+        raise ImageError(f"Could not open '{address.uri}': LUN is write protected")
+
+
 async def _probe(conn: Connection, address: ISCSIAddress) -> _Geometry:
     """Check that the LUN is a ready disk; read its size, limits and provisioning."""
     lun = address.lun
@@ -1221,6 +1237,8 @@ async def open_iscsi(
             try:
                 with trio.fail_after(OPEN_TIMEOUT):
                     geometry = await _probe(conn, address)
+                    if writable:
+                        await _refuse_write_protected(conn, address)
             except trio.TooSlowError:
                 raise ImageError(
                     f"Could not open '{address.uri}': the LUN did not answer in time"

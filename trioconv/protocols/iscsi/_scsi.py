@@ -13,6 +13,7 @@ command                       opcode  purpose
 TEST UNIT READY               0x00    is the LUN there and ready (clears unit attentions)
 INQUIRY                       0x12    device type; VPD pages 0xB0 (block limits) and 0xB2
                                       (logical block provisioning: UNMAP, WRITE SAME)
+MODE SENSE (6)                0x1A    write protection (WP), before a LUN is written
 READ CAPACITY (16)            0x9E/10 size, block size, thin provisioning (LBPME/LBPRZ)
 GET LBA STATUS                0x9E/12 which blocks are mapped: block status
 READ (16) / WRITE (16)        88 / 8A data
@@ -94,6 +95,7 @@ _ASC: dict[tuple[int, int], str] = {
 # Opcodes and service actions.
 TEST_UNIT_READY = 0x00
 INQUIRY = 0x12
+MODE_SENSE_6 = 0x1A
 READ_16 = 0x88
 WRITE_16 = 0x8A
 WRITE_SAME_16 = 0x93
@@ -166,6 +168,23 @@ def cdb_inquiry(page: int | None = None, allocation: int = 255) -> bytes:
     if page is None:
         return struct.pack(">BBBHB", INQUIRY, 0, 0, allocation, 0)
     return struct.pack(">BBBHB", INQUIRY, 1, page, allocation, 0)
+
+
+def cdb_mode_sense_6(allocation: int = 255) -> bytes:
+    """MODE SENSE(6) of all pages' current values, without block descriptors: what
+    matters here is the header's device-specific parameter (its WP bit)."""
+    return struct.pack(">BBBBBB", MODE_SENSE_6, 0x08, 0x3F, 0, allocation, 0)
+
+
+def write_protected(data: bytes | bytearray | memoryview) -> bool:
+    """The WP bit of a MODE SENSE(6) reply's header (SBC-3: the medium is read-only).
+
+    Raises:
+        DecodeError: the reply is shorter than its header.
+    """
+    if len(data) < 4:
+        raise DecodeError(f"MODE SENSE(6) data of {len(data)} bytes")
+    return bool(data[2] & 0x80)
 
 
 def cdb_read_capacity_16(allocation: int = 32) -> bytes:
