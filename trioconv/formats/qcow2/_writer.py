@@ -107,8 +107,10 @@ L2_CACHE_TABLES = 64
 #: Refcount table entries hold a cluster-aligned offset in these bits.
 REFTABLE_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
 _ZEROS = bytes(1024 * 1024)
-#: Seconds a write that has begun to change the image may still take once cancelled.
-FINISH_TIMEOUT = 10.0
+#: Seconds a step of a write that has begun to change the image may take at most, even
+#: when cancelled: generous for slow storage (a 2 MiB request at 35 KB/s), and what a
+#: cancellation waits at worst for a server that stopped answering.
+FINISH_TIMEOUT = 60.0
 #: Extended L2 subcluster bitmaps: every subcluster allocated / every one reads as zeroes.
 ALL_ALLOC = 0xFFFF_FFFF
 ALL_ZEROES = 0xFFFF_FFFF << 32
@@ -359,18 +361,17 @@ class Qcow2Writer(Qcow2Driver):
         bytes. Cancelled between the two, it would leave entries pointing at clusters
         never written, which the next flush would store. So once a write has the lock,
         its steps finish even when it is cancelled - the cancellation takes effect at
-        its next checkpoint - within :data:`FINISH_TIMEOUT` seconds (a local write takes
-        milliseconds; a server that stops answering, longer). A step that fails or does
-        not finish in that time leaves the writer failed: it takes no more writes, and
-        its tables are not stored (:meth:`_check_usable`).
+        its next checkpoint. Each step may take :data:`FINISH_TIMEOUT` seconds (a local
+        write takes milliseconds; one to a server that stopped answering, forever). A
+        step that fails or does not finish in that time leaves the writer failed: it
+        takes no more writes, and its tables are not stored (:meth:`_check_usable`).
         """
         with trio.CancelScope(shield=True, deadline=trio.current_time() + FINISH_TIMEOUT) as scope:
             yield
         if scope.cancelled_caught:
             self._failed = True
             raise TrioconvIOError(
-                f"{self.location}: {what} did not finish within {FINISH_TIMEOUT:g} s of "
-                "being cancelled"
+                f"{self.location}: {what} did not finish within {FINISH_TIMEOUT:g} s"
             )
 
     def _set_end(self, end: int, what: str) -> None:
