@@ -129,11 +129,9 @@ def full_backing_name(name: str, backing: Driver | None, location: str) -> str |
         return name
     if backing is not None:
         return backing.location
-    found = beside(location, name)
-    relative = not (os.path.isabs(name) or _URI_RE.match(name))
-    if found == name and relative and local_path(location) is None:
-        return None
-    return found
+    if os.path.isabs(name) or _URI_RE.match(name) or local_path(location) is not None:
+        return beside(location, name)
+    return _join_url(location, name)  # on an NFS or web server, or in no folder: None
 
 
 def beside(location: str, name: str) -> str:

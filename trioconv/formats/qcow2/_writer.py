@@ -2023,9 +2023,12 @@ def qcow2_side_files(path: str, size: int, options: Mapping[str, str]) -> list[s
     data_file`` names one (the registry's ``side_files``): relative to the image's
     folder, as :func:`create_qcow2` places it."""
     name = parse_create_options(options).data_file
-    if name is None:
-        return []
-    return [name if os.path.isabs(name) else os.path.join(os.path.dirname(path), name)]
+    return [] if name is None else [_data_file_beside(path, name)]
+
+
+def _data_file_beside(image: str, name: str) -> str:
+    """A new image's data file: ``name`` relative to the local image's folder."""
+    return name if os.path.isabs(name) else os.path.join(os.path.dirname(image), name)
 
 
 def _data_file_path(transport: Driver, name: str) -> str:
@@ -2037,7 +2040,7 @@ def _data_file_path(transport: Driver, name: str) -> str:
             f"qcow2 images with an external data file can only be created as local files "
             f"('{location}')"
         )
-    path = name if os.path.isabs(name) else os.path.join(os.path.dirname(here), name)
+    path = _data_file_beside(here, name)
     if same_place(path, here):
         raise UsageError(f"The data file '{name}' cannot be the image itself")
     return path

@@ -76,9 +76,9 @@ OPEN_TIMEOUT = 30.0
 #: which also keeps many calls in flight).
 _MIN_TRANSFER = 4096
 _MAX_TRANSFER = 1024 * 1024
-#: Retries of a call the server answers with NFS3ERR_JUKEBOX ("busy, try later").
 #: Symbolic links followed at most while looking a path up (Linux's limit).
 _MAX_LINKS = 40
+#: Retries of a call the server answers with NFS3ERR_JUKEBOX ("busy, try later").
 _JUKEBOX_RETRIES = 20
 _JUKEBOX_DELAY = 0.5
 #: Rounds of rewrite-and-commit before a changing write verifier is an error.
@@ -685,10 +685,10 @@ class _Session:
             target = target[len(export) :]
         else:
             target = "/".join([*folder, target])
-        path = posixpath.normpath("/" + target)  # (".." stops at the root)
-        if ".." in posixpath.normpath(target.lstrip("/")).split("/")[:1]:
+        names = posixpath.normpath(target.lstrip("/") or ".").split("/")
+        if names[0] == "..":  # (above the root of what was mounted)
             raise ImageError(f"Could not open '{self.uri}': Symbolic link points outside export")
-        return [part for part in path.split("/") if part]
+        return [name for name in names if name != "."]
 
 
 @asynccontextmanager
