@@ -226,6 +226,62 @@ async def test_file_block_status_map_is_dropped_by_writes(tmp_path: Path) -> Non
         assert (ext.offset, ext.end, ext.kind) == (MiB, 4 * MiB, ExtentKind.ZERO)
 
 
+@pytest.mark.parametrize("refuse", [False, True])
+async def test_file_allocates_a_large_write_ahead_only_where_it_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuse: bool
+) -> None:
+    """A large buffered write reserves its own blocks first (one ``fallocate`` that
+    keeps the size); holes elsewhere stay holes, and a file system that cannot is asked
+    once."""
+    import ctypes
+    import errno
+
+    from trioconv.protocols import file as file_mod
+
+    path = tmp_path / "target.img"
+    if not _sparse_file(path, 8 * MiB, [], 0):
+        pytest.skip("this filesystem does not report holes")
+    real = file_mod._fallocate
+    calls: list[tuple[int, int, int]] = []
+
+    def counting(fd: int, mode: int, offset: int, length: int) -> int:
+        calls.append((mode, offset, length))
+        if refuse:
+            ctypes.set_errno(errno.EOPNOTSUPP)
+            return -1
+        return int(real(fd, mode, offset, length))
+
+    monkeypatch.setattr(file_mod, "_fallocate", counting)
+    data = random.Random(3).randbytes(256 * 1024)
+    async with await file_mod.open_file(path, writable=True) as drv:
+        await drv.pwrite(MiB, data)
+        await drv.pwrite(4 * MiB + 512, data)
+        await drv.pwrite(6 * MiB, b"\x01" * 4096)  # small: never allocated ahead
+    keep = file_mod._FALLOC_FL_KEEP_SIZE
+    want = (
+        [(keep, MiB, len(data))]
+        if refuse
+        else [(keep, MiB, len(data)), (keep, 4 * MiB + 512, len(data))]
+    )
+    assert calls == want
+    raw = path.read_bytes()
+    assert len(raw) == 8 * MiB
+    assert raw[MiB : MiB + len(data)] == data
+    assert raw[4 * MiB + 512 : 4 * MiB + 512 + len(data)] == data
+    assert raw[6 * MiB : 6 * MiB + 4096] == b"\x01" * 4096
+    rest = (
+        raw[:MiB] + raw[MiB + len(data) : 4 * MiB + 512] + raw[4 * MiB + 512 + len(data) : 6 * MiB]
+    )
+    assert rest == bytes(len(rest)) and raw[6 * MiB + 4096 :] == bytes(2 * MiB - 4096)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.lseek(fd, 0, os.SEEK_DATA) == MiB
+        assert os.lseek(fd, MiB, os.SEEK_HOLE) == MiB + len(data)
+        assert os.lseek(fd, MiB + len(data), os.SEEK_DATA) == 4 * MiB
+    finally:
+        os.close(fd)
+
+
 def test_source_map_splits_across_sources() -> None:
     a, b = MemoryDriver(1000), MemoryDriver(3000)
     smap = SourceMap([a, b])

@@ -243,26 +243,41 @@ def _write_full(fd: int, data: memoryview, offset: int) -> None:
 
 #: Buffered writes that start on this boundary write their first page on its own.
 _FOLIO_BOUNDARY = 64 * 1024
+#: Buffered writes at least this long have their blocks allocated first.
+_ALLOCATE_AHEAD = 64 * 1024
 
 
-def _write_buffered(fd: int, data: memoryview, offset: int) -> None:
-    """Write through the page cache, the first page of an aligned write on its own.
+def _write_buffered(fd: int, data: memoryview, offset: int, allocate: bool) -> bool:
+    """Write through the page cache; False when the file system cannot allocate ahead.
 
-    The kernel gives a write into new page-cache pages folios as large as the write's
-    length and alignment allow: a 2 MiB write at a 2 MiB boundary gets one 2 MiB folio.
-    On the virtual machines measured (Linux 6.18, ext4), copying into such fresh large
-    folios ran at a quarter to a half of the speed of copying into the smaller ones a
-    write gets that starts one page later (a 2 GiB raw copy: 1.0-1.8 s against
-    0.55-0.8 s, single runs up to 10 s), and qemu-img, whose writes follow the source's
-    extents and so rarely start on such a boundary, mostly missed the cost by chance.
-    Writing the first page on its own makes every write start one page past the
-    boundary; it costs one system call per request.
+    Two things make a large write into a hole of a new file cheaper, both measured on
+    the virtual machines this runs on (Linux 6.18, ext4):
+
+    - Its blocks are allocated first, with one ``fallocate`` (mode 0, keeping the size:
+      it never changes what a file reads, only which of its blocks are reserved). A
+      write into a hole otherwise takes the file system's delayed-allocation path page
+      by page; into blocks allocated ahead it only copies: 1 GiB in 2 MiB writes took
+      0.117 s of CPU against 0.18 s, and a 2 GiB raw or qcow2 conversion 10-20 % less
+      wall time. A file system that cannot (tmpfs on old kernels, NFS v3, ZFS before
+      2.2) says so once and is not asked again; any other refusal is left to the write
+      itself, which reports it properly.
+    - The kernel gives a write into new page-cache pages folios as large as the write's
+      length and alignment allow: a 2 MiB write at a 2 MiB boundary gets one 2 MiB
+      folio. Copying into such fresh large folios ran at a quarter to a half of the
+      speed of copying into the smaller ones a write gets that starts one page later
+      (a 2 GiB raw copy: 1.0-1.8 s against 0.55-0.8 s, single runs up to 10 s).
+      Writing the first page on its own makes every write start one page past the
+      boundary; it costs one system call per request.
     """
+    ahead = allocate and data.nbytes >= _ALLOCATE_AHEAD
+    if ahead and _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, data.nbytes) != 0:
+        allocate = ctypes.get_errno() not in _NOT_SUPPORTED
     page = mmap.PAGESIZE
     if offset % _FOLIO_BOUNDARY == 0 and data.nbytes > page:
         _write_full(fd, data[:page], offset)
         data, offset = data[page:], offset + page
     _write_full(fd, data, offset)
+    return allocate
 
 
 def _round_down(value: int, align: int) -> int:
@@ -303,6 +318,7 @@ class FileDriver(Driver):
         # reads, the checks for zeroes and a network peer could use. One at a time, in
         # the order they ask (trio.Lock is fair, so in-order mode stays in order).
         self._write_lock = trio.Lock() if not (blockdev or cache.direct) else None
+        self._allocate_ahead = True  # until the file system says it cannot
         # Block status map: contiguous extents, their start offsets for bisect, and
         # what keeps it honest - writes in flight and a count of writes started.
         self._extents: list[Extent] = []
@@ -421,7 +437,9 @@ class FileDriver(Driver):
         view = memoryview(data).cast("B")
         if self._write_lock is not None:
             async with self._write_lock:
-                await self._run("writing", offset, _write_buffered, self._fd, view, offset)
+                self._allocate_ahead = await self._run(
+                    "writing", offset, _write_buffered, self._fd, view, offset, self._allocate_ahead
+                )
             return
         if self._is_direct_ok(offset, view):
             await self._run("writing", offset, _write_full, self._fd, view, offset)
