@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import struct
+import sys
 import zlib
 from pathlib import Path
 from typing import Any
@@ -788,6 +789,56 @@ def test_n_into_a_delta_disk_copies_on_write_from_its_parent(tmp_path: Path) -> 
     run("qemu-img", "check", "-q", top)
 
 
+def test_a_delta_disk_whose_parent_changed_is_not_read_through(tmp_path: Path) -> None:
+    """Writing to a parent gives it a new content ID; a delta disk made on it before
+    (its parentCID the old ID) no longer reads through to it - qemu-img fails such a
+    read too, and a conversion that would mix old and new data fails in one line.
+    A delta disk that holds every grain itself still reads."""
+    base = make_vmdk(tmp_path / "base.vmdk", "1M", "write -P 0x11 0 1M")
+    child, whole = tmp_path / "child.vmdk", tmp_path / "whole.vmdk"
+    for delta in (child, whole):
+        run("qemu-img", "create", "-q", "-f", "vmdk", "-b", base.name, "-F", "vmdk", delta, "1M")
+    run("qemu-io", "-f", "vmdk", "-c", "write -P 0x44 0 1M", whole)
+    ok = tmp_path / "ok.raw"
+    assert trioconv_cli("convert", "-O", "raw", child, ok).returncode == 0
+    run("qemu-io", "-f", "vmdk", "-c", "write -P 0x33 0 4k", base)
+    out = tmp_path / "out.raw"
+    for argv in (["qemu-img"], [sys.executable, "-m", "trioconv"]):
+        out.unlink(missing_ok=True)  # (qemu-img leaves its target behind)
+        result = run(*argv, "convert", "-O", "raw", child, out, check=False)
+        assert result.returncode == 1, (argv, result.stderr)
+        assert "Invalid argument" in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "changed since the delta disk was made" in lines[0], lines
+    assert not out.exists()
+    assert trioconv_cli("convert", "-O", "raw", whole, out).returncode == 0
+    assert out.read_bytes() == b"\x44" * MiB
+
+
+def test_a_refused_n_leaves_the_vmdk_target_and_its_content_id_alone(tmp_path: Path) -> None:
+    """The content ID changes at the first write, as in qemu: a ``-n`` conversion
+    refused before it writes leaves the image byte for byte as it was (and delta disks
+    made on it still read); one that writes gives it a new ID, so they no longer do."""
+    base = make_vmdk(tmp_path / "base.vmdk", "1M", "write -P 0x11 0 1M")
+    child = tmp_path / "child.vmdk"
+    run("qemu-img", "create", "-q", "-f", "vmdk", "-b", base.name, "-F", "vmdk", child, "1M")
+    before = base.read_bytes()
+    big = make_raw(tmp_path / "big.raw", "2M", "write -P 0x22 0 2M")
+    result = trioconv_cli("convert", "-n", "-O", "vmdk", big, base)
+    assert result.returncode == 1 and "smaller" in result.stderr
+    assert base.read_bytes() == before
+    out = tmp_path / "out.raw"
+    run("qemu-img", "convert", "-O", "raw", child, out)  # still reads through
+    small = make_raw(tmp_path / "small.raw", "1M", "write -P 0x22 0 1M")
+    result = trioconv_cli("convert", "-n", "-O", "vmdk", small, base)
+    assert result.returncode == 0, result.stderr
+    assert_identical(small, base, "raw", "vmdk")
+    old = qemu_info(child)["format-specific"]["data"]["parent-cid"]
+    assert qemu_info(base)["format-specific"]["data"]["cid"] != old
+    result = run("qemu-img", "convert", "-O", "raw", child, out, check=False)
+    assert result.returncode == 1 and "Invalid argument" in result.stderr
+
+
 @pytest.mark.parametrize(
     "options",
     ["", "subformat=twoGbMaxExtentSparse", "zeroed_grain=on", "subformat=streamOptimized"],
@@ -1205,6 +1256,7 @@ async def test_partial_new_grains_are_one_write_and_match_qemu(tmp_path: Path) -
 
         file.pwrite = counting  # type: ignore[method-assign, assignment]
         await img.pwrite(4096, data)  # grains 0..3, the first and last in part
+        calls = [c for c in calls if c[0] >= first_grain]  # (not the new content ID)
         assert len(calls) == 1, calls
         await img.flush()
     assert path.stat().st_size == first_grain + 4 * grain  # the last grain is whole

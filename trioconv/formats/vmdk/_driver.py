@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -77,6 +78,8 @@ class VmdkDriver(Driver):
         #: Where the descriptor text is (its file, byte offset, the text as read), for
         #: the new content ID a writable image gets (:meth:`new_content_id`).
         self.descriptor: tuple[Driver, int, bytes] | None = None
+        self._parent_checked = False
+        self._cid_changed = False  # by the first write (see _written)
 
     def set_parent(self, hint: str, parent: Driver) -> None:
         """Let unallocated grains read as ``parent`` (opened from ``hint``)."""
@@ -85,10 +88,35 @@ class VmdkDriver(Driver):
         for ext in self.extents:
             if isinstance(ext, SparseExtent):
                 ext.read_parent = self._read_parent
+                ext.check_parent = self._check_parent
 
     async def _read_parent(self, guest: int, view: memoryview) -> None:
         assert self.backing is not None
         await read_or_zero(self.backing, guest, view)
+
+    async def _check_parent(self) -> None:
+        """Refuse to show a parent that is not the image this delta disk was made on.
+
+        A delta disk records its parent's content ID (``parentCID``); writing to the
+        parent gives the parent a new one. Reading through to a parent whose ID no
+        longer matches would mix the delta's old changes with the parent's new data, so
+        qemu fails such reads ("Invalid argument"), and so does trioconv; a parent that
+        is not a VMDK has no content ID and fails the same way. Checked once, at the
+        first read that reaches the parent: a delta whose grains are all its own reads.
+        """
+        if self._parent_checked:
+            return
+        parent = self.backing
+        cid = parent.info.cid if isinstance(parent, VmdkDriver) else None
+        if cid != self.info.parent_cid:
+            found = "is not a VMDK image" if cid is None else f"has content ID {cid:08x}"
+            raise TrioconvIOError(
+                f"{self.location}: its parent '{self.parent_hint}' has changed since the "
+                f"delta disk was made (parentCID {self.info.parent_cid:08x}; the parent "
+                f"{found}): Invalid argument",
+                errno=errno.EINVAL,
+            )
+        self._parent_checked = True
 
     # -- contract ---------------------------------------------------------------------
     @property
@@ -197,13 +225,23 @@ class VmdkDriver(Driver):
         if not self._writable:
             raise UnsupportedError(f"{self.location}: image is opened read-only")
 
+    async def _written(self) -> None:
+        """After the image's first write, a new content ID, as qemu gives it: a delta
+        disk made on this one (which records this ID as its parentCID) can tell that
+        its parent changed under it. A conversion refused before it writes (a ``-n``
+        target too small) leaves the image as it was.
+
+        Only the first write waits for it, after its own data: a write allocates its
+        grains as it starts, so waiting before that would let later writes start
+        ahead of it."""
+        if self._cid_changed:
+            return
+        self._cid_changed = True
+        await self.new_content_id()
+
     async def new_content_id(self) -> None:
-        """Give the image a new content ID before anything is written to it (qemu
-        does it at the first write; here it is done when the image is opened for
-        writing, so that writers still allocate grains in the order they start): a
-        delta disk made on this one (which records this ID as its parentCID) can tell
-        that its parent changed under it. The new ID has as many hex digits as the old,
-        so the descriptor keeps its length and is patched in place."""
+        """Write a new random content ID into the descriptor. It has as many hex digits
+        as the old, so the descriptor keeps its length and is patched in place."""
         if self.descriptor is None:
             return
         file, at, text = self.descriptor
@@ -221,6 +259,7 @@ class VmdkDriver(Driver):
         view = memoryview(data).cast("B")
         for ext, rel, n, at in self._pieces(offset, view.nbytes):
             await ext.write(rel, view[at : at + n])
+        await self._written()
 
     async def pwrite_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
@@ -228,6 +267,7 @@ class VmdkDriver(Driver):
         self._check_writable()
         for ext, rel, n, _ in self._pieces(offset, length):
             await ext.write_zeroes(rel, n, may_unmap, fast)
+        await self._written()
 
     async def compress(self, offset: int, data: memoryview) -> object:
         """Deflate whole grains for a stream extent; a plain copy for other sparse extents.
@@ -259,6 +299,7 @@ class VmdkDriver(Driver):
         (ext, _, _, _), *_ = self._pieces(offset, 1)
         assert isinstance(ext, SparseExtent)
         await ext.write_compressed(grains, records)
+        await self._written()
 
     async def layer_status(self, offset: int, length: int) -> Extent:
         if self._closed:  # (the grain tables in memory would still answer)
@@ -404,8 +445,6 @@ async def open_vmdk(transport: Driver, ctx: OpenContext) -> VmdkDriver:
         raise ImageError(f"{where}: {exc}") from None
     driver.location = ctx.location
     ctx.stack.push_async_callback(driver.aclose)
-    if writable:
-        await driver.new_content_id()
     return driver
 
 

@@ -198,6 +198,10 @@ class SparseExtent:
         #: Reads guest bytes of the parent image (``parentFileNameHint``) into a buffer:
         #: unallocated grains show it. None: they read as zeroes.
         self.read_parent: Callable[[int, memoryview], Awaitable[None]] | None = None
+        #: Raises unless the parent is still the image this delta disk was made on;
+        #: awaited before a read shows the parent (not before a copy on write, as in
+        #: qemu, whose check guards reads only).
+        self.check_parent: Callable[[], Awaitable[None]] | None = None
         self._gts: dict[int, array[int]] = {}
         table_bytes = max(layout.gt_bytes, 4)
         self._cache_max = max(4, GT_CACHE_BYTES // table_bytes)
@@ -378,6 +382,8 @@ class SparseExtent:
             elif seg.kind == "compressed":
                 compressed.append(seg)
             elif seg.kind == "hole" and self.read_parent is not None:
+                if self.check_parent is not None:
+                    await self.check_parent()
                 await self.read_parent(self.start + seg.offset, part)
             else:
                 fill_zero(part)
