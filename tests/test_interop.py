@@ -230,8 +230,12 @@ async def test_creating_a_split_vmdk_that_fails_last_leaves_no_extent_files(
     assert list(tmp_path.iterdir()) == []
 
 
-def test_side_files_are_named_as_the_formats_make_them(tmp_path: Path) -> None:
+def test_side_files_are_named_as_the_formats_make_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from trioconv._open import side_files
+
+    monkeypatch.chdir(tmp_path / "..")  # a qcow2 data file's name is from here
 
     path = str(tmp_path / "disk.vmdk")
     split = {"subformat": "twoGbMaxExtentFlat"}
@@ -245,7 +249,7 @@ def test_side_files_are_named_as_the_formats_make_them(tmp_path: Path) -> None:
     assert side_files(path, "vmdk", 2**20, {}) == []
     qcow2 = str(tmp_path / "disk.qcow2")
     assert side_files(qcow2, "qcow2", 2**20, {"data_file": "d/x.raw"}) == [
-        str(tmp_path / "d" / "x.raw")
+        str(tmp_path.parent / "d" / "x.raw")
     ]
     assert side_files("nfs://host/export/disk.qcow2", "qcow2", 2**20, {}) == []
     assert side_files(path, "raw", 2**20, {}) == []

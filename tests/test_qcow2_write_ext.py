@@ -293,9 +293,8 @@ async def test_partial_subcluster_writes_over_backing(tmp_path: Path) -> None:
 def test_convert_data_file_like_qemu(
     tmp_path: Path, raw_source: Path, options: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # qemu-img 7.2 resolves a relative data file name against its working directory
-    # (when creating and when opening); trioconv against the image's folder. Run
-    # qemu-img in the image's folder so both agree.
+    # A relative data file name is from the working directory (when creating and
+    # when opening), in qemu-img and trioconv alike: each runs in its image's folder.
     q, w = tmp_path / "q", tmp_path / "w"
     q.mkdir()
     w.mkdir()
@@ -399,20 +398,56 @@ def test_failed_conversion_removes_a_data_file_of_any_name(
     (tmp_path / "sub").mkdir()
     target = tmp_path / "t.qcow2"
     result = trioconv_cli(
-        "convert", "-c", "-O", "qcow2", "-o", "data_file=sub/other.raw", raw_source, target
+        "convert",
+        *("-c", "-O", "qcow2", "-o", "data_file=sub/other.raw", raw_source, target),
+        cwd=tmp_path,
     )
     assert result.returncode == 1
+    assert "compression" in result.stderr.lower(), result.stderr
     assert not target.exists()
     assert not (tmp_path / "sub" / "other.raw").exists()
 
     kept = tmp_path / "sub" / "kept.raw"
     kept.write_bytes(b"precious")
     result = trioconv_cli(
-        "convert", "-c", "-O", "qcow2", "-o", "data_file=sub/kept.raw", raw_source, target
+        "convert",
+        *("-c", "-O", "qcow2", "-o", "data_file=sub/kept.raw", raw_source, target),
+        cwd=tmp_path,
     )
     assert result.returncode == 1
     assert not target.exists()
-    assert kept.exists()
+    assert kept.exists()  # (made anew, as qemu-img makes it, but not removed)
+
+
+def test_a_relative_data_file_is_named_from_the_working_directory(
+    tmp_path: Path, raw_source: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As in qemu-img, ``-o data_file=NAME`` is a name from the working directory, not
+    from the image's folder, when the image is made and when it is opened: each tool
+    reads the other's image of an image in another folder."""
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    monkeypatch.chdir(tmp_path)
+    args = ["-O", "qcow2"]
+    ours(*args, "-o", "data_file=t.data", raw_source, "sub/t.qcow2")
+    run("qemu-img", "convert", *args, "-o", "data_file=q.data", raw_source, "sub/q.qcow2")
+    assert (tmp_path / "t.data").exists() and not (sub / "t.data").exists()
+    for image in ("sub/t.qcow2", "sub/q.qcow2"):
+        assert_identical(raw_source, tmp_path / image, "raw", "qcow2")  # qemu-img reads
+        ours("-O", "raw", image, "out.raw")
+        assert_identical(raw_source, tmp_path / "out.raw")
+    # A name with a folder in it is from here too.
+    ours(*args, "-o", "data_file=sub/x.data", raw_source, "sub/x.qcow2")
+    assert (sub / "x.data").exists()
+    assert_identical(raw_source, sub / "x.qcow2", "raw", "qcow2")
+    assert_check_clean(sub / "x.qcow2")
+    # From another folder the bare name is not found, by either tool.
+    monkeypatch.chdir(sub)
+    result = trioconv_cli("convert", "-O", "raw", "t.qcow2", tmp_path / "no.raw", cwd=sub)
+    assert result.returncode == 1 and "t.data" in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    result = run("qemu-img", "convert", "-O", "raw", "t.qcow2", tmp_path / "no.raw", check=False)
+    assert result.returncode == 1
 
 
 # -- internal snapshots --------------------------------------------------------------------

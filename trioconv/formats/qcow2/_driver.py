@@ -598,7 +598,9 @@ async def open_qcow2(
         l1.extend([0] * (needed - len(l1)))
     data: Driver | None = None
     if info.data_file is not None:
-        path = _resolve(ctx, info.data_file, "data file")
+        # As qemu opens it: the name as stored, a relative one from the current
+        # directory (see _writer._data_file_path), wherever the image itself is.
+        path = info.data_file
         try:
             if writable_data:
                 from ..._open import open_image

@@ -2020,19 +2020,21 @@ async def create_qcow2(transport: Driver, size: int, options: Mapping[str, str])
 
 def qcow2_side_files(path: str, size: int, options: Mapping[str, str]) -> list[str]:
     """The external data file creating a qcow2 image at ``path`` makes, if ``-o
-    data_file`` names one (the registry's ``side_files``): relative to the image's
-    folder, as :func:`create_qcow2` places it."""
+    data_file`` names one (the registry's ``side_files``): the name from the current
+    directory, as :func:`create_qcow2` places it."""
     name = parse_create_options(options).data_file
-    return [] if name is None else [_data_file_beside(path, name)]
-
-
-def _data_file_beside(image: str, name: str) -> str:
-    """A new image's data file: ``name`` relative to the local image's folder."""
-    return name if os.path.isabs(name) else os.path.join(os.path.dirname(image), name)
+    return [] if name is None else [os.path.abspath(name)]
 
 
 def _data_file_path(transport: Driver, name: str) -> str:
-    """Where a new image's data file goes: ``name`` relative to the image's folder."""
+    """Where a new image's data file goes: ``name`` itself.
+
+    As in qemu, a relative data file name is relative to the current directory, not to
+    the image's folder, both when the image is made and when it is opened (unlike a
+    backing file's): the name stored is the one given, and it must be given so that it
+    names the file from where the image will be used. (An image made in another folder
+    with a bare name, ``-o data_file=d.raw``, is opened from the folder it was made
+    in.)"""
     location = transport.location
     here = local_path(location) if location else None
     if transport.name != "file" or here is None:
@@ -2040,10 +2042,9 @@ def _data_file_path(transport: Driver, name: str) -> str:
             f"qcow2 images with an external data file can only be created as local files "
             f"('{location}')"
         )
-    path = _data_file_beside(here, name)
-    if same_place(path, here):
+    if same_place(name, here):
         raise UsageError(f"The data file '{name}' cannot be the image itself")
-    return path
+    return name
 
 
 async def _create(transport: Driver, size: int, opts: CreateOptions, data: Driver | None) -> None:
