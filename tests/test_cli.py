@@ -1025,6 +1025,7 @@ def test_accepted_like_qemu_img(src: Path, tmp_path: Path, args: list[str]) -> N
         (["-o", ""], "Invalid option list: "),
         (["-O", "qcow2", "-o", "cluster_size=64k,"], "Invalid option list: cluster_size=64k,"),
         (["-O", ""], "Unknown file format ''"),
+        (["-O", "qcow2", "-o", "data_file="], "Could not create '': No such file or directory"),
         (["-n", "-o", "help"], "-o has no effect when skipping image creation"),
         (
             ["-c", "-O", "qcow2", "-o", "preallocation=full"],

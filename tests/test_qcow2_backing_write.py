@@ -384,6 +384,14 @@ def test_library_progress_counts_backing_as_skipped(tmp_path: Path) -> None:
             ["-O", "qcow2", "-o", "preallocation=metadata", "-B", "base.qcow2", "-F", "qcow2"],
             id="prealloc",
         ),
+        # An empty name or format is one given, and wrong.
+        pytest.param(["-O", "qcow2", "-B", ""], id="empty-B"),
+        pytest.param(["-O", "qcow2", "-o", "backing_file="], id="empty-o-backing_file"),
+        pytest.param(["-O", "raw", "-B", ""], id="raw-empty-B"),
+        pytest.param(["-O", "raw", "-F", ""], id="raw-empty-F"),
+        pytest.param(["-O", "qcow2", "-F", ""], id="empty-F"),
+        pytest.param(["-O", "qcow2", "-o", "backing_fmt="], id="empty-o-backing_fmt"),
+        pytest.param(["-O", "vmdk", "-o", "backing_file="], id="vmdk-empty-o-backing_file"),
     ],
 )
 def test_refused_like_qemu(tmp_path: Path, args: list[str]) -> None:

@@ -409,6 +409,7 @@ def _ddb(path: Path) -> list[str]:
         "adapter_type=lsilogic",
         "adapter_type=legacyESX,hwversion=7,toolsversion=10286",
         "compat6=on",
+        "hwversion=",
         "zeroed_grain=on",
         "subformat=streamOptimized,zeroed_grain=on,adapter_type=buslogic",
     ],

@@ -48,9 +48,9 @@ def _check_format_features(
         raise UnsupportedError("No support for concatenating multiple snapshot")
     if creating:
         known = format_info(fmt).create_options or {}
-        if opts.backing_file and "backing_file" not in known:
+        if opts.backing_file is not None and "backing_file" not in known:
             raise UnsupportedError(f"Backing file not supported for file format '{fmt}'")
-        if opts.backing_format and "backing_fmt" not in known:
+        if opts.backing_format is not None and "backing_fmt" not in known:
             raise UnsupportedError(f"Backing file format not supported for file format '{fmt}'")
     backing = _target_backing(opts, target_is_driver=target_is_driver)
     if opts.target_is_zero and backing is not None:

@@ -167,8 +167,14 @@ class ConvertOptions:
 
     @property
     def target_backing_file(self) -> str | None:
-        """The target's backing file: ``-B``, else ``-o backing_file`` (None: none)."""
-        return self.backing_file or self.target_options.get("backing_file") or None
+        """The target's backing file: ``-B``, else ``-o backing_file`` (None: none).
+
+        An empty name (``-B ''``, ``-o backing_file=``) is a backing file given, as
+        qemu-img takes it (it then needs a backing format, and no image has that
+        name)."""
+        if self.backing_file is not None:
+            return self.backing_file
+        return self.target_options.get("backing_file")
 
     @property
     def target_backing_format(self) -> str | None:
@@ -178,9 +184,9 @@ class ConvertOptions:
     def create_options(self) -> dict[str, str]:
         """``-o`` for creating the target, with ``-B``/``-F`` folded in (they win)."""
         out = dict(self.target_options)
-        if self.backing_file:
+        if self.backing_file is not None:
             out["backing_file"] = self.backing_file
-        if self.backing_format:
+        if self.backing_format is not None:
             out["backing_fmt"] = self.backing_format
         return out
 

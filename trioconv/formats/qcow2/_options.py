@@ -105,8 +105,8 @@ class CreateOptions:
         preallocation: off, metadata, falloc or full.
         backing_file: the backing file's name, stored as given (``-B``); None for none.
         backing_format: its format, stored in a header extension (``-F``).
-        data_file: the external data file's name, stored as given (relative names are
-            relative to the image's folder); None: the data lives in the image.
+        data_file: the external data file's name, stored as given (a relative name is
+            from the working directory, as in qemu); None: the data lives in the image.
         data_file_raw: the data file stays a valid raw image (autoclear bit); implies
             ``preallocation=metadata`` at least, as in qemu.
     """
@@ -144,6 +144,8 @@ def parse_create_options(options: Mapping[str, str]) -> CreateOptions:
     Raises:
         UsageError: an invalid value or combination (qemu-img's message).
     """
+    if options.get("backing_fmt") == "":
+        raise UsageError("Parameter 'backing-fmt' does not accept value ''")
     backing_file = options.get("backing_file") or None
     backing_fmt = options.get("backing_fmt") or None
     if backing_fmt is not None and backing_file is None:
@@ -221,7 +223,9 @@ def parse_create_options(options: Mapping[str, str]) -> CreateOptions:
         raise UsageError(
             "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
         )
-    data_file = options.get("data_file") or None
+    data_file = options.get("data_file")
+    if data_file == "":
+        raise UsageError("Could not create '': No such file or directory")
     data_file_raw = _bool("data_file_raw", options.get("data_file_raw", "off"))
     if data_file is not None and version < 3:
         raise UsageError(

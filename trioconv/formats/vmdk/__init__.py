@@ -141,7 +141,7 @@ def parse_create_options(options: Mapping[str, str]) -> VmdkOptions:
     result = VmdkOptions(
         subformat=subformat,
         adapter_type=adapter,
-        hwversion=hwversion or "4",
+        hwversion="4" if hwversion is None else hwversion,  # (an empty one is kept)
         toolsversion=options.get("toolsversion", "2147483647"),
         zeroed_grain=zeroed_grain,
     )
