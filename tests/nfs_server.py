@@ -14,6 +14,7 @@ only one such server per machine (one portmapper registration), hence the sessio
         nfs_server.url("disk.img")   # 'nfs://127.0.0.1/export/disk.img'
         nfs_server.stop(kill=True)   # the server vanishes mid-test
         nfs_server.start()           # and comes back for the next test
+        nfs_server.restart()         # or both at once, as a crash and a reboot
 
 A test module binds the fixture with ``nfs_server = nfs_server_mod.nfs_server`` after
 ``from . import nfs_server as nfs_server_mod`` (importing the fixture by name trips
@@ -124,6 +125,7 @@ class NFSServer:
         self._ganesha = ganesha
         self._rpcinfo = rpcinfo
         self._proc: subprocess.Popen[bytes] | None = None
+        self._started_at = 0.0
 
     def url(self, name: str, query: str = "") -> str:
         """The ``nfs://`` URL of ``name`` in the export (``query`` without the ``?``)."""
@@ -169,10 +171,30 @@ class NFSServer:
                 log = self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
                 pytest.fail(f"ganesha.nfsd exited with status {self._proc.returncode}:\n{log}")
             if _answers(self._rpcinfo, "100003", "3") and _answers(self._rpcinfo, "100005", "3"):
+                self._started_at = time.monotonic()
                 return
             time.sleep(0.2)
         self.stop(kill=True)
         pytest.fail(f"ganesha.nfsd did not register NFS v3 and MOUNT v3 in {START_TIMEOUT} s")
+
+    def restart(self, *, freeze: float = 0.0, kill: bool = True) -> None:
+        """Stop ganesha and start it again, on the same export and ports: what a crash
+        and a reboot do to clients. Their connections break, calls not yet answered are
+        lost, and the write verifier changes: ganesha derives it from when it started, so
+        the new start waits until a second has passed since the last, to be sure.
+
+        ``freeze``: seconds it is stopped (SIGSTOP) first, so calls pile up unanswered;
+        ``kill``: SIGKILL (the default, at once), or SIGTERM (ganesha's orderly exit,
+        which also takes its ports off the portmapper).
+        """
+        if freeze and self.running:
+            os.kill(self.pid, signal.SIGSTOP)
+            time.sleep(freeze)
+            if not kill:
+                os.kill(self.pid, signal.SIGCONT)  # (else SIGTERM waits for it)
+        self.stop(kill=kill)
+        time.sleep(max(0.0, self._started_at + 1.1 - time.monotonic()))
+        self.start()
 
     def stop(self, *, kill: bool = False) -> None:
         """Stop ganesha: SIGTERM (SIGKILL with ``kill``, or when it lingers)."""

@@ -4,15 +4,22 @@ Images are put into (and checked in) the exported folder locally, and converted 
 ``nfs://127.0.0.1/export/NAME``; every result is checked with ``qemu-img compare``.
 Faults - a missing file, a refused mount, a file our uid may not read, the server
 killed mid-copy, a source failing mid-copy - must end with one clear line, promptly,
-and a target the conversion created must not stay behind.
+and a target the conversion created must not stay behind. A server restarted mid-copy
+is reconnected to (:mod:`tests.test_nfs_reconnect` has the same with scripted servers):
+the copy goes on and is exact, the writes the restart may have lost written again.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -20,9 +27,12 @@ import trio
 import trioconv
 from trioconv import ConvertError, ConvertOptions
 from trioconv.protocols.memory import MemoryDriver
+from trioconv.protocols.nfs import _client as nfs_client
+from trioconv.protocols.nfs import _proto as proto
 
 from . import nfs_server as nfs_server_mod
 from ._faults import (
+    FAULT_DEADLINE,
     MiB,
     check_cancelled_while_stopped,
     check_killed_mid_copy,
@@ -401,3 +411,198 @@ def test_qcow2_overlay_on_nfs_finds_its_backing_file(
     result = trioconv_cli("convert", "-O", "raw", url, out)
     assert result.returncode == 0, result.stderr
     assert_identical(local_overlay, out, "qcow2", "raw")
+
+
+# -- restarts: the client reconnects ---------------------------------------------------------
+
+#: 16 MiB at ``-r 4M``: about four seconds, so a restart one second in lands mid-copy.
+SIZE = 16 * MiB
+
+
+def run_cli_with(
+    args: list[str | Path], fault: Callable[[], None]
+) -> tuple[subprocess.CompletedProcess[str], float]:
+    """Run the CLI and, a second in (mid-copy), ``fault()``: the run, and how many
+    seconds it went on after the fault."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "trioconv", *[os.fspath(a) for a in args]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        time.sleep(1.0)
+        assert proc.poll() is None, proc.communicate()
+        fault()
+        done = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=FAULT_DEADLINE * 3)
+        after = time.monotonic() - done
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), after
+
+
+def test_reading_through_a_server_restart(nfs_server: NFSServer, tmp_path: Path) -> None:
+    """The server crashes and comes back a second into a four-second copy: the copy
+    goes on, quietly, and is exact."""
+    name = unique("restart-read") + ".img"
+    src = nfs_server.export_dir / name
+    src.write_bytes(os.urandom(SIZE))
+    out = tmp_path / "out.img"
+    try:
+        args: list[str | Path] = ["convert", "-m", "4", "-r", "4M", "-O", "raw"]
+        # Frozen 0.3 s first, so that calls wait unanswered when the server dies.
+        restart = partial(nfs_server.restart, freeze=0.3)
+        result, _ = run_cli_with([*args, nfs_server.url(name), out], restart)
+    finally:
+        nfs_server.start()
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert_identical(src, out)
+
+
+def test_writing_through_a_server_restart(nfs_server: NFSServer, tmp_path: Path) -> None:
+    """The same into a new file on the server: exact too, although the restart may have
+    lost what was written unstable before it."""
+    name = unique("restart-write") + ".img"
+    src = tmp_path / "src.img"
+    src.write_bytes(os.urandom(SIZE))
+    try:
+        args: list[str | Path] = ["convert", "-m", "4", "-r", "4M", "-O", "raw"]
+        restart = partial(nfs_server.restart, freeze=0.3)
+        result, _ = run_cli_with([*args, src, nfs_server.url(name)], restart)
+    finally:
+        nfs_server.start()
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""
+    assert_identical(src, nfs_server.export_dir / name)
+
+
+@pytest.mark.parametrize("direction", ["read", "write"])
+async def test_a_restart_with_calls_in_flight(
+    nfs_server: NFSServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direction: str
+) -> None:
+    """In process, to see inside: the calls that were in flight when the server died
+    went out again on a new connection; writing, the restart changed the write verifier
+    and what was written before it was written again - and the copy is exact."""
+    redials: list[bool] = []  # each attempt to reconnect: did it connect?
+    waiting: list[int] = []  # calls waiting for a reply when the connection broke
+    verifiers: list[bytes] = []
+    rewritten: list[int] = []
+    real_redial, real_reconnect, real_decode, real_rewrite = (
+        nfs_client._redial,
+        nfs_client.RPCClient._reconnect,
+        proto.decode_write,
+        nfs_client.NFSDriver._rewrite,
+    )
+
+    async def redial(address: nfs_client.NFSAddress) -> trio.SocketStream:
+        redials.append(False)
+        stream = await real_redial(address)
+        redials[-1] = True
+        return stream
+
+    async def reconnect(self: nfs_client.RPCClient, why: str) -> bool:
+        waiting.append(len(self._pending))
+        return await real_reconnect(self, why)
+
+    def decode_write(u: Any) -> proto.WriteResult:
+        result = real_decode(u)
+        verifiers.append(result.verf)
+        return result
+
+    async def rewrite(self: nfs_client.NFSDriver, entry: proto.Dirty) -> None:
+        rewritten.append(entry.offset)
+        await real_rewrite(self, entry)
+
+    monkeypatch.setattr(nfs_client, "_redial", redial)
+    monkeypatch.setattr(nfs_client.RPCClient, "_reconnect", reconnect)
+    monkeypatch.setattr(proto, "decode_write", decode_write)
+    monkeypatch.setattr(nfs_client.NFSDriver, "_rewrite", rewrite)
+
+    name = unique("inflight") + ".img"
+    on_server = nfs_server.export_dir / name
+    data = os.urandom(32 * MiB)
+    memory: MemoryDriver
+    if direction == "read":
+        on_server.write_bytes(data)
+        memory = MemoryDriver(len(data))
+        source: str | MemoryDriver = nfs_server.url(name)
+        target: str | MemoryDriver = memory
+        # Two tasks, so that reading goes on until the end: with eight, the writes the
+        # rate limit holds back would leave all 16 jobs read one second in.
+        opts = ConvertOptions(rate_limit=8 * MiB, parallel=2)
+    else:
+        on_server.write_bytes(bytes(len(data)))
+        memory = MemoryDriver(data=data, block_status=False)
+        source, target = memory, nfs_server.url(name)
+        opts = ConvertOptions(rate_limit=8 * MiB, no_create=True)
+    restarted: list[float] = []
+
+    async def restart_mid_copy() -> None:
+        for _ in range(1000):
+            if memory.log:
+                break
+            await trio.sleep(0.01)
+        await trio.sleep(0.8)
+        await trio.to_thread.run_sync(partial(nfs_server.restart, freeze=0.3))
+        restarted.append(trio.current_time())
+
+    try:
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(restart_mid_copy)
+                await trioconv.convert(source, target, opts)
+            finished = trio.current_time()
+    finally:
+        nfs_server.start()
+    assert restarted and restarted[0] < finished, "the copy ended before the restart"
+    assert len(waiting) == 1 and waiting[0] > 0, waiting
+    assert redials.count(True) == 1 and redials[-1]  # (maybe refused first: still down)
+    if direction == "read":
+        out = tmp_path / "out.img"
+        out.write_bytes(bytes(memory.data))
+        assert_identical(on_server, out)
+    else:
+        assert len(set(verifiers)) == 2, set(verifiers)
+        assert rewritten
+        assert on_server.read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("direction", "stop"), [("read", "kill"), ("write", "term")], ids=["read-kill", "write-term"]
+)
+def test_a_server_that_stays_down(
+    nfs_server: NFSServer, tmp_path: Path, direction: str, stop: str
+) -> None:
+    """Killed (its ports still on the portmapper: connections refused) or stopped in
+    order (its ports gone from the portmapper), and not started again: the conversion
+    gives up within seconds, with one line. A local target it created is removed; an
+    NFS one cannot be, with its server gone, and stays (as it always did)."""
+    name = unique("down") + ".img"
+    local = tmp_path / "local.img"
+    args: list[str | Path] = ["convert", "-m", "4", "-r", "4M", "-O", "raw"]
+    if direction == "read":
+        (nfs_server.export_dir / name).write_bytes(os.urandom(SIZE))
+        args += [nfs_server.url(name), local]
+    else:
+        local.write_bytes(os.urandom(SIZE))
+        args += [local, nfs_server.url(name)]
+    try:
+        result, elapsed = run_cli_with(args, partial(nfs_server.stop, kill=stop == "kill"))
+    finally:
+        nfs_server.start()
+    line = one_line_error(result)
+    assert "connection to the NFS server lost" in line
+    assert "attempts to reconnect failed, the last: " in line
+    if stop == "kill":
+        assert line.endswith("Connection refused")
+    else:
+        assert line.endswith("no NFS v3 server over TCP is registered with the portmapper")
+    assert elapsed < FAULT_DEADLINE
+    if direction == "read":
+        assert not local.exists()
+    else:
+        assert (nfs_server.export_dir / name).exists()

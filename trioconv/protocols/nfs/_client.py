@@ -15,16 +15,25 @@ mark, the RPC reply header and the READ results up to the data, it receives the 
 straight into the caller's buffer (checking right before every receive that the caller
 still waits, so a cancelled call's buffer is never written), and drops the padding.
 Small READ replies are copied from the buffer once; anything unusual (an error status,
-a reply in several fragments) goes to the caller, which decodes it the ordinary way. If
-the connection drops, the reader fails every waiting call at once and raises, which
-cancels whatever runs inside :func:`open_nfs`.
+a reply in several fragments) goes to the caller, which decodes it the ordinary way.
+
+If the connection drops (the server restarted, a reset, an end of stream) while the
+file is open, the reader finds the NFS port again as opening did and connects, as
+libnfs does, and wakes every call still waiting for its reply, which sends itself
+again: READ, WRITE and COMMIT - all an open file sends - may run twice, and file
+handles outlive a server restart. That is bounded: at most five attempts within 12 s,
+a new connection that breaks before answering anything counting as one. After that,
+or when the server sends what cannot be a reply, the reader fails every waiting call
+at once and raises, which cancels whatever runs inside :func:`open_nfs`.
 
 Writes are UNSTABLE and kept (a copy) until a COMMIT covers them with the same write
 verifier; if the verifier changed - the server restarted and may have lost them - they
-are written again and committed once more. Writes block for a COMMIT whenever more than
-:data:`COMMIT_THRESHOLD` bytes are waiting, which bounds the memory held. Under a
-write-through cache mode (``writethrough``, ``directsync``) writes are FILE_SYNC
-instead: durable when answered, nothing kept.
+are written again and committed once more. A reconnect changes nothing there: what was
+answered before it is kept under the old verifier, and the first COMMIT on the new
+connection tells whether the server still has it. Writes block for a COMMIT whenever
+more than :data:`COMMIT_THRESHOLD` bytes are waiting, which bounds the memory held.
+Under a write-through cache mode (``writethrough``, ``directsync``) writes are
+FILE_SYNC instead: durable when answered, nothing kept.
 """
 
 from __future__ import annotations
@@ -93,6 +102,14 @@ _DIRECT_MIN = 64 * 1024
 #: data) take about 130 bytes; a receive between records asks for this much.
 _HEAD_SIZE = 512
 _HEAD_RECEIVE = 4096
+#: When the NFS connection of an open file breaks, it is made again: the pause (seconds)
+#: before each attempt - the first at once, for a connection that dropped while the
+#: server stayed up, then growing, for a server that is restarting.
+_RECONNECT_DELAYS = (0.0, 0.5, 1.0, 2.0, 4.0)
+#: Seconds one attempt (portmapper and connect) may take, and all of them together: a
+#: server that stays away fails the conversion within about this long.
+_RECONNECT_ATTEMPT_TIMEOUT = 3.0
+_RECONNECT_TIMEOUT = 12.0
 
 
 @attrs.frozen
@@ -184,6 +201,8 @@ class _Pending:
     then nothing may be written there) and how much it asked for (``count``; -1 for
     other calls). The reader puts a successful READ's data there itself and sets ``got``
     and ``eof``; any other reply is kept whole in ``record`` for the caller to decode.
+    A caller woken with no answer (not :attr:`answered`) finds the connection replaced,
+    and sends its call again.
     """
 
     __slots__ = ("buf", "count", "done", "eof", "error", "got", "record", "task")
@@ -198,8 +217,14 @@ class _Pending:
         self.done = False
         self.task: trio.lowlevel.Task | None = None
 
+    @property
+    def answered(self) -> bool:
+        """The reply (or the error that ends the call) is in."""
+        return self.record is not None or self.got >= 0 or self.error is not None
+
     def finish(self) -> None:
-        """The reply (or an error) is in: wake the caller."""
+        """The reply (or an error) is in - or the connection was replaced and the call
+        must go out again (not :attr:`answered`): wake the caller."""
         self.done = True
         task, self.task = self.task, None
         if task is not None:
@@ -225,7 +250,15 @@ class RPCClient:
 
     Until :meth:`reader` runs, :meth:`call` reads its own reply (one call at a time):
     that is how the short portmapper and MOUNT sessions and the opening LOOKUPs run.
+
+    Given :attr:`redial` - a way to connect to the same server again - the reader
+    replaces a connection that breaks, and every call still waiting for its reply goes
+    out again on the new one (see :meth:`_reconnect`). Without it (the short sessions,
+    and everything before the reader runs) a broken connection fails the calls at once.
     """
+
+    #: Makes a new connection to the same server (None: a lost connection is an error).
+    redial: Callable[[], Awaitable[trio.SocketStream]] | None = None
 
     def __init__(
         self, stream: trio.SocketStream, what: str, cred: rpc.AuthSys | None, max_record: int
@@ -241,14 +274,22 @@ class RPCClient:
         self._closing = False
         self._scratch = bytearray(_RECEIVE_SIZE)
         self.broken: TrioconvIOError | None = None
+        #: The number of the connection in use: 0 for the first, one more per reconnect.
+        self.connection = 0
+        #: A reply has come on this connection (or it is the first, which had them while
+        #: opening). Until one comes on a new connection, reconnecting goes on with the
+        #: same attempts, time limit, first loss and failures (see :meth:`_reconnect`).
+        self._replied = True
+        self._episode_end = 0.0
+        self._episode_lost = ""
+        self._failures: list[str] = []
+        self._redialling: trio.CancelScope | None = None
 
     @classmethod
     async def connect(
         cls, host: str, port: int, what: str, cred: rpc.AuthSys | None, max_record: int
     ) -> RPCClient:
-        stream = await trio.open_tcp_stream(host, port)
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return cls(stream, what, cred, max_record)
+        return cls(await _tcp_stream(host, port), what, cred, max_record)
 
     def set_max_record(self, size: int) -> None:
         self._records.max_record = size
@@ -274,27 +315,20 @@ class RPCClient:
         pending = _Pending(buf)
         self._pending[xid] = pending
         try:
-            # A record is sent whole (see WholeSends); the reader gives the connection
-            # up if the server goes away or the conversion ends.
-            async with self._sends.whole(lambda: self.broken):
-                try:
-                    if payload is None:
-                        await self._stream.send_all(head)
-                    elif extra <= _SEND_WHOLE:
-                        await self._stream.send_all(head + payload + pad(extra))
-                    else:
-                        await self._stream.send_all(head)
-                        await self._stream.send_all(payload)
-                        if extra % 4:
-                            await self._stream.send_all(pad(extra))
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    raise self.broken or TrioconvIOError(
-                        f"{self.what}: connection to the NFS server lost: {_reason(exc)}"
-                    ) from exc
-            if self._reading:
-                await pending.wait()
-            else:
-                await self._read_inline(xid, pending)
+            while True:
+                await self._send(pending, head, payload)
+                if self._reading:
+                    await pending.wait()
+                else:
+                    await self._read_inline(xid, pending)
+                if pending.answered:
+                    break
+                # Woken with no answer: the connection was replaced while the call was
+                # waiting, so it goes out again on the new one. It keeps its xid - the
+                # reply is routed by the same entry of _pending, no reply can arrive on
+                # one connection for a call sent on another, and a server that did not
+                # restart can tell the retransmission by its duplicate request cache
+                # (RFC 5531 section 9), as it does a kernel NFS client's.
         except BaseException:
             # Cancelled or failed: the reply may still come; never write into ``buf``.
             pending.buf = None
@@ -304,6 +338,42 @@ class RPCClient:
         if pending.error is not None:
             raise pending.error
         return pending
+
+    async def _send(self, pending: _Pending, head: bytes, payload: memoryview | None) -> None:
+        """Send a call's record on the connection in use.
+
+        A record is sent whole (see WholeSends); the reader gives the connection up if
+        the server goes away or the conversion ends. When the reader reconnects, a send
+        that fails is no error: the reader sees the same loss (the stream is shut down
+        to make sure it does), and wakes the caller to send again on the new connection.
+        """
+        async with self._sends.whole(lambda: self.broken):
+            stream = self._stream
+            pending.done = False  # (a wake-up for an earlier connection is spent)
+            extra = payload.nbytes if payload is not None else 0
+            try:
+                if payload is None:
+                    await stream.send_all(head)
+                elif extra <= _SEND_WHOLE:
+                    await stream.send_all(head + payload + pad(extra))
+                else:
+                    await stream.send_all(head)
+                    await stream.send_all(payload)
+                    if extra % 4:
+                        await stream.send_all(pad(extra))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                if self._reconnects():
+                    _shut(stream)
+                    return
+                raise self.broken or TrioconvIOError(
+                    f"{self.what}: connection to the NFS server lost: {_reason(exc)}"
+                ) from exc
+
+    def _reconnects(self) -> bool:
+        """A lost connection is made again (rather than failing the calls)."""
+        return (
+            self._reading and self.redial is not None and not self._closing and self.broken is None
+        )
 
     def _unpack(self, pending: _Pending) -> Unpacker:
         assert pending.record is not None
@@ -366,6 +436,7 @@ class RPCClient:
     def _dispatch(self, record: memoryview) -> None:
         """Hand a complete reply to its caller (a READ's data straight into its buffer)."""
         pending = self._pending.pop(rpc.reply_xid(record), None)
+        self._replied = True
         if pending is None:  # its caller was cancelled
             return
         if pending.count >= 0:
@@ -409,67 +480,178 @@ class RPCClient:
             ):
                 return False
         del self._pending[xid]
+        self._replied = True
         view, _remaining = self._records.hand_over(head.start, head.length)
         with view:
             pos = view.nbytes
             if pending.buf is not None:
                 pending.buf[:pos] = view
         end = head.length
-        await receive_payload(fd, pos, end, lambda: pending.buf, self._scratch)
+        try:
+            await receive_payload(fd, pos, end, lambda: pending.buf, self._scratch)
+        except BaseException:
+            # The connection broke mid-data (or the reader is cancelled): the READ has
+            # no answer, and waits again - to go out on the next connection, or to be
+            # failed with the others.
+            if pending.buf is not None:
+                self._pending[xid] = pending
+            raise
         pending.got, pending.eof = head.length, head.eof
         pending.finish()
         return True
 
     async def reader(self) -> None:
-        """Receive replies and route them by xid until the connection closes.
+        """Receive replies and route them by xid until the connection closes - and, with
+        :attr:`redial`, reconnect when it breaks.
+
+        Raises:
+            TrioconvIOError: the connection is lost (and could not be made again), or
+                the server sent what cannot be a reply. Every waiting call fails with it.
+        """
+        self._reading = True
+        try:
+            while True:
+                try:
+                    await self._receive()
+                except rpc.RPCProtocolError as exc:
+                    # A server that sends what cannot be a reply is broken, not
+                    # restarting: a new connection would most likely get the same.
+                    if self._closing:
+                        break
+                    raise self._fail(f"connection to the NFS server lost: {_reason(exc)}") from exc
+                except (
+                    trio.BrokenResourceError,
+                    trio.ClosedResourceError,
+                    OSError,
+                    TrioconvIOError,
+                ) as exc:
+                    if self._closing:
+                        break
+                    if self.redial is None:
+                        raise self._fail(
+                            f"connection to the NFS server lost: {_reason(exc)}"
+                        ) from exc
+                    if not await self._reconnect(_reason(exc)):
+                        break  # closed meanwhile
+        except BaseException:
+            # Cancelled (the conversion is ending and nothing reads replies any more),
+            # or failed above: no call waits for ever.
+            self._give_up(TrioconvIOError(f"{self.what}: the connection is closed"))
+            raise
+        # Closed: a call still waiting (there should be none) fails rather than hangs.
+        self._give_up(TrioconvIOError(f"{self.what}: the connection is closed"))
+
+    async def _receive(self) -> None:
+        """Receive and route replies from the connection in use until it fails.
 
         A plain socket is read into the record reader's buffer, and the bulk of each
         READ reply's data straight into its caller's buffer: each byte of data is copied
         at most once in user space.
         """
-        self._reading = True
         records = self._records
         sock = getattr(self._stream, "socket", None)
-        try:
-            fd = sock.fileno() if sock is not None else -1
-            while True:
-                while (record := records.next_record()) is not None:
-                    self._dispatch(record)
-                if fd >= 0 and await self._receive_direct(fd):
-                    continue
-                if sock is not None:
-                    # Between records, ask for little: the next READ reply's data
-                    # should go straight to its caller, not through this buffer.
-                    limit = _RECEIVE_SIZE if records.buffered >= _HEAD_SIZE else _HEAD_RECEIVE
-                    space = records.get_buffer()
-                    with space:
-                        n = await sock.recv_into(space, min(space.nbytes, limit))
-                    if not n:
-                        raise TrioconvIOError("the server closed the connection")
-                    records.buffer_updated(n)
-                else:
-                    data = await self._stream.receive_some(_RECEIVE_SIZE)
-                    if not data:
-                        raise TrioconvIOError("the server closed the connection")
-                    records.receive_data(data)
-        except (
-            trio.BrokenResourceError,
-            trio.ClosedResourceError,
-            OSError,
-            rpc.RPCProtocolError,
-            TrioconvIOError,
-        ) as exc:
+        fd = sock.fileno() if sock is not None else -1
+        while True:
+            while (record := records.next_record()) is not None:
+                self._dispatch(record)
+            if fd >= 0 and await self._receive_direct(fd):
+                continue
+            if sock is not None:
+                # Between records, ask for little: the next READ reply's data
+                # should go straight to its caller, not through this buffer.
+                limit = _RECEIVE_SIZE if records.buffered >= _HEAD_SIZE else _HEAD_RECEIVE
+                space = records.get_buffer()
+                with space:
+                    n = await sock.recv_into(space, min(space.nbytes, limit))
+                if not n:
+                    raise TrioconvIOError("the server closed the connection")
+                records.buffer_updated(n)
+            else:
+                data = await self._stream.receive_some(_RECEIVE_SIZE)
+                if not data:
+                    raise TrioconvIOError("the server closed the connection")
+                records.receive_data(data)
+
+    def _fail(self, text: str) -> TrioconvIOError:
+        """Give the connection up for good with the error ``WHAT: text``."""
+        error = TrioconvIOError(f"{self.what}: {text}")
+        self._give_up(error)
+        return error
+
+    async def _reconnect(self, why: str) -> bool:
+        """Replace the broken connection and wake every waiting call to send again.
+
+        Each attempt asks the portmapper again (unless the URL gave the port), as
+        opening did. The attempts of one *episode* - from a connection that had
+        answered breaking to a reply on a new one - are bounded: at most
+        ``len(_RECONNECT_DELAYS)``, after growing pauses, within
+        :data:`_RECONNECT_TIMEOUT` seconds. A new connection that breaks before any
+        reply counts as a failed attempt, not as a new episode: a server that drops
+        every connection (or every call sent again) cannot keep the conversion busy
+        for ever, but a server that is only dying - whose listening socket may still
+        take a connection, then reset it - does not end the conversion when it is
+        back a moment later.
+
+        Args:
+            why: what broke the connection (``Connection reset by peer``).
+
+        Returns:
+            False when the client was closed meanwhile (nothing to reconnect for).
+
+        Raises:
+            TrioconvIOError: the episode's attempts failed; the error says what broke
+                the connection first, and the last failure.
+        """
+        now = trio.current_time()
+        if self._replied or now >= self._episode_end:
+            self._episode_end = now + _RECONNECT_TIMEOUT
+            self._episode_lost = f"connection to the NFS server lost: {why}"
+            self._failures = []
+        else:
+            self._failures.append(f"connected, then lost before any reply: {why}")
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose()  # (also stops a send stuck on it: it fails now)
+        self._records.clear()
+        redial = self.redial
+        assert redial is not None
+        stream: trio.SocketStream | None = None
+        with trio.CancelScope() as self._redialling, trio.move_on_at(self._episode_end):
+            while stream is None and len(self._failures) < len(_RECONNECT_DELAYS):
+                await trio.sleep(_RECONNECT_DELAYS[len(self._failures)])
+                try:
+                    with trio.fail_after(_RECONNECT_ATTEMPT_TIMEOUT):
+                        stream = await redial()
+                except trio.TooSlowError:
+                    self._failures.append(f"no answer in {_RECONNECT_ATTEMPT_TIMEOUT:g} s")
+                except (OSError, TrioconvIOError, XDRError) as exc:
+                    self._failures.append(_reason(exc))
+        self._redialling = None
+        if stream is None:
             if self._closing:
-                return
-            error = TrioconvIOError(
-                f"{self.what}: connection to the NFS server lost: {_reason(exc)}"
+                return False
+            if len(self._failures) < len(_RECONNECT_DELAYS):  # out of time
+                self._failures.append(f"no connection in {_RECONNECT_TIMEOUT:g} s")
+            raise self._fail(
+                f"{self._episode_lost}; {len(self._failures)} attempts to reconnect failed, "
+                f"the last: {self._failures[-1]}"
             )
-            self._give_up(error)
-            raise error from exc
-        except BaseException:
-            # Cancelled: the conversion is ending and nothing reads replies any more.
-            self._give_up(TrioconvIOError(f"{self.what}: the connection is closed"))
-            raise
+        taken = False
+        try:
+            async with self._sends.lock:
+                # Under the send lock, so no call goes out half on the old stream and
+                # half on the new one; every waiting call is woken to send again. (Not
+                # when the client was closed meanwhile: nothing would close this one.)
+                if not self._closing:
+                    self._stream, taken = stream, True
+                    self.connection += 1
+                    self._replied = False
+                    for pending in self._pending.values():
+                        pending.finish()
+        finally:
+            if not taken:
+                with trio.CancelScope(shield=True):
+                    await stream.aclose()
+        return taken
 
     def _give_up(self, error: TrioconvIOError) -> None:
         """The connection is unusable: fail every call waiting on it, stop a send stuck
@@ -485,8 +667,22 @@ class RPCClient:
 
     async def aclose(self) -> None:
         self._closing = True
+        if self._redialling is not None:
+            self._redialling.cancel()
         with trio.CancelScope(shield=True):
             await self._stream.aclose()
+
+
+async def _tcp_stream(host: str, port: int) -> trio.SocketStream:
+    stream = await trio.open_tcp_stream(host, port)
+    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return stream
+
+
+def _shut(stream: trio.SocketStream) -> None:
+    """Shut a broken stream down, so that its reader sees the end too (EOF)."""
+    with contextlib.suppress(OSError):
+        stream.socket.shutdown(socket.SHUT_RDWR)
 
 
 # -- opening -------------------------------------------------------------------------------
@@ -521,11 +717,7 @@ async def _ports(address: NFSAddress, uri: str) -> tuple[int, int]:
                 found.append(given)
                 continue
             vers = proto.MOUNT_VERS if prog == proto.MOUNT_PROG else proto.NFS_VERS
-            u = await pmap.call(
-                proto.PMAP_PROG, proto.PMAP_VERS, proto.PMAPPROC_GETPORT,
-                proto.encode_getport(prog, vers),
-            )  # fmt: skip
-            port = proto.decode_getport(u)
+            port = await _getport(pmap, prog, vers)
             if port == 0:
                 raise ImageError(
                     f"Could not open '{uri}': no {name} server over TCP is registered "
@@ -535,6 +727,37 @@ async def _ports(address: NFSAddress, uri: str) -> tuple[int, int]:
         return found[0], found[1]
     finally:
         await pmap.aclose()
+
+
+async def _getport(pmap: RPCClient, prog: int, vers: int) -> int:
+    """The TCP port the portmapper knows for ``prog`` version ``vers`` (0: none)."""
+    u = await pmap.call(
+        proto.PMAP_PROG, proto.PMAP_VERS, proto.PMAPPROC_GETPORT, proto.encode_getport(prog, vers)
+    )
+    return proto.decode_getport(u)
+
+
+async def _redial(address: NFSAddress) -> trio.SocketStream:
+    """A new connection to the NFS server of an open file, found the way opening found
+    it: the port from the URL, or the portmapper's answer now (a restarted server may
+    listen on another). The export need not be mounted again: NFSv3 file handles stay
+    valid, also across server restarts.
+
+    Raises:
+        OSError: no connection.
+        TrioconvIOError: the portmapper did not answer, or knows no NFS v3 server.
+        XDRError: the portmapper's reply is malformed.
+    """
+    port = address.port
+    if port is None:
+        pmap = await RPCClient.connect(address.host, proto.PMAP_PORT, "portmapper", None, 64 * 1024)
+        try:
+            port = await _getport(pmap, proto.NFS_PROG, proto.NFS_VERS)
+        finally:
+            await pmap.aclose()
+        if port == 0:
+            raise TrioconvIOError("no NFS v3 server over TCP is registered with the portmapper")
+    return await _tcp_stream(address.host, port)
 
 
 async def _mount(address: NFSAddress, port: int, uri: str) -> tuple[bytes, str, list[str]]:
@@ -988,6 +1211,9 @@ async def open_nfs(
         )
         driver.allocated = attr.used
         session.client.set_max_record(max(driver._rsize, driver._wsize) + 64 * 1024)
+        # From now on a lost connection is made again (same credential, same record
+        # limit: the client stays, only its stream is new).
+        session.client.redial = functools.partial(_redial, parse_nfs_uri(uri))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.client.reader)
             try:

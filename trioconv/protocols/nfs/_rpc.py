@@ -306,6 +306,15 @@ class RecordReader:
             self._start = self._end = 0
         return memoryview(self._buf)[self._end :]
 
+    def clear(self) -> None:
+        """Forget everything received: the connection it came from is gone, and the next
+        one starts with a fresh record mark."""
+        self._start = self._end = 0
+        self._discard = 0
+        self._fragments.clear()
+        self._fragments_size = 0
+        self._fragment_count = 0
+
     def buffer_updated(self, nbytes: int) -> None:
         """``nbytes`` were written at the start of the last :meth:`get_buffer` view."""
         self._end += nbytes
