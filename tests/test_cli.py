@@ -243,6 +243,30 @@ def test_file_names_starting_with_a_dash(
     assert_identical(src, tmp_path / "-dst.img")
 
 
+def test_option_values_that_look_like_options_are_values(
+    src: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``-O -h`` is the format "-h", not a request for help that exits 0 having
+    converted nothing; ``-B -base.raw`` names a backing file, as with qemu-img."""
+    monkeypatch.chdir(tmp_path)
+    dst = tmp_path / "dst.img"
+    for args, message in (
+        (["convert", "-O", "-h", src, dst], "Unknown file format '-h'"),
+        (["convert", "-f", "--version", src, dst], "Unknown file format '--version'"),
+        (["info", "-f", "--help", src], "Unknown file format '--help'"),
+    ):
+        assert message in assert_one_error(trioconv_cli(*args, cwd=tmp_path))
+        assert not dst.exists()
+    (tmp_path / "-base.raw").write_bytes(src.read_bytes())
+    args = ["-O", "qcow2", "-B", "-base.raw", "-F", "raw", src]
+    ok(trioconv_cli("convert", *args, "ours.qcow2", cwd=tmp_path))
+    run("qemu-img", "convert", *args, "theirs.qcow2")
+    ours = json.loads(run("qemu-img", "info", "--output=json", "ours.qcow2").stdout)
+    theirs = json.loads(run("qemu-img", "info", "--output=json", "theirs.qcow2").stdout)
+    assert ours["backing-filename"] == theirs["backing-filename"] == "-base.raw"
+    assert_identical(src, tmp_path / "ours.qcow2", "raw", "qcow2")
+
+
 def test_option_table_matches_the_commands() -> None:
     """normalize_argv must know every option and whether it takes a value, or a value
     that follows it would be moved behind the options as if it were a file name."""
@@ -269,8 +293,7 @@ def test_option_table_matches_the_commands() -> None:
         "convert",
         "-p",
         "-W",
-        "-m",
-        "8",
+        "--parallel=8",
         "a",
         "b",
     ]
@@ -280,20 +303,28 @@ def test_option_table_matches_the_commands() -> None:
     ("argv", "expected"),
     [
         # Given twice: the last value counts, as with qemu-img's getopt; -o adds up.
-        (["-O", "qcow2", "-O", "raw", "a", "b"], ["-O", "raw", "a", "b"]),
-        (["--target-format", "qcow2", "-Oraw", "a", "b"], ["-O", "raw", "a", "b"]),
-        (["-o", "x=1", "-p", "-o", "y=2", "a", "b"], ["-p", "-o", "x=1", "-o", "y=2", "a", "b"]),
+        (["-O", "qcow2", "-O", "raw", "a", "b"], ["--target-format=raw", "a", "b"]),
+        (["--target-format", "qcow2", "-Oraw", "a", "b"], ["--target-format=raw", "a", "b"]),
+        (
+            ["-o", "x=1", "-p", "-o", "y=2", "a", "b"],
+            ["-p", "--target-format-options=x=1", "--target-format-options=y=2", "a", "b"],
+        ),
         (["--salvage", "--salvage", "-qq", "a", "b"], ["--salvage", "-q", "a", "b"]),
         # Unambiguous beginnings of long options, as getopt_long takes them.
         (
             ["--salv", "--target-is", "--parallel=4", "a", "b"],
-            ["--salvage", "--target-is-zero", "-m", "4", "a", "b"],
+            ["--salvage", "--target-is-zero", "--parallel=4", "a", "b"],
         ),
-        (["--progress=json", "a", "b"], ["-p", "--progress-style", "json", "a", "b"]),
+        (["--progress=json", "a", "b"], ["-p", "--progress-style=json", "a", "b"]),
         (["a", "--", "-b"], ["--", "a", "-b"]),
         # Ambiguous among trioconv's long names, but not among qemu-img's: as qemu-img.
-        (["--b", "--o", "help", "a", "b"], ["--bitmaps", "--object", "help", "a", "b"]),
+        (["--b", "--o", "help", "a", "b"], ["--bitmaps", "--object=help", "a", "b"]),
         (["--f", "a", "b"], ["-U", "a", "b"]),
+        # An option's value is the next word, whatever it looks like, as getopt has it.
+        (["-B", "-base.qcow2", "a", "b"], ["--backing=-base.qcow2", "a", "b"]),
+        (["-l", "--help", "a", "b"], ["--snapshot=--help", "a", "b"]),
+        (["-O", "-h", "a", "b"], ["--target-format=-h", "a", "b"]),
+        (["--object=--version", "a", "b"], ["--object=--version", "a", "b"]),
     ],
 )
 def test_normalize_argv_reads_like_getopt(argv: list[str], expected: list[str]) -> None:

@@ -144,8 +144,8 @@ def _long_option(name: str, known: Sequence[str], qemu: Sequence[str] = ()) -> s
 def normalize_argv(argv: Sequence[str]) -> list[str]:
     """Rewrite qemu-img style arguments into one token per option, options first.
 
-    ``-pWm8`` becomes ``-p -W -m 8``; ``--progress=json`` becomes ``-p --progress-style
-    json``; ``--salv`` becomes ``--salvage``. As with qemu-img's getopt, options may come
+    ``-pWm8`` becomes ``-p -W --parallel=8``; ``--progress=json`` becomes ``-p
+    --progress-style=json``; ``--salv`` becomes ``--salvage``. As with qemu-img's getopt, options may come
     after file names (``convert a.qcow2 -O raw b.raw``): the file names move behind the
     options, in their order. Everything after ``--`` is a file name. An option given
     twice keeps its last value (``-o`` adds up), and one that lacks its value is an
@@ -157,6 +157,9 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
         return list(argv)
     canonical = {name: names[0] for names, _ in spec for name in names}
     valued = {name for names, takes in spec if takes for name in names}
+    # A value goes on as ``--long=value``, one token: a value that looks like an option
+    # (``-B -base.qcow2``, ``-l --help``) is still the value, as getopt takes it.
+    long_of = {names[0]: next(n for n in names if n.startswith("--")) for names, _ in spec}
     longs = [name for name in canonical if name.startswith("--")]
     given: dict[str, str | None] = {}  # canonical name -> last value, in first-seen order
     repeated: list[tuple[str, str]] = []
@@ -212,9 +215,9 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
         files.append(arg)
     out = [command]
     for name, value in given.items():
-        out += [name] if value is None else [name, value]
+        out.append(name if value is None else f"{long_of[name]}={value}")
     for name, value in repeated:
-        out += [name, value]
+        out.append(f"{long_of[name]}={value}")
     if any(f.startswith("-") for f in files):
         out.append("--")
     return out + files
