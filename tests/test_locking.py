@@ -101,6 +101,22 @@ def test_source_written_by_qemu_is_refused_unless_force_share(image: Path, tmp_p
     assert_identical(image, out, "qcow2", "raw")
 
 
+@pytest.mark.parametrize("fmt", ["raw", None], ids=["-f raw", "probed"])
+def test_info_looks_at_a_raw_image_in_use(tmp_path: Path, fmt: str | None) -> None:
+    """qemu-img info reads no data and takes no lock on a raw image: a running VM's raw
+    disk can be looked at without -U (a conversion from it still needs -U)."""
+    disk = create_filled(tmp_path / "disk.raw", "raw", "4M", "write -P 7 0 1M")
+    args = [*(["-f", fmt] if fmt else []), str(disk)]
+    with held_by_qemu(disk, "raw"):
+        for extra in ([], ["--output=json"], ["--backing-chain"]):
+            ours = trioconv_cli("info", *extra, *args)
+            assert ours.returncode == 0, ours.stderr
+            assert ours.stdout == run("qemu-img", "info", *extra, *args).stdout
+        line = one_line(trioconv_cli("convert", *args, tmp_path / "out.raw"))
+        assert 'Failed to get shared "write" lock' in line
+        assert not (tmp_path / "out.raw").exists()
+
+
 @pytest.mark.parametrize("no_create", [True, False], ids=["-n", "new"])
 @pytest.mark.parametrize("read_only", [False, True], ids=["qemu-writes", "qemu-reads"])
 def test_target_in_use_is_left_alone(

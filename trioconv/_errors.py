@@ -37,6 +37,11 @@ class ImageError(TrioconvError):
     """An image could not be opened, probed or created."""
 
 
+class ImageInUse(ImageError):
+    """Another process holds the image in a way this open cannot share (QEMU's image
+    locks): a running VM's disk, an image another conversion writes."""
+
+
 class BackingChainTooLong(ImageError):
     """A backing chain longer than trioconv opens. Said once, for the whole chain: the
     images above do not each wrap it in their own "Could not open backing file"."""

@@ -28,7 +28,7 @@ from cyclopts import Parameter
 
 from . import _open
 from ._cache import CacheMode
-from ._errors import ImageError, TrioconvError, UsageError
+from ._errors import ImageError, ImageInUse, TrioconvError, UsageError
 from ._qdict import qemu_order as _qemu_order
 from ._qemuopts import split_option_list
 from ._sizes import qemu_size_str
@@ -145,11 +145,11 @@ def normalize_argv(argv: Sequence[str]) -> list[str]:
     """Rewrite qemu-img style arguments into one token per option, options first.
 
     ``-pWm8`` becomes ``-p -W --parallel=8``; ``--progress=json`` becomes ``-p
-    --progress-style=json``; ``--salv`` becomes ``--salvage``. As with qemu-img's getopt, options may come
-    after file names (``convert a.qcow2 -O raw b.raw``): the file names move behind the
-    options, in their order. Everything after ``--`` is a file name. An option given
-    twice keeps its last value (``-o`` adds up), and one that lacks its value is an
-    error.
+    --progress-style=json``; ``--salv`` becomes ``--salvage``. As with qemu-img's
+    getopt, options may come after file names (``convert a.qcow2 -O raw b.raw``): the
+    file names move behind the options, in their order. Everything after ``--`` is a
+    file name. An option given twice keeps its last value (``-o`` adds up), and one that
+    lacks its value is an error.
     """
     command = argv[0] if argv else ""
     spec = _OPTIONS.get(command)
@@ -769,17 +769,31 @@ async def info(
     chain: list[dict[str, object]] = []
     async with contextlib.AsyncExitStack() as stack:
 
-        async def alone(location: str, layer_fmt: str | None) -> Driver:
-            return await stack.enter_async_context(
-                _open.open_image(
-                    location,
-                    layer_fmt,
-                    cache=CacheMode.WRITEBACK,
-                    connections=1,  # (one look at the image, as qemu-img takes it)
-                    force_share=force_share,
-                    backing=False,
-                )
+        def opening(
+            location: str, layer_fmt: str | None, share: bool
+        ) -> contextlib.AbstractAsyncContextManager[Driver]:
+            return _open.open_image(
+                location,
+                layer_fmt,
+                cache=CacheMode.WRITEBACK,
+                connections=1,  # (one look at the image, as qemu-img takes it)
+                force_share=share,
+                backing=False,
             )
+
+        async def alone(location: str, layer_fmt: str | None) -> Driver:
+            try:
+                return await stack.enter_async_context(opening(location, layer_fmt, force_share))
+            except ImageInUse:
+                # qemu-img info reads no data, and a raw image passes its user's
+                # sharing down to the file: it looks at a raw image in use (a running
+                # VM's disk) without -U. Every other format guards its metadata.
+                async with contextlib.AsyncExitStack() as mine:
+                    driver = await mine.enter_async_context(opening(location, layer_fmt, True))
+                    if driver.name != "raw":
+                        raise
+                    stack.push_async_exit(mine.pop_all())
+                    return driver
 
         # qemu-img info looks at the image alone: its backing file is shown by name, and
         # one that is missing, loops or is raw with no format recorded is not an error.
@@ -795,6 +809,8 @@ async def info(
                         force_share=force_share,
                     )
                 )
+            except ImageInUse:
+                pass  # (opened alone below: a raw image in use is looked at all the same)
             except ImageError as exc:
                 # What only reading the images' data needs does not stop qemu-img, which
                 # reads none: it probes a backing file with no recorded format (and shows

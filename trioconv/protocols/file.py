@@ -52,6 +52,7 @@ if TYPE_CHECKING:
 from .._cache import CacheMode
 from .._errors import (
     ImageError,
+    ImageInUse,
     TrioconvIOError,
     UnsupportedError,
     UsageError,
@@ -172,7 +173,7 @@ def _lock_image(fd: int, path: str, perms: tuple[int, int], *, what: str) -> Non
             return
         raise ImageError(f"Could not {what} '{path}': cannot lock it: {exc.strerror}") from exc
     if conflict:
-        raise ImageError(
+        raise ImageInUse(
             f"Could not {what} '{path}': {conflict} (is another process using the image?)"
         )
 
