@@ -345,6 +345,31 @@ def test_qemu_nbd_qcow2_to_file(
     assert data_ranges(qemu_map(out)) == [(0, MiB), (4 * MiB, 4 * MiB + 64 * KiB)]
 
 
+@pytest.mark.parametrize("tcp", [False, True], ids=["unix", "tcp"])
+def test_qemus_older_nbd_names(
+    qemu_nbd_server: QemuNbdLauncher, qcow2_src: Path, tmp_path: Path, tcp: bool
+) -> None:
+    """``nbd:unix:PATH:exportname=X`` and ``nbd:HOST:PORT:exportname=X``, the names
+    scripts used before NBD URIs: read as qemu-img reads them, and named in ``info``
+    by the URI they stand for, as qemu-img names them."""
+    server = qemu_nbd_server(qcow2_src, fmt="qcow2", readonly=True, tcp=tcp, export_name="e x")
+    where = f"unix:{server.socket}" if not tcp else f"{server.host}:{server.port}"
+    name = f"nbd:{where}:exportname=e x"
+    for output in ("human", "json"):
+        ours = trioconv_cli("info", "--output", output, name)
+        assert ours.returncode == 0, ours.stderr
+        assert ours.stdout == run("qemu-img", "info", "--output", output, name).stdout
+    out = tmp_path / "out.img"
+    result = trioconv_cli("convert", "-f", "raw", "-O", "raw", name, out)
+    assert result.returncode == 0, result.stderr
+    compare_uri(out, server.uri)
+    if tcp:
+        line = one_error_line(trioconv_cli("info", f"nbd:{server.host}"))
+        assert line.endswith(
+            f"Could not open 'nbd:{server.host}': error parsing address '{server.host}'"
+        )
+
+
 #: Data, holes and zero runs inside clusters, and a partly written last cluster (the
 #: images are 8M + 5k: qcow2's last cluster is partial).
 QCOW2_SRC_WRITES = (

@@ -52,6 +52,31 @@ def is_nbd_uri(location: str) -> bool:
     return bool(sep) and scheme.lower() in _NBD_SCHEMES
 
 
+def legacy_nbd_name(location: str | os.PathLike[str]) -> str | os.PathLike[str]:
+    """QEMU's older NBD file names as the URI they stand for; anything else as it is.
+
+    ``nbd:unix:PATH[:exportname=NAME]`` is ``nbd+unix:///NAME?socket=PATH`` and
+    ``nbd:HOST:PORT[:exportname=NAME]`` is ``nbd://HOST:PORT/NAME`` (an IPv6 host in
+    brackets), as qemu-img reads them - and names them, in ``info``.
+
+    Raises:
+        ImageError: ``nbd:`` with no port (qemu-img's "error parsing address").
+    """
+    if not isinstance(location, str) or not location.startswith("nbd:") or "://" in location:
+        return location
+    import urllib.parse
+
+    spec, _, export = location[4:].partition(":exportname=")
+    name = urllib.parse.quote(export, safe="")
+    if spec.startswith("unix:"):
+        path = urllib.parse.quote(spec[5:], safe="/")
+        return f"nbd+unix:///{name}?socket={path}"
+    host, colon, port = spec.rpartition(":")
+    if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ImageError(f"Could not open '{location}': error parsing address '{spec}'")
+    return f"nbd://{host}:{int(port)}/{name}"
+
+
 def is_nfs_uri(location: str) -> bool:
     """True when ``location`` is an NFS URL (``nfs://host[:port]/export/path``)."""
     scheme, sep, _ = location.partition("://")
@@ -438,7 +463,7 @@ async def _open_image(
     force_share: bool = False,
     backing: bool = True,
 ) -> AsyncIterator[Driver]:
-    text = os.fspath(location)
+    text = os.fspath(legacy_nbd_name(location))
     # A json: name holds QEMU block options (see _blockopts); anything else is a path
     # or a URI.
     opener = _open_spec if text.startswith("json:") else _open_transport_image
@@ -841,6 +866,7 @@ async def create_image(
     """
     if size < 0:
         raise UsageError(f"Invalid image size specified: {size}")
+    location = legacy_nbd_name(location)
     options = dict(options or {})
     size = -(-size // 512) * 512  # whole sectors, as qemu-img create makes it
     check_create_options(fmt, options)

@@ -744,6 +744,8 @@ async def info(
     if output not in ("human", "json"):
         raise UsageError("--output must be used with human or json as argument.")
     image = shown = images[0]
+    if not image_opts:
+        image = os.fspath(_open.legacy_nbd_name(image))  # (nbd:unix:PATH:exportname=X)
     if fmt in _PROTOCOL_FORMATS and not image_opts:
         image, fmt = _protocol_as_format(image, fmt), None
     protocol: str | None = None

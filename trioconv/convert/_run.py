@@ -18,6 +18,7 @@ from .._open import (
     create_image,
     format_info,
     is_nfs_uri,
+    legacy_nbd_name,
     not_there,
     open_image,
     side_files,
@@ -139,6 +140,9 @@ async def run_convert(
         raise UsageError("A Progress follows one conversion: this one was used already")
     progress = progress if progress is not None else Progress()
     specs = [sources] if isinstance(sources, (str, os.PathLike, Driver)) else list(sources)
+    # QEMU's older NBD names (nbd:unix:PATH:exportname=X) as the URIs they stand for.
+    specs = [s if isinstance(s, Driver) else legacy_nbd_name(s) for s in specs]
+    target = target if isinstance(target, Driver) else legacy_nbd_name(target)
     try:
         return await _convert(specs, target, opts, progress)
     except BaseExceptionGroup as group:
