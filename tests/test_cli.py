@@ -267,6 +267,29 @@ def test_option_values_that_look_like_options_are_values(
     assert_identical(src, tmp_path / "ours.qcow2", "raw", "qcow2")
 
 
+def test_a_name_with_a_protocol_prefix_is_refused_even_when_the_file_exists(
+    src: Path, tmp_path: Path
+) -> None:
+    """``x:y.raw`` is protocol ``x`` to qemu-img, file or no file: refused in one line
+    and left as it was; ``./x:y.raw`` and ``file:x:y.raw`` name the file."""
+    odd = tmp_path / "x:y.raw"
+    odd.write_bytes(b"\x01" * 4096)
+    for args in (
+        ["convert", src, "x:y.raw"],
+        ["convert", "x:y.raw", "out.raw"],
+        ["info", "x:y.raw"],
+    ):
+        line = assert_one_error(trioconv_cli(*args, cwd=tmp_path))
+        assert line == "trioconv: Unknown protocol 'x' in 'x:y.raw'"
+        their = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, cwd=tmp_path)
+        assert their.returncode == 1
+    assert odd.read_bytes() == b"\x01" * 4096
+    assert not (tmp_path / "out.raw").exists()
+    ok(trioconv_cli("convert", "-O", "raw", src, "./x:y.raw", cwd=tmp_path))
+    assert_identical(src, odd)
+    ok(trioconv_cli("info", "file:x:y.raw", cwd=tmp_path))
+
+
 def test_option_table_matches_the_commands() -> None:
     """normalize_argv must know every option and whether it takes a value, or a value
     that follows it would be moved behind the options as if it were a file name."""

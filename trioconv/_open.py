@@ -77,6 +77,23 @@ def legacy_nbd_name(location: str | os.PathLike[str]) -> str | os.PathLike[str]:
     return f"nbd://{host}:{int(port)}/{name}"
 
 
+def refuse_unknown_protocol(name: str) -> None:
+    """Refuse ``WORD:REST`` with no protocol trioconv knows, even when a file of that
+    name exists, as qemu-img reads such a name: ``x:y.raw`` is refused (``./x:y.raw``
+    or ``file:x:y.raw`` is the file). (Opening refuses it only when there is no such
+    file, so that a program's path with a colon still opens.)
+
+    Raises:
+        UnsupportedError: ``Unknown protocol 'x' in 'x:y.raw'``.
+    """
+    known = (is_nbd_uri, is_nfs_uri, is_iscsi_uri, is_http_uri, is_null_uri)
+    if name.startswith(("file:", "json:", "nbd:")) or any(test(name) for test in known):
+        return
+    match = _URI_RE.match(name)
+    if match:
+        raise UnsupportedError(f"Unknown protocol '{match.group(1).lower()}' in '{name}'")
+
+
 def is_nfs_uri(location: str) -> bool:
     """True when ``location`` is an NFS URL (``nfs://host[:port]/export/path``)."""
     scheme, sep, _ = location.partition("://")
