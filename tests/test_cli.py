@@ -1080,6 +1080,10 @@ def test_accepted_like_qemu_img(src: Path, tmp_path: Path, args: list[str]) -> N
         (["-O", "qcow2", "-o", "cluster_size=64k,"], "Invalid option list: cluster_size=64k,"),
         (["-O", ""], "Unknown file format ''"),
         (["-O", "qcow2", "-o", "data_file="], "Could not create '': No such file or directory"),
+        # Booleans as QEMU spells them, exactly.
+        (["-O", "qcow2", "-o", "lazy_refcounts=ON"], "'lazy_refcounts' expects 'on' or 'off'"),
+        (["-O", "vdi", "-o", "static=True"], "Parameter 'static' expects 'on' or 'off'"),
+        (["-O", "vpc", "-o", "force_size= on"], "Parameter 'force_size' expects 'on' or 'off'"),
         (["-n", "-o", "help"], "-o has no effect when skipping image creation"),
         (
             ["-c", "-O", "qcow2", "-o", "preallocation=full"],

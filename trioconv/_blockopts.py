@@ -119,7 +119,7 @@ def use_objects(
 
 
 def _bool(value: str | None, key: str) -> bool:
-    return parse_bool(key, value or "", exact=True)
+    return parse_bool(key, value or "")
 
 
 def parse_object(text: str) -> QemuObject:

@@ -11,17 +11,16 @@ _ON = ("on", "yes", "true", "y")
 _OFF = ("off", "no", "false", "n")
 
 
-def parse_bool(key: str, value: str, *, exact: bool = False) -> bool:
-    """A boolean option value: ``on``/``off`` (or ``yes``/``no``, ``true``/``false``,
-    ``y``/``n``), case and surrounding blanks aside unless ``exact``.
+def parse_bool(key: str, value: str) -> bool:
+    """A boolean option value as QEMU takes it: ``on``/``off``, ``yes``/``no``,
+    ``true``/``false`` or ``y``/``n``, exactly (``ON`` or `` on`` is refused, as there).
 
     Raises:
         UsageError: anything else, in qemu-img's words.
     """
-    text = value if exact else value.strip().lower()
-    if text in _ON:
+    if value in _ON:
         return True
-    if text in _OFF:
+    if value in _OFF:
         return False
     raise UsageError(f"Parameter '{key}' expects 'on' or 'off'")
 

@@ -12,6 +12,7 @@ from collections.abc import Mapping
 import attrs
 
 from ..._errors import UsageError
+from ..._qemuopts import parse_bool
 from ..._sizes import parse_size
 from . import _codec as codec
 
@@ -86,8 +87,6 @@ BACKING_FORMATS = frozenset(
     ]
 )
 
-_TRUE = ("on", "yes", "true", "y")
-_FALSE = ("off", "no", "false", "n")
 _LEVEL_HINT = "(use version=v3 or greater)"
 
 
@@ -127,15 +126,6 @@ class CreateOptions:
     def cluster_size(self) -> int:
         """Bytes per cluster."""
         return 1 << self.cluster_bits
-
-
-def _bool(name: str, value: str) -> bool:
-    low = value.lower()
-    if low in _TRUE:
-        return True
-    if low in _FALSE:
-        return False
-    raise UsageError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
 def parse_create_options(options: Mapping[str, str]) -> CreateOptions:
@@ -183,8 +173,8 @@ def parse_create_options(options: Mapping[str, str]) -> CreateOptions:
     if refcount_bits <= 0 or refcount_bits > 64 or refcount_bits & (refcount_bits - 1):
         raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
 
-    lazy = _bool("lazy_refcounts", options.get("lazy_refcounts", "off"))
-    extended_l2 = _bool("extended_l2", options.get("extended_l2", "off"))
+    lazy = parse_bool("lazy_refcounts", options.get("lazy_refcounts", "off"))
+    extended_l2 = parse_bool("extended_l2", options.get("extended_l2", "off"))
 
     ctype_name = options.get("compression_type", "zlib")
     if ctype_name == "zlib":
@@ -226,7 +216,7 @@ def parse_create_options(options: Mapping[str, str]) -> CreateOptions:
     data_file = options.get("data_file")
     if data_file == "":
         raise UsageError("Could not create '': No such file or directory")
-    data_file_raw = _bool("data_file_raw", options.get("data_file_raw", "off"))
+    data_file_raw = parse_bool("data_file_raw", options.get("data_file_raw", "off"))
     if data_file is not None and version < 3:
         raise UsageError(
             "External data files are only supported with compatibility level 1.1 and above "

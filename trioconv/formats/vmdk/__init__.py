@@ -110,7 +110,7 @@ class VmdkOptions:
 
 def _bool(options: Mapping[str, str], key: str) -> bool:
     value = options.get(key)
-    return value is not None and parse_bool(key, value, exact=True)
+    return value is not None and parse_bool(key, value)
 
 
 def parse_create_options(options: Mapping[str, str]) -> VmdkOptions:
