@@ -161,6 +161,15 @@ def _same_text(tmp_path: Path, *args: str) -> None:
     assert ours.stdout == theirs.stdout
 
 
+def test_empty_lists_printed_as_qemu_prints_them(tmp_path: Path, qemu_img: str) -> None:
+    """A disabled bitmap's flags are an empty list: ``[`` and ``]`` on two lines in
+    qemu-img's JSON, byte for byte."""
+    run(qemu_img, "create", "-q", "-f", "qcow2", tmp_path / "b.qcow2", "1M")
+    run(qemu_img, "bitmap", "--add", "--disable", tmp_path / "b.qcow2", "quiet")
+    _same_text(tmp_path, "--output=json", "b.qcow2")
+    assert '"flags": [\n' in trioconv_cli("info", "--output=json", tmp_path / "b.qcow2").stdout
+
+
 def test_info_on_images_qemu_img_shows_as_they_are(tmp_path: Path, qemu_img: str) -> None:
     """Images that reading refuses or that need care, shown as qemu-img shows them: a
     qcow2 over a raw backing file with no recorded format (as older QEMU wrote them; a

@@ -7,6 +7,8 @@ come out in the order of their hash, not of insertion; qemu-img info's JSON and 
 
 from __future__ import annotations
 
+import re
+
 __all__ = ["qdict_bucket", "qemu_order"]
 
 
@@ -17,6 +19,17 @@ def qdict_bucket(key: str) -> int:
     for i, byte in enumerate(raw):
         value = (value + (byte << (i * 5 % 24))) & 0xFFFFFFFF
     return ((1103515243 * value + 12345) & 0xFFFFFFFF) % 512
+
+
+#: A line of indented JSON that ends in an empty list or object (a string value cannot:
+#: it ends in a quote).
+_EMPTY_JSON = re.compile(r'^( *)((?:"(?:[^"\\]|\\.)*": )?)(\[\]|\{\})(,?)$', re.MULTILINE)
+
+
+def qemu_json(text: str) -> str:
+    """Indented JSON as QEMU prints it: an empty list or object opens on its line and
+    closes on the next (``"flags": [`` then ``]``), where Python writes ``[]``."""
+    return _EMPTY_JSON.sub(lambda m: f"{m[1]}{m[2]}{m[3][0]}\n{m[1]}{m[3][1]}{m[4]}", text)
 
 
 def qemu_order(value: object) -> object:

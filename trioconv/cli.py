@@ -29,6 +29,7 @@ from cyclopts import Parameter
 from . import _open
 from ._cache import CacheMode
 from ._errors import ImageError, ImageInUse, TrioconvError, UsageError
+from ._qdict import qemu_json
 from ._qdict import qemu_order as _qemu_order
 from ._qemuopts import split_option_list
 from ._sizes import qemu_size_str
@@ -854,7 +855,7 @@ async def info(
         import json
 
         ordered = _qemu_order(chain if backing_chain else chain[0])
-        _emit(json.dumps(ordered, indent=4) + "\n")
+        _emit(qemu_json(json.dumps(ordered, indent=4)) + "\n")
     else:
         text = io.StringIO()
         with contextlib.redirect_stdout(text):
