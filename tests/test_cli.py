@@ -999,6 +999,14 @@ def test_progress_text_is_qemu_imgs(src: Path, tmp_path: Path) -> None:
     )
     assert failed.returncode == qemu_failed.returncode == 1
     assert failed.stdout == qemu_failed.stdout == b"    (0.00/100%)\r\n"
+    # Nothing to copy: the first line and the closing one, nothing between.
+    empty = tmp_path / "empty.raw"
+    empty.write_bytes(b"")
+    ours = trioconv_bytes("convert", "-p", empty, tmp_path / "e.img")
+    theirs = subprocess.run(
+        ["qemu-img", "convert", "-p", empty, tmp_path / "f.img"], capture_output=True, check=True
+    )
+    assert ours.stdout == theirs.stdout == b"    (0.00/100%)\r    (100.00/100%)\r\n"
 
 
 @pytest.mark.parametrize(

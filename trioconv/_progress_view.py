@@ -89,9 +89,9 @@ async def _draw(progress: Progress, style: str, out: TextIO) -> None:
         out.flush()
         while True:
             if progress.finished and (
-                progress.started_at is None or progress.done < progress.total
+                progress.started_at is None or progress.done < progress.total or not progress.total
             ):
-                return
+                return  # (nothing to copy: qemu-img shows only its closing line)
             whole = int(progress.percent)
             line = qemu_line(progress)
             if (whole > shown or progress.finished) and line != last:
