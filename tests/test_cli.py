@@ -290,6 +290,14 @@ def test_a_name_with_a_protocol_prefix_is_refused_even_when_the_file_exists(
     ok(trioconv_cli("info", "file:x:y.raw", cwd=tmp_path))
 
 
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag: str) -> None:
+    """``--version`` and qemu-img's ``-V``: the version on stdout, status 0."""
+    result = trioconv_cli(flag)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == trioconv.__version__ + "\n" and result.stderr == ""
+
+
 def test_option_table_matches_the_commands() -> None:
     """normalize_argv must know every option and whether it takes a value, or a value
     that follows it would be moved behind the options as if it were a file name."""

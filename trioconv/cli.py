@@ -47,6 +47,7 @@ app = cyclopts.App(
     version=lambda: __import__("trioconv").__version__,
     # Printed as is: the default (markdown) imports rich.markdown, ~35 ms, for "0.1.0".
     version_format="plaintext",
+    version_flags=["--version", "-V"],  # (qemu-img -V too)
     help_on_error=False,
 )
 
