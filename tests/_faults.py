@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -141,6 +141,17 @@ async def check_cancelled_while_stopped(url: str, size: int, pid: int) -> None:
     assert trio.current_time() - cancelled_at[0] < 5
 
 
+def start_cli(args: Sequence[str | os.PathLike[str]]) -> subprocess.Popen[str]:
+    """``python -m trioconv ARGS`` started as a user would, its output captured as text:
+    for a test that does something to it (a signal, a server fault) while it runs."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "trioconv", *[os.fspath(a) for a in args]],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
 def interrupt_cli(
     args: list[str | os.PathLike[str]],
     *,
@@ -150,12 +161,7 @@ def interrupt_cli(
 ) -> tuple[int, str, float]:
     """Run the CLI, send ``signum`` ``after`` seconds in; its status, stderr and how long
     it took to end after the signal."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trioconv", *[os.fspath(a) for a in args]],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli(args)
     try:
         time.sleep(after)
         assert proc.poll() is None, proc.communicate()

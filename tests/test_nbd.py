@@ -17,7 +17,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from functools import partial
@@ -31,7 +30,7 @@ import trioconv
 from trioconv import ConvertOptions, ExtentKind
 from trioconv.protocols.nbd import MultiConnDriver, NBDDriver, open_nbd
 
-from ._faults import interrupt_cli, one_line_error
+from ._faults import interrupt_cli, one_line_error, start_cli
 from .conftest import (
     ImageMaker,
     assert_identical,
@@ -700,13 +699,7 @@ def test_fault_server_killed_mid_copy(
         files = [server.uri, str(out)]
     else:
         files = ["-n", str(full_src), server.uri]
-    command = [sys.executable, "-m", "trioconv", "convert", "-m", "1", "--connections", "1"]
-    proc = subprocess.Popen(
-        [*command, "-f", "raw", "-O", "raw", *files],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli(["convert", "-m", "1", "--connections", "1", "-f", "raw", "-O", "raw", *files])
     try:
         time.sleep(1.2)
         assert proc.poll() is None, proc.communicate()

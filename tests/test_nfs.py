@@ -14,7 +14,6 @@ from __future__ import annotations
 import itertools
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -39,6 +38,7 @@ from ._faults import (
     check_reader_fails_after_loss,
     make_mixed_src,
     one_line_error,
+    start_cli,
 )
 from .conftest import ImageMaker, assert_identical, run, trioconv_cli
 from .nfs_server import NFSServer
@@ -424,12 +424,7 @@ def run_cli_with(
 ) -> tuple[subprocess.CompletedProcess[str], float]:
     """Run the CLI and, a second in (mid-copy), ``fault()``: the run, and how many
     seconds it went on after the fault."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "trioconv", *[os.fspath(a) for a in args]],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = start_cli(args)
     try:
         time.sleep(1.0)
         assert proc.poll() is None, proc.communicate()
