@@ -259,6 +259,12 @@ async def test_hand_written_descriptor(tmp_path: Path) -> None:
         assert img.info.cid == 0x12345678
         assert [e.kind for e in img.extents] == ["FLAT", "SPARSE", "VMFS"]
         await check_block_status_tiles(img)
+    # info as qemu-img gives it: extents of different kinds have no one cluster size
+    # (and then no dirty flag either), and a file is counted once per extent in it.
+    for output in ("json", "human"):
+        mine = trioconv_cli("info", "--output", output, desc)
+        assert mine.stdout == run("qemu-img", "info", "--output", output, desc).stdout
+    assert "cluster-size" not in json.loads(trioconv_cli("info", "--output=json", desc).stdout)
 
 
 def _vmware_stream(grains: dict[int, bytes], capacity: int) -> bytes:

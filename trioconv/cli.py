@@ -654,6 +654,8 @@ def _info_dict(drv: Driver) -> dict[str, object]:
     if drv.limits.cluster_size:
         info["cluster-size"] = drv.limits.cluster_size
     info.update(drv.describe())
+    for key in [key for key, value in info.items() if value is None]:
+        del info[key]  # (a format withdraws a key it does not have)
     return info
 
 

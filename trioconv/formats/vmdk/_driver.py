@@ -168,6 +168,13 @@ class VmdkDriver(Driver):
             "extents": extents,
         }
         out: dict[str, object] = {"format-specific": {"type": "vmdk", "data": data}}
+        kinds = {
+            (isinstance(e, FlatExtent), e.compressed, getattr(e, "grain", 0)) for e in self.extents
+        }
+        if len(kinds) > 1:
+            # Extents of different kinds have no one cluster size: qemu then has no
+            # block-driver info, and shows neither a cluster size nor a dirty flag.
+            out["cluster-size"] = out["dirty-flag"] = None
         if self.parent_hint is not None:
             # Shown whether or not the parent was opened (qemu-img info looks at the
             # image alone); a VMDK parent is always a VMDK image to QEMU.
@@ -182,9 +189,11 @@ class VmdkDriver(Driver):
         return out
 
     def _allocated_bytes(self) -> int | None:
-        """Disk space of the descriptor and every extent file, as qemu adds them up."""
-        paths = {self.location}
-        paths.update(ext.file.location for ext in self.extents)
+        """Disk space of the image file and of each extent's file, as qemu adds them up:
+        an extent file is counted once per extent in it (two extents of one file, twice),
+        the image's own file once."""
+        paths = [self.location]
+        paths += [ext.file.location for ext in self.extents if ext.file.location != self.location]
         total = 0
         for path in paths:
             local = _local(path)
