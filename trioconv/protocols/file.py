@@ -258,8 +258,8 @@ def _write_buffered(fd: int, data: memoryview, offset: int, allocate: bool) -> b
       it never changes what a file reads, only which of its blocks are reserved). A
       write into a hole otherwise takes the file system's delayed-allocation path page
       by page; into blocks allocated ahead it only copies: 1 GiB in 2 MiB writes took
-      0.117 s of CPU against 0.18 s, and a 2 GiB raw or qcow2 conversion 10-20 % less
-      wall time. A file system that cannot (tmpfs on old kernels, NFS v3, ZFS before
+      0.117 s of CPU against 0.18 s, and a 2 GiB raw conversion about 10 % less wall
+      time. A file system that cannot (tmpfs on old kernels, NFS v3, ZFS before
       2.2) says so once and is not asked again; any other refusal is left to the write
       itself, which reports it properly.
     - The kernel gives a write into new page-cache pages folios as large as the write's
