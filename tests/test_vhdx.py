@@ -176,6 +176,21 @@ async def test_layout_matches_qemu(tmp_path: Path, options: str) -> None:
     assert_identical(ours, theirs, "vhdx", "vhdx")
 
 
+@pytest.mark.parametrize("options", ["subformat=fixed,block_state_zero=off", "subformat=fixed"])
+def test_a_fixed_image_ends_where_its_payload_does(tmp_path: Path, options: str) -> None:
+    """A fixed image of a size that is not a whole MiB: every block is there from the
+    start, so writing allocates nothing and the file keeps qemu-img's length."""
+    src = tmp_path / "odd.raw"
+    src.write_bytes(os.urandom(1_000_000))
+    ours, theirs = tmp_path / "ours.vhdx", tmp_path / "theirs.vhdx"
+    result = trioconv_cli("convert", "-O", "vhdx", "-o", options, src, ours)
+    assert result.returncode == 0, result.stderr
+    run("qemu-img", "convert", "-O", "vhdx", "-o", options, src, theirs)
+    assert ours.stat().st_size == theirs.stat().st_size
+    qemu_check(ours)
+    assert_identical(src, ours, "raw", "vhdx")
+
+
 async def test_create_defaults_match_qemu_create(tmp_path: Path) -> None:
     for size in ("1M", "2G", "200G"):
         ours, theirs = tmp_path / "o.vhdx", tmp_path / "t.vhdx"

@@ -307,9 +307,10 @@ class VhdxDriver(Driver):
         block allocated (``reached``: how far the file is known to reach)."""
         async with self._flush_lock:
             # The file must reach the end of the last block allocated: a BAT entry past
-            # the end of the file makes the image unreadable.
-            if reached < self._next_alloc:
-                tail = self._next_alloc
+            # the end of the file makes the image unreadable. (Only a block allocated
+            # here: a fixed image's file ends where its last block's payload does.)
+            if reached < self._allocated_end:
+                tail = self._allocated_end
                 await self.child.pwrite(tail - 512, _ZEROS[:512])
                 self._file_end = max(self._file_end, tail)
                 self._done_end = max(self._done_end, tail)
@@ -333,7 +334,7 @@ class VhdxDriver(Driver):
     async def aclose(self) -> None:
         # No write is in flight any more: only what completed counts (a cancelled write
         # may have allocated the last block and never reached it).
-        if self._writable and (self._dirty_pages or self._done_end < self._next_alloc):
+        if self._writable and (self._dirty_pages or self._done_end < self._allocated_end):
             await self._store(self._done_end)
         self._writable = False
         self._closed = True
