@@ -252,8 +252,8 @@ def test_option_values_that_look_like_options_are_values(
     dst = tmp_path / "dst.img"
     for args, message in (
         (["convert", "-O", "-h", src, dst], "Unknown file format '-h'"),
-        (["convert", "-f", "--version", src, dst], "Unknown file format '--version'"),
-        (["info", "-f", "--help", src], "Unknown file format '--help'"),
+        (["convert", "-f", "--version", src, dst], "Unknown driver '--version'"),
+        (["info", "-f", "--help", src], "Unknown driver '--help'"),
     ):
         assert message in assert_one_error(trioconv_cli(*args, cwd=tmp_path))
         assert not dst.exists()
@@ -283,6 +283,12 @@ def test_a_name_with_a_protocol_prefix_is_refused_even_when_the_file_exists(
         assert line == "trioconv: Unknown protocol 'x' in 'x:y.raw'"
         their = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, cwd=tmp_path)
         assert their.returncode == 1
+    # Whatever comes before the first colon (no slash before it), as typed.
+    for name, protocol in (("my_file:1.raw", "my_file"), ("1x:y.raw", "1x"), ("A b:c", "A b")):
+        (tmp_path / name).write_bytes(b"\x02" * 512)
+        line = assert_one_error(trioconv_cli("convert", src, name, cwd=tmp_path))
+        assert line == f"trioconv: Unknown protocol '{protocol}' in '{name}'"
+        assert (tmp_path / name).read_bytes() == b"\x02" * 512
     assert odd.read_bytes() == b"\x01" * 4096
     assert not (tmp_path / "out.raw").exists()
     ok(trioconv_cli("convert", "-O", "raw", src, "./x:y.raw", cwd=tmp_path))
@@ -1094,7 +1100,10 @@ def test_accepted_like_qemu_img(src: Path, tmp_path: Path, args: list[str]) -> N
         (["--bitmaps", "-O", "qcow2"], "Source lacks bitmap support"),
         (["-o", ""], "Invalid option list: "),
         (["-O", "qcow2", "-o", "cluster_size=64k,"], "Invalid option list: cluster_size=64k,"),
-        (["-O", ""], "Unknown file format ''"),
+        (["-O", ""], "trioconv: Unknown file format ''"),
+        (["-O", "bogus"], "trioconv: Unknown file format 'bogus'"),
+        (["-f", "bogus"], "Could not open '"),  # ... 'SRC': Unknown driver 'bogus'
+        (["-n", "-O", "bogus"], "Unknown driver 'bogus'"),
         (["-O", "qcow2", "-o", "data_file="], "Could not create '': No such file or directory"),
         # Booleans as QEMU spells them, exactly.
         (["-O", "qcow2", "-o", "lazy_refcounts=ON"], "'lazy_refcounts' expects 'on' or 'off'"),

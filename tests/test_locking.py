@@ -117,6 +117,22 @@ def test_info_looks_at_a_raw_image_in_use(tmp_path: Path, fmt: str | None) -> No
         assert not (tmp_path / "out.raw").exists()
 
 
+def test_info_follows_a_chain_down_to_a_raw_backing_file_in_use(tmp_path: Path) -> None:
+    """An overlay on a raw image that a VM writes: --backing-chain shows both, as
+    qemu-img does; converting the overlay is refused (its data is in use)."""
+    base = create_filled(tmp_path / "base.raw", "raw", "4M", "write -P 7 0 1M")
+    top = tmp_path / "top.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base.name, "-F", "raw", top)
+    with held_by_qemu(base, "raw"):
+        for output in ("human", "json"):
+            args = ["info", "--backing-chain", "--output", output, str(top)]
+            ours = trioconv_cli(*args)
+            assert ours.returncode == 0, ours.stderr
+            assert ours.stdout == run("qemu-img", *args).stdout
+        line = one_line(trioconv_cli("convert", top, tmp_path / "out.raw"))
+        assert "Could not open backing file" in line and "lock" in line
+
+
 @pytest.mark.parametrize("no_create", [True, False], ids=["-n", "new"])
 @pytest.mark.parametrize("read_only", [False, True], ids=["qemu-writes", "qemu-reads"])
 def test_target_in_use_is_left_alone(

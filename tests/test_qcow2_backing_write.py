@@ -392,6 +392,7 @@ def test_library_progress_counts_backing_as_skipped(tmp_path: Path) -> None:
         pytest.param(["-O", "qcow2", "-F", ""], id="empty-F"),
         pytest.param(["-O", "qcow2", "-o", "backing_fmt="], id="empty-o-backing_fmt"),
         pytest.param(["-O", "vmdk", "-o", "backing_file="], id="vmdk-empty-o-backing_file"),
+        pytest.param(["-O", "qcow2", "-B", "base.qcow2", "-F", ""], id="B-empty-F"),
     ],
 )
 def test_refused_like_qemu(tmp_path: Path, args: list[str]) -> None:

@@ -822,6 +822,18 @@ def test_a_delta_disk_whose_parent_changed_is_not_read_through(tmp_path: Path) -
     assert out.read_bytes() == b"\x44" * MiB
 
 
+@pytest.mark.parametrize("fmt", ["vmdk", "qcow2"])
+def test_an_empty_backing_name_with_a_format_is_refused(tmp_path: Path, fmt: str) -> None:
+    """``-B '' -F FMT``: a backing file given, and no image has that name (qemu-img 7.2
+    crashes on it): one line, no target."""
+    src = make_raw(tmp_path / "src.raw", "1M", "write -P 1 0 64k")
+    out = tmp_path / f"out.{fmt}"
+    result = trioconv_cli("convert", "-O", fmt, "-B", "", "-F", fmt, src, out)
+    assert result.returncode == 1
+    assert result.stderr == "trioconv: Could not open backing file '': No such file or directory\n"
+    assert not out.exists()
+
+
 def test_a_refused_n_leaves_the_vmdk_target_and_its_content_id_alone(tmp_path: Path) -> None:
     """The content ID changes at the first write, as in qemu: a ``-n`` conversion
     refused before it writes leaves the image byte for byte as it was (and delta disks

@@ -89,9 +89,10 @@ def refuse_unknown_protocol(name: str) -> None:
     known = (is_nbd_uri, is_nfs_uri, is_iscsi_uri, is_http_uri, is_null_uri)
     if name.startswith(("file:", "json:", "nbd:")) or any(test(name) for test in known):
         return
-    match = _URI_RE.match(name)
+    # QEMU's rule: whatever comes before the first colon, unless a slash comes first.
+    match = re.match(r"([^:/]+):", name)
     if match:
-        raise UnsupportedError(f"Unknown protocol '{match.group(1).lower()}' in '{name}'")
+        raise UnsupportedError(f"Unknown protocol '{match.group(1)}' in '{name}'")
 
 
 def is_nfs_uri(location: str) -> bool:
@@ -590,7 +591,10 @@ async def _open_transport_image(
     spec: _blockopts.BlockSpec | None = None,
     backing: bool = True,
 ) -> AsyncIterator[Driver]:
-    info = _format(fmt) if fmt is not None else None
+    try:
+        info = _format(fmt) if fmt is not None else None
+    except UsageError:
+        raise UsageError(f"Could not open '{text}': Unknown driver '{fmt}'") from None
     async with contextlib.AsyncExitStack() as stack:
         transport: Driver
         if spec is not None and spec.inner is not None:

@@ -41,7 +41,7 @@ def _check_format_features(
     opts: ConvertOptions, nsources: int, *, target_is_driver: bool = False
 ) -> None:
     """Refuse, by name, what the target format cannot do (qemu-img's wording)."""
-    fmt = opts.target_format or "raw"
+    fmt = opts.target_format if opts.target_format is not None else "raw"
     creating = not opts.no_create and not target_is_driver
     if creating:
         check_create_options(fmt, opts.target_options)
@@ -65,6 +65,9 @@ def _check_format_features(
         )
     if creating and backing is not None and opts.target_backing_format is None:
         raise UsageError("Use of backing file requires explicit backing format")
+    if creating and backing == "":
+        # (qemu-img 7.2 crashes on an empty name with a format; no image has that name.)
+        raise UsageError("Could not open backing file '': No such file or directory")
     if nsources > 1 and opts.bitmaps:
         raise UnsupportedError("Copying bitmaps only possible with single source")
     # (A target format of None - found when the target is opened - is checked then.)
@@ -199,7 +202,8 @@ async def _convert(
         else:
             is_new = not opts.no_create
             if is_new:
-                fmt = opts.target_format or "raw"  # (None is refused without no_create)
+                # (None is refused without no_create)
+                fmt = opts.target_format if opts.target_format is not None else "raw"
                 check_create_options(fmt, opts.create_options())
                 # Formats with several files (vmdk extents, a qcow2 data file) create
                 # them too: those that are new are removed with the target on failure.

@@ -179,7 +179,9 @@ class ConvertOptions:
     @property
     def target_backing_format(self) -> str | None:
         """The backing file's format: ``-F``, else ``-o backing_fmt`` (None: not given)."""
-        return self.backing_format or self.target_options.get("backing_fmt") or None
+        if self.backing_format is not None:
+            return self.backing_format
+        return self.target_options.get("backing_fmt")
 
     def create_options(self) -> dict[str, str]:
         """``-o`` for creating the target, with ``-B``/``-F`` folded in (they win)."""

@@ -418,7 +418,8 @@ async def _open_backing(ctx: OpenContext, name: str, fmt: str | None) -> Driver:
     except BackingChainTooLong:
         raise
     except ImageError as exc:
-        raise ImageError(
+        # (An image in use stays one: info looks at a raw backing file in use anyway.)
+        raise type(exc)(
             f"Could not open '{ctx.location}': Could not open backing file: {exc}"
         ) from None
     if fmt is None and backing.name == "raw":

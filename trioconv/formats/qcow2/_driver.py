@@ -508,7 +508,8 @@ async def _open_backing(ctx: OpenContext, info: codec.ImageInfo) -> Driver | Non
     except BackingChainTooLong:
         raise
     except ImageError as exc:
-        raise ImageError(
+        # (An image in use stays one: info looks at a raw backing file in use anyway.)
+        raise type(exc)(
             f"Could not open '{ctx.location}': Could not open backing file: {exc}"
         ) from None
     if info.backing_format is None and backing.name == "raw":

@@ -30,6 +30,7 @@ import trio
 from ..._errors import (
     BackingChainTooLong,
     ImageError,
+    ImageInUse,
     TrioconvError,
     TrioconvIOError,
     UnsupportedError,
@@ -431,7 +432,8 @@ async def _with_parent(
     except BackingChainTooLong:
         raise
     except TrioconvError as exc:
-        raise ImageError(f"{where}: Could not open backing file: {exc}") from None
+        kind = ImageInUse if isinstance(exc, ImageInUse) else ImageError  # (see qcow2)
+        raise kind(f"{where}: Could not open backing file: {exc}") from None
     driver.set_parent(desc.parent_hint, parent)
     return driver
 
