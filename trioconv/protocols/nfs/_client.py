@@ -326,9 +326,10 @@ class RPCClient:
                 # Woken with no answer: the connection was replaced while the call was
                 # waiting, so it goes out again on the new one. It keeps its xid - the
                 # reply is routed by the same entry of _pending, no reply can arrive on
-                # one connection for a call sent on another, and a server that did not
-                # restart can tell the retransmission by its duplicate request cache
-                # (RFC 5531 section 9), as it does a kernel NFS client's.
+                # one connection for a call sent on another, and a server whose
+                # duplicate request cache keys on the xid (RFC 5531 section 9) may tell
+                # the retransmission. Nothing relies on that: READ, WRITE and COMMIT,
+                # all an open file sends, are safe to run twice.
         except BaseException:
             # Cancelled or failed: the reply may still come; never write into ``buf``.
             pending.buf = None
@@ -480,7 +481,6 @@ class RPCClient:
             ):
                 return False
         del self._pending[xid]
-        self._replied = True
         view, _remaining = self._records.hand_over(head.start, head.length)
         with view:
             pos = view.nbytes
@@ -496,6 +496,9 @@ class RPCClient:
             if pending.buf is not None:
                 self._pending[xid] = pending
             raise
+        # Only a whole reply counts as one (see _reconnect): a server that cuts every
+        # READ reply short has answered nothing.
+        self._replied = True
         pending.got, pending.eof = head.length, head.eof
         pending.finish()
         return True
@@ -611,21 +614,26 @@ class RPCClient:
             self._failures.append(f"connected, then lost before any reply: {why}")
         with trio.CancelScope(shield=True):
             await self._stream.aclose()  # (also stops a send stuck on it: it fails now)
+        if self._closing:
+            return False  # closed meanwhile (aclose found no reconnect to stop yet)
         self._records.clear()
         redial = self.redial
         assert redial is not None
         stream: trio.SocketStream | None = None
-        with trio.CancelScope() as self._redialling, trio.move_on_at(self._episode_end):
-            while stream is None and len(self._failures) < len(_RECONNECT_DELAYS):
-                await trio.sleep(_RECONNECT_DELAYS[len(self._failures)])
-                try:
-                    with trio.fail_after(_RECONNECT_ATTEMPT_TIMEOUT):
-                        stream = await redial()
-                except trio.TooSlowError:
-                    self._failures.append(f"no answer in {_RECONNECT_ATTEMPT_TIMEOUT:g} s")
-                except (OSError, TrioconvIOError, XDRError) as exc:
-                    self._failures.append(_reason(exc))
-        self._redialling = None
+        try:
+            # (Entered with no checkpoint since the check above: aclose() finds it.)
+            with trio.CancelScope() as self._redialling, trio.move_on_at(self._episode_end):
+                while stream is None and len(self._failures) < len(_RECONNECT_DELAYS):
+                    await trio.sleep(_RECONNECT_DELAYS[len(self._failures)])
+                    try:
+                        with trio.fail_after(_RECONNECT_ATTEMPT_TIMEOUT):
+                            stream = await redial()
+                    except trio.TooSlowError:
+                        self._failures.append(f"no answer in {_RECONNECT_ATTEMPT_TIMEOUT:g} s")
+                    except (OSError, TrioconvIOError, XDRError) as exc:
+                        self._failures.append(_reason(exc))
+        finally:
+            self._redialling = None
         if stream is None:
             if self._closing:
                 return False
