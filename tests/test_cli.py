@@ -250,17 +250,18 @@ def test_option_values_that_look_like_options_are_values(
     converted nothing; ``-B -base.raw`` names a backing file, as with qemu-img."""
     monkeypatch.chdir(tmp_path)
     dst = tmp_path / "dst.img"
-    for args, message in (
+    cases: list[tuple[list[str | Path], str]] = [
         (["convert", "-O", "-h", src, dst], "Unknown file format '-h'"),
         (["convert", "-f", "--version", src, dst], "Unknown driver '--version'"),
         (["info", "-f", "--help", src], "Unknown driver '--help'"),
-    ):
+    ]
+    for args, message in cases:
         assert message in assert_one_error(trioconv_cli(*args, cwd=tmp_path))
         assert not dst.exists()
     (tmp_path / "-base.raw").write_bytes(src.read_bytes())
-    args = ["-O", "qcow2", "-B", "-base.raw", "-F", "raw", src]
-    ok(trioconv_cli("convert", *args, "ours.qcow2", cwd=tmp_path))
-    run("qemu-img", "convert", *args, "theirs.qcow2")
+    backing: list[str | Path] = ["-O", "qcow2", "-B", "-base.raw", "-F", "raw", src]
+    ok(trioconv_cli("convert", *backing, "ours.qcow2", cwd=tmp_path))
+    run("qemu-img", "convert", *backing, "theirs.qcow2")
     ours = json.loads(run("qemu-img", "info", "--output=json", "ours.qcow2").stdout)
     theirs = json.loads(run("qemu-img", "info", "--output=json", "theirs.qcow2").stdout)
     assert ours["backing-filename"] == theirs["backing-filename"] == "-base.raw"
