@@ -274,11 +274,14 @@ def test_bitmaps_from_a_raw_source(tmp_path: Path) -> None:
     src = tmp_path / "src.raw"
     run("qemu-img", "create", "-q", "-f", "raw", src, "4M")
     out = tmp_path / "out.qcow2"
-    line = one_error(trioconv_cli("convert", "--bitmaps", "-O", "qcow2", src, out))
-    assert line == "trioconv: Source lacks bitmap support"
-    assert not out.exists()
-    theirs = run("qemu-img", "convert", "--bitmaps", "-O", "qcow2", src, out, check=False)
-    assert theirs.returncode == 1 and "Source lacks bitmap support" in theirs.stderr
+    # The source is asked first, also when the target format cannot store them either.
+    for target in (["-O", "qcow2"], ["-O", "raw"], []):
+        line = one_error(trioconv_cli("convert", "--bitmaps", *target, src, out))
+        assert line == "trioconv: Source lacks bitmap support"
+        assert not out.exists()
+        theirs = run("qemu-img", "convert", "--bitmaps", *target, src, out, check=False)
+        assert theirs.returncode == 1 and "Source lacks bitmap support" in theirs.stderr
+        out.unlink(missing_ok=True)
 
 
 def test_corrupt_bitmap_directory(source: Path) -> None:

@@ -74,9 +74,18 @@ def _check_format_features(
     named = opts.target_format is not None and not target_is_driver
     if opts.compress and named and not format_info(fmt).can_compress:
         raise UnsupportedError(f"Compression not supported for this file format ('{fmt}')")
-    if opts.bitmaps and named and fmt != "qcow2":
+    # (--bitmaps: the source is asked first, once it is open; see _check_bitmap_target.)
+
+
+def _check_bitmap_target(opts: ConvertOptions, *, target_is_driver: bool) -> None:
+    """``--bitmaps`` needs a target format that stores them - asked after the source,
+    as qemu-img asks."""
+    fmt = opts.target_format if opts.target_format is not None else "raw"
+    named = opts.target_format is not None and not target_is_driver
+    if named and fmt != "qcow2":
         raise UnsupportedError(f"Format driver '{fmt}' does not support bitmaps")
-    if opts.bitmaps and creating and opts.create_options().get("compat") in ("0.10", "v2"):
+    creating = not opts.no_create and not target_is_driver
+    if creating and opts.create_options().get("compat") in ("0.10", "v2"):
         raise UnsupportedError("Cannot store dirty bitmaps in qcow2 v2 files")
 
 
@@ -194,6 +203,7 @@ async def _convert(
                 drivers.append(drv)
         if opts.bitmaps:
             _check_bitmap_source(drivers[0])
+            _check_bitmap_target(opts, target_is_driver=isinstance(target, Driver))
         total = sum(d.size for d in drivers)
         created: Path | str | None = None
         extra_files: list[Path] = []
