@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import random
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -252,6 +253,7 @@ async def test_file_allocates_a_large_write_ahead_only_where_it_writes(
         return int(real(fd, mode, offset, length))
 
     monkeypatch.setattr(file_mod, "_fallocate", counting)
+    monkeypatch.setattr(file_mod, "_allocates_ahead", lambda fd: True)  # (ext4, XFS)
     data = random.Random(3).randbytes(256 * 1024)
     async with await file_mod.open_file(path, writable=True) as drv:
         await drv.pwrite(MiB, data)
@@ -278,6 +280,23 @@ async def test_file_allocates_a_large_write_ahead_only_where_it_writes(
         assert os.lseek(fd, 0, os.SEEK_DATA) == MiB
         assert os.lseek(fd, MiB, os.SEEK_HOLE) == MiB + len(data)
         assert os.lseek(fd, MiB + len(data), os.SEEK_DATA) == 4 * MiB
+    finally:
+        os.close(fd)
+
+
+def test_only_ext4_and_xfs_allocate_ahead() -> None:
+    """Where an allocation costs a round trip or buys nothing, writes do not ask."""
+    from trioconv.protocols.file import _allocates_ahead
+
+    fd = os.open("/proc", os.O_RDONLY)
+    try:
+        assert not _allocates_ahead(fd)
+    finally:
+        os.close(fd)
+    fd = os.open(".", os.O_RDONLY)
+    try:
+        statfs = subprocess.run(["stat", "-f", "-c", "%T", "."], capture_output=True, text=True)
+        assert _allocates_ahead(fd) is (statfs.stdout.strip() in ("ext2/ext3", "xfs"))
     finally:
         os.close(fd)
 
