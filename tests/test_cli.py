@@ -295,6 +295,11 @@ def test_a_name_with_a_protocol_prefix_is_refused_even_when_the_file_exists(
     ok(trioconv_cli("convert", "-O", "raw", src, "./x:y.raw", cwd=tmp_path))
     assert_identical(src, odd)
     ok(trioconv_cli("info", "file:x:y.raw", cwd=tmp_path))
+    # A source given with its protocol (-f file) is that protocol's name, as it is.
+    ok(trioconv_cli("convert", "-f", "file", "x:y.raw", "copy.raw", cwd=tmp_path))
+    assert_identical(src, tmp_path / "copy.raw")
+    ours = trioconv_cli("info", "-f", "file", "x:y.raw", cwd=tmp_path)
+    assert ours.stdout == run("qemu-img", "info", "-f", "file", "x:y.raw", cwd=tmp_path).stdout
 
 
 @pytest.mark.parametrize("flag", ["--version", "-V"])

@@ -397,8 +397,10 @@ async def convert(
         raise UsageError("--image-opts and --format are mutually exclusive")
     if files and (image_opts or target_image_opts):
         files = _as_json_filenames(files, sources=image_opts, target=target_image_opts)
-    for name in files:
-        _open.refuse_unknown_protocol(name)  # (x:y.raw, as qemu-img reads it)
+    # x:y.raw is protocol x, as qemu-img reads it - but not a source whose protocol is
+    # given (-f file): that one is the name the protocol takes as it is.
+    for name in files if source_format not in _PROTOCOL_FORMATS else files[-1:]:
+        _open.refuse_unknown_protocol(name)
     if source_format in _PROTOCOL_FORMATS:
         protocol, source_format = source_format, None
         files = (*(_protocol_as_format(f, protocol) for f in files[:-1]), *files[-1:])
@@ -750,7 +752,7 @@ async def info(
     if output not in ("human", "json"):
         raise UsageError("--output must be used with human or json as argument.")
     image = shown = images[0]
-    if not image_opts:
+    if not image_opts and fmt not in _PROTOCOL_FORMATS:
         _open.refuse_unknown_protocol(image)
         image = os.fspath(_open.legacy_nbd_name(image))  # (nbd:unix:PATH:exportname=X)
     if fmt in _PROTOCOL_FORMATS and not image_opts:
