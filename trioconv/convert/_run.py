@@ -37,11 +37,16 @@ log = logging.getLogger("trioconv")
 __all__ = ["run_convert"]
 
 
+def _target_format(opts: ConvertOptions) -> str:
+    """The target's format, raw when none is named (``-O ''`` is a name, and wrong)."""
+    return opts.target_format if opts.target_format is not None else "raw"
+
+
 def _check_format_features(
     opts: ConvertOptions, nsources: int, *, target_is_driver: bool = False
 ) -> None:
     """Refuse, by name, what the target format cannot do (qemu-img's wording)."""
-    fmt = opts.target_format if opts.target_format is not None else "raw"
+    fmt = _target_format(opts)
     creating = not opts.no_create and not target_is_driver
     if creating:
         check_create_options(fmt, opts.target_options)
@@ -80,7 +85,7 @@ def _check_format_features(
 def _check_bitmap_target(opts: ConvertOptions, *, target_is_driver: bool) -> None:
     """``--bitmaps`` needs a target format that stores them - asked after the source,
     as qemu-img asks."""
-    fmt = opts.target_format if opts.target_format is not None else "raw"
+    fmt = _target_format(opts)
     named = opts.target_format is not None and not target_is_driver
     if named and fmt != "qcow2":
         raise UnsupportedError(f"Format driver '{fmt}' does not support bitmaps")
@@ -212,8 +217,7 @@ async def _convert(
         else:
             is_new = not opts.no_create
             if is_new:
-                # (None is refused without no_create)
-                fmt = opts.target_format if opts.target_format is not None else "raw"
+                fmt = _target_format(opts)  # (None is refused without no_create)
                 check_create_options(fmt, opts.create_options())
                 # Formats with several files (vmdk extents, a qcow2 data file) create
                 # them too: those that are new are removed with the target on failure.

@@ -13,7 +13,7 @@ import re
 import urllib.parse
 from typing import TYPE_CHECKING
 
-from .._errors import ImageError, TrioconvIOError
+from .._errors import ImageError, ImageInUse, TrioconvError, TrioconvIOError
 
 if TYPE_CHECKING:
     from .._open import OpenContext
@@ -109,6 +109,14 @@ def _join_url(location: str, name: str) -> str | None:
     path = posixpath.normpath(posixpath.join(posixpath.dirname(parts.path) or "/", name))
     query = parts.query if scheme == "nfs" else ""
     return urllib.parse.urlunsplit((parts.scheme, parts.netloc, path, query, ""))
+
+
+def backing_error(where: str, exc: TrioconvError) -> ImageError:
+    """``WHERE: Could not open backing file: ...`` for a backing image that would not
+    open - still an :class:`~trioconv._errors.ImageInUse` when it is one, so that
+    ``info`` can look at a raw backing file that is in use, as qemu-img does."""
+    kind = ImageInUse if isinstance(exc, ImageInUse) else ImageError
+    return kind(f"{where}: Could not open backing file: {exc}")
 
 
 def same_place(a: str, b: str) -> bool:

@@ -35,8 +35,8 @@ import attrs
 from .._errors import BackingChainTooLong, ImageError, TrioconvIOError, UnsupportedError
 from ..driver import Caps, Driver, Extent, ExtentKind, Limits
 from ._base import FormatInfo
+from ._common import backing_error, full_backing_name, read_or_zero
 from ._common import fill_zero as _fill_zero
-from ._common import full_backing_name, read_or_zero
 from ._common import resolve_name as _resolve
 from ._common import same_place as _same_place
 
@@ -418,10 +418,7 @@ async def _open_backing(ctx: OpenContext, name: str, fmt: str | None) -> Driver:
     except BackingChainTooLong:
         raise
     except ImageError as exc:
-        # (An image in use stays one: info looks at a raw backing file in use anyway.)
-        raise type(exc)(
-            f"Could not open '{ctx.location}': Could not open backing file: {exc}"
-        ) from None
+        raise backing_error(f"Could not open '{ctx.location}'", exc) from None
     if fmt is None and backing.name == "raw":
         raise ImageError(
             f"Could not open '{ctx.location}': backing file '{path}': backing file format "

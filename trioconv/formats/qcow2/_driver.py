@@ -41,7 +41,7 @@ from ..._errors import (
     UnsupportedError,
 )
 from ...driver import Caps, Driver, Extent, ExtentKind, Limits
-from .._common import check_range, full_backing_name, read_or_zero
+from .._common import backing_error, check_range, full_backing_name, read_or_zero
 from .._common import fill_zero as _fill_zero
 from .._common import resolve_name as _resolve
 from .._common import same_place as _same_place
@@ -508,10 +508,7 @@ async def _open_backing(ctx: OpenContext, info: codec.ImageInfo) -> Driver | Non
     except BackingChainTooLong:
         raise
     except ImageError as exc:
-        # (An image in use stays one: info looks at a raw backing file in use anyway.)
-        raise type(exc)(
-            f"Could not open '{ctx.location}': Could not open backing file: {exc}"
-        ) from None
+        raise backing_error(f"Could not open '{ctx.location}'", exc) from None
     if info.backing_format is None and backing.name == "raw":
         raise ImageError(
             f"Could not open '{ctx.location}': backing file '{path}': backing file format "

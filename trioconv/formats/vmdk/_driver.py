@@ -30,14 +30,13 @@ import trio
 from ..._errors import (
     BackingChainTooLong,
     ImageError,
-    ImageInUse,
     TrioconvError,
     TrioconvIOError,
     UnsupportedError,
 )
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
 from ...protocols.file import open_file
-from .._common import full_backing_name, read_or_zero, resolve_name
+from .._common import backing_error, full_backing_name, read_or_zero, resolve_name
 from . import _codec as codec
 from ._codec import SECTOR, VmdkFormatError
 from ._extents import FlatExtent, SparseExtent
@@ -432,8 +431,7 @@ async def _with_parent(
     except BackingChainTooLong:
         raise
     except TrioconvError as exc:
-        kind = ImageInUse if isinstance(exc, ImageInUse) else ImageError  # (see qcow2)
-        raise kind(f"{where}: Could not open backing file: {exc}") from None
+        raise backing_error(where, exc) from None
     driver.set_parent(desc.parent_hint, parent)
     return driver
 
