@@ -268,6 +268,26 @@ def test_option_values_that_look_like_options_are_values(
     assert_identical(src, tmp_path / "ours.qcow2", "raw", "qcow2")
 
 
+def test_an_older_nbd_name_is_named_as_typed_in_errors(src: Path, tmp_path: Path) -> None:
+    """``nbd:unix:PATH:exportname=X`` is opened as the URI it stands for, but a failure
+    names it as typed, word for word as qemu-img does, for convert and info alike."""
+    sock = tmp_path / "none.sock"
+    for name in (f"nbd:unix:{sock}:exportname=foo", f"nbd:unix:{sock}", "nbd:127.0.0.1:1"):
+        for args in (
+            ["convert", "-O", "raw", name, "out.raw"],
+            ["convert", "-n", src, name],
+            ["info", name],
+        ):
+            line = assert_one_error(trioconv_cli(*args, cwd=tmp_path))
+            their = subprocess.run(
+                ["qemu-img", *map(str, args)], capture_output=True, text=True, cwd=tmp_path
+            )
+            assert their.returncode == 1
+            assert line == their.stderr.strip().replace("qemu-img: ", "trioconv: ", 1), args
+            assert f"'{name}'" in line
+    assert not (tmp_path / "out.raw").exists()
+
+
 def test_a_name_with_a_protocol_prefix_is_refused_even_when_the_file_exists(
     src: Path, tmp_path: Path
 ) -> None:

@@ -649,3 +649,13 @@ async def test_create_image_refuses_a_negative_size(tmp_path: Path) -> None:
         with pytest.raises(trioconv.UsageError, match="Invalid image size"):
             await trioconv.create_image(tmp_path / f"x.{fmt}", fmt, -(1 << 20))
         assert not (tmp_path / f"x.{fmt}").exists()
+
+
+async def test_an_older_nbd_name_is_named_as_typed_by_the_api(tmp_path: Path) -> None:
+    """``trioconv.convert`` opens ``nbd:unix:PATH:exportname=X`` as the URI it stands
+    for, and its error names it as the caller wrote it."""
+    name = f"nbd:unix:{tmp_path / 'none.sock'}:exportname=x"
+    with pytest.raises(trioconv.ImageError) as caught:
+        await trioconv.convert(name, tmp_path / "out.raw")
+    assert str(caught.value).startswith(f"Could not open '{name}': Failed to connect")
+    assert not (tmp_path / "out.raw").exists()

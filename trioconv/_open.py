@@ -12,7 +12,7 @@ import importlib
 import os
 import re
 import sys
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -75,6 +75,35 @@ def legacy_nbd_name(location: str | os.PathLike[str]) -> str | os.PathLike[str]:
     if not colon or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise ImageError(f"Could not open '{location}': error parsing address '{spec}'")
     return f"nbd://{host}:{int(port)}/{name}"
+
+
+def as_typed(message: str, names: Iterable[object]) -> str:
+    """``message`` with each older ``nbd:`` name among ``names`` as it was typed.
+
+    Such a name is opened as the URI it stands for (:func:`legacy_nbd_name`), so a
+    transport's message says ``Could not open 'nbd+unix:///x?socket=/s'``; qemu-img
+    says ``Could not open 'nbd:unix:/s:exportname=x'``, and so, from here, do we.
+    """
+    for name in names:
+        if isinstance(name, str) and name.startswith("nbd:"):
+            try:
+                uri = legacy_nbd_name(name)
+            except ImageError:
+                continue  # refused under its own name
+            if uri != name:
+                message = message.replace(f"'{uri}'", f"'{name}'")
+    return message
+
+
+@contextlib.contextmanager
+def typed_names(names: Iterable[object]) -> Iterator[None]:
+    """Errors raised inside name each older ``nbd:`` name as it was typed (:func:`as_typed`)."""
+    try:
+        yield
+    except TrioconvError as exc:
+        if exc.args and isinstance(exc.args[0], str):
+            exc.args = (as_typed(exc.args[0], names), *exc.args[1:])
+        raise
 
 
 def refuse_unknown_protocol(name: str) -> None:

@@ -937,13 +937,13 @@ def _run_app(args: list[str]) -> int:
             result_action="return_value",
         )
     except TrioconvError as exc:
-        _say(f"trioconv: {exc}")
+        _say(f"trioconv: {_open.as_typed(str(exc), args)}")
         return 1
     except BaseExceptionGroup as group:
         error = _first_error(group)
         if error is None:
             raise
-        _say(f"trioconv: {error}")
+        _say(f"trioconv: {_open.as_typed(str(error), args)}")
         return 1
     except cyclopts.CycloptsError as exc:
         message = " ".join(str(exc).split())

@@ -22,6 +22,7 @@ from .._open import (
     not_there,
     open_image,
     side_files,
+    typed_names,
 )
 from ..driver import Driver
 from . import ConvertResult, ImageSpec
@@ -156,10 +157,18 @@ async def run_convert(
         # Its counters would run on from the last one's, and so would the result's.
         raise UsageError("A Progress follows one conversion: this one was used already")
     progress = progress if progress is not None else Progress()
-    specs = [sources] if isinstance(sources, (str, os.PathLike, Driver)) else list(sources)
-    # QEMU's older NBD names (nbd:unix:PATH:exportname=X) as the URIs they stand for.
-    specs = [s if isinstance(s, Driver) else legacy_nbd_name(s) for s in specs]
-    target = target if isinstance(target, Driver) else legacy_nbd_name(target)
+    typed = [sources] if isinstance(sources, (str, os.PathLike, Driver)) else list(sources)
+    # QEMU's older NBD names (nbd:unix:PATH:exportname=X) as the URIs they stand for;
+    # errors name them as they were given.
+    specs = [s if isinstance(s, Driver) else legacy_nbd_name(s) for s in typed]
+    with typed_names([*typed, target]):
+        target = target if isinstance(target, Driver) else legacy_nbd_name(target)
+        return await _converting(specs, target, opts, progress)
+
+
+async def _converting(
+    specs: list[ImageSpec], target: ImageSpec, opts: ConvertOptions, progress: Progress
+) -> ConvertResult:
     try:
         return await _convert(specs, target, opts, progress)
     except BaseExceptionGroup as group:
