@@ -1120,6 +1120,11 @@ def test_accepted_like_qemu_img(src: Path, tmp_path: Path, args: list[str]) -> N
         (["-m", "\uff18"], "Invalid number of coroutines"),
         (["-r", "1M "], "Invalid rate limit specified"),
         (["-S", "4k "], "Invalid buffer size for sparse output"),
+        # Not a size: how one is written (qemu-img: "You may use k, M, G, ... suffixes").
+        (["-S", "-1"], "Invalid buffer size for sparse output specified. Must be a non-neg"),
+        (["-S", "abc"], "optional suffix of K, M, G, T, P or E: 'abc'"),
+        # A size, but not one -S takes.
+        (["-S", "1T"], "Valid sizes are multiples of 512 up to 16777216. Select 0 to disable"),
         (["-r", "20E"], "Invalid rate limit specified"),
         (["-o", "size=abc"], "Parameter 'size' expects a non-negative number below 2^64"),
         (["-O", "qcow2", "-o", "size=-1"], "Parameter 'size' expects a non-negative number"),

@@ -23,10 +23,8 @@ DEFAULT_BUFFER_SIZE = 2 * 1024 * 1024
 
 
 def _sparse(value: int | str) -> int:
-    try:
-        size = parse_size(value, what="buffer size for sparse output")
-    except UsageError:
-        size = -1
+    # Not a size at all: parse_size says how one is written, as qemu-img's cvtnum does.
+    size = parse_size(value, what="buffer size for sparse output")
     if size < 0 or size % 512 or size > MAX_SPARSE_SIZE:
         raise UsageError(
             "Invalid buffer size for sparse output specified. Valid sizes are multiples of "
