@@ -891,6 +891,33 @@ def test_the_console_script_takes_signals_before_loading_the_package() -> None:
     assert out.stdout == ""
 
 
+def test_the_console_script_starts_no_program_while_loading() -> None:
+    """Loading the command line runs no other program: Trio's search for the threads
+    library (``ctypes.util.find_library``, which runs ``ldconfig -p``) is answered
+    without one on the GNU C library, and Trio still names its worker threads."""
+    if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc "):
+        pytest.skip("the shortcut is for the GNU C library only")
+    code = textwrap.dedent(
+        """
+        import ctypes.util, subprocess, sys
+        import _trioconv_launch
+        real = ctypes.util.find_library
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"a program was started: {args!r}")
+        subprocess.Popen = refuse
+        with _trioconv_launch._without_ldconfig():
+            import trioconv.cli
+            from trio._core import _thread_cache
+        assert ctypes.util.find_library is real  # put back as it was
+        assert _thread_cache.set_os_thread_name is not None  # threads are still named
+        print("loaded")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out
+    assert out.stdout == "loaded\n"
+
+
 def test_the_console_script_ends_as_python_would_without_shutting_down() -> None:
     """The program ends by ``os._exit`` once the command is over, skipping Python's
     shutdown; what a normal exit gives is kept: the status, the text still buffered
