@@ -51,6 +51,7 @@ from trioconv.protocols.iscsi._login import decode_text, encode_text
 from trioconv.protocols.iscsi._pdu import (
     CONTINUE,
     FINAL,
+    OVERFLOW,
     RESERVED_TAG,
     STATUS,
     TRANSIT,
@@ -64,7 +65,7 @@ from ._scripted import ScriptedServer
 
 IQN = "iqn.2024-01.test.fake:disk"
 BLOCK = 512
-GOOD, CHECK_CONDITION, ILLEGAL_REQUEST = 0x00, 0x02, 0x5
+GOOD, CHECK_CONDITION, BUSY, TASK_SET_FULL, ILLEGAL_REQUEST = 0x00, 0x02, 0x08, 0x28, 0x5
 #: MaxCmdSN - ExpCmdSN + 1: the commands the initiator may have in flight.
 WINDOW = 64
 #: The target's values unless ``params`` says otherwise.
@@ -145,6 +146,7 @@ class Session:
         op: Opcode,
         *,
         flags: int = FINAL,
+        b2: int = 0,
         status: int = 0,
         field8: bytes = bytes(8),
         itt: int = RESERVED_TAG,
@@ -152,31 +154,48 @@ class Session:
         words: tuple[int, int, int] = (0, 0, 0),
         data: bytes = b"",
     ) -> bytes:
-        """A whole target PDU (``words``: bytes 36-47). StatSN advances when it ends a
-        task."""
+        """A whole target PDU (``b2``: byte 2, a response code or reason; ``status``:
+        byte 3; ``words``: bytes 36-47). StatSN advances when it ends a task, or is a
+        Reject or an Async Message."""
         ends = op in (Opcode.SCSI_RESPONSE, Opcode.LOGIN_RESPONSE, Opcode.LOGOUT_RESPONSE)
+        ends |= op in (Opcode.REJECT, Opcode.ASYNC_MESSAGE)
         ends |= op is Opcode.DATA_IN and bool(flags & STATUS)
         ends |= op is Opcode.NOP_IN and itt != RESERVED_TAG
         with self._lock:
             sn, self.stat_sn = self.stat_sn, self.stat_sn + ends
         most = (self.exp_cmd_sn + WINDOW - 1) & 0xFFFFFFFF
         tail = struct.pack(">7I", ttt, sn, self.exp_cmd_sn, most, *words)
-        head = _header(op, flags, len(data), b3=status, lun_or_isid=field8, itt=itt, tail=tail)
+        head = _header(
+            op, flags, len(data), b2=b2, b3=status, lun_or_isid=field8, itt=itt, tail=tail
+        )
         return head + data + bytes(pad_length(len(data)))
 
     def data_in(
-        self, cmd: PDU, offset: int, data: bytes, *, status: int | None = None, underflow: int = 0
+        self,
+        cmd: PDU,
+        offset: int,
+        data: bytes,
+        *,
+        status: int | None = None,
+        underflow: int = 0,
+        overflow: int = 0,
+        data_sn: int | None = None,
     ) -> bytes:
         """``data`` as Data-In from ``offset``, in PDUs the initiator takes (its
-        MaxRecvDataSegmentLength); with ``status``, the last one says it (F and S bits)."""
+        MaxRecvDataSegmentLength); with ``status``, the last one says it (F and S bits)
+        and the residual count (``underflow``: U bit; ``overflow``: O bit). The first
+        PDU's DataSN is ``data_sn``, by default the number of whole PDUs before
+        ``offset`` (right when every earlier PDU was a whole one, from offset 0)."""
         step = self.peer_segment
+        first = offset // step if data_sn is None else data_sn
+        residual = (UNDERFLOW, underflow) if underflow else (OVERFLOW, overflow)
         out = b""
         for pos in range(0, len(data), step):
             last = pos + step >= len(data)
             end = status is not None and last
-            flags = (FINAL | STATUS if end else 0) | (UNDERFLOW if end and underflow else 0)
+            flags = (FINAL | STATUS if end else 0) | (residual[0] if end and residual[1] else 0)
             at = offset + pos
-            words = (at // step, at, underflow if end else 0)  # DataSN, offset, residual
+            words = (first + pos // step, at, residual[1] if end else 0)  # DataSN, offset, residual
             out += self.pdu(Opcode.DATA_IN, flags=flags, status=(status or 0) if end else 0,
                             field8=cmd.lun, itt=cmd.itt, words=words,
                             data=data[pos : pos + step])  # fmt: skip
@@ -196,10 +215,12 @@ class Session:
         sense = bytes((0x70, 0, key, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, 0, 0, 0, 0, 0))
         return self.response(cmd, CHECK_CONDITION, sense=sense)
 
-    def r2t(self, cmd: PDU, offset: int, length: int, sn: int = 0) -> bytes:
-        """Ready To Transfer ``length`` bytes at ``offset`` (the ``sn``-th R2T)."""
+    def r2t(self, cmd: PDU, offset: int, length: int, sn: int = 0, ttt: int | None = None) -> bytes:
+        """Ready To Transfer ``length`` bytes at ``offset``: R2TSN ``sn``, target transfer
+        tag ``ttt`` (by default ``0x100 + sn``)."""
         words = (sn, offset, length)
-        return self.pdu(Opcode.R2T, field8=cmd.lun, itt=cmd.itt, ttt=0x100 + sn, words=words)
+        tag = 0x100 + sn if ttt is None else ttt
+        return self.pdu(Opcode.R2T, field8=cmd.lun, itt=cmd.itt, ttt=tag, words=words)
 
     def nop_in(
         self, *, itt: int = RESERVED_TAG, ttt: int = RESERVED_TAG, data: bytes = b""
@@ -224,9 +245,21 @@ class Session:
         return [self.data_in(cmd, 0, data, status=GOOD, underflow=under)]
 
     # -- write data ----------------------------------------------------------------------
-    def collect(self, cmd: PDU, r2ts: Sequence[tuple[int, int]] | None = None) -> bytes:
+    def collect(
+        self,
+        cmd: PDU,
+        r2ts: Sequence[tuple[int, int]] | None = None,
+        *,
+        first_sn: int = 0,
+        ttt: int | None = None,
+        together: bool = False,
+    ) -> bytes:
         """The write data of ``cmd``: immediate, unsolicited, then what R2Ts ask for -
-        ``r2ts`` as ``(offset, length)``, or the rest in MaxBurstLength pieces."""
+        ``r2ts`` as ``(offset, length)``, or the rest in MaxBurstLength pieces.
+
+        The R2Ts are numbered from ``first_sn`` and carry the transfer tag ``ttt`` (by
+        default one of their own). Each waits for the data of the one before, unless
+        ``together``: then all of them go at once, before any data is read."""
         total = cmd.word20
         buf = bytearray(total)
         buf[: len(cmd.data)] = cmd.data
@@ -234,8 +267,12 @@ class Session:
         if r2ts is None:
             burst = int(self.agreed["MaxBurstLength"])
             r2ts = [(pos, min(burst, total - pos)) for pos in range(got, total, burst)]
-        for sn, (offset, length) in enumerate(r2ts):
-            self.send(self.r2t(cmd, offset, length, sn))
+        asks = [self.r2t(cmd, o, n, first_sn + i, ttt) for i, (o, n) in enumerate(r2ts)]
+        if together:
+            self.send(b"".join(asks))
+        for ask in asks:
+            if not together:
+                self.send(ask)
             self._data_out(cmd, buf)
         return bytes(buf)
 
@@ -337,6 +374,7 @@ class Session:
         if p.opcode is Opcode.SCSI_COMMAND:
             self.send(*target.execute(self, p))
         elif p.opcode is Opcode.NOP_OUT and p.itt != RESERVED_TAG:  # the initiator pings
+            target.pinged += 1
             self.send(self.nop_in(itt=p.itt, data=p.data))
         elif p.opcode is Opcode.NOP_OUT:  # the answer to our ping
             target.pongs.append((p.word20, zlib.crc32(p.data)))
@@ -378,6 +416,7 @@ class FakeISCSITarget(ScriptedServer):
         self.write_same, self.answer_logout = write_same, answer_logout
         self.reads, self.writes, self.login = reads, writes, login
         self.pongs: list[tuple[int, int]] = []  # (TTT, CRC-32 of the data) of ping answers
+        self.pinged = 0  # pings (NOP-Out with a task tag) from the initiator, answered
         self.logout_at: float | None = None  # time.monotonic() when a Logout came
         self.opcodes: collections.Counter[int] = collections.Counter()  # of the CDBs seen
         listener = socket.create_server(("127.0.0.1", 0))

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from functools import partial
 from pathlib import Path
 
@@ -19,11 +21,12 @@ import pytest
 import trio
 
 import trioconv
-from trioconv import ExtentKind
+from trioconv import ExtentKind, TrioconvIOError
 from trioconv.protocols.iscsi import ISCSIDriver, open_iscsi, parse_iscsi_uri
 from trioconv.testing import check_block_status_tiles, check_driver
 
 from ._faults import (
+    FAULT_DEADLINE,
     MiB,
     check_cancelled_while_stopped,
     check_killed_mid_copy,
@@ -233,6 +236,38 @@ async def test_target_pings_are_answered(
             await trio.sleep(1)
         assert answered, "the target sent no NOP-In in 5 s"
         assert await lun.pread(4 * 4096, 4096) == b"\x05" * 4096
+
+
+async def test_keepalive_pings_amid_commands(
+    iscsi_target: ISCSITarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The initiator's own pings (NOP-Out with a task tag), sent here after every 5 ms
+    without a byte from the target, are answered by tgt amid reads and writes in flight,
+    and cost nothing in sequence numbers: the data arrives whole."""
+    from trioconv.protocols.iscsi import _client
+
+    monkeypatch.setattr(_client, "_PING_INTERVAL", 0.005)
+    pings: list[int] = []
+    ping = _client.Connection.ping
+
+    async def counted(self: _client.Connection) -> None:
+        await ping(self)
+        pings.append(1)
+
+    monkeypatch.setattr(_client.Connection, "ping", counted)
+    backing = tmp_path / "lun.img"
+    url = iscsi_target.add_lun(backing, 16 * MiB)
+    data = os.urandom(16 * MiB)
+    async with open_iscsi(url, writable=True) as lun:
+        await ping(lun._conn)  # one answered on its own
+        for _ in range(3):
+            await lun.pwrite(0, data)
+            assert await lun.pread(0, 16 * MiB) == data
+            if pings:
+                break
+        assert pings, "no keepalive ping went out"
+        await lun.flush()
+    assert backing.read_bytes() == data
 
 
 def test_read_from_lun(iscsi_target: ISCSITarget, mixed_src: Path, tmp_path: Path) -> None:
@@ -520,6 +555,44 @@ async def test_target_killed_mid_copy(
         await check_killed_mid_copy(direction, url, 64 * MiB, kill, "iSCSI target")
     finally:
         iscsi_target.start()
+
+
+async def test_a_stopped_target_is_given_up(
+    iscsi_target: ISCSITarget, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """tgtd stopped (SIGSTOP) mid-write keeps its connections open and answers nothing:
+    the initiator pings it, then gives the connection up - here after 1 s of silence (20 s
+    for real) - instead of waiting for ever."""
+    from trioconv.protocols.iscsi import _client
+
+    monkeypatch.setattr(_client, "_PING_INTERVAL", 0.2)
+    monkeypatch.setattr(_client, "_SILENCE_LIMIT", 1.0)
+    url = iscsi_target.add_lun(tmp_path / "lun.img", 64 * MiB)
+    data = os.urandom(MiB)
+    rescue = threading.Timer(FAULT_DEADLINE, os.kill, (iscsi_target.pid, signal.SIGCONT))
+    stopped_at: list[float] = []
+    try:
+        with pytest.raises(BaseExceptionGroup) as info:  # noqa: PT012
+            async with open_iscsi(url, writable=True) as lun:
+                for i in range(64):
+                    if i == 8:
+                        os.kill(iscsi_target.pid, signal.SIGSTOP)
+                        rescue.start()
+                        stopped_at.append(trio.current_time())
+                    await lun.pwrite(i * MiB, data)
+    finally:
+        rescue.cancel()
+        os.kill(iscsi_target.pid, signal.SIGCONT)
+    errors, _ = info.value.split(TrioconvIOError)
+    assert errors is not None, info.value
+    first: BaseException = errors
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    assert str(first) == (
+        f"{url}: connection to the iSCSI target lost: the target sent nothing for 1 s, "
+        "not even the answer to a ping"
+    )
+    assert trio.current_time() - stopped_at[0] < 5
 
 
 async def test_cancelled_while_the_target_is_stopped(

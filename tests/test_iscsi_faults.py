@@ -3,12 +3,17 @@
 The scripted target (:mod:`tests.fake_iscsi`) sends what tgtd never does. The rules the
 initiator holds it to (RFC 7143, with DataPDUInOrder and DataSequenceInOrder agreed):
 
-* a READ's Data-In PDUs fill its buffer in order, with no gap and no overlap, and the
-  status ends them - data after it belongs to nothing; an underflow residual (U bit)
-  says data is missing, whatever the status;
+* a READ's Data-In PDUs fill its buffer in order, with no gap and no overlap, numbered
+  by DataSN from 0, and the status ends them - data after it belongs to nothing; an
+  underflow residual (U bit) says data is missing, an overflow (O bit) that the target
+  counts in other blocks, whatever the status;
 * a WRITE is over only when all its data went: R2Ts ask, in order, for what was not sent
   yet; a status before that, an underflow residual, or a NOP-In in the command's place
   fail it;
+* an R2T carries the next R2TSN and a transfer tag of its own, and asks for at most
+  MaxBurstLength bytes; several R2Ts waiting at once are answered in order;
+* a target answering BUSY or TASK SET FULL is retried with growing waits, as QEMU does;
+  one that falls silent with commands waiting is pinged and, silent still, given up;
 * a target's ping is answered with its data through a small queue, so a flood of pings
   costs no memory; a ping larger than the initiator's MaxRecvDataSegmentLength is an
   error, as are login data segments and texts larger than the login allows;
@@ -25,6 +30,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -32,12 +38,25 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
+from trioconv import TrioconvIOError, UnsupportedError
+from trioconv.protocols.iscsi import _client, open_iscsi
 from trioconv.protocols.iscsi import _scsi as scsi
+from trioconv.protocols.iscsi._pdu import RESERVED_TAG, Opcode
 
 from ._faults import FAULT_DEADLINE, MiB, one_line_error
 from .conftest import trioconv_cli
-from .fake_iscsi import GOOD, PDU, FakeISCSITarget, Session, honest_read, honest_write
+from .fake_iscsi import (
+    BUSY,
+    GOOD,
+    PDU,
+    TASK_SET_FULL,
+    FakeISCSITarget,
+    Session,
+    honest_read,
+    honest_write,
+)
 
 SIZE = 4 * MiB
 #: The LUN's bytes, for reads. Reads go as two 2 MiB READs.
@@ -82,6 +101,19 @@ def measured(*args: str | os.PathLike[str]) -> tuple[subprocess.CompletedProcess
 def writes_with_r2t(cmd: PDU) -> bool:
     """A WRITE (not a WRITE SAME) whose data does not all fit in the command PDU."""
     return cmd.cdb[0] == scsi.WRITE_16 and cmd.word20 > len(cmd.data)
+
+
+def lost(exc: BaseException) -> TrioconvIOError:
+    """The TrioconvIOError a session ended with (the reader's, in a group with the
+    command's when both raise)."""
+    if isinstance(exc, BaseExceptionGroup):
+        ours, _ = exc.split(TrioconvIOError)
+        assert ours is not None, exc
+        exc = ours
+        while isinstance(exc, BaseExceptionGroup):
+            exc = exc.exceptions[0]
+    assert isinstance(exc, TrioconvIOError), exc
+    return exc
 
 
 # -- honest targets --------------------------------------------------------------------------
@@ -164,18 +196,62 @@ def underflow(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
     return [s.data_in(cmd, 0, data, status=GOOD, underflow=len(data) // 2)]
 
 
+def overflow(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+    """All the data, but the status says the CDB asked for a quarter more (O bit): the
+    target counts in larger blocks than it said at open."""
+    return [s.data_in(cmd, 0, data, status=GOOD, overflow=len(data) // 4)]
+
+
+def a_pdu_missing(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+    """The second Data-In PDU never sent: the third follows the first."""
+    seg = s.peer_segment
+    return [s.data_in(cmd, 0, data[:seg]), s.data_in(cmd, 2 * seg, data[2 * seg :], status=GOOD)]
+
+
+def pdus_swapped(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+    """The first two Data-In PDUs in the wrong order, each with its own offset."""
+    seg = s.peer_segment
+    first, second = s.data_in(cmd, 0, data[:seg]), s.data_in(cmd, seg, data[seg : 2 * seg])
+    return [second, first, s.data_in(cmd, 2 * seg, data[2 * seg :], status=GOOD)]
+
+
+def beyond_the_end(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+    """All the data, then more past the expected transfer length, then the status."""
+    return [s.data_in(cmd, 0, data), s.data_in(cmd, len(data), b"\xee" * 512, status=GOOD)]
+
+
+def data_sn_from_one(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+    """The right bytes at the right offsets, but DataSN counts from 1, not 0."""
+    return [s.data_in(cmd, 0, data, status=GOOD, data_sn=1)]
+
+
+def data_sn_repeated(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+    """The right bytes at the right offsets, but the second PDU repeats DataSN 0."""
+    seg = s.peer_segment
+    first = s.data_in(cmd, 0, data[:seg])
+    return [first, s.data_in(cmd, seg, data[seg:], status=GOOD, data_sn=0)]
+
+
 @pytest.mark.parametrize(
     ("reads", "message"),
     [
         (overlapping, "connection to the iSCSI target lost: Data-In at offset 0 where "),
         (data_after_the_status, "the target sent 1048576 of 2097152 bytes"),
         (underflow, "the target transferred 1048576 bytes less than asked for"),
+        (overflow, "the target wanted to transfer 524288 bytes more than asked for"),
+        (a_pdu_missing, "Data-In at offset 524288 where 262144 was expected"),
+        (pdus_swapped, "Data-In at offset 262144 where 0 was expected"),
+        (beyond_the_end, "Data-In at offset 2097152+512 beyond the 2097152 bytes asked for"),
+        (data_sn_from_one, "Data-In with DataSN 1 where 0 was expected"),
+        (data_sn_repeated, "Data-In with DataSN 0 where 1 was expected"),
     ],
 )
 def test_broken_read_replies(
     tmp_path: Path, reads: Callable[[Session, PDU, bytes], Sequence[bytes]], message: str
 ) -> None:
-    """Whatever the status says, a READ the target did not fill exactly fails."""
+    """Whatever the status says, a READ the target did not fill exactly fails: its Data-In
+    PDUs must come in order (DataPDUInOrder and DataSequenceInOrder are Yes), without
+    gaps, within the expected transfer length, numbered 0, 1, 2... (DataSN)."""
     out = tmp_path / "out.raw"
     with FakeISCSITarget(bytearray(LUN), reads=reads) as target:
         started = time.monotonic()
@@ -250,9 +326,25 @@ def underflow_on_writes(s: Session, cmd: PDU) -> Sequence[bytes]:
     return [s.response(cmd, underflow=cmd.word20 // 2)]
 
 
+def r2t_sn_from_one(s: Session, cmd: PDU) -> Sequence[bytes]:
+    """R2Ts that ask for the right bytes, but numbered from 1 (an R2T went missing)."""
+    if not writes_with_r2t(cmd):
+        return honest_write(s, cmd)
+    return [s.store(cmd, s.collect(cmd, first_sn=1))]
+
+
+def r2t_with_the_reserved_tag(s: Session, cmd: PDU) -> Sequence[bytes]:
+    """An R2T whose target transfer tag is 0xffffffff, the mark of unsolicited data."""
+    if not writes_with_r2t(cmd):
+        return honest_write(s, cmd)
+    return [s.store(cmd, s.collect(cmd, ttt=RESERVED_TAG))]
+
+
 @pytest.mark.parametrize(
     ("writes", "message"),
     [
+        (r2t_sn_from_one, "R2T with R2TSN 1 where 0 was expected"),
+        (r2t_with_the_reserved_tag, "R2T with the reserved transfer tag"),
         (good_without_r2t, "the target ended a write after 65536 of its 262144 bytes"),
         (good_after_half, "the target ended a write after 163840 of its 262144 bytes"),
         (r2t_for_the_immediate_data, "R2T for 65536 bytes at 0 of a 262144-byte write"),
@@ -288,6 +380,52 @@ def test_a_lun_without_write_same_gets_zeroes_written(tmp_path: Path, thin: bool
     assert lun == data
 
 
+async def test_an_r2t_beyond_max_burst_length() -> None:
+    """An R2T may ask for at most MaxBurstLength bytes (RFC 7143 11.8.4). The driver's
+    WRITEs are never longer than that, so a longer R2T also reaches past the end of one;
+    a command with more data (here 1 MiB against 64 KiB bursts) shows the rule itself:
+    one R2T for all the rest gives up the connection, nothing of it is sent."""
+
+    def one_big_r2t(s: Session, cmd: PDU) -> Sequence[bytes]:
+        sent = len(cmd.data)
+        return [s.store(cmd, s.collect(cmd, [(sent, cmd.word20 - sent)]))]
+
+    lun = bytearray(SIZE)
+    params = {"MaxBurstLength": "65536"}
+    with (  # noqa: PT012
+        FakeISCSITarget(lun, params=params, writes=one_big_r2t) as target,
+        pytest.raises((TrioconvIOError, BaseExceptionGroup)) as info,
+    ):
+        async with open_iscsi(target.url, writable=True) as driver:
+            cdb = scsi.cdb_write_16(0, MiB // 512)
+            await driver._conn.command(1, cdb, data_out=memoryview(b"\xab" * MiB))
+    message = str(lost(info.value))
+    assert "connection to the iSCSI target lost: R2T for 983040 bytes at 65536, " in message
+    assert "more than MaxBurstLength (65536)" in message
+    assert lun == bytes(SIZE)
+
+
+def test_r2ts_waiting_together_are_answered_in_order(tmp_path: Path) -> None:
+    """Two R2Ts of one WRITE at once, before any of their data (more than the
+    MaxOutstandingR2T of 1 agreed, which the initiator cannot tell from an R2T that
+    overtook the end of its send): each gets exactly the bytes it asks for, in order."""
+
+    def two_at_once(s: Session, cmd: PDU) -> Sequence[bytes]:
+        if not writes_with_r2t(cmd):
+            return honest_write(s, cmd)
+        sent = len(cmd.data)
+        half = (cmd.word20 - sent) // 2
+        r2ts = [(sent, half), (sent + half, cmd.word20 - sent - half)]
+        return [s.store(cmd, s.collect(cmd, r2ts, together=True))]
+
+    src, data = source(tmp_path)
+    lun = bytearray(os.urandom(SIZE))
+    with FakeISCSITarget(lun, writes=two_at_once) as target:
+        result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "raw", src, target.url)
+    assert result.returncode == 0, result.stderr
+    assert lun == data
+
+
 def test_a_bad_r2t_for_write_same_names_the_lun(tmp_path: Path) -> None:
     """Not an "internal error": the R2T of a WRITE SAME is checked like any other, and
     a bad one gives up the connection (the target waits for data that will not come)."""
@@ -304,6 +442,127 @@ def test_a_bad_r2t_for_write_same_names_the_lun(tmp_path: Path) -> None:
     assert line.startswith(f"trioconv: {target.url}: connection to the iSCSI target lost: ")
     assert "R2T for 512 bytes at 4096 of a 512-byte write" in line
     assert "internal error" not in line
+
+
+async def test_a_thin_lun_without_unmap_refuses_discards() -> None:
+    """A thin LUN whose provisioning page offers WRITE SAME with UNMAP but not UNMAP
+    itself (no LBPU bit): no trim capability, and a discard is unsupported - not an I/O
+    error that would fail a qcow2 conversion freeing clusters on the LUN."""
+    with FakeISCSITarget(bytearray(SIZE), thin=True) as target:
+        async with open_iscsi(target.url, writable=True) as lun:
+            assert not lun.caps.trim
+            with pytest.raises(UnsupportedError, match="the LUN has no UNMAP"):
+                await lun.discard(0, MiB)
+            await lun.pwrite_zeroes(0, MiB, may_unmap=True, fast=True)  # still fine
+    assert target.opcodes[scsi.UNMAP] == 0
+
+
+# -- busy targets ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("status", [BUSY, TASK_SET_FULL], ids=["busy", "task-set-full"])
+def test_a_target_busy_for_a_second_is_waited_out(tmp_path: Path, status: int) -> None:
+    """Every READ answered BUSY (or TASK SET FULL) for the first 1.2 s: retried after
+    growing waits, as QEMU retries (8 ms, 32 ms, ... 33 s: about 44 s in all), the copy
+    succeeds. The retries used to be over after 0.55 s."""
+    until: list[float] = []
+
+    def busy_at_first(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+        if not until:
+            until.append(time.monotonic() + 1.2)
+        if time.monotonic() < until[0]:
+            return [s.response(cmd, status)]
+        return honest_read(s, cmd, data)
+
+    out = tmp_path / "out.raw"
+    with FakeISCSITarget(bytearray(LUN), reads=busy_at_first) as target:
+        result = trioconv_cli("convert", "-f", "raw", "-O", "raw", target.url, out)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes() == LUN
+    assert time.monotonic() > until[0]
+
+
+# -- silent targets --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def quick_watchdog(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ping after 0.1 s of silence, give up after 0.5 s (5 s and 20 s for real)."""
+    monkeypatch.setattr(_client, "_PING_INTERVAL", 0.1)
+    monkeypatch.setattr(_client, "_SILENCE_LIMIT", 0.5)
+
+
+@pytest.mark.usefixtures("quick_watchdog")
+async def test_a_target_that_falls_silent_is_given_up() -> None:
+    """A target that stops answering mid-copy - its host frozen, the network dropping
+    every packet - while its connection stays open: pinged, then given up, with one
+    error, instead of the READ waiting for ever."""
+    release = threading.Event()
+
+    def silent(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+        release.wait(30)  # reads nothing meanwhile, pings included
+        return honest_read(s, cmd, data)
+
+    with FakeISCSITarget(bytearray(LUN), reads=silent) as target:
+        started = trio.current_time()
+        try:
+            with pytest.raises((TrioconvIOError, BaseExceptionGroup)) as info:  # noqa: PT012
+                async with open_iscsi(target.url) as lun:
+                    with trio.fail_after(FAULT_DEADLINE):  # a regression fails, not hangs
+                        await lun.pread(0, 4096)
+        finally:
+            release.set()
+    message = str(lost(info.value))
+    assert message.startswith(f"{target.url}: connection to the iSCSI target lost: ")
+    assert message.endswith("the target sent nothing for 0.5 s, not even the answer to a ping")
+    assert trio.current_time() - started < 3
+
+
+@pytest.mark.usefixtures("quick_watchdog")
+async def test_a_slow_target_that_answers_pings_is_waited_for() -> None:
+    """A READ answered after 1.5 s - three times the silence allowed - by a target that
+    answers the pings meanwhile: alive, so waited for."""
+
+    def slow(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+        threading.Timer(1.5, lambda: s.send(*honest_read(s, cmd, data))).start()
+        return []  # the target reads on (and answers pings) while the timer runs
+
+    with FakeISCSITarget(bytearray(LUN), reads=slow) as target:
+        async with open_iscsi(target.url) as lun:
+            with trio.fail_after(FAULT_DEADLINE):
+                assert await lun.pread(4096, 4096) == LUN[4096:8192]
+    assert target.pinged >= 3
+
+
+# -- the target's own messages ---------------------------------------------------------------
+
+
+def test_a_target_asking_to_log_out_ends_the_copy(tmp_path: Path) -> None:
+    """An Async Message asking the initiator to log out (event 1) in place of a READ's
+    reply: one line naming it, at once - the initiator does not reconnect."""
+
+    def logout_please(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+        return [s.pdu(Opcode.ASYNC_MESSAGE, words=(1 << 24, 0, 0))]
+
+    with FakeISCSITarget(bytearray(LUN), reads=logout_please) as target:
+        started = time.monotonic()
+        result = trioconv_cli("convert", "-f", "raw", target.url, tmp_path / "o")
+    assert time.monotonic() - started < FAULT_DEADLINE
+    line = one_line_error(result)
+    assert line.endswith("connection to the iSCSI target lost: the target asked to log out")
+
+
+def test_a_rejected_command_fails_alone(tmp_path: Path) -> None:
+    """A Reject PDU (reason 0x09, invalid PDU field) carrying a READ's header: that READ
+    fails with the reason, named by the LUN."""
+
+    def reject(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+        header = bytes((Opcode.SCSI_COMMAND,)) + bytes(15) + cmd.itt.to_bytes(4, "big")
+        return [s.pdu(Opcode.REJECT, b2=0x09, data=header.ljust(48, b"\0"))]
+
+    with FakeISCSITarget(bytearray(LUN), reads=reject) as target:
+        line = one_line_error(trioconv_cli("convert", "-f", "raw", target.url, tmp_path / "o"))
+    assert f"{target.url}: the target rejected the command (reason 0x09)" in line
 
 
 # -- pings -----------------------------------------------------------------------------------

@@ -21,7 +21,12 @@ tasks may issue commands at once:
   FirstBurstLength; the rest waits for R2Ts.
 
 If the connection drops, the reader fails every waiting command at once and raises,
-which cancels whatever runs inside :func:`open_iscsi`.
+which cancels whatever runs inside :func:`open_iscsi`. A target that falls silent with
+the connection still open - a frozen host, a network that drops everything - is pinged
+(NOP-Out) and, when even that goes unanswered, given up the same way
+(:meth:`Connection._watch`). A target that answers BUSY or TASK SET FULL is asked
+again after growing waits, and a UNIT ATTENTION (a reset, a changed mode page) is asked
+again at once, as QEMU does.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import errno as errno_mod
 import functools
 import itertools
 import os
+import random
 import socket
 import urllib.parse
 from collections.abc import AsyncIterator, Sequence
@@ -72,10 +78,23 @@ _MAX_ZERO_BLOCKS = 0x400000  # 2 GiB of 512-byte blocks
 _STATUS_ALLOC = 8 + 16 * 64
 #: The largest WRITE SAME that writes (rather than unmaps) zeroes.
 _WRITE_SAME_PIECE = 8 * 1024 * 1024
-#: Retries of a command the target answers with UNIT ATTENTION, BUSY or TASK SET FULL.
+#: Retries of a command the target answers with UNIT ATTENTION (which reports an event,
+#: such as a reset or a changed mode page, once per initiator: the retry then succeeds).
 _RETRIES = 10
-_BUSY_DELAY = 0.01
+#: Waits, in seconds, before each retry of a command the target answered BUSY or TASK SET
+#: FULL: QEMU's (its ``iscsi_retry_times``), growing fourfold from 8 ms to 33 s and about
+#: 44 s in all, so that a target busy for seconds (a controller failing over, a queue
+#: full under load) is waited out rather than failing the conversion. Each wait is
+#: between half and one and a half times its value, so that the many commands a full
+#: queue turned away do not all come back at the same moment.
+_BUSY_DELAYS = (0.008, 0.032, 0.128, 0.512, 2.048, 8.192, 32.768)
 _RECV_BUFFER = 256 * 1024
+#: A target that owes answers (commands in flight) and has sent nothing for this many
+#: seconds is pinged (a NOP-Out it must answer, RFC 7143 11.18); one that stays silent
+#: for :data:`_SILENCE_LIMIT` seconds, pings unanswered, is taken for gone and the
+#: connection given up. QEMU pings every 5 s and reconnects after 3 pings unanswered.
+_PING_INTERVAL = 5.0
+_SILENCE_LIMIT = 20.0
 #: Login redirections (status class 1, TargetAddress) followed before giving up.
 _MAX_REDIRECTS = 5
 _MAX_IOV = 512
@@ -203,6 +222,8 @@ class _Task:
     sent: int = 0  # write data sent so far (in order: DataSequenceInOrder=Yes)
     out_total: int = 0  # write data in all
     asked: int = 0  # write data sent unasked or asked for by R2Ts so far
+    data_sn: int = 0  # the DataSN the next Data-In must carry
+    r2t_sn: int = 0  # the R2TSN the next R2T must carry
 
     def finish(self) -> None:
         """The command is over (status, error or rejection): wake whoever waits."""
@@ -231,8 +252,10 @@ class Connection:
         self.params = login_mod.Params()
         self.broken: TrioconvIOError | None = None
         self._closing = False
-        self._nursery: trio.Nursery | None = None
         self._pings_send, self._pings_recv = trio.open_memory_channel[tuple[BHS, bytes]](4)
+        self._heard = 0.0  # trio.current_time() when bytes last moved, either way
+        self._pinging = False  # a keepalive ping is waiting for its answer
+        self._silence: TrioconvIOError | None = None  # why the watchdog stopped the reader
 
     @classmethod
     async def connect(cls, address: ISCSIAddress) -> Connection:
@@ -257,6 +280,7 @@ class Connection:
             if not n:
                 raise TrioconvIOError("the target closed the connection")
             self._end += n
+            self._heard = trio.current_time()
 
     async def _recv_exact(self, n: int) -> bytes:
         await self._fill(n)
@@ -272,6 +296,8 @@ class Connection:
         """
 
         def wanted() -> memoryview | None:
+            # Asked before every read of the payload: bytes are arriving.
+            self._heard = trio.current_time()
             return task.data_in if self._pending.get(task.itt) is task else None
 
         have = min(self._end - self._start, n)
@@ -306,6 +332,7 @@ class Connection:
         first = 0  # views[first] is the first part not sent whole
         while first < len(views):
             sent = await self._sock.sendmsg(views[first : first + _MAX_IOV])
+            self._heard = trio.current_time()  # the target takes what we send
             while sent:
                 view = views[first]
                 if sent >= view.nbytes:
@@ -349,13 +376,21 @@ class Connection:
             window.set()
 
     async def reader(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Receive PDUs and route them to their commands until the connection closes."""
+        """Receive PDUs and route them to their commands until the connection closes.
+
+        Beside it run the answers to the target's pings and the watchdog
+        (:meth:`_watch`), which stops the reading when the target falls silent.
+        """
+        reading = trio.CancelScope()
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
+            self._heard = trio.current_time()
             nursery.start_soon(self._answer_pings)
+            nursery.start_soon(self._watch, nursery, reading)
             task_status.started()
             try:
-                await self._read_loop()
+                with reading:
+                    await self._read_loop()
+                raise self._silence or TrioconvIOError("the reading stopped")
             except (
                 trio.BrokenResourceError,
                 trio.ClosedResourceError,
@@ -419,11 +454,19 @@ class Connection:
                         )
                     # DataPDUInOrder=Yes and DataSequenceInOrder=Yes (we offer Yes, the
                     # result is the OR): each Data-In continues where the last one ended,
-                    # no gaps, no overlays (RFC 7143 13.19, 13.20).
+                    # no gaps, no overlays (RFC 7143 13.19, 13.20). And each one carries
+                    # the next DataSN, counting from 0 for the command (11.7.4): a target
+                    # whose numbering skips or repeats lost track of what it sent.
                     if offset != task.received:
                         raise pdu.ProtocolError(
                             f"Data-In at offset {offset} where {task.received} was expected"
                         )
+                    if header.word36 != task.data_sn:
+                        raise pdu.ProtocolError(
+                            f"Data-In with DataSN {header.word36} where {task.data_sn} was "
+                            f"expected (ITT {header.itt})"
+                        )
+                    task.data_sn += 1
                     await self._receive_data_in(task, offset, n)
                     task.received += n
                     await self._skip(padding)
@@ -438,17 +481,10 @@ class Connection:
             data = await self._recv_exact(n + padding) if n + padding else b""
             if op is Opcode.R2T:
                 if task is not None:
-                    # Checked here, not by the writer: a bad R2T leaves the target waiting
-                    # for data that will not come, so the whole connection is given up
-                    # (which also frees the other pieces of a split write).
-                    offset, length = header.word40, header.word44
-                    if offset != task.asked or not length or offset + length > task.out_total:
-                        raise pdu.ProtocolError(
-                            f"R2T for {length} bytes at {offset} of a {task.out_total}-byte "
-                            f"write ({task.asked} sent or asked for before)"
-                        )
-                    task.asked += length
-                    task.r2ts.append((header.ttt, offset, length))
+                    self._check_r2t(task, header)
+                    task.asked += header.word44
+                    task.r2t_sn += 1
+                    task.r2ts.append((header.ttt, header.word40, header.word44))
                     task.r2t_ready.set()
             elif op is Opcode.NOP_IN:
                 if header.ttt != pdu.RESERVED_TAG:
@@ -487,6 +523,114 @@ class Connection:
                 task.segment = data[:n]
                 self._pending.pop(task.itt, None)
                 task.finish()
+
+    def _check_r2t(self, task: _Task, header: BHS) -> None:
+        """Refuse an R2T that RFC 7143 (11.8) does not allow.
+
+        Checked here, by the reader, not by the writer: a bad R2T leaves the target
+        waiting for data that will not come, so the whole connection is given up (which
+        also frees the other pieces of a split write). An R2T asks for ``length`` bytes
+        from ``offset`` of the command's data; it must
+
+        * carry the next R2TSN of its command (0, 1, 2, ...): a gap is an R2T lost;
+        * carry a target transfer tag other than 0xffffffff, which Data-Out PDUs
+          reserve for unsolicited data;
+        * ask for 1 to MaxBurstLength bytes (the negotiated maximum of one sequence);
+        * ask for the bytes right after those already sent or asked for, within the
+          command's data: DataSequenceInOrder=Yes makes sequences follow each other
+          in order, so anything else asks again for data sent (immediate or
+          unsolicited) or leaves a gap.
+
+        Several R2Ts of one command may be waiting at once: the writer answers them in
+        the order they came, each with exactly the bytes it asks for. (A target that
+        sends more of them at once than MaxOutstandingR2T allows is not refused: the
+        reader cannot tell that apart from a lawful R2T that overtook the end of the
+        writer's send, and the answer is the same either way.)
+
+        Raises:
+            ProtocolError: the R2T breaks one of these rules.
+        """
+        r2t_sn, offset, length = header.word36, header.word40, header.word44
+        if r2t_sn != task.r2t_sn:
+            raise pdu.ProtocolError(
+                f"R2T with R2TSN {r2t_sn} where {task.r2t_sn} was expected (ITT {header.itt})"
+            )
+        if header.ttt == pdu.RESERVED_TAG:
+            raise pdu.ProtocolError(f"R2T with the reserved transfer tag (ITT {header.itt})")
+        most = self.params.max_burst
+        if length > most:
+            raise pdu.ProtocolError(
+                f"R2T for {length} bytes at {offset}, more than MaxBurstLength ({most})"
+            )
+        if offset != task.asked or not length or offset + length > task.out_total:
+            raise pdu.ProtocolError(
+                f"R2T for {length} bytes at {offset} of a {task.out_total}-byte "
+                f"write ({task.asked} sent or asked for before)"
+            )
+
+    async def _watch(self, nursery: trio.Nursery, reading: trio.CancelScope) -> None:
+        """Give the connection up when the target stops answering.
+
+        A target can fall silent without closing the connection: its host froze or lost
+        power, the network between dropped every packet, the process was stopped. TCP
+        then reports nothing for many minutes, and every command would wait forever.
+        So, while commands wait for the target, the watchdog looks every
+        :data:`_PING_INTERVAL` seconds at when bytes last moved either way (PDUs or
+        payload received, or data the socket took to send). After that long without
+        any it pings the target (NOP-Out) - a live target answers at once, even while
+        a slow command keeps it busy - and after :data:`_SILENCE_LIMIT` seconds it
+        stops the reader, which fails every command with one clear error. Time with no
+        command waiting does not count: the target owes nothing then.
+        """
+        while True:
+            await trio.sleep(_PING_INTERVAL)
+            now = trio.current_time()
+            if not self._pending or self._closing:
+                self._heard = now
+                continue
+            silent = now - self._heard
+            if silent >= _SILENCE_LIMIT:
+                self._silence = TrioconvIOError(
+                    f"the target sent nothing for {_SILENCE_LIMIT:g} s, not even the "
+                    "answer to a ping"
+                )
+                reading.cancel()
+                return
+            if silent >= _PING_INTERVAL and not self._pinging:
+                self._pinging = True
+                nursery.start_soon(self._keepalive)
+
+    async def _keepalive(self) -> None:
+        try:
+            with contextlib.suppress(TrioconvIOError):
+                await self.ping()
+        finally:
+            self._pinging = False
+
+    async def ping(self) -> None:
+        """Ping the target: a NOP-Out with a task tag of its own, which the target
+        answers with a NOP-In carrying the same tag (RFC 7143 11.18). Immediate, so it
+        goes even while the command window is closed, and takes no CmdSN.
+
+        Raises:
+            TrioconvIOError: the connection failed.
+        """
+        task = self._new_task()
+        try:
+            async with self._sends.whole(lambda: self.broken):
+                request = pdu.encode_nop_out(
+                    lun=0,
+                    itt=task.itt,
+                    ttt=pdu.RESERVED_TAG,
+                    cmd_sn=self.cmd_sn,
+                    exp_stat_sn=self.exp_stat_sn,
+                )
+                await self._send_locked([request])
+            await task.done.wait()
+        finally:
+            self._pending.pop(task.itt, None)
+        if task.error is not None:
+            raise task.error
 
     async def _answer_pings(self) -> None:
         async for header, data in self._pings_recv:
@@ -533,7 +677,8 @@ class Connection:
                 busy target).
             TrioconvIOError: the connection failed.
         """
-        for attempt in itertools.count():
+        busy = unit_attentions = 0
+        while True:
             task = self._new_task(data_in)
             task.scsi = True
             try:
@@ -561,14 +706,15 @@ class Connection:
                     )
                 return task
             sense = scsi.sense_of_response(task.segment) if task.segment else None
-            if attempt < _RETRIES:
-                if status in (SCSIStatus.BUSY, SCSIStatus.TASK_SET_FULL):
-                    await trio.sleep(_BUSY_DELAY * (attempt + 1))
-                    continue
-                if sense is not None and sense.key == SenseKey.UNIT_ATTENTION:
-                    continue
+            if status in (SCSIStatus.BUSY, SCSIStatus.TASK_SET_FULL) and busy < len(_BUSY_DELAYS):
+                await trio.sleep(_BUSY_DELAYS[busy] * (0.5 + random.random()))
+                busy += 1
+                continue
+            unit_attention = sense is not None and sense.key == SenseKey.UNIT_ATTENTION
+            if unit_attention and unit_attentions < _RETRIES:
+                unit_attentions += 1
+                continue
             raise CommandError(status, sense)
-        raise AssertionError("unreachable")
 
     async def _issue(
         self,
@@ -842,7 +988,10 @@ class ISCSIDriver(Driver):
         self._max_transfer = max(self._bs, most - most % self._bs)
         opt = geometry.limits.opt_transfer * self._bs
         self._opt_transfer = min(opt, self._max_transfer) if opt else 0
-        self._thin = cap.lbpme
+        # UNMAP is a command of its own, which a thin LUN need not have (the LBPU bit of
+        # its provisioning page says; WRITE SAME with UNMAP is another): discard only
+        # where it is there, as QEMU does.
+        self._trim = cap.lbpme and geometry.provisioning.unmap
         self._zeroes = writable  # WRITE SAME, until the LUN says it has none
         self._unmap = cap.lbpme and (geometry.provisioning.write_same_16 or cap.lbprz)
         self._status = cap.lbpme
@@ -872,7 +1021,7 @@ class ISCSIDriver(Driver):
         return Caps(
             writable=self._writable,
             zeroes=self._writable and self._zeroes,
-            trim=self._writable and self._thin,
+            trim=self._writable and self._trim,
             block_status=self._status,
             zero_init=False,  # a LUN holds whatever it held before
         )
@@ -1027,16 +1176,30 @@ class ISCSIDriver(Driver):
         self._check_residual(task, "writing", offset)
 
     def _check_residual(self, task: _Task, what: str, offset: int) -> None:
-        """A READ or WRITE whose status says part of its data was not transferred
-        (U bit, RFC 7143 11.4.5) failed, whatever the status."""
+        """A READ or WRITE whose status has a residual count failed, whatever the status
+        (RFC 7143 11.4.5).
+
+        Underflow (U bit): part of the data was not transferred. Overflow (O bit): the
+        CDB asks the target for more than the expected data transfer length - which is
+        exactly the CDB's blocks times the block size read at open, so the target now
+        counts in larger blocks (the LUN was reformatted under us) and the bytes moved
+        belong at other offsets.
+        """
         header = task.header
-        if header is not None and header.flags & pdu.UNDERFLOW and header.residual:
-            raise TrioconvIOError(
-                f"error while {what} {self.location} at byte {offset}: the target "
-                f"transferred {header.residual} bytes less than asked for",
-                offset=offset,
-                errno=errno_mod.EIO,
+        if header is None or not header.residual:
+            return
+        if header.flags & pdu.UNDERFLOW:
+            happened = f"transferred {header.residual} bytes less than asked for"
+        else:
+            happened = (
+                f"wanted to transfer {header.residual} bytes more than asked for (blocks "
+                f"larger than {self._bs} bytes?)"
             )
+        raise TrioconvIOError(
+            f"error while {what} {self.location} at byte {offset}: the target {happened}",
+            offset=offset,
+            errno=errno_mod.EIO,
+        )
 
     async def pwrite_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
@@ -1093,8 +1256,8 @@ class ISCSIDriver(Driver):
         afterwards, unless the LUN reports that unmapped blocks read as zeroes.
         """
         self._check_writable()
-        if not self._thin:
-            raise UnsupportedError(f"{self.location}: the LUN is not thin-provisioned")
+        if not self._trim:
+            raise UnsupportedError(f"{self.location}: the LUN has no UNMAP")
         bs = self._bs
         first = -(-offset // bs)
         last = (offset + length) // bs
@@ -1103,9 +1266,16 @@ class ISCSIDriver(Driver):
         while lba < last:
             count = min(last - lba, most, 0xFFFFFFFF)
             params = scsi.unmap_parameters([(lba, count)])
-            await self._run(
-                scsi.cdb_unmap(len(params)), "discarding", lba * bs, data_out=memoryview(params)
-            )
+            cdb = scsi.cdb_unmap(len(params))
+            try:
+                await self._conn.command(self._lun, cdb, data_out=memoryview(params))
+            except CommandError as exc:
+                if exc.unsupported:  # said to be there, but refused: not asked again
+                    self._trim = False
+                    raise UnsupportedError(f"{self.location}: UNMAP refused: {exc}") from exc
+                raise self._error(exc, "discarding", lba * bs) from exc
+            except pdu.ProtocolError as exc:
+                raise self._error(exc, "discarding", lba * bs) from exc
             lba += count
 
     # -- block status -----------------------------------------------------------------------
