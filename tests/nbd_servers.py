@@ -1,11 +1,12 @@
 """Real NBD servers for tests: nbdkit (any plugin, stacked filters, optional TLS) and qemu-nbd.
 
 Every server listens on a Unix socket in the test's ``tmp_path`` (or, with ``tcp=True``, on
-a free port of 127.0.0.1), is only handed out once it really speaks NBD (a probe connects,
-reads the ``NBDMAGIC`` greeting and sends ``NBD_OPT_ABORT``), and is always stopped at
-teardown: SIGTERM, then SIGKILL after :data:`STOP_TIMEOUT` seconds. A server that exits or
-stays silent for :data:`START_TIMEOUT` seconds fails the test with its command line and
-its stderr.
+a free port of 127.0.0.1; of ``::1`` for nbdkit with ``host="::1"``, where the machine has
+IPv6 - see :func:`ipv6_loopback`), is only handed out once it really speaks NBD (a probe
+connects, reads the ``NBDMAGIC`` greeting and sends ``NBD_OPT_ABORT``), and is always
+stopped at teardown: SIGTERM, then SIGKILL after :data:`STOP_TIMEOUT` seconds. A server
+that exits or stays silent for :data:`START_TIMEOUT` seconds fails the test with its
+command line and its stderr.
 
 The fixtures are factories::
 
@@ -71,6 +72,7 @@ __all__ = [
     "QemuNbdLauncher",
     "ServerStartError",
     "TLSCerts",
+    "ipv6_loopback",
     "make_tls_certs",
     "nbd_tls_certs",
     "nbdkit",
@@ -218,7 +220,8 @@ class NBDServer:
             if self.tls:
                 query += "&tls-hostname=" + self.tls.hostname
             return f"{scheme}+unix:///{path}?{query}"
-        return f"{scheme}://{self.host}:{self.port}/{path}"
+        host = f"[{self.host}]" if self.host is not None and ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}/{path}"
 
     @property
     def address(self) -> str | tuple[str, int]:
@@ -315,11 +318,25 @@ class ServerStartError(Exception):
         )
 
 
-def _free_port() -> int:
-    with _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM) as s:
-        s.bind((LOCALHOST, 0))
+def _family(host: str) -> _socket.AddressFamily:
+    return _socket.AF_INET6 if ":" in host else _socket.AF_INET
+
+
+def _free_port(host: str = LOCALHOST) -> int:
+    with _socket.socket(_family(host), _socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def ipv6_loopback() -> bool:
+    """True when this machine can listen on ``::1`` (containers often cannot)."""
+    try:
+        with _socket.socket(_socket.AF_INET6, _socket.SOCK_STREAM) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
 
 
 def _socket_path(workdir: Path, name: str, cleanup: list[Path]) -> Path:
@@ -335,7 +352,7 @@ def _socket_path(workdir: Path, name: str, cleanup: list[Path]) -> Path:
 
 def _probe(address: str | tuple[str, int]) -> bool:
     """True once the server greets with ``NBDMAGIC``; leaves it cleanly with NBD_OPT_ABORT."""
-    family = _socket.AF_UNIX if isinstance(address, str) else _socket.AF_INET
+    family = _socket.AF_UNIX if isinstance(address, str) else _family(address[0])
     try:
         with _socket.socket(family, _socket.SOCK_STREAM) as s:
             s.settimeout(1.0)
@@ -413,13 +430,15 @@ def start_server(
         delay = min(delay * 2, 0.1)
 
 
-def _start_with_port_retry(build: Callable[[int | None], NBDServer], tcp: bool) -> NBDServer:
+def _start_with_port_retry(
+    build: Callable[[int | None], NBDServer], tcp: bool, host: str = LOCALHOST
+) -> NBDServer:
     """``build(None)`` for a Unix socket; with TCP ``build(port)``, retrying on a new port
     if another process grabbed the free one in the meantime."""
     attempts = 5 if tcp else 1
     for attempt in range(attempts):
         try:
-            return build(_free_port() if tcp else None)
+            return build(_free_port(host) if tcp else None)
         except ServerStartError as e:
             in_use = "address already in use" in e.output.lower()
             if not (in_use and attempt + 1 < attempts):
@@ -464,6 +483,7 @@ def start_nbdkit(
     tls_mode: Literal["require", "on"] = "require",
     options: Sequence[str] = (),
     timeout: float = START_TIMEOUT,
+    host: str = LOCALHOST,
 ) -> NBDServer:
     """Start ``nbdkit [options] [--filter=F ...] PLUGIN ARGS... FILTER_ARGS...``.
 
@@ -472,6 +492,8 @@ def start_nbdkit(
     plugins serve any name; add ``filters=["exportname"]`` with
     ``exportname=NAME exportname-strict=true`` to make nbdkit insist on it.
     ``options`` are extra nbdkit options, e.g. ``["-v"]`` or ``["--threads", "4"]``.
+    With ``tcp``, ``host`` is the address listened on: ``"::1"`` for IPv6 (see
+    :func:`ipv6_loopback`), which the URI then writes in brackets.
     """
     binary = require_tool("nbdkit")
     name = f"nbdkit-{next(_counter)}"
@@ -486,7 +508,7 @@ def start_nbdkit(
             sock = _socket_path(workdir, name, cleanup)
             argv += ["--unix", str(sock)]
         else:
-            argv += ["--ipaddr", LOCALHOST, "--port", str(port)]
+            argv += ["--ipaddr", host, "--port", str(port)]
         if readonly:
             argv.append("--readonly")
         if export_name:
@@ -500,7 +522,7 @@ def start_nbdkit(
             name=name,
             workdir=workdir,
             socket=sock,
-            host=None if port is None else LOCALHOST,
+            host=None if port is None else host,
             port=port,
             export_name=export_name,
             tls=tls,
@@ -508,7 +530,7 @@ def start_nbdkit(
             timeout=timeout,
         )
 
-    return _start_with_port_retry(build, tcp)
+    return _start_with_port_retry(build, tcp, host)
 
 
 def start_qemu_nbd(
@@ -647,6 +669,7 @@ class NbdkitLauncher(_Launcher):
         tls_mode: Literal["require", "on"] = "require",
         options: Sequence[str] = (),
         timeout: float = START_TIMEOUT,
+        host: str = LOCALHOST,
     ) -> NBDServer:
         server = start_nbdkit(
             self.workdir,
@@ -661,6 +684,7 @@ class NbdkitLauncher(_Launcher):
             tls_mode=tls_mode,
             options=options,
             timeout=timeout,
+            host=host,
         )
         self.servers.append(server)
         return server

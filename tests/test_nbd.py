@@ -30,6 +30,7 @@ import trioconv
 from trioconv import ConvertOptions, ExtentKind
 from trioconv.protocols.nbd import MultiConnDriver, NBDDriver, open_nbd
 
+from . import nbd_servers
 from ._faults import interrupt_cli, one_line_error, start_cli
 from .conftest import (
     ImageMaker,
@@ -1259,3 +1260,202 @@ async def test_discard_errors(nbdkit_server: NbdkitLauncher, tmp_path: Path) -> 
         assert not nbd.caps.trim
         with pytest.raises(trioconv.UnsupportedError, match="cannot discard"):
             await nbd.discard(0, 4096)
+
+
+# -- 13. small limits, block status, URIs and TLS wording ---------------------------------------
+
+
+def test_block_status_of_a_fragmented_export_under_a_small_maximum(
+    nbdkit_server: NbdkitLauncher, tmp_path: Path
+) -> None:
+    """A server that announces a 1 KiB maximum payload still describes a fragmented
+    export in one block status chunk of about a thousand extents (8 KiB here: nbdkit
+    does not cut it down). Read chunks stay bounded by the maximum; status chunks have
+    their own, larger bound, so the copy goes through, holes and all."""
+    server = nbdkit_server(
+        "sparse-random",
+        ["size=16M", "percent=50", "runlength=16384", "seed=7"],
+        filters=["blocksize-policy"],
+        filter_args=[
+            "blocksize-maximum=1024",
+            "blocksize-preferred=1024",
+            "blocksize-error-policy=error",
+        ],
+    )
+    out = tmp_path / "out.raw"
+    result = trioconv_cli("convert", "-f", "raw", "-O", "raw", server.uri, out)
+    assert result.returncode == 0, result.stderr
+    compare_uri(out, server.uri)
+    expected = json.loads(run("qemu-img", "map", "--output=json", "-f", "raw", server.uri).stdout)
+    assert data_ranges(qemu_map(out)) == data_ranges(expected)
+
+
+def test_a_tiny_maximum_keeps_many_requests_in_flight(
+    nbdkit_server: NbdkitLauncher, tmp_path: Path
+) -> None:
+    """With a 1 KiB maximum, one 2 MiB read of the copy becomes 2048 requests: none
+    larger than the maximum, and many of them outstanding at once on the one
+    connection, not one after the other (nbdkit runs 128 threads here, each request
+    held 10 ms)."""
+    log = tmp_path / "tiny.log"
+    server = nbdkit_server(
+        "pattern",
+        ["size=2M"],
+        filters=["log", "blocksize-policy", "delay"],
+        filter_args=[
+            f"logfile={log}",
+            "blocksize-maximum=1024",
+            "blocksize-preferred=1024",
+            "blocksize-error-policy=error",
+            "delay-read=10ms",
+        ],
+        options=["--threads", "128"],
+    )
+    out = tmp_path / "out.raw"
+    result = trioconv_cli(
+        "convert", "-m", "1", "--connections", "1", "-f", "raw", "-O", "raw", server.uri, out
+    )
+    assert result.returncode == 0, result.stderr
+    reads = requests(log, "Read")
+    assert sum(c for _, c, _ in reads) == 2 * MiB
+    assert max(c for _, c, _ in reads) == 1024
+    assert max_in_flight(log, "Read") >= 64, max_in_flight(log, "Read")
+    # (qemu-img would take 20 s to compare: it sends the 1 KiB pieces one at a time)
+    pattern = b"".join(offset.to_bytes(8, "big") for offset in range(0, 2 * MiB, 8))
+    assert out.read_bytes() == pattern
+
+
+@pytest.mark.parametrize("connections", [1, None], ids=["one-connection", "multi-conn"])
+async def test_block_status_sees_the_writes_before_it(
+    nbdkit_server: NbdkitLauncher, connections: int | None
+) -> None:
+    """Block status is kept from one query to the next, but not across a write, zero
+    or trim - over any of the connections, as a file's extent map is dropped on every
+    write: a query after it sees the new data."""
+    server = nbdkit_server("memory", ["size=1M"])
+    async with open_nbd(server.uri, writable=True, connections=connections) as nbd:
+        if isinstance(nbd, MultiConnDriver):
+            for _ in range(200):
+                if len(nbd.connections) == 4:
+                    break
+                await trio.sleep(0.01)
+            assert len(nbd.connections) == 4
+        assert await nbd.block_status(0, MiB) == trioconv.Extent(0, MiB, ExtentKind.ZERO)
+        async with trio.open_nursery() as nursery:  # (on as many connections)
+            for i in range(4):
+                nursery.start_soon(nbd.pwrite, i * 256 * KiB, b"\x01" * 4096)
+        for i in range(4):
+            ext = await nbd.block_status(i * 256 * KiB, 4096)
+            assert ext.kind is ExtentKind.DATA, (i, ext)
+        await nbd.pwrite_zeroes(0, MiB, may_unmap=True)
+        assert (await nbd.block_status(0, 4096)).kind is ExtentKind.ZERO
+        await nbd.pwrite(0, b"\x02" * 4096)
+        assert (await nbd.block_status(0, 4096)).kind is ExtentKind.DATA
+        await nbd.discard(0, MiB)
+        assert (await nbd.block_status(0, 4096)).kind is ExtentKind.ZERO
+
+
+def test_a_socket_path_with_a_plus_sign(tmp_path: Path) -> None:
+    """In ``?socket=`` a '+' is a plus sign, as QEMU and libnbd read it: only
+    percent-escapes are decoded (an HTML form's '+' for a space is not)."""
+    folder = tmp_path / "run+nbd"
+    folder.mkdir()
+    with nbd_servers.nbdkit(folder, "memory", ["size=3M"]) as server:
+        assert server.socket is not None and "+" in str(server.socket)
+        uri = f"nbd+unix:///?socket={server.socket}"
+        ours = trioconv_cli("info", "--output", "json", uri)
+        assert ours.returncode == 0, ours.stderr
+        assert json.loads(ours.stdout)["virtual-size"] == 3 * MiB
+        theirs = run("qemu-img", "info", "--output=json", uri)
+        assert json.loads(theirs.stdout)["virtual-size"] == 3 * MiB
+
+
+def test_an_ipv6_host_and_an_export_name_that_needs_escaping(
+    nbdkit_server: NbdkitLauncher, mixed_src: Path, tmp_path: Path
+) -> None:
+    """``nbd://[::1]:PORT/NAME``: the host in brackets, the export name percent-encoded
+    (spaces, '#', '?', '&', '+', '%', '/', and letters beyond ASCII) reaches a server
+    that insists on the exact name."""
+    if not nbd_servers.ipv6_loopback():
+        pytest.skip("no IPv6 loopback here")
+    name = "dïsk #1?&+%/x"
+    server = nbdkit_server(
+        "memory",
+        ["size=8M"],
+        filters=["exportname"],
+        filter_args=[f"exportname={name}", "exportname-strict=true"],
+        export_name=name,
+        tcp=True,
+        host="::1",
+    )
+    uri = server.uri
+    assert uri == f"nbd://[::1]:{server.port}/d%C3%AFsk%20%231%3F%26%2B%25%2Fx"
+    result = trioconv_cli("convert", "-n", "-f", "raw", "-O", "raw", mixed_src, uri)
+    assert result.returncode == 0, result.stderr
+    out = tmp_path / "back.raw"
+    result = trioconv_cli("convert", "-f", "raw", "-O", "raw", uri, out)
+    assert result.returncode == 0, result.stderr
+    assert_identical(mixed_src, out)
+    wrong = failing_cli("info", uri.replace("%2Fx", "%2Fy"))
+    assert "unknown export" in wrong
+
+
+def test_tls_failures_say_what_to_do(
+    nbdkit_server: NbdkitLauncher, nbd_tls_certs: TLSCerts, tmp_path: Path
+) -> None:
+    """Each way TLS fails ends in one line that says what is wrong and what would help:
+    a server that takes only pre-shared keys (which Python's ssl cannot do), one that
+    wants a client certificate, a folder without the CA certificate, a plain URI for a
+    server that requires TLS and a TLS URI for one without it."""
+    keys = tmp_path / "keys.psk"
+    keys.write_text(f"alice:{os.urandom(32).hex()}\n")
+    keys.chmod(0o600)
+    psk = nbdkit_server("memory", ["size=1M"], options=["--tls=require", f"--tls-psk={keys}"])
+    line = failing_cli("info", f"nbds+unix:///?socket={psk.socket}")
+    assert "the server closed the connection (a server that takes only pre-shared keys" in line
+    line = failing_cli("info", f"nbds+unix:///?socket={psk.socket}&tls-psk-file={keys}")
+    assert "TLS with a pre-shared key ('tls-psk-file') is not supported" in line
+
+    peer = nbdkit_server("memory", ["size=1M"], tls=nbd_tls_certs, options=["--tls-verify-peer"])
+    line = failing_cli("info", tls_uri(peer))
+    assert "the server ended the TLS session during the negotiation" in line
+    assert "client-cert.pem and client-key.pem" in line
+
+    x509 = nbdkit_server("memory", ["size=1M"], tls=nbd_tls_certs)
+    empty = tmp_path / "no-certs"
+    empty.mkdir()
+    line = failing_cli("info", f"{x509.uri}&tls-certificates={empty}")
+    assert f"TLS: cannot use '{empty}/ca-cert.pem': No such file or directory" in line
+    line = failing_cli("info", f"nbd+unix:///?socket={x509.socket}")
+    assert "TLS required (use an nbds:// or nbds+unix:// URI)" in line
+    plain = nbdkit_server("memory", ["size=1M"])
+    line = failing_cli("info", f"nbds+unix:///?socket={plain.socket}")
+    assert "server refused TLS" in line and "nbd+unix://" in line
+
+
+async def test_a_cancelled_read_in_tiny_pieces_leaves_its_buffer_alone(
+    nbdkit_server: NbdkitLauncher,
+) -> None:
+    """A 2 MiB read from a server with a 1 KiB maximum goes out as batches of requests;
+    cancelled half-way, the replies still due are dropped (the buffer, which its owner
+    may already reuse, is not written again), and the connection reads on in step."""
+    server = nbdkit_server(
+        "pattern",
+        ["size=4M"],
+        filters=["blocksize-policy", "delay"],
+        filter_args=["blocksize-maximum=1024", "blocksize-preferred=1024", "delay-read=5ms"],
+    )
+    pattern = b"".join(offset.to_bytes(8, "big") for offset in range(0, 4 * MiB, 8))
+    async with open_nbd(server.uri, connections=1) as nbd:
+        buf = bytearray(2 * MiB)
+        with trio.move_on_after(0.1) as scope:
+            await nbd.preadinto(0, memoryview(buf))
+        assert scope.cancelled_caught
+        left = bytes(buf)
+        assert left != pattern[: 2 * MiB]  # (cut short indeed)
+        buf[:] = b"\xee" * len(buf)  # reused at once
+        again = bytearray(MiB)
+        await nbd.preadinto(3 * MiB, memoryview(again))
+        assert again == pattern[3 * MiB :]
+        await trio.sleep(0.3)
+        assert buf == b"\xee" * len(buf)

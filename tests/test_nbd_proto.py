@@ -348,3 +348,97 @@ def test_nbd_uris() -> None:
     for uri in ("nbd+unix:///?socket=/s&x=1", "nbd://h/e?timeout=5", "nbd://h/?sockt=/s"):
         with pytest.raises(ImageError, match="unknown NBD URI parameter"):
             parse_nbd_uri(uri)
+
+
+def test_uri_query_reads_a_plus_as_a_plus_and_refuses_psk() -> None:
+    """Only percent-escapes are decoded in the query, as QEMU and libnbd do ('+' is
+    not a space there), and IPv6 hosts come out of their brackets; libnbd's
+    pre-shared-key parameters are refused by name."""
+    from trioconv._errors import ImageError
+    from trioconv.protocols.nbd._client import parse_nbd_uri
+
+    unix = parse_nbd_uri("nbd+unix:///a%2Bb+c?socket=/run/x+y%20z.sock")
+    assert (unix.export, unix.socket) == ("a+b+c", "/run/x+y z.sock")
+    six = parse_nbd_uri("nbds://[::1]:10810/d%C3%AFsk%20%231")
+    assert (six.host, six.port, six.export, six.tls_hostname) == ("::1", 10810, "dïsk #1", "::1")
+    assert six.uri == "nbds://[::1]:10810/d%C3%AFsk%20%231"
+    for param in ("tls-psk-file=/k", "tls-username=alice"):
+        with pytest.raises(ImageError, match=r"TLS with a pre-shared key .* is not supported"):
+            parse_nbd_uri(f"nbds://h/?{param}")
+
+
+def status(cookie: int, *extents: tuple[int, int], context: int = 9) -> bytes:
+    pairs = b"".join(struct.pack(">II", n, flags) for n, flags in extents)
+    return chunk(cookie, proto.CHUNK_BLOCK_STATUS, struct.pack(">I", context) + pairs)
+
+
+@pytest.mark.parametrize(
+    ("wire", "message"),
+    [
+        (chunk(1, proto.CHUNK_OFFSET_DATA, struct.pack(">Q", 0)), "OFFSET_DATA chunk without"),
+        (chunk(1, proto.CHUNK_OFFSET_HOLE, struct.pack(">QI", 0, 0)), "OFFSET_HOLE chunk of 0"),
+        (chunk(1, proto.CHUNK_ERROR, struct.pack(">IH", 0, 0)), "error 0"),
+        (chunk(1, proto.CHUNK_ERROR, struct.pack(">IH", 5, 9) + b"12345678"), "message longer"),
+        (chunk(1, proto.CHUNK_ERROR_OFFSET, struct.pack(">IH", 5, 0) + b"1234"), "short error"),
+        (
+            chunk(1, proto.CHUNK_ERROR_OFFSET, struct.pack(">IH", 5, 4) + b"full" + bytes(7)),
+            "message longer",
+        ),
+        (chunk(1, 0x8123, struct.pack(">IH", 5, 3) + b"ab"), "message longer"),
+    ],
+    ids=[
+        "data-without-data",
+        "empty-hole",
+        "error-0",
+        "long-message",
+        "error-offset-short",
+        "error-offset-long-message",
+        "unknown-error-long-message",
+    ],
+)
+def test_reply_parser_rejects_malformed_chunks(wire: bytes, message: str) -> None:
+    """What the protocol says of a chunk by itself: data chunks carry data, holes are
+    not empty, an error is not 0, a message fits in its chunk, ERROR_OFFSET has its
+    offset - an unknown error type included."""
+    parser = proto.ReplyParser()
+    parser.receive_data(wire)
+    with pytest.raises(proto.NBDProtocolError, match=message):
+        parser.next_event()
+
+
+def test_reply_parser_takes_unknown_error_types_as_errors() -> None:
+    parser = proto.ReplyParser()
+    parser.receive_data(chunk(4, 0x8123, struct.pack(">IH", 28, 4) + b"full"))
+    assert normal(parser.next_event()) == (  # type: ignore[arg-type]
+        proto.ErrorChunk, 4, 28, "full", None, True,
+    )  # fmt: skip
+
+
+def test_reply_parser_structured_only_when_negotiated() -> None:
+    parser = proto.ReplyParser(structured=False)
+    parser.receive_data(simple(1) + chunk(2, proto.CHUNK_NONE, b""))
+    assert normal(parser.next_event()) == (proto.SimpleReply, 1, 0, None)  # type: ignore[arg-type]
+    with pytest.raises(proto.NBDProtocolError, match="not negotiated"):
+        parser.next_event()
+
+
+def test_block_status_chunks_have_their_own_bound() -> None:
+    """A small maximum payload (read chunks) does not refuse a block status chunk of
+    thousands of extents; those are bounded by MAX_STATUS_CHUNK (2^20 extents)."""
+    extents = [(4096, i % 2) for i in range(2000)]
+    parser = proto.ReplyParser(max_payload=1024 + 4096)
+    parser.receive_data(status(3, *extents))
+    event = parser.next_event()
+    assert isinstance(event, proto.StatusChunk) and len(event.extents) == 2000
+    huge = struct.pack(">IHHQI", proto.STRUCTURED_REPLY_MAGIC, 1, proto.CHUNK_BLOCK_STATUS, 3,
+                       proto.MAX_STATUS_CHUNK + 8)  # fmt: skip
+    parser.receive_data(huge)
+    with pytest.raises(proto.NBDProtocolError, match="too large"):
+        parser.next_event()
+
+
+def test_handshake_says_how_to_reach_a_tls_server() -> None:
+    server = GREETING + opt_reply(proto.OPT_STRUCTURED_REPLY, proto.REP_ERR_TLS_REQD)
+    server += opt_reply(proto.OPT_GO, proto.REP_ERR_TLS_REQD)
+    with pytest.raises(proto.NBDOptionError, match=r"TLS required \(use an nbds://"):
+        drive(proto.client_handshake("", meta_contexts=()), server)

@@ -7,19 +7,35 @@ event. A single reader task feeds received bytes to the sans-I/O
 by cookie, copying read data straight into the requester's buffer. If the connection
 drops, the reader fails every waiting request at once and raises, which cancels whatever
 runs inside :func:`open_nbd` - a conversion stops promptly instead of hanging.
+
+A server that stops answering is not waited for forever either. Connecting and the
+handshake together may take :data:`OPEN_TIMEOUT` seconds. Once connected, the reader
+gives the connection up when requests are waiting and the server has sent nothing at
+all for :data:`REPLY_TIMEOUT` seconds (any byte from it starts the count again, so a
+slow server that answers is never cut off). QEMU's NBD client has neither bound - its
+``reconnect-delay`` and ``open-timeout`` are about reconnecting, and a server that
+holds the connection open but never answers hangs ``qemu-img`` for good.
+
+Replies are checked against their request as the protocol requires: a chunk for an
+unknown cookie, a read chunk outside the request or overlapping an earlier one, a
+chunk type the command cannot get, an error offset outside the request - each is the
+server breaking the protocol, and the connection is given up with one clear error.
 """
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import errno as errno_mod
 import functools
 import itertools
 import logging
+import math
 import os
 import socket
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -36,7 +52,7 @@ from ..._errors import (
 )
 from ..._open import is_nbd_uri as is_nbd_uri
 from ...driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
-from .._net import WholeSends, receive_payload, together
+from .._net import SPLIT_LIMIT, WholeSends, receive_payload, together
 from . import _proto as proto
 from ._proto import Cmd, CmdFlag, TxFlag
 
@@ -58,7 +74,22 @@ _MAX_STATUS = 1 << 30
 #: Read payloads with at least this much still to come are received straight into the
 #: requester's buffer rather than through the parser's.
 _DIRECT_MIN = 64 * 1024
-_HANDSHAKE_TIMEOUT = 30.0
+#: Split requests whose pieces are this small or smaller are sent ``_BATCH`` at a time
+#: (see :meth:`NBDDriver._split`).
+_BATCH_PIECE = 64 * 1024
+_BATCH = 16
+#: A write's data up to this size is copied into the send with its header (one
+#: syscall); larger data is sent from where it is.
+_SMALL_PAYLOAD = 64 * 1024
+
+#: Seconds that connecting and the handshake together may take.
+OPEN_TIMEOUT = 30.0
+
+#: Seconds a connection with requests waiting may go without a single byte from the
+#: server before it is given up. Generous: a server may take long over one request
+#: (a flush of a large write cache to slow disks), but one that says nothing at all for
+#: five minutes while requests wait has stopped serving them.
+REPLY_TIMEOUT = 300.0
 
 
 @attrs.frozen
@@ -96,6 +127,10 @@ class NBDAddress:
 #: The query parameters of an NBD URI: QEMU's ``socket``, libnbd's TLS ones.
 _URI_PARAMETERS = frozenset({"socket", "tls-certificates", "tls-hostname", "tls-verify-peer"})
 
+#: libnbd's parameters for TLS with a pre-shared key, which Python's ``ssl`` module
+#: (before 3.13) cannot do: refused by name rather than as unknown.
+_PSK_PARAMETERS = frozenset({"tls-psk-file", "tls-username"})
+
 
 def parse_nbd_uri(uri: str) -> NBDAddress:
     """Parse ``nbd://host[:port]/export`` or ``nbd+unix:///export?socket=PATH``.
@@ -109,7 +144,15 @@ def parse_nbd_uri(uri: str) -> NBDAddress:
         raise ImageError(f"'{uri}' is not an NBD URI")
     tls = scheme.startswith("nbds")
     export = urllib.parse.unquote(parts.path[1:] if parts.path.startswith("/") else parts.path)
-    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    # Percent-decoding only, as QEMU and libnbd read the query: a '+' is a plus sign
+    # (``socket=/run/a+b.sock``), not the space of an HTML form.
+    query = urllib.parse.parse_qs(parts.query.replace("+", "%2B"), keep_blank_values=True)
+    psk = sorted(set(query) & _PSK_PARAMETERS)
+    if psk:
+        raise ImageError(
+            f"'{uri}': TLS with a pre-shared key ('{psk[0]}') is not supported; "
+            "use X.509 certificates (tls-certificates=DIR)"
+        )
     unknown = sorted(set(query) - _URI_PARAMETERS)
     if unknown:
         raise ImageError(f"'{uri}': unknown NBD URI parameter '{unknown[0]}'")
@@ -151,14 +194,29 @@ def parse_nbd_uri(uri: str) -> NBDAddress:
 
 
 def _tls_context(address: NBDAddress) -> ssl.SSLContext:
-    """A client TLS context verifying the server against the given CA."""
+    """A client TLS context verifying the server against the given CA.
+
+    Raises:
+        NBDOptionError: a certificate or key file in the folder cannot be read (the
+            message names the file: ``ssl`` itself does not).
+    """
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
     if address.tls_certificates is not None:
         folder = Path(address.tls_certificates)
-        if address.tls_verify or (folder / "ca-cert.pem").exists():
-            ctx.load_verify_locations(cafile=folder / "ca-cert.pem")
-        if (folder / "client-cert.pem").exists():
-            ctx.load_cert_chain(folder / "client-cert.pem", folder / "client-key.pem")
+        ca = folder / "ca-cert.pem"
+        cert, key = folder / "client-cert.pem", folder / "client-key.pem"
+        current = ca
+        try:
+            if address.tls_verify or ca.exists():
+                ctx.load_verify_locations(cafile=ca)
+            if cert.exists():
+                current = cert
+                ctx.load_cert_chain(cert, key)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            if current == cert and not key.exists():
+                current, reason = key, "No such file or directory"
+            raise proto.NBDOptionError(f"TLS: cannot use '{current}': {reason}") from exc
     ctx.check_hostname = address.tls_hostname is not None and address.tls_verify
     if not address.tls_verify:
         ctx.verify_mode = ssl.CERT_NONE
@@ -175,8 +233,55 @@ class _Pending:
     #: (data or holes); a reply that ends short is an error, not a buffer left stale.
     length: int = 0
     covered: int = 0
-    extents: tuple[tuple[int, int], ...] = ()
+    #: The ``[start, end)`` ranges (from the request's offset) the chunks so far
+    #: covered, sorted and merged: a chunk overlapping one of them is refused, so
+    #: ``covered == length`` means every byte was given, none twice.
+    spans: list[list[int]] = attrs.field(factory=list)
+    extents: tuple[tuple[int, int], ...] | None = None
     done: trio.Event = attrs.field(factory=trio.Event)
+
+    def cover(self, start: int, end: int) -> None:
+        """A content chunk gave ``[start, end)`` of the request (from its offset).
+
+        Raises:
+            NBDProtocolError: the range is outside the request or overlaps an earlier
+                chunk (the protocol forbids both).
+        """
+        if start < 0 or end > self.length or start >= end:
+            raise proto.NBDProtocolError(
+                f"read chunk at byte {self.offset + start} outside the request"
+            )
+        spans = self.spans
+        i = bisect.bisect_right(spans, [start, end])
+        if (i and spans[i - 1][1] > start) or (i < len(spans) and spans[i][0] < end):
+            raise proto.NBDProtocolError(
+                f"read chunk at byte {self.offset + start} overlaps an earlier one"
+            )
+        # Chunks come in order from every server seen: merging keeps one span.
+        if i and spans[i - 1][1] == start:
+            spans[i - 1][1] = end
+            if i < len(spans) and spans[i][0] == end:
+                spans[i - 1][1] = spans.pop(i)[1]
+        elif i < len(spans) and spans[i][0] == end:
+            spans[i][0] = start
+        else:
+            spans.insert(i, [start, end])
+        self.covered += end - start
+
+
+#: Replies each command may get, bar errors and ``NBD_REPLY_TYPE_NONE`` (any may).
+_CHUNKS_FOR = {
+    proto.DataChunk: (Cmd.READ,),
+    proto.HoleChunk: (Cmd.READ,),
+    proto.StatusChunk: (Cmd.BLOCK_STATUS,),
+}
+
+#: Commands whose reply may carry ``NBD_REPLY_TYPE_ERROR_OFFSET``.
+_ERROR_OFFSET_CMDS = (Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.CACHE, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS)
+
+
+class _ServerSilent(Exception):
+    """The server answered nothing for the reply timeout while requests waited."""
 
 
 class NBDDriver(Driver):
@@ -193,6 +298,7 @@ class NBDDriver(Driver):
         writable: bool,
         leftover: bytes = b"",
         cache: CacheMode = CacheMode.WRITEBACK,
+        reply_timeout: float = REPLY_TIMEOUT,
     ) -> None:
         self._stream = stream
         self.info = info
@@ -203,7 +309,11 @@ class NBDDriver(Driver):
         self.address = address
         self.location = address.uri
         self._writable = writable
-        self._parser = proto.ReplyParser(max_payload=info.max_block + 4096)
+        # (A read chunk is at most max_block and its offset; an error chunk's message
+        # up to 4096 bytes and its fields - which a tiny max_block must not refuse.)
+        self._parser = proto.ReplyParser(
+            max_payload=info.max_block + 8192, structured=info.structured
+        )
         if leftover:
             self._parser.receive_data(leftover)
         self._pending: dict[int, _Pending] = {}
@@ -212,11 +322,18 @@ class NBDDriver(Driver):
         self._closing = False
         self._broken: TrioconvIOError | None = None
         self._status: list[Extent] = []
+        #: Bumped by every write, zero and trim: block status asked before one of them
+        #: finished is not kept (see :meth:`changed`).
+        self._generation = 0
         self._zero = bytes(min(info.max_block, 256 * 1024))
         self._scratch = bytearray(256 * 1024)
         #: Serialises read-modify-writes of blocks under the server's minimum block
         #: size; shared by every connection to the export (see :meth:`_patch_edges`).
         self.edges_lock = trio.Lock()
+        #: Its deadline is when the server, with requests waiting, has been silent for
+        #: ``reply_timeout`` seconds; infinite while nothing waits (see :meth:`reader`).
+        self._reply_timeout = reply_timeout
+        self._silence = trio.CancelScope()
 
     # -- geometry ------------------------------------------------------------------------
     @property
@@ -244,34 +361,35 @@ class NBDDriver(Driver):
 
     # -- the reader task -------------------------------------------------------------------
     async def reader(self) -> None:
-        """Receive replies and route them until the connection closes."""
+        """Receive replies and route them until the connection closes.
+
+        The receiving runs inside :attr:`_silence`, a cancel scope whose deadline is
+        :attr:`_reply_timeout` seconds after the last byte from the server while
+        requests wait (and infinite while none does): :meth:`_exchange` sets it when the
+        first request starts waiting, every receive moves it on. When it expires the
+        server has answered nothing for that long, and the connection is given up like
+        a lost one.
+        """
         # A plain socket is read into the parser's buffer, and the bulk of each read
         # payload straight into the requester's buffer; TLS goes through the stream.
         # Either way each payload byte is copied at most once in user space.
         sock = getattr(self._stream, "socket", None)
         try:
-            while True:
-                if sock is not None:
-                    with self._parser.get_buffer() as space:
-                        n = await sock.recv_into(space)
-                    self._parser.buffer_updated(n)
-                else:
-                    data = await self._stream.receive_some(256 * 1024)
-                    n = len(data)
-                    self._parser.receive_data(data)
-                if not n:
-                    raise TrioconvIOError("the server closed the connection")
-                while True:
-                    event = self._parser.next_event()
-                    if event is not None:
-                        self._dispatch(event)
-                        continue
-                    if sock is None:
-                        break
-                    direct = self._parser.direct_payload(_DIRECT_MIN)
-                    if direct is None:
-                        break
-                    await self._receive_direct(sock, direct)
+            with self._silence:
+                await self._receive_replies(sock)
+            if self._silence.cancelled_caught:
+                waiting = len(self._pending)
+                raise _ServerSilent(
+                    f"{self.location}: the NBD server sent nothing for "
+                    f"{self._reply_timeout:g} s while {waiting} "
+                    f"request{'s' if waiting != 1 else ''} waited for a reply"
+                )
+        except _ServerSilent as exc:
+            if self._closing:
+                return
+            error = TrioconvIOError(str(exc), errno=errno_mod.ETIMEDOUT)
+            self._give_up(error)
+            raise error from None
         except (
             trio.BrokenResourceError,
             trio.ClosedResourceError,
@@ -289,6 +407,39 @@ class NBDDriver(Driver):
             # Cancelled: the conversion is ending and nothing reads replies any more.
             self._give_up(TrioconvIOError(f"{self.location}: the connection is closed"))
             raise
+
+    async def _receive_replies(self, sock: trio.socket.SocketType | None) -> None:
+        """The reader's loop: receive, parse, route; until the connection fails."""
+        while True:
+            if sock is not None:
+                with self._parser.get_buffer() as space:
+                    n = await sock.recv_into(space)
+                self._parser.buffer_updated(n)
+            else:
+                data = await self._stream.receive_some(256 * 1024)
+                n = len(data)
+                self._parser.receive_data(data)
+            if not n:
+                raise TrioconvIOError("the server closed the connection")
+            while True:
+                event = self._parser.next_event()
+                if event is not None:
+                    self._dispatch(event)
+                    continue
+                if sock is None:
+                    break
+                direct = self._parser.direct_payload(_DIRECT_MIN)
+                if direct is None:
+                    break
+                await self._receive_direct(sock, direct)
+            self._heard()
+
+    def _heard(self) -> None:
+        """The server sent something: the silence count starts again (or stops, if
+        no request waits any more)."""
+        self._silence.deadline = (
+            trio.current_time() + self._reply_timeout if self._pending else math.inf
+        )
 
     def _give_up(self, error: TrioconvIOError) -> None:
         """The connection is unusable: fail every request waiting on it, stop a send
@@ -312,21 +463,23 @@ class NBDDriver(Driver):
         received into scratch space and dropped.
         """
         event = direct.event
-        pending = self._pending.get(event.cookie)
-        if pending is None:
-            raise proto.NBDProtocolError(f"reply for unknown cookie {event.cookie}")
+        pending = self._expected(event)
         data = event.data
         assert data is not None  # a direct payload always has its (maybe empty) start
         have = data.nbytes
         start = event.offset - pending.offset if isinstance(event, proto.DataChunk) else 0
         end = start + have + direct.remaining
+        if isinstance(event, proto.DataChunk):
+            pending.cover(start, end)  # (checked before a byte lands in the buffer)
         if pending.buf is not None:
-            if start < 0 or end > pending.buf.nbytes:
-                raise proto.NBDProtocolError("read chunk outside the request")
             pending.buf[start : start + have] = data
         pos = start + have
-        await receive_payload(sock.fileno(), pos, end, lambda: pending.buf, self._scratch)
-        pending.covered += end - start
+
+        def wanted() -> memoryview | None:
+            self._heard()  # (asked before each receive: a long payload is progress)
+            return pending.buf
+
+        await receive_payload(sock.fileno(), pos, end, wanted, self._scratch)
         if isinstance(event, proto.SimpleReply) or event.done:
             self._complete(event.cookie, pending)
 
@@ -347,10 +500,26 @@ class NBDDriver(Driver):
         self._parser.forget(cookie)
         pending.done.set()
 
-    def _dispatch(self, event: proto.ReplyEvent) -> None:
+    def _expected(self, event: proto.ReplyEvent) -> _Pending:
+        """The request ``event`` answers, if the protocol lets it answer it so.
+
+        Raises:
+            NBDProtocolError: no request has that cookie (never sent, or already
+                answered in full), or the chunk's type is not one its command gets.
+        """
         pending = self._pending.get(event.cookie)
         if pending is None:
             raise proto.NBDProtocolError(f"reply for unknown cookie {event.cookie}")
+        allowed = _CHUNKS_FOR.get(type(event))
+        if allowed is not None and pending.cmd not in allowed:
+            kind = type(event).__name__.removesuffix("Chunk").lower()
+            raise proto.NBDProtocolError(
+                f"a {kind} chunk in the reply to a {pending.cmd.name} request"
+            )
+        return pending
+
+    def _dispatch(self, event: proto.ReplyEvent) -> None:
+        pending = self._expected(event)
         done = True
         if isinstance(event, proto.SimpleReply):
             if event.error:
@@ -362,34 +531,45 @@ class NBDDriver(Driver):
                 pending.buf[:] = event.data
         elif isinstance(event, proto.DataChunk):
             start = event.offset - pending.offset
+            pending.cover(start, start + event.data.nbytes)
             if pending.buf is not None:
-                if start < 0 or start + event.data.nbytes > pending.buf.nbytes:
-                    raise proto.NBDProtocolError("read chunk outside the request")
                 pending.buf[start : start + event.data.nbytes] = event.data
-            pending.covered += event.data.nbytes
             done = event.done
         elif isinstance(event, proto.HoleChunk):
             start = event.offset - pending.offset
+            pending.cover(start, start + event.length)
             if pending.buf is not None:
-                if start < 0 or start + event.length > pending.buf.nbytes:
-                    raise proto.NBDProtocolError("hole chunk outside the request")
                 zero = memoryview(self._zero)
                 for pos in range(start, start + event.length, zero.nbytes):
                     n = min(zero.nbytes, start + event.length - pos)
                     pending.buf[pos : pos + n] = zero[:n]
-            pending.covered += event.length
             done = event.done
         elif isinstance(event, proto.StatusChunk):
             if event.context == self.info.allocation_context:
+                if pending.extents is not None:
+                    raise proto.NBDProtocolError("two block status chunks for one context")
                 pending.extents = event.extents
             done = event.done
         elif isinstance(event, proto.ErrorChunk):
-            pending.error = self._server_error(pending, event.error, event.message)
+            at = event.offset
+            if at is not None and pending.cmd in _ERROR_OFFSET_CMDS:
+                if not pending.offset <= at < pending.offset + max(pending.length, 1):
+                    raise proto.NBDProtocolError(
+                        f"error offset {at} outside the request at byte {pending.offset}"
+                    )
+            else:
+                at = None  # (an offset where the command has none: the reply failed)
+            if pending.error is None:  # (the first error tells the most)
+                pending.error = self._server_error(pending, event.error, event.message, at)
             done = event.done
         if done:
             self._complete(event.cookie, pending)
 
-    def _server_error(self, pending: _Pending, error: int, message: str) -> TrioconvIOError:
+    def _server_error(
+        self, pending: _Pending, error: int, message: str, at: int | None = None
+    ) -> TrioconvIOError:
+        """The server failed a request: where (``at``, from an error offset, or the
+        request's offset), what it was doing, the error as the protocol numbers it."""
         what = {
             Cmd.READ: "reading",
             Cmd.WRITE: "writing",
@@ -398,10 +578,11 @@ class NBDDriver(Driver):
             Cmd.BLOCK_STATUS: "querying block status of",
             Cmd.TRIM: "trimming",
         }.get(pending.cmd, "accessing")
+        where = pending.offset if at is None else at
         text = proto.errno_text(error) + (f" ({message})" if message else "")
         return TrioconvIOError(
-            f"error while {what} {self.location} at byte {pending.offset}: {text}",
-            offset=pending.offset,
+            f"error while {what} {self.location} at byte {where}: {text}",
+            offset=where,
             errno=errno_mod.ENOTSUP if error == 95 else error,
         )
 
@@ -416,51 +597,118 @@ class NBDDriver(Driver):
         payload: memoryview | None = None,
         buf: memoryview | None = None,
     ) -> _Pending:
+        """Send one request and wait for its reply (``buf``: where a READ's data goes;
+        ``payload``: a WRITE's data).
+
+        Raises:
+            TrioconvIOError: the server failed the request, or the connection is lost.
+        """
+        (pending,) = await self._exchange(cmd, [(offset, length, buf, payload)], flags)
+        return pending
+
+    async def _exchange(
+        self,
+        cmd: Cmd,
+        requests: Sequence[tuple[int, int, memoryview | None, memoryview | None]],
+        flags: CmdFlag,
+    ) -> list[_Pending]:
+        """Send ``(offset, length, buf, payload)`` requests in one go and wait for every
+        reply; the first failure (in order) is raised once all are answered.
+
+        Each request is registered before anything is sent (its reply may come before
+        the send returns), and the sending is whole - all of it, or the connection is
+        given up (see :class:`~trioconv.protocols._net.WholeSends`). A caller cancelled
+        before its requests went out takes them back: a request never sent must not
+        count as one the server owes a reply (the silence bound would end the
+        connection over it). Cancelled after, the replies still come and are dropped:
+        a READ's buffer is never written to once its caller stopped waiting.
+        """
         if self._broken is not None:
             raise self._broken
         if self._closing:
             raise TrioconvIOError(f"{self.location}: connection is closed")
-        cookie = next(self._cookies)
-        pending = _Pending(cmd, offset, buf, length=length)
-        self._pending[cookie] = pending
-        if cmd is Cmd.READ and not self.info.structured:
-            self._parser.expect_read(cookie, length)
-        header = proto.encode_request(cmd, cookie, offset, length, flags)
+        cookies: list[int] = []
+        pendings: list[_Pending] = []
+        wire: list[bytes | bytearray | memoryview] = []
+        small = bytearray()  # headers and small payloads, gathered into one send
+        for offset, length, buf, payload in requests:
+            cookie = next(self._cookies)
+            pending = _Pending(cmd, offset, buf, length=length)
+            self._pending[cookie] = pending
+            cookies.append(cookie)
+            pendings.append(pending)
+            if cmd is Cmd.READ and not self.info.structured:
+                self._parser.expect_read(cookie, length)
+            small += proto.encode_request(cmd, cookie, offset, length, flags)
+            if payload is not None:
+                if payload.nbytes <= _SMALL_PAYLOAD:
+                    small += payload
+                else:
+                    wire += [small, payload]
+                    small = bytearray()
+        if small:
+            wire.append(small)
+        if self._silence.deadline == math.inf:  # the first request to wait
+            self._silence.deadline = trio.current_time() + self._reply_timeout
+        sent = False
         try:
-            # A request is sent whole (see WholeSends); the reader gives the connection
-            # up if the server goes away or the conversion ends.
+            # The reader gives the connection up if the server goes away or the
+            # conversion ends, which also stops a send stuck on a full socket buffer.
             async with self._sends.whole(lambda: self._broken):
                 try:
-                    if payload is None:
-                        await self._stream.send_all(header)
-                    elif payload.nbytes <= 65536:
-                        await self._stream.send_all(header + payload)
-                    else:
-                        await self._stream.send_all(header)
-                        await self._stream.send_all(payload)
+                    for part in wire:
+                        await self._stream.send_all(part)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise self._broken or TrioconvIOError(
                         f"{self.location}: connection to the NBD server lost: {exc}"
                     ) from exc
-            await pending.done.wait()
+            sent = True
+            for pending in pendings:
+                await pending.done.wait()
         except BaseException:
-            # Cancelled or failed: the reply may still come; never write into ``buf``.
-            pending.buf = None
+            for pending in pendings:
+                pending.buf = None  # the reply may still come: never write into ``buf``
+            if not sent:
+                for cookie in cookies:
+                    self._pending.pop(cookie, None)
+                    self._parser.forget(cookie)
+                if not self._pending:
+                    self._silence.deadline = math.inf
             raise
-        if pending.error is not None:
-            raise pending.error
-        return pending
+        for pending in pendings:
+            if pending.error is not None:
+                raise pending.error
+        return pendings
 
     async def _split(
         self, cmd: Cmd, offset: int, view: memoryview, flags: CmdFlag = CmdFlag.NONE
     ) -> None:
-        """Send one request per max-block piece, all in flight together."""
+        """Send one request per max-block piece, all in flight together.
+
+        Pieces of at most :data:`_BATCH_PIECE` bytes (a server with a small maximum,
+        down to 1 KiB or less) go out :data:`_BATCH` at a time, as one send of all
+        their headers (and data, for writes): a request a send made the per-request
+        cost - a lock, a syscall, a task switch - outweigh the bytes several times over.
+        At most :data:`~trioconv.protocols._net.SPLIT_LIMIT` pieces are in flight.
+        """
         step = self.info.max_block
         if view.nbytes <= step:
             if cmd is Cmd.READ:
                 await self._request(cmd, offset, view.nbytes, buf=view)
             else:
                 await self._request(cmd, offset, view.nbytes, flags=flags, payload=view)
+            return
+        if step <= _BATCH_PIECE:
+            group = step * _BATCH
+            await together(
+                [
+                    functools.partial(
+                        self._batch, cmd, offset + start, view[start : start + group], flags
+                    )
+                    for start in range(0, view.nbytes, group)
+                ],
+                limit=max(1, SPLIT_LIMIT // _BATCH),
+            )
             return
         await together(
             [
@@ -470,6 +718,18 @@ class NBDDriver(Driver):
                 for start in range(0, view.nbytes, step)
             ]
         )
+
+    async def _batch(self, cmd: Cmd, offset: int, view: memoryview, flags: CmdFlag) -> None:
+        """``view`` (a READ's buffer or a WRITE's data) as max-block requests sent in
+        one go (see :meth:`_exchange`)."""
+        step = self.info.max_block
+        read = cmd is Cmd.READ
+        pieces = [
+            (offset + start, piece.nbytes, piece if read else None, None if read else piece)
+            for start in range(0, view.nbytes, step)
+            for piece in (view[start : start + step],)
+        ]
+        await self._exchange(cmd, pieces, flags)
 
     async def preadinto(self, offset: int, buf: memoryview) -> None:
         view = buf.cast("B") if buf.format != "B" else buf
@@ -532,12 +792,32 @@ class NBDDriver(Driver):
         if requests:
             await together([functools.partial(self.preadinto, off, buf) for off, buf in requests])
 
+    def changed(self) -> None:
+        """The export's contents change (a write, zero or trim starts or ends): the
+        block status kept from the last query is dropped, and a query under way while
+        the change runs is not kept either."""
+        self._generation += 1
+        self._status = []
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        """Around a write, zero or trim: :meth:`changed` at its start and its end."""
+        self.changed()
+        try:
+            yield
+        finally:
+            self.changed()
+
     async def pwrite(self, offset: int, data: Buffer) -> None:
         if not self._writable:
             raise UnsupportedError(f"{self.location}: opened read-only")
         view = memoryview(data).cast("B")
         if not view.nbytes:
             return
+        with self.changing():
+            await self._pwrite(offset, view)
+
+    async def _pwrite(self, offset: int, view: memoryview) -> None:
         a = self.info.min_block
         if (offset | view.nbytes) % a:
             start, end = offset, offset + view.nbytes
@@ -563,6 +843,12 @@ class NBDDriver(Driver):
         flags = (CmdFlag.NONE if may_unmap else CmdFlag.NO_HOLE) | self._fua
         if fast:
             flags |= CmdFlag.FAST_ZERO
+        with self.changing():
+            await self._pwrite_zeroes(offset, length, flags, may_unmap=may_unmap, fast=fast)
+
+    async def _pwrite_zeroes(
+        self, offset: int, length: int, flags: CmdFlag, *, may_unmap: bool, fast: bool
+    ) -> None:
         a = self.info.min_block
         if (offset | length) % a:
             # Under the server's minimum block size: the blocks covered in part get
@@ -620,12 +906,13 @@ class NBDDriver(Driver):
             )
         step = self.info.max_block - self.info.max_block % self.info.min_block
         pieces = range(offset, offset + length, step)
-        await together(
-            [
-                functools.partial(self._trim_piece, start, min(step, offset + length - start))
-                for start in pieces
-            ]
-        )
+        with self.changing():
+            await together(
+                [
+                    functools.partial(self._trim_piece, start, min(step, offset + length - start))
+                    for start in pieces
+                ]
+            )
 
     async def _trim_piece(self, offset: int, length: int) -> None:
         await self._request(Cmd.TRIM, offset, length)
@@ -638,13 +925,17 @@ class NBDDriver(Driver):
             if ext.offset <= offset < ext.end:
                 return Extent(offset, min(ext.end, end) - offset, ext.kind)
         want = min(end - offset, _MAX_STATUS)
+        generation = self._generation
         pending = await self._request(Cmd.BLOCK_STATUS, offset, want)
         if not pending.extents:
             raise TrioconvIOError(f"{self.location}: server sent no block status at byte {offset}")
         extents: list[Extent] = []
         pos = offset
         for n, state in pending.extents:
-            if n == 0 or pos >= self.size:
+            # An empty extent ends the list (the protocol forbids it: what follows is
+            # not trusted), and so does the request's end: the last extent may reach
+            # past it, no extent may follow one that does (QEMU clamps there too).
+            if n == 0 or pos >= min(self.size, offset + want):
                 break
             n = min(n, self.size - pos)
             kind = ExtentKind.ZERO if state & proto.STATE_ZERO else ExtentKind.DATA
@@ -655,7 +946,8 @@ class NBDDriver(Driver):
             pos += n
         if not extents:
             raise TrioconvIOError(f"{self.location}: empty block status at byte {offset}")
-        self._status = extents
+        if generation == self._generation:  # (else a write ran meanwhile: not kept)
+            self._status = extents
         first = extents[0]
         return Extent(offset, min(first.end, end) - offset, first.kind)
 
@@ -685,7 +977,8 @@ class MultiConnDriver(Driver):
     The server promises that all connections see one consistent image and that a flush
     on any of them covers writes completed on all, so requests can go to whichever
     connection has the fewest in flight. Block status always uses the first connection
-    (its extent cache then stays useful); flush goes to every connection.
+    (its extent cache then stays useful, and is dropped by a change over any
+    connection); flush goes to every connection.
     """
 
     name = "nbd"
@@ -733,18 +1026,21 @@ class MultiConnDriver(Driver):
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
         async with self._pick() as conn:
-            await conn.pwrite(offset, data)
+            with self.connections[0].changing():
+                await conn.pwrite(offset, data)
 
     async def pwrite_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
     ) -> None:
         async with self._pick() as conn:
-            await conn.pwrite_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
+            with self.connections[0].changing():
+                await conn.pwrite_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
 
     async def discard(self, offset: int, length: int) -> None:
         """See :meth:`NBDDriver.discard`."""
         async with self._pick() as conn:
-            await conn.discard(offset, length)
+            with self.connections[0].changing():
+                await conn.discard(offset, length)
 
     async def block_status(self, offset: int, length: int) -> Extent:
         return await self.connections[0].block_status(offset, length)
@@ -772,9 +1068,7 @@ async def _handshake(
             info: proto.ExportInfo = stop.value
             return stream, info, bytes(received)
         reply = None
-        if isinstance(step, proto.Send):
-            await stream.send_all(step.data)
-        elif isinstance(step, proto.StartTLS):
+        if isinstance(step, proto.StartTLS):
             if received:
                 raise proto.NBDProtocolError("server sent data before the TLS handshake")
             ctx = await trio.to_thread.run_sync(_tls_context, address)
@@ -782,10 +1076,13 @@ async def _handshake(
             try:
                 await tls_stream.do_handshake()
             except trio.BrokenResourceError as exc:
-                cause = exc.__cause__ or exc
-                raise proto.NBDOptionError(f"TLS handshake failed: {cause}") from exc
+                raise proto.NBDOptionError(_tls_failure(exc, address)) from exc
             stream = tls_stream
-        else:
+            continue
+        try:
+            if isinstance(step, proto.Send):
+                await stream.send_all(step.data)
+                continue
             while len(received) < step.size:
                 chunk = await stream.receive_some(65536)
                 if not chunk:
@@ -793,8 +1090,41 @@ async def _handshake(
                         "server closed the connection during the handshake"
                     )
                 received += chunk
-            reply = bytes(received[: step.size])
-            del received[: step.size]
+        except (trio.BrokenResourceError, proto.NBDProtocolError) as exc:
+            if not isinstance(stream, trio.SSLStream):
+                raise
+            # The TLS handshake went through, and then the server hung up: with TLS 1.3
+            # that is how a server refuses the client's certificate (or its absence) -
+            # it checks it only after the client is done.
+            reason = exc.__cause__ or exc
+            raise proto.NBDOptionError(
+                f"the server ended the TLS session during the negotiation ({reason}); a "
+                "server that wants a client certificate it trusts does so (client-cert.pem "
+                "and client-key.pem in the tls-certificates folder)"
+            ) from exc
+        reply = bytes(received[: step.size])
+        del received[: step.size]
+
+
+def _tls_failure(exc: trio.BrokenResourceError, address: NBDAddress) -> str:
+    """Why the TLS handshake failed, in words a user can act on."""
+    cause = exc.__cause__ or exc
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        why = cause.verify_message
+        text = f"TLS handshake failed: the server's certificate is not trusted: {why}"
+        if address.tls_certificates is None:
+            text += " (give the CA with tls-certificates=DIR, a folder holding ca-cert.pem)"
+        return text
+    if isinstance(cause, ssl.SSLEOFError | ConnectionResetError | BrokenPipeError):
+        # GnuTLS (nbdkit, qemu-nbd) hangs up without an alert when it has no
+        # credentials in common with the client - a server set up for pre-shared keys.
+        return (
+            "TLS handshake failed: the server closed the connection (a server that takes "
+            "only pre-shared keys (PSK) does so; trioconv speaks TLS with X.509 "
+            "certificates only)"
+        )
+    reason = cause.reason if isinstance(cause, ssl.SSLError) and cause.reason else str(cause)
+    return f"TLS handshake failed: {reason}"
 
 
 def _connect_reason(exc: OSError) -> str:
@@ -821,33 +1151,65 @@ async def _connect(address: NBDAddress) -> trio.abc.Stream:
 
 
 async def _open_connection(
-    uri: str, address: NBDAddress, *, writable: bool, cache: CacheMode = CacheMode.WRITEBACK
+    uri: str,
+    address: NBDAddress,
+    *,
+    writable: bool,
+    cache: CacheMode = CacheMode.WRITEBACK,
+    open_timeout: float = OPEN_TIMEOUT,
+    reply_timeout: float = REPLY_TIMEOUT,
 ) -> NBDDriver:
+    """Connect and negotiate, within ``open_timeout`` seconds in all.
+
+    A TCP connect to a server that is down without refusing (a host that drops
+    packets, a listener whose backlog is full because it stopped accepting) would
+    otherwise wait for the kernel's own timeout, minutes; a server that accepts and
+    then says nothing, forever.
+    """
+    where = address.socket if address.socket is not None else f"{address.host}:{address.port}"
+    deadline = trio.current_time() + open_timeout
     try:
-        stream = await _connect(address)
+        with trio.fail_after(open_timeout):
+            stream = await _connect(address)
     except OSError as exc:
-        where = address.socket if address.socket is not None else f"{address.host}:{address.port}"
         raise ImageError(
             f"Could not open '{uri}': Failed to connect to '{where}': {_connect_reason(exc)}"
         ) from exc
+    except trio.TooSlowError:
+        raise ImageError(
+            f"Could not open '{uri}': Failed to connect to '{where}': "
+            f"no connection within {open_timeout:g} s"
+        ) from None
     try:
-        with trio.fail_after(_HANDSHAKE_TIMEOUT):
+        with trio.fail_at(deadline):
             stream, info, leftover = await _handshake(stream, address)
     except (proto.NBDProtocolError, proto.NBDOptionError, ssl.SSLError, OSError) as exc:
         await stream.aclose()
         raise ImageError(f"Could not open '{uri}': {exc}") from exc
-    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError) as exc:
+    except trio.TooSlowError:
         await stream.aclose()
         raise ImageError(
-            f"Could not open '{uri}': handshake failed ({str(exc) or 'timed out'})"
-        ) from exc
+            f"Could not open '{uri}': the server did not complete the NBD handshake "
+            f"within {open_timeout:g} s"
+        ) from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        await stream.aclose()
+        raise ImageError(f"Could not open '{uri}': handshake failed ({exc})") from exc
     except BaseException:
         await stream.aclose()
         raise
     if writable and info.flags & TxFlag.READ_ONLY:
         await stream.aclose()
         raise ImageError(f"Could not open '{uri}': the export is read-only")
-    return NBDDriver(stream, info, address, writable=writable, leftover=leftover, cache=cache)
+    return NBDDriver(
+        stream,
+        info,
+        address,
+        writable=writable,
+        leftover=leftover,
+        cache=cache,
+        reply_timeout=reply_timeout,
+    )
 
 
 #: Connections used when the server allows several and the caller does not say.
@@ -861,6 +1223,8 @@ async def open_nbd(
     writable: bool = False,
     connections: int | None = None,
     cache: CacheMode | str = CacheMode.WRITEBACK,
+    open_timeout: float | None = None,
+    reply_timeout: float | None = None,
 ) -> AsyncIterator[Driver]:
     """Connect to an NBD export and keep its reader tasks running while in use.
 
@@ -871,6 +1235,11 @@ async def open_nbd(
             write with FUA (or a FLUSH after it, when the server has no FUA); the
             others change nothing (the final :meth:`~trioconv.Driver.flush` is always
             sent, as ``qemu-img`` sends it even under ``unsafe``).
+        open_timeout: seconds that connecting and the handshake may take, each
+            connection (:data:`OPEN_TIMEOUT` when None).
+        reply_timeout: seconds a connection with requests waiting may go without a
+            byte from the server before it is given up (:data:`REPLY_TIMEOUT` when
+            None).
 
     Raises:
         ImageError: the server cannot be reached, refuses the export or TLS, or (for a
@@ -878,7 +1247,11 @@ async def open_nbd(
     """
     address = parse_nbd_uri(uri)
     mode = CacheMode.parse(cache)
-    first = await _open_connection(uri, address, writable=writable, cache=mode)
+    timeouts = {
+        "open_timeout": OPEN_TIMEOUT if open_timeout is None else open_timeout,
+        "reply_timeout": REPLY_TIMEOUT if reply_timeout is None else reply_timeout,
+    }
+    first = await _open_connection(uri, address, writable=writable, cache=mode, **timeouts)
     wanted = DEFAULT_CONNECTIONS if connections is None else max(1, connections)
     extra = wanted - 1 if first.info.flags & TxFlag.CAN_MULTI_CONN else 0
     async with trio.open_nursery() as nursery:
@@ -887,7 +1260,18 @@ async def open_nbd(
         if extra:
             multi = MultiConnDriver([first])
             for _ in range(extra):
-                nursery.start_soon(_add_connection, multi, nursery, uri, address, writable, mode)
+                nursery.start_soon(
+                    functools.partial(
+                        _add_connection,
+                        multi,
+                        nursery,
+                        uri,
+                        address,
+                        writable=writable,
+                        cache=mode,
+                        **timeouts,
+                    )
+                )
             driver = multi
         try:
             yield driver
@@ -901,8 +1285,11 @@ async def _add_connection(
     nursery: trio.Nursery,
     uri: str,
     address: NBDAddress,
+    *,
     writable: bool,
     cache: CacheMode,
+    open_timeout: float,
+    reply_timeout: float,
 ) -> None:
     """Open one more connection to a multi-conn export and put it to use once its
     handshake is done, while the first one already serves requests.
@@ -910,14 +1297,28 @@ async def _add_connection(
     A server may allow fewer connections than it could take: ``qemu-nbd -e 2`` leaves
     a third one waiting unanswered, nbdkit's limit filter closes it. As ``qemu-img``
     (which opens one) and ``nbdcopy``, the copy goes on over the connections it has.
+    A connection that negotiated something else than the first one (size, flags, block
+    sizes) is not used: requests go to any connection, so all must take the same ones.
     """
     try:
-        conn = await _open_connection(uri, address, writable=writable, cache=cache)
+        conn = await _open_connection(
+            uri,
+            address,
+            writable=writable,
+            cache=cache,
+            open_timeout=open_timeout,
+            reply_timeout=reply_timeout,
+        )
     except TrioconvError as exc:
         log.debug("%s: one connection fewer: %s", uri, exc)
         return
-    if conn.info.size != driver.size:  # one export, one size: this one is not used
-        log.debug("%s: a connection with another export size (%d)", uri, conn.info.size)
+    first = driver.connections[0].info
+    if (conn.info.size, conn.info.flags, conn.info.structured) != (
+        first.size,
+        first.flags,
+        first.structured,
+    ) or (conn.info.min_block, conn.info.max_block) != (first.min_block, first.max_block):
+        log.debug("%s: a connection that negotiated otherwise: %s", uri, conn.info)
         await conn.aclose()
         return
     if not driver.add(conn):  # the copy is over

@@ -73,6 +73,7 @@ REP_INFO = 3
 REP_META_CONTEXT = 4
 REP_ERR = 1 << 31
 REP_ERR_UNSUP = REP_ERR | 1
+REP_ERR_TLS_REQD = REP_ERR | 5
 REP_ERR_NAMES = {
     REP_ERR | 1: "unsupported",
     REP_ERR | 2: "denied by policy",
@@ -232,6 +233,13 @@ MAX_OPTION_REPLY = 64 * 1024
 #: more in one request, and replies are refused past it (memory stays bounded).
 MAX_BLOCK_LIMIT = 32 * 1024 * 1024
 
+#: The largest ``NBD_REPLY_TYPE_BLOCK_STATUS`` chunk accepted: the context id and 2^20
+#: descriptors, the most the protocol says a server should send in one chunk. This is
+#: a limit of its own, not the read limit: a server that advertises a small maximum
+#: payload (nbdkit's blocksize-policy filter at 1 KiB) still describes a fragmented
+#: export in one chunk of thousands of extents.
+MAX_STATUS_CHUNK = 4 + 8 * (1 << 20)
+
 
 def _option_reply(expected: int) -> Generator[Step, bytes | None, tuple[int, bytes]]:
     header = yield Recv(_OPT_REPLY.size)
@@ -307,7 +315,10 @@ def client_handshake(
         reply, payload = yield from _option_reply(OPT_STARTTLS)
         if reply != REP_ACK:
             why = REP_ERR_NAMES.get(reply, f"error {reply:#x}")
-            raise NBDOptionError(f"server refused TLS: {why}")
+            raise NBDOptionError(
+                f"server refused TLS: {why} (a server without TLS takes an nbd:// or "
+                "nbd+unix:// URI)"
+            )
         yield StartTLS()
 
     have_structured = False
@@ -364,6 +375,9 @@ def client_handshake(
             )
         why = REP_ERR_NAMES.get(reply, f"error {reply:#x}")
         message = peer_text(payload) if reply & REP_ERR else ""
+        if reply == REP_ERR_TLS_REQD and not tls:
+            # The fix is on the client's side: say which one.
+            why += " (use an nbds:// or nbds+unix:// URI)"
         raise NBDOptionError(
             f"server refused export '{export_name}': {why}" + (f" ({message})" if message else "")
         )
@@ -498,15 +512,36 @@ class ReplyParser:
 
     Simple replies to READ carry no length on the wire, so the client tells the parser
     how much a READ will return with :meth:`expect_read` before sending it.
+
+    Everything the protocol says about a chunk on its own is checked here - a data chunk
+    with no data, an empty hole, an error chunk with error 0 or a message longer than
+    the chunk, an error offset missing - and is an :class:`NBDProtocolError`. What needs
+    the request (is the chunk inside it, is it a chunk that request can get) is the
+    client's to check. ``structured=False`` (the server did not agree to structured
+    replies) makes any structured reply an error too.
+
+    Args:
+        max_payload: the longest chunk accepted, bar block status chunks: a read chunk
+            longer than any read the client sends is refused before memory is taken
+            for it.
+        max_status: the longest block status chunk accepted (:data:`MAX_STATUS_CHUNK`).
     """
 
-    def __init__(self, *, max_payload: int = 64 * 1024 * 1024 + 1024) -> None:
+    def __init__(
+        self,
+        *,
+        max_payload: int = 64 * 1024 * 1024 + 1024,
+        max_status: int = MAX_STATUS_CHUNK,
+        structured: bool = True,
+    ) -> None:
         self._buf = bytearray(256 * 1024)
         self._start = 0  # first unparsed byte
         self._end = 0  # end of received bytes
         self._need = 0  # bytes the next frame needs in all (0: unknown yet)
         self._reads: dict[int, int] = {}
         self._max_payload = max_payload
+        self._max_status = max_status
+        self._structured = structured
 
     def expect_read(self, cookie: int, length: int) -> None:
         """Note that a simple reply to ``cookie`` carries ``length`` bytes of data."""
@@ -574,11 +609,11 @@ class ReplyParser:
             _, error, cookie = _SIMPLE.unpack_from(view, self._start)
             length = self._reads.get(cookie, 0) if error == 0 else 0
             head = _SIMPLE.size
-        elif magic == STRUCTURED_REPLY_MAGIC:
+        elif magic == STRUCTURED_REPLY_MAGIC and self._structured:
             if available < _STRUCTURED.size + 8:
                 return None
             _, flags, kind, cookie, length = _STRUCTURED.unpack_from(view, self._start)
-            if kind != CHUNK_OFFSET_DATA or not 8 <= length <= self._max_payload:
+            if kind != CHUNK_OFFSET_DATA or not 8 < length <= self._max_payload:
                 return None  # next_event() deals with it (and with its errors)
             head = _STRUCTURED.size + 8
             length -= 8
@@ -611,7 +646,9 @@ class ReplyParser:
         if magic == SIMPLE_REPLY_MAGIC:
             return self._simple(view)
         if magic == STRUCTURED_REPLY_MAGIC:
-            return self._structured(view)
+            if not self._structured:
+                raise NBDProtocolError("a structured reply, which was not negotiated")
+            return self._structured_chunk(view)
         raise NBDProtocolError(f"bad reply magic {magic:#x}")
 
     def _take(self, view: memoryview, n: int) -> memoryview:
@@ -632,11 +669,12 @@ class ReplyParser:
         data = self._take(view, length) if length else None
         return SimpleReply(cookie, error, data)
 
-    def _structured(self, view: memoryview) -> ReplyEvent | None:
+    def _structured_chunk(self, view: memoryview) -> ReplyEvent | None:
         if self._available() < _STRUCTURED.size:
             return None
         _, flags, kind, cookie, length = _STRUCTURED.unpack_from(view, self._start)
-        if length > self._max_payload:
+        limit = self._max_status if kind == CHUNK_BLOCK_STATUS else self._max_payload
+        if length > limit:
             raise NBDProtocolError(f"reply chunk of {length} bytes is too large")
         if self._available() < _STRUCTURED.size + length:
             self._need = _STRUCTURED.size + length
@@ -649,13 +687,15 @@ class ReplyParser:
                 raise NBDProtocolError("NBD_REPLY_TYPE_NONE without the done flag")
             return DoneChunk(cookie)
         if kind == CHUNK_OFFSET_DATA:
-            if length < 8:
-                raise NBDProtocolError("short OFFSET_DATA chunk")
+            if length <= 8:  # (the protocol: at least one byte of data)
+                raise NBDProtocolError("OFFSET_DATA chunk without data")
             return DataChunk(cookie, int.from_bytes(payload[:8], "big"), payload[8:], done)
         if kind == CHUNK_OFFSET_HOLE:
             if length != 12:
                 raise NBDProtocolError("bad OFFSET_HOLE chunk")
             offset, size = struct.unpack(">QI", payload)
+            if not size:
+                raise NBDProtocolError("OFFSET_HOLE chunk of 0 bytes")
             return HoleChunk(cookie, offset, size, done)
         if kind == CHUNK_BLOCK_STATUS:
             if length < 12 or (length - 4) % 8:
@@ -664,16 +704,28 @@ class ReplyParser:
             pairs = struct.unpack(f">{(length - 4) // 4}I", payload[4:])
             extents = tuple(zip(pairs[::2], pairs[1::2], strict=True))
             return StatusChunk(cookie, context, extents, done)
-        if kind in (CHUNK_ERROR, CHUNK_ERROR_OFFSET):
-            if length < 6:
-                raise NBDProtocolError("short error chunk")
-            error, msg_len = struct.unpack(">IH", payload[:6])
-            message = peer_text(bytes(payload[6 : 6 + msg_len]))
-            offset = None
-            if kind == CHUNK_ERROR_OFFSET and length >= 6 + msg_len + 8:
-                offset = int.from_bytes(payload[6 + msg_len : 14 + msg_len], "big")
-            return ErrorChunk(cookie, error, message, offset, done)
         if kind & (1 << 15):
-            # An unknown error type is still an error (protocol: treat as NBD_EINVAL).
-            return ErrorChunk(cookie, 22, f"unknown error chunk {kind}", None, done)
+            return self._error_chunk(kind, cookie, payload, done)
         raise NBDProtocolError(f"unknown reply chunk type {kind}")
+
+    @staticmethod
+    def _error_chunk(kind: int, cookie: int, payload: memoryview, done: bool) -> ErrorChunk:
+        """An error chunk: every error type starts with the error and a message; the
+        message must fit in the chunk, and ``NBD_REPLY_TYPE_ERROR_OFFSET`` ends with
+        the offset."""
+        tail = 8 if kind == CHUNK_ERROR_OFFSET else 0
+        if len(payload) < 6 + tail:
+            raise NBDProtocolError("short error chunk")
+        error, msg_len = struct.unpack(">IH", payload[:6])
+        if msg_len > len(payload) - 6 - tail:
+            raise NBDProtocolError("error chunk message longer than the chunk")
+        if not error:
+            raise NBDProtocolError("error chunk with error 0")
+        message = peer_text(bytes(payload[6 : 6 + msg_len]))
+        if kind == CHUNK_ERROR_OFFSET:
+            offset = int.from_bytes(payload[6 + msg_len : 14 + msg_len], "big")
+            return ErrorChunk(cookie, error, message, offset, done)
+        if kind != CHUNK_ERROR:
+            # An unknown error type is still an error (protocol: the reply failed).
+            message = message or f"unknown error chunk {kind}"
+        return ErrorChunk(cookie, error, message, None, done)
