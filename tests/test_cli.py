@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import textwrap
@@ -266,6 +267,70 @@ def test_option_values_that_look_like_options_are_values(
     theirs = json.loads(run("qemu-img", "info", "--output=json", "theirs.qcow2").stdout)
     assert ours["backing-filename"] == theirs["backing-filename"] == "-base.raw"
     assert_identical(src, tmp_path / "ours.qcow2", "raw", "qcow2")
+
+
+def test_a_target_that_cannot_be_sized_is_left_where_it_was(src: Path, tmp_path: Path) -> None:
+    """A target that exists but cannot be made an image (a FIFO, a link to a pipe, a
+    character device) fails in one line and is still there afterwards: only what
+    trioconv itself created is removed. (As root, ``convert ... /dev/null`` must not
+    take ``/dev/null`` away.)"""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    link = tmp_path / "stdout"
+    link.symlink_to(fifo)
+    targets = [fifo, link]
+    if os.geteuid() == 0:
+        null = tmp_path / "null"
+        os.mknod(null, 0o666 | stat.S_IFCHR, os.makedev(1, 3))  # a copy of /dev/null
+        targets.append(null)
+    for target in targets:
+        before = os.lstat(target)
+        line = assert_one_error(trioconv_cli("convert", "-O", "raw", src, target, timeout=30))
+        assert f"Could not create '{target}'" in line
+        after = os.lstat(target)
+        assert (after.st_mode, after.st_ino, after.st_rdev) == (
+            before.st_mode,
+            before.st_ino,
+            before.st_rdev,
+        )
+        assert qemu_img_exit(["convert", "-O", "raw", src, target]) == 1
+
+
+def test_a_pipe_is_not_read_as_an_empty_disk(src: Path, tmp_path: Path) -> None:
+    """A pipe or a FIFO has no size and no offsets: read, it would make a 0-byte image
+    and exit 0. It is refused in one line, as qemu-img refuses it, and a FIFO without a
+    writer is refused at once (opening it would wait for one)."""
+    dst = tmp_path / "out.raw"
+    piped = subprocess.run(
+        [sys.executable, "-m", "trioconv", "convert", "-O", "raw", "/dev/stdin", dst],
+        input=src.read_bytes(),
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    result = subprocess.CompletedProcess(
+        piped.args, piped.returncode, piped.stdout.decode(), piped.stderr.decode()
+    )
+    line = assert_one_error(result)
+    assert line == (
+        "trioconv: Could not open '/dev/stdin': 'file' driver requires '/dev/stdin' "
+        "to be a regular file"
+    )
+    assert not dst.exists()
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    cases: list[list[str | Path]] = [
+        ["convert", "-O", "raw", fifo, dst],
+        ["info", fifo],
+        ["convert", "-n", src, fifo],
+    ]
+    for args in cases:
+        line = assert_one_error(trioconv_cli(*args, timeout=30))
+        assert line.endswith(f"'file' driver requires '{fifo}' to be a regular file"), line
+    assert not dst.exists()
+    # A character device is a device: /dev/null reads as an empty disk, as in qemu-img.
+    ok(trioconv_cli("convert", "-O", "raw", "/dev/null", dst))
+    assert dst.stat().st_size == 0
 
 
 def test_an_older_nbd_name_is_named_as_typed_in_errors(src: Path, tmp_path: Path) -> None:

@@ -646,6 +646,19 @@ def _describe_open_error(path: str, exc: OSError, cache: CacheMode) -> ImageErro
     return ImageError(f"Could not open '{path}': {exc.strerror}")
 
 
+def _check_seekable(path: str, st: os.stat_result) -> None:
+    """Refuse what is neither a regular file nor a device, as QEMU's ``file`` driver does.
+
+    Raises:
+        ImageError: ``'file' driver requires 'PATH' to be a regular file``.
+    """
+    mode = st.st_mode
+    if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode) or stat.S_ISCHR(mode) or stat.S_ISDIR(mode)):
+        raise ImageError(
+            f"Could not open '{path}': 'file' driver requires '{path}' to be a regular file"
+        )
+
+
 def _open_sync(
     path: str,
     writable: bool,
@@ -654,6 +667,11 @@ def _open_sync(
     locking: bool,
     share_writes: bool,
 ) -> FileDriver:
+    # A pipe, FIFO or socket has no size and no offsets: read, it would be an empty
+    # disk (``cat disk.img | convert /dev/stdin`` making a 0-byte image that exits 0).
+    # Looked at before opening, since opening a FIFO waits for a writer.
+    with contextlib.suppress(OSError):
+        _check_seekable(path, os.stat(path))
     try:
         fd = os.open(path, _open_flags(writable, cache))
     except OSError as exc:
@@ -662,6 +680,7 @@ def _open_sync(
         st = os.fstat(fd)
         if stat.S_ISDIR(st.st_mode):
             raise ImageError(f"Could not open '{path}': Is a directory")
+        _check_seekable(path, st)
         if locking and (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
             perms = _open_perms(
                 writable=writable, force_share=force_share, share_writes=share_writes
@@ -802,7 +821,10 @@ def _create_sync(
                 pos += os.pwrite(fd, memoryview(chunk)[:n], pos)
     except OSError as exc:
         os.close(fd)
-        Path(path).unlink(missing_ok=True)
+        if st is None:
+            # Only what this call made goes: a file, device or link that was there
+            # stays (emptied, for a regular file, as qemu-img leaves it).
+            Path(path).unlink(missing_ok=True)
         raise ImageError(f"Could not create '{path}': {exc.strerror}") from exc
     os.close(fd)
     return st is None
