@@ -389,10 +389,15 @@ def test_a_name_with_a_protocol_prefix_is_refused_even_when_the_file_exists(
 
 @pytest.mark.parametrize("flag", ["--version", "-V"])
 def test_version(flag: str) -> None:
-    """``--version`` and qemu-img's ``-V``: the version on stdout, status 0."""
+    """``--version`` and qemu-img's ``-V``: the version on stdout worded as qemu-img's
+    first line (``qemu-img version 7.2.0``), status 0."""
     result = trioconv_cli(flag)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == trioconv.__version__ + "\n" and result.stderr == ""
+    assert result.stdout == f"trioconv version {trioconv.__version__}\n"
+    assert result.stderr == ""
+    theirs = run("qemu-img", flag).stdout.splitlines()[0]
+    assert re.match(r"qemu-img version \d+\.\d+\.\d+", theirs)
+    assert re.match(r"trioconv version \d+\.\d+\.\d+", result.stdout)
 
 
 def test_option_table_matches_the_commands() -> None:

@@ -44,7 +44,9 @@ __all__ = ["app", "main", "normalize_argv"]
 app = cyclopts.App(
     name="trioconv",
     help="Convert virtual-disk images between formats and storage back ends, fast.",
-    version=lambda: __import__("trioconv").__version__,
+    # Worded as qemu-img's first line ("qemu-img version 7.2.0"), for scripts that look
+    # for "version N.N.N".
+    version=lambda: f"trioconv version {__import__('trioconv').__version__}",
     # Printed as is: the default (markdown) imports rich.markdown, ~35 ms, for "0.1.0".
     version_format="plaintext",
     version_flags=["--version", "-V"],  # (qemu-img -V too)
