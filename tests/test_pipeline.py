@@ -20,7 +20,7 @@ from trioconv import ExtentKind
 from trioconv.convert.pipeline import Chunker, RunKind, SourceMap, find_zero_runs
 from trioconv.protocols.memory import MemoryDriver, Request
 
-from .conftest import walk_extents
+from .conftest import ImageMaker, qemu_map, walk_extents
 
 MiB = 1024 * 1024
 
@@ -566,6 +566,49 @@ async def test_progress_is_observable() -> None:
     assert seen == sorted(seen)
     assert seen[-1] == size and len(seen) > 2
     assert progress.percent == 100.0
+
+
+async def test_progress_counts_data_as_qemu_img_does(
+    tmp_path: Path, make_image: ImageMaker
+) -> None:
+    """The percentage is of the data, as qemu-img's ``-p`` is: a 64 MiB image holding
+    8 MiB is at 50 % when 4 MiB of it are copied, not at 6 % with a jump over the holes
+    at the end. The amount of data is what ``qemu-img map`` calls data."""
+    src = make_image("sparse.raw", "64M", "write -P 0x5a 0 4M", "write -P 0x5a 40M 4M")
+    data = sum(e["length"] for e in qemu_map(src) if e["data"])
+    assert data == 8 * MiB
+    progress = trioconv.Progress()
+    seen: list[tuple[int | None, int, int, float]] = []
+
+    async def watch() -> None:
+        while not progress.finished:
+            await progress.wait_changed()
+            seen.append((progress.data_total, progress.data_done, progress.done, progress.percent))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await trioconv.convert(
+            src, tmp_path / "out.raw", trioconv.ConvertOptions(parallel=1), progress=progress
+        )
+    assert progress.data_total == progress.data_done == data
+    assert progress.percent == 100.0
+    percents = [p for *_, p in seen]
+    assert percents == sorted(percents)
+    for total, data_done, _, percent in seen:
+        if total:
+            assert percent == pytest.approx(100.0 * data_done / total)
+    # A quarter of the data copied is a quarter of the way, though only a 16th of the
+    # whole size is done.
+    assert any(p >= 25.0 and done <= 4 * MiB for _, _, done, p in seen), seen
+
+
+async def test_progress_counts_everything_with_s_0(tmp_path: Path, make_image: ImageMaker) -> None:
+    """With ``-S 0`` every byte is read and written, so all of it is data, known at once."""
+    src = make_image("sparse.raw", "8M")
+    progress = trioconv.Progress()
+    opts = trioconv.ConvertOptions(sparse_size=0)
+    await trioconv.convert(src, tmp_path / "out.raw", opts, progress=progress)
+    assert progress.data_total == progress.data_done == 8 * MiB
 
 
 async def test_a_progress_follows_one_conversion() -> None:

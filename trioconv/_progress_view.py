@@ -34,11 +34,21 @@ def _rate(progress: Progress) -> float:
     return progress.done / elapsed if elapsed > 0 else 0.0
 
 
+def _eta(progress: Progress) -> str:
+    """Time left, from the share of the data done so far and the time it took (holes,
+    passed over in no time, would make a rate of bytes promise too much)."""
+    fraction = progress.fraction
+    if progress.started_at is None or not 0 < fraction < 1:
+        return "--:--"
+    elapsed = trio.current_time() - progress.started_at
+    left = int(elapsed * (1 - fraction) / fraction)
+    return f"{left // 60}:{left % 60:02d}"
+
+
 def _bar_line(progress: Progress, width: int = 30) -> str:
     filled = int(width * progress.fraction)
     rate = _rate(progress)
-    left = progress.total - progress.done
-    eta = f"{int(left / rate) // 60}:{int(left / rate) % 60:02d}" if rate > 0 else "--:--"
+    eta = _eta(progress)
     return (
         f"[{'#' * filled}{' ' * (width - filled)}] {progress.percent:6.2f}%  "
         f"{format_size(progress.done)} / {format_size(progress.total)}  "
@@ -55,6 +65,8 @@ def _json_line(progress: Progress) -> str:
             "written": progress.written,
             "zeroed": progress.zeroed,
             "skipped": progress.skipped,
+            "data_done": progress.data_done,
+            "data_total": progress.data_total,
             "rate": round(_rate(progress)),
             "finished": progress.finished,
         }

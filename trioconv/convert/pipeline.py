@@ -398,7 +398,9 @@ class _Engine:
             for offset, n, k in chunker.finish():
                 index = await self._send_job(send, index, offset, n, k)
 
-    async def _status(self, src: Driver, base: int, pos: int) -> tuple[int, RunKind]:
+    async def _status(
+        self, src: Driver, base: int, pos: int, *, salvage: bool = True
+    ) -> tuple[int, RunKind]:
         """The next run of ``src`` from ``pos``: its length and what to do with it.
 
         With a backing file for the target (``-B``) only the source's top layer is
@@ -410,7 +412,7 @@ class _Engine:
         if self.opts.sparse_size == 0 and not self.backing:
             return left, RunKind.DATA
         window = min(left, STATUS_WINDOW)
-        ext = await self._query_status(src, pos, window)
+        ext = await self._query_status(src, pos, window, salvage=salvage)
         if ext.offset != pos or ext.length <= 0:
             raise TrioconvIOError(f"{src.location}: invalid block status at byte {pos}", offset=pos)
         length = min(ext.length, left)
@@ -429,7 +431,9 @@ class _Engine:
         # -S 0: a fully allocated target; the zeroes are read and written as data.
         return length, RunKind.ZERO if self.opts.sparse_size else RunKind.DATA
 
-    async def _query_status(self, src: Driver, pos: int, window: int) -> Extent:
+    async def _query_status(
+        self, src: Driver, pos: int, window: int, *, salvage: bool = True
+    ) -> Extent:
         """``src``'s status (its top layer's with ``-B``) from ``pos``.
 
         With ``--salvage``, a range whose status cannot be read (a corrupt table entry, a
@@ -444,12 +448,45 @@ class _Engine:
                     return await src.layer_status(pos, window)
                 return await src.block_status(pos, window)
             except TrioconvIOError as exc:
-                if not self.opts.salvage:
+                if not (self.opts.salvage and salvage):
                     raise
                 if window <= unit:
                     log.warning("error while reading block status at offset %d: %s", pos, exc)
                     return Extent(pos, window, ExtentKind.DATA)
                 window = max(unit, -(-window // 4 // unit) * unit)
+
+    async def measure(self, scope: trio.CancelScope) -> None:
+        """Learn how much data the sources hold (:attr:`Progress.data_total`), beside
+        the copy, for a percentage of the data as qemu-img's ``-p`` shows it.
+
+        qemu-img walks the sources' block status once before copying to count it; here
+        the walk runs alongside the planner's, which only looks a window ahead, so the
+        copy starts at once. ``scope`` is cancelled when the copy is over: a walk still
+        going (a remote source, one round trip per extent) does not hold it up. A
+        source whose status cannot be read leaves the amount unknown, and the planner
+        meets the same error (or salvages around it) and tells.
+        """
+        total: int | None = None
+        self.progress._measure()
+        try:
+            with scope:
+                total = await self._count_data()
+        finally:
+            self.progress._measured(total)
+
+    async def _count_data(self) -> int | None:
+        total = 0
+        for base, src in zip(self.sources.bases, self.sources.sources, strict=True):
+            pos = 0
+            while pos < src.size:
+                try:
+                    length, kind = await self._status(src, base, pos, salvage=False)
+                except TrioconvError:
+                    return None
+                if kind is RunKind.DATA:
+                    total += length
+                pos += length
+        return total
 
     async def _send_job(
         self, send: trio.MemorySendChannel[Job], index: int, offset: int, n: int, kind: RunKind
@@ -525,7 +562,7 @@ class _Engine:
         view = memoryview(buf)[: job.length]
         try:
             if self.offload and await self._offload(job, view, tickets):
-                self.progress._advance(written=job.length)
+                self.progress._advance(written=job.length, data=job.length)
                 return
             await self._read(job, view)
             if self.granularity:
@@ -562,6 +599,7 @@ class _Engine:
                 else:
                     await self._write_zeroes(offset, n)
                     self.progress._advance(zeroed=n)
+            self.progress._advance(data=job.length)
         finally:
             view.release()
             self.pool.append(buf)
@@ -690,19 +728,23 @@ class _Engine:
         jobs_send, jobs_recv = trio.open_memory_channel[Job](0)
         tickets_send, tickets_recv = trio.open_memory_channel[_Ticket](math.inf)
         in_order = not self.opts.oob_writes
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.plan, jobs_send)
-            if in_order:
-                nursery.start_soon(self.sequencer, tickets_recv)
-            else:
-                tickets_recv.close()
-            async with jobs_recv, tickets_send:
-                for _ in range(self.opts.parallel):
-                    nursery.start_soon(
-                        self.copy_task,
-                        jobs_recv.clone(),
-                        tickets_send.clone() if in_order else None,
-                    )
+        measuring = trio.CancelScope()
+        async with trio.open_nursery() as outer:
+            outer.start_soon(self.measure, measuring)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.plan, jobs_send)
+                if in_order:
+                    nursery.start_soon(self.sequencer, tickets_recv)
+                else:
+                    tickets_recv.close()
+                async with jobs_recv, tickets_send:
+                    for _ in range(self.opts.parallel):
+                        nursery.start_soon(
+                            self.copy_task,
+                            jobs_recv.clone(),
+                            tickets_send.clone() if in_order else None,
+                        )
+            measuring.cancel()
 
     def close(self) -> None:
         # A traceback may still hold a view of a buffer; then the GC frees it later.
