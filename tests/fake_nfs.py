@@ -8,10 +8,11 @@ another; other programs and procedures are unavailable. Given no data, the file 
 not exist until a client CREATEs it.
 
 Every call goes to ``behaviour``, a function of the decoded :class:`Call` that returns
-the raw bytes to send back - a whole record with its mark, several, or anything at all -
-or None for the honest reply. :meth:`Call.honest` makes the honest reply (and does what
-the call asks); :func:`reply`, :func:`error`, :func:`read_reply`, :func:`write_reply`
-and :func:`record` build the others, and a :class:`Reset` is sent, then the connection
+the raw bytes to send back - a whole record with its mark, several, anything at all, or
+``b""`` for no answer (the server hung) - or None for the honest reply.
+:meth:`Call.honest` makes the honest reply (and does what the call asks);
+:func:`reply`, :func:`error`, :func:`read_reply`, :func:`write_reply` and
+:func:`record` build the others, and a :class:`Reset` is sent, then the connection
 closed with a TCP reset. It runs in threads on 127.0.0.1, on ephemeral ports that
 ``url`` names, so the client skips the portmapper::
 
@@ -152,9 +153,16 @@ class FakeNFSServer(ScriptedServer):
         self._mount = _MountPort(self)
 
     @property
+    def nfs_port(self) -> int:
+        return int(self._listener.getsockname()[1])
+
+    @property
+    def mount_port(self) -> int:
+        return self._mount.port
+
+    @property
     def url(self) -> str:
-        nfs_port, mount_port = self._listener.getsockname()[1], self._mount.port
-        return f"nfs://127.0.0.1{EXPORT}/{NAME}?nfsport={nfs_port}&mountport={mount_port}"
+        return f"nfs://127.0.0.1{EXPORT}/{NAME}?nfsport={self.nfs_port}&mountport={self.mount_port}"
 
     def __enter__(self) -> Self:
         self._mount.__enter__()

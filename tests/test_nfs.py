@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import subprocess
+import threading
 import time
 from collections.abc import Callable
 from functools import partial
@@ -564,6 +566,95 @@ async def test_a_restart_with_calls_in_flight(
         assert len(set(verifiers)) == 2, set(verifiers)
         assert rewritten
         assert on_server.read_bytes() == data
+
+
+@pytest.mark.parametrize(
+    ("direction", "resumed"),
+    [("read", True), ("write", False)],
+    ids=["read-resumed", "write-hung"],
+)
+async def test_a_server_that_stops_answering(
+    nfs_server: NFSServer, monkeypatch: pytest.MonkeyPatch, direction: str, resumed: bool
+) -> None:
+    """ganesha stopped (SIGSTOP) mid-copy, as a hung server: its kernel keeps the
+    connection open and takes new ones, but nothing answers. After the silence limit (a
+    minute really, 1 s here) the client connects again - rpcbind still answers, ganesha
+    does not answer the NULL call. Resumed meanwhile, it answers: the copy goes on and is
+    exact. Still stopped: the conversion ends with one line within the reconnect budget
+    (3 s here), not when the server comes back."""
+    monkeypatch.setattr(nfs_client, "_REPLY_TIMEOUT", 1.0)
+    monkeypatch.setattr(nfs_client, "_RECONNECT_ATTEMPT_TIMEOUT", 1.0)
+    monkeypatch.setattr(nfs_client, "_RECONNECT_TIMEOUT", 3.0)
+    reconnects: list[str] = []  # why the connection was made again, each time
+    real_reconnect = nfs_client.RPCClient._reconnect
+
+    async def reconnect(self: nfs_client.RPCClient, why: str) -> bool:
+        reconnects.append(why)
+        return await real_reconnect(self, why)
+
+    monkeypatch.setattr(nfs_client.RPCClient, "_reconnect", reconnect)
+    name = unique("hung") + ".img"
+    on_server = nfs_server.export_dir / name
+    data = os.urandom(16 * MiB)
+    memory: MemoryDriver
+    if direction == "read":
+        on_server.write_bytes(data)
+        memory = MemoryDriver(len(data))
+        source: str | MemoryDriver = nfs_server.url(name)
+        target: str | MemoryDriver = memory
+        opts = ConvertOptions(rate_limit=8 * MiB, parallel=2)
+    else:
+        on_server.write_bytes(bytes(len(data)))
+        memory = MemoryDriver(data=data, block_status=False)
+        source, target = memory, nfs_server.url(name)
+        opts = ConvertOptions(rate_limit=8 * MiB, no_create=True)
+    pid = nfs_server.pid
+    # Resumed after FAULT_DEADLINE whatever happens, so a regression fails, not hangs.
+    rescue = threading.Timer(FAULT_DEADLINE, os.kill, (pid, signal.SIGCONT))
+    stopped: list[float] = []
+    errors: list[ConvertError] = []
+
+    async def stop_mid_copy() -> None:
+        for _ in range(1000):
+            if memory.log:
+                break
+            await trio.sleep(0.01)
+        await trio.sleep(0.3)
+        os.kill(pid, signal.SIGSTOP)
+        rescue.start()
+        stopped.append(trio.current_time())
+        if resumed:
+            await trio.sleep(1.5)  # past the silence limit: the client reconnects
+            os.kill(pid, signal.SIGCONT)
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_mid_copy)
+            try:
+                await trioconv.convert(source, target, opts)
+            except ConvertError as exc:
+                errors.append(exc)
+        finished = trio.current_time()
+    finally:
+        rescue.cancel()
+        os.kill(pid, signal.SIGCONT)
+        # A fresh server for the next test: a ganesha woken from a long stop may refuse
+        # or drop new connections for a moment as it catches up.
+        nfs_server.stop(kill=True)
+        nfs_server.start()
+    assert stopped and stopped[0] < finished, "the copy ended before the server stopped"
+    # (The first: resumed, ganesha may also drop the new connection as it catches up.)
+    assert reconnects[:1] == ["no reply in 1 s"], reconnects
+    if resumed:
+        assert not errors, errors
+        assert (memory.data if direction == "read" else on_server.read_bytes()) == data
+        return
+    assert errors, "the conversion succeeded although the server never answered"
+    message = str(errors[0])
+    assert "\n" not in message
+    assert "connection to the NFS server lost: no reply in 1 s; " in message
+    assert "attempts to reconnect failed" in message
+    assert finished - stopped[0] < 1 + 3 + 2
 
 
 @pytest.mark.parametrize(

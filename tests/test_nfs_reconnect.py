@@ -78,9 +78,12 @@ async def reconnecting_session() -> AsyncIterator[tuple[Any, ScriptedServer, Red
         try:
             yield session, server, redial
         finally:
-            await client.aclose()
-            for end in [server, *redial.made]:
-                await end.stream.aclose()
+            # (Shielded: the reader's failure may have cancelled the test's body, and
+            # a cancelled aclose() would leave the remaining ends open.)
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+                for end in [server, *redial.made]:
+                    await end.stream.aclose()
 
 
 def write_reply(xid: int, count: int, verf: bytes) -> bytes:

@@ -2,9 +2,10 @@
 
 Opening ``nfs://host/export/dir/file`` asks the portmapper for the MOUNT and NFS ports,
 mounts the export (the longest leading directory the server agrees to mount, as libnfs
-tries the URL's directory first), then LOOKUPs the remaining names, GETATTRs the size,
-FSINFOs the transfer sizes and checks ACCESS - all one call at a time, before any task
-starts, so an open fails with one plain :class:`~trioconv.ImageError`.
+tries the URL's directory first), connects to NFS and checks with a NULL call that it
+answers, then LOOKUPs the remaining names, GETATTRs the size, FSINFOs the transfer
+sizes and checks ACCESS - all one call at a time, before any task starts, so an open
+fails with one plain :class:`~trioconv.ImageError`.
 
 After that the NFS connection works like the NBD client: each call is written whole
 under a send lock (shielded from cancellation, so a half-sent record can never corrupt
@@ -26,6 +27,19 @@ a new connection that breaks before answering anything counting as one. After th
 or when the server sends what cannot be a reply, the reader fails every waiting call
 at once and raises, which cancels whatever runs inside :func:`open_nfs`.
 
+TCP cannot tell a server that is thinking from one that hung (or was stopped: its
+kernel still takes connections), so every wait has a bound of its own, strict where
+nothing legitimate takes long and generous where something may. Each new connection
+must be made and answer its first call (GETPORT, MNT, NULL) within
+:data:`_HANDSHAKE_TIMEOUT` when opening, within :data:`_RECONNECT_ATTEMPT_TIMEOUT` when
+reconnecting; the opening as a whole has :data:`OPEN_TIMEOUT`. An open file's calls may
+take as long as the server needs, as long as it keeps answering: only when calls wait
+and no reply at all has come for :data:`_REPLY_TIMEOUT` (a minute, the Linux client's
+``timeo`` over TCP: a busy server's COMMIT can take long) is the connection taken for
+dead and made again, the calls sent again; the same silence on the new connection
+ends the conversion. That is a "soft" mount in Linux terms: a conversion must end, with
+an error, rather than wait for ever as a "hard" mount (and QEMU's libnfs) would.
+
 Writes are UNSTABLE and kept (a copy) until a COMMIT covers them with the same write
 verifier; if the verifier changed - the server restarted and may have lost them - they
 are written again and committed once more. A reconnect changes nothing there: what was
@@ -42,12 +56,13 @@ import contextlib
 import errno as errno_mod
 import functools
 import itertools
+import math
 import os
 import posixpath
 import random
 import socket
 import urllib.parse
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import TypeVar
 
@@ -81,6 +96,21 @@ _T = TypeVar("_T")
 COMMIT_THRESHOLD = 64 * 1024 * 1024
 #: Seconds allowed for opening (portmapper, MOUNT, LOOKUPs) and for closing.
 OPEN_TIMEOUT = 30.0
+#: Seconds a new connection at opening - to the portmapper, MOUNT or NFS - may take to be
+#: made and to answer (GETPORT, MNT, a NULL call). A healthy server answers in
+#: milliseconds, and none of these make it touch its disks.
+_HANDSHAKE_TIMEOUT = 10.0
+#: Seconds UMNT's reply is waited for: the mount list it tidies is advisory, so a server
+#: that does not answer it is left alone.
+_UMNT_TIMEOUT = 2.0
+#: Seconds an open file's connection may stay silent while calls wait for replies
+#: before it is taken for dead and made again (Linux's ``timeo`` over TCP). Any reply
+#: to a waiting call restarts the clock: a server that is slow but answering is waited
+#: for, however long the whole takes.
+_REPLY_TIMEOUT = 60.0
+#: Such silences in a row (no reply to any call in between, the connection made again
+#: after each) that end the conversion.
+_REPLY_TIMEOUTS = 2
 #: READ/WRITE sizes are clamped to this range whatever FSINFO says (libnfs: 1 MiB at most,
 #: which also keeps many calls in flight).
 _MIN_TRANSFER = 4096
@@ -106,8 +136,8 @@ _HEAD_RECEIVE = 4096
 #: before each attempt - the first at once, for a connection that dropped while the
 #: server stayed up, then growing, for a server that is restarting.
 _RECONNECT_DELAYS = (0.0, 0.5, 1.0, 2.0, 4.0)
-#: Seconds one attempt (portmapper and connect) may take, and all of them together: a
-#: server that stays away fails the conversion within about this long.
+#: Seconds one attempt (portmapper, connect and a NULL call) may take, and all of them
+#: together: a server that stays away fails the conversion within about this long.
 _RECONNECT_ATTEMPT_TIMEOUT = 3.0
 _RECONNECT_TIMEOUT = 12.0
 
@@ -255,6 +285,13 @@ class RPCClient:
     replaces a connection that breaks, and every call still waiting for its reply goes
     out again on the new one (see :meth:`_reconnect`). Without it (the short sessions,
     and everything before the reader runs) a broken connection fails the calls at once.
+
+    The reader also watches for silence: while calls wait, a deadline
+    :data:`_REPLY_TIMEOUT` after the last reply (or after the first of them began to
+    wait, if later) is kept on the scope the reader receives in, moved on by every reply
+    to a waiting call. When it passes, the connection is given up as broken (see
+    :meth:`reader`). Replies to no waiting call - a cancelled caller's, or an xid never
+    sent - are no sign of life: they move nothing on.
     """
 
     #: Makes a new connection to the same server (None: a lost connection is an error).
@@ -284,6 +321,17 @@ class RPCClient:
         self._episode_lost = ""
         self._failures: list[str] = []
         self._redialling: trio.CancelScope | None = None
+        #: The scope the reader receives in, whose deadline is the silence limit (None
+        #: while it does not receive: before it runs, while it reconnects).
+        self._watch: trio.CancelScope | None = None
+        #: When the silence began: the last reply to a waiting call, or the moment a
+        #: call began to wait with none before it, or the connection was made again.
+        self._quiet_since = 0.0
+        #: A READ reply's data is being received straight into its caller's buffer
+        #: (that call is out of :attr:`_pending` meanwhile, but still waits).
+        self._direct = False
+        #: Silences in a row (see :data:`_REPLY_TIMEOUTS`); a reply resets it.
+        self._silences = 0
 
     @classmethod
     async def connect(
@@ -313,7 +361,13 @@ class RPCClient:
         extra = payload.nbytes if payload is not None else 0
         head = rpc.frame(len(message) + extra + (-extra % 4)) + message
         pending = _Pending(buf)
+        due = self._waiting()
         self._pending[xid] = pending
+        if not due:
+            # Nothing was due before: the silence counts from now, not from the last
+            # reply, which may be long ago.
+            self._quiet_since = trio.current_time()
+            self._arm()
         try:
             while True:
                 await self._send(pending, head, payload)
@@ -434,12 +488,35 @@ class RPCClient:
             )
             raise self.broken from exc
 
+    def _waiting(self) -> bool:
+        """Some call waits for its reply (so silence counts)."""
+        return bool(self._pending) or self._direct
+
+    def _arm(self) -> None:
+        """Put the silence deadline where it belongs now: :data:`_REPLY_TIMEOUT` after
+        the silence began while calls wait, none when nothing is due."""
+        if self._watch is not None:
+            due = self._waiting()
+            self._watch.deadline = self._quiet_since + _REPLY_TIMEOUT if due else math.inf
+
+    def _answered(self) -> None:
+        """A reply to a waiting call came: the server is alive, and the connection in
+        use counts as answering (see :meth:`_reconnect`)."""
+        self._replied = True
+        self._silences = 0
+        self._quiet_since = trio.current_time()
+        self._arm()
+
     def _dispatch(self, record: memoryview) -> None:
         """Hand a complete reply to its caller (a READ's data straight into its buffer)."""
         pending = self._pending.pop(rpc.reply_xid(record), None)
-        self._replied = True
-        if pending is None:  # its caller was cancelled
+        if pending is None:
+            # Its caller was cancelled - or the xid was never sent: either way no
+            # answer to anything waiting, so nothing the reconnect and silence limits
+            # count (else a server that answers each call with a wrong xid, then
+            # drops the connection or stays silent, would keep them from ever ending).
             return
+        self._answered()
         if pending.count >= 0:
             pos = rpc.success_offset(record)
             head = proto.read_head(record, pos, pending.count) if pos is not None else None
@@ -481,6 +558,7 @@ class RPCClient:
             ):
                 return False
         del self._pending[xid]
+        self._direct = True
         view, _remaining = self._records.hand_over(head.start, head.length)
         with view:
             pos = view.nbytes
@@ -490,15 +568,17 @@ class RPCClient:
         try:
             await receive_payload(fd, pos, end, lambda: pending.buf, self._scratch)
         except BaseException:
-            # The connection broke mid-data (or the reader is cancelled): the READ has
-            # no answer, and waits again - to go out on the next connection, or to be
-            # failed with the others.
+            # The connection broke mid-data (or went silent, or the reader is
+            # cancelled): the READ has no answer, and waits again - to go out on the
+            # next connection, or to be failed with the others. (The stream is
+            # mid-record now: _direct stays set until the connection is replaced.)
             if pending.buf is not None:
                 self._pending[xid] = pending
             raise
+        self._direct = False
         # Only a whole reply counts as one (see _reconnect): a server that cuts every
         # READ reply short has answered nothing.
-        self._replied = True
+        self._answered()
         pending.got, pending.eof = head.length, head.eof
         pending.finish()
         return True
@@ -507,15 +587,24 @@ class RPCClient:
         """Receive replies and route them by xid until the connection closes - and, with
         :attr:`redial`, reconnect when it breaks.
 
+        A connection that stays silent while calls wait (see the class) is broken
+        too, and made again - unless the one before it went silent as well, with no
+        reply in between (:data:`_REPLY_TIMEOUTS`): a server that takes calls and never
+        answers them ends the conversion.
+
         Raises:
-            TrioconvIOError: the connection is lost (and could not be made again), or
-                the server sent what cannot be a reply. Every waiting call fails with it.
+            TrioconvIOError: the connection is lost (and could not be made again), the
+                server stopped answering, or sent what cannot be a reply. Every waiting
+                call fails with it.
         """
         self._reading = True
+        self._quiet_since = trio.current_time()
         try:
             while True:
                 try:
-                    await self._receive()
+                    with trio.CancelScope() as self._watch:
+                        self._arm()
+                        await self._receive()  # (returns only by raising)
                 except rpc.RPCProtocolError as exc:
                     # A server that sends what cannot be a reply is broken, not
                     # restarting: a new connection would most likely get the same.
@@ -536,6 +625,22 @@ class RPCClient:
                         ) from exc
                     if not await self._reconnect(_reason(exc)):
                         break  # closed meanwhile
+                    continue
+                finally:
+                    self._watch = None
+                # The deadline passed: silence - unless nothing was due after all (the
+                # only call waiting was cancelled), when receiving goes on. (Not
+                # mid-record then: a READ's data being received is due.)
+                if not self._waiting():
+                    continue
+                self._silences += 1
+                silent = f"no reply in {_REPLY_TIMEOUT:g} s"
+                if self.redial is None or self._silences >= _REPLY_TIMEOUTS:
+                    if self._silences > 1:
+                        silent += f", nor in {_REPLY_TIMEOUT:g} s more on a new connection"
+                    raise self._fail(f"the NFS server stopped answering: {silent}")
+                if not await self._reconnect(silent):
+                    break  # closed meanwhile
         except BaseException:
             # Cancelled (the conversion is ending and nothing reads replies any more),
             # or failed above: no call waits for ever.
@@ -596,7 +701,8 @@ class RPCClient:
         back a moment later.
 
         Args:
-            why: what broke the connection (``Connection reset by peer``).
+            why: what broke the connection (``Connection reset by peer``, ``no reply
+                in 60 s``).
 
         Returns:
             False when the client was closed meanwhile (nothing to reconnect for).
@@ -617,6 +723,7 @@ class RPCClient:
         if self._closing:
             return False  # closed meanwhile (aclose found no reconnect to stop yet)
         self._records.clear()
+        self._direct = False
         redial = self.redial
         assert redial is not None
         stream: trio.SocketStream | None = None
@@ -653,6 +760,8 @@ class RPCClient:
                     self._stream, taken = stream, True
                     self.connection += 1
                     self._replied = False
+                    # The calls go out again now: their replies are due from now.
+                    self._quiet_since = trio.current_time()
                     for pending in self._pending.values():
                         pending.finish()
         finally:
@@ -710,31 +819,50 @@ async def _connect(
         ) from exc
 
 
+@contextlib.contextmanager
+def _handshake(uri: str, server: str, address: NFSAddress, port: int) -> Iterator[None]:
+    """Bound a stage of opening - a new connection to ``server`` and its first calls -
+    to :data:`_HANDSHAKE_TIMEOUT` seconds, with an error that says who did not answer.
+
+    Raises:
+        ImageError: the time ran out.
+    """
+    try:
+        with trio.fail_after(_HANDSHAKE_TIMEOUT):
+            yield
+    except trio.TooSlowError:
+        raise ImageError(
+            f"Could not open '{uri}': the {server} at {address.host}:{port} did not answer "
+            f"in {_HANDSHAKE_TIMEOUT:g} s"
+        ) from None
+
+
 async def _ports(address: NFSAddress, uri: str) -> tuple[int, int]:
     """The MOUNT and NFS TCP ports, from the URL or the portmapper."""
     if address.port is not None and address.mount_port is not None:
         return address.mount_port, address.port
-    pmap = await _connect(address, proto.PMAP_PORT, "portmapper", uri)
-    try:
-        found: list[int] = []
-        for prog, given, name in (
-            (proto.MOUNT_PROG, address.mount_port, "MOUNT v3"),
-            (proto.NFS_PROG, address.port, "NFS v3"),
-        ):
-            if given is not None:
-                found.append(given)
-                continue
-            vers = proto.MOUNT_VERS if prog == proto.MOUNT_PROG else proto.NFS_VERS
-            port = await _getport(pmap, prog, vers)
-            if port == 0:
-                raise ImageError(
-                    f"Could not open '{uri}': no {name} server over TCP is registered "
-                    f"with the portmapper at {address.host}"
-                )
-            found.append(port)
-        return found[0], found[1]
-    finally:
-        await pmap.aclose()
+    with _handshake(uri, "portmapper", address, proto.PMAP_PORT):
+        pmap = await _connect(address, proto.PMAP_PORT, "portmapper", uri)
+        try:
+            found: list[int] = []
+            for prog, given, name in (
+                (proto.MOUNT_PROG, address.mount_port, "MOUNT v3"),
+                (proto.NFS_PROG, address.port, "NFS v3"),
+            ):
+                if given is not None:
+                    found.append(given)
+                    continue
+                vers = proto.MOUNT_VERS if prog == proto.MOUNT_PROG else proto.NFS_VERS
+                port = await _getport(pmap, prog, vers)
+                if port == 0:
+                    raise ImageError(
+                        f"Could not open '{uri}': no {name} server over TCP is registered "
+                        f"with the portmapper at {address.host}"
+                    )
+                found.append(port)
+            return found[0], found[1]
+        finally:
+            await pmap.aclose()
 
 
 async def _getport(pmap: RPCClient, prog: int, vers: int) -> int:
@@ -751,9 +879,14 @@ async def _redial(address: NFSAddress) -> trio.SocketStream:
     listen on another). The export need not be mounted again: NFSv3 file handles stay
     valid, also across server restarts.
 
+    The connection is handed over only once the server answered a NULL call on it: a
+    hung or stopped server's kernel still takes connections, and the calls sent again
+    on such a one would wait the whole silence limit. (The caller bounds the time.)
+
     Raises:
         OSError: no connection.
-        TrioconvIOError: the portmapper did not answer, or knows no NFS v3 server.
+        TrioconvIOError: the portmapper did not answer, or knows no NFS v3 server; the
+            new connection broke, or the server refused the NULL call.
         XDRError: the portmapper's reply is malformed.
     """
     port = address.port
@@ -765,7 +898,23 @@ async def _redial(address: NFSAddress) -> trio.SocketStream:
             await pmap.aclose()
         if port == 0:
             raise TrioconvIOError("no NFS v3 server over TCP is registered with the portmapper")
-    return await _tcp_stream(address.host, port)
+    stream = await _tcp_stream(address.host, port)
+    try:
+        await _null(RPCClient(stream, "NULL call", None, 64 * 1024))
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+    return stream
+
+
+async def _null(client: RPCClient) -> None:
+    """Call NFS NULL, which does nothing: the reply shows the server itself answers (and
+    speaks NFS v3 on that port).
+
+    Raises:
+        TrioconvIOError: the connection broke, or the server refused the call.
+    """
+    await client.call(proto.NFS_PROG, proto.NFS_VERS, Proc.NULL, b"")
 
 
 async def _mount(address: NFSAddress, port: int, uri: str) -> tuple[bytes, str, list[str]]:
@@ -776,29 +925,31 @@ async def _mount(address: NFSAddress, port: int, uri: str) -> tuple[bytes, str, 
     turn until the server accepts one. The first refusal is the one reported.
     """
     names = address.names
-    client = await _connect(address, port, "MOUNT", uri)
     first_error: proto.MountError | None = None
-    try:
-        for depth in range(len(names) - 1, -1, -1):
-            export = "/" + "/".join(names[:depth])
-            u = await client.call(
-                proto.MOUNT_PROG, proto.MOUNT_VERS, proto.MOUNTPROC_MNT,
-                proto.encode_dirpath(export),
-            )  # fmt: skip
-            try:
-                fh = proto.decode_mnt(u, export)
-            except proto.MountError as exc:
-                first_error = first_error or exc
-                continue
-            # The mount list is advisory; NFSv3 handles stay valid without it.
-            with contextlib.suppress(TrioconvIOError):
-                await client.call(
-                    proto.MOUNT_PROG, proto.MOUNT_VERS, proto.MOUNTPROC_UMNT,
+    with _handshake(uri, "MOUNT server", address, port):
+        client = await _connect(address, port, "MOUNT", uri)
+        try:
+            for depth in range(len(names) - 1, -1, -1):
+                export = "/" + "/".join(names[:depth])
+                u = await client.call(
+                    proto.MOUNT_PROG, proto.MOUNT_VERS, proto.MOUNTPROC_MNT,
                     proto.encode_dirpath(export),
                 )  # fmt: skip
-            return fh, export, names[depth:]
-    finally:
-        await client.aclose()
+                try:
+                    fh = proto.decode_mnt(u, export)
+                except proto.MountError as exc:
+                    first_error = first_error or exc
+                    continue
+                # The mount list is advisory; NFSv3 handles stay valid without it, so
+                # a UMNT that fails or goes unanswered changes nothing.
+                with trio.move_on_after(_UMNT_TIMEOUT), contextlib.suppress(TrioconvIOError):
+                    await client.call(
+                        proto.MOUNT_PROG, proto.MOUNT_VERS, proto.MOUNTPROC_UMNT,
+                        proto.encode_dirpath(export),
+                    )  # fmt: skip
+                return fh, export, names[depth:]
+        finally:
+            await client.aclose()
     assert first_error is not None
     raise ImageError(f"Could not open '{uri}': mounting '{first_error.path}' failed: {first_error}")
 
@@ -930,11 +1081,17 @@ async def _session(uri: str) -> AsyncIterator[_Session]:
         with trio.fail_after(OPEN_TIMEOUT):
             mount_port, nfs_port = await _ports(address, uri)
             root, export, names = await _mount(address, mount_port, uri)
-            client = await _connect(address, nfs_port, "NFS", uri, uri)
+            with _handshake(uri, "NFS server", address, nfs_port):
+                client = await _connect(address, nfs_port, "NFS", uri, uri)
+                try:
+                    await _null(client)
+                except BaseException:
+                    await client.aclose()
+                    raise
     except trio.TooSlowError:
         raise ImageError(f"Could not open '{uri}': the server did not answer in time") from None
     except TrioconvIOError as exc:
-        raise ImageError(f"Could not open '{uri}': {exc}") from exc
+        raise _open_error(uri, exc) from exc
     except XDRError as exc:
         raise ImageError(f"Could not open '{uri}': malformed reply: {exc}") from exc
     try:

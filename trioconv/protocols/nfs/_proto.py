@@ -61,6 +61,7 @@ NFS3_CREATEVERFSIZE = 8
 class Proc(enum.IntEnum):
     """NFSv3 procedure numbers."""
 
+    NULL = 0  # does nothing: shows the server answers
     GETATTR = 1
     SETATTR = 2
     LOOKUP = 3
