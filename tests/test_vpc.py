@@ -193,9 +193,28 @@ def test_bad_subformat_is_refused(tmp_path: Path) -> None:
 def test_qemu_made_images_convert_to_raw(tmp_path: Path, options: str) -> None:
     src = make_vpc(tmp_path / "src.vhd", "10M", *MIXED, options=options)
     out = tmp_path / "out.raw"
-    cli_ok("convert", "-O", "raw", src, out)  # probed: fixed disks by their footer
+    # A dynamic disk is probed; a fixed one is named (probed, it is raw, as below).
+    fmt = ["-f", "vpc"] if "fixed" in options else []
+    cli_ok("convert", *fmt, "-O", "raw", src, out)
     assert_identical(src, out, "vpc", "raw")
     assert out.stat().st_size == info(src)["virtual-size"]
+
+
+def test_a_fixed_disk_is_probed_as_raw_as_qemu_img_probes_it(tmp_path: Path) -> None:
+    """A fixed VHD has its footer only in its last sector, which a raw disk's guest
+    writes at will: probed, it is raw, as qemu-img takes it (the same format and size
+    in ``info``, the footer copied as data), so a guest cannot make its raw disk read as
+    a VHD by writing a footer there."""
+    src = make_vpc(tmp_path / "src.vhd", "10M", *MIXED, options="subformat=fixed")
+    result = trioconv_cli("info", "--output=json", src)
+    assert result.returncode == 0, result.stderr
+    ours = json.loads(result.stdout)
+    theirs = json.loads(run("qemu-img", "info", "--output=json", src).stdout)
+    assert ours["format"] == theirs["format"] == "raw"
+    assert ours["virtual-size"] == theirs["virtual-size"] == src.stat().st_size
+    out = tmp_path / "out.raw"
+    cli_ok("convert", "-O", "raw", src, out)
+    assert out.read_bytes() == src.read_bytes()
 
 
 async def test_block_status_and_reads(tmp_path: Path) -> None:
@@ -220,7 +239,7 @@ async def test_block_status_and_reads(tmp_path: Path) -> None:
 
 async def test_fixed_block_status_follows_the_file(tmp_path: Path) -> None:
     src = make_vpc(tmp_path / "f.vhd", "8M", "write -P 1 1M 1M", options="subformat=fixed")
-    async with trioconv.open_image(src) as img:
+    async with trioconv.open_image(src, "vpc") as img:
         assert isinstance(img, FixedVpcDriver)
         tiles = await check_block_status_tiles(img)
     assert (MiB, MiB, ExtentKind.DATA) in tiles
@@ -228,11 +247,11 @@ async def test_fixed_block_status_follows_the_file(tmp_path: Path) -> None:
 
 
 def test_probe() -> None:
+    """``conectix`` at the start is a VHD; a footer at the end only (a fixed disk, or a
+    raw disk whose guest wrote one there) is raw, as qemu-img probes it."""
     footer = codec.Footer(disk_type=codec.DiskType.FIXED, current_size=MiB).encode()
-    assert probe_format(bytes(4096), "x", footer) == "vpc"
     assert probe_format(footer + bytes(3584), "x") == "vpc"
-    broken = footer[:100] + b"\x01" + footer[101:]
-    assert probe_format(bytes(4096), "x", broken) == "raw"
+    assert probe_format(bytes(4096), "x", footer) == "raw"
     assert probe_format(bytes(4096), "x", bytes(512)) == "raw"
 
 

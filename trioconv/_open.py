@@ -288,12 +288,6 @@ def _probe_vmdk(header: bytes, filename: str) -> int:
     return 100 if b"version=" in header[:4096] else 0
 
 
-def _probe_vpc(data: bytes, filename: str) -> int:
-    # ``conectix`` at the start (dynamic) or at the start of the last 512 bytes (fixed
-    # disks keep only a footer); the vpc module's probe then checks the footer.
-    return 100 if data[:8] == b"conectix" or data[-512:][:8] == b"conectix" else 0
-
-
 _FORMATS: dict[str, FormatInfo] = {}
 
 
@@ -340,7 +334,7 @@ for _name, _probe in [
     ("qcow2", _probe_qcow(lambda v: v >= 2)),
     ("qcow", _probe_qcow(lambda v: v == 1)),
     ("vmdk", _probe_vmdk),
-    ("vpc", _probe_vpc),
+    ("vpc", _magic(b"conectix")),  # (a fixed disk's footer, at the end only, is raw)
     ("vhdx", _magic(b"vhdxfile")),
     ("vdi", _magic(b"\x7f\x10\xda\xbe", at=0x40)),
     ("qed", _magic(b"QED\x00")),
@@ -349,7 +343,7 @@ for _name, _probe in [
     ("bochs", _magic(b"Bochs Virtual HD Image")),
     ("cloop", _magic(b"#!/bin/sh\n#V2.0 Format")),
 ]:
-    _register(FormatInfo(_name, _probe, probe_tail=512 if _name == "vpc" else 0))
+    _register(FormatInfo(_name, _probe))
 
 
 def format_names() -> list[str]:

@@ -39,23 +39,14 @@ VPC_CREATE_OPTIONS: dict[str, str] = {
 
 
 def probe_vpc(data: bytes, filename: str) -> int:
-    """``conectix`` at offset 0 (dynamic disks), or a valid fixed-disk footer at the end.
+    """``conectix`` at offset 0: a dynamic or differencing disk's copy of its footer.
 
-    The registry appends the file's last 512 bytes (``probe_tail``) to the header, so
-    the last 512 bytes of ``data`` are the end of the file. (qemu probes only the start,
-    so it takes a fixed VHD for raw; a correct footer checksum keeps raw images that
-    merely end in ``conectix`` from being taken for VHD.)
+    A fixed disk has its footer only at the end, and is probed as raw, as qemu-img
+    probes it: a guest writes the last sector of a raw disk, so a VHD footer there is no
+    sign of a VHD (taken for one, the guest would choose how its disk is read next
+    time). ``-f vpc`` opens a fixed disk.
     """
-    if data[:8] == codec.FOOTER_COOKIE:
-        return 100
-    if len(data) >= codec.FOOTER_SIZE:
-        try:
-            footer = codec.parse_footer(data[-codec.FOOTER_SIZE :])
-        except codec.VpcFormatError:
-            return 0
-        if footer.disk_type == codec.DiskType.FIXED:
-            return 100
-    return 0
+    return 100 if data[:8] == codec.FOOTER_COOKIE else 0
 
 
 def _plan(size: int, options: Mapping[str, str]) -> tuple[str, bool, tuple[int, int, int], int]:
@@ -119,5 +110,4 @@ FORMAT = FormatInfo(
     VPC_CREATE_OPTIONS,
     can_compress=False,
     check_create=check_vpc_create,
-    probe_tail=codec.FOOTER_SIZE,
 )
