@@ -85,3 +85,27 @@ def test_host_device_names_the_device_protocol(
     assert refused.returncode == 1 and "character or block device" in refused.stderr
     assert refused.stderr.count("\n") == 1
     assert plain.read_bytes() == bytes(4 * 2**20)
+
+
+def test_qcow2_on_a_device_leaves_no_old_bytes_in_its_tables(
+    loop_device: Path, make_image: ImageMaker
+) -> None:
+    """qcow2 written onto a device that held other bytes (a reused LV or LUN): the L1
+    table is written out to its whole sector, zeroes after its entries, as qemu-img
+    writes it, so nothing of the old contents shows in the image's metadata."""
+    src = make_image("src.img", "4M", "write -P 0xaa 0 1M")
+    result = trioconv_cli("convert", "-t", "none", "-f", "raw", "-O", "qcow2", src, loop_device)
+    assert result.returncode == 0, result.stderr
+    head = loop_device.read_bytes()[: 2**20]
+    l1 = int.from_bytes(head[40:48], "big")
+    entries = int.from_bytes(head[36:40], "big")
+    assert l1 and entries == 1
+    assert head[l1 + 8 * entries : l1 + 512] == bytes(512 - 8 * entries)
+    check = subprocess.run(["qemu-img", "check", loop_device], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    compare = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", src, loop_device],
+        capture_output=True,
+        text=True,
+    )
+    assert compare.returncode == 0, compare.stdout + compare.stderr

@@ -679,3 +679,31 @@ def test_a_petabyte_of_nothing_converts_at_once(tmp_path: Path, qemu_img: str) -
             return len(await check_block_status_tiles(drv))
 
     assert trio.run(walk) <= 8  # data, zeroes, data, then one extent to the end
+
+
+@pytest.mark.parametrize(
+    ("size", "commands", "flags"),
+    [
+        # The last data cluster written in part (an image size that is no multiple of it).
+        ("1000001", ["write -P 0x11 0 1000001"], []),
+        # -S splitting the last data cluster: data at its start, zeroes after.
+        ("4M", ["write -P 0x11 0 1M", "write -P 0x22 3M 4k"], []),
+        # Compressed streams packed into the last cluster: rounded up to a sector.
+        ("64M", ["write -P 0x11 0 4k", "write -P 0x22 1M 3k"], ["-c"]),
+    ],
+)
+def test_the_file_ends_where_qemu_img_ends_it(
+    make_image: ImageMaker, tmp_path: Path, size: str, commands: list[str], flags: list[str]
+) -> None:
+    """The file's length is qemu-img's: a last data cluster written in part reaches its
+    end (qemu-img writes the rest as zeroes; the image end offset ``check`` reports is
+    the file's end), and after ``-c`` the file ends on a sector boundary."""
+    src = make_image("src.raw", size, *commands)
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    result = trioconv_cli("convert", *flags, "-O", "qcow2", src, ours)
+    assert result.returncode == 0, result.stderr
+    run("qemu-img", "convert", *flags, "-O", "qcow2", src, theirs)
+    assert ours.stat().st_size == theirs.stat().st_size
+    assert ours.stat().st_size % 512 == 0
+    assert_check_clean(ours)
+    assert_identical(src, ours, "raw", "qcow2")

@@ -196,8 +196,9 @@ class OpenContext:
     snapshot: str | None = None
     #: Set by a format opener that honoured ``snapshot``.
     snapshot_loaded: bool = False
-    #: The transport is a device of fixed size (an NBD export, an iSCSI LUN): a writer
-    #: cannot grow it, and space past the image's data may hold old bytes.
+    #: The transport is a device of fixed size (an NBD export, an iSCSI LUN; for the
+    #: qcow2 writer a local block device too): a writer cannot grow it, and space past
+    #: the image's data may hold old bytes.
     fixed_size: bool = False
     #: ``-U``: read the image (and its backing files) even while another process
     #: writes it.
@@ -721,6 +722,11 @@ async def _open_transport_image(
                 f"Writing a '{info.name}' image into {kind} is not supported yet: "
                 f"'{redact_location(text)}' (write a raw image with -O raw)"
             )
+        if writable and info.name == "qcow2" and getattr(transport, "is_block_device", False):
+            # A local disk or LV cannot grow either, and its sectors hold old bytes: the
+            # qcow2 writer keeps within it and writes new clusters whole, as on an NBD
+            # export. (The other writers grow their file within the device, as before.)
+            fixed_size = True
         ctx = OpenContext(
             text,
             chain,

@@ -40,7 +40,8 @@ On flush, version 3 images first get the *dirty* bit (qemu repairs the refcounts
 dirty image when it opens it), then refcount blocks, refcount table, L2 tables and L1
 are written, the file is flushed, and the header is rewritten clean.
 
-On a transport of fixed size (an NBD export, an iSCSI LUN; ``OpenContext.fixed_size``)
+On a transport of fixed size (an NBD export, an iSCSI LUN, a local block device;
+``OpenContext.fixed_size``)
 the "file" is the whole device: new clusters are taken after the image's last cluster
 with a refcount (qemu's image end), an allocation past the device's end fails, and as
 the space there may hold old bytes, every new cluster (or subcluster) a write covers
@@ -130,6 +131,9 @@ class _GrowingFile(Driver):
         self.child = child
         self.location = child.location
         self.end = child.size
+        #: The end of the file as written: its size when opened, or the end of the
+        #: furthest write since.
+        self.written = child.size
 
     @property
     def size(self) -> int:
@@ -145,11 +149,13 @@ class _GrowingFile(Driver):
     async def pwrite(self, offset: int, data: Buffer) -> None:
         await self.child.pwrite(offset, data)
         self.end = max(self.end, offset + memoryview(data).nbytes)
+        self.written = max(self.written, offset + memoryview(data).nbytes)
 
     async def pwrite_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
     ) -> None:
         await self.child.pwrite_zeroes(offset, length, may_unmap=may_unmap, fast=fast)
+        self.written = max(self.written, min(offset + length, self.child.size))
 
     async def discard(self, offset: int, length: int) -> None:
         await self.child.discard(offset, length)
@@ -289,6 +295,7 @@ class Qcow2Writer(Qcow2Driver):
         #: The device's size when the transport cannot grow (see :meth:`_find_end`).
         self._limit: int | None = child.child.size if fixed_size else None
         self._free_byte_offset = 0
+        self._data_end = 0  # the end of the last cluster a guest write went to
         #: The lowest host cluster that may have refcount 0 below ``_end`` (qemu's
         #: ``free_cluster_index``): freed clusters are taken again from there.
         self._free_index = 0
@@ -822,6 +829,9 @@ class Qcow2Writer(Qcow2Driver):
         ``view``'s, or zero bytes when it is None."""
         try:
             for run in runs:
+                # The end of the last cluster guest data went to (see _end_file).
+                end = -(-(run.host + run.length) // self._cs) * self._cs
+                self._data_end = max(self._data_end, end)
                 for event in run.waits:
                     await event.wait()
                 if view is not None:
@@ -1547,12 +1557,43 @@ class Qcow2Writer(Qcow2Driver):
                 await self._write_meta(t.host, t.encoded())
                 t.dirty = False
         if self._l1_dirty and self.header.l1_size:
-            await self._write_meta(self.header.l1_table_offset, codec.encode_table(self._l1))
+            table = codec.encode_table(self._l1)
+            if self._limit is not None:
+                # On a device, whose sectors may hold old bytes, the table is written
+                # out to a whole sector, zeroes after it, as qemu writes a new L1 table.
+                table += bytes(-len(table) % 512)
+            await self._write_meta(self.header.l1_table_offset, table)
         self._l1_dirty = False
         await self.file.flush()
         self.header = attrs.evolve(self.header, incompatible_features=self._disk_incompatible)
         await self._write_meta(0, codec.encode_header(self.header))
         self._header_dirty = self._dirty_on_disk = False
+
+    async def _end_file(self) -> None:
+        """End the file where qemu-img ends it (under the lock, all writes done).
+
+        A write that ends inside a new cluster leaves the rest of it unwritten - it
+        reads as zeroes past the end of the file anyway - so a last data cluster may
+        stop short, before the image end offset ``qemu-img check`` reports; qemu-img
+        writes that rest (as zeroes), and the file ends at a cluster boundary. (Its
+        metadata it writes as long as it is: a file that ends with a new L1 table ends
+        where the table does.) When
+        the last cluster is one that compressed streams are packed into, qemu-img
+        rounds the file up to a sector instead ("to ease reading with sector based
+        I/Os"). A device, an external data file, and extended L2 (whose file ends at
+        a subcluster, as :func:`_preallocate` makes it) are left as they are.
+        """
+        if self._limit is not None or self._external or self._ext:
+            return
+        size = max(self.file.child.size, self.file.written)
+        if self._free_byte_offset and self._free_byte_offset >= self._end - self._cs:
+            end = -(-size // 512) * 512
+        elif self._data_end == self._end:
+            end = self._end
+        else:
+            return  # it ends with metadata, as qemu-img's does (a new L1 table, say)
+        if size < end:
+            await self._write_meta(end - 1, b"\0")
 
     async def flush(self) -> None:
         if self._closed:
@@ -1563,6 +1604,7 @@ class Qcow2Writer(Qcow2Driver):
         async with self._lock:
             await self._store_bitmaps()
             await self._write_metadata()
+            await self._end_file()
         await self.file.flush()
 
     async def aclose(self) -> None:
@@ -1574,6 +1616,7 @@ class Qcow2Writer(Qcow2Driver):
                     async with self._lock:
                         await self._store_bitmaps()
                         await self._write_metadata()
+                        await self._end_file()
         except TrioconvError as exc:
             # (A cleanup message: the command line shows it only if nothing else failed.)
             log.warning(
@@ -1744,7 +1787,9 @@ class Qcow2Writer(Qcow2Driver):
             return
         clusters = -(-entries * 8 // self._cs)
         host = await self._alloc_clusters(clusters)
-        await self.file.pwrite(host, bytes(entries * 8))
+        # On a device, to the end of the sector (see _write_metadata).
+        pad = -entries * 8 % 512 if self._limit is not None else 0
+        await self.file.pwrite(host, bytes(entries * 8 + pad))
         self._l1.extend(array("Q", bytes(entries * 8)))
         self.header = attrs.evolve(h, l1_size=entries, l1_table_offset=host)
         self._header_dirty = self._l1_dirty = True
