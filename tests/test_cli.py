@@ -360,20 +360,20 @@ def test_a_name_with_a_protocol_prefix_is_refused_even_when_the_file_exists(
     and left as it was; ``./x:y.raw`` and ``file:x:y.raw`` name the file."""
     odd = tmp_path / "x:y.raw"
     odd.write_bytes(b"\x01" * 4096)
-    for args in (
-        ["convert", src, "x:y.raw"],
-        ["convert", "x:y.raw", "out.raw"],
-        ["info", "x:y.raw"],
+    for args, verb in (
+        (["convert", src, "x:y.raw"], "create"),
+        (["convert", "x:y.raw", "out.raw"], "open"),
+        (["info", "x:y.raw"], "open"),
     ):
         line = assert_one_error(trioconv_cli(*args, cwd=tmp_path))
-        assert line == "trioconv: Unknown protocol 'x' in 'x:y.raw'"
+        assert line == f"trioconv: Could not {verb} 'x:y.raw': Unknown protocol 'x'"
         their = subprocess.run(["qemu-img", *map(str, args)], capture_output=True, cwd=tmp_path)
         assert their.returncode == 1
     # Whatever comes before the first colon (no slash before it), as typed.
     for name, protocol in (("my_file:1.raw", "my_file"), ("1x:y.raw", "1x"), ("A b:c", "A b")):
         (tmp_path / name).write_bytes(b"\x02" * 512)
         line = assert_one_error(trioconv_cli("convert", src, name, cwd=tmp_path))
-        assert line == f"trioconv: Unknown protocol '{protocol}' in '{name}'"
+        assert line == f"trioconv: Could not create '{name}': Unknown protocol '{protocol}'"
         assert (tmp_path / name).read_bytes() == b"\x02" * 512
     assert odd.read_bytes() == b"\x01" * 4096
     assert not (tmp_path / "out.raw").exists()

@@ -144,7 +144,7 @@ def test_target_in_use_is_left_alone(
     with held_by_qemu(image, "qcow2", read_only=read_only):
         args = ["-n"] if no_create else []
         line = one_line(trioconv_cli("convert", *args, "-O", "qcow2", src, image))
-        assert "lock (is another process using the image?)" in line
+        assert f"lock. Is another process using the image [{image}]?" in line
         assert sha256(image) == before
     run("qemu-img", "check", image)
     assert sha256(image) == before

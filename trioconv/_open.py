@@ -106,14 +106,15 @@ def typed_names(names: Iterable[object]) -> Iterator[None]:
         raise
 
 
-def refuse_unknown_protocol(name: str) -> None:
+def refuse_unknown_protocol(name: str, *, target: bool = False) -> None:
     """Refuse ``WORD:REST`` with no protocol trioconv knows, even when a file of that
     name exists, as qemu-img reads such a name: ``x:y.raw`` is refused (``./x:y.raw``
     or ``file:x:y.raw`` is the file). (Opening refuses it only when there is no such
     file, so that a program's path with a colon still opens.)
 
     Raises:
-        UnsupportedError: ``Unknown protocol 'x' in 'x:y.raw'``.
+        UnsupportedError: ``Could not open 'x:y.raw': Unknown protocol 'x'`` (``Could not
+            create`` for a ``target``), as qemu-img words it.
     """
     known = (is_nbd_uri, is_nfs_uri, is_iscsi_uri, is_http_uri, is_null_uri)
     if name.startswith(("file:", "json:", "nbd:")) or any(test(name) for test in known):
@@ -121,7 +122,8 @@ def refuse_unknown_protocol(name: str) -> None:
     # QEMU's rule: whatever comes before the first colon, unless a slash comes first.
     match = re.match(r"([^:/]+):", name)
     if match:
-        raise UnsupportedError(f"Unknown protocol '{match.group(1)}' in '{name}'")
+        verb = "create" if target else "open"
+        raise UnsupportedError(f"Could not {verb} '{name}': Unknown protocol '{match.group(1)}'")
 
 
 def is_nfs_uri(location: str) -> bool:
@@ -422,7 +424,7 @@ def _transport_path(location: str | os.PathLike[str]) -> str:
     match = _URI_RE.match(text)
     if match and not os.path.exists(text):
         scheme = match.group(1).lower()
-        raise UnsupportedError(f"Unknown protocol '{scheme}' in '{text}'")
+        raise UnsupportedError(f"Could not open '{text}': Unknown protocol '{scheme}'")
     return text
 
 

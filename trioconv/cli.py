@@ -401,8 +401,9 @@ async def convert(
         files = _as_json_filenames(files, sources=image_opts, target=target_image_opts)
     # x:y.raw is protocol x, as qemu-img reads it - but not a source whose protocol is
     # given (-f file): that one is the name the protocol takes as it is.
-    for name in files if source_format not in _PROTOCOL_FORMATS else files[-1:]:
-        _open.refuse_unknown_protocol(name)
+    for i, name in enumerate(files):
+        if i == len(files) - 1 or source_format not in _PROTOCOL_FORMATS:
+            _open.refuse_unknown_protocol(name, target=i == len(files) - 1 and len(files) > 1)
     if source_format in _PROTOCOL_FORMATS:
         protocol, source_format = source_format, None
         files = (*(_protocol_as_format(f, protocol) for f in files[:-1]), *files[-1:])

@@ -190,7 +190,9 @@ def _lock_image(fd: int, path: str, perms: tuple[int, int], *, what: str) -> Non
         raise ImageError(f"Could not {what} '{path}': cannot lock it: {exc.strerror}") from exc
     if conflict:
         raise ImageInUse(
-            f"Could not {what} '{path}': {conflict} (is another process using the image?)"
+            # qemu-img's second line after a period, on this one: scripts look for it.
+            f"Could not {what} '{path}': {conflict}. Is another process using the image "
+            f"[{path}]?"
         )
 
 
