@@ -191,8 +191,7 @@ def _lock_image(fd: int, path: str, perms: tuple[int, int], *, what: str) -> Non
     if conflict:
         raise ImageInUse(
             # qemu-img's second line after a period, on this one: scripts look for it.
-            f"Could not {what} '{path}': {conflict}. Is another process using the image "
-            f"[{path}]?"
+            f"Could not {what} '{path}': {conflict}. Is another process using the image [{path}]?"
         )
 
 
