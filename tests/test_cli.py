@@ -333,6 +333,30 @@ def test_a_pipe_is_not_read_as_an_empty_disk(src: Path, tmp_path: Path) -> None:
     assert dst.stat().st_size == 0
 
 
+def test_a_name_that_is_not_utf8_is_shown_as_qemu_img_shows_it(tmp_path: Path) -> None:
+    """A file name's bytes that are not UTF-8: errors write them back as they were, and
+    ``info --output=json`` has U+FFFD for them (strict JSON, as qemu-img's) and QEMU's
+    upper-case escapes for the rest - byte for byte qemu-img's output."""
+    name = os.fsencode(tmp_path) + b"/caf\xe9-m\xc3\xbcller.qcow2"
+    run("qemu-img", "create", "-q", "-f", "qcow2", os.fsdecode(name), "1M")
+    ours = subprocess.run(
+        [sys.executable, "-m", "trioconv", "info", "--output=json", name],
+        capture_output=True,
+        check=True,
+    ).stdout
+    theirs = subprocess.run(
+        ["qemu-img", "info", "--output=json", name], capture_output=True, check=True
+    ).stdout
+    assert b'/caf\\uFFFD-m\\u00FCller.qcow2"' in ours
+    assert json.loads(ours)["filename"] == json.loads(theirs)["filename"]
+    assert ours == theirs
+    missing = os.fsencode(tmp_path) + b"/nope\xe9.raw"
+    ours = subprocess.run(
+        [sys.executable, "-m", "trioconv", "info", missing], capture_output=True
+    ).stderr
+    assert ours == b"trioconv: Could not open '" + missing + b"': No such file or directory\n"
+
+
 def test_an_older_nbd_name_is_named_as_typed_in_errors(src: Path, tmp_path: Path) -> None:
     """``nbd:unix:PATH:exportname=X`` is opened as the URI it stands for, but a failure
     names it as typed, word for word as qemu-img does, for convert and info alike."""

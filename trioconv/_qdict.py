@@ -26,10 +26,46 @@ def qdict_bucket(key: str) -> int:
 _EMPTY_JSON = re.compile(r'^( *)((?:"(?:[^"\\]|\\.)*": )?)(\[\]|\{\})(,?)$', re.MULTILINE)
 
 
+#: A JSON escape: ``\\uXXXX``, or a backslash and one character. Read from left to
+#: right, an escaped backslash followed by ``u`` is not taken for an escape of its own.
+_ESCAPE = re.compile(r"\\(u[0-9a-fA-F]{4}|.)")
+
+
+def _qemu_escapes(text: str) -> str:
+    """JSON text (``ensure_ascii``) with QEMU's escapes: upper-case hex (``\\u00FC``),
+    and U+FFFD for a byte of a file name that is not UTF-8.
+
+    Python keeps such a byte as a lone surrogate (``\\udce9``, from ``surrogateescape``),
+    which strict parsers refuse and which cannot be encoded again; QEMU prints the
+    replacement character. A low surrogate right after a high one is half of a real
+    character beyond the BMP and stays.
+    """
+    out: list[str] = []
+    pos = 0
+    high = False  # the escape just before this one was a high surrogate, adjacent
+    for m in _ESCAPE.finditer(text):
+        out.append(text[pos : m.start()])
+        adjacent = high and m.start() == pos
+        token = m[1]
+        high = False
+        if token[0] == "u":
+            code = int(token[1:], 16)
+            if 0xDC80 <= code <= 0xDCFF and not adjacent:
+                code = 0xFFFD
+            high = 0xD800 <= code <= 0xDBFF
+            token = f"u{code:04X}"
+        out.append("\\" + token)
+        pos = m.end()
+    out.append(text[pos:])
+    return "".join(out)
+
+
 def qemu_json(text: str) -> str:
     """Indented JSON as QEMU prints it: an empty list or object opens on its line and
-    closes on the next (``"flags": [`` then ``]``), where Python writes ``[]``."""
-    return _EMPTY_JSON.sub(lambda m: f"{m[1]}{m[2]}{m[3][0]}\n{m[1]}{m[3][1]}{m[4]}", text)
+    closes on the next (``"flags": [`` then ``]``), where Python writes ``[]``; escapes
+    as QEMU writes them (:func:`_qemu_escapes`)."""
+    text = _EMPTY_JSON.sub(lambda m: f"{m[1]}{m[2]}{m[3][0]}\n{m[1]}{m[3][1]}{m[4]}", text)
+    return _qemu_escapes(text)
 
 
 def qemu_order(value: object) -> object:

@@ -241,10 +241,28 @@ def _parse_o(values: Sequence[str]) -> dict[str, str]:
 
 
 def _say(message: str) -> None:
-    """One line on stderr; nothing when stderr is closed (never on stdout instead)."""
-    if sys.stderr is not None:
-        with contextlib.suppress(OSError):
+    """One line on stderr; nothing when stderr is closed (never on stdout instead).
+
+    A file name's bytes that are not UTF-8 (kept by Python as lone surrogates) are
+    written back as the bytes they were, as qemu-img writes the name, not as
+    ``\\udce9``.
+    """
+    if sys.stderr is None:
+        return
+    line = message + "\n"
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    try:
+        data = line.encode(encoding, "surrogateescape")
+    except UnicodeEncodeError:  # a character this stderr cannot show, as Python shows it
+        data = line.encode(encoding, "backslashreplace")
+    with contextlib.suppress(OSError, ValueError):  # (ValueError: stderr closed)
+        buffer = getattr(sys.stderr, "buffer", None)
+        if buffer is None:  # a text-only stream put in its place (tests, IDEs)
             print(message, file=sys.stderr, flush=True)
+            return
+        sys.stderr.flush()
+        buffer.write(data)
+        buffer.flush()
 
 
 def _stdout_gone() -> None:
