@@ -19,7 +19,20 @@ its sequence numbers and the builders of target PDUs) and of the request:
   :meth:`Session.collect` (which sends the R2Ts) and returns the PDUs that end it
   (:func:`honest_write`);
 * ``login(session, request)`` returns a Login Response to send instead of the honest
-  one, or None.
+  one, or None (:meth:`Session.refuse` and :meth:`Session.redirect` build two).
+
+A hook that raises :class:`Dropped` drops the connection once what it queued went out,
+as a restarting target or a network reset does; :meth:`FakeISCSITarget.drop` drops
+every connection at once (between commands), and :meth:`FakeISCSITarget.go_away` also
+stops taking new ones; a hook may change ``params`` or ``block_size`` (which READ
+CAPACITY reports; the data is still served in 512-byte blocks) for the connections to
+come. The target records what a reconnecting initiator must get right:
+
+* each login's ISID and TSIH (:attr:`~FakeISCSITarget.logins`);
+* the READs and WRITEs each connection received, in order (:attr:`~FakeISCSITarget.seen`);
+* Data-Out whose task tag the connection never saw (:attr:`~FakeISCSITarget.strays`:
+  data of a task of a lost connection, sent on the new one);
+* data sent against the values agreed at login (:attr:`~FakeISCSITarget.violations`).
 
 Each connection has a thread that reads requests and answers them in order, and another
 that sends what the first one queued: the target reads on while its answers wait in the
@@ -64,6 +77,12 @@ from trioconv.protocols.iscsi._pdu import (
 from ._scripted import ScriptedServer
 
 IQN = "iqn.2024-01.test.fake:disk"
+
+
+class Dropped(Exception):
+    """Raised by a hook: the connection is dropped once what was queued went out."""
+
+
 BLOCK = 512
 GOOD, CHECK_CONDITION, BUSY, TASK_SET_FULL, ILLEGAL_REQUEST = 0x00, 0x02, 0x08, 0x28, 0x5
 #: MaxCmdSN - ExpCmdSN + 1: the commands the initiator may have in flight.
@@ -124,13 +143,20 @@ def honest_write(session: Session, cmd: PDU) -> Sequence[bytes]:
 
 
 class Session:
-    """One connection: its sequence numbers, its queue of PDUs to send, and builders."""
+    """One connection: its sequence numbers, its queue of PDUs to send, and builders.
 
-    def __init__(self, target: FakeISCSITarget, sock: socket.socket) -> None:
+    ``number`` counts the target's connections from 0; ``itts`` holds the task tags of
+    the commands it received.
+    """
+
+    def __init__(self, target: FakeISCSITarget, sock: socket.socket, number: int) -> None:
         self.target = target
         self.sock = sock
+        self.number = number
+        self.itts: set[int] = set()
         self.stat_sn = self.exp_cmd_sn = 0
         self.peer_segment = 8192  # the initiator's MaxRecvDataSegmentLength
+        self.segment = 8192  # the target's own (declared at login)
         self.agreed = dict(DEFAULTS)  # the values both sides settled on
         self._lock = threading.Lock()
         self._out: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
@@ -228,6 +254,17 @@ class Session:
         """A ping (``ttt`` set: the initiator must echo it) or the answer to one (``itt``)."""
         return self.pdu(Opcode.NOP_IN, itt=itt, ttt=ttt, data=data)
 
+    def refuse(self, req: PDU, status_class: int = 2, detail: int = 3, text: bytes = b"") -> bytes:
+        """A Login Response refusing ``req`` (by default 0x0203: target not found)."""
+        words = ((status_class << 24) | (detail << 16), 0, 0)
+        return self.pdu(Opcode.LOGIN_RESPONSE, field8=req.lun[:6] + b"\0\0", itt=req.itt,
+                        words=words, data=text)  # fmt: skip
+
+    def redirect(self, req: PDU, port: int) -> bytes:
+        """A Login Response sending the initiator to 127.0.0.1:``port`` (moved
+        temporarily, 0x0101)."""
+        return self.refuse(req, 1, 1, encode_text({"TargetAddress": f"127.0.0.1:{port},1"}))
+
     def login_response(self, req: PDU, text: bytes, *, more: bool = False) -> bytes:
         """Answer ``req`` in its stage, moving on as it asks unless ``more`` (C bit)."""
         flags = (req.flags & 0x0C | CONTINUE) if more else req.flags & (TRANSIT | 0x0F)
@@ -314,6 +351,17 @@ class Session:
                 self._dispatch(self._backlog.popleft() if self._backlog else self._recv())
         except EOFError:
             pass
+        except Dropped:
+            self._out.put(None)
+            sender.join()  # what was queued went out; then the end of the stream
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_WR)
+                # Read what the initiator still sends until it closes its end too, so
+                # that closing ours is a plain end of stream, never a reset.
+                self.sock.settimeout(5)
+                while self.sock.recv(1 << 20):
+                    pass
+            return
         finally:
             self._out.put(None)
             sender.join()
@@ -336,13 +384,27 @@ class Session:
         bhs = self._recv_exact(48)
         ahs, n = bhs[4] * 4, int.from_bytes(bhs[5:8], "big")
         p = PDU.decode(bhs, self._recv_exact(ahs + n + pad_length(n))[ahs : ahs + n])
-        if p.opcode is Opcode.SCSI_COMMAND and not bhs[0] & 0x40:  # not immediate
-            self.exp_cmd_sn = (p.cmd_sn + 1) & 0xFFFFFFFF
+        if p.opcode is Opcode.SCSI_COMMAND:
+            self.itts.add(p.itt)
+            if not bhs[0] & 0x40:  # not immediate
+                self.exp_cmd_sn = (p.cmd_sn + 1) & 0xFFFFFFFF
+            if p.data and self.agreed["ImmediateData"] == "No":
+                self.target.violations.append(f"immediate data (ITT {p.itt})")
+            if not p.final and self.agreed["InitialR2T"] == "Yes":
+                self.target.violations.append(f"unsolicited data announced (ITT {p.itt})")
+        elif p.opcode is Opcode.DATA_OUT and p.itt not in self.itts:
+            self.target.strays += 1
+        if p.opcode in (Opcode.SCSI_COMMAND, Opcode.DATA_OUT) and len(p.data) > self.segment:
+            self.target.violations.append(f"a {len(p.data)}-byte segment (at most {self.segment})")
         return p
 
     def _login(self) -> None:
+        first = True
         while True:
             req = self._recv()
+            if first:
+                self.target.logins.append((req.lun[:6], int.from_bytes(req.lun[6:8], "big")))
+                first = False
             answer = self.target.login(self, req) if self.target.login else None
             if answer is None:
                 pairs = decode_text(req.data)
@@ -358,7 +420,7 @@ class Session:
     def _negotiate(self, key: str, offered: str) -> str:
         mine = self.target.params.get(key, DEFAULTS.get(key, offered))
         if key == "MaxRecvDataSegmentLength":  # declared by each side, not negotiated
-            self.peer_segment = int(offered)
+            self.peer_segment, self.segment = int(offered), int(mine)
             return mine
         if key in ("MaxBurstLength", "FirstBurstLength"):
             mine = str(min(int(mine), int(offered)))
@@ -394,6 +456,8 @@ class FakeISCSITarget(ScriptedServer):
     SAME with UNMAP); ``max_transfer`` and ``max_write_same`` are the maxima of the Block
     Limits page, in blocks (0: none). ``write_same=False`` refuses WRITE SAME (ILLEGAL
     REQUEST, invalid opcode); ``answer_logout=False`` closes the connection instead.
+    ``block_size`` is the logical block size READ CAPACITY reports (the data is served
+    in 512-byte blocks whatever it says).
     """
 
     def __init__(
@@ -406,6 +470,7 @@ class FakeISCSITarget(ScriptedServer):
         max_write_same: int = 0,
         write_same: bool = True,
         answer_logout: bool = True,
+        block_size: int = BLOCK,
         reads: ReadHook = honest_read,
         writes: WriteHook = honest_write,
         login: LoginHook | None = None,
@@ -419,6 +484,16 @@ class FakeISCSITarget(ScriptedServer):
         self.pinged = 0  # pings (NOP-Out with a task tag) from the initiator, answered
         self.logout_at: float | None = None  # time.monotonic() when a Logout came
         self.opcodes: collections.Counter[int] = collections.Counter()  # of the CDBs seen
+        self.block_size = block_size  # what READ CAPACITY reports
+        self.logins: list[tuple[bytes, int]] = []  # (ISID, TSIH) of each login
+        #: For each connection, its READs and WRITEs in the order received: (opcode,
+        #: LBA, blocks, ITT, CmdSN).
+        self.seen: list[list[tuple[int, int, int, int, int]]] = []
+        self.strays = 0  # Data-Out for a task tag the connection never saw
+        #: What the initiator sent against the values agreed at login: immediate data
+        #: when ImmediateData is No, unsolicited data when InitialR2T is Yes, a data
+        #: segment longer than the target's MaxRecvDataSegmentLength.
+        self.violations: list[str] = []
         listener = socket.create_server(("127.0.0.1", 0))
         self.port: int = listener.getsockname()[1]
         super().__init__(listener)
@@ -429,12 +504,31 @@ class FakeISCSITarget(ScriptedServer):
 
     def serve(self, conn: socket.socket) -> None:
         conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        Session(self, conn).run()
+        with self._lock:
+            number = len(self.seen)
+            self.seen.append([])
+        Session(self, conn, number).run()
+
+    def drop(self) -> None:
+        """Drop every connection now (a reset): the initiator sees the end of the stream."""
+        with self._lock:
+            for conn in self._conns:
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RDWR)
+
+    def go_away(self) -> None:
+        """Drop every connection and take no new one: connecting is refused."""
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self.drop()
 
     def execute(self, s: Session, cmd: PDU) -> Sequence[bytes]:
         """The answer to one SCSI command."""
         op, lun = cmd.cdb[0], self.lun
         self.opcodes[op] += 1
+        if op in (scsi.READ_16, scsi.WRITE_16):
+            self.seen[s.number].append((op, *cmd.lba_blocks, cmd.itt, cmd.cmd_sn))
         if op == scsi.READ_16:
             lba, blocks = cmd.lba_blocks
             if (lba + blocks) * BLOCK > len(lun):
@@ -449,7 +543,8 @@ class FakeISCSITarget(ScriptedServer):
             return s.read_reply(cmd, data)
         if op == scsi.SERVICE_ACTION_IN_16 and cmd.cdb[1] & 0x1F == scsi.SA_READ_CAPACITY_16:
             flags = 0xC0 if self.thin else 0  # LBPME, LBPRZ
-            data = struct.pack(">QIBBH16x", len(lun) // BLOCK - 1, BLOCK, 0, 0, flags << 8)
+            last = len(lun) // self.block_size - 1
+            data = struct.pack(">QIBBH16x", last, self.block_size, 0, 0, flags << 8)
             return s.read_reply(cmd, data)
         if op in (scsi.TEST_UNIT_READY, scsi.SYNCHRONIZE_CACHE_16):
             return [s.response(cmd)]

@@ -19,6 +19,10 @@ the backing file in the test's ``tmp_path`` and removes its targets afterwards::
         iscsi_target.stop(kill=True)   # the target vanishes mid-test (SIGKILL)
         iscsi_target.start()           # and comes back, empty: add_lun again
 
+    def test_restart(iscsi_target: ISCSITarget, tmp_path: Path) -> None:
+        url = iscsi_target.add_lun(tmp_path / "lun.img", 8 * MiB)
+        iscsi_target.restart(kill=True)  # gone, then back with the same target and LUN
+
 Both fixtures are registered for every test module by ``pytest_plugins`` in
 ``tests/conftest.py``; import the types from here for annotations.
 
@@ -26,6 +30,9 @@ Things worth knowing about tgt (1.0.85, Debian package ``tgt``):
 
 - tgtd keeps its whole configuration in memory. After :meth:`ISCSITarget.stop` and
   :meth:`ISCSITarget.start` no target exists; the backing files stay where they were.
+  :meth:`ISCSITarget.restart` (or :meth:`~ISCSITarget.recreate` after ``start``) makes
+  them again as they were - target ids, names, backing files, provisioning, CHAP - on
+  the same portal, as a target restarted by its service manager comes back.
 - A LUN is exactly as large as its backing file, in 512-byte blocks. :meth:`add_lun`
   makes the file (sparse) when it does not exist and sets its length to ``size`` when it
   does, keeping the data: write an image first to read it back over iSCSI.
@@ -185,6 +192,7 @@ class ISCSILun:
     size: int
     thin: bool
     chap: tuple[str, str] | None
+    readonly: bool = False
 
 
 #: The :func:`iscsi_lun` factory: ``iscsi_lun(size, *, thin=False, chap=None, name=None)``.
@@ -275,7 +283,15 @@ class ISCSITarget:
             f.truncate(size)
         tid = self._next_tid
         self._next_tid += 1
-        iqn = f"{IQN_PREFIX}:t{tid}"
+        return self._make(
+            ISCSILun("", path, tid, f"{IQN_PREFIX}:t{tid}", size, thin, chap, readonly)
+        ).url
+
+    def _make(self, lun: ISCSILun) -> ISCSILun:
+        """Make target ``lun.tid`` with LUN 1 as ``lun`` says (its ``url`` is made here)."""
+        tid, iqn, path, thin, chap, readonly = (
+            lun.tid, lun.iqn, lun.path, lun.thin, lun.chap, lun.readonly
+        )  # fmt: skip
         self._iscsi("--mode", "target", "--op", "new", "--tid", str(tid), "--targetname", iqn)
         try:
             lu = ("--mode", "logicalunit", "--tid", str(tid), "--lun", "1")
@@ -299,8 +315,31 @@ class ISCSITarget:
             self._delete_target(tid)
             raise
         url = f"iscsi://{credentials}{self.host}:{self.port}/{iqn}/1"
-        self._luns[tid] = ISCSILun(url, path, tid, iqn, size, thin, chap)
-        return url
+        made = ISCSILun(url, path, tid, iqn, lun.size, thin, chap, readonly)
+        self._luns[tid] = made
+        return made
+
+    def recreate(self, luns: list[ISCSILun]) -> None:
+        """Make the targets ``luns`` again in a tgtd started anew (same ids, names,
+        backing files and settings): the URLs they had work again - if the portal is
+        the same port, which :meth:`start` tries first."""
+        for lun in luns:
+            made = self._make(lun)
+            if made.url != lun.url:
+                pytest.fail(f"tgtd came back on another portal: {made.url} for {lun.url}")
+
+    def restart(self, *, kill: bool = True, down: float = 0.0) -> None:
+        """Stop tgtd (SIGKILL with ``kill``, else the clean way), wait ``down`` seconds,
+        start it again and :meth:`recreate` its targets: initiators see their
+        connections drop, then find the same targets and LUNs at the same URLs.
+
+        Call it from the test's own thread (see the module docstring).
+        """
+        luns = self.luns
+        self.stop(kill=kill)
+        time.sleep(down)
+        self.start()
+        self.recreate(luns)
 
     def lun(self, url_or_tid: str | int) -> ISCSILun:
         """The :class:`ISCSILun` of a URL (with or without credentials) or target id."""

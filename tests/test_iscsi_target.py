@@ -155,6 +155,33 @@ def test_stop_and_start(
     run(qemu_img, "info", new.url)
 
 
+@pytest.mark.parametrize("kill", [True, False], ids=["kill", "clean"])
+def test_restart_makes_the_targets_again(
+    qemu_img: str,
+    iscsi_target: ISCSITarget,
+    iscsi_lun: LunFactory,
+    make_image: ImageMaker,
+    kill: bool,
+) -> None:
+    """After restart() the same URLs reach the same backing files (data kept), with the
+    same provisioning and CHAP accounts: tgtd as its service manager would bring it back."""
+    src = make_image("src.img", "2M", "write -P 0x5a 0 1M")
+    plain = iscsi_lun(2 * MiB, thin=True)
+    guarded = iscsi_lun(2 * MiB, chap=("restart", "pa55"))
+    write_lun(qemu_img, src, plain.url)
+    write_lun(qemu_img, src, guarded.url)
+    iscsi_target.restart(kill=kill)
+    assert iscsi_target.running
+    assert iscsi_target.luns == [plain, guarded]
+    no_chap = guarded.url.replace("restart%pa55@", "")
+    assert "Authentication failure" in open_fails(qemu_img, no_chap)  # CHAP required again
+    for lun in (plain, guarded):
+        assert_identical(src, lun.path)
+        out = lun.path.with_suffix(".out")
+        run(qemu_img, "convert", "-f", "raw", "-O", "raw", lun.url, out)
+        assert_identical(src, out)
+
+
 # Holds tgtd's lock on a control port, as another tgtd would, until stdin closes. (A lock
 # taken in pytest's own process would not do: POSIX record locks belong to a process, and
 # closing any descriptor of the file, as the fixture's probe does, drops them.)

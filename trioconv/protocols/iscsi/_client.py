@@ -20,11 +20,25 @@ tasks may issue commands at once:
   command PDU and, when InitialR2T is No, more follows *unsolicited* up to
   FirstBurstLength; the rest waits for R2Ts.
 
-If the connection drops, the reader fails every waiting command at once and raises,
-which cancels whatever runs inside :func:`open_iscsi`. A target that falls silent with
-the connection still open - a frozen host, a network that drops everything - is pinged
-(NOP-Out) and, when even that goes unanswered, given up the same way
-(:meth:`Connection._watch`). A target that answers BUSY or TASK SET FULL is asked
+If the connection drops once the LUN is open - the target restarted, a network reset, a
+path failing over, or the target asking to be logged out - the session carries on over a
+new one, as libiscsi's reconnect does for QEMU (see :meth:`Connection._reconnect`): the
+reader dials the same portal again, logs in with the same ISID and TSIH 0 (*session
+reinstatement*, RFC 7143 6.3.5: the target ends whatever the old session still had
+running before the new one starts), checks with READ CAPACITY that the LUN is still the
+one opened, and every command that had not received its status is issued again, in the
+order it first went out, with a new task tag and CmdSN - reads into the same buffers,
+writes with the same bytes for the same blocks. That is bounded: a few attempts within
+:data:`_RECONNECT_TIMEOUT` seconds, a new connection that breaks before answering
+anything counting as one; a LUN that came back smaller or with other blocks, or a target
+that sends what the protocol does not allow, ends the conversion at once. Then the reader
+fails every waiting command and raises, which cancels whatever runs inside
+:func:`open_iscsi`.
+
+A target that falls silent with the connection still open - a frozen host, a network
+that drops everything - is pinged (NOP-Out) and, when even that goes unanswered, its
+connection is taken for lost the same way (:meth:`Connection._watch`); silent again on
+the new one, it ends the conversion. A target that answers BUSY or TASK SET FULL is asked
 again after growing waits, and a UNIT ATTENTION (a reset, a changed mode page) is asked
 again at once, as QEMU does.
 """
@@ -39,7 +53,8 @@ import os
 import random
 import socket
 import urllib.parse
-from collections.abc import AsyncIterator, Sequence
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import attrs
@@ -97,6 +112,22 @@ _PING_INTERVAL = 5.0
 _SILENCE_LIMIT = 20.0
 #: Login redirections (status class 1, TargetAddress) followed before giving up.
 _MAX_REDIRECTS = 5
+#: When the connection of an open LUN is lost, it is made again: the pause (seconds)
+#: before each attempt - the first at once, for a connection that dropped while the
+#: target stayed up, then growing, for a target that is restarting. (libiscsi waits
+#: 0, 1, 2... seconds between attempts and never gives up; a conversion must end.)
+_RECONNECT_DELAYS = (0.0, 0.5, 1.0, 2.0, 4.0)
+#: Seconds one attempt (connecting, logging in, READ CAPACITY) may take, and all the
+#: attempts after one loss together: a target that stays away fails the conversion
+#: within about this long.
+_RECONNECT_ATTEMPT_TIMEOUT = 3.0
+_RECONNECT_TIMEOUT = 12.0
+#: Seconds the Logout a target asked for (Async Message, event 1) may take to be
+#: answered before its connection is dropped anyway.
+_LEAVE_TIMEOUT = 2.0
+#: Silences (see :data:`_SILENCE_LIMIT`) in a row, with no answer to any command in
+#: between and the connection made again after each, that end the conversion.
+_SILENCES = 2
 _MAX_IOV = 512
 
 
@@ -224,6 +255,9 @@ class _Task:
     asked: int = 0  # write data sent unasked or asked for by R2Ts so far
     data_sn: int = 0  # the DataSN the next Data-In must carry
     r2t_sn: int = 0  # the R2TSN the next R2T must carry
+    ticket: int | None = None  # its place in the order commands first went out in
+    issued: bool = False  # its command went out (or began to) on the connection in use
+    reissue: bool = False  # that connection was lost first: the command must go again
 
     def finish(self) -> None:
         """The command is over (status, error or rejection): wake whoever waits."""
@@ -232,7 +266,17 @@ class _Task:
 
 
 class Connection:
-    """A logged-in iSCSI connection: sequence numbers, the reader, and commands."""
+    """A logged-in iSCSI connection: sequence numbers, the reader, and commands.
+
+    Given :attr:`redial` - a way to log in to the same LUN again - the reader replaces
+    a connection that is lost, and the commands still waiting for their status go out
+    again on the new one (see :meth:`_reconnect`). Without it (while the LUN is being
+    opened) a lost connection fails the commands at once.
+    """
+
+    #: Logs in again on a new connection and checks the LUN, given the attempt's number
+    #: after the loss (0 for the first); None: a lost connection is an error.
+    redial: Callable[[int], Awaitable[Connection]] | None = None
 
     def __init__(self, stream: trio.SocketStream, what: str) -> None:
         self._stream = stream
@@ -252,10 +296,38 @@ class Connection:
         self.params = login_mod.Params()
         self.broken: TrioconvIOError | None = None
         self._closing = False
-        self._pings_send, self._pings_recv = trio.open_memory_channel[tuple[BHS, bytes]](4)
+        self._pings_send, _ = trio.open_memory_channel[tuple[BHS, bytes]](4)
         self._heard = 0.0  # trio.current_time() when bytes last moved, either way
         self._pinging = False  # a keepalive ping is waiting for its answer
-        self._silence: TrioconvIOError | None = None  # why the watchdog stopped the reader
+        #: The ISID the session logged in with (the same again reinstates the session),
+        #: and where that login succeeded (the portal a redirection gave, if any).
+        self.isid = b""
+        self.portal: ISCSIAddress | None = None
+        #: The number of the connection in use: 0 for the first, one more per reconnect.
+        self.connection = 0
+        #: Commands may go out: not while the connection is replaced, or being left.
+        self._ready = True
+        #: Commands that went out on a connection since lost, waiting for the next one.
+        self._lost: list[_Task] = []
+        #: The tickets of the commands going out again after a reconnect, in their
+        #: first order: each waits for its turn, and commands new since wait for all.
+        self._turns: deque[int] = deque()
+        self._tickets = itertools.count()
+        #: A command was answered on this connection (or it is the first). Until one is
+        #: on a new connection, reconnecting goes on with the same attempts, time limit,
+        #: first loss and failures (see :meth:`_reconnect`).
+        self._replied = True
+        self._episode_end = 0.0
+        self._episode_lost = ""
+        self._failures: list[str] = []
+        #: Connections given up for silence in a row, no command answered in between.
+        self._silences = 0
+        self._silent = False  # the watchdog gave up the connection in use
+        self._leaving = False  # logging out of it, as the target asked
+        #: Why the reading of the connection in use was stopped (silence, a logout).
+        self._stop_reason: str | None = None
+        #: Seconds the target asked to wait before logging in again (Time2Wait).
+        self._hold_off = 0.0
 
     @classmethod
     async def connect(cls, address: ISCSIAddress) -> Connection:
@@ -328,10 +400,11 @@ class Connection:
     # -- sending -------------------------------------------------------------------------
     async def _sendv(self, parts: list[Buffer]) -> None:
         """Send ``parts`` in order with vectored writes (no joining of the buffers)."""
+        sock = self._sock  # (all of it on one connection, even if another replaces it)
         views = [memoryview(p).cast("B") for p in parts if len(p)]
         first = 0  # views[first] is the first part not sent whole
         while first < len(views):
-            sent = await self._sock.sendmsg(views[first : first + _MAX_IOV])
+            sent = await sock.sendmsg(views[first : first + _MAX_IOV])
             self._heard = trio.current_time()  # the target takes what we send
             while sent:
                 view = views[first]
@@ -353,9 +426,26 @@ class Connection:
         try:
             await self._sendv(parts)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._shut()
             raise self.broken or TrioconvIOError(
                 f"{self.what}: connection to the iSCSI target lost: {_reason(exc)}"
             ) from exc
+
+    def _shut(self) -> None:
+        """Shut the connection down after a failed send - a PDU may have gone in part,
+        so nothing can follow it - and so that the reader sees the loss too."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+
+    def _reconnects(self) -> bool:
+        """A lost connection is made again (rather than failing the commands)."""
+        return self.redial is not None and not self._closing and self.broken is None
+
+    def _wake(self) -> None:
+        """Wake the commands waiting to go out: the command window, the connection or
+        the turn changed."""
+        window, self._window = self._window, trio.Event()
+        window.set()
 
     def _note_sequence(self, header: BHS) -> None:
         """Advance ExpStatSN and the command window from a target response."""
@@ -372,62 +462,285 @@ class Connection:
             return
         if pdu.sn_lt(self.max_cmd_sn, most):
             self.max_cmd_sn = most
-            window, self._window = self._window, trio.Event()
-            window.set()
+            self._wake()
 
     async def reader(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Receive PDUs and route them to their commands until the connection closes.
+        """Receive PDUs and route them to their commands until the connection closes -
+        and, with :attr:`redial`, make it again when it is lost (:meth:`_reconnect`).
 
-        Beside it run the answers to the target's pings and the watchdog
-        (:meth:`_watch`), which stops the reading when the target falls silent.
+        Beside the reading of each connection run the answers to the target's pings and
+        the watchdog (:meth:`_watch`), which stops the reading when the target falls
+        silent.
+
+        Raises:
+            TrioconvIOError: the connection is lost (and could not be made again), or
+                the target broke the protocol. Every waiting command fails with it.
         """
+        task_status.started()
+        try:
+            while True:
+                try:
+                    why = await self._serve()
+                except pdu.ProtocolError as exc:
+                    # A target that sends what the protocol does not allow is broken,
+                    # not restarting: a new connection would most likely get the same.
+                    if self._closing:
+                        break
+                    raise self._fail(
+                        f"connection to the iSCSI target lost: {_reason(exc)}"
+                    ) from exc
+                if self._closing:
+                    break
+                if self.redial is None:
+                    raise self._fail(f"connection to the iSCSI target lost: {why}")
+                if not await self._reconnect(why):
+                    break  # closed meanwhile
+        except BaseException:
+            # Cancelled (the conversion is ending and nothing reads responses any more),
+            # or failed above: no command waits for ever.
+            self._give_up(TrioconvIOError(f"{self.what}: the connection is closed"))
+            raise
+        self._give_up(TrioconvIOError(f"{self.what}: the connection is closed"))
+
+    async def _serve(self) -> str:
+        """Receive and route PDUs on the connection in use until it is lost; say why.
+
+        Raises:
+            ProtocolError: the target sent what the protocol does not allow.
+        """
+        self._stop_reason = None
+        self._leaving = False
+        self._heard = trio.current_time()
+        # Pings of this connection are answered on it, never on the next one.
+        self._pings_send, pings = trio.open_memory_channel[tuple[BHS, bytes]](4)
         reading = trio.CancelScope()
+        why = "the reading stopped"
+        broken: pdu.ProtocolError | None = None
         async with trio.open_nursery() as nursery:
-            self._heard = trio.current_time()
-            nursery.start_soon(self._answer_pings)
+            nursery.start_soon(self._answer_pings, pings)
             nursery.start_soon(self._watch, nursery, reading)
-            task_status.started()
             try:
                 with reading:
-                    await self._read_loop()
-                raise self._silence or TrioconvIOError("the reading stopped")
+                    await self._read_loop(nursery, reading)
+            except pdu.ProtocolError as exc:
+                broken = exc
             except (
                 trio.BrokenResourceError,
                 trio.ClosedResourceError,
                 OSError,
-                pdu.ProtocolError,
                 TrioconvIOError,
             ) as exc:
-                nursery.cancel_scope.cancel()
-                if self._closing:
-                    self._give_up(TrioconvIOError(f"{self.what}: the connection is closed"))
-                    return
-                error = TrioconvIOError(
-                    f"{self.what}: connection to the iSCSI target lost: {_reason(exc)}",
-                    errno=errno_mod.EIO,
-                )
-                self._give_up(error)
-                raise error from exc
-            except BaseException:
-                # Cancelled: the conversion is ending and nothing reads responses any more.
-                self._give_up(TrioconvIOError(f"{self.what}: the connection is closed"))
-                raise
+                why = _reason(exc)
+            # Nothing more goes out on it; and a send stuck on a target that stopped
+            # reading (a ping, its answer, a command) fails now, so that all of it ends.
+            self._ready = False
+            with trio.CancelScope(shield=True):
+                await self._stream.aclose()
+            nursery.cancel_scope.cancel()
+        if broken is not None:
+            raise broken
+        return self._stop_reason or why
+
+    def _fail(self, text: str) -> TrioconvIOError:
+        """Give the connection up for good with the error ``WHAT: text``."""
+        error = TrioconvIOError(f"{self.what}: {text}", errno=errno_mod.EIO)
+        self._give_up(error)
+        return error
 
     def _give_up(self, error: TrioconvIOError) -> None:
-        """The connection is unusable: fail every command waiting on it (and on the
-        command window), stop a send stuck on a target that stopped reading, refuse new
-        commands."""
+        """The connection is unusable: fail every command waiting on it (on the command
+        window, or for a new connection), stop a send stuck on a target that stopped
+        reading, refuse new commands."""
         if self.broken is None:
             self.broken = error
-        for task in self._pending.values():
+        self._ready = False
+        for task in [*self._pending.values(), *self._lost]:
             task.error = self.broken
             task.finish()
         self._pending.clear()
-        window, self._window = self._window, trio.Event()
-        window.set()
+        self._lost.clear()
+        self._turns.clear()
+        self._wake()
         self._sends.abandon()
 
-    async def _read_loop(self) -> None:
+    def _answered(self) -> None:
+        """A command got its status: the target is alive, and the connection in use
+        counts as answering (see :meth:`_reconnect`)."""
+        self._replied = True
+        self._silences = 0
+
+    # -- reconnecting ---------------------------------------------------------------------
+    async def _reconnect(self, why: str) -> bool:
+        """Replace the lost connection; every command that was waiting for its status
+        goes out again on the new one.
+
+        Each attempt (:attr:`redial`) dials the portal again - first the one the
+        session was logged in at, then the URL's, which may redirect anew - and logs in
+        with the session's ISID and a TSIH of 0. That *reinstates* the session (RFC
+        7143 6.3.5): the target ends every task of the old one that may still be
+        running, so none of them can write after the commands that replace them. CHAP
+        uses the same credentials; the operational values are negotiated afresh, and
+        commands follow the new ones (immediate and unsolicited data, burst and
+        segment sizes). READ CAPACITY then checks that the LUN has the same blocks and
+        at least the same size: if not, the conversion ends at once, as its data would
+        go to other places.
+
+        The commands that were waiting (:meth:`_detach`) then go out again one after
+        the other, in the order they first went, each as a new task with a new task tag
+        and CmdSN; commands issued meanwhile follow them. A read is read again into the
+        same buffer; a write sends the same bytes for the same blocks, which is safe
+        even when the first one reached the disk. Responses that came for a command
+        before the loss stand: it does not go again.
+
+        The attempts of one *episode* - from a connection that had answered a command
+        being lost to a command answered on a new one - are bounded as the NFS
+        client's are: at most ``len(_RECONNECT_DELAYS)``, after growing pauses, within
+        :data:`_RECONNECT_TIMEOUT` seconds. A new connection lost before any answer
+        counts as a failed attempt, not as a new episode: a target that drops every
+        connection (or every command sent again) cannot keep the conversion busy for
+        ever, while one that is only restarting - whose portal may refuse for a moment,
+        whose target or LUN may not be set up yet - is waited for. A connection given
+        up for silence right after another was, no command answered in between, ends
+        the conversion too (:data:`_SILENCES`). DefaultTime2Wait is not waited for (as
+        libiscsi does not); the Time2Wait of an Async Message announcing a drop is.
+
+        Args:
+            why: what ended the connection ("Connection reset by peer", "the target
+                asked to log out").
+
+        Returns:
+            False when the connection was closed meanwhile (nothing to reconnect for).
+
+        Raises:
+            TrioconvIOError: the attempts failed, or the LUN changed; the error says what
+                ended the connection first, and the last failure.
+        """
+        silent, self._silent = self._silent, False
+        self._detach(why)
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose()  # (also stops a send stuck on it: it fails now)
+        if self._closing:
+            return False
+        lost = f"connection to the iSCSI target lost: {why}"
+        if silent:
+            self._silences += 1
+            if self._silences >= _SILENCES:
+                raise self._fail(f"{lost}, nor in {_SILENCE_LIMIT:g} s more on a new connection")
+        now = trio.current_time()
+        if self._replied or now >= self._episode_end:
+            self._episode_end = now + _RECONNECT_TIMEOUT
+            self._episode_lost = lost
+            self._failures = []
+        else:
+            self._failures.append(f"connected, then lost before any answer: {why}")
+        redial = self.redial
+        assert redial is not None
+        hold_off, self._hold_off = self._hold_off, 0.0
+        fresh: Connection | None = None
+        with trio.move_on_at(self._episode_end):
+            while fresh is None and len(self._failures) < len(_RECONNECT_DELAYS):
+                attempt = len(self._failures)
+                await trio.sleep(max(_RECONNECT_DELAYS[attempt], hold_off))
+                hold_off = 0.0
+                try:
+                    with trio.fail_after(_RECONNECT_ATTEMPT_TIMEOUT):
+                        fresh = await redial(attempt)
+                except trio.TooSlowError:
+                    self._failures.append(f"no answer in {_RECONNECT_ATTEMPT_TIMEOUT:g} s")
+                except LunChanged as exc:
+                    raise self._fail(
+                        f"{self._episode_lost}; the target came back, but {exc}"
+                    ) from exc
+                except login_mod.LoginError as exc:
+                    self._failures.append(f"login failed: {exc}")
+                except (OSError, TrioconvIOError, pdu.ProtocolError, scsi.DecodeError) as exc:
+                    self._failures.append(_reason(exc))
+        if fresh is None:
+            if len(self._failures) < len(_RECONNECT_DELAYS):  # out of time
+                self._failures.append(f"no connection in {_RECONNECT_TIMEOUT:g} s")
+            n = len(self._failures)
+            raise self._fail(
+                f"{self._episode_lost}; {n} attempt{'s' if n > 1 else ''} to reconnect "
+                f"failed, the last: {self._failures[-1]}"
+            )
+        return await self._adopt(fresh)
+
+    def _detach(self, why: str) -> None:
+        """The connection in use is lost: take the commands that went out on it off it.
+
+        Their task tags mean nothing on the next connection, so whatever else comes
+        for them is never taken (a read's buffer is never written from the old
+        connection), and a write's Data-Out stops (:meth:`_send_for`): they wait, in
+        :attr:`_lost`, to go out again. Commands not sent yet stay, to go out on the
+        next connection; pings and logouts fail.
+        """
+        self._ready = False
+        for itt, task in list(self._pending.items()):
+            if task.scsi and not task.issued:
+                continue
+            del self._pending[itt]
+            if task.scsi:
+                self._lost.append(task)
+                task.r2t_ready.set()  # its writer stops waiting for an R2T
+            else:
+                task.error = TrioconvIOError(
+                    f"{self.what}: connection to the iSCSI target lost: {why}",
+                    errno=errno_mod.EIO,
+                )
+                task.finish()
+        self._wake()
+
+    async def _adopt(self, fresh: Connection) -> bool:
+        """Carry on over ``fresh``, logged in and checked: take its connection, its
+        sequence numbers and operational values, and wake the commands that were lost
+        to go out again, in their order.
+
+        Returns:
+            False when the connection was closed meanwhile (``fresh`` is closed too).
+        """
+        taken = False
+        try:
+            # Under the send lock: no PDU goes out half on one connection, half on the
+            # other.
+            async with self._sends.lock:
+                if not self._closing:
+                    self._stream, self._sock = fresh._stream, fresh._sock
+                    # (What it received after READ CAPACITY - a ping - is read next.)
+                    self._buf, self._start, self._end = fresh._buf, fresh._start, fresh._end
+                    self.params = fresh.params
+                    self.cmd_sn, self.max_cmd_sn = fresh.cmd_sn, fresh.max_cmd_sn
+                    self.exp_stat_sn = fresh.exp_stat_sn
+                    self.portal = fresh.portal
+                    self.connection += 1
+                    self._replied = False
+                    lost, self._lost = self._lost, []
+                    tickets = {t.ticket for t in lost if t.ticket is not None}
+                    self._turns = deque(sorted(tickets | set(self._turns)))
+                    for task in lost:
+                        task.reissue = True
+                        task.finish()
+                    self._ready = True
+                    self._wake()
+                    taken = True
+        finally:
+            if not taken:
+                await fresh.aclose()
+        return taken
+
+    def _release(self, task: _Task) -> None:
+        """``task`` will not go out (again): its command was answered, failed or
+        cancelled. It no longer waits for a new connection, nor holds up the commands
+        after it."""
+        if task in self._lost:
+            self._lost.remove(task)
+        self._drop_turn(task.ticket)
+
+    def _drop_turn(self, ticket: int | None) -> None:
+        if ticket is not None and ticket in self._turns:
+            self._turns.remove(ticket)
+            self._wake()
+
+    async def _read_loop(self, nursery: trio.Nursery, reading: trio.CancelScope) -> None:
         while True:
             header = pdu.decode_bhs(await self._recv_exact(pdu.BHS_SIZE))
             await self._skip(header.ahs_length)
@@ -477,6 +790,7 @@ class Connection:
                     # Nothing more belongs in its buffer: later PDUs for it are strays.
                     self._pending.pop(task.itt, None)
                     task.finish()
+                    self._answered()
                 continue
             data = await self._recv_exact(n + padding) if n + padding else b""
             if op is Opcode.R2T:
@@ -499,19 +813,34 @@ class Connection:
                     task.finish()
             elif op is Opcode.ASYNC_MESSAGE:
                 event = header.async_event
-                if event in (1, 2, 3):
-                    what = "asked to log out" if event == 1 else "is dropping the connection"
-                    raise TrioconvIOError(f"the target {what}")
+                if event == 1 and not self._leaving:
+                    # The target asks to be logged out (RFC 7143 11.9.1): no new command
+                    # goes out on this connection; the Logout goes out from a task of
+                    # its own, while the reading goes on for the answers already due.
+                    self._leaving, self._ready = True, False
+                    nursery.start_soon(self._leave, nursery, reading)
+                elif event in (2, 3):
+                    # The target is about to drop the connection (2) or the session (3);
+                    # Parameter2 is how long to wait before logging in again (Time2Wait).
+                    self._hold_off = min(float(header.word40 >> 16), _RECONNECT_DELAYS[-1])
+                    raise TrioconvIOError("the target is dropping the connection")
             elif op is Opcode.REJECT:
                 rejected = data[16:20]
                 itt = int.from_bytes(rejected, "big") if len(rejected) == 4 else -1
                 victim = self._pending.get(itt)
                 if victim is None:
+                    if 0 < itt < pdu.RESERVED_TAG:
+                        # A task that stopped waiting (cancelled): a stray, as a
+                        # response for it would be.
+                        continue
+                    # One of our untagged PDUs (an answer to a ping): nothing to fail,
+                    # and something went wrong between us.
                     raise pdu.ProtocolError(f"the target rejected a PDU (reason 0x{header.b2:02x})")
                 victim.error = TrioconvIOError(
                     f"{self.what}: the target rejected the command (reason 0x{header.b2:02x})",
                     errno=errno_mod.EIO,
                 )
+                self._pending.pop(itt, None)  # (answered: never sent again)
                 victim.finish()
             elif task is not None:
                 # SCSI Response, Logout/Text/Task management responses.
@@ -523,6 +852,8 @@ class Connection:
                 task.segment = data[:n]
                 self._pending.pop(task.itt, None)
                 task.finish()
+                if task.scsi:
+                    self._answered()
 
     def _check_r2t(self, task: _Task, header: BHS) -> None:
         """Refuse an R2T that RFC 7143 (11.8) does not allow.
@@ -579,8 +910,9 @@ class Connection:
         payload received, or data the socket took to send). After that long without
         any it pings the target (NOP-Out) - a live target answers at once, even while
         a slow command keeps it busy - and after :data:`_SILENCE_LIMIT` seconds it
-        stops the reader, which fails every command with one clear error. Time with no
-        command waiting does not count: the target owes nothing then.
+        stops the reading: the connection is taken for lost, and made again (see
+        :meth:`_reconnect`). Time with no command waiting does not count: the target
+        owes nothing then.
         """
         while True:
             await trio.sleep(_PING_INTERVAL)
@@ -590,7 +922,8 @@ class Connection:
                 continue
             silent = now - self._heard
             if silent >= _SILENCE_LIMIT:
-                self._silence = TrioconvIOError(
+                self._silent = True
+                self._stop_reason = (
                     f"the target sent nothing for {_SILENCE_LIMIT:g} s, not even the "
                     "answer to a ping"
                 )
@@ -632,9 +965,37 @@ class Connection:
         if task.error is not None:
             raise task.error
 
-    async def _answer_pings(self) -> None:
-        async for header, data in self._pings_recv:
-            await self._answer_ping(header, data)
+    async def _answer_pings(self, pings: trio.MemoryReceiveChannel[tuple[BHS, bytes]]) -> None:
+        async for header, data in pings:
+            # (A send that fails shuts the connection down: the reader sees the loss.)
+            with contextlib.suppress(TrioconvIOError):
+                await self._answer_ping(header, data)
+
+    async def _leave(self, nursery: trio.Nursery, reading: trio.CancelScope) -> None:
+        """Log out, as the target asked (Async Message, event 1), then stop reading.
+
+        The reader goes on meanwhile: commands the target answers before its Logout
+        Response are done; the others go out again on the next connection. A target
+        that does not answer the Logout within :data:`_LEAVE_TIMEOUT` seconds (or does
+        not even read it: the send is shielded, so it is waited for aside) is left all
+        the same.
+        """
+        self._stop_reason = "the target asked to log out"
+        answered = trio.Event()
+        nursery.start_soon(self._log_out_here, answered)
+        with trio.move_on_after(_LEAVE_TIMEOUT):
+            await answered.wait()
+        reading.cancel()
+
+    async def _log_out_here(self, answered: trio.Event) -> None:
+        with contextlib.suppress(TrioconvIOError):
+            task = self._new_task()
+            try:
+                await self._send_logout(task)
+                await task.done.wait()
+            finally:
+                self._pending.pop(task.itt, None)
+        answered.set()
 
     async def _answer_ping(self, header: BHS, data: bytes) -> None:
         reply = pdu.encode_nop_out(
@@ -672,20 +1033,38 @@ class Connection:
     ) -> _Task:
         """Run one SCSI command; return its task once the status is in.
 
+        A command whose connection is lost before its status came goes out again on the
+        next one (see :meth:`_reconnect`): as a new task, with a new task tag and CmdSN
+        and the same buffers, in the place it first had among the commands.
+
         Raises:
             CommandError: the status was not GOOD (after retrying unit attentions and a
                 busy target).
             TrioconvIOError: the connection failed.
         """
         busy = unit_attentions = 0
+        ticket: int | None = None  # (kept when the command goes out again)
         while True:
-            task = self._new_task(data_in)
-            task.scsi = True
+            try:
+                task = self._new_task(data_in)
+            except BaseException:
+                self._drop_turn(ticket)
+                raise
+            task.scsi, task.ticket, ticket = True, ticket, None
             try:
                 await self._issue(task, lun, cdb, data_in, data_out)
                 await task.done.wait()
-            finally:
+            except BaseException:
+                # Cancelled or failed: whatever comes for it is never taken, and the
+                # commands after it do not wait for its turn.
                 self._pending.pop(task.itt, None)
+                self._release(task)
+                raise
+            self._pending.pop(task.itt, None)
+            if task.reissue:
+                ticket = task.ticket
+                continue
+            self._release(task)
             if task.error is not None:
                 raise task.error
             header = task.header
@@ -716,6 +1095,14 @@ class Connection:
                 continue
             raise CommandError(status, sense)
 
+    def _may_go(self, task: _Task) -> bool:
+        """Whether ``task``'s command may go out now (asked under the send lock): the
+        connection is in use, the command window open, and it is the command's turn -
+        after a reconnect the commands going out again go first, in their order."""
+        if not self._ready or not pdu.sn_le(self.cmd_sn, self.max_cmd_sn):
+            return False
+        return not self._turns or self._turns[0] == task.ticket
+
     async def _issue(
         self,
         task: _Task,
@@ -724,23 +1111,33 @@ class Connection:
         data_in: memoryview | None,
         data_out: memoryview | None,
     ) -> None:
-        """Send the command (and, for writes, all its data) once the window allows."""
+        """Send the command (and, for writes, all its data) once it may go out.
+
+        How a write's data goes - immediate, unsolicited, asked for by R2Ts - follows
+        the values of the connection it goes out on. If that connection fails under
+        the send, the command waits for the next one (the reader sees the loss too).
+        """
         total = data_out.nbytes if data_out is not None else 0
-        params = self.params
-        immediate = unsolicited = 0
-        if total:
-            burst = min(total, params.first_burst)
-            if params.immediate_data:
-                immediate = min(burst, params.max_send_segment)
-            if not params.initial_r2t:
-                unsolicited = burst - immediate
         expected = data_in.nbytes if data_in is not None else total
-        task.out_total, task.asked = total, immediate + unsolicited  # before any R2T
         while True:
             async with self._sends.lock:
                 if self.broken is not None:
                     raise self.broken
-                if pdu.sn_le(self.cmd_sn, self.max_cmd_sn):
+                if self._may_go(task):
+                    params = self.params
+                    immediate = unsolicited = 0
+                    if total:
+                        burst = min(total, params.first_burst)
+                        if params.immediate_data:
+                            immediate = min(burst, params.max_send_segment)
+                        if not params.initial_r2t:
+                            unsolicited = burst - immediate
+                    task.out_total, task.asked = total, immediate + unsolicited  # before R2Ts
+                    if task.ticket is None:
+                        task.ticket = next(self._tickets)
+                    elif self._turns and self._turns[0] == task.ticket:
+                        self._turns.popleft()
+                        self._wake()  # the next one's turn
                     cmd_sn = self.cmd_sn
                     self.cmd_sn = (cmd_sn + 1) & 0xFFFFFFFF
                     head = pdu.encode_scsi_command(
@@ -763,30 +1160,65 @@ class Connection:
                         assert data_out is not None
                         self._data_out(parts, task.itt, lun, pdu.RESERVED_TAG, data_out,
                                        immediate, unsolicited)  # fmt: skip
-                    async with self._sends.shielded(lambda: self.broken):
-                        await self._send_locked(parts)
+                    task.issued = True
+                    try:
+                        async with self._sends.shielded(lambda: self.broken):
+                            await self._send_locked(parts)
+                    except TrioconvIOError:
+                        if not self._reconnects():
+                            raise
+                        return  # it goes out again on the next connection
                     break
                 window = self._window
             await window.wait()
-        remaining = total - immediate - unsolicited
-        task.sent = immediate + unsolicited
+        first = immediate + unsolicited
+        remaining = total - first
+        task.sent = first
         if data_out is None or remaining <= 0:
             return
         # The rest goes when the target asks for it. Shielded: a write whose data never
-        # comes would hold the target's task (and our CmdSN slot) forever.
+        # comes would hold the target's task (and our CmdSN slot) forever. It stops when
+        # the command is over - or taken off a lost connection (see _detach).
         with trio.CancelScope(shield=True):
-            while remaining > 0 and not task.done.is_set():
+            while remaining > 0 and self._current(task):
                 await task.r2t_ready.wait()
-                if task.done.is_set():
+                if not self._current(task):
                     break
                 task.r2t_ready = trio.Event()
                 while task.r2ts:
                     ttt, offset, length = task.r2ts.pop(0)  # checked by the reader
                     parts = []
                     self._data_out(parts, task.itt, lun, ttt, data_out, offset, length)
-                    await self.send(parts)
+                    if not await self._send_for(task, parts):
+                        return
                     remaining -= length
                     task.sent += length
+
+    def _current(self, task: _Task) -> bool:
+        """``task`` waits for its status on the connection in use."""
+        return not task.done.is_set() and self._pending.get(task.itt) is task
+
+    async def _send_for(self, task: _Task, parts: list[Buffer]) -> bool:
+        """Send Data-Out that an R2T of ``task`` asked for, unless ``task`` is no longer
+        on the connection in use: its connection was lost, and on the next one its task
+        tag means nothing - or another task's.
+
+        Returns:
+            False when nothing was sent, and nothing more of the task's data should be.
+
+        Raises:
+            TrioconvIOError: the connection failed, and is not made again.
+        """
+        async with self._sends.whole(lambda: self.broken):
+            if self._pending.get(task.itt) is not task:
+                return False
+            try:
+                await self._send_locked(parts)
+            except TrioconvIOError:
+                if self._reconnects():
+                    return False
+                raise
+        return True
 
     def _data_out(
         self,
@@ -820,13 +1252,69 @@ class Connection:
         task = self._new_task()
         self._closing = True  # the target closes the connection after answering
         try:
-            request = pdu.encode_logout(
-                itt=task.itt, cid=0, cmd_sn=self.cmd_sn, exp_stat_sn=self.exp_stat_sn
-            )
-            await self.send([request])
+            await self._send_logout(task)
             await task.done.wait()
         finally:
             self._pending.pop(task.itt, None)
+
+    async def _send_logout(self, task: _Task) -> None:
+        """Send a Logout Request (reason: close the session) under ``task``'s tag."""
+        request = pdu.encode_logout(
+            itt=task.itt, cid=0, cmd_sn=self.cmd_sn, exp_stat_sn=self.exp_stat_sn
+        )
+        await self.send([request])
+
+    @property
+    def ready(self) -> bool:
+        """Commands go out now: the connection is not being replaced, or left."""
+        return self._ready and self.broken is None
+
+    async def ask_alone(self, lun: int, cdb: bytes, size: int) -> tuple[BHS, bytes]:
+        """Run one SCSI command that reads up to ``size`` bytes, on a connection whose
+        reader does not run: a new one, checked before it replaces a lost one. Returns
+        the header that ended it and the data (or, after a SCSI Response, its sense
+        segment). The target's pings meanwhile are answered.
+
+        Raises:
+            TrioconvIOError: the connection failed, or the target is leaving it.
+            ProtocolError: the target answered with something else.
+        """
+        if not pdu.sn_le(self.cmd_sn, self.max_cmd_sn):
+            raise TrioconvIOError("the target takes no command yet (its window is closed)")
+        itt = next(self._itts) & 0x7FFFFFFF
+        cmd_sn = self.cmd_sn
+        self.cmd_sn = (cmd_sn + 1) & 0xFFFFFFFF
+        request = pdu.encode_scsi_command(
+            lun=lun, itt=itt, cdb=cdb, expected_length=size, cmd_sn=cmd_sn,
+            exp_stat_sn=self.exp_stat_sn, read=True, write=False, final=True,
+            immediate_length=0,
+        )  # fmt: skip
+        await self.send([request])
+        data = bytearray()
+        while True:
+            header, segment = await self.read_pdu(self.params.max_recv_segment)
+            self._note_sequence(header)
+            op = header.opcode
+            if op is Opcode.NOP_IN:
+                if header.ttt != pdu.RESERVED_TAG:
+                    await self._answer_ping(header, segment)
+                continue
+            if op is Opcode.ASYNC_MESSAGE:
+                if header.async_event in (1, 2, 3):
+                    raise TrioconvIOError("the target is leaving the new connection already")
+                continue
+            if header.itt != itt or op not in (Opcode.DATA_IN, Opcode.SCSI_RESPONSE):
+                raise pdu.ProtocolError(f"{op.name} in answer to a command (ITT {header.itt})")
+            if op is Opcode.SCSI_RESPONSE:
+                return header, segment
+            if header.word40 != len(data) or len(data) + len(segment) > size:
+                raise pdu.ProtocolError(
+                    f"Data-In at offset {header.word40}+{len(segment)} where {len(data)} "
+                    f"of {size} bytes were expected"
+                )
+            data += segment
+            if header.has_status:
+                return header, bytes(data)
 
     async def aclose(self) -> None:
         self._closing = True
@@ -837,9 +1325,11 @@ class Connection:
 # -- opening ---------------------------------------------------------------------------------
 
 
-async def _login(conn: Connection, address: ISCSIAddress) -> None:
+async def _login(conn: Connection, address: ISCSIAddress, isid: bytes) -> None:
+    """Log in on ``conn`` as session ``isid`` - a new session (TSIH 0), which reinstates
+    one the target may still have under that ISID."""
     chap = (address.user, address.password or "") if address.user else None
-    state = login_mod.Login(address.initiator, address.target, login_mod.new_isid(), chap=chap)
+    state = login_mod.Login(address.initiator, address.target, isid, chap=chap)
     request: bytes | None = state.start()
     while request is not None:
         await conn.send([request])
@@ -850,6 +1340,7 @@ async def _login(conn: Connection, address: ISCSIAddress) -> None:
             raise login_mod.LoginError(f"unexpected {header.opcode.name} during login")
         request = state.receive(header, data)
     conn.params = state.params
+    conn.isid = isid
     conn.cmd_sn = state.cmd_sn
     conn.exp_stat_sn = state.exp_stat_sn
     conn.max_cmd_sn = state.max_cmd_sn
@@ -1325,7 +1816,7 @@ class ISCSIDriver(Driver):
             return
         self._closed = True
         with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
-            if self._conn.broken is None:
+            if self._conn.ready:  # (not while reconnecting: that stops now)
                 with contextlib.suppress(TrioconvIOError):
                     await self._conn.logout()
         await self._conn.aclose()
@@ -1335,6 +1826,7 @@ async def _connect_and_login(address: ISCSIAddress, timeout: float = OPEN_TIMEOU
     """Connect and log in, following the target's redirections (a few at most); each
     step may take ``timeout`` seconds."""
     where = address
+    isid = login_mod.new_isid()
     for _ in range(_MAX_REDIRECTS + 1):
         try:
             with trio.fail_after(timeout):
@@ -1350,7 +1842,8 @@ async def _connect_and_login(address: ISCSIAddress, timeout: float = OPEN_TIMEOU
             ) from None
         try:
             with trio.fail_after(timeout):
-                await _login(conn, address)
+                await _login(conn, address, isid)
+            conn.portal = where
             return conn
         except login_mod.LoginError as exc:
             await conn.aclose()
@@ -1373,6 +1866,104 @@ async def _connect_and_login(address: ISCSIAddress, timeout: float = OPEN_TIMEOU
     raise ImageError(
         f"Could not open '{address.uri}': login failed: redirected more than {_MAX_REDIRECTS} times"
     )
+
+
+class LunChanged(Exception):
+    """The LUN a session logged in to again is not the one it had opened."""
+
+
+async def _dial(address: ISCSIAddress, where: ISCSIAddress, isid: bytes) -> Connection:
+    """Connect to ``where`` and log in to ``address``'s target as session ``isid``,
+    following redirections (a few at most).
+
+    Raises:
+        OSError: no connection.
+        LoginError: the target refused the login.
+        TrioconvIOError, ProtocolError: the login went wrong.
+    """
+    for _ in range(_MAX_REDIRECTS + 1):
+        conn = await Connection.connect(where)
+        try:
+            await _login(conn, address, isid)
+        except login_mod.LoginError as exc:
+            await conn.aclose()
+            if exc.redirect is None:
+                raise
+            host, port = exc.redirect
+            where = attrs.evolve(where, host=host, port=port)
+            continue
+        except BaseException:
+            await conn.aclose()
+            raise
+        conn.portal = where
+        return conn
+    raise login_mod.LoginError(f"redirected more than {_MAX_REDIRECTS} times")
+
+
+async def _check_lun(conn: Connection, address: ISCSIAddress, was: scsi.Capacity) -> None:
+    """Check with READ CAPACITY, on a new connection, that the LUN is still the one
+    opened: the same block size, at least the same size (a LUN grown meanwhile is the
+    same LUN; only what was there is read or written).
+
+    The unit attention that follows a target's restart or a new session (power on,
+    reset, I_T nexus loss) is asked past, as are a busy target and a LUN becoming
+    ready, within the attempt's time.
+
+    Raises:
+        LunChanged: the LUN has other blocks, or fewer of them.
+        TrioconvIOError: the LUN did not answer READ CAPACITY: not there (yet), not
+            ready, or the connection failed.
+        ProtocolError, DecodeError: the answer is malformed.
+    """
+    lun = address.lun
+    cdb = scsi.cdb_read_capacity_16(32)
+    for _ in range(_RETRIES):
+        header, data = await conn.ask_alone(lun, cdb, 32)
+        if header.opcode is Opcode.SCSI_RESPONSE and header.b2 != 0:
+            raise TrioconvIOError(
+                f"READ CAPACITY failed: the target failed the command (iSCSI response "
+                f"0x{header.b2:02x})"
+            )
+        status = header.status
+        if status == SCSIStatus.GOOD:
+            break
+        sense = scsi.sense_of_response(data) if header.opcode is Opcode.SCSI_RESPONSE else None
+        if sense is not None and sense.key == SenseKey.UNIT_ATTENTION:
+            continue
+        becoming = sense is not None and (sense.asc, sense.ascq) == (0x04, 0x01)
+        if becoming or status in (SCSIStatus.BUSY, SCSIStatus.TASK_SET_FULL):
+            await trio.sleep(0.1)
+            continue
+        raise TrioconvIOError(f"READ CAPACITY failed: {CommandError(status, sense)}")
+    else:
+        raise TrioconvIOError(f"READ CAPACITY failed {_RETRIES} times")
+    now = scsi.decode_read_capacity_16(data)
+    if now.block_size != was.block_size:
+        raise LunChanged(
+            f"LUN {lun} now has {now.block_size}-byte blocks, not {was.block_size}-byte ones"
+        )
+    if now.size < was.size:
+        raise LunChanged(f"LUN {lun} now holds {now.size} bytes, not {was.size}")
+
+
+async def _redial(
+    conn: Connection, address: ISCSIAddress, capacity: scsi.Capacity, attempt: int
+) -> Connection:
+    """Log in again for ``conn``, whose connection was lost, and check the LUN: a new
+    connection, not yet reading, for :meth:`Connection._reconnect` to carry on over.
+
+    The first attempt after a loss dials the portal the session was logged in at (the
+    one a redirection gave, if any); later ones dial the URL's, which redirects anew
+    if the target moved (a path failing over), as libiscsi always does.
+    """
+    start = conn.portal if attempt == 0 and conn.portal is not None else address
+    fresh = await _dial(address, start, conn.isid)
+    try:
+        await _check_lun(fresh, address, capacity)
+    except BaseException:
+        await fresh.aclose()
+        raise
+    return fresh
 
 
 @asynccontextmanager
@@ -1418,6 +2009,8 @@ async def open_iscsi(
             driver = ISCSIDriver(
                 conn, address, geometry, writable=writable, cache=CacheMode.parse(cache)
             )
+            # From now on a lost connection is made again.
+            conn.redial = functools.partial(_redial, conn, address, geometry.capacity)
             try:
                 yield driver
             finally:
