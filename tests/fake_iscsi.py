@@ -518,10 +518,16 @@ class FakeISCSITarget(ScriptedServer):
 
     def go_away(self) -> None:
         """Drop every connection and take no new one: connecting is refused."""
+        self.stop_listening()
+        self.drop()
+
+    def stop_listening(self) -> None:
+        """Take no new connection (connecting is refused); the open ones go on. With a
+        hook that then raises :class:`Dropped`, the target goes away once what it
+        queued went out (:meth:`go_away` cuts it off)."""
         with contextlib.suppress(OSError):
             self._listener.shutdown(socket.SHUT_RDWR)
         self._listener.close()
-        self.drop()
 
     def execute(self, s: Session, cmd: PDU) -> Sequence[bytes]:
         """The answer to one SCSI command."""

@@ -35,6 +35,7 @@ from trioconv.protocols.memory import MemoryDriver
 from ._faults import FAULT_DEADLINE, MiB, start_cli
 from .conftest import assert_identical, trioconv_cli
 from .fake_iscsi import (
+    BLOCK,
     PDU,
     Dropped,
     FakeISCSITarget,
@@ -481,23 +482,30 @@ async def test_cancelled_while_reconnecting(what: str) -> None:
 
 @pytest.mark.usefixtures("slow_reconnects")
 async def test_a_failure_elsewhere_while_reconnecting() -> None:
-    """The first 2 MiB READ is answered, then the target goes away; while the initiator
-    waits to dial again, writing those 2 MiB to the other image fails: the conversion
-    ends with that error at once, not after the reconnect's wait."""
+    """The first 2 MiB READ the target gets is answered, then the target goes away;
+    while the initiator waits to dial again, writing those 2 MiB to the other image
+    fails: the conversion ends with that error at once, not after the reconnect's wait.
+    (The two READs may reach the target in either order, and the writes go out of
+    order, so whichever is answered is written, and fails.)"""
+    memory = MemoryDriver(SIZE, delay=0.3)
+    answered: list[int] = []
 
     def first_only(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
-        if cmd.lba_blocks[0] == 0:
+        if not answered:
+            answered.append(cmd.lba_blocks[0] * BLOCK)
+            memory.fail_write_at = answered[0]
             return honest_read(s, cmd, data)
-        return away_at_first_read(s, cmd, data)
+        s.target.stop_listening()  # gone, once the answer to the first went out
+        raise Dropped
 
-    memory = MemoryDriver(SIZE, delay=0.3)
-    memory.fail_write_at = 0
+    opts = ConvertOptions(source_format="raw", oob_writes=True)
     with FakeISCSITarget(bytearray(LUN), reads=first_only) as target:
         started = trio.current_time()
         with pytest.raises(ConvertError) as info:
-            await trioconv.convert(target.url, memory, ConvertOptions(source_format="raw"))
+            await trioconv.convert(target.url, memory, opts)
     assert trio.current_time() - started < 2
-    assert "error while writing memory at byte 0: Input/output error" in str(info.value)
+    message = f"error while writing memory at byte {answered[0]}: Input/output error"
+    assert message in str(info.value)
 
 
 def test_ctrl_c_while_reconnecting(tmp_path: Path) -> None:

@@ -477,6 +477,28 @@ def test_writing_through_a_server_restart(nfs_server: NFSServer, tmp_path: Path)
     assert_identical(src, nfs_server.export_dir / name)
 
 
+def _copy_across(
+    nfs_server: NFSServer, stem: str, direction: str, size: int
+) -> tuple[Path, bytes, MemoryDriver, str | MemoryDriver, str | MemoryDriver, ConvertOptions]:
+    """A slow copy of ``size`` random bytes from a new file on the server into memory
+    (``direction`` "read") or from memory into one (zeroes before): the file, the
+    bytes, the memory side, source, target and options (8 MiB/s)."""
+    name = unique(stem) + ".img"
+    on_server = nfs_server.export_dir / name
+    data = os.urandom(size)
+    if direction == "read":
+        on_server.write_bytes(data)
+        memory = MemoryDriver(len(data))
+        # Two tasks, so that reading goes on until the end: with eight, the writes the
+        # rate limit holds back would leave all the jobs read one second in.
+        opts = ConvertOptions(rate_limit=8 * MiB, parallel=2)
+        return on_server, data, memory, nfs_server.url(name), memory, opts
+    on_server.write_bytes(bytes(len(data)))
+    memory = MemoryDriver(data=data, block_status=False)
+    opts = ConvertOptions(rate_limit=8 * MiB, no_create=True)
+    return on_server, data, memory, memory, nfs_server.url(name), opts
+
+
 @pytest.mark.parametrize("direction", ["read", "write"])
 async def test_a_restart_with_calls_in_flight(
     nfs_server: NFSServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, direction: str
@@ -519,23 +541,9 @@ async def test_a_restart_with_calls_in_flight(
     monkeypatch.setattr(proto, "decode_write", decode_write)
     monkeypatch.setattr(nfs_client.NFSDriver, "_rewrite", rewrite)
 
-    name = unique("inflight") + ".img"
-    on_server = nfs_server.export_dir / name
-    data = os.urandom(32 * MiB)
-    memory: MemoryDriver
-    if direction == "read":
-        on_server.write_bytes(data)
-        memory = MemoryDriver(len(data))
-        source: str | MemoryDriver = nfs_server.url(name)
-        target: str | MemoryDriver = memory
-        # Two tasks, so that reading goes on until the end: with eight, the writes the
-        # rate limit holds back would leave all 16 jobs read one second in.
-        opts = ConvertOptions(rate_limit=8 * MiB, parallel=2)
-    else:
-        on_server.write_bytes(bytes(len(data)))
-        memory = MemoryDriver(data=data, block_status=False)
-        source, target = memory, nfs_server.url(name)
-        opts = ConvertOptions(rate_limit=8 * MiB, no_create=True)
+    on_server, data, memory, source, target, opts = _copy_across(
+        nfs_server, "inflight", direction, 32 * MiB
+    )
     restarted: list[float] = []
 
     async def restart_mid_copy() -> None:
@@ -593,21 +601,9 @@ async def test_a_server_that_stops_answering(
         return await real_reconnect(self, why)
 
     monkeypatch.setattr(nfs_client.RPCClient, "_reconnect", reconnect)
-    name = unique("hung") + ".img"
-    on_server = nfs_server.export_dir / name
-    data = os.urandom(16 * MiB)
-    memory: MemoryDriver
-    if direction == "read":
-        on_server.write_bytes(data)
-        memory = MemoryDriver(len(data))
-        source: str | MemoryDriver = nfs_server.url(name)
-        target: str | MemoryDriver = memory
-        opts = ConvertOptions(rate_limit=8 * MiB, parallel=2)
-    else:
-        on_server.write_bytes(bytes(len(data)))
-        memory = MemoryDriver(data=data, block_status=False)
-        source, target = memory, nfs_server.url(name)
-        opts = ConvertOptions(rate_limit=8 * MiB, no_create=True)
+    on_server, data, memory, source, target, opts = _copy_across(
+        nfs_server, "hung", direction, 16 * MiB
+    )
     pid = nfs_server.pid
     # Resumed after FAULT_DEADLINE whatever happens, so a regression fails, not hangs.
     rescue = threading.Timer(FAULT_DEADLINE, os.kill, (pid, signal.SIGCONT))
