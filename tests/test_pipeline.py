@@ -602,6 +602,60 @@ async def test_progress_counts_data_as_qemu_img_does(
     assert any(p >= 25.0 and done <= 4 * MiB for _, _, done, p in seen), seen
 
 
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"target_format": "qcow2", "compress": True},  # jobs rounded to whole clusters
+        {"target_format": "qcow2", "parallel": 3},
+        {},
+    ],
+)
+async def test_progress_data_ends_where_it_was_measured(
+    tmp_path: Path, make_image: ImageMaker, options: dict[str, Any]
+) -> None:
+    """What is counted as done adds up to what was measured, whatever rounds the jobs
+    (-c copies whole clusters): the percentage never runs ahead of the copy."""
+    src = make_image("src.raw", "16M", "write -P 1 100k 3k", "write -P 2 5M 1M", "write 9M 1k")
+    progress = trioconv.Progress()
+    seen: list[float] = []
+
+    async def watch() -> None:
+        while not progress.finished:
+            await progress.wait_changed()
+            seen.append(progress.percent)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await trioconv.convert(
+            src, tmp_path / "out.img", trioconv.ConvertOptions(**options), progress=progress
+        )
+    assert progress.data_total is not None and progress.data_total > 0
+    assert progress.data_done == progress.data_total
+    assert seen == sorted(seen) and seen[-1] == 100.0
+
+
+async def test_a_progress_nobody_watches_is_not_measured(
+    tmp_path: Path, make_image: ImageMaker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without a Progress of the caller's, the sources' block status is not walked a
+    second time: nobody would see the percentage."""
+    from trioconv.convert import pipeline
+
+    src = make_image("src.raw", "8M", "write -P 1 0 1M")
+    walks: list[int] = []
+    original = pipeline._Engine.measure
+
+    async def measure(self: Any, scope: trio.CancelScope) -> None:
+        walks.append(1)
+        await original(self, scope)
+
+    monkeypatch.setattr(pipeline._Engine, "measure", measure)
+    await trioconv.convert(src, tmp_path / "a.raw")
+    assert walks == []
+    await trioconv.convert(src, tmp_path / "b.raw", progress=trioconv.Progress())
+    assert walks == [1]
+
+
 async def test_progress_counts_everything_with_s_0(tmp_path: Path, make_image: ImageMaker) -> None:
     """With ``-S 0`` every byte is read and written, so all of it is data, known at once."""
     src = make_image("sparse.raw", "8M")

@@ -475,6 +475,9 @@ async def convert(
     if style == "auto":
         style = "bar" if show and sys.stdout.isatty() else "qemu"
     stats = Progress()
+    # The data to copy is measured for a percentage someone sees (-p); SIGUSR1 alone
+    # shows the share of the whole size.
+    stats._wants_data = show
 
     async def work() -> None:
         ok = False

@@ -156,7 +156,9 @@ async def run_convert(
     if progress is not None and (progress.started_at is not None or progress.finished):
         # Its counters would run on from the last one's, and so would the result's.
         raise UsageError("A Progress follows one conversion: this one was used already")
-    progress = progress if progress is not None else Progress()
+    if progress is None:
+        progress = Progress()
+        progress._wants_data = False  # nobody watches it
     typed = [sources] if isinstance(sources, (str, os.PathLike, Driver)) else list(sources)
     # QEMU's older NBD names (nbd:unix:PATH:exportname=X) as the URIs they stand for;
     # errors name them as they were given.

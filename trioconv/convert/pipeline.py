@@ -475,7 +475,11 @@ class _Engine:
             self.progress._measured(total)
 
     async def _count_data(self) -> int | None:
+        """The bytes of the data jobs the planner makes: the same runs, cut and rounded
+        by a :class:`Chunker` of the same shape, so that the jobs' lengths, counted as
+        they finish, add up to exactly this."""
         total = 0
+        chunker = Chunker(self.sources.total, align=self.align, max_data=self.buffer_size)
         for base, src in zip(self.sources.bases, self.sources.sources, strict=True):
             pos = 0
             while pos < src.size:
@@ -483,10 +487,13 @@ class _Engine:
                     length, kind = await self._status(src, base, pos, salvage=False)
                 except TrioconvError:
                     return None
-                if kind is RunKind.DATA:
-                    total += length
+                for _, n, k in chunker.feed(base + pos, length, kind):
+                    total += n if k is RunKind.DATA else 0
                 pos += length
-        return total
+                # A driver answering from its cache does not yield: without this the
+                # walk would hold the event loop for as long as it takes.
+                await trio.lowlevel.checkpoint()
+        return total + sum(n for _, n, k in chunker.finish() if k is RunKind.DATA)
 
     async def _send_job(
         self, send: trio.MemorySendChannel[Job], index: int, offset: int, n: int, kind: RunKind
@@ -730,7 +737,8 @@ class _Engine:
         in_order = not self.opts.oob_writes
         measuring = trio.CancelScope()
         async with trio.open_nursery() as outer:
-            outer.start_soon(self.measure, measuring)
+            if self.progress._wants_data:
+                outer.start_soon(self.measure, measuring)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self.plan, jobs_send)
                 if in_order:

@@ -25,7 +25,8 @@ class Progress:
     The percentage counts data, as qemu-img's ``-p`` does: of a 2 GiB image holding
     400 MiB, the 400 MiB are the whole way, not a fifth of it followed by a jump over
     the holes. How much data the sources hold is learnt from their block status, read
-    beside the copy (:attr:`data_total` is None until then, and the percentage 0).
+    beside the copy (:attr:`data_total` is None until then, and the percentage 0). A
+    conversion given no Progress does not learn it.
 
     Attributes:
         total: bytes of the target the conversion covers (sum of the source sizes).
@@ -52,6 +53,9 @@ class Progress:
     finished: bool = False
     # True while data_total is being learnt (the percentage waits for it).
     _measuring: bool = attrs.field(default=False, init=False, repr=False)
+    # Learn data_total at all: a Progress nobody watches (the one trioconv.convert makes
+    # when given none, the command line's without -p) spares the sources the walk.
+    _wants_data: bool = attrs.field(default=True, init=False, repr=False)
     # Made by the first waiter and set by the next change: no event per update when
     # nobody watches.
     _changed: trio.Event | None = attrs.field(default=None, init=False, repr=False)

@@ -322,6 +322,7 @@ class NBDDriver(Driver):
         self._closing = False
         self._broken: TrioconvIOError | None = None
         self._status: list[Extent] = []
+        self._status_starts: list[int] = []  # each cached extent's offset, for bisection
         #: Bumped by every write, zero and trim: block status asked before one of them
         #: finished is not kept (see :meth:`changed`).
         self._generation = 0
@@ -798,6 +799,7 @@ class NBDDriver(Driver):
         the change runs is not kept either."""
         self._generation += 1
         self._status = []
+        self._status_starts = []
 
     @contextlib.contextmanager
     def changing(self) -> Iterator[None]:
@@ -921,9 +923,11 @@ class NBDDriver(Driver):
         end = min(self.size, offset + length)
         if self.info.allocation_context is None:
             return Extent(offset, end - offset, ExtentKind.DATA)
-        for ext in self._status:
-            if ext.offset <= offset < ext.end:
-                return Extent(offset, min(ext.end, end) - offset, ext.kind)
+        # The cached answer, found by bisection: a fragmented export's window holds
+        # thousands of extents, and every extent is asked for in turn.
+        i = bisect.bisect_right(self._status_starts, offset) - 1
+        if i >= 0 and offset < (ext := self._status[i]).end:
+            return Extent(offset, min(ext.end, end) - offset, ext.kind)
         want = min(end - offset, _MAX_STATUS)
         generation = self._generation
         pending = await self._request(Cmd.BLOCK_STATUS, offset, want)
@@ -948,6 +952,7 @@ class NBDDriver(Driver):
             raise TrioconvIOError(f"{self.location}: empty block status at byte {offset}")
         if generation == self._generation:  # (else a write ran meanwhile: not kept)
             self._status = extents
+            self._status_starts = [e.offset for e in extents]
         first = extents[0]
         return Extent(offset, min(first.end, end) - offset, first.kind)
 
