@@ -109,3 +109,22 @@ def test_qcow2_on_a_device_leaves_no_old_bytes_in_its_tables(
         text=True,
     )
     assert compare.returncode == 0, compare.stdout + compare.stderr
+
+
+def test_qcow2_preallocated_on_a_device_reads_as_its_source(
+    loop_device: Path, make_image: ImageMaker
+) -> None:
+    """``-o preallocation=metadata`` maps every cluster onto the device, whose old bytes
+    are still there: the image does not read as zeroes, so the source's zeroes are
+    written (qemu-img asks the device, as here), and the copy compares identical."""
+    src = make_image("src.img", "4M", "write -P 0xaa 0 4k", "write -P 0xbb 100k 4k")
+    args: list[str | Path] = ["convert", "-O", "qcow2", "-o", "preallocation=metadata"]
+    args += [src, loop_device]
+    result = trioconv_cli(*args)
+    assert result.returncode == 0, result.stderr
+    compare = subprocess.run(
+        ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", src, loop_device],
+        capture_output=True,
+        text=True,
+    )
+    assert compare.returncode == 0, compare.stdout + compare.stderr

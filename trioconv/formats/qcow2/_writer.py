@@ -276,6 +276,10 @@ class Qcow2Writer(Qcow2Driver):
             info.header.autoclear_features & codec.Autoclear.DATA_FILE_RAW
         )
         h = info.header
+        #: Clusters were mapped before any write (``preallocation=metadata`` or more), as
+        #: qemu tells: its first L1 entry is set. Their bytes are the file's own, so
+        #: the image reads as zeroes only where the file does (see :attr:`caps`).
+        self._preallocated = h.l1_size > 0 and bool(l1[0] & OFFSET_MASK)
         self._cs = h.cluster_size
         self._bits = h.cluster_bits
         self._order = h.refcount_order
@@ -338,7 +342,10 @@ class Qcow2Writer(Qcow2Driver):
             writable=True,
             zeroes=True,
             block_status=True,
-            zero_init=self.backing is None,
+            # As qemu's qcow2_has_zero_init: a preallocated image on a device (or a
+            # data file) that holds old bytes does not read as zeroes.
+            zero_init=self.backing is None
+            and (not self._preallocated or self._data.caps.zero_init),
             compress=not self._external,
         )
 
