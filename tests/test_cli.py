@@ -296,6 +296,26 @@ def test_a_target_that_cannot_be_sized_is_left_where_it_was(src: Path, tmp_path:
         assert qemu_img_exit(["convert", "-O", "raw", src, target]) == 1
 
 
+def test_a_failed_target_through_a_dangling_link_leaves_the_link(
+    make_image: ImageMaker, tmp_path: Path
+) -> None:
+    """A target named by a link to a file not there yet: the file is created through
+    it, and when the conversion stops (here SIGTERM) that file goes, while the link
+    stays as it was."""
+    from ._faults import interrupt_cli
+
+    src = make_image("big.img", "16M", "write -P 0xab 0 8M")  # 8 s at 1 MiB/s
+    link = tmp_path / "link.raw"
+    made = tmp_path / "made.raw"
+    link.symlink_to(made)
+    status, stderr, _ = interrupt_cli(
+        ["convert", "-r", "1M", "-O", "raw", src, link], after=1.0, signum=signal.SIGTERM
+    )
+    assert status == -signal.SIGTERM, stderr
+    assert link.is_symlink() and os.readlink(link) == str(made)
+    assert not made.exists()
+
+
 def test_a_pipe_is_not_read_as_an_empty_disk(src: Path, tmp_path: Path) -> None:
     """A pipe or a FIFO has no size and no offsets: read, it would make a 0-byte image
     and exit 0. It is refused in one line, as qemu-img refuses it, and a FIFO without a

@@ -34,6 +34,7 @@ from .fake_nbd import (
     CHUNK_DATA,
     CHUNK_ERROR,
     CMD_BLOCK_STATUS,
+    CMD_FLUSH,
     CMD_READ,
     CMD_WRITE,
     NO_REPLY,
@@ -345,6 +346,22 @@ async def test_a_slow_server_that_answers_is_not_given_up(tmp_path: Path) -> Non
                 buf = bytearray(SIZE)
                 await driver.preadinto(0, memoryview(buf))
                 assert buf == bytes(range(256)) * (SIZE // 256)
+
+
+def slow_flush(req: Request) -> Answer:
+    """A FLUSH answered after 1.5 s (a large cache written out), the rest at once."""
+    return [1.5, honest(req)] if req.kind == CMD_FLUSH else honest(req)
+
+
+async def test_a_long_flush_is_waited_for(tmp_path: Path) -> None:
+    """A server writing its cache out has nothing to say until it is done: while a FLUSH
+    waits, silence does not count, and a flush longer than the bound goes through."""
+    with FakeNBDServer(tmp_path / "s.sock", size=SIZE, behaviour=slow_flush) as server:
+        async with open_nbd(server.uri, writable=True, connections=1, reply_timeout=0.5) as d:
+            await d.pwrite(0, b"\x01" * 4096)
+            started = trio.current_time()
+            await d.flush()
+            assert trio.current_time() - started >= 1.5
 
 
 READ_AT, READ_LEN = 8192, 65536

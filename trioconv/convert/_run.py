@@ -368,5 +368,7 @@ async def _remove(path: Path | str | None, extra_files: list[Path] | None = None
 
 
 def _unlink(path: Path) -> None:
+    # What was created: through a link that pointed nowhere, the file it points at (the
+    # link was there before, and stays).
     with contextlib.suppress(OSError):
-        path.unlink()
+        Path(os.path.realpath(path)).unlink()

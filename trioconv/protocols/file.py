@@ -824,8 +824,9 @@ def _create_sync(
         os.close(fd)
         if st is None:
             # Only what this call made goes: a file, device or link that was there
-            # stays (emptied, for a regular file, as qemu-img leaves it).
-            Path(path).unlink(missing_ok=True)
+            # stays (emptied, for a regular file, as qemu-img leaves it). Through a
+            # link that pointed nowhere, what was made is the file it points at.
+            Path(os.path.realpath(path)).unlink(missing_ok=True)
         raise ImageError(f"Could not create '{path}': {exc.strerror}") from exc
     os.close(fd)
     return st is None

@@ -90,6 +90,8 @@ OPEN_TIMEOUT = 30.0
 #: (a flush of a large write cache to slow disks), but one that says nothing at all for
 #: five minutes while requests wait has stopped serving them.
 REPLY_TIMEOUT = 300.0
+#: The most sent in one go; between slices the silence count starts again.
+_SEND_SLICE = 1024 * 1024
 
 
 @attrs.frozen
@@ -436,11 +438,12 @@ class NBDDriver(Driver):
             self._heard()
 
     def _heard(self) -> None:
-        """The server sent something: the silence count starts again (or stops, if
-        no request waits any more)."""
-        self._silence.deadline = (
-            trio.current_time() + self._reply_timeout if self._pending else math.inf
-        )
+        """The server sent or took something: the silence count starts again - or
+        stops, while no request waits, or while a FLUSH does (writing a large cache
+        out may take the server longer than any bound, with nothing to say meanwhile;
+        a dead server still shows, when the connection breaks)."""
+        waiting = self._pending and not any(p.cmd is Cmd.FLUSH for p in self._pending.values())
+        self._silence.deadline = trio.current_time() + self._reply_timeout if waiting else math.inf
 
     def _give_up(self, error: TrioconvIOError) -> None:
         """The connection is unusable: fail every request waiting on it, stop a send
@@ -650,7 +653,7 @@ class NBDDriver(Driver):
         if small:
             wire.append(small)
         if self._silence.deadline == math.inf:  # the first request to wait
-            self._silence.deadline = trio.current_time() + self._reply_timeout
+            self._heard()
         sent = False
         try:
             # The reader gives the connection up if the server goes away or the
@@ -658,7 +661,12 @@ class NBDDriver(Driver):
             async with self._sends.whole(lambda: self._broken):
                 try:
                     for part in wire:
-                        await self._stream.send_all(part)
+                        # A large write over a slow link is sent a slice at a time: the
+                        # server taking each one counts as hearing from it.
+                        view = memoryview(part)
+                        for start in range(0, max(len(view), 1), _SEND_SLICE):
+                            await self._stream.send_all(view[start : start + _SEND_SLICE])
+                            self._heard()
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     raise self._broken or TrioconvIOError(
                         f"{self.location}: connection to the NBD server lost: {exc}"
