@@ -336,6 +336,9 @@ class NBDDriver(Driver):
         #: Its deadline is when the server, with requests waiting, has been silent for
         #: ``reply_timeout`` seconds; infinite while nothing waits (see :meth:`reader`).
         self._reply_timeout = reply_timeout
+        #: FLUSH requests being waited for (the silence bound rests meanwhile): a count,
+        #: so that every byte received does not look through the waiting requests.
+        self._flushes = 0
         self._silence = trio.CancelScope()
 
     # -- geometry ------------------------------------------------------------------------
@@ -442,7 +445,7 @@ class NBDDriver(Driver):
         stops, while no request waits, or while a FLUSH does (writing a large cache
         out may take the server longer than any bound, with nothing to say meanwhile;
         a dead server still shows, when the connection breaks)."""
-        waiting = self._pending and not any(p.cmd is Cmd.FLUSH for p in self._pending.values())
+        waiting = self._pending and not self._flushes
         self._silence.deadline = trio.current_time() + self._reply_timeout if waiting else math.inf
 
     def _give_up(self, error: TrioconvIOError) -> None:
@@ -652,6 +655,8 @@ class NBDDriver(Driver):
                     small = bytearray()
         if small:
             wire.append(small)
+        flushes = len(pendings) if cmd is Cmd.FLUSH else 0
+        self._flushes += flushes
         if self._silence.deadline == math.inf:  # the first request to wait
             self._heard()
         sent = False
@@ -684,6 +689,10 @@ class NBDDriver(Driver):
                 if not self._pending:
                     self._silence.deadline = math.inf
             raise
+        finally:
+            self._flushes -= flushes
+            if flushes and not self._flushes:
+                self._heard()  # the requests still waiting have their bound again
         for pending in pendings:
             if pending.error is not None:
                 raise pending.error
