@@ -1437,6 +1437,21 @@ async def _probe(conn: Connection, address: ISCSIAddress) -> _Geometry:
 # -- the driver ------------------------------------------------------------------------------
 
 
+async def _in_pieces(
+    piece: Callable[[int, memoryview], Awaitable[None]], offset: int, view: memoryview, step: int
+) -> None:
+    """``piece(offset, view)`` for ``view`` cut into ``step``-byte pieces, all at once."""
+    if view.nbytes <= step:
+        await piece(offset, view)
+        return
+    await together(
+        [
+            functools.partial(piece, offset + p, view[p : p + step])
+            for p in range(0, view.nbytes, step)
+        ]
+    )
+
+
 class ISCSIDriver(Driver):
     """A LUN behind an iSCSI target. Made by :func:`open_iscsi`, which runs its reader.
 
@@ -1572,15 +1587,7 @@ class ISCSIDriver(Driver):
         await together([functools.partial(self.preadinto, off, buf) for off, buf in requests])
 
     async def _read_aligned(self, offset: int, view: memoryview) -> None:
-        step = self._max_transfer
-        if view.nbytes <= step:
-            await self._read_piece(offset, view)
-            return
-        pieces = range(0, view.nbytes, step)
-        calls = [
-            functools.partial(self._read_piece, offset + p, view[p : p + step]) for p in pieces
-        ]
-        await together(calls)
+        await _in_pieces(self._read_piece, offset, view, self._max_transfer)
 
     async def _read_piece(self, offset: int, view: memoryview) -> None:
         if offset + view.nbytes > self._size:
@@ -1644,15 +1651,7 @@ class ISCSIDriver(Driver):
         return max(bs, min(self._max_transfer, step - step % bs))
 
     async def _write_aligned(self, offset: int, view: memoryview) -> None:
-        step = self._write_step()
-        if view.nbytes <= step:
-            await self._write_piece(offset, view)
-            return
-        pieces = range(0, view.nbytes, step)
-        calls = [
-            functools.partial(self._write_piece, offset + p, view[p : p + step]) for p in pieces
-        ]
-        await together(calls)
+        await _in_pieces(self._write_piece, offset, view, self._write_step())
 
     async def _write_piece(self, offset: int, view: memoryview) -> None:
         if offset + view.nbytes > self._size:
