@@ -22,7 +22,7 @@ import trio
 from ._cache import CacheMode
 from ._errors import BackingChainTooLong, ImageError, TrioconvError, UnsupportedError, UsageError
 from ._sizes import parse_size
-from .driver import Driver
+from .driver import Driver, require_trio
 from .formats._base import FormatInfo
 from .formats.raw import RAW_CREATE_OPTIONS, RawDriver, probe_raw
 from .protocols.file import create_file, open_file
@@ -478,8 +478,9 @@ async def open_image(
 
     Raises:
         ImageError: it cannot be opened, or is in a format trioconv cannot read yet.
-        UsageError: ``fmt`` is not a format name.
+        UsageError: ``fmt`` is not a format name, or this is not a Trio task.
     """
+    require_trio("trioconv.open_image")
     async with _open_image(
         location,
         fmt,
@@ -914,8 +915,9 @@ async def create_image(
 
     Raises:
         ImageError: it cannot be created.
-        UsageError: a bad format or option.
+        UsageError: a bad format or option, or this is not a Trio task.
     """
+    require_trio("trioconv.create_image")
     if size < 0:
         raise UsageError(f"Invalid image size specified: {size}")
     location = legacy_nbd_name(location)

@@ -43,13 +43,14 @@ from __future__ import annotations
 import abc
 import enum
 import mmap
+import sys
 from collections.abc import Sequence
 from types import TracebackType
 from typing import Self, TypeAlias
 
 import attrs
 
-from ._errors import UnsupportedError, ZeroesNotSupported
+from ._errors import UnsupportedError, UsageError, ZeroesNotSupported
 
 __all__ = ["Buffer", "Caps", "Driver", "Extent", "ExtentKind", "Limits"]
 
@@ -58,6 +59,26 @@ Buffer: TypeAlias = bytes | bytearray | memoryview | mmap.mmap
 
 #: Largest request a driver accepts unless it says otherwise.
 DEFAULT_MAX_TRANSFER = 32 * 1024 * 1024
+
+
+def require_trio(what: str) -> None:
+    """Refuse, in one line, a call made outside a Trio task.
+
+    trioconv runs on Trio. Awaited from asyncio (anyio's default backend included),
+    Trio's primitives would fail deep inside, with "must be called from async context"
+    or asyncio's "Task got bad yield"; entry points call this first to say instead
+    what is wrong and how to run it. It costs a dictionary look-up, and loads nothing:
+    when Trio was never imported, no Trio task can be running.
+
+    Raises:
+        UsageError: no Trio task is running in this thread.
+    """
+    trio = sys.modules.get("trio")
+    if trio is None or not trio.lowlevel.in_trio_task():
+        raise UsageError(
+            f"{what} needs Trio: call it from a Trio task (trio.run, or "
+            "anyio.run(..., backend='trio')), not from asyncio"
+        )
 
 
 class ExtentKind(enum.Enum):

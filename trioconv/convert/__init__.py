@@ -69,7 +69,8 @@ async def convert(
         A :class:`ConvertResult`.
 
     Raises:
-        UsageError: invalid options.
+        UsageError: invalid options, an argument of the wrong type, a ``progress``
+            already given to another conversion, or a call from outside a Trio task.
         ImageError: a source or the target cannot be opened or created.
         UnsupportedError: the formats or transports cannot do what was asked.
         ConvertError: copying failed; ``__cause__`` holds the exception group. A target

@@ -24,7 +24,7 @@ from .._open import (
     side_files,
     typed_names,
 )
-from ..driver import Driver
+from ..driver import Driver, require_trio
 from . import ConvertResult, ImageSpec
 from .options import ConvertOptions
 from .pipeline import convert_error_from_group, lone_exception, run_pipeline
@@ -144,6 +144,28 @@ def _same_file(a: ImageSpec, b: ImageSpec) -> bool:
         return False
 
 
+def _check_spec(spec: object, what: str) -> None:
+    """An image is named by a path (a string or path object) or given as an open
+    driver; anything else (bytes included: trioconv's names are text) is refused."""
+    if isinstance(spec, Driver):
+        return
+    if isinstance(spec, str | os.PathLike) and isinstance(os.fspath(spec), str):
+        return
+    raise UsageError(f"Invalid {what} {spec!r}: give a path, a URI or an open trioconv.Driver")
+
+
+def _specs(sources: object) -> list[ImageSpec]:
+    """The sources as a list, each checked (see :func:`_check_spec`)."""
+    if not isinstance(sources, Sequence) or isinstance(sources, bytes | bytearray):
+        raise UsageError(
+            f"Invalid sources {sources!r}: give a path, a URI, an open trioconv.Driver, "
+            "or a list of them"
+        )
+    for spec in sources:
+        _check_spec(spec, "source")
+    return list(sources)
+
+
 async def run_convert(
     sources: Sequence[ImageSpec] | ImageSpec,
     target: ImageSpec,
@@ -152,14 +174,21 @@ async def run_convert(
     progress: Progress | None = None,
 ) -> ConvertResult:
     """:func:`trioconv.convert` (see there)."""
+    require_trio("trioconv.convert")
+    if options is not None and not isinstance(options, ConvertOptions):
+        raise UsageError(f"Invalid options {options!r}: give a trioconv.ConvertOptions (or None)")
+    if progress is not None and not isinstance(progress, Progress):
+        raise UsageError(f"Invalid progress {progress!r}: give a trioconv.Progress (or None)")
+    typed = [sources] if isinstance(sources, (str, os.PathLike, Driver)) else _specs(sources)
+    _check_spec(target, "target")
     opts = options if options is not None else ConvertOptions()
-    if progress is not None and (progress.started_at is not None or progress.finished):
-        # Its counters would run on from the last one's, and so would the result's.
+    if progress is not None and progress._taken:
+        # Its counters would run on from the other one's, and so would the result's.
         raise UsageError("A Progress follows one conversion: this one was used already")
     if progress is None:
         progress = Progress()
         progress._wants_data = False  # nobody watches it
-    typed = [sources] if isinstance(sources, (str, os.PathLike, Driver)) else list(sources)
+    progress._taken = True
     # QEMU's older NBD names (nbd:unix:PATH:exportname=X) as the URIs they stand for;
     # errors name them as they were given.
     specs = [s if isinstance(s, Driver) else legacy_nbd_name(s) for s in typed]

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Mapping
-from types import MappingProxyType
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 import attrs
 
@@ -82,15 +83,77 @@ def _cache_source(value: CacheMode | str) -> CacheMode:
     return CacheMode.parse(value, what="source cache")
 
 
+class _TargetOptions(Mapping[str, str]):
+    """``-o`` options as a value: read-only, hashable, and copied or pickled like the
+    rest of :class:`ConvertOptions` (a ``MappingProxyType`` is none of the last three).
+    It equals any mapping with the same items, a plain ``dict`` included."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self, items: Mapping[str, str]) -> None:
+        self._items = dict(items)
+
+    def __getitem__(self, key: str) -> str:
+        return self._items[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __hash__(self) -> int:
+        return hash(frozenset(self._items.items()))
+
+    def __repr__(self) -> str:
+        return repr(self._items)
+
+    def __reduce__(self) -> tuple[type[_TargetOptions], tuple[dict[str, str]]]:
+        return type(self), (self._items,)
+
+
 def _mapping(value: Mapping[str, str] | None) -> Mapping[str, str]:
-    options = dict(value or {})
-    for key, item in options.items():
+    if value is None:
+        return _TargetOptions({})
+    if not isinstance(value, Mapping):
+        # (A string such as "cluster_size=64k" would otherwise be read as pairs of
+        # characters, and a list of pairs is not what the type says.)
+        raise UsageError(
+            f"Invalid -o options {value!r}: give a mapping of names to strings, such as "
+            "{'cluster_size': '64k'}"
+        )
+    for key, item in value.items():
         if not isinstance(key, str) or not isinstance(item, str):
             raise UsageError(
                 f"Invalid -o option {key!r}: {item!r} (names and values are strings, "
                 "as on the command line: 'on', '64k')"
             )
-    return MappingProxyType(options)
+    return _TargetOptions(value)
+
+
+def _flag(_: Any, field: attrs.Attribute[Any], value: object) -> None:
+    """A switch is ``True`` or ``False``: ``"no"`` or ``0`` would be read as Python reads
+    them, which is rarely what was meant."""
+    if not isinstance(value, bool):
+        raise UsageError(f"Invalid value for {field.name}: {value!r} (True or False)")
+
+
+def _name(_: Any, field: attrs.Attribute[Any], value: object) -> None:
+    """A format or snapshot name is a string (or None, for the default)."""
+    if value is not None and not isinstance(value, str):
+        raise UsageError(f"Invalid value for {field.name}: {value!r} (a string, or None)")
+
+
+def _file_name(value: str | os.PathLike[str] | None) -> str | None:
+    """A backing file's name, as a string: a path object is taken as the name it holds
+    (stored as given, so a relative one stays relative)."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, os.PathLike):
+        name = os.fspath(value)
+        if isinstance(name, str):
+            return name
+    raise UsageError(f"Invalid value for backing_file: {value!r} (a file name, or None)")
 
 
 def _buffer(value: int | str) -> int:
@@ -104,9 +167,13 @@ def _buffer(value: int | str) -> int:
 class ConvertOptions:
     """Options of one conversion; each field is a ``qemu-img convert`` option.
 
-    Values are checked when the object is made, so a bad value fails early with a
-    :class:`~trioconv.UsageError` whose message says what to fix. Sizes accept qemu-img's
-    suffixes (``"4k"``, ``"10M"``).
+    Values are checked when the object is made, so a bad value - or one of the wrong
+    type, from untyped code - fails early with a :class:`~trioconv.UsageError` whose
+    message says what to fix. Sizes accept qemu-img's suffixes (``"4k"``, ``"10M"``).
+
+    The object is a value: immutable, compared and hashed by its fields, and it can be
+    copied and pickled. ``attrs.evolve(options, parallel=16)`` makes a changed copy,
+    checked like a new one.
 
     Attributes:
         source_format: ``-f``; probed when None.
@@ -128,7 +195,8 @@ class ConvertOptions:
         salvage: ``--salvage``; unreadable source ranges become zeroes, with a warning.
         backing_file / backing_format: ``-B``/``-b`` and ``-F``: the target is made an
             overlay on this file (stored as given, relative to the target's folder),
-            as with ``-o backing_file=...,backing_fmt=...``, which they override.
+            as with ``-o backing_file=...,backing_fmt=...``, which they override. The
+            file may be given as a path object; it is kept as its string.
         snapshot: ``-l``/``-s``.
         bitmaps: ``--bitmaps``.
         buffer_size: bytes per copy request (2 MiB, as qemu-img).
@@ -138,30 +206,29 @@ class ConvertOptions:
             QEMU) writes them. Without it such a source is refused, as qemu-img does.
     """
 
-    source_format: str | None = None
-    target_format: str | None = "raw"
-    # (Left out of the hash - a mapping has none - but not out of equality.)
-    target_options: Mapping[str, str] = attrs.field(factory=dict, converter=_mapping, hash=False)
+    source_format: str | None = attrs.field(default=None, validator=_name)
+    target_format: str | None = attrs.field(default="raw", validator=_name)
+    target_options: Mapping[str, str] = attrs.field(factory=dict, converter=_mapping)
     source_cache: CacheMode = attrs.field(default=CacheMode.WRITEBACK, converter=_cache_source)
     target_cache: CacheMode = attrs.field(default=CacheMode.UNSAFE, converter=_cache_target)
     sparse_size: int = attrs.field(default=4096, converter=_sparse)
-    no_create: bool = False
-    target_is_zero: bool = False
-    compress: bool = False
+    no_create: bool = attrs.field(default=False, validator=_flag)
+    target_is_zero: bool = attrs.field(default=False, validator=_flag)
+    compress: bool = attrs.field(default=False, validator=_flag)
     parallel: int = attrs.field(default=8, converter=_parallel)
-    oob_writes: bool = False
-    copy_range: bool = False
+    oob_writes: bool = attrs.field(default=False, validator=_flag)
+    copy_range: bool = attrs.field(default=False, validator=_flag)
     rate_limit: int | None = attrs.field(default=None, converter=_rate)
-    salvage: bool = False
-    backing_file: str | None = None
-    backing_format: str | None = None
-    snapshot: str | None = None
-    bitmaps: bool = False
-    skip_broken_bitmaps: bool = False
+    salvage: bool = attrs.field(default=False, validator=_flag)
+    backing_file: str | None = attrs.field(default=None, converter=_file_name)
+    backing_format: str | None = attrs.field(default=None, validator=_name)
+    snapshot: str | None = attrs.field(default=None, validator=_name)
+    bitmaps: bool = attrs.field(default=False, validator=_flag)
+    skip_broken_bitmaps: bool = attrs.field(default=False, validator=_flag)
     buffer_size: int = attrs.field(default=DEFAULT_BUFFER_SIZE, converter=_buffer)
-    explicit_sparse_size: bool = False
+    explicit_sparse_size: bool = attrs.field(default=False, validator=_flag)
     connections: int | None = None
-    force_share: bool = False
+    force_share: bool = attrs.field(default=False, validator=_flag)
 
     @property
     def target_backing_file(self) -> str | None:

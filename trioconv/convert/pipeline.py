@@ -837,6 +837,12 @@ async def run_pipeline(
         if error is None:
             raise
         raise error from group
+    except ConvertError:
+        raise
+    except TrioconvError as exc:
+        # Zeroing the whole target up front (prezero) runs before the copy tasks, out
+        # of their nursery: its failure is a failed conversion all the same.
+        raise ConvertError(str(exc)) from exc
     finally:
         engine.close()
     return engine.salvaged

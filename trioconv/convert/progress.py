@@ -5,6 +5,8 @@ from __future__ import annotations
 import attrs
 import trio
 
+from ..driver import require_trio
+
 __all__ = ["Progress"]
 
 
@@ -12,8 +14,9 @@ __all__ = ["Progress"]
 class Progress:
     """Live statistics of one conversion.
 
-    Make one, pass it to :func:`trioconv.convert`, and watch it from another task: the
-    counters only grow, and :meth:`wait_changed` wakes whenever they do::
+    Make one (``Progress()``: it takes no arguments), pass it to
+    :func:`trioconv.convert`, and watch it from another task: the counters only grow,
+    and :meth:`wait_changed` wakes whenever they do::
 
         progress = trioconv.Progress()
         async with trio.open_nursery() as nursery:
@@ -42,20 +45,25 @@ class Progress:
         finished: True once the conversion has ended, successfully or not.
     """
 
-    total: int = 0
-    done: int = 0
-    written: int = 0
-    zeroed: int = 0
-    skipped: int = 0
-    data_total: int | None = None
-    data_done: int = 0
-    started_at: float | None = None
-    finished: bool = False
+    # Not arguments: a Progress starts at zero, and the ConvertResult of the conversion
+    # it follows is read from it.
+    total: int = attrs.field(default=0, init=False)
+    done: int = attrs.field(default=0, init=False)
+    written: int = attrs.field(default=0, init=False)
+    zeroed: int = attrs.field(default=0, init=False)
+    skipped: int = attrs.field(default=0, init=False)
+    data_total: int | None = attrs.field(default=None, init=False)
+    data_done: int = attrs.field(default=0, init=False)
+    started_at: float | None = attrs.field(default=None, init=False)
+    finished: bool = attrs.field(default=False, init=False)
     # True while data_total is being learnt (the percentage waits for it).
     _measuring: bool = attrs.field(default=False, init=False, repr=False)
     # Learn data_total at all: a Progress nobody watches (the one trioconv.convert makes
     # when given none, the command line's without -p) spares the sources the walk.
     _wants_data: bool = attrs.field(default=True, init=False, repr=False)
+    # Given to a conversion: a Progress follows one (taken when the call starts, so
+    # that two conversions started together cannot both take it).
+    _taken: bool = attrs.field(default=False, init=False, repr=False)
     # Made by the first waiter and set by the next change: no event per update when
     # nobody watches.
     _changed: trio.Event | None = attrs.field(default=None, init=False, repr=False)
@@ -113,7 +121,12 @@ class Progress:
         self._notify()
 
     async def wait_changed(self) -> None:
-        """Sleep until the counters change or the conversion finishes."""
+        """Sleep until the counters change or the conversion finishes.
+
+        Raises:
+            UsageError: called outside a Trio task (from asyncio, say).
+        """
+        require_trio("Progress.wait_changed")
         if self.finished:
             await trio.lowlevel.checkpoint()
             return

@@ -16,7 +16,7 @@ import attrs
 import trio
 
 from .._errors import TrioconvIOError, UnsupportedError
-from ..driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits
+from ..driver import Buffer, Caps, Driver, Extent, ExtentKind, Limits, require_trio
 
 __all__ = ["MemoryDriver", "Request"]
 
@@ -103,6 +103,7 @@ class MemoryDriver(Driver):
         return self._caps
 
     def _check(self, op: str, offset: int, length: int) -> None:
+        require_trio(type(self).__name__)
         if self.closed:
             raise TrioconvIOError(f"{self.location}: driver is closed")
         if offset < 0 or length < 0 or offset + length > self.size:
@@ -147,25 +148,7 @@ class MemoryDriver(Driver):
         view = memoryview(data).cast("B")
         req = Request("write", offset, view.nbytes)
         self.log.append(req)
-        if not self._writable:
-            raise UnsupportedError(f"{self.location}: opened read-only")
-        self._check("write", offset, view.nbytes)
-        self.writes_in_flight += 1
-        self.max_writes_in_flight = max(self.max_writes_in_flight, self.writes_in_flight)
-        try:
-            await self._pause(req)
-            if (
-                self.fail_write_at is not None
-                and offset <= self.fail_write_at < offset + view.nbytes
-            ):
-                raise TrioconvIOError(
-                    f"error while writing {self.location} at byte {offset}: Input/output error",
-                    offset=offset,
-                )
-            self.data[offset : offset + view.nbytes] = view
-            self._mark(offset, view.nbytes, 1)
-        finally:
-            self.writes_in_flight -= 1
+        await self._write(req, view)
 
     async def pwrite_zeroes(
         self, offset: int, length: int, *, may_unmap: bool = False, fast: bool = False
@@ -185,22 +168,46 @@ class MemoryDriver(Driver):
         """zlib in a worker thread (with ``cluster_size`` set); see :meth:`Driver.compress`."""
         if not self._caps.compress:
             return await super().compress(offset, data)
+        require_trio(type(self).__name__)
         self.log.append(Request("compress", offset, data.nbytes))
         payload = data.tobytes()
         return await trio.to_thread.run_sync(zlib.compress, payload)
 
     async def pwrite_compressed(self, offset: int, prepared: object) -> None:
+        """Write what :meth:`compress` prepared: a write like :meth:`pwrite`, refused
+        when read-only or closed, failed by ``fail_write_at``, counted in
+        ``max_writes_in_flight``, and logged as ``"compressed"``."""
         if not isinstance(prepared, bytes):
             raise TypeError("pwrite_compressed takes what compress() returned")
         data = zlib.decompress(prepared)
-        self.log.append(Request("compressed", offset, len(data)))
-        self._check("write", offset, len(data))
-        await self._pause(Request("compressed", offset, len(data)))
-        self.data[offset : offset + len(data)] = data
-        self._mark(offset, len(data), 1)
+        req = Request("compressed", offset, len(data))
+        self.log.append(req)
+        await self._write(req, data)
+
+    async def _write(self, req: Request, data: Buffer) -> None:
+        """Store ``data`` at ``req.offset`` after the request's delay: the common part
+        of plain and compressed writes."""
+        offset, length = req.offset, req.length
+        if not self._writable:
+            raise UnsupportedError(f"{self.location}: opened read-only")
+        self._check("write", offset, length)
+        self.writes_in_flight += 1
+        self.max_writes_in_flight = max(self.max_writes_in_flight, self.writes_in_flight)
+        try:
+            await self._pause(req)
+            if self.fail_write_at is not None and offset <= self.fail_write_at < offset + length:
+                raise TrioconvIOError(
+                    f"error while writing {self.location} at byte {offset}: Input/output error",
+                    offset=offset,
+                )
+            self.data[offset : offset + length] = data
+            self._mark(offset, length, 1)
+        finally:
+            self.writes_in_flight -= 1
 
     async def block_status(self, offset: int, length: int) -> Extent:
-        self._check("block status", offset, 0)
+        # (An extent starts at ``offset``, so it must be a byte of the image.)
+        self._check("block status", offset, 1)
         end = min(self.size, offset + length)
         if not self._caps.block_status:
             return Extent(offset, end - offset, ExtentKind.DATA)
@@ -216,6 +223,7 @@ class MemoryDriver(Driver):
         return Extent(offset, stop - offset, kind)
 
     async def flush(self) -> None:
+        require_trio(type(self).__name__)
         await trio.lowlevel.checkpoint()
         self.flushes += 1
 
