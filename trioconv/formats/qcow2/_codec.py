@@ -551,6 +551,9 @@ def parse_image(cluster: bytes | bytearray | memoryview, file_size: int) -> Imag
         )
     if not has_data_file and h.autoclear_features & Autoclear.DATA_FILE_RAW:
         raise Qcow2FormatError("data_file_raw is set but the image has no external data file", 88)
+    if not h.refcount_table_clusters:
+        # Every cluster, the header's first, has a refcount: qemu opens no such image.
+        raise Qcow2FormatError("Image does not contain a reference count table", 56)
     l1_bytes = h.l1_size * 8
     if l1_bytes and h.l1_table_offset + l1_bytes > file_size:
         raise Qcow2FormatError(

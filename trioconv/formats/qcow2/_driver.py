@@ -9,7 +9,9 @@ which is served one way:
 
 * NORMAL - one read on the data file (the image itself, or its external data file);
   host-contiguous clusters were already merged into one segment, so a freshly
-  converted image is read in requests as large as the caller's;
+  converted image is read in requests as large as the caller's. A cluster of the
+  image itself that lies wholly past the end of its file fails the read (a truncated
+  copy), where qemu would read zeroes;
 * ZERO - the buffer is cleared;
 * UNALLOCATED - read from the backing image (zeroes past its end), or cleared;
 * COMPRESSED - the stream is read and inflated; neighbouring streams are fetched in one
@@ -330,6 +332,8 @@ class Qcow2Driver(Driver):
             view = buf[seg.offset - offset : seg.end - offset]
             if seg.kind is ClusterKind.NORMAL:
                 # Gathered and read in one batch: scattered clusters cost one hand-off.
+                if self._data is self.child:
+                    self._check_in_file(seg.host_offset, view.nbytes)
                 n = max(0, min(view.nbytes, self._data.size - seg.host_offset))
                 if n:
                     host_reads.append((seg.host_offset, view[:n]))
@@ -345,6 +349,25 @@ class Qcow2Driver(Driver):
             await self._data.preadinto_many(host_reads)
         if compressed:
             await self._read_compressed(compressed, buf, offset)
+
+    def _check_in_file(self, host: int, length: int) -> None:
+        """Refuse a read of data clusters that lie wholly past the end of the image file.
+
+        The file may end inside the last cluster it maps (the rest reads as zeroes, as
+        in qemu; a raw external data file ends where the guest does, which is not
+        checked here). A cluster that starts at or past the end is not data cut short
+        but data that is gone - a truncated copy of the image - and reading it as
+        zeroes would silently lose it, so the read fails instead (``--salvage`` still
+        gets past it, one sector at a time).
+        """
+        cs, size = self.layout.cluster_size, self.child.size
+        if (host + length - 1) // cs * cs < size:
+            return
+        bad = max(host // cs * cs, -(-size // cs) * cs)
+        raise self._corrupt(
+            f"data cluster at host offset {bad:#x} lies past the end of the file ({size} bytes)",
+            bad,
+        )
 
     async def _read_host(self, source: Driver, host: int, view: memoryview) -> None:
         """Read ``view`` at ``host`` of ``source``; bytes past its end read as zeroes."""

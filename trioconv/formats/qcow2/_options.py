@@ -128,6 +128,32 @@ class CreateOptions:
         return 1 << self.cluster_bits
 
 
+def _c_number(name: str, text: str) -> int:
+    """``text`` read as qemu reads a number option (C's ``strtoull`` in base 0): leading
+    white space, an optional sign, then decimal, octal after a leading ``0`` or hex after
+    ``0x``; a minus wraps around as in C. ``010`` is 8.
+
+    Raises:
+        UsageError: not a number, or not below 2^64 (qemu's messages).
+    """
+    rest = text.lstrip(" \t\n\v\f\r")
+    negative = rest[:1] == "-"
+    if rest[:1] in ("-", "+"):
+        rest = rest[1:]
+    base = 10
+    if rest[:2].lower() == "0x" and len(rest) > 2:
+        base, rest = 16, rest[2:]
+    elif rest[:1] == "0" and len(rest) > 1:
+        base, rest = 8, rest[1:]
+    digits = "0123456789abcdef"[:base]
+    if not rest or any(c not in digits for c in rest.lower()):
+        raise UsageError(f"Parameter '{name}' expects a number")
+    value = int(rest, base)
+    if value >= 1 << 64:
+        raise UsageError(f"Value '{text}' is too large for parameter '{name}'")
+    return -value % (1 << 64) if negative else value
+
+
 def parse_create_options(options: Mapping[str, str]) -> CreateOptions:
     """Check the ``-o`` options of a new qcow2 image and decode them.
 
@@ -163,13 +189,7 @@ def parse_create_options(options: Mapping[str, str]) -> CreateOptions:
         )
     cluster_bits = cluster_size.bit_length() - 1
 
-    text = options.get("refcount_bits", "16")
-    try:
-        refcount_bits = int(text, 10)
-    except ValueError:
-        raise UsageError(
-            "Parameter 'refcount_bits' expects a non-negative number below 2^64"
-        ) from None
+    refcount_bits = _c_number("refcount_bits", options.get("refcount_bits", "16"))
     if refcount_bits <= 0 or refcount_bits > 64 or refcount_bits & (refcount_bits - 1):
         raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
 

@@ -36,6 +36,14 @@ with COPIED, and takes the active layer's reference off the old cluster. Zeroing
 only the active layer's own tables (copied first when shared) and never a shared data
 cluster. The snapshot table and the snapshots' L1 tables are left as they are.
 
+A corrupt image is not made worse. Opening one for writing first lists the clusters
+of its metadata (header, L1 and L2 tables, refcount table and blocks, snapshot tables)
+and refuses it, untouched, if two of them overlap. A write or a free that would reach
+one of them - an L2 entry mapping a data cluster onto the L1 table, or missing
+refcounts letting a table's cluster be handed out for data - fails before it starts,
+like qemu's overlap check; any corruption found while writing stops the writer, and
+the tables it had changed in memory are never stored.
+
 On flush, version 3 images first get the *dirty* bit (qemu repairs the refcounts of a
 dirty image when it opens it), then refcount blocks, refcount table, L2 tables and L1
 are written, the file is flushed, and the header is rewritten clean.
@@ -65,8 +73,10 @@ gets one reference for it.
 
 from __future__ import annotations
 
+import bisect
 import collections
 import contextlib
+import itertools
 import logging
 import os
 from array import array
@@ -326,6 +336,12 @@ class Qcow2Writer(Qcow2Driver):
         self._bitmap_dir: tuple[int, int] | None = None
         #: The bitmaps changed since they were stored (and the header says so on disk).
         self._bitmaps_changed = False
+        #: Host clusters of the image's metadata when it was opened (sorted; see
+        #: :func:`_metadata_clusters`), those of them freed since, and the tables made
+        #: since (sorted): no guest data may be written over any in use.
+        self._meta: array[int] = array("Q")
+        self._meta_freed: set[int] = set()
+        self._meta_added: list[int] = []
 
     # -- contract ---------------------------------------------------------------------
     @property
@@ -348,6 +364,14 @@ class Qcow2Writer(Qcow2Driver):
             and (not self._preallocated or self._data.caps.zero_init),
             compress=not self._external,
         )
+
+    def _corrupt(self, problem: str, offset: int | None = None) -> TrioconvIOError:
+        """The reader's error for a corrupt image - and the writer stops: the tables in
+        memory may be half changed by the operation that found the corruption (a
+        refcount dropped below zero partway through a free), so they are not stored;
+        the image keeps the tables it had on disk (see :meth:`_check_usable`)."""
+        self._failed = True
+        return super()._corrupt(problem, offset)
 
     def _check_range(self, what: str, offset: int, length: int) -> None:
         if self._closed:
@@ -437,6 +461,10 @@ class Qcow2Writer(Qcow2Driver):
         host = self._reftable[ri] & REFTABLE_OFFSET_MASK
         if not host:
             return None
+        if host % self._cs or host + self._cs > self.file.size:
+            raise self._corrupt(
+                f"invalid refcount block offset {host:#x} in refcount table entry {ri}", host
+            )
         raw = await self.file.pread(host, self._cs)
         blk = codec.decode_refblock(raw, self._order)
         self._refblocks[ri] = blk
@@ -457,6 +485,7 @@ class Qcow2Writer(Qcow2Driver):
         self._dirty_refblocks.add(ri)
         self._reftable[ri] = host
         self._reftable_dirty = True
+        self._claim(host, 1)
         await self._add_refs(host >> self._bits, 1, 1)
         return blk
 
@@ -477,6 +506,7 @@ class Qcow2Writer(Qcow2Driver):
         self._reftable.extend(array("Q", bytes(clusters * self._cs - len(self._reftable) * 8)))
         self.header = attrs.evolve(h, refcount_table_offset=host, refcount_table_clusters=clusters)
         self._header_dirty = self._reftable_dirty = True
+        self._claim(host, clusters)
         await self._add_refs(host >> self._bits, clusters, 1)
         await self._add_refs(old_host >> self._bits, old_clusters, -1)
 
@@ -517,6 +547,7 @@ class Qcow2Writer(Qcow2Driver):
             self._dirty_refblocks.add(ri)
             pos += n
         if freed:
+            self._release_meta(freed)
             await self._discard_freed(freed)
 
     async def _discard_freed(self, runs: list[tuple[int, int]]) -> None:
@@ -553,6 +584,51 @@ class Qcow2Writer(Qcow2Driver):
                 self._discards = False
                 return
 
+    def _claim(self, host: int, count: int) -> None:
+        """Clusters from ``host`` now hold new metadata (an L2 table, a refcount block or
+        table): no guest data may go there (see :meth:`_check_not_metadata`)."""
+        first = host >> self._bits
+        for c in range(first, first + count):
+            self._meta_freed.discard(c)
+            bisect.insort(self._meta_added, c)
+
+    def _release_meta(self, runs: list[tuple[int, int]]) -> None:
+        """Clusters that dropped to refcount 0 hold no metadata any more: they may be
+        given out for data again."""
+        for first, count in runs:
+            stop = first + count
+            i = bisect.bisect_left(self._meta, first)
+            while i < len(self._meta) and self._meta[i] < stop:
+                self._meta_freed.add(self._meta[i])
+                i += 1
+            i = bisect.bisect_left(self._meta_added, first)
+            while i < len(self._meta_added) and self._meta_added[i] < stop:
+                del self._meta_added[i]
+
+    def _check_not_metadata(self, host: int, length: int, *, freeing: bool = False) -> None:
+        """Refuse a write of guest data over the image's metadata, as qemu's overlap
+        check does: an L2 entry of a corrupt image may map a data cluster onto the
+        header, an L1, L2 or refcount table, or a refcount block, or refcounts that
+        are missing may let a metadata cluster be handed out for data. The write fails
+        before it starts, the image gets no new tables (see :meth:`_write_runs`) and the
+        metadata stays as it was. Freeing such a data cluster (``freeing``) is refused
+        too: it would free - and discard - the metadata under it."""
+        if not length:
+            return
+        doing, verb = ("freeing", "free") if freeing else ("a write to", "overwrite")
+        first, last = host >> self._bits, (host + length - 1) >> self._bits
+        for seq, freed in ((self._meta, self._meta_freed), (self._meta_added, set())):
+            i = bisect.bisect_left(seq, first)
+            while i < len(seq) and seq[i] <= last:
+                if seq[i] not in freed:
+                    at = seq[i] << self._bits
+                    raise self._corrupt(
+                        f"{doing} the data cluster at host offset {at:#x} would "
+                        f"{verb} the image's metadata there",
+                        at,
+                    )
+                i += 1
+
     def _now_free(self, first: int, count: int) -> None:
         """Clusters from ``first`` (some of the next ``count``) dropped to refcount 0."""
         self._free_index = min(self._free_index, first)
@@ -578,11 +654,24 @@ class Qcow2Writer(Qcow2Driver):
             return
         oldest = min(self._ops, default=self._op_seq)
         held, self._deferred = self._deferred, []
+        ready: list[tuple[int, int]] = []
         for seq, first, count in held:
             if oldest < seq:
                 self._deferred.append((seq, first, count))
             else:
-                await self._add_refs(first, count, -1)
+                ready.append((first, count))
+        # Zeroing a large range frees its clusters one by one; released as runs of
+        # neighbours, they are discarded in one call per run, not one per cluster.
+        # (A cluster held twice - two compressed streams in it - stays two releases.)
+        ready.sort()
+        runs: list[tuple[int, int]] = []
+        for first, count in ready:
+            if runs and runs[-1][0] + runs[-1][1] == first:
+                runs[-1] = (runs[-1][0], runs[-1][1] + count)
+            else:
+                runs.append((first, count))
+        for first, count in runs:
+            await self._add_refs(first, count, -1)
 
     @contextlib.contextmanager
     def _op(self) -> Iterator[None]:
@@ -634,6 +723,7 @@ class Qcow2Writer(Qcow2Driver):
         if await self._shared(t.host, "L2 table"):
             old = t.host
             t.host = await self._alloc_clusters(1)
+            self._claim(t.host, 1)
             await self._unref(old >> self._bits, 1)
             t.dirty = True  # the table's bytes, unchanged, now go to the new cluster
         self._l1[index] = t.host | COPIED
@@ -763,11 +853,13 @@ class Qcow2Writer(Qcow2Driver):
             dec = codec.decode_l2_entry(entry, self.layout)
             start = dec.host_offset & ~511
             end = dec.host_offset + dec.compressed_size
+            self._check_not_metadata(start, end - start, freeing=True)
             first, last = start >> self._bits, (end - 1) >> self._bits
             await self._unref(first, last - first + 1)
             return
         host = entry & OFFSET_MASK
         if host:
+            self._check_not_metadata(host, self._cs, freeing=True)
             await self._unref(host >> self._bits, 1)
 
     # -- L2 tables --------------------------------------------------------------------
@@ -788,6 +880,7 @@ class Qcow2Writer(Qcow2Driver):
             t = _L2(host, codec.decode_table(raw), raw=raw)
         else:
             host = await self._alloc_clusters(1)
+            self._claim(host, 1)
             t = _L2(host, array("Q", bytes(self._cs)), dirty=True)
             self._l1[index] = host | COPIED
             self._l1_dirty = True
@@ -836,6 +929,8 @@ class Qcow2Writer(Qcow2Driver):
         ``view``'s, or zero bytes when it is None."""
         try:
             for run in runs:
+                if not self._external:
+                    self._check_not_metadata(run.host, run.length)
                 # The end of the last cluster guest data went to (see _end_file).
                 end = -(-(run.host + run.length) // self._cs) * self._cs
                 self._data_end = max(self._data_end, end)
@@ -1464,7 +1559,8 @@ class Qcow2Writer(Qcow2Driver):
         prepared.clusters = ()  # let the streams go as soon as they are joined
         try:
             with self._finishing("a compressed write"):
-                for host, _, pieces in plan:
+                for host, length, pieces in plan:
+                    self._check_not_metadata(host, length)
                     data = b"".join(pieces)
                     pieces.clear()
                     await self.file.pwrite(host, data)
@@ -1872,8 +1968,15 @@ async def _open_writer(
         )
         reader = _reopened(reader, info, l1)
         h = reader.header
-    raw = await file.pread(h.refcount_table_offset, h.refcount_table_clusters * h.cluster_size)
+    reftable_bytes = h.refcount_table_clusters * h.cluster_size
+    if h.refcount_table_offset + reftable_bytes > file.size:
+        raise ImageError(
+            f"{where}: refcount table at {h.refcount_table_offset:#x} ({reftable_bytes} "
+            f"bytes) lies past the end of the file ({file.size} bytes)"
+        )
+    raw = await file.pread(h.refcount_table_offset, reftable_bytes)
     reftable = codec.decode_table(raw)
+    meta = _metadata_clusters(reader, reftable, where)
     fixed_size = ctx is not None and ctx.fixed_size
     writer = Qcow2Writer(
         file,
@@ -1885,6 +1988,7 @@ async def _open_writer(
         fixed_size=fixed_size,
     )
     writer.location = reader.location
+    writer._meta = meta
     if fixed_size:
         await writer._find_end()
     keep = int(codec.Autoclear.DATA_FILE_RAW) if writer._external else 0
@@ -1900,6 +2004,60 @@ async def _open_writer(
         writer.header = attrs.evolve(h, autoclear_features=h.autoclear_features & keep)
         writer._header_dirty = True
     return writer
+
+
+def _metadata_clusters(reader: Qcow2Driver, reftable: array[int], where: str) -> array[int]:
+    """The host clusters of an image's metadata, sorted: the header's cluster, the
+    active L1 table and its L2 tables, the refcount table and its blocks, the snapshot
+    table's first cluster and the snapshots' L1 tables.
+
+    qemu only notices that two of these overlap (an L1 table on the refcount table,
+    say) when a write would land on one - by then the image is half changed. Here an
+    image opened for writing is refused first, untouched.
+
+    The list costs 8 bytes a table, as the L1 table itself does. (Data clusters are
+    not in it: where each one is, only the L2 tables say, and reading them all would
+    make opening a large image slow. A data cluster mapped onto metadata is caught
+    when it is written or freed, by :meth:`Qcow2Writer._check_not_metadata`.)
+
+    Raises:
+        ImageError: two of these structures share a cluster.
+    """
+    h = reader.header
+    cs, bits = h.cluster_size, h.cluster_bits
+    names: list[str] = []
+    keys: list[int] = []
+
+    def claim(offset: int, length: int, what: str) -> None:
+        kind = len(names)
+        names.append(what)
+        first, stop = offset >> bits, -(-(offset + length) // cs)
+        keys.extend((c << 24) | kind for c in range(first, stop))
+
+    claim(0, cs, "header")
+    if h.l1_size:
+        claim(h.l1_table_offset, h.l1_size * 8, "active L1 table")
+    claim(h.refcount_table_offset, h.refcount_table_clusters * cs, "refcount table")
+    if h.nb_snapshots:
+        claim(h.snapshots_offset, 1, "snapshot table")
+    for snap in reader.snapshots:
+        if snap.l1_size:
+            claim(snap.l1_table_offset, snap.l1_size * 8, f"L1 table of snapshot '{snap.name}'")
+    for what, table, mask in (
+        ("L2 table", reader._l1, OFFSET_MASK),
+        ("refcount block", reftable, REFTABLE_OFFSET_MASK),
+    ):
+        kind = len(names)
+        names.append(what)
+        keys.extend((entry & mask) >> bits << 24 | kind for entry in table if entry & mask)
+    keys.sort()
+    for a, b in itertools.pairwise(keys):
+        if a >> 24 == b >> 24:
+            raise ImageError(
+                f"{where}: corrupt qcow2 image: the {names[a & 0xFFFFFF]} overlaps the "
+                f"{names[b & 0xFFFFFF]} at host offset {(a >> 24) << bits:#x}"
+            )
+    return array("Q", sorted({k >> 24 for k in keys}))
 
 
 def _reopened(reader: Qcow2Driver, info: codec.ImageInfo, l1: array[int]) -> Qcow2Driver:
