@@ -150,3 +150,37 @@ async def test_a_qcow2_write_that_fails_halfway_stops_the_writer(
             with pytest.raises(trioconv.TrioconvIOError, match="earlier write failed halfway"):
                 await call
     _readable(path, "qcow2", tmp_path / "out.raw")
+
+
+async def test_a_qcow2_write_step_may_take_longer_the_more_it_sends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step of a qcow2 write is bounded in time (a server that stopped answering must
+    not hold a cancellation forever), but the bound grows with the bytes the step sends:
+    large writes to slow storage that is still taking them do not fail."""
+    from trioconv.formats.qcow2 import _writer
+    from trioconv.protocols.file import FileDriver
+
+    require_tool("qemu-img")
+    monkeypatch.setattr(_writer, "FINISH_TIMEOUT", 0.5)
+    monkeypatch.setattr(_writer, "FINISH_BYTES_PER_SECOND", MiB)  # 1 MiB: one more second
+    path = tmp_path / "t.qcow2"
+    await trioconv.create_image(path, "qcow2", 16 * MiB)
+    real = FileDriver.pwrite
+
+    async def slow(self: FileDriver, offset: int, data: object) -> None:
+        await trio.sleep(1.0)  # longer than the fixed part of the bound
+        await real(self, offset, data)  # type: ignore[arg-type]
+
+    async with trioconv.open_image(path, "qcow2", writable=True) as image:
+        monkeypatch.setattr(FileDriver, "pwrite", slow)
+        await image.pwrite(0, b"\x44" * MiB)  # 1.0 s of a 1.5 s bound
+        monkeypatch.setattr(FileDriver, "pwrite", real)
+        await image.flush()  # (a writer that fails later stores no tables after this)
+        monkeypatch.setattr(FileDriver, "pwrite", slow)
+        with pytest.raises(trioconv.TrioconvIOError, match=r"a write did not finish within 0\.5"):
+            await image.pwrite(2 * MiB, b"\x55" * 4096)  # 1.0 s of about 0.5 s
+        monkeypatch.setattr(FileDriver, "pwrite", real)
+    out = tmp_path / "out.raw"
+    _readable(path, "qcow2", out)
+    assert out.read_bytes()[:MiB] == b"\x44" * MiB

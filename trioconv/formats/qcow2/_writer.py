@@ -120,8 +120,12 @@ REFTABLE_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
 _ZEROS = bytes(1024 * 1024)
 #: Seconds a step of a write that has begun to change the image may take at most, even
 #: when cancelled: generous for slow storage (a 2 MiB request at 35 KB/s), and what a
-#: cancellation waits at worst for a server that stopped answering.
+#: cancellation waits at worst for a server that stopped answering...
 FINISH_TIMEOUT = 60.0
+#: ... plus a second for every this many bytes the step sends: a large run of zero bytes
+#: (into a version 2 image, which cannot mark clusters as zeroes) on slow storage is slow
+#: but alive.
+FINISH_BYTES_PER_SECOND = 1024 * 1024
 #: Extended L2 subcluster bitmaps: every subcluster allocated / every one reads as zeroes.
 ALL_ALLOC = 0xFFFF_FFFF
 ALL_ZEROES = 0xFFFF_FFFF << 32
@@ -247,6 +251,11 @@ class _Run:
     fill: _Fill | None = None
     waits: tuple[trio.Event, ...] = ()
     done: trio.Event | None = None
+
+
+def _bytes_of(runs: list[_Run]) -> int:
+    """Bytes the host writes of ``runs`` send (a fill's region counts whole)."""
+    return sum(max(run.length, run.fill.length if run.fill is not None else 0) for run in runs)
 
 
 @attrs.define(eq=False)
@@ -392,25 +401,25 @@ class Qcow2Writer(Qcow2Driver):
             )
 
     @contextlib.contextmanager
-    def _finishing(self, what: str) -> Iterator[None]:
+    def _finishing(self, what: str, nbytes: int = 0) -> Iterator[None]:
         """Run a step of a write that must not stop halfway, shielded from cancellation.
 
         A write allocates clusters (the tables point at them) and then sends their
         bytes. Cancelled between the two, it would leave entries pointing at clusters
         never written, which the next flush would store. So once a write has the lock,
         its steps finish even when it is cancelled - the cancellation takes effect at
-        its next checkpoint. Each step may take :data:`FINISH_TIMEOUT` seconds (a local
+        its next checkpoint. Each step may take :data:`FINISH_TIMEOUT` seconds, and one
+        more for each :data:`FINISH_BYTES_PER_SECOND` of the ``nbytes`` it sends (a local
         write takes milliseconds; one to a server that stopped answering, forever). A
         step that fails or does not finish in that time leaves the writer failed: it
         takes no more writes, and its tables are not stored (:meth:`_check_usable`).
         """
-        with trio.CancelScope(shield=True, deadline=trio.current_time() + FINISH_TIMEOUT) as scope:
+        limit = FINISH_TIMEOUT + nbytes / FINISH_BYTES_PER_SECOND
+        with trio.CancelScope(shield=True, deadline=trio.current_time() + limit) as scope:
             yield
         if scope.cancelled_caught:
             self._failed = True
-            raise TrioconvIOError(
-                f"{self.location}: {what} did not finish within {FINISH_TIMEOUT:g} s"
-            )
+            raise TrioconvIOError(f"{self.location}: {what} did not finish within {limit:g} s")
 
     def _set_end(self, end: int, what: str) -> None:
         if self._limit is not None and end > self._limit:
@@ -921,7 +930,7 @@ class Qcow2Writer(Qcow2Driver):
                 self._check_usable()
                 with self._finishing("a write"):
                     runs = await self._allocate(offset, view.nbytes)
-            with self._finishing("a write"):
+            with self._finishing("a write", _bytes_of(runs)):
                 await self._write_runs(runs, offset, view)
 
     async def _write_runs(self, runs: list[_Run], offset: int, view: memoryview | None) -> None:
@@ -1283,7 +1292,7 @@ class Qcow2Writer(Qcow2Driver):
             self._check_usable()
             with self._finishing("a write of zeroes"):
                 runs = await self._zero_locked(partial, first, last, may_unmap, fast)
-        with self._finishing("a write of zeroes"):
+        with self._finishing("a write of zeroes", sum(_bytes_of(a) for _, a in runs)):
             for start, allocated in runs:
                 await self._write_runs(allocated, start, None)
 
@@ -1558,7 +1567,7 @@ class Qcow2Writer(Qcow2Driver):
                 plan = await self._place_compressed(offset, prepared)
         prepared.clusters = ()  # let the streams go as soon as they are joined
         try:
-            with self._finishing("a compressed write"):
+            with self._finishing("a compressed write", sum(n for _, n, _ in plan)):
                 for host, length, pieces in plan:
                     self._check_not_metadata(host, length)
                     data = b"".join(pieces)
