@@ -5,8 +5,8 @@ wild do not. This one serves ``image`` over ``HEAD`` and ``GET`` with ``Range`` 
 ``behaviour`` - a function of the request - say which raw bytes go back (``None``
 closes the connection instead, a :class:`Closing` reply closes it after sending).
 :func:`honest` is the correct answer; the builders :func:`head` and :func:`partial`
-help write the others. It runs in threads on 127.0.0.1 and serves any number of
-connections::
+help write the others. It runs in threads on 127.0.0.1 (or ``host``: ``"::1"`` for
+IPv6) and serves any number of connections::
 
     def gzipped(req: Request) -> bytes | None:
         return partial(req, headers=[("Content-Encoding", "gzip")])
@@ -88,18 +88,24 @@ def honest(req: Request) -> bytes | None:
 
 
 class FakeHTTPServer(ScriptedServer):
-    """The server, on an ephemeral port of 127.0.0.1, until the ``with`` block ends."""
+    """The server, on an ephemeral port of ``host``, until the ``with`` block ends."""
 
-    def __init__(self, image: bytes, behaviour: Behaviour = honest) -> None:
+    def __init__(
+        self, image: bytes, behaviour: Behaviour = honest, host: str = "127.0.0.1"
+    ) -> None:
         self.image = image
         self.behaviour = behaviour
         self.requests: list[Request] = []
-        listener = socket.create_server(("127.0.0.1", 0))
+        self.host = host
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.create_server((host, 0), family=family)
         self.port: int = listener.getsockname()[1]
         super().__init__(listener)
 
     def url(self, path: str = "/disk.img") -> str:
-        return f"http://127.0.0.1:{self.port}{path}"
+        """``http://HOST:PORT/PATH``, an IPv6 address in brackets (``http://[::1]:PORT``)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}{path}"
 
     def serve(self, conn: socket.socket) -> None:
         buf = b""

@@ -13,7 +13,12 @@ connection the server closed while idle is noticed when a request on it fails be
 any answer, and that request is sent again on a new connection; any other failure, a
 status other than ``206``, a ``Content-Range`` that is not the one asked for, or a
 strong ``ETag`` other than the one the file had when opened (it was replaced on the
-server) fails the read with a message naming the URL and the offset.
+server) fails the read with a message naming the URL and the offset. When opening was
+redirected and a read is then refused (a redirection, 401, 403, 404, 410: a signed URL
+that expired), the redirections are followed again from the URL given - as curl does
+for every request - and the read is sent once more to where they lead now. A read's
+``timeout`` runs from when a connection is free for it, so reads queued behind busy
+connections are not taken for a server that stalls.
 
 Bodies are framed as RFC 9112 (6.3) says: ``Transfer-Encoding: chunked`` wins over any
 ``Content-Length`` (and such a connection is not reused), else ``Content-Length``, else
@@ -31,6 +36,8 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno as errno_mod
+import math
+import os
 import re
 import ssl
 import urllib.parse
@@ -129,10 +136,11 @@ class HTTPAddress:
 
     def follow(self, location: str) -> HTTPAddress:
         """The address a redirection's ``Location`` names (relative to this one);
-        credentials go along only to the same host."""
+        credentials and the cookie go along only to the same scheme, host and port (as
+        curl sends them): not to another server, nor in clear text after TLS."""
         base = f"{self.scheme}://{self.authority}{self.target}"
-        new = parse_http_uri(urllib.parse.urljoin(base, location))
-        if (new.host, new.port) == (self.host, self.port):
+        new = parse_http_uri(urllib.parse.urljoin(base, _location_text(location)))
+        if (new.scheme, new.host, new.port) == (self.scheme, self.host, self.port):
             new = attrs.evolve(new, cookie=self.cookie)
             if new.user is None:
                 new = attrs.evolve(new, user=self.user, password=self.password)
@@ -142,6 +150,21 @@ class HTTPAddress:
             proxy_user=self.proxy_user,
             proxy_password=self.proxy_password,
         )
+
+
+#: The bytes of a ``Location`` kept as they are: ASCII (what a URL may not hold as it is,
+#: a space say, is encoded with the rest of the URL by :func:`parse_http_uri`).
+_ASCII = "".join(map(chr, range(0x80)))
+
+
+def _location_text(location: str) -> str:
+    """A ``Location`` header's value (decoded as Latin-1, one character a byte) with
+    every byte beyond ASCII percent-encoded as it is, as curl does.
+
+    Servers send non-ASCII paths as raw UTF-8: ``/\u00c3\u00a9.img`` here is the UTF-8 of
+    ``/\u00e9.img`` and becomes ``/%C3%A9.img``. Left as text, it would be encoded again
+    as UTF-8 (``%C3%83%C2%A9``) and name another file."""
+    return urllib.parse.quote(location.strip().encode("latin-1"), safe=_ASCII)
 
 
 def parse_http_uri(uri: str) -> HTTPAddress:
@@ -313,6 +336,18 @@ class _Connection:
             await self.stream.aclose()
 
 
+def _environment_proxy(scheme: str) -> str | None:
+    """The proxy URL the environment names for ``scheme``, read as curl reads it:
+    ``http_proxy`` in lower case only (a web server's CGI programs find a client's
+    ``Proxy:`` header in ``HTTP_PROXY``), ``https_proxy`` or ``HTTPS_PROXY``, then
+    ``all_proxy`` or ``ALL_PROXY``; an empty value is as good as none."""
+    names = ["http_proxy"] if scheme == "http" else [f"{scheme}_proxy", f"{scheme.upper()}_PROXY"]
+    for name in (*names, "all_proxy", "ALL_PROXY"):
+        if value := os.environ.get(name, "").strip():
+            return value
+    return None
+
+
 def proxy_for(address: HTTPAddress) -> HTTPAddress | None:
     """The proxy the environment names for ``address`` (``http_proxy``, ``https_proxy``,
     ``all_proxy``, ``no_proxy``, as curl reads them), or None for a direct connection.
@@ -320,15 +355,19 @@ def proxy_for(address: HTTPAddress) -> HTTPAddress | None:
     Raises:
         ImageError: the proxy URL is not an ``http://`` one.
     """
-    proxies = urllib.request.getproxies_environment()
-    url = proxies.get(address.scheme) or proxies.get("all")
+    url = _environment_proxy(address.scheme)
     if not url or urllib.request.proxy_bypass(address.host):
         return None
     if "://" not in url:
         url = "http://" + url
-    proxy = parse_http_uri(url)
-    if proxy.tls:
-        raise ImageError(f"Could not open '{address.uri}': HTTPS proxies are not supported")
+    shown = peer_text(_PASSWORD.sub(r"\1@", url), 80)
+    where = f"Could not open '{address.uri}': the proxy '{shown}'"
+    if url.partition("://")[0].lower() != "http":
+        raise ImageError(f"{where} is not supported (only http:// proxies are)")
+    try:
+        proxy = parse_http_uri(url)
+    except ImageError:
+        raise ImageError(f"{where} is not a valid URL") from None
     if address.proxy_user is not None:
         proxy = attrs.evolve(proxy, user=address.proxy_user, password=address.proxy_password)
     return proxy
@@ -343,6 +382,7 @@ class _Pool:
         self.proxy = proxy
         self._slots = trio.Semaphore(size)
         self._idle: list[_Connection] = []
+        self._closed = False  # connections in use are closed when given back
         self._tls = ssl.create_default_context() if address.tls else None
         if self._tls is not None and not address.verify:
             self._tls.check_hostname = False
@@ -374,34 +414,53 @@ class _Pool:
         return _Connection(stream, None)
 
     @asynccontextmanager
-    async def connection(self) -> AsyncIterator[tuple[_Connection, bool]]:
-        """A connection and whether it was reused; back to the pool if still usable."""
+    async def connection(
+        self, timeout: float = math.inf
+    ) -> AsyncIterator[tuple[_Connection, bool]]:
+        """A connection and whether it was reused; back to the pool if still usable.
+
+        ``timeout`` (seconds) bounds what follows once a connection is free - connecting,
+        and the caller's block - but not the wait for one: a read queued behind busy
+        connections has not reached the server yet, and a server that answers every
+        read in time must not be taken for a stalled one (``trio.TooSlowError``).
+        """
         async with self._slots:
-            reused = bool(self._idle)
-            conn = self._idle.pop() if reused else await self._connect()
-            ok = False
-            try:
-                yield conn, reused
-                ok = True
-            finally:
-                if ok and conn.reusable:
-                    self._idle.append(conn)
-                else:
-                    await conn.aclose()
+            with trio.fail_after(timeout):
+                reused = bool(self._idle)
+                conn = self._idle.pop() if reused else await self._connect()
+                ok = False
+                try:
+                    yield conn, reused
+                    ok = True
+                finally:
+                    if ok and conn.reusable and not self._closed:
+                        self._idle.append(conn)
+                    else:
+                        await conn.aclose()
 
     @asynccontextmanager
-    async def exchange(self, request: bytes) -> AsyncIterator[tuple[_Connection, proto.Response]]:
+    async def exchange(
+        self, request: bytes, timeout: float = math.inf
+    ) -> AsyncIterator[tuple[_Connection, proto.Response]]:
         """Send ``request`` and give its connection and response head; the body is the
-        caller's to receive. A reused connection that turns out closed before any answer
+        caller's to receive, within ``timeout`` seconds of a connection being free
+        (see :meth:`connection`). A reused connection that turns out closed before any answer
         (a server or proxy that dropped it while idle, or one that closes every connection
-        after its response without saying so, as tinyproxy does) is dropped and the next
-        one tried, down to a new connection, whose failure is final. (Requests are GETs
-        and HEADs: sending one again is harmless.)"""
+        after its response without saying so, as tinyproxy does), or that holds bytes
+        that are no response head (what is left of a body sent where none belongs, after
+        an answer to HEAD), is dropped and the next one tried, down to a new connection,
+        whose failure is final. (Requests are GETs and HEADs: sending one again is
+        harmless.)"""
         while True:
-            async with self.connection() as (conn, reused):
+            async with self.connection(timeout) as (conn, reused):
                 try:
                     response = await conn.request(request)
-                except (_ClosedByServer, trio.BrokenResourceError, OSError):
+                except (
+                    _ClosedByServer,
+                    trio.BrokenResourceError,
+                    OSError,
+                    proto.HTTPProtocolError,
+                ):
                     conn.reusable = False
                     if reused:
                         continue
@@ -414,6 +473,8 @@ class _Pool:
                 return
 
     async def aclose(self) -> None:
+        """Close the idle connections, and those in use as they are given back."""
+        self._closed = True
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.aclose()
@@ -447,6 +508,18 @@ async def _tunnel(tcp: trio.SocketStream, address: HTTPAddress, proxy: HTTPAddre
         )
 
 
+#: Answers to a read that say the address no longer serves the file.
+_STALE = (301, 302, 303, 307, 308, 401, 403, 404, 410)
+
+
+class _Stale(Exception):
+    """A read found the address the redirections led to no longer working."""
+
+    def __init__(self, error: TrioconvIOError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class HTTPDriver(Driver):
     """A file on a web server, read-only. Made by :func:`open_http`."""
 
@@ -461,6 +534,8 @@ class HTTPDriver(Driver):
         etag: str | None = None,
         *,
         timeout: float = READ_TIMEOUT,
+        origin: HTTPAddress | None = None,
+        open_timeout: float = OPEN_TIMEOUT,
     ) -> None:
         self._pool = pool
         self._timeout = timeout
@@ -469,6 +544,11 @@ class HTTPDriver(Driver):
         self._etag = etag  # the file's strong validator when opened, if the server gave one
         self.location = original
         self._closed = False
+        #: The URL given, when redirections led from it to ``address``: followed again
+        #: when ``address`` stops working (see :meth:`_renew`).
+        self._origin = origin
+        self._open_timeout = open_timeout
+        self._renewing = trio.Lock()
 
     @property
     def size(self) -> int:
@@ -486,9 +566,10 @@ class HTTPDriver(Driver):
         a = self._address
         return {"http": {"url": a.uri, "tls": a.tls}}
 
-    def _headers(self, extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    @staticmethod
+    def _headers(pool: _Pool, extra: list[tuple[str, str]]) -> list[tuple[str, str]]:
         base = [("User-Agent", _USER_AGENT), ("Accept-Encoding", "identity")]
-        return base + extra + self._address.auth_header()
+        return base + extra + pool.address.auth_header()
 
     async def preadinto(self, offset: int, buf: memoryview) -> None:
         view = buf.cast("B") if buf.format != "B" else buf
@@ -505,20 +586,84 @@ class HTTPDriver(Driver):
     async def _read_range(self, offset: int, view: memoryview) -> None:
         if not view.nbytes:
             return
-        last = offset + view.nbytes - 1
-        request = self._pool.build("GET", self._headers([("Range", f"bytes={offset}-{last}")]))
+        pool = self._pool
         try:
-            with trio.fail_after(self._timeout):
-                async with self._pool.exchange(request) as (conn, response):
-                    if response.status != 206:
-                        await conn.drain(response)
-                        raise TrioconvIOError(
-                            self._unexpected(response, offset, view),
-                            offset=offset,
-                            errno=errno_mod.EIO,
-                        )
-                    self._check_range(response, offset, last)
-                    await conn.receive_body_into(response, view)
+            await self._read_range_from(pool, offset, view, renewable=self._origin is not None)
+        except _Stale as stale:
+            if not await self._renew(pool, offset):
+                raise stale.error from None
+            await self._read_range_from(self._pool, offset, view, renewable=False)
+
+    async def _renew(self, stale: _Pool, offset: int) -> bool:
+        """Follow the redirections from the URL given again, as curl (and so qemu-img)
+        does for every request, once the address they led to stops working - a signed
+        URL that expired, a mirror that went away. True when reads can go on at the new
+        address (another read may have found it already); False when following the URL
+        again did not lead to a working one.
+
+        Raises:
+            TrioconvIOError: the URL now leads to another file (size or ETag).
+        """
+        assert self._origin is not None
+        async with self._renewing:
+            if self._pool is not stale:
+                return True
+            where = f"Could not open '{self._origin.uri}'"
+            try:
+                with trio.fail_after(self._open_timeout):
+                    final, pool, (size, etag) = await _resolve(self._origin, where)
+            except (
+                ImageError,
+                TrioconvIOError,
+                OSError,
+                trio.BrokenResourceError,
+                trio.TooSlowError,
+                proto.HTTPProtocolError,
+                _ClosedByServer,
+            ):
+                return False
+            changed = None
+            if size != self._size:
+                changed = f"{size} bytes, {self._size} when opened"
+            elif self._etag is not None and etag is not None and etag != self._etag:
+                changed = f"ETag {peer_text(etag, 80)}, {peer_text(self._etag, 80)} when opened"
+            if changed is not None:
+                await pool.aclose()
+                raise TrioconvIOError(
+                    f"error while reading {self.location} at byte {offset}: following the "
+                    f"URL again leads to another file: {changed}",
+                    offset=offset,
+                    errno=errno_mod.EIO,
+                )
+            self._pool, self._address = pool, final
+            await stale.aclose()
+            return True
+
+    async def _read_range_from(
+        self, pool: _Pool, offset: int, view: memoryview, *, renewable: bool
+    ) -> None:
+        """Read one range over ``pool``.
+
+        Raises:
+            _Stale: ``renewable``, and the answer says the address no longer serves the
+                file (a redirection, 401, 403, 404, 410).
+        """
+        last = offset + view.nbytes - 1
+        request = pool.build("GET", self._headers(pool, [("Range", f"bytes={offset}-{last}")]))
+        try:
+            async with pool.exchange(request, self._timeout) as (conn, response):
+                if response.status != 206:
+                    await conn.drain(response)
+                    error = TrioconvIOError(
+                        self._unexpected(response, offset, view),
+                        offset=offset,
+                        errno=errno_mod.EIO,
+                    )
+                    if renewable and response.status in _STALE:
+                        raise _Stale(error)
+                    raise error
+                self._check_range(response, offset, last)
+                await conn.receive_body_into(response, view)
         except TrioconvIOError as exc:
             if exc.offset is not None:
                 raise
@@ -551,6 +696,15 @@ class HTTPDriver(Driver):
         what = f"error while reading {self.location} at byte {offset}"
         if response.status == 200:
             return f"{what}: the server ignored the byte range and sent the whole file"
+        if response.status == 416:  # a range beyond the end: ``Content-Range: bytes */SIZE``
+            value = response.header("content-range")
+            with contextlib.suppress(proto.HTTPProtocolError):
+                total = proto.parse_content_range(value)[2] if value else None
+                if total is not None and total != self._size:
+                    return (
+                        f"{what}: the file changed size on the server: {total} bytes, "
+                        f"{self._size} when opened"
+                    )
         return f"{what}: {response.describe()}"
 
     def _check_range(self, response: proto.Response, first: int, last: int) -> None:
@@ -603,12 +757,35 @@ def _head_headers(address: HTTPAddress) -> list[tuple[str, str]]:
     return [("User-Agent", _USER_AGENT), ("Accept-Encoding", "identity"), *address.auth_header()]
 
 
+_REDIRECTIONS = (301, 302, 303, 307, 308)
+
+
+class _Redirected(Exception):
+    """The one-byte ``GET`` of :func:`_probe_size` was redirected to ``location``."""
+
+    def __init__(self, location: str) -> None:
+        super().__init__(location)
+        self.location = location
+
+
+def _location(response: proto.Response, where: str) -> str:
+    location = response.header("location")
+    if not location:
+        raise ImageError(f"{where}: {response.describe()} without a Location")
+    return location
+
+
 async def _probe_size(
     pool: _Pool, address: HTTPAddress, where: str, response: proto.Response
 ) -> tuple[int, str | None]:
     """From the answer to HEAD, and when that leaves doubt a one-byte GET: the size and
     the strong ETag (a read whose reply carries another one finds the file changed);
-    ranges must work."""
+    ranges must work.
+
+    Raises:
+        _Redirected: the GET was redirected (a server that refuses HEAD may redirect
+            GET, as curl would follow it).
+    """
     headers = _head_headers(address)
     if response.status == 200 and response.content_coding is not None:
         raise ImageError(
@@ -633,6 +810,9 @@ async def _probe_size(
             else:
                 conn.reusable = False  # not read: the connection is not used again
             return total, _strong_etag(response)
+        if response.status in _REDIRECTIONS:
+            await conn.drain(response)
+            raise _Redirected(_location(response, where))
         conn.reusable = False
         if response.status == 416:  # an empty file has no byte 0
             value = response.header("content-range")
@@ -658,14 +838,15 @@ async def _resolve(
             head = pool.build("HEAD", _head_headers(address))
             async with pool.exchange(head) as (_conn, response):
                 pass
-            if response.status in (301, 302, 303, 307, 308):
-                location = response.header("location")
-                if not location:
-                    raise ImageError(f"{where}: {response.describe()} without a Location")
-                await pool.aclose()
-                address = address.follow(location)
-                continue
-            return address, pool, await _probe_size(pool, address, where, response)
+            if response.status in _REDIRECTIONS:
+                location = _location(response, where)
+            else:
+                try:
+                    return address, pool, await _probe_size(pool, address, where, response)
+                except _Redirected as redirected:
+                    location = redirected.location
+            await pool.aclose()
+            address = address.follow(location)
         except BaseException:
             await pool.aclose()
             raise
@@ -730,7 +911,14 @@ async def open_http(
     except (OSError, trio.BrokenResourceError, proto.HTTPProtocolError, TrioconvIOError) as exc:
         raise ImageError(f"{where}: {_tls_reason(exc) or _reason(exc)}") from None
     driver = HTTPDriver(
-        pool, final, size, address.uri, etag, timeout=READ_TIMEOUT if timeout is None else timeout
+        pool,
+        final,
+        size,
+        address.uri,
+        etag,
+        timeout=READ_TIMEOUT if timeout is None else timeout,
+        origin=address if final != address else None,
+        open_timeout=OPEN_TIMEOUT if timeout is None else timeout,
     )
     try:
         yield driver
