@@ -539,6 +539,91 @@ async def test_a_slow_target_that_answers_pings_is_waited_for() -> None:
     assert target.pinged >= 3
 
 
+@pytest.fixture
+def quick_command_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A command may wait 0.5 s for its status (300 s for real), looked at every 0.1 s."""
+    monkeypatch.setattr(_client, "_PING_INTERVAL", 0.1)
+    monkeypatch.setattr(_client, "_COMMAND_LIMIT", 0.5)
+
+
+@pytest.mark.usefixtures("quick_command_bound")
+async def test_a_command_the_target_never_answers_goes_again_then_ends_the_copy() -> None:
+    """A target whose backing store hung: it answers pings, so it is alive, but a READ
+    never gets its status. Past the command bound the connection is made again and the
+    READ goes again; stuck there too, the copy ends with one error instead of waiting
+    for ever."""
+
+    def hung(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+        return []  # no status, ever; pings are still answered
+
+    with FakeISCSITarget(bytearray(LUN), reads=hung) as target:
+        started = trio.current_time()
+        with pytest.raises((TrioconvIOError, BaseExceptionGroup)) as info:  # noqa: PT012
+            async with open_iscsi(target.url) as lun:
+                with trio.fail_after(FAULT_DEADLINE):  # a regression fails, not hangs
+                    await lun.pread(0, 4096)
+    assert str(lost(info.value)) == (
+        f"{target.url}: connection to the iSCSI target lost: a command got no answer in "
+        "0.5 s, though the target answers pings, nor on a new connection"
+    )
+    assert trio.current_time() - started < 4
+    assert len(target.logins) == 2
+    assert [len(seen) for seen in target.seen] == [1, 1]  # the READ, on each connection
+    assert target.pinged >= 1
+
+
+@pytest.mark.usefixtures("quick_command_bound")
+async def test_a_command_stuck_once_is_answered_when_it_goes_again() -> None:
+    """The first READ is lost inside the target (no status); sent again on a new
+    connection, it is answered, and the data is right."""
+    calls = 0
+
+    def once_hung(s: Session, cmd: PDU, data: bytes) -> Sequence[bytes]:
+        nonlocal calls
+        calls += 1
+        return [] if calls == 1 else honest_read(s, cmd, data)
+
+    with FakeISCSITarget(bytearray(LUN), reads=once_hung) as target:
+        async with open_iscsi(target.url) as lun:
+            with trio.fail_after(FAULT_DEADLINE):
+                assert await lun.pread(8192, 4096) == LUN[8192:12288]
+    assert len(target.logins) == 2
+    assert calls == 2
+
+
+class _SlowSync(FakeISCSITarget):
+    """SYNCHRONIZE CACHE takes 1.5 s (a cache of gigabytes written out); pings are
+    answered meanwhile."""
+
+    def execute(self, s: Session, cmd: PDU) -> Sequence[bytes]:
+        if cmd.cdb[0] == scsi.SYNCHRONIZE_CACHE_16:
+            self.opcodes[cmd.cdb[0]] += 1
+            threading.Timer(1.5, lambda: s.send(s.response(cmd))).start()
+            return []
+        return super().execute(s, cmd)
+
+
+@pytest.mark.usefixtures("quick_command_bound")
+async def test_synchronize_cache_is_waited_for_unless_the_timeout_option_bounds_it() -> None:
+    """Writing a cache out may take long on a live target: SYNCHRONIZE CACHE is not
+    bounded by default. The ``timeout`` option (QEMU's request timeout) bounds every
+    command, SYNCHRONIZE CACHE included."""
+    with _SlowSync(bytearray(LUN)) as target:
+        async with open_iscsi(target.url, writable=True) as lun:
+            with trio.fail_after(FAULT_DEADLINE):
+                await lun.pwrite(0, b"\x5a" * 4096)
+                await lun.flush()
+        assert len(target.logins) == 1
+        assert bytes(target.lun[:4096]) == b"\x5a" * 4096
+        with pytest.raises((TrioconvIOError, BaseExceptionGroup)) as info:  # noqa: PT012
+            async with open_iscsi(target.url, writable=True, timeout=0.5) as lun:
+                with trio.fail_after(FAULT_DEADLINE):
+                    await lun.flush()
+    assert "a command got no answer in 0.5 s, though the target answers pings, nor on a " in (
+        str(lost(info.value))
+    )
+
+
 # -- the target's own messages ---------------------------------------------------------------
 
 

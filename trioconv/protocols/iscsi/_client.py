@@ -110,6 +110,16 @@ _RECV_BUFFER = 256 * 1024
 #: connection given up. QEMU pings every 5 s and reconnects after 3 pings unanswered.
 _PING_INTERVAL = 5.0
 _SILENCE_LIMIT = 20.0
+#: Seconds a command may wait for its status while the target, answering pings, is
+#: alive: a target whose backing store hangs (a disk gone, a hung NFS mount under it)
+#: still answers NOP-Outs, and its commands would otherwise wait for ever. Past the
+#: bound the connection is made again and the command sent again (as QEMU does when a
+#: request times out); stuck a second time, the conversion ends. SYNCHRONIZE CACHE,
+#: which may write gigabytes out, is not bounded - unless the ``timeout`` option bounds
+#: every command (QEMU's meaning of it).
+_COMMAND_LIMIT = 300.0
+#: Operation codes of SYNCHRONIZE CACHE (10) and (16).
+_SYNC_OPCODES = (0x35, 0x91)
 #: Login redirections (status class 1, TargetAddress) followed before giving up.
 _MAX_REDIRECTS = 5
 #: When the connection of an open LUN is lost, it is made again: the pause (seconds)
@@ -258,6 +268,9 @@ class _Task:
     ticket: int | None = None  # its place in the order commands first went out in
     issued: bool = False  # its command went out (or began to) on the connection in use
     reissue: bool = False  # that connection was lost first: the command must go again
+    issued_at: float = 0.0  # trio.current_time() when it went out
+    bounded: bool = True  # its wait for a status counts against the command bound
+    stalls: int = 0  # connections given up because this command got no answer
 
     def finish(self) -> None:
         """The command is over (status, error or rejection): wake whoever waits."""
@@ -326,6 +339,12 @@ class Connection:
         self._leaving = False  # logging out of it, as the target asked
         #: Why the reading of the connection in use was stopped (silence, a logout).
         self._stop_reason: str | None = None
+        #: Seconds a command may wait for its status (see :data:`_COMMAND_LIMIT`), and
+        #: whether that bounds SYNCHRONIZE CACHE too (the ``timeout`` option given).
+        self.command_limit = _COMMAND_LIMIT
+        self.limit_sync = False
+        #: A command got no answer on two connections: the conversion ends with this.
+        self._stuck: str | None = None
         #: Seconds the target asked to wait before logging in again (Time2Wait).
         self._hold_off = 0.0
 
@@ -622,6 +641,8 @@ class Connection:
         if self._closing:
             return False
         lost = f"connection to the iSCSI target lost: {why}"
+        if self._stuck is not None:
+            raise self._fail(f"{lost}, {self._stuck}")
         if silent:
             self._silences += 1
             if self._silences >= _SILENCES:
@@ -932,6 +953,29 @@ class Connection:
             if silent >= _PING_INTERVAL and not self._pinging:
                 self._pinging = True
                 nursery.start_soon(self._keepalive)
+            if (stuck := self._stuck_command(now)) is not None:
+                stuck.stalls += 1
+                self._stop_reason = (
+                    f"a command got no answer in {self.command_limit:g} s, though the "
+                    "target answers pings"
+                )
+                if stuck.stalls >= 2:
+                    self._stuck = "nor on a new connection"
+                reading.cancel()
+                return
+
+    def _stuck_command(self, now: float) -> _Task | None:
+        """The command that has waited for its status longer than the command bound,
+        if any (the oldest)."""
+        waiting = [
+            task
+            for task in self._pending.values()
+            if task.scsi and task.issued and (task.bounded or self.limit_sync)
+        ]
+        oldest = min(waiting, key=lambda task: task.issued_at, default=None)
+        if oldest is not None and now - oldest.issued_at >= self.command_limit:
+            return oldest
+        return None
 
     async def _keepalive(self) -> None:
         try:
@@ -1042,8 +1086,9 @@ class Connection:
                 busy target).
             TrioconvIOError: the connection failed.
         """
-        busy = unit_attentions = 0
+        busy = unit_attentions = stalls = 0
         ticket: int | None = None  # (kept when the command goes out again)
+        bounded = cdb[0] not in _SYNC_OPCODES
         while True:
             try:
                 task = self._new_task(data_in)
@@ -1051,6 +1096,7 @@ class Connection:
                 self._drop_turn(ticket)
                 raise
             task.scsi, task.ticket, ticket = True, ticket, None
+            task.bounded, task.stalls = bounded, stalls
             try:
                 await self._issue(task, lun, cdb, data_in, data_out)
                 await task.done.wait()
@@ -1062,7 +1108,7 @@ class Connection:
                 raise
             self._pending.pop(task.itt, None)
             if task.reissue:
-                ticket = task.ticket
+                ticket, stalls = task.ticket, task.stalls
                 continue
             self._release(task)
             if task.error is not None:
@@ -1161,6 +1207,7 @@ class Connection:
                         self._data_out(parts, task.itt, lun, pdu.RESERVED_TAG, data_out,
                                        immediate, unsolicited)  # fmt: skip
                     task.issued = True
+                    task.issued_at = trio.current_time()
                     try:
                         async with self._sends.shielded(lambda: self.broken):
                             await self._send_locked(parts)
@@ -1981,7 +2028,11 @@ async def open_iscsi(
     reaches the LUN (not under ``unsafe``) and whether every write is followed by one
     (``writethrough``, ``directsync``). ``chap`` gives the CHAP user and password in
     place of the URL's (QEMU's ``user`` and ``password-secret`` options); ``timeout``
-    bounds, in seconds, connecting and logging in (QEMU's ``timeout``; 30 s when None).
+    bounds, in seconds, connecting and logging in (30 s when None) and, as QEMU's
+    ``timeout`` bounds its requests, every command's wait for its status, SYNCHRONIZE
+    CACHE included (:data:`_COMMAND_LIMIT` when None, SYNCHRONIZE CACHE excepted). A
+    command past its bound has its connection made again and goes out again; past it
+    again, the conversion ends.
 
     Raises:
         ImageError: the target cannot be reached, refuses the login, or the LUN does
@@ -1991,6 +2042,8 @@ async def open_iscsi(
     if chap is not None:
         address = attrs.evolve(address, user=chap[0], password=chap[1])
     conn = await _connect_and_login(address, OPEN_TIMEOUT if timeout is None else timeout)
+    if timeout is not None:
+        conn.command_limit, conn.limit_sync = timeout, True
     try:
         async with trio.open_nursery() as nursery:
             await nursery.start(conn.reader)
