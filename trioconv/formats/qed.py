@@ -178,22 +178,43 @@ def decode_header(buf: bytes | bytearray | memoryview, file_size: int | None = N
             "bytes this reader loads"
         )
     if file_size is not None and not table_offset_ok(h, l1, file_size):
+        if ts == 1:
+            raise QedFormatError(
+                "QED table offset is invalid: a table size of 1 cluster is refused (as "
+                "qemu refuses it)",
+                8,
+            )
         raise QedFormatError(f"invalid L1 table offset {l1:#x}", 32)
     return h
 
 
+def sector_length(file_size: int) -> int:
+    """The file's length as qemu's block layer measures it: in whole 512-byte sectors,
+    rounded up. A file cut short inside its last sector keeps every cluster that
+    starts before the cut, and the missing bytes read as zeroes."""
+    return -(-file_size // 512) * 512
+
+
 def cluster_offset_ok(h: QedHeader, offset: int, file_size: int) -> bool:
     """qemu's test of a cluster offset: aligned, past the header, inside the file
-    (whose size is rounded down to whole clusters)."""
+    (whose size, in whole sectors, is rounded down to whole clusters)."""
     if offset % h.cluster_size:
         return False
-    limit = file_size - file_size % h.cluster_size
+    size = sector_length(file_size)
+    limit = size - size % h.cluster_size
     return h.header_size * h.cluster_size <= offset < limit
 
 
 def table_offset_ok(h: QedHeader, offset: int, file_size: int) -> bool:
-    """A table's first and last cluster are valid cluster offsets."""
+    """A table's first and last cluster are valid cluster offsets.
+
+    As in qemu, a table whose last cluster is its first (a table size of one cluster)
+    fails the test: qemu takes it for an overflow of the offset, so it opens no QED
+    image made with ``table_size=1``, and neither does trioconv.
+    """
     last = offset + (h.table_size - 1) * h.cluster_size
+    if last <= offset:
+        return False
     return cluster_offset_ok(h, offset, file_size) and cluster_offset_ok(h, last, file_size)
 
 
@@ -269,7 +290,9 @@ class QedDriver(Driver):
         if table is not None:
             self._cache.move_to_end(offset)
             return table
-        table = decode_table(await self.child.pread(offset, self.header.table_bytes))
+        raw = bytearray(self.header.table_bytes)
+        await read_or_zero(self.child, offset, memoryview(raw))
+        table = decode_table(raw)
         self._cache[offset] = table
         while len(self._cache) > self._cache_max:
             self._cache.popitem(last=False)
@@ -438,16 +461,18 @@ async def open_qed(transport: Driver, ctx: OpenContext) -> QedDriver:
     file_size = transport.size
     try:
         h = decode_header(await transport.pread(0, min(file_size, HEADER.size)), file_size)
-        raw_l1 = await transport.pread(h.l1_table_offset, h.table_bytes)
+        raw_l1 = bytearray(h.table_bytes)
+        await read_or_zero(transport, h.l1_table_offset, memoryview(raw_l1))
         name: str | None = None
         if h.features & F_BACKING_FILE:
             raw_name = await transport.pread(h.backing_filename_offset, h.backing_filename_size)
+            # qemu reads the name as a C string: it ends at the first NUL, and an empty
+            # one names no backing file (the image is opened on its own).
+            raw_name = raw_name.split(b"\0", 1)[0]
             try:
-                name = raw_name.decode()
+                name = raw_name.decode() or None
             except UnicodeDecodeError:
                 raise QedFormatError("the backing file name is not UTF-8") from None
-            if not name or "\0" in name:
-                raise QedFormatError(f"invalid backing file name {name!r}")
     except QedFormatError as exc:
         raise ImageError(f"{where}: {exc}") from None
     except UnsupportedError as exc:

@@ -152,7 +152,9 @@ class VhdxDriver(Driver):
         if state == BlockState.FULLY_PRESENT:
             host = codec.entry_offset(entry)
             length = min(self.block_size, self.size - block * self.block_size)
-            file_size = self._allocated_end
+            # The file's length in whole sectors, as qemu measures it: a file cut short
+            # inside its last sector keeps its last block (the lost bytes read as zeroes).
+            file_size = -(-self._allocated_end // 512) * 512
             if host + length > file_size:
                 raise self._corrupt(
                     f"BAT entry {index} (block {block}) points at {host:#x}, beyond the end "
@@ -205,11 +207,19 @@ class VhdxDriver(Driver):
         buf = buf.cast("B") if buf.format != "B" else buf
         self._check_range(offset, buf.nbytes)
         reads: list[tuple[int, memoryview]] = []
+        # Only a file opened read-only can end inside a block; one being written ends
+        # where its writes reach.
+        file_end = max(self.child.size, self._file_end, self._allocated_end)
         for off, n, host in self._pieces(offset, buf.nbytes):
             view = buf[off - offset : off - offset + n]
             if host is None:
                 _fill_zero(view)
-            else:
+                continue
+            inside = max(0, min(n, file_end - host))
+            if inside < n:  # the tail of a file cut inside its last sector
+                _fill_zero(view[inside:])
+                view = view[:inside]
+            if inside:
                 reads.append((host, view))
         if len(reads) == 1:
             await self.child.preadinto(*reads[0])
@@ -696,17 +706,23 @@ def layout_image(
     """qemu's layout of a new image: BAT region, metadata region, the file length after
     creation, and the initial BAT (None when it is all zero and need not be written)."""
     ratio = codec.chunk_ratio(block_size, 512)
+    blocks = -(-size // block_size)
     count = codec.total_bat_entries(size, block_size, ratio)
+    if blocks == 0:
+        # qemu counts in 32-bit arithmetic: the sector bitmap entries of no payload
+        # block, (0 - 1) >> chunk_ratio_bits, wrap around to 2**32 // ratio - 1. It sizes
+        # an empty image's BAT region so, and refuses to open one whose region is
+        # smaller: the region gets that length (its entries stay zero, and unread).
+        count = 0xFFFFFFFF // ratio
     bat_offset = _round_up(codec.HEADER_SECTION_END + log_size, MiB)
     bat_length = _round_up(count * 8, MiB)
     bat_rt = codec.RegionEntry(codec.BAT_GUID, bat_offset, bat_length)
     meta_rt = codec.RegionEntry(codec.METADATA_GUID, _round_up(bat_offset + bat_length, MiB), MiB)
     data_offset = bat_offset + bat_length + 5 * MiB
     file_length = data_offset + size if fixed else data_offset
-    if not fixed and not zero_blocks:
+    if blocks == 0 or (not fixed and not zero_blocks):
         return bat_rt, meta_rt, file_length, None
     bat = array("Q", bytes(bat_length))
-    blocks = -(-size // block_size)
     for block in range(blocks):
         if zero_blocks:
             entry = codec.encode_bat_entry(BlockState.ZERO, 0)

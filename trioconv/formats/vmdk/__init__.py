@@ -3,9 +3,10 @@
 Reading: monolithicSparse and streamOptimized (one hosted sparse extent, ``KDMV``,
 plain or with deflated grains behind markers, the grain directory in place or in a
 footer at the end), monolithicFlat, twoGbMaxExtentSparse/Flat and hand-written
-descriptors with several extents (FLAT extents at sector offsets, VMFS, SPARSE).
-Backing files (``parentFileNameHint``), VMFS sparse (``COWD``) and seSparse extents are
-refused by name.
+descriptors with several extents (FLAT extents at sector offsets, VMFS, SPARSE, and
+VMFSSPARSE, which qemu opens as SPARSE: the file's magic decides). Delta disks
+(``parentFileNameHint``) read through their parent. The older ``COWD`` sparse files and
+seSparse extents are refused by name.
 
 Writing: ``-o subformat=`` monolithicSparse (the default), monolithicFlat,
 twoGbMaxExtentSparse, twoGbMaxExtentFlat or streamOptimized, with qemu's

@@ -526,7 +526,9 @@ async def _open_descriptor(
             length = line.sectors * SECTOR
             offset = (line.offset or 0) * SECTOR
             extents.append(FlatExtent(file, start, length, offset, line.kind))
-        elif line.kind == "SPARSE":
+        elif line.kind in ("SPARSE", "VMFSSPARSE"):
+            # As in qemu, both kinds are opened alike: the file's magic tells a hosted
+            # sparse file (read) from the older COWD format (refused).
             file = await _open_extent_file(ctx, line.filename, writable, where)
             if file.size < 4:
                 raise ImageError(f"{where}: extent '{line.filename}': File is too small")
@@ -543,8 +545,9 @@ async def _open_descriptor(
                 ext = await _open_sparse(file, start, line.filename, writable, header)
             except VmdkFormatError as exc:
                 raise ImageError(f"{where}: extent '{line.filename}': {exc}") from None
+            ext.kind = line.kind  # what info lists, as the descriptor names it
             extents.append(ext)
-        elif line.kind in ("VMFSSPARSE", "SESPARSE"):
+        elif line.kind == "SESPARSE":
             raise UnsupportedError(f"{where}: {line.kind} extents are not supported")
         else:
             raise ImageError(f"{where}: Unsupported extent type '{line.kind}'")

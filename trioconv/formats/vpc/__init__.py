@@ -58,7 +58,7 @@ def _plan(size: int, options: Mapping[str, str]) -> tuple[str, bool, tuple[int, 
     """
     subformat = options.get("subformat", "dynamic")
     if subformat not in ("dynamic", "fixed"):
-        raise UsageError(f"Invalid subformat '{subformat}'")
+        raise UsageError(f"Parameter 'subformat' does not accept value '{subformat}'")
     force = parse_bool("force_size", options.get("force_size", "off"))
     try:
         chs, total = codec.create_geometry(size, force)

@@ -368,8 +368,13 @@ _ZERO_SECTOR = bytes(codec.SECTOR)
 
 
 def _error(location: str, exc: codec.VpcFormatError) -> ImageError:
-    where = f" (offset {exc.offset})" if exc.offset is not None else ""
-    return ImageError(f"Could not open '{location}': invalid VHD image: {exc}{where}")
+    """One line naming the image, the problem, and the offset (unless the problem
+    already says it)."""
+    problem = str(exc)
+    where = ""
+    if exc.offset is not None and str(exc.offset) not in problem:
+        where = f" (offset {exc.offset})"
+    return ImageError(f"Could not open '{location}': invalid VHD image: {problem}{where}")
 
 
 async def open_vpc(transport: Driver, ctx: OpenContext) -> Driver:
