@@ -16,6 +16,13 @@ slow server that answers is never cut off). QEMU's NBD client has neither bound 
 ``reconnect-delay`` and ``open-timeout`` are about reconnecting, and a server that
 holds the connection open but never answers hangs ``qemu-img`` for good.
 
+Connections end as the protocol asks, which servers' logs show: a refused option with
+``NBD_OPT_ABORT``, an open connection with ``NBD_CMD_DISC`` (also when a writable open
+finds the export read-only), and the extra connections of a multi-conn export that are
+still negotiating when the work is over finish their handshake first, within
+:data:`HANDSHAKE_GRACE` seconds (see :class:`_Opening`) - qemu-nbd logs a client that
+hangs up mid-negotiation as a failure.
+
 Replies are checked against their request as the protocol requires: a chunk for an
 unknown cookie, a read chunk outside the request or overlapping an earlier one, a
 chunk type the command cannot get, an error offset outside the request - each is the
@@ -35,7 +42,7 @@ import os
 import socket
 import ssl
 import urllib.parse
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -993,6 +1000,61 @@ class NBDDriver(Driver):
             await self._stream.aclose()
 
 
+#: Seconds an extra connection still negotiating when the work is over may take to
+#: finish its handshake (it then disconnects properly; see :class:`_Opening`).
+HANDSHAKE_GRACE = 2.0
+
+#: Seconds from connecting within which a server greets a connection it has taken; one
+#: not greeted by then waits in the listener's backlog (see :class:`_Opening`).
+GREETING_WAIT = 0.5
+
+
+@attrs.define(eq=False)
+class _Opening:
+    """An extra connection of a multi-conn export, still in its handshake.
+
+    The handshake runs in :attr:`scope`, which is shielded: the work ending (a short
+    copy, an error, an interrupt) does not cut a negotiation off in the middle, which
+    qemu-nbd logs as a failure ("option negotiation failed: ...") - one line per
+    connection, on every short run, in a log operators watch. When the driver closes,
+    :meth:`wind_up` bounds it instead:
+
+    * not connected yet: dropped at once (no server has seen it);
+    * connected, not greeted: a server greets a connection as soon as it takes it, so
+      one not greeted :data:`GREETING_WAIT` seconds after connecting waits in the
+      listener's backlog (``qemu-nbd -e N`` with N clients served) and is dropped, unseen;
+      a younger one gets the rest of that time for the greeting to come;
+    * greeted: :data:`HANDSHAKE_GRACE` seconds to finish, then ``NBD_CMD_DISC``.
+    """
+
+    scope: trio.CancelScope = attrs.field(factory=lambda: trio.CancelScope(shield=True))
+    connected_at: float | None = None
+    greeted: bool = False
+    closing: bool = False
+
+    def connected(self) -> None:
+        """The connection is established (the server may not have taken it yet)."""
+        self.connected_at = trio.current_time()
+
+    def greeting(self) -> None:
+        """The server greeted the connection: it negotiates with it from now on."""
+        self.greeted = True
+        if self.closing:
+            self.scope.deadline = trio.current_time() + HANDSHAKE_GRACE
+
+    def wind_up(self) -> None:
+        """The driver closes: bound the handshake as the class says."""
+        self.closing = True
+        now = trio.current_time()
+        if self.greeted:
+            deadline = now + HANDSHAKE_GRACE
+        elif self.connected_at is not None:
+            deadline = max(now, self.connected_at + GREETING_WAIT)
+        else:
+            deadline = now
+        self.scope.deadline = min(self.scope.deadline, deadline)
+
+
 class MultiConnDriver(Driver):
     """Several connections to one export, used together (``NBD_FLAG_CAN_MULTI_CONN``).
 
@@ -1010,6 +1072,13 @@ class MultiConnDriver(Driver):
         self.location = connections[0].location
         self._load = [0] * len(connections)
         self._closing = False
+        #: Extra connections still negotiating (see :class:`_Opening`).
+        self.opening: set[_Opening] = set()
+
+    @property
+    def closing(self) -> bool:
+        """True once :meth:`aclose` has begun: no connection is added any more."""
+        return self._closing
 
     def add(self, conn: NBDDriver) -> bool:
         """Use one more connection from now on (it shares the first one's edge lock);
@@ -1072,14 +1141,22 @@ class MultiConnDriver(Driver):
 
     async def aclose(self) -> None:
         self._closing = True
+        for opening in list(self.opening):
+            opening.wind_up()
         for conn in list(self.connections):
             await conn.aclose()
 
 
 async def _handshake(
-    stream: trio.abc.Stream, address: NBDAddress
+    stream: trio.abc.Stream,
+    address: NBDAddress,
+    greeted: Callable[[], None] | None = None,
 ) -> tuple[trio.abc.Stream, proto.ExportInfo, bytes]:
-    """Drive the sans-I/O handshake over ``stream`` (which TLS may replace)."""
+    """Drive the sans-I/O handshake over ``stream`` (which TLS may replace).
+
+    ``greeted`` is called once the server's greeting is in: from then on the server
+    negotiates with this connection (see :class:`_Opening`).
+    """
     gen = proto.client_handshake(address.export, tls=address.tls)
     received = bytearray()
     reply: bytes | None = None
@@ -1100,6 +1177,12 @@ async def _handshake(
             except trio.BrokenResourceError as exc:
                 raise proto.NBDOptionError(_tls_failure(exc, address)) from exc
             stream = tls_stream
+            continue
+        if isinstance(step, proto.Send) and step.may_fail:
+            # (A goodbye before an error the generator raises next: that error is what
+            # the user must see, not a server that already hung up.)
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                await stream.send_all(step.data)
             continue
         try:
             if isinstance(step, proto.Send):
@@ -1126,6 +1209,9 @@ async def _handshake(
             ) from exc
         reply = bytes(received[: step.size])
         del received[: step.size]
+        if greeted is not None:
+            greeted()
+            greeted = None
 
 
 def _tls_failure(exc: trio.BrokenResourceError, address: NBDAddress) -> str:
@@ -1180,19 +1266,26 @@ async def _open_connection(
     cache: CacheMode = CacheMode.WRITEBACK,
     open_timeout: float = OPEN_TIMEOUT,
     reply_timeout: float = REPLY_TIMEOUT,
+    opening: _Opening | None = None,
 ) -> NBDDriver:
     """Connect and negotiate, within ``open_timeout`` seconds in all.
 
     A TCP connect to a server that is down without refusing (a host that drops
     packets, a listener whose backlog is full because it stopped accepting) would
     otherwise wait for the kernel's own timeout, minutes; a server that accepts and
-    then says nothing, forever.
+    then says nothing, forever. ``opening``: an extra connection's progress, told as it
+    connects and is greeted (see :class:`_Opening`).
+
+    A writable open of a read-only export is refused before any request is sent, and
+    the connection ends with ``NBD_CMD_DISC``, the goodbye the protocol asks for.
     """
     where = address.socket if address.socket is not None else f"{address.host}:{address.port}"
     deadline = trio.current_time() + open_timeout
     try:
         with trio.fail_after(open_timeout):
             stream = await _connect(address)
+        if opening is not None:
+            opening.connected()
     except OSError as exc:
         raise ImageError(
             f"Could not open '{uri}': Failed to connect to '{where}': {_connect_reason(exc)}"
@@ -1204,7 +1297,8 @@ async def _open_connection(
         ) from None
     try:
         with trio.fail_at(deadline):
-            stream, info, leftover = await _handshake(stream, address)
+            greeted = opening.greeting if opening is not None else None
+            stream, info, leftover = await _handshake(stream, address, greeted)
     except (proto.NBDProtocolError, proto.NBDOptionError, ssl.SSLError, OSError) as exc:
         await stream.aclose()
         raise ImageError(f"Could not open '{uri}': {exc}") from exc
@@ -1221,6 +1315,11 @@ async def _open_connection(
         await stream.aclose()
         raise
     if writable and info.flags & TxFlag.READ_ONLY:
+        with (
+            trio.move_on_after(1),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError),
+        ):
+            await stream.send_all(proto.encode_request(Cmd.DISC, 0))
         await stream.aclose()
         raise ImageError(f"Could not open '{uri}': the export is read-only")
     return NBDDriver(
@@ -1273,7 +1372,14 @@ async def open_nbd(
         "open_timeout": OPEN_TIMEOUT if open_timeout is None else open_timeout,
         "reply_timeout": REPLY_TIMEOUT if reply_timeout is None else reply_timeout,
     }
-    first = await _open_connection(uri, address, writable=writable, cache=mode, **timeouts)
+    first = await _open_connection(
+        uri,
+        address,
+        writable=writable,
+        cache=mode,
+        open_timeout=timeouts["open_timeout"],
+        reply_timeout=timeouts["reply_timeout"],
+    )
     wanted = DEFAULT_CONNECTIONS if connections is None else max(1, connections)
     extra = wanted - 1 if first.info.flags & TxFlag.CAN_MULTI_CONN else 0
     async with trio.open_nursery() as nursery:
@@ -1321,18 +1427,31 @@ async def _add_connection(
     (which opens one) and ``nbdcopy``, the copy goes on over the connections it has.
     A connection that negotiated something else than the first one (size, flags, block
     sizes) is not used: requests go to any connection, so all must take the same ones.
+    One still negotiating when the work is over ends its negotiation first (within
+    :data:`HANDSHAKE_GRACE` seconds) and then disconnects (see :class:`_Opening`).
     """
+    if driver.closing:
+        return
+    opening = _Opening()
+    driver.opening.add(opening)
+    conn: NBDDriver | None = None
     try:
-        conn = await _open_connection(
-            uri,
-            address,
-            writable=writable,
-            cache=cache,
-            open_timeout=open_timeout,
-            reply_timeout=reply_timeout,
-        )
-    except TrioconvError as exc:
-        log.debug("%s: one connection fewer: %s", uri, exc)
+        with opening.scope:
+            try:
+                conn = await _open_connection(
+                    uri,
+                    address,
+                    writable=writable,
+                    cache=cache,
+                    open_timeout=open_timeout,
+                    reply_timeout=reply_timeout,
+                    opening=opening,
+                )
+            except TrioconvError as exc:
+                log.debug("%s: one connection fewer: %s", uri, exc)
+    finally:
+        driver.opening.discard(opening)
+    if conn is None:  # (refused, failed, or dropped as the driver closed)
         return
     first = driver.connections[0].info
     if (conn.info.size, conn.info.flags, conn.info.structured) != (

@@ -7,7 +7,9 @@ Two parts, as the protocol has two phases (NetworkBlockDevice ``doc/proto.md``):
   *returns* the negotiated :class:`ExportInfo`. The fixed newstyle negotiation asks for
   structured replies and the ``base:allocation`` meta context, then ``NBD_OPT_GO`` with
   block-size information; servers that do not know ``NBD_OPT_GO`` fall back to
-  ``NBD_OPT_EXPORT_NAME``. Driving it with canned bytes replays a session exactly.
+  ``NBD_OPT_EXPORT_NAME``. A refused option (an unknown export, TLS) ends with
+  ``NBD_OPT_ABORT`` before the error is raised, so the server sees a client that
+  leaves, not one that vanishes. Driving it with canned bytes replays a session exactly.
 * **Transmission** - :func:`encode_request` builds request headers, and
   :class:`ReplyParser` turns the byte stream from the server into :class:`SimpleReply`,
   :class:`DataChunk`, :class:`HoleChunk`, :class:`StatusChunk`, :class:`ErrorChunk` and
@@ -178,9 +180,14 @@ def errno_text(error: int) -> str:
 
 @attrs.frozen
 class Send:
-    """Send these bytes to the server."""
+    """Send these bytes to the server.
+
+    ``may_fail``: the negotiation is ending (an ``NBD_OPT_ABORT`` after a refusal) and a
+    server that already hung up is no error - what the generator raises next is.
+    """
 
     data: bytes
+    may_fail: bool = False
 
 
 @attrs.frozen
@@ -223,6 +230,17 @@ Handshake = Generator[Step, bytes | None, ExportInfo]
 
 def _option(option: int, data: bytes = b"") -> Send:
     return Send(_OPT_HEADER.pack(IHAVEOPT, option, len(data)) + data)
+
+
+def _abort() -> Send:
+    """``NBD_OPT_ABORT`` before giving up on a refused option, as qemu's client sends it.
+
+    A client that just hangs up mid-negotiation is logged by qemu-nbd as a failure
+    ("option negotiation failed: Failed to read opts magic"); one that says it aborts is
+    not. The server's acknowledgement is not waited for (the protocol lets the client
+    close at once), and a server that already hung up is no error.
+    """
+    return Send(_option(OPT_ABORT).data, may_fail=True)
 
 
 #: The longest option reply accepted. The largest the protocol has (NBD_REP_SERVER: a
@@ -315,6 +333,7 @@ def client_handshake(
         reply, payload = yield from _option_reply(OPT_STARTTLS)
         if reply != REP_ACK:
             why = REP_ERR_NAMES.get(reply, f"error {reply:#x}")
+            yield _abort()
             raise NBDOptionError(
                 f"server refused TLS: {why} (a server without TLS takes an nbd:// or "
                 "nbd+unix:// URI)"
@@ -378,6 +397,7 @@ def client_handshake(
         if reply == REP_ERR_TLS_REQD and not tls:
             # The fix is on the client's side: say which one.
             why += " (use an nbds:// or nbds+unix:// URI)"
+        yield _abort()
         raise NBDOptionError(
             f"server refused export '{export_name}': {why}" + (f" ({message})" if message else "")
         )
