@@ -649,14 +649,6 @@ def _file_under(drv: Driver) -> str | None:
     return bottom.location if isinstance(bottom, FileDriver) else None
 
 
-#: Open errors of an image that ``info --backing-chain`` gets past by opening each image
-#: alone, as ``qemu-img info`` does.
-_NEEDED_ONLY_FOR_DATA = (
-    "probing a raw backing file is refused",
-    "cannot open its external data file",
-)
-
-
 def _info_dict(drv: Driver) -> dict[str, object]:
     """qemu-img info's JSON for one image (keys in qemu's order where it matters)."""
     info: dict[str, object] = {
@@ -685,15 +677,32 @@ def _info_dict(drv: Driver) -> dict[str, object]:
     return info
 
 
+def _left(value: object, width: int) -> str:
+    """``value`` padded on the right as C's ``printf("%-*s")`` pads it: to ``width``
+    bytes, not characters (``ü`` is two bytes of UTF-8, so it gets one space fewer than
+    ``u``), and never cut when it is longer. A byte of a name that is not UTF-8 (kept
+    as a lone surrogate) counts as the one byte qemu-img prints."""
+    text = str(value)
+    try:
+        size = len(text.encode("utf-8", "surrogateescape"))
+    except UnicodeEncodeError:  # (a surrogate no byte stands for: count characters)
+        size = len(text)
+    return text + " " * (width - size)
+
+
 def _snapshot_line(snap: dict[str, object]) -> str:
-    """One row of qemu-img info's snapshot table."""
+    """One row of qemu-img info's snapshot table, laid out as qemu-img 7.2 prints it
+    (``"%-9s %-16s %8s%20s%13s%11s"``, under the header's ``"%-10s%-17s%8s..."``): a
+    space always follows the ID and the tag, so a longer one (more than 9 or 16 bytes)
+    pushes the rest of its row right and never runs into the next column."""
     date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(int(str(snap["date-sec"]))))
     secs = int(str(snap["vm-clock-sec"]))
     clock = f"{secs // 3600:02d}:{secs // 60 % 60:02d}:{secs % 60:02d}."
     clock += f"{int(str(snap['vm-clock-nsec'])) // 1_000_000:03d}"
     icount = snap.get("icount", "")
     vm_size = qemu_size_str(int(str(snap["vm-state-size"])))
-    return f"{snap['id']!s:<10}{snap['name']!s:<18}{vm_size:>7}{date:>20}{clock:>13}{icount!s:>11}"
+    ident, name = _left(snap["id"], 9), _left(snap["name"], 16)
+    return f"{ident} {name} {vm_size:>8}{date:>20}{clock:>13}{icount!s:>11}"
 
 
 _HUMAN_KEYS = {
@@ -703,6 +712,11 @@ _HUMAN_KEYS = {
 
 
 def _print_human(data: dict[str, object]) -> None:
+    """One image of qemu-img info's human text, laid out from its JSON document alone:
+    the fixed lines (image, format, sizes), then those of the keys present in qemu-img's
+    order (``encrypted: yes``, cluster size, ``cleanly shut down: no``, backing file and
+    format), the snapshot table and the format-specific data. Any document qemu-img
+    itself prints as JSON comes out as qemu-img prints it as text."""
     vsize = int(str(data["virtual-size"]))
     print(f"image: {data['filename']}")
     print(f"file format: {data['format']}")
@@ -711,6 +725,8 @@ def _print_human(data: dict[str, object]) -> None:
         print(f"disk size: {qemu_size_str(int(str(data['actual-size'])))}")
     else:
         print("disk size: unavailable")
+    if data.get("encrypted") is True:
+        print("encrypted: yes")
     if "cluster-size" in data:
         print(f"cluster_size: {data['cluster-size']}")
     if data.get("dirty-flag") is True:
@@ -793,6 +809,8 @@ async def info(
 
         spec = _blockopts.resolve_json(image, fmt)
         shown = spec.name  # as QEMU names it
+        if _open.is_nbd_uri(shown):
+            shown = _nbd_name(shown)  # (an export's URI, as for one given as is)
         if fmt is None and spec.inner is None and spec.fmt == "raw":
             # A protocol driver at the top: QEMU shows it as the format.
             top = _blockopts.parse_json_filename(image).get("driver")
@@ -830,42 +848,29 @@ async def info(
                     stack.push_async_exit(mine.pop_all())
                     return driver
 
-        # qemu-img info looks at the image alone: its backing file is shown by name, and
-        # one that is missing, loops or is raw with no format recorded is not an error.
-        layer: Driver | None = None
-        if backing_chain:
-            try:
-                layer = await stack.enter_async_context(
-                    _open.open_image(
-                        image,
-                        fmt,
-                        cache=CacheMode.WRITEBACK,
-                        connections=1,
-                        force_share=force_share,
-                    )
-                )
-            except ImageInUse:
-                pass  # (opened alone below: a raw image in use is looked at all the same)
-            except ImageError as exc:
-                # What only reading the images' data needs does not stop qemu-img, which
-                # reads none: it probes a backing file with no recorded format (and shows
-                # a raw one), where reading refuses to, and it names an external data
-                # file that is gone. Each image is then opened alone, by name.
-                if not any(reason in str(exc) for reason in _NEEDED_ONLY_FOR_DATA):
-                    raise
-        if layer is None:
-            layer = await alone(image, fmt)
-        seen = {_chain_key(layer.location)}
+        # qemu-img info looks at each image alone, reading no data: the backing file is
+        # shown by the name the image stores, and one that is missing, loops or is raw
+        # with no format recorded is not an error. With --backing-chain it follows those
+        # names, one image at a time, as qemu-img does, rather than opening the chain as
+        # a conversion reads it: so what reading refuses (a raw backing file to probe,
+        # an external data file that is gone) does not stop it, and each image's
+        # full-backing-filename is its stored name resolved, never where the reader's
+        # rules took it (a ``file:`` name is shown with its prefix).
+        first = await alone(image, fmt)
+        seen = {_chain_key(first.location)}
+        layer: Driver | None = first
+        named: dict[str, object] = {}  # (how the layer is shown, when not by its driver)
         while layer is not None:
             data = _info_dict(layer)
+            data.update(named)
             chain.append(data)
             if not backing_chain:
                 break
+            named = {}
             below = layer.backing
             name = data.get("backing-filename")
             if below is None and isinstance(name, str):
-                # Opened alone (or with ``backing: null``): qemu-img still follows the
-                # chain by name, each image on its own.
+                # (also past ``backing: null`` in block options, as qemu-img goes on)
                 location = beside(layer.location, name)
                 if _chain_key(location) in seen:
                     raise ImageError(f"Backing file '{location}' creates an infinite loop")
@@ -875,7 +880,13 @@ async def info(
                         f"{_open.MAX_CHAIN_LENGTH} images"
                     )
                 seen.add(_chain_key(location))
-                below = await alone(location, _str_or_none(data.get("backing-filename-format")))
+                below_fmt = _str_or_none(data.get("backing-filename-format"))
+                if below_fmt in _PROTOCOL_FORMATS and _local_path(location) is not None:
+                    # A protocol recorded as the format (``-F file``): the file's bytes,
+                    # shown by its name under that driver, as ``info -f file`` shows it.
+                    named = {"filename": location, "format": below_fmt}
+                    location, below_fmt = _protocol_as_format(location, str(below_fmt)), None
+                below = await alone(location, below_fmt)
             layer = below
     chain[0]["filename"] = _open.redact_location(shown)
     if protocol is not None:
