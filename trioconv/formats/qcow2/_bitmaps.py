@@ -121,9 +121,12 @@ class DirectoryEntry:
 def decode_directory(raw: bytes, count: int) -> list[DirectoryEntry]:
     """Decode ``count`` directory entries from ``raw`` (the whole directory).
 
+    As QEMU reads it: the padding after an entry is not looked at, and a name that
+    is not UTF-8 keeps its bytes (as surrogate escapes, written back unchanged).
+
     Raises:
-        BitmapError: an entry runs past the directory, has reserved flags, a bad name,
-            non-zero padding, or a name used twice.
+        BitmapError: an entry runs past the directory, has reserved flags, a bad name
+            length, or a name used twice.
     """
     entries: list[DirectoryEntry] = []
     names: set[str] = set()
@@ -143,12 +146,7 @@ def decode_directory(raw: bytes, count: int) -> list[DirectoryEntry]:
         padded = end + (-end % 8)
         if padded > len(raw):
             raise BitmapError(f"bitmap directory entry {i} runs past the directory's end")
-        if any(raw[end:padded]):
-            raise BitmapError(f"bitmap directory entry {i} has non-zero padding")
-        try:
-            name = raw[start + extra_size : end].decode("utf-8")
-        except UnicodeDecodeError:
-            raise BitmapError(f"bitmap directory entry {i}: the name is not UTF-8") from None
+        name = raw[start + extra_size : end].decode("utf-8", "surrogateescape")
         if name in names:
             raise BitmapError(f"bitmap name '{name}' is used twice")
         names.add(name)
@@ -162,7 +160,7 @@ def encode_directory(entries: Sequence[DirectoryEntry]) -> bytes:
     """The directory's bytes, each entry padded to 8 bytes."""
     out = bytearray()
     for e in entries:
-        name = e.name.encode("utf-8")
+        name = e.name.encode("utf-8", "surrogateescape")
         out += _ENTRY.pack(
             e.table_offset,
             e.table_size,

@@ -231,6 +231,13 @@ class Qcow2Driver(Driver):
                         f"the bitmaps need more than {bm.MAX_DATA_BYTES} bytes of memory"
                     )
                 data = bytearray(nbytes)
+                if e.table_offset + e.table_size * 8 > file.size:
+                    # (Checked here, not on open: QEMU reads such an image, and only
+                    # these bitmaps cannot be.)
+                    raise bm.BitmapError(
+                        f"bitmap '{e.name}': table at {e.table_offset:#x} lies past the end "
+                        "of the file"
+                    )
                 raw = await file.pread(e.table_offset, e.table_size * 8)
                 hosts: list[int] = []
                 for i, entry in enumerate(codec.decode_table(raw)):
@@ -697,10 +704,9 @@ async def _read_bitmap_directory(
                     f"bitmap '{e.name}' has a table of {e.table_size} entries; the image's "
                     f"size needs {expected}"
                 )
-            if e.table_offset % cs or e.table_offset + e.table_size * 8 > transport.size:
+            if e.table_offset % cs:
                 raise bm.BitmapError(
-                    f"bitmap '{e.name}': table at {e.table_offset:#x} is misaligned or lies "
-                    "past the end of the file"
+                    f"bitmap '{e.name}': table at {e.table_offset:#x} is not cluster aligned"
                 )
     except bm.BitmapError as exc:
         raise ImageError(f"{where}: corrupt bitmaps: {exc}") from None
