@@ -777,6 +777,13 @@ def test_protocol_names_taken_as_formats(qemu_img: str, tmp_path: Path) -> None:
     device = assert_one_error(trioconv_cli("info", "-f", "host_device", image))
     assert f"'{image}'" in device and "character or block device" in device
     assert "json:" not in device
+    # A character device is a device too, as the message says (and qemu-img takes it).
+    for args in (["-f", "host_device"], ["-f", "host_device", "--output", "json"]):
+        shown = trioconv_cli("info", *args, "/dev/null")
+        ok(shown)
+        assert shown.stdout == run(qemu_img, "info", *args, "/dev/null").stdout
+    ok(trioconv_cli("convert", "-f", "host_device", "-O", "raw", "/dev/null", tmp_path / "n"))
+    assert (tmp_path / "n").stat().st_size == 0
 
 
 @pytest.mark.parametrize("count", [0, 1])

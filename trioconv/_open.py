@@ -11,6 +11,7 @@ import contextlib
 import importlib
 import os
 import re
+import stat
 import sys
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from contextlib import asynccontextmanager
@@ -695,7 +696,11 @@ async def _open_transport_image(
             )
             stack.push_async_callback(transport.aclose)
             device = spec is not None and spec.protocol in ("host_device", "host_cdrom")
-            if device and not transport.is_block_device:
+            if (
+                device
+                and not transport.is_block_device
+                and not stat.S_ISCHR(os.fstat(transport.fd).st_mode)
+            ):
                 assert spec is not None
                 raise ImageError(
                     f"Could not open '{path}': '{spec.protocol}' driver requires "
