@@ -408,3 +408,40 @@ def test_human_layout_of_qemu_imgs_own_json(tmp_path: Path) -> None:
                 cli._print_human(data)
         assert rendered.getvalue() == theirs("--backing-chain", image, cwd=tmp_path), image
     assert "\nencrypted: yes\ncluster_size: 65536\n" in theirs(aes)
+
+
+def _info_bytes(program: list[str], *args: str | os.PathLike[str]) -> bytes:
+    done = subprocess.run([*program, "info", *args], capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_snapshot_ids_and_names_are_read_as_qemu_reads_them(tmp_path: Path) -> None:
+    """Snapshot IDs and names are C strings to QEMU: cut at the first NUL, and bytes that
+    are not UTF-8 printed as they are; the VM state size is a signed number."""
+    require_tool("qemu-img")
+    image = tmp_path / "snap.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", image, "1M")
+    qemu_img("snapshot", "-c", "abcdefgh", image)
+    data = bytearray(image.read_bytes())
+    at = data.index(b"abcdefgh")
+    data[at : at + 8] = b"ab\xffd\0fgh"
+    image.write_bytes(bytes(data))
+    for args in ([image], ["--output=json", image]):
+        mine = _info_bytes([sys.executable, "-m", "trioconv"], *args)
+        assert mine == _info_bytes(["qemu-img"], *args)
+    assert b"ab\xffd " in _info_bytes([sys.executable, "-m", "trioconv"], image)
+
+
+def test_a_backing_file_beside_a_doubled_slash_is_named_as_qemu_names_it(tmp_path: Path) -> None:
+    """The backing file's full name joins the image's folder as written ("dir//")."""
+    require_tool("qemu-img")
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    qemu_img("create", "-q", "-f", "qcow2", folder / "base.qcow2", "1M")
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", folder / "top.qcow2")
+    name = f"{folder}//top.qcow2"
+    for args in ([name], ["--output=json", name], ["--backing-chain", name]):
+        mine = _info_bytes([sys.executable, "-m", "trioconv"], *args)
+        assert mine == _info_bytes(["qemu-img"], *args)
+    assert f"{folder}//base.qcow2".encode() in _info_bytes(["qemu-img"], name)

@@ -152,4 +152,4 @@ def beside(location: str, name: str) -> str:
         return name
     if here is None:
         return _join_url(location, name) or name
-    return os.path.join(os.path.dirname(here), name)
+    return here[: here.rfind("/") + 1] + name  # (as QEMU joins them: "a//b" stays)

@@ -107,12 +107,13 @@ def parse_snapshots(data: bytes, count: int) -> list[Snapshot]:
         end = pos + id_len + name_len
         if end > len(data):
             raise Qcow2FormatError(f"Snapshot table entry {i} is truncated")
-        ident = data[pos : pos + id_len].decode(errors="replace")
-        name = data[pos + id_len : end].decode(errors="replace")
+        # As QEMU reads them: C strings (up to a NUL), bytes kept as they are.
+        ident = _c_string(data[pos : pos + id_len])
+        name = _c_string(data[pos + id_len : end])
         pos = -(-end // 8) * 8
         disk_size = int.from_bytes(extra[8:16], "big") if len(extra) >= 16 else None
         if len(extra) >= 8:
-            vmstate = int.from_bytes(extra[:8], "big")
+            vmstate = int.from_bytes(extra[:8], "big", signed=True)  # (an int64 in QEMU)
         icount = int.from_bytes(extra[16:24], "big") if len(extra) >= 24 else None
         if icount == (1 << 64) - 1:
             icount = None
@@ -120,6 +121,12 @@ def parse_snapshots(data: bytes, count: int) -> list[Snapshot]:
             Snapshot(ident, name, l1_offset, l1_size, disk_size, sec, nsec, clock, vmstate, icount)
         )
     return out
+
+
+def _c_string(raw: bytes) -> str:
+    """A snapshot's ID or name as QEMU has it: up to the first NUL, its bytes kept
+    (those that are not UTF-8 as surrogate escapes, printed back as they were)."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
 def table_length(data: bytes, count: int) -> int:
