@@ -24,6 +24,12 @@ requests into aligned buffers (the engine's buffers are page-aligned) go straigh
 through; a read of anything else - the unaligned tail of an image - is bounced through
 an aligned buffer, and a write of part of a block (a format's metadata) goes through a
 second, buffered descriptor of the file.
+
+Storage that changes underneath is an error, not a quiet copy: a source truncated by
+another process while it is read (its end found before the size it had when opened),
+a target whose last name was removed while it was written (found when it is flushed),
+and a block device to be written that the kernel holds - a mounted file system, an
+LVM or RAID member - which is refused when it is opened (``O_EXCL``).
 """
 
 from __future__ import annotations
@@ -241,11 +247,42 @@ def _aligned_buffer(length: int) -> mmap.mmap:
     return mmap.mmap(-1, max(length, 1))
 
 
-def _read_full(fd: int, buf: memoryview, offset: int) -> None:
-    """preadv until ``buf`` is full; bytes past end of file read as zeroes."""
+class _Shrank(Exception):
+    """The file ends before the size it had when it was opened (see :func:`_read_full`)."""
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.size = size
+
+
+def _check_not_shrunk(fd: int, size: int) -> None:
+    """Raise :class:`_Shrank` when the file or device at ``fd`` is now smaller than
+    ``size``."""
+    st = os.fstat(fd)
+    now = _device_size(fd) if stat.S_ISBLK(st.st_mode) else st.st_size
+    if now < size:
+        raise _Shrank(now)
+
+
+def _device_size(fd: int) -> int:
+    """A block device's size in bytes."""
+    return int(struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0])
+
+
+def _read_full(fd: int, buf: memoryview, offset: int, size: int) -> None:
+    """preadv until ``buf`` is full; bytes past end of file read as zeroes.
+
+    ``size`` is the size the file had when it was opened. The end of the file before it
+    means someone truncated the file since (or a device shrank): what it held there is
+    gone, and zeroes in its place would be a silently wrong copy, so that is
+    :class:`_Shrank`. At or past ``size`` the end is expected: a raw image whose size is
+    not a multiple of 512 reads as zeroes up to the next multiple, as in QEMU.
+    """
     while buf.nbytes:
         n = os.preadv(fd, [buf], offset)
         if n == 0:
+            if offset < size:
+                _check_not_shrunk(fd, size)
             buf[:] = bytes(buf.nbytes)
             return
         buf = buf[n:]
@@ -390,6 +427,12 @@ class FileDriver(Driver):
             return await _in_thread(fn, *args)
         except OSError as exc:
             raise self._os_error(what, offset, exc) from exc
+        except _Shrank as exc:
+            raise TrioconvIOError(
+                f"error while {what} {self.location} at byte {offset}: the file shrank to "
+                f"{exc.size} bytes while in use ({self._size} when opened)",
+                offset=offset,
+            ) from None
         except OverflowError:  # an offset past what a file offset can hold
             raise TrioconvIOError(
                 f"error while {what} {self.location} at byte {offset}: File too large",
@@ -409,7 +452,7 @@ class FileDriver(Driver):
     async def preadinto(self, offset: int, buf: memoryview) -> None:
         buf = buf.cast("B") if buf.format != "B" else buf
         if self._is_direct_ok(offset, buf):
-            await self._run("reading", offset, _read_full, self._fd, buf, offset)
+            await self._run("reading", offset, _read_full, self._fd, buf, offset, self._size)
             return
         a = self._alignment
         start = _round_down(offset, a)
@@ -417,7 +460,7 @@ class FileDriver(Driver):
         with _aligned_buffer(end - start) as bounce:
             view = memoryview(bounce)
             try:
-                await self._run("reading", offset, _read_full, self._fd, view, start)
+                await self._run("reading", offset, _read_full, self._fd, view, start, self._size)
                 buf[:] = view[offset - start : offset - start + buf.nbytes]
             finally:
                 view.release()
@@ -431,7 +474,7 @@ class FileDriver(Driver):
 
         def read_all() -> None:
             for off, b in views:
-                _read_full(self._fd, b, off)
+                _read_full(self._fd, b, off, self._size)
 
         first = views[0][0] if views else 0
         await self._run("reading", first, read_all)
@@ -570,6 +613,8 @@ class FileDriver(Driver):
                 data = os.lseek(self._fd, pos, os.SEEK_DATA)
             except OSError as exc:
                 if exc.errno == errno.ENXIO:  # only a hole up to end of file
+                    # ... or the file was truncated below its size at open (_read_full).
+                    _check_not_shrunk(self._fd, end)
                     out.append(Extent(pos, end - pos, ExtentKind.ZERO))
                     break
                 if out:
@@ -617,7 +662,22 @@ class FileDriver(Driver):
             raise self._os_error("copying to", offset, exc) from exc
 
     async def flush(self) -> None:
-        if self._writable and self._cache.flush and not self._cache.dsync:
+        """Make the writes stable (unless the cache mode says not to), and make sure
+        they went somewhere: a file whose last name was removed meanwhile (its
+        directory deleted under a running conversion, say) is written to the end
+        without a single error and then freed with everything written into it, so
+        that is an error here rather than a conversion reported as done."""
+        if not self._writable:
+            return
+        if not self._blockdev:
+            st = await self._run("flushing", 0, os.fstat, self._fd)
+            if st.st_nlink == 0:
+                raise TrioconvIOError(
+                    f"error while flushing {self.location}: the file was removed while "
+                    "being written, and what was written is lost with it",
+                    errno=errno.ENOENT,
+                )
+        if self._cache.flush and not self._cache.dsync:
             await self._run("flushing", 0, os.fdatasync, self._fd)
 
     async def aclose(self) -> None:
@@ -671,11 +731,24 @@ def _open_sync(
     # A pipe, FIFO or socket has no size and no offsets: read, it would be an empty
     # disk (``cat disk.img | convert /dev/stdin`` making a 0-byte image that exits 0).
     # Looked at before opening, since opening a FIFO waits for a writer.
+    before: os.stat_result | None = None
     with contextlib.suppress(OSError):
-        _check_seekable(path, os.stat(path))
+        before = os.stat(path)
+        _check_seekable(path, before)
+    flags = _open_flags(writable, cache)
+    # A block device is written only if no one holds it exclusively: not while a file
+    # system on it is mounted, nor while it is part of an LVM volume, a RAID array or a
+    # swap area (the kernel's exclusive open; qemu-img 7.2 would write over them).
+    # Other programs' plain opens do not conflict; file.locking=off skips this too.
+    exclusive = writable and locking and before is not None and stat.S_ISBLK(before.st_mode)
     try:
-        fd = os.open(path, _open_flags(writable, cache))
+        fd = os.open(path, flags | (os.O_EXCL if exclusive else 0))
     except OSError as exc:
+        if exclusive and exc.errno == errno.EBUSY:
+            raise ImageInUse(
+                f"Could not open '{path}': the device is in use (a mounted file system, "
+                "or held by the kernel: LVM, RAID, swap)"
+            ) from exc
         raise _describe_open_error(path, exc, cache) from exc
     try:
         st = os.fstat(fd)
@@ -726,13 +799,16 @@ async def open_file(
     Args:
         force_share: read it even while another process writes it (``-U``; read-only
             opens only), as QEMU's ``force-share``.
-        locking: False takes no locks and checks none (QEMU's ``file.locking=off``).
+        locking: False takes no locks and checks none (QEMU's ``file.locking=off``),
+            and opens a block device for writing even while it is mounted or held by
+            the kernel (without ``O_EXCL``).
         share_writes: a writable open for a raw image, which lets others write too,
             as QEMU's raw format does (see :func:`_open_perms`).
 
     Raises:
         ImageError: it does not exist, cannot be opened, is in use by another process
-            (QEMU, or trioconv) that does not share it, or its filesystem refuses the
+            (QEMU, or trioconv) that does not share it, is a block device to be written
+            that is mounted or held by the kernel, or its filesystem refuses the
             requested cache mode.
     """
     if force_share and writable:
