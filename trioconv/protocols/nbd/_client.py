@@ -12,9 +12,17 @@ A server that stops answering is not waited for forever either. Connecting and t
 handshake together may take :data:`OPEN_TIMEOUT` seconds. Once connected, the reader
 gives the connection up when requests are waiting and the server has sent nothing at
 all for :data:`REPLY_TIMEOUT` seconds (any byte from it starts the count again, so a
-slow server that answers is never cut off). QEMU's NBD client has neither bound - its
-``reconnect-delay`` and ``open-timeout`` are about reconnecting, and a server that
-holds the connection open but never answers hangs ``qemu-img`` for good.
+slow server that answers is never cut off). QEMU's NBD client has neither bound: a
+server that holds the connection open but never answers hangs ``qemu-img`` for good.
+
+QEMU's own two options are about connecting again, and mean here what they mean there.
+``open-timeout`` (``retry_connect``): a connect that fails is tried again for that many
+seconds - a server still starting is waited for. ``reconnect-delay``
+(``reconnect_delay``): a connection lost mid-copy (the server restarted, the silence
+bound above) is made again for that many seconds, while its requests wait; then they
+are sent again over the new connection, which must offer the same export (see
+:meth:`NBDDriver._reconnect`). Both are 0 by default: one connect, and a lost connection
+fails every request on it at once.
 
 Connections end as the protocol asks, which servers' logs show: a refused option with
 ``NBD_OPT_ABORT``, an open connection with ``NBD_CMD_DISC`` (also when a writable open
@@ -45,6 +53,7 @@ import urllib.parse
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import NoReturn
 
 import attrs
 import trio
@@ -91,6 +100,12 @@ _SMALL_PAYLOAD = 64 * 1024
 
 #: Seconds that connecting and the handshake together may take.
 OPEN_TIMEOUT = 30.0
+
+#: The first and the longest pause between two connects, when connecting is tried
+#: again (``open-timeout``, ``reconnect-delay``): a server restarting is found within a
+#: second of being back, a server that is gone is not asked a thousand times a second.
+RETRY_PAUSE_FIRST = 0.02
+RETRY_PAUSE_MAX = 1.0
 
 #: Seconds a connection with requests waiting may go without a single byte from the
 #: server before it is given up. Generous: a server may take long over one request
@@ -293,6 +308,11 @@ class _ServerSilent(Exception):
     """The server answered nothing for the reply timeout while requests waited."""
 
 
+class _Lost(TrioconvIOError):
+    """A request met the loss of a connection that is being made again
+    (``reconnect-delay``): it is sent again once it is, never shown to the user."""
+
+
 class NBDDriver(Driver):
     """An NBD export. Made by :func:`open_nbd`, which also runs its reader task."""
 
@@ -308,6 +328,7 @@ class NBDDriver(Driver):
         leftover: bytes = b"",
         cache: CacheMode = CacheMode.WRITEBACK,
         reply_timeout: float = REPLY_TIMEOUT,
+        reconnect_delay: float = 0,
     ) -> None:
         self._stream = stream
         self.info = info
@@ -347,6 +368,12 @@ class NBDDriver(Driver):
         #: so that every byte received does not look through the waiting requests.
         self._flushes = 0
         self._silence = trio.CancelScope()
+        #: ``reconnect-delay`` (see :meth:`_reconnect`): while a lost connection is
+        #: being made again, :attr:`_lost` is the loss and requests wait for
+        #: :attr:`_reconnected`.
+        self._reconnect_delay = reconnect_delay
+        self._lost: TrioconvIOError | None = None
+        self._reconnected = trio.Event()
 
     # -- geometry ------------------------------------------------------------------------
     @property
@@ -374,7 +401,17 @@ class NBDDriver(Driver):
 
     # -- the reader task -------------------------------------------------------------------
     async def reader(self) -> None:
-        """Receive replies and route them until the connection closes.
+        """Receive replies and route them until the connection closes; with a
+        ``reconnect_delay``, a lost connection is made again (see :meth:`_reconnect`)
+        and the replies of the new one received in turn."""
+        while True:
+            loss = await self._serve()
+            if loss is None:
+                return
+            await self._reconnect(loss)
+
+    async def _serve(self) -> TrioconvIOError | None:
+        """Receive and route the replies of the current connection.
 
         The receiving runs inside :attr:`_silence`, a cancel scope whose deadline is
         :attr:`_reply_timeout` seconds after the last byte from the server while
@@ -382,11 +419,20 @@ class NBDDriver(Driver):
         first request starts waiting, every receive moves it on. When it expires the
         server has answered nothing for that long, and the connection is given up like
         a lost one.
+
+        Returns None when the driver closes, and the loss when the connection is lost
+        and :meth:`_reconnect` is to make it again (``reconnect_delay`` > 0).
+
+        Raises:
+            TrioconvIOError: the connection is lost, with no reconnecting: every request
+                waiting on it has failed with this error.
         """
         # A plain socket is read into the parser's buffer, and the bulk of each read
         # payload straight into the requester's buffer; TLS goes through the stream.
         # Either way each payload byte is copied at most once in user space.
         sock = getattr(self._stream, "socket", None)
+        self._silence = trio.CancelScope()  # (a scope is entered once: one a connection)
+        self._heard()
         try:
             with self._silence:
                 await self._receive_replies(sock)
@@ -397,10 +443,13 @@ class NBDDriver(Driver):
                     f"{self._reply_timeout:g} s while {waiting} "
                     f"request{'s' if waiting != 1 else ''} waited for a reply"
                 )
+            return None  # (the receiving ends only by an error)
         except _ServerSilent as exc:
             if self._closing:
-                return
+                return None
             error = TrioconvIOError(str(exc), errno=errno_mod.ETIMEDOUT)
+            if self._reconnect_delay > 0:
+                return error
             self._give_up(error)
             raise error from None
         except (
@@ -411,9 +460,11 @@ class NBDDriver(Driver):
             TrioconvIOError,
         ) as exc:
             if self._closing:
-                return
+                return None
             reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             error = TrioconvIOError(f"{self.location}: connection to the NBD server lost: {reason}")
+            if self._reconnect_delay > 0:
+                return error
             self._give_up(error)
             raise error from exc
         except BaseException:
@@ -454,6 +505,119 @@ class NBDDriver(Driver):
         a dead server still shows, when the connection breaks)."""
         waiting = self._pending and not self._flushes
         self._silence.deadline = trio.current_time() + self._reply_timeout if waiting else math.inf
+
+    async def _reconnect(self, loss: TrioconvIOError) -> None:
+        """Make a lost connection again, as QEMU's ``reconnect-delay`` asks.
+
+        The requests waiting on the lost connection fail with :class:`_Lost`, which
+        :meth:`_exchange` answers by sending them again once the connection is back;
+        requests made meanwhile wait for it. NBD lets a request simply go again: a
+        read reads the same bytes, a write writes the same bytes to the same place.
+
+        Connecting is tried again and again, with pauses growing from
+        :data:`RETRY_PAUSE_FIRST` to :data:`RETRY_PAUSE_MAX` seconds, for
+        ``reconnect_delay`` seconds. A new connection must negotiate the same export
+        as the lost one (size, block sizes, reply kind, writable): requests were cut
+        to its measure and a copy is half-way through its bytes. The server refusing
+        the export or TLS, or offering another export, is final at once; otherwise,
+        when the time is up, the copy fails with one error naming the first loss and
+        what the last attempt met.
+
+        Raises:
+            TrioconvIOError: the connection could not be made again.
+        """
+        self._lost = loss
+        self._reconnected = trio.Event()
+        lost = _Lost(str(loss))
+        for pending in self._pending.values():
+            pending.error = lost
+            pending.done.set()
+        self._pending.clear()
+        old, self._sends = self._sends, WholeSends()
+        old.abandon()
+        await trio.aclose_forcefully(self._stream)
+        log.info("%s: %s; reconnecting", self.location, loss)
+        deadline = trio.current_time() + self._reconnect_delay
+        pause = RETRY_PAUSE_FIRST
+        last = "no attempt"
+        while True:
+            # (An attempt may run a little past the deadline: the last one, made at
+            # the deadline, gets its chance to tell why it fails.)
+            now = trio.current_time()
+            try:
+                with trio.fail_at(min(now + OPEN_TIMEOUT, max(deadline, now + RETRY_PAUSE_MAX))):
+                    stream = await _connect(self.address)
+                    try:
+                        stream, info, leftover = await _handshake(stream, self.address)
+                    except BaseException:
+                        await trio.aclose_forcefully(stream)
+                        raise
+            except proto.NBDOptionError as exc:
+                self._reconnect_failed(loss, str(exc), final=True)
+            except OSError as exc:
+                last = _connect_reason(exc)
+            except (proto.NBDProtocolError, trio.BrokenResourceError) as exc:
+                last = str(exc)
+            except trio.TooSlowError:
+                last = "no connection within the time left"
+            else:
+                if self._closing:  # (the work ended meanwhile: nothing to serve)
+                    await trio.aclose_forcefully(stream)
+                    return
+                changed = self._changed_export(info)
+                if changed is not None:
+                    await trio.aclose_forcefully(stream)
+                    self._reconnect_failed(loss, changed, final=True)
+                self._adopt(stream, info, leftover)
+                return
+            now = trio.current_time()
+            if now >= deadline:
+                self._reconnect_failed(loss, last)
+            await trio.sleep(min(pause, deadline - now))
+            pause = min(pause * 2, RETRY_PAUSE_MAX)
+
+    def _changed_export(self, info: proto.ExportInfo) -> str | None:
+        """What a new connection negotiated otherwise than the lost one, if anything."""
+        old = self.info
+        if info.size != old.size:
+            return f"the export is now {info.size} bytes, not {old.size}"
+        if self._writable and info.flags & TxFlag.READ_ONLY:
+            return "the export is now read-only"
+        if (info.structured, info.min_block, info.max_block) != (
+            old.structured,
+            old.min_block,
+            old.max_block,
+        ):
+            return "the server now negotiates the export otherwise (block sizes, replies)"
+        return None
+
+    def _adopt(self, stream: trio.abc.Stream, info: proto.ExportInfo, leftover: bytes) -> None:
+        """Serve requests over ``stream``, the lost connection made again."""
+        self._stream = stream
+        self.info = info
+        self._parser = proto.ReplyParser(
+            max_payload=info.max_block + 8192, structured=info.structured
+        )
+        if leftover:
+            self._parser.receive_data(leftover)
+        self._lost = None
+        self._reconnected.set()
+        log.info("%s: reconnected", self.location)
+
+    def _reconnect_failed(
+        self, loss: TrioconvIOError, last: str, *, final: bool = False
+    ) -> NoReturn:
+        """Give the connection up for good: every request waiting fails, now and after.
+
+        ``last``: what the last attempt met; ``final``: an answer no further attempt
+        would change (the server refused the export), rather than the time being up.
+        """
+        within = "" if final else f" within {self._reconnect_delay:g} s"
+        error = TrioconvIOError(f"{loss}; not reconnected{within}: {last}", errno=errno_mod.EIO)
+        self._lost = None
+        self._give_up(error)
+        self._reconnected.set()
+        raise error
 
     def _give_up(self, error: TrioconvIOError) -> None:
         """The connection is unusable: fail every request waiting on it, stop a send
@@ -637,10 +801,39 @@ class NBDDriver(Driver):
         connection over it). Cancelled after, the replies still come and are dropped:
         a READ's buffer is never written to once its caller stopped waiting.
         """
+        while True:
+            while self._lost is not None and not self._closing:
+                await self._reconnected.wait()  # (set again at once when given up)
+            try:
+                return await self._exchange_once(cmd, requests, flags)
+            except _Lost:
+                # The connection is being made again: then the requests go again. (A
+                # send can find it broken before the reader does: it soon will.)
+                if self._lost is None and self._broken is None:
+                    await trio.sleep(0.01)
+
+    async def _exchange_once(
+        self,
+        cmd: Cmd,
+        requests: Sequence[tuple[int, int, memoryview | None, memoryview | None]],
+        flags: CmdFlag,
+    ) -> list[_Pending]:
+        """:meth:`_exchange` over the current connection.
+
+        Raises:
+            _Lost: the connection was lost, and is being made again.
+        """
         if self._broken is not None:
             raise self._broken
         if self._closing:
             raise TrioconvIOError(f"{self.location}: connection is closed")
+        sends = self._sends
+
+        def broken() -> TrioconvIOError | None:
+            if self._broken is None and (sends is not self._sends or self._lost is not None):
+                return _Lost("the connection was lost")
+            return self._broken
+
         cookies: list[int] = []
         pendings: list[_Pending] = []
         wire: list[bytes | bytearray | memoryview] = []
@@ -670,7 +863,7 @@ class NBDDriver(Driver):
         try:
             # The reader gives the connection up if the server goes away or the
             # conversion ends, which also stops a send stuck on a full socket buffer.
-            async with self._sends.whole(lambda: self._broken):
+            async with sends.whole(broken):
                 try:
                     for part in wire:
                         # A large write over a slow link is sent a slice at a time: the
@@ -680,7 +873,9 @@ class NBDDriver(Driver):
                             await self._stream.send_all(view[start : start + _SEND_SLICE])
                             self._heard()
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    raise self._broken or TrioconvIOError(
+                    if self._reconnect_delay > 0 and self._broken is None:
+                        raise _Lost(str(exc)) from exc
+                    raise broken() or TrioconvIOError(
                         f"{self.location}: connection to the NBD server lost: {exc}"
                     ) from exc
             sent = True
@@ -700,9 +895,13 @@ class NBDDriver(Driver):
             self._flushes -= flushes
             if flushes and not self._flushes:
                 self._heard()  # the requests still waiting have their bound again
-        for pending in pendings:
-            if pending.error is not None:
-                raise pending.error
+        errors = [p.error for p in pendings if p.error is not None]
+        # (A server's own answer first; a loss only when it is all there is.)
+        for error in errors:
+            if not isinstance(error, _Lost):
+                raise error
+        if errors:
+            raise errors[0]
         return pendings
 
     async def _split(
@@ -989,7 +1188,7 @@ class NBDDriver(Driver):
             return
         self._closing = True
         with trio.CancelScope(shield=True), trio.move_on_after(5):
-            if self._broken is None:
+            if self._broken is None and self._lost is None:
                 try:
                     async with self._sends.whole(lambda: self._broken):
                         await self._stream.send_all(proto.encode_request(Cmd.DISC, 0))
@@ -1266,6 +1465,8 @@ async def _open_connection(
     cache: CacheMode = CacheMode.WRITEBACK,
     open_timeout: float = OPEN_TIMEOUT,
     reply_timeout: float = REPLY_TIMEOUT,
+    retry_connect: float = 0,
+    reconnect_delay: float = 0,
     opening: _Opening | None = None,
 ) -> NBDDriver:
     """Connect and negotiate, within ``open_timeout`` seconds in all.
@@ -1276,25 +1477,41 @@ async def _open_connection(
     then says nothing, forever. ``opening``: an extra connection's progress, told as it
     connects and is greeted (see :class:`_Opening`).
 
+    ``retry_connect`` (QEMU's ``open-timeout``): seconds during which a connect that
+    fails - refused, the socket not there yet, no answer within ``open_timeout`` - is
+    tried again, after pauses growing from :data:`RETRY_PAUSE_FIRST` to
+    :data:`RETRY_PAUSE_MAX` seconds; the error then tells what the last attempt met. A
+    server that answers and refuses (the export, TLS) is not asked again: that is its
+    answer. ``reconnect_delay``: see :class:`NBDDriver`.
+
     A writable open of a read-only export is refused before any request is sent, and
     the connection ends with ``NBD_CMD_DISC``, the goodbye the protocol asks for.
     """
     where = address.socket if address.socket is not None else f"{address.host}:{address.port}"
-    deadline = trio.current_time() + open_timeout
-    try:
-        with trio.fail_after(open_timeout):
-            stream = await _connect(address)
-        if opening is not None:
-            opening.connected()
-    except OSError as exc:
-        raise ImageError(
-            f"Could not open '{uri}': Failed to connect to '{where}': {_connect_reason(exc)}"
-        ) from exc
-    except trio.TooSlowError:
-        raise ImageError(
-            f"Could not open '{uri}': Failed to connect to '{where}': "
-            f"no connection within {open_timeout:g} s"
-        ) from None
+    retry_until = trio.current_time() + retry_connect
+    pause = RETRY_PAUSE_FIRST
+    while True:
+        deadline = trio.current_time() + open_timeout
+        try:
+            with trio.fail_after(open_timeout):
+                stream = await _connect(address)
+            if opening is not None:
+                opening.connected()
+            break
+        except OSError as exc:
+            reason = _connect_reason(exc)
+        except trio.TooSlowError:
+            reason = f"no connection within {open_timeout:g} s"
+        # (``open-timeout``: refused, socket missing, too slow - tried again until
+        # the time is up, with pauses growing from a few ms up to a second.)
+        now = trio.current_time()
+        if now >= retry_until:
+            tried = f" (tried for {retry_connect:g} s)" if retry_connect else ""
+            raise ImageError(
+                f"Could not open '{uri}': Failed to connect to '{where}': {reason}{tried}"
+            )
+        await trio.sleep(min(pause, retry_until - now))
+        pause = min(pause * 2, RETRY_PAUSE_MAX)
     try:
         with trio.fail_at(deadline):
             greeted = opening.greeting if opening is not None else None
@@ -1330,6 +1547,7 @@ async def _open_connection(
         leftover=leftover,
         cache=cache,
         reply_timeout=reply_timeout,
+        reconnect_delay=reconnect_delay,
     )
 
 
@@ -1346,6 +1564,8 @@ async def open_nbd(
     cache: CacheMode | str = CacheMode.WRITEBACK,
     open_timeout: float | None = None,
     reply_timeout: float | None = None,
+    retry_connect: float = 0,
+    reconnect_delay: float = 0,
 ) -> AsyncIterator[Driver]:
     """Connect to an NBD export and keep its reader tasks running while in use.
 
@@ -1361,6 +1581,11 @@ async def open_nbd(
         reply_timeout: seconds a connection with requests waiting may go without a
             byte from the server before it is given up (:data:`REPLY_TIMEOUT` when
             None).
+        retry_connect: QEMU's ``open-timeout``: seconds during which a connect that
+            fails is tried again (0: one attempt); the first connection only.
+        reconnect_delay: QEMU's ``reconnect-delay``: seconds during which requests on
+            a lost connection wait for it to be made again, and are then sent again
+            (0: a lost connection fails them; see :class:`NBDDriver`).
 
     Raises:
         ImageError: the server cannot be reached, refuses the export or TLS, or (for a
@@ -1371,6 +1596,7 @@ async def open_nbd(
     timeouts = {
         "open_timeout": OPEN_TIMEOUT if open_timeout is None else open_timeout,
         "reply_timeout": REPLY_TIMEOUT if reply_timeout is None else reply_timeout,
+        "reconnect_delay": reconnect_delay,
     }
     first = await _open_connection(
         uri,
@@ -1379,6 +1605,8 @@ async def open_nbd(
         cache=mode,
         open_timeout=timeouts["open_timeout"],
         reply_timeout=timeouts["reply_timeout"],
+        retry_connect=retry_connect,
+        reconnect_delay=reconnect_delay,
     )
     wanted = DEFAULT_CONNECTIONS if connections is None else max(1, connections)
     extra = wanted - 1 if first.info.flags & TxFlag.CAN_MULTI_CONN else 0
@@ -1418,6 +1646,7 @@ async def _add_connection(
     cache: CacheMode,
     open_timeout: float,
     reply_timeout: float,
+    reconnect_delay: float,
 ) -> None:
     """Open one more connection to a multi-conn export and put it to use once its
     handshake is done, while the first one already serves requests.
@@ -1445,6 +1674,7 @@ async def _add_connection(
                     cache=cache,
                     open_timeout=open_timeout,
                     reply_timeout=reply_timeout,
+                    reconnect_delay=reconnect_delay,
                     opening=opening,
                 )
             except TrioconvError as exc:
