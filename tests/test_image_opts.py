@@ -141,7 +141,11 @@ def test_resolve_local_and_format_options() -> None:
         ("driver=raw,size=1000,file.filename=a", ImageError, "not multiple of 512"),
         ("driver=raw,offset=abc,file.filename=a", ImageError, "expects a non-negative number"),
         ("driver=raw,file.filename=a,file.locking=maybe", ImageError, "locking"),
-        ("driver=luks,file.filename=a", UnsupportedError, "Block format 'luks' is not supported"),
+        (
+            "driver=parallels,file.filename=a",
+            UnsupportedError,
+            "Block format 'parallels' is not supported",
+        ),
         ("driver=ssh,path=/a", UnsupportedError, "Block protocol 'ssh' is not supported"),
         ("driver=qcow2,file.filename=a,backing.driver=raw", UnsupportedError, "backing image"),
         ("driver=qcow2,file.filename=a,backing=node0", ImageError, "node-name='node0'"),

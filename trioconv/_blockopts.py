@@ -100,6 +100,12 @@ _OTHER_OBJECT_TYPES = {
     "authz-pam",
 }
 
+#: Why some of :data:`_OTHER_OBJECT_TYPES` are refused, told with the refusal.
+_OBJECT_TYPE_REASONS = {
+    "tls-creds-psk": "trioconv speaks TLS with X.509 certificates only",
+    "tls-creds-anon": "trioconv speaks TLS with X.509 certificates only",
+}
+
 
 def use_objects(
     objects: Iterable[QemuObject],
@@ -168,7 +174,10 @@ def _object_from(props: dict[str, str]) -> QemuObject:
         raise UsageError("Parameter 'qom-type' is missing")
     obj_id = props.pop("id", None)
     if qom_type in _OTHER_OBJECT_TYPES:
-        raise UnsupportedError(f"Object type '{qom_type}' is not supported")
+        why = _OBJECT_TYPE_REASONS.get(qom_type)
+        raise UnsupportedError(
+            f"Object type '{qom_type}' is not supported" + (f" ({why})" if why else "")
+        )
     if qom_type not in ("secret", "tls-creds-x509"):
         raise UsageError(f"Parameter 'qom-type' does not accept value '{qom_type}'")
     if not obj_id:
@@ -433,6 +442,10 @@ class BlockSpec:
             ``proxy-password-secret``'s value, for the environment's proxy.
         chap: iSCSI ``user`` and ``password-secret`` (or ``password``), for CHAP.
         null: a null device's options (``driver=null-co,size=...``).
+        nbd_open_timeout: NBD ``open-timeout``: seconds during which a failed connect
+            is tried again (0: one attempt).
+        nbd_reconnect_delay: NBD ``reconnect-delay``: seconds during which requests
+            wait for a lost connection to be made again (0: a loss fails them).
     """
 
     location: str
@@ -455,6 +468,8 @@ class BlockSpec:
     proxy_password: str | None = attrs.field(default=None, repr=False)
     chap: tuple[str, str] | None = attrs.field(default=None, repr=False)
     null: NullOptions | None = None
+    nbd_open_timeout: int = 0
+    nbd_reconnect_delay: int = 0
 
 
 #: The largest HTTP ``timeout`` QEMU takes, in seconds (its CURL_TIMEOUT_MAX).
@@ -471,7 +486,6 @@ class _Refused(Exception):
 
 #: Format drivers QEMU has that trioconv does not read.
 _OTHER_FORMATS = {
-    "luks",
     "parallels",
     "dmg",
     "cloop",
@@ -534,6 +548,8 @@ _FORMAT_OPTIONS: dict[str, set[str]] = {
     },
     "qed": {"backing"},
     "vmdk": {"backing"},
+    # (The key is not needed to show the header, which is all trioconv reads of one.)
+    "luks": {"key-secret"},
 }
 _PROTOCOL_OPTIONS: dict[str, set[str]] = {
     "file": {"filename", "locking", "aio", "aio-max-batch", "drop-cache", "x-check-cache-dropped"},
@@ -888,7 +904,43 @@ def _file_node(node: Flat, proto: str) -> BlockSpec:
     return BlockSpec(location, None, name, locking=locking != "off")
 
 
+_QEMU_UINT_RE = re.compile(r"\s*(-?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")
+
+
+def _nbd_seconds(node: Flat, key: str) -> int:
+    """``open-timeout`` or ``reconnect-delay`` as QEMU 7.2 reads them: a whole number
+    in C's notations (``10``, ``0x10``, ``010`` octal), a negative one wrapping round
+    as unsigned 64-bit arithmetic does, then kept to its low 32 bits - the driver
+    stores it in a ``uint32_t``, so ``2^32`` means 0 and ``-1`` about 136 years."""
+    value = node.get(key)
+    if value is None:
+        return 0
+    match = _QEMU_UINT_RE.fullmatch(value)
+    if match is None:
+        raise _Refused(f"Parameter '{key}' expects a number")
+    sign, digits = match.groups()
+    if digits[:2].lower() == "0x":
+        number = int(digits[2:], 16)
+    else:
+        number = int(digits, 8) if digits.startswith("0") else int(digits)
+    if number >= 2**64:
+        raise _Refused(f"Parameter '{key}' expects a number")
+    if sign:
+        number = -number % 2**64
+    return number % 2**32
+
+
 def _nbd_node(node: Flat) -> BlockSpec:
+    """An ``nbd`` node as a URI, and its timing options."""
+    spec = _nbd_address(node)
+    return attrs.evolve(
+        spec,
+        nbd_open_timeout=_nbd_seconds(node, "open-timeout"),
+        nbd_reconnect_delay=_nbd_seconds(node, "reconnect-delay"),
+    )
+
+
+def _nbd_address(node: Flat) -> BlockSpec:
     query: dict[str, str] = {}
     creds_id = node.get("tls-creds")
     tls = creds_id is not None

@@ -303,7 +303,7 @@ _register(FormatInfo("raw", probe_raw, _open_raw, create_options=RAW_CREATE_OPTI
 
 
 #: Format modules under ``trioconv.formats``; each exports ``FORMAT`` when it exists.
-_FORMAT_MODULES = ("qcow2", "vmdk", "vpc", "vhdx", "vdi", "qed")
+_FORMAT_MODULES = ("qcow2", "vmdk", "vpc", "vhdx", "vdi", "qed", "luks")
 _loaded: set[str] = set()
 
 
@@ -648,7 +648,14 @@ async def _open_transport_image(
             from .protocols.nbd import open_nbd  # only programs that use NBD pay for it
 
             transport = await stack.enter_async_context(
-                open_nbd(text, writable=writable, connections=connections, cache=cache)
+                open_nbd(
+                    text,
+                    writable=writable,
+                    connections=connections,
+                    cache=cache,
+                    retry_connect=spec.nbd_open_timeout if spec is not None else 0,
+                    reconnect_delay=spec.nbd_reconnect_delay if spec is not None else 0,
+                )
             )
         elif is_nfs_uri(text):
             from .protocols.nfs import open_nfs  # only programs that use NFS pay for it

@@ -93,6 +93,14 @@ L1_RESERVED = 0x7F00_0000_0000_01FF
 _HEADER_V2 = struct.Struct(">4sIQIIQIIQQIIQ")
 _HEADER_V3 = struct.Struct(">QQQII")
 _EXT_HEADER = struct.Struct(">II")
+#: The full disk encryption extension: the LUKS header's offset and length in the file.
+_CRYPTO_EXT = struct.Struct(">QQ")
+
+#: The header's crypt method: 0 none, 1 AES-CBC with the sector number as IV (QEMU's
+#: legacy encryption; no header of its own), 2 LUKS (a LUKS header inside the file).
+CRYPT_NONE = 0
+CRYPT_AES = 1
+CRYPT_LUKS = 2
 
 
 class Qcow2FormatError(ValueError):
@@ -226,6 +234,8 @@ class ImageInfo:
         has_bitmaps: the image carries persistent dirty bitmaps.
         bitmaps_extension: the bitmaps extension's body as stored, or None.
         unknown_extensions: types of extensions that were skipped.
+        crypto_header: where the LUKS header of a LUKS-encrypted image lies, as
+            ``(offset, length)`` in the file, from the full disk encryption extension.
     """
 
     header: Header
@@ -236,6 +246,7 @@ class ImageInfo:
     has_bitmaps: bool = False
     unknown_extensions: tuple[int, ...] = ()
     bitmaps_extension: bytes | None = None
+    crypto_header: tuple[int, int] | None = None
 
     @property
     def layout(self) -> Layout:
@@ -343,10 +354,8 @@ def _check_header(h: Header) -> None:
             "(may not exceed 64 bits)",
             96,
         )
-    if h.crypt_method != 0:
-        raise Qcow2FormatError(
-            f"encrypted qcow2 images are not supported (crypt method {h.crypt_method})", 32
-        )
+    if h.crypt_method > CRYPT_LUKS:
+        raise Qcow2FormatError(f"Unsupported encryption method: {h.crypt_method}", 32)
     if h.compression_type not in (CompressionType.ZLIB, CompressionType.ZSTD):
         raise Qcow2FormatError(f"unknown compression type {h.compression_type}", 104)
     has_type_bit = bool(h.incompatible_features & Incompatible.COMPRESSION_TYPE)
@@ -431,6 +440,7 @@ def parse_extensions(h: Header, cluster: bytes | bytearray | memoryview) -> Imag
     has_bitmaps = False
     bitmaps_body: bytes | None = None
     unknown: list[int] = []
+    crypto_header: tuple[int, int] | None = None
     while pos + _EXT_HEADER.size <= end:
         ext_type, length = _EXT_HEADER.unpack_from(data, pos)
         if ext_type == Extension.END:
@@ -459,7 +469,7 @@ def parse_extensions(h: Header, cluster: bytes | bytearray | memoryview) -> Imag
             has_bitmaps = True
             bitmaps_body = bytes(body)
         elif ext_type == Extension.FULL_DISK_ENCRYPTION:
-            raise Qcow2FormatError("encrypted qcow2 images are not supported", pos)
+            crypto_header = _crypto_extension(h, body, pos)
         else:
             unknown.append(ext_type)
         pos = body_at + (length + 7) // 8 * 8
@@ -484,7 +494,32 @@ def parse_extensions(h: Header, cluster: bytes | bytearray | memoryview) -> Imag
         has_bitmaps=has_bitmaps,
         unknown_extensions=tuple(unknown),
         bitmaps_extension=bitmaps_body,
+        crypto_header=crypto_header,
     )
+
+
+def _crypto_extension(h: Header, body: bytes, pos: int) -> tuple[int, int]:
+    """The full disk encryption extension's ``(offset, length)`` of the LUKS header:
+    two big-endian 64-bit fields, the offset a whole number of clusters."""
+    if h.crypt_method != CRYPT_LUKS:
+        raise Qcow2FormatError(
+            "the encryption header extension is only allowed with LUKS encryption (crypt "
+            f"method {h.crypt_method})",
+            pos,
+        )
+    if len(body) != _CRYPTO_EXT.size:
+        raise Qcow2FormatError(
+            f"the encryption header extension is {len(body)} bytes long, not {_CRYPTO_EXT.size}",
+            pos,
+        )
+    offset, length = _CRYPTO_EXT.unpack(body)
+    if offset % h.cluster_size:
+        raise Qcow2FormatError(
+            f"the encryption header's offset {_hex(offset)} is not a multiple of the "
+            f"cluster size ({h.cluster_size})",
+            pos,
+        )
+    return offset, length
 
 
 def rebuild_extensions(
@@ -523,14 +558,25 @@ def rebuild_extensions(
     return attrs.evolve(h, backing_file_offset=offset, backing_file_size=len(name)), bytes(out)
 
 
-def parse_image(cluster: bytes | bytearray | memoryview, file_size: int) -> ImageInfo:
+def parse_image(
+    cluster: bytes | bytearray | memoryview, file_size: int, *, encrypted_ok: bool = False
+) -> ImageInfo:
     """Decode the first cluster and check it against the file's size.
+
+    An encrypted image (crypt method 1, AES, or 2, LUKS) is refused unless
+    ``encrypted_ok``: its metadata is in the clear, so it may be opened to be described
+    (``info``), but its guest data cannot be read without a key, which trioconv does
+    not take, and its clusters must never be written in the clear.
 
     Raises:
         Qcow2FormatError: anything a reader cannot trust; the message names the
             problem and, for tables, their offset.
     """
     h = parse_header(cluster)
+    if h.crypt_method and not encrypted_ok:
+        raise Qcow2FormatError(
+            f"encrypted qcow2 images are not supported (crypt method {h.crypt_method})", 32
+        )
     info = parse_extensions(h, cluster)
     unknown = h.incompatible_features & ~int(KNOWN_INCOMPATIBLE)
     if unknown:

@@ -42,7 +42,9 @@ from ..._errors import (
     TrioconvIOError,
     UnsupportedError,
 )
+from ..._qdict import qemu_order
 from ...driver import Caps, Driver, Extent, ExtentKind, Limits
+from .. import _luks
 from .._common import backing_error, check_range, full_backing_name, read_or_zero
 from .._common import fill_zero as _fill_zero
 from .._common import resolve_name as _resolve
@@ -140,6 +142,8 @@ class Qcow2Driver(Driver):
         self.snapshots: list[snapshots.Snapshot] = []
         #: The bitmap directory, when the image has consistent persistent bitmaps.
         self.bitmap_entries: list[bm.DirectoryEntry] = []
+        #: The LUKS header of a LUKS-encrypted image (opened only to be described).
+        self.luks: _luks.LuksHeader | None = None
 
     # -- contract ---------------------------------------------------------------------
     @property
@@ -184,9 +188,31 @@ class Qcow2Driver(Driver):
             data["compression-type"] = "zlib"
             data["refcount-bits"] = 16
             self._describe_data_file(data)
+        if h.crypt_method:
+            self._describe_encryption(data)
         out["format-specific"] = {"type": "qcow2", "data": data}
         out["dirty-flag"] = bool(h.incompatible_features & codec.Incompatible.DIRTY)
+        if h.crypt_method:
+            out["encrypted"] = True
         return out
+
+    def _describe_encryption(self, data: dict[str, object]) -> None:
+        """The ``encrypt`` entry: ``{"format": "aes"}`` for the legacy method, the LUKS
+        header's fields for LUKS (none when the image has no LUKS header to show).
+
+        qemu prints the format-specific data in its dictionary's hash order, and the
+        human layout walks ``data`` as it is, so ``data`` is put in that order here:
+        ``encrypt`` lands between ``refcount-bits`` and ``corrupt`` (and between an
+        external data file's two keys), where qemu-img shows it.
+        """
+        if self.header.crypt_method == codec.CRYPT_AES:
+            data["encrypt"] = {"format": "aes"}
+        elif self.luks is not None:
+            data["encrypt"] = _luks.describe(self.luks, qcow2=True)
+        ordered = qemu_order(dict(data))
+        assert isinstance(ordered, dict)
+        data.clear()
+        data.update(ordered)
 
     def _describe_data_file(self, data: dict[str, object]) -> None:
         if self.info.data_file is not None:
@@ -330,6 +356,11 @@ class Qcow2Driver(Driver):
                 f"{self.location}: read of {buf.nbytes} bytes at {offset} is outside the "
                 f"image ({self.size} bytes)",
                 offset=offset,
+            )
+        if self.header.crypt_method:
+            raise UnsupportedError(
+                f"{self.location}: encrypted qcow2 images are not supported (crypt method "
+                f"{self.header.crypt_method}): trioconv has no key to read its data"
             )
         if not buf.nbytes:
             return
@@ -610,9 +641,16 @@ async def open_qcow2(
         first = await transport.pread(0, min(file_size, codec.HEADER_READ))
         header = codec.parse_header(first)
         cluster = await transport.pread(0, min(file_size, header.cluster_size))
-        info = codec.parse_image(cluster, file_size)
+        # An encrypted image opens only to be described (alone, as info opens it).
+        described = ctx.alone and not writable_data and not transport.caps.writable
+        info = codec.parse_image(cluster, file_size, encrypted_ok=described)
+        luks = await _read_luks_header(transport, info)
     except codec.Qcow2FormatError as exc:
         raise ImageError(f"{where}: {exc}") from None
+    except _luks.LuksFormatError as exc:
+        raise ImageError(f"{where}: its LUKS header: {exc}") from None
+    except UnsupportedError as exc:
+        raise UnsupportedError(f"{where}: its LUKS header: {exc}") from None
     except TrioconvIOError as exc:
         raise ImageError(f"{where}: {exc}") from None
     table = await _read_snapshot_table(transport, info, where)
@@ -648,7 +686,34 @@ async def open_qcow2(
     driver.location = ctx.location
     driver.snapshots = table
     driver.bitmap_entries = await _read_bitmap_directory(transport, info, where)
+    driver.luks = luks
     return driver
+
+
+async def _read_luks_header(transport: Driver, info: codec.ImageInfo) -> _luks.LuksHeader | None:
+    """The LUKS header of a LUKS-encrypted image, where its extension says it is.
+
+    None for an image that is not LUKS-encrypted, or has no such extension (qemu-img
+    info shows that one too, encrypted, with no ``encrypt`` details). The header must
+    lie inside the length the extension gives it; bytes past the end of the file read
+    as zeroes.
+
+    Raises:
+        Qcow2FormatError: the extension is too short to hold a LUKS header.
+        LuksFormatError, UnsupportedError: the header is not one to trust (LUKS2).
+    """
+    if info.header.crypt_method != codec.CRYPT_LUKS or info.crypto_header is None:
+        return None
+    offset, length = info.crypto_header
+    if length < _luks.HEADER_SIZE:
+        raise codec.Qcow2FormatError(
+            f"the LUKS header's area ({length} bytes at {offset:#x}) is too short for a "
+            f"LUKS header ({_luks.HEADER_SIZE} bytes)",
+            offset,
+        )
+    raw = bytearray(_luks.HEADER_SIZE)
+    await read_or_zero(transport, offset, memoryview(raw))
+    return _luks.decode_header(raw)
 
 
 class _MissingDataFile(Driver):
