@@ -237,6 +237,24 @@ def test_mounted_device_is_not_written(tmp_path: Path, random_src: Path) -> None
         assert (where / "kept").read_bytes() == b"kept"
 
 
+def test_device_backing_a_loop_device_is_not_written(tmp_path: Path, random_src: Path) -> None:
+    """A device that another loop device is attached to (and whatever is mounted from
+    that one) is refused for writing too: a loop device does not claim its backing
+    device, so the exclusive open alone would not see it."""
+    backing = tmp_path / "under.img"
+    backing.write_bytes(b"\x5a" * (16 * MiB))
+    with _loop(backing) as under, _loop(under) as over:
+        before = under.read_bytes()
+        line = _no_traceback(trioconv_cli("convert", "-n", "-f", "raw", random_src, under))
+        assert f"it backs loop device {over}" in line
+        assert under.read_bytes() == before
+        # Without the loop on top, the same device is written.
+        subprocess.run([_need_root(), "-d", over], check=True)
+        result = trioconv_cli("convert", "-n", "-f", "raw", random_src, under)
+        assert result.returncode == 0, result.stderr
+        assert under.read_bytes()[: 8 * MiB] == random_src.read_bytes()
+
+
 # -- a source that cannot be read ------------------------------------------------------
 
 

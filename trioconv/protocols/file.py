@@ -269,6 +269,28 @@ def _device_size(fd: int) -> int:
     return int(struct.unpack("Q", fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8))[0])
 
 
+def _loop_backed_by(rdev: int) -> str | None:
+    """The loop device whose backing file is the block device ``rdev``, if any.
+
+    A loop device holds its backing file open without claiming it, so the exclusive
+    open cannot see it; its ``backing_file`` in sysfs names it. (A file system mounted
+    from the loop device would be written under by writing its backing device.)
+    """
+    with contextlib.suppress(OSError):
+        for entry in os.scandir("/sys/block"):
+            if not entry.name.startswith("loop"):
+                continue
+            try:
+                with open(f"/sys/block/{entry.name}/loop/backing_file") as f:
+                    backing = f.read().strip()
+                st = os.stat(backing)
+            except OSError:
+                continue  # (not attached, or its file is gone)
+            if stat.S_ISBLK(st.st_mode) and st.st_rdev == rdev:
+                return f"/dev/{entry.name}"
+    return None
+
+
 def _read_full(fd: int, buf: memoryview, offset: int, size: int) -> None:
     """preadv until ``buf`` is full; bytes past end of file read as zeroes.
 
@@ -741,6 +763,10 @@ def _open_sync(
     # swap area (the kernel's exclusive open; qemu-img 7.2 would write over them).
     # Other programs' plain opens do not conflict; file.locking=off skips this too.
     exclusive = writable and locking and before is not None and stat.S_ISBLK(before.st_mode)
+    if exclusive and before is not None and (loop := _loop_backed_by(before.st_rdev)):
+        raise ImageInUse(
+            f"Could not open '{path}': the device is in use (it backs loop device {loop})"
+        )
     try:
         fd = os.open(path, flags | (os.O_EXCL if exclusive else 0))
     except OSError as exc:
