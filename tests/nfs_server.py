@@ -2,10 +2,12 @@
 
 The session fixture :func:`nfs_server` starts ``rpcbind`` (unless a portmapper already
 answers on 127.0.0.1) and ``ganesha.nfsd`` with a configuration written to a temporary
-folder that exports a temporary folder as ``/export``. It is handed out only once
-``rpcinfo`` sees both NFS v3 (100003) and MOUNT v3 (100005) over TCP, and at teardown it
-always stops ganesha (SIGTERM, then SIGKILL) and rpcbind if it started it. There can be
-only one such server per machine (one portmapper registration), hence the session scope.
+folder that exports a temporary folder as ``/export`` (and, each from a folder of its
+own, the squashing, read-only and small-transfer exports of :data:`EXTRA_EXPORTS`). It
+is handed out only once ``rpcinfo`` sees both NFS v3 (100003) and MOUNT v3 (100005)
+over TCP, and at teardown it always stops ganesha (SIGTERM, then SIGKILL) and rpcbind
+if it started it. There can be only one such server per machine (one portmapper
+registration), hence the session scope.
 
 ::
 
@@ -39,6 +41,39 @@ import pytest
 from .conftest import require_tool
 
 __all__ = ["NFSServer", "nfs_server"]
+
+#: More exports, by pseudo path (and folder name under :attr:`NFSServer.root`): what
+#: each does differently from ``/export``, as deployments set them up. Each is its own
+#: folder, so tests of ``/export`` never see them.
+EXTRA_EXPORTS: dict[str, str] = {
+    # The client's uid 0 becomes the anonymous user (65534): root_squash.
+    "root-squash": "Access_Type = RW; Squash = Root_Squash;",
+    # Every uid becomes 4321: all_squash with a chosen anonymous user.
+    "all-squash": (
+        "Access_Type = RW; Squash = All_Squash; Anonymous_Uid = 4321; Anonymous_Gid = 4321;"
+    ),
+    # Nothing may be written, whoever asks.
+    "read-only": "Access_Type = RO; Squash = No_Root_Squash;",
+    # FSINFO says rtmax = wtmax = 1024: larger READs and WRITEs must be split.
+    "small-io": (
+        "Access_Type = RW; Squash = No_Root_Squash;"
+        " MaxRead = 1024; MaxWrite = 1024; PrefRead = 1024; PrefWrite = 1024;"
+    ),
+}
+
+_EXTRA_EXPORT = """\
+EXPORT {{
+    Export_Id = {id};
+    Path = "{dir}/{name}";
+    Pseudo = "/{name}";
+    {options}
+    SecType = sys;
+    Protocols = 3, 4;
+    Transports = TCP;
+    Attr_Expiration_Time = 0;
+    FSAL {{ Name = VFS; }}
+}}
+"""
 
 #: Seconds to wait for the server to register with the portmapper.
 START_TIMEOUT = 30.0
@@ -79,7 +114,7 @@ EXPORT {{
     Attr_Expiration_Time = 0;
     FSAL {{ Name = VFS; }}
 }}
-LOG {{ Default_Log_Level = EVENT; }}
+{extra_exports}LOG {{ Default_Log_Level = EVENT; }}
 """
 
 
@@ -119,13 +154,22 @@ class NFSServer:
         self.export_dir.mkdir(exist_ok=True)
         self.export_dir.chmod(0o777)
         (root / "ganesha-recov").mkdir(exist_ok=True)
+        extra = ""
+        for export_id, (name, options) in enumerate(EXTRA_EXPORTS.items(), start=2):
+            (root / name).mkdir(exist_ok=True)
+            (root / name).chmod(0o777)
+            extra += _EXTRA_EXPORT.format(id=export_id, dir=root, name=name, options=options)
         self.config = root / "ganesha.conf"
-        self.config.write_text(_CONFIG.format(dir=root))
+        self.config.write_text(_CONFIG.format(dir=root, extra_exports=extra))
         self.log = root / "ganesha.log"
         self._ganesha = ganesha
         self._rpcinfo = rpcinfo
         self._proc: subprocess.Popen[bytes] | None = None
         self._started_at = 0.0
+
+    def folder(self, export: str) -> Path:
+        """The local folder behind ``/export`` or one of :data:`EXTRA_EXPORTS`."""
+        return self.export_dir if export == "export" else self.root / export
 
     def url(self, name: str, query: str = "") -> str:
         """The ``nfs://`` URL of ``name`` in the export (``query`` without the ``?``)."""
@@ -203,9 +247,21 @@ class NFSServer:
             self._proc = None
 
 
+#: The server the fixture started, while it runs (see :func:`nfs_server`).
+_shared: list[NFSServer] = []
+
+
 @pytest.fixture(scope="session")
 def nfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NFSServer]:
-    """nfs-ganesha exporting a temporary folder as ``/export``; see the module docstring."""
+    """nfs-ganesha exporting a temporary folder as ``/export``; see the module docstring.
+
+    Each module that binds the fixture has its own session-scoped instance of it, but
+    only one ganesha can run: the first starts it (and stops it at the end of the
+    session), the others are handed that same server.
+    """
+    if _shared:
+        yield _shared[0]
+        return
     ganesha = require_tool("ganesha.nfsd")
     rpcinfo = require_tool("rpcinfo")
     rpcbind_proc: subprocess.Popen[bytes] | None = None
@@ -228,9 +284,12 @@ def nfs_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NFSServer]:
                 time.sleep(0.1)
         server = NFSServer(tmp_path_factory.mktemp("nfs"), ganesha, rpcinfo)
         server.start()
+        _shared.append(server)
         yield server
     finally:
         if server is not None:
+            if server in _shared:
+                _shared.remove(server)
             server.stop()
         if rpcbind_proc is not None:
             _stop(rpcbind_proc)

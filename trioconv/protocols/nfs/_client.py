@@ -111,10 +111,21 @@ _REPLY_TIMEOUT = 60.0
 #: Such silences in a row (no reply to any call in between, the connection made again
 #: after each) that end the conversion.
 _REPLY_TIMEOUTS = 2
-#: READ/WRITE sizes are clamped to this range whatever FSINFO says (libnfs: 1 MiB at most,
-#: which also keeps many calls in flight).
-_MIN_TRANSFER = 4096
+#: A READ or WRITE call carries at most FSINFO's ``rtmax`` or ``wtmax`` (RFC 1813: the
+#: largest the server supports; a server may refuse more, or cut the connection), and
+#: never more than this (libnfs: 1 MiB at most, which also keeps many calls in flight).
 _MAX_TRANSFER = 1024 * 1024
+#: The call size when FSINFO states no limit (``rtmax``/``wtmax`` 0), and the least
+#: ``max_transfer`` the driver reports: it splits bigger requests into calls the
+#: server takes, so a server of 1 KiB calls does not make the copy ask 1 KiB at a time.
+_MIN_TRANSFER = 4096
+
+
+def _call_size(most: int) -> int:
+    """The largest READ or WRITE to send, for FSINFO's ``rtmax`` or ``wtmax``."""
+    return min(most, _MAX_TRANSFER) if most else _MIN_TRANSFER
+
+
 #: Symbolic links followed at most while looking a path up (Linux's limit).
 _MAX_LINKS = 40
 #: Retries of a call the server answers with NFS3ERR_JUKEBOX ("busy, try later").
@@ -1136,8 +1147,9 @@ class NFSDriver(Driver):
         self._size = size
         self.location = session.uri
         self._writable = writable
-        self._rsize = min(max(fsinfo.rtmax, _MIN_TRANSFER), _MAX_TRANSFER)
-        self._wsize = min(max(fsinfo.wtmax, _MIN_TRANSFER), _MAX_TRANSFER)
+        # What one call carries; :meth:`_split` cuts every request to it.
+        self._rsize = _call_size(fsinfo.rtmax)
+        self._wsize = _call_size(fsinfo.wtmax)
         self._rpref = min(fsinfo.rtpref or self._rsize, self._rsize)
         self._wpref = min(fsinfo.wtpref or self._wsize, self._wsize)
         self._log = proto.WriteBackLog()
@@ -1153,10 +1165,13 @@ class NFSDriver(Driver):
 
     @property
     def limits(self) -> Limits:
+        # Requests bigger than one call are split, so tiny calls need not mean tiny
+        # requests (each would be a task, a buffer, a pass through the pipeline).
         if self._writable:
-            most = min(self._rsize, self._wsize)
+            most = max(min(self._rsize, self._wsize), _MIN_TRANSFER)
             return Limits(max_transfer=most, opt_transfer=min(self._wpref, most))
-        return Limits(max_transfer=self._rsize, opt_transfer=self._rpref)
+        most = max(self._rsize, _MIN_TRANSFER)
+        return Limits(max_transfer=most, opt_transfer=min(self._rpref, most))
 
     @property
     def caps(self) -> Caps:
