@@ -1315,3 +1315,31 @@ def test_n_gives_the_image_a_new_content_id(tmp_path: Path, subformat: str) -> N
     assert_identical(src, target, "raw", "vmdk")
     if subformat != "monolithicFlat":
         run("qemu-img", "check", "-q", target)
+
+
+def test_a_stream_ends_with_an_end_of_stream_marker(tmp_path: Path) -> None:
+    """A streamOptimized file is a run of grain markers after the header that ends with
+    the end-of-stream marker, a sector of zeroes (VMDK 5.0), which is what VMware's
+    importers read up to; the file ends right after it."""
+    src = tmp_path / "src.raw"
+    with src.open("wb") as f:
+        f.truncate(8 * MiB)
+        for at, byte in ((1 * MiB, 0x33), (5 * MiB, 0x44), (8 * MiB - 4096, 0x55)):
+            f.seek(at)
+            f.write(bytes([byte]) * 65536 if at + 65536 <= 8 * MiB else bytes([byte]) * 4096)
+    out = tmp_path / "s.vmdk"
+    result = trioconv_cli("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", src, out)
+    assert result.returncode == 0, result.stderr
+    data = out.read_bytes()
+    overhead = struct.unpack_from("<Q", data, 0x40)[0] * 512  # header: overHead, in sectors
+    pos, grains = overhead, []
+    while True:
+        lba, size = struct.unpack_from("<QI", data, pos)
+        if size == 0:
+            break  # a marker: here only the end-of-stream one may come
+        grains.append(lba)
+        pos += -(-(12 + size) // 512) * 512
+    assert data[pos:] == bytes(512)  # the end-of-stream marker ends the file
+    assert grains == sorted(grains) and len(grains) == 3
+    run("qemu-img", "check", "-f", "vmdk", out)
+    run("qemu-img", "compare", "-f", "raw", "-F", "vmdk", src, out)

@@ -753,6 +753,10 @@ class SparseExtent:
             start = max(reached, end - SECTOR)
             self._written_end = self._done_end = end
             await self.file.pwrite(start, bytes(end - start))
+        if self.compressed and not self._in_flight:
+            # A stream ends with an end-of-stream marker, a sector of zeroes (VMDK 5.0:
+            # what VMware's importers read up to); the next grain, if any, goes over it.
+            await self.file.pwrite(end, bytes(SECTOR))
         dirty = sorted(self._dirty)
         self._dirty.clear()
         gt_bytes = self.layout.gt_bytes
