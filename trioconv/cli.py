@@ -632,6 +632,27 @@ def _nbd_name(uri: str) -> str:
     return f"nbd://{host}:{address.port}{export}"
 
 
+def _nfs_name(uri: str) -> str:
+    """An NFS URL as QEMU names the image: the path decoded, the port and the tuning
+    parameters left out, ``uid`` and ``gid`` kept when given and not 0. (A URL it
+    cannot take is shown as given; opening it says what is wrong.)"""
+    import urllib.parse
+
+    try:
+        parts = urllib.parse.urlsplit(uri)
+        host = parts.hostname
+        query = urllib.parse.parse_qs(parts.query)
+        ids = {key: int(query[key][-1]) for key in ("uid", "gid") if key in query}
+    except ValueError:
+        return uri
+    if not host:
+        return uri
+    if ":" in host:
+        host = f"[{host}]"
+    extra = "&".join(f"{key}={value}" for key, value in ids.items() if value)
+    return f"nfs://{host}{urllib.parse.unquote(parts.path)}" + (f"?{extra}" if extra else "")
+
+
 def _bottom(drv: Driver) -> Driver:
     """The transport at the bottom of a driver stack."""
     layer = drv
@@ -817,6 +838,8 @@ async def info(
             protocol = top if top != "raw" else None
     elif _open.is_nbd_uri(image):
         shown = _nbd_name(image)
+    elif image.lower().startswith("nfs://"):
+        shown = _nfs_name(image)
     elif image.startswith("file:"):
         shown = _plain_file_name(image)
     chain: list[dict[str, object]] = []
