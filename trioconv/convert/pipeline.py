@@ -53,7 +53,7 @@ from ..protocols.file import FileDriver
 from .options import ConvertOptions
 from .progress import Progress
 
-__all__ = ["Chunker", "Job", "RunKind", "SourceMap", "find_zero_runs", "run_pipeline"]
+__all__ = ["Chunker", "Job", "RunJoiner", "RunKind", "SourceMap", "find_zero_runs", "run_pipeline"]
 
 log = logging.getLogger("trioconv")
 
@@ -156,6 +156,55 @@ class Chunker:
         return out
 
 
+class RunJoiner:
+    """Join adjacent zero runs (and adjacent backing runs) of one source (pure, no I/O).
+
+    A driver may answer a range in several pieces - a status window, a table's edge,
+    a bitmap's - where qemu-img sees one extent. Cut in two, a zero range can cost a
+    partial-cluster zero write at the cut (on a target with a backing file, one that
+    copies the cluster up and leaves it allocated) and, when the cut is unaligned,
+    bytes of data at its edges. So a zero or backing run is held back until a run of
+    another kind shows where it ends; a very long one is let go at an ``align``-ed
+    offset, so that a huge sparse image is not walked to its end before its zeroes
+    are written.
+    """
+
+    def __init__(self, align: int, limit: int = MAX_ZERO_JOB):
+        self.align = align
+        self.limit = limit
+        self._held: tuple[int, int, RunKind] | None = None
+
+    def feed(self, offset: int, length: int, kind: RunKind) -> list[tuple[int, int, RunKind]]:
+        """Add the next run (contiguous with the last); return the runs now complete."""
+        out: list[tuple[int, int, RunKind]] = []
+        if self._held is not None:
+            start, n, held = self._held
+            if kind is held and kind is not RunKind.DATA:
+                return self._hold(start, n + length, kind)
+            out.append(self._held)
+            self._held = None
+        if kind is RunKind.DATA:
+            out.append((offset, length, kind))
+            return out
+        return out + self._hold(offset, length, kind)
+
+    def _hold(self, start: int, length: int, kind: RunKind) -> list[tuple[int, int, RunKind]]:
+        self._held = (start, length, kind)
+        if length < self.limit:
+            return []
+        cut = _round_down(start + length, self.align) - start
+        if cut <= 0:
+            return []
+        self._held = (start + cut, length - cut, kind) if length > cut else None
+        return [(start, cut, kind)]
+
+    def finish(self) -> list[tuple[int, int, RunKind]]:
+        """The run still held back, if any."""
+        out = [self._held] if self._held is not None else []
+        self._held = None
+        return out
+
+
 class SourceMap:
     """Several sources laid end to end, as one address space (``qemu-img convert a b c``)."""
 
@@ -210,15 +259,23 @@ def _next_candidate(marks: bytes, block: int, width: int) -> int:
 
 
 def find_zero_runs(
-    buf: mmap.mmap | bytes | bytearray, length: int, base: int, granularity: int
+    buf: mmap.mmap | bytes | bytearray,
+    length: int,
+    base: int,
+    granularity: int,
+    min_run: int = 0,
 ) -> list[tuple[int, int, bool]]:
     """Split ``buf[:length]`` into ``(offset, length, is_zero)`` runs, offsets absolute.
 
     A run is zero only if it covers whole ``granularity``-sized blocks, aligned to the
-    absolute offset ``base``, that are entirely zero - qemu-img's ``-S``. The buffer's
+    absolute offset ``base``, that are entirely zero, and - inside the buffer - is at
+    least ``min_run`` bytes long: qemu-img's ``-S``, whose blocks are the largest power
+    of two in the sparse size and whose zero runs must be as long as the size itself
+    (``-S 1536`` skips 2 KiB of zeroes aligned to 1 KiB, not 1 KiB alone). The buffer's
     edges are the exception, as in qemu-img: a partial block at either end that holds
     only zeroes is zero too (the zeroes between the last block boundary and the end of a
-    data extent that does not end on one, say), and a buffer of zeroes is one zero run.
+    data extent that does not end on one, say), a zero run that starts or ends the
+    buffer is zero whatever its length, and a buffer of zeroes is one zero run.
 
     Every step is C-level: the first 8 bytes of every block are gathered with one strided
     copy (4 KiB for a 2 MiB buffer, one cache line touched per block), so a block of data
@@ -251,6 +308,8 @@ def find_zero_runs(
             _zero_blocks(view, first, nblocks, g, zero_ranges)
         if end < length and _all_zero(view, end, length):
             zero_ranges.append((end, length))
+    if min_run > g:
+        zero_ranges = _long_enough(zero_ranges, length, min_run)
     runs: list[tuple[int, int, bool]] = []
     data_start = 0  # start of the data run not yet emitted
     for zstart, zend in zero_ranges:
@@ -264,6 +323,22 @@ def find_zero_runs(
     if data_start < length:
         runs.append((base + data_start, length - data_start, False))
     return runs
+
+
+def _long_enough(
+    zero_ranges: list[tuple[int, int]], length: int, min_run: int
+) -> list[tuple[int, int]]:
+    """The ranges of ``zero_ranges`` (sorted, in a buffer of ``length`` bytes) that are
+    worth leaving unwritten: adjacent ranges joined, those at least ``min_run`` bytes
+    long, and those touching either end of the buffer (qemu-img skips a zero run that
+    starts or ends its chunk whatever its length)."""
+    joined: list[tuple[int, int]] = []
+    for start, end in zero_ranges:
+        if joined and joined[-1][1] == start:
+            joined[-1] = (joined[-1][0], end)
+        else:
+            joined.append((start, end))
+    return [(s, e) for s, e in joined if e - s >= min_run or s == 0 or e == length]
 
 
 def _zero_blocks(
@@ -356,19 +431,28 @@ class _Engine:
         if self.compress and not target.caps.compress:
             raise UnsupportedError("Compression not supported for this file format")
         cluster = target.limits.cluster_size if self.compress else 0
-        align = max(
-            [target.limits.request_alignment, 512, cluster]
-            + [s.limits.request_alignment for s in sources.sources]
-        )
+        # The sources' alignments (O_DIRECT's, say) line reads up only when every source
+        # starts on their grid in the target. Otherwise a source's aligned blocks fall
+        # across the target's, reads are bounced anyway, and shrinking its zero runs to
+        # the target's grid would write as data zeroes qemu-img leaves unallocated.
+        source_align = max([s.limits.request_alignment for s in sources.sources] + [1])
+        if any(base % source_align for base in sources.bases):
+            source_align = 1
+        align = max(target.limits.request_alignment, 512, cluster, source_align)
         self.align = align
         self.buffer_size = _round_up(max(opts.buffer_size, target.limits.opt_transfer), align)
         if self.compress:
             # Each task holds its buffer and its compressed result until its turn comes:
             # smaller jobs keep that memory small without costing parallelism.
             self.buffer_size = _round_up(min(self.buffer_size, COMPRESS_JOB), align)
-        self.granularity = _round_up(max(opts.sparse_size, 1), align) if opts.sparse_size else 0
+        # qemu-img's -S: zero runs aligned to the largest power of two in the sparse size
+        # (or the alignment, if larger) and at least the sparse size long.
+        sparse = opts.sparse_size
+        self.granularity = _round_up(1 << (sparse.bit_length() - 1), align) if sparse else 0
+        self.min_run = sparse
         if self.compress and opts.sparse_size:
             self.granularity = align  # whole zero clusters stay unallocated
+            self.min_run = 0
         self.limiter = trio.CapacityLimiter(opts.parallel)
         self.pool = [mmap.mmap(-1, self.buffer_size) for _ in range(opts.parallel)]
         self.zero_buffer = bytes(min(self.buffer_size, 4 * 1024 * 1024))
@@ -389,11 +473,16 @@ class _Engine:
             )
             index = 0
             for base, src in zip(self.sources.bases, self.sources.sources, strict=True):
+                joiner = RunJoiner(self.align)
                 pos = 0
                 while pos < src.size:
                     length, kind = await self._status(src, base, pos)
-                    for offset, n, k in chunker.feed(base + pos, length, kind):
-                        index = await self._send_job(send, index, offset, n, k)
+                    joined = joiner.feed(base + pos, length, kind)
+                    if pos + length >= src.size:
+                        joined += joiner.finish()
+                    for run in joined:
+                        for offset, n, k in chunker.feed(*run):
+                            index = await self._send_job(send, index, offset, n, k)
                     pos += length
             for offset, n, k in chunker.finish():
                 index = await self._send_job(send, index, offset, n, k)
@@ -481,14 +570,19 @@ class _Engine:
         total = 0
         chunker = Chunker(self.sources.total, align=self.align, max_data=self.buffer_size)
         for base, src in zip(self.sources.bases, self.sources.sources, strict=True):
+            joiner = RunJoiner(self.align)
             pos = 0
             while pos < src.size:
                 try:
                     length, kind = await self._status(src, base, pos, salvage=False)
                 except TrioconvError:
                     return None
-                for _, n, k in chunker.feed(base + pos, length, kind):
-                    total += n if k is RunKind.DATA else 0
+                joined = joiner.feed(base + pos, length, kind)
+                if pos + length >= src.size:
+                    joined += joiner.finish()
+                for run in joined:
+                    for _, n, k in chunker.feed(*run):
+                        total += n if k is RunKind.DATA else 0
                 pos += length
                 # A driver answering from its cache does not yield: without this the
                 # walk would hold the event loop for as long as it takes.
@@ -573,7 +667,7 @@ class _Engine:
                 return
             await self._read(job, view)
             if self.granularity:
-                runs = find_zero_runs(buf, job.length, job.offset, self.granularity)
+                runs = find_zero_runs(buf, job.length, job.offset, self.granularity, self.min_run)
             else:
                 runs = [(job.offset, job.length, False)]
             prepared: dict[int, object] = {}

@@ -1280,10 +1280,10 @@ class Qcow2Writer(Qcow2Driver):
         first = -(-offset // cs) * cs
         last = end if end == self.size else end // cs * cs
         partial: list[tuple[int, int]] = []
-        if first >= last:
+        if first > last:  # inside one cluster
             partial.append((offset, length))
             first = last = offset
-        else:
+        else:  # (across one cluster edge with none whole inside: two partial pieces)
             if offset < first:
                 partial.append((offset, first - offset))
             if last < end:
