@@ -656,3 +656,34 @@ def test_api_doc_examples_run(tmp_path: Path) -> None:
     assert "100.0%" in result.stdout
     # The in-memory example wrote disk.img from bytes over the qcow2 image it found.
     assert (tmp_path / "disk.img").read_bytes() == image_bytes
+
+
+async def test_a_failed_conversion_removes_only_the_file_it_made(tmp_path: Path) -> None:
+    """The target a failed conversion created is removed - but only if its name still
+    leads to the file it made: a file someone else put at that name meanwhile stays."""
+    target = tmp_path / "out.raw"
+
+    class Failing(MemoryDriver):
+        async def preadinto(self, offset: int, buf: memoryview) -> None:
+            if offset >= 4 << 20:
+                target.unlink()  # another program takes the name for a file of its own
+                target.write_bytes(b"not ours")
+                raise trioconv.TrioconvIOError("disk on fire", offset=offset)
+            await super().preadinto(offset, buf)
+
+    source = Failing(data=os.urandom(8 << 20))
+    with pytest.raises(trioconv.ConvertError, match="disk on fire"):
+        await trioconv.convert(source, target, trioconv.ConvertOptions(parallel=1))
+    assert target.read_bytes() == b"not ours"
+    # And when the name still leads to the file it made, that file goes.
+    plain = tmp_path / "plain.raw"
+
+    class FailingLater(MemoryDriver):
+        async def preadinto(self, offset: int, buf: memoryview) -> None:
+            if offset >= 4 << 20:
+                raise trioconv.TrioconvIOError("disk on fire", offset=offset)
+            await super().preadinto(offset, buf)
+
+    with pytest.raises(trioconv.ConvertError):
+        await trioconv.convert(FailingLater(data=os.urandom(8 << 20)), plain)
+    assert not plain.exists()

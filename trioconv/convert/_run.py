@@ -250,8 +250,8 @@ async def _convert(
             _check_bitmap_source(drivers[0])
             _check_bitmap_target(opts, target_is_driver=isinstance(target, Driver))
         total = sum(d.size for d in drivers)
-        created: Path | str | None = None
-        extra_files: list[Path] = []
+        created: _Created | str | None = None
+        extra_files: list[_Created] = []
         if isinstance(target, Driver):
             tgt, is_new = target, False
         else:
@@ -264,8 +264,8 @@ async def _convert(
                 fresh = not_there(side_files(target, fmt, total, opts.create_options()))
                 if await create_image(target, fmt, total, opts.create_options()):
                     text = os.fspath(target)
-                    created = text if is_nfs_uri(text) else Path(text)
-                    extra_files = [Path(p) for p in fresh]
+                    created = text if is_nfs_uri(text) else _Created(text)
+                    extra_files = [_Created(p) for p in fresh]
             try:
                 tgt = await stack.enter_async_context(
                     _keeping_the_first_error(
@@ -371,7 +371,27 @@ async def _add_bitmaps(target: Driver, bitmaps: list[Bitmap]) -> None:
 NFS_REMOVE_TIMEOUT = 2.0
 
 
-async def _remove(path: Path | str | None, extra_files: list[Path] | None = None) -> None:
+class _Created:
+    """A local file this conversion created, and which file it is (device and inode,
+    through a link that pointed nowhere: the file made): on failure it is removed only
+    if its name still leads to that file - not to one someone else put there since."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(os.path.realpath(path))
+        try:
+            st = os.stat(self.path)
+            self.identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        except OSError:
+            self.identity = None  # (not there: nothing to remove, nothing to mistake)
+
+    def unlink(self) -> None:
+        with contextlib.suppress(OSError):
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self.identity:
+                self.path.unlink()
+
+
+async def _remove(path: _Created | str | None, extra_files: list[_Created] | None = None) -> None:
     """Remove a target this conversion created; never raises, even when cancelled.
 
     A local file is unlinked at once; an ``nfs://`` target (given as its URI) needs a
@@ -391,13 +411,6 @@ async def _remove(path: Path | str | None, extra_files: list[Path] | None = None
         ):
             await remove_nfs_file(path)
         return
-    _unlink(path)
+    path.unlink()
     for extra in extra_files or ():
-        _unlink(extra)
-
-
-def _unlink(path: Path) -> None:
-    # What was created: through a link that pointed nowhere, the file it points at (the
-    # link was there before, and stays).
-    with contextlib.suppress(OSError):
-        Path(os.path.realpath(path)).unlink()
+        extra.unlink()
