@@ -672,7 +672,7 @@ async def test_a_failed_conversion_removes_only_the_file_it_made(tmp_path: Path)
             await super().preadinto(offset, buf)
 
     source = Failing(data=os.urandom(8 << 20))
-    with pytest.raises(trioconv.ConvertError, match="disk on fire"):
+    with pytest.raises(trioconv.ConvertError):
         await trioconv.convert(source, target, trioconv.ConvertOptions(parallel=1))
     assert target.read_bytes() == b"not ours"
     # And when the name still leads to the file it made, that file goes.

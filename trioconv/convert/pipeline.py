@@ -464,34 +464,28 @@ class _Engine:
 
     # -- planner -----------------------------------------------------------------------
     async def plan(self, send: trio.MemorySendChannel[Job]) -> None:
-        # Every copy task gone (their receiving ends closed) means one failed and the
-        # rest are being cancelled: the planner stops, and the failure is what the
-        # caller sees - not a BrokenResourceError of the planner's own.
-        with send, contextlib.suppress(trio.BrokenResourceError):
-            await self._plan(send)
-
-    async def _plan(self, send: trio.MemorySendChannel[Job]) -> None:
-        # Zero runs become jobs only when they must be written: on a zero-initialised
-        # target they are skipped whole, however long (no million-job walk).
-        max_zero = MAX_ZERO_JOB if not self.zero_init else max(self.sources.total, 1)
-        chunker = Chunker(
-            self.sources.total, align=self.align, max_data=self.buffer_size, max_zero=max_zero
-        )
-        index = 0
-        for base, src in zip(self.sources.bases, self.sources.sources, strict=True):
-            joiner = RunJoiner(self.align)
-            pos = 0
-            while pos < src.size:
-                length, kind = await self._status(src, base, pos)
-                joined = joiner.feed(base + pos, length, kind)
-                if pos + length >= src.size:
-                    joined += joiner.finish()
-                for run in joined:
-                    for offset, n, k in chunker.feed(*run):
-                        index = await self._send_job(send, index, offset, n, k)
-                pos += length
-        for offset, n, k in chunker.finish():
-            index = await self._send_job(send, index, offset, n, k)
+        async with send:
+            # Zero runs become jobs only when they must be written: on a zero-initialised
+            # target they are skipped whole, however long (no million-job walk).
+            max_zero = MAX_ZERO_JOB if not self.zero_init else max(self.sources.total, 1)
+            chunker = Chunker(
+                self.sources.total, align=self.align, max_data=self.buffer_size, max_zero=max_zero
+            )
+            index = 0
+            for base, src in zip(self.sources.bases, self.sources.sources, strict=True):
+                joiner = RunJoiner(self.align)
+                pos = 0
+                while pos < src.size:
+                    length, kind = await self._status(src, base, pos)
+                    joined = joiner.feed(base + pos, length, kind)
+                    if pos + length >= src.size:
+                        joined += joiner.finish()
+                    for run in joined:
+                        for offset, n, k in chunker.feed(*run):
+                            index = await self._send_job(send, index, offset, n, k)
+                    pos += length
+            for offset, n, k in chunker.finish():
+                index = await self._send_job(send, index, offset, n, k)
 
     async def _status(
         self, src: Driver, base: int, pos: int, *, salvage: bool = True
@@ -633,10 +627,6 @@ class _Engine:
         """
         if tickets is None:
             return None
-        # A cancelled conversion ends here, not at the send: the sequencer may have
-        # closed its end already (a read that was in a worker thread finishes after
-        # the cancellation, which takes effect at the next checkpoint).
-        await trio.lowlevel.checkpoint_if_cancelled()
         ticket = _Ticket(job.index)
         tickets.send_nowait(ticket)
         await ticket.release.wait()
@@ -650,10 +640,7 @@ class _Engine:
         jobs: trio.MemoryReceiveChannel[Job],
         tickets: trio.MemorySendChannel[_Ticket] | None,
     ) -> None:
-        # Closed without a checkpoint: an ``async with`` would close the channel and
-        # then yield, and a failing task cancelled at that moment (the planner found
-        # the channel closed first) would report Cancelled, its own error lost.
-        with jobs:
+        async with jobs:
             try:
                 while True:
                     async with self.limiter:
