@@ -656,14 +656,14 @@ async def test_a_connection_reset_with_commands_in_flight_on_tgt(
                 for i in range(IN_FLIGHT):
                     piece = memoryview(data)[i * step : (i + 1) * step]
                     nursery.start_soon(lun.pwrite, i * step, piece)
-                await trio.sleep(0.005)
+                await _commands_in_flight(conn)
                 conn._shut()  # as a reset does: the reader sees the end of the stream
             await lun.flush()
             assert backing.read_bytes() == data
             bufs = [memoryview(bytearray(step)) for _ in range(IN_FLIGHT)]
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(lun.preadinto_many, [(i * step, b) for i, b in enumerate(bufs)])
-                await trio.sleep(0.005)
+                await _commands_in_flight(conn)
                 conn._shut()
             assert b"".join(bufs) == data
             assert conn.connection == 2
@@ -674,6 +674,15 @@ async def test_a_connection_reset_with_commands_in_flight_on_tgt(
             finally:
                 await intruder.aclose()
             assert conn.connection == 3
+
+
+async def _commands_in_flight(conn: _client.Connection) -> None:
+    """Wait until commands have gone out and wait for their status (a fixed pause may
+    end before they go, or after they are answered, on a loaded machine)."""
+    for _ in range(10_000):  # (the caller's fail_after ends a regression first)
+        if any(task.issued for task in conn._pending.values()):
+            return
+        await trio.sleep(0.001)
 
 
 def nexuses(iscsi_target: ISCSITarget, tid: str) -> int:
